@@ -1,0 +1,1 @@
+"""HTTP layer: OpenAI-shaped routes. Knows nothing of llama.cpp."""

@@ -1,0 +1,202 @@
+"""POST /chat/completions: non-streaming JSON or SSE stream, with per-stage timings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from server.api.errors import APIError, error_response
+from server.api.messages import to_engine_messages
+from server.api.protocol import ChatCompletionRequest
+from server.api.state import AppState
+from server.engine import (
+    DoneEvent,
+    EngineEvent,
+    ErrorEvent,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+)
+from server.engine.engine import EngineNotReadyError, QueueFullError
+from server.timings import StageTimer
+
+router = APIRouter()
+request_log = logging.getLogger("vlserve.request")
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    state: AppState = request.app.state.vlserve
+    if not state.engine.ready:
+        raise APIError(503, f"the model is not ready ({state.engine.state.value})",
+                       code="model_not_ready", headers={"Retry-After": "5"})
+    timer = StageTimer()
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    generation = GenerationRequest(
+        messages=await to_engine_messages(body.messages, state.settings, timer),
+        max_tokens=_max_tokens(body, state),
+        sampling=_sampling(body),
+        stop=_stops(body.stop),
+        timer=timer,
+        request_id=request_id,
+    )
+    events = state.engine.generate(generation)
+    try:
+        first = await anext(events)
+    except QueueFullError as exc:
+        raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from None
+    except EngineNotReadyError as exc:
+        raise APIError(503, str(exc), code="model_not_ready") from None
+    if isinstance(first, ErrorEvent):
+        _log(request_id, request, first.status, timer, None)
+        return error_response(first.status, first.message, code=first.code)
+    reply = _Reply(request_id, state.settings.model_name)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _stream(reply, first, events, generation, include_usage, request),
+            media_type="text/event-stream",
+            headers={"X-Request-ID": request_id, "Cache-Control": "no-cache"},
+        )
+    return await _complete(reply, first, events, request)
+
+
+class _Reply:
+    """Identity of one completion, shared by all of its chunks."""
+
+    def __init__(self, request_id: str, model: str) -> None:
+        self.id = request_id
+        self.model = model
+        self.created = int(time.time())
+        head = {"id": request_id, "object": "chat.completion.chunk", "created": self.created,
+                "model": model}
+        # Per-token chunks are formatted from a prebuilt prefix: one json.dumps per token.
+        self.token_prefix = "data: " + json.dumps(head)[:-1] + ', "choices": [{"index": 0, ' \
+            '"delta": {"content": '
+        self.head = head
+
+
+async def _complete(reply: _Reply, event: EngineEvent, events: AsyncIterator[EngineEvent],
+                    request: Request) -> Response:
+    pieces: list[str] = []
+    while isinstance(event, TokenEvent):
+        pieces.append(event.text)
+        event = await anext(events)
+    if isinstance(event, ErrorEvent):
+        _log(reply.id, request, event.status, None, None)
+        return error_response(event.status, event.message, code=event.code)
+    assert isinstance(event, DoneEvent)
+    timer = event.timer
+    body = {
+        "id": reply.id,
+        "object": "chat.completion",
+        "created": reply.created,
+        "model": reply.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+                     "finish_reason": event.finish_reason, "logprobs": None}],
+        "usage": _usage(timer),
+        "timings": timer.as_dict(),
+    }
+    _log(reply.id, request, 200, timer, event.finish_reason)
+    return JSONResponse(body, headers={"Server-Timing": timer.server_timing_header(),
+                                       "X-Request-ID": reply.id})
+
+
+async def _stream(reply: _Reply, event: EngineEvent, events: AsyncIterator[EngineEvent],
+                  generation: GenerationRequest, include_usage: bool, request: Request
+                  ) -> AsyncIterator[str]:
+    status, finish = 200, None
+    try:
+        yield _chunk(reply, {"role": "assistant", "content": ""}, None)
+        while True:
+            if isinstance(event, TokenEvent):
+                yield f"{reply.token_prefix}{json.dumps(event.text)}}}, " \
+                      '"finish_reason": null}]}\n\n'
+            elif isinstance(event, DoneEvent):
+                finish = event.finish_reason
+                timings = event.timer.as_dict()
+                yield _chunk(reply, {}, finish, timings=timings)
+                if include_usage:
+                    yield _chunk(reply, None, None, usage=_usage(event.timer), timings=timings)
+                yield "data: [DONE]\n\n"
+                return
+            else:
+                assert isinstance(event, ErrorEvent)
+                status = event.status
+                error = {"message": event.message, "type": "server_error", "code": event.code}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                return
+            event = await anext(events)
+    finally:
+        # A client that went away must not keep the engine busy: set synchronously, since
+        # awaiting inside a cancelled task is not possible.
+        generation.cancelled.set()
+        _log(reply.id, request, status if finish or status != 200 else 499, generation.timer,
+             finish)
+
+
+def _chunk(reply: _Reply, delta: dict | None, finish: str | None, **extra: object) -> str:
+    body: dict[str, object] = dict(reply.head)
+    body["choices"] = [] if delta is None else [
+        {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    ]
+    body.update(extra)
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def _usage(timer: StageTimer) -> dict[str, object]:
+    return {
+        "prompt_tokens": timer.prompt_tokens,
+        "completion_tokens": timer.completion_tokens,
+        "total_tokens": timer.prompt_tokens + timer.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": timer.cached_tokens},
+    }
+
+
+def _max_tokens(body: ChatCompletionRequest, state: AppState) -> int:
+    asked = body.max_completion_tokens or body.max_tokens
+    settings = state.settings
+    return min(asked or settings.default_max_tokens, settings.max_tokens_cap)
+
+
+def _sampling(body: ChatCompletionRequest) -> SamplingParams:
+    defaults = SamplingParams()
+    return SamplingParams(
+        temperature=defaults.temperature if body.temperature is None else body.temperature,
+        top_p=defaults.top_p if body.top_p is None else body.top_p,
+        top_k=defaults.top_k if body.top_k is None else body.top_k,
+        min_p=defaults.min_p if body.min_p is None else body.min_p,
+        seed=body.seed,
+        repeat_penalty=body.repeat_penalty or defaults.repeat_penalty,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+    )
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stops) > 4:
+        raise APIError(400, "stop: at most 4 stop sequences are allowed", param="stop")
+    return tuple(s for s in stops if s)
+
+
+def _log(request_id: str, request: Request, status: int, timer: StageTimer | None,
+         finish: str | None) -> None:
+    record: dict[str, object] = {
+        "event": "chat_completion",
+        "request_id": request_id,
+        "status": status,
+        "finish_reason": finish,
+        "client": request.client.host if request.client else None,
+    }
+    if timer is not None:
+        record["timings"] = timer.as_dict()
+    request_log.info(json.dumps(record))

@@ -1,0 +1,47 @@
+"""GET /health (readiness) and GET /models."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from server.api.errors import error_response
+from server.api.state import AppState
+from server.engine import EngineState
+
+health_router = APIRouter()
+models_router = APIRouter()
+
+
+@health_router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 once the model is loaded and warm; 503 before that, or if the engine failed."""
+    engine = request.app.state.vlserve.engine
+    if engine.state is EngineState.READY:
+        return JSONResponse({"status": "ok"})
+    body: dict[str, object] = {"status": "loading"}
+    if engine.state in (EngineState.FAILED, EngineState.STOPPED):
+        body = {"status": engine.state.value, "error": engine.error}
+    return JSONResponse(body, status_code=503)
+
+
+@models_router.get("/models")
+async def list_models(request: Request) -> JSONResponse:
+    state: AppState = request.app.state.vlserve
+    return JSONResponse({"object": "list", "data": [_card(state)]})
+
+
+@models_router.get("/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> JSONResponse:
+    state: AppState = request.app.state.vlserve
+    if model_id != state.settings.model_name:
+        return error_response(404, f"model {model_id!r} not found", param="model",
+                              code="model_not_found")
+    return JSONResponse(_card(state))
+
+
+def _card(state: AppState) -> dict[str, object]:
+    engine = state.engine
+    meta = {"state": engine.state.value, **engine.info}
+    return {"id": state.settings.model_name, "object": "model", "created": state.started_at,
+            "owned_by": "vlserve", "meta": meta}

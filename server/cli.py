@@ -1,0 +1,110 @@
+"""`vlserve` command line: serve, make-demo-model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from server.config import ConfigError, Settings, load_settings
+
+logger = logging.getLogger("vlserve")
+
+EXIT_CONFIG = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return int(args.handler(args) or 0)
+    except ConfigError as exc:
+        print(f"vlserve: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="start the HTTP server")
+    serve.add_argument("--config", type=Path, help="YAML preset (default configs/default.yaml)")
+    serve.add_argument("--model", type=Path, help="text model GGUF")
+    serve.add_argument("--mmproj", type=Path, help="vision projector (mmproj) GGUF")
+    serve.add_argument("--model-name", help="model name served in the API")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--n-ctx", type=int)
+    serve.add_argument("--n-gpu-layers", type=int, help="-1 offloads every layer")
+    serve.add_argument("--n-parallel", type=int)
+    serve.add_argument("--log-level")
+    serve.set_defaults(handler=_serve)
+
+    demo = sub.add_parser("make-demo-model", help="write the tiny random-weight demo model")
+    demo.add_argument("dir", type=Path, nargs="?", default=Path("models/demo"))
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--size", choices=("tiny", "bench"), default="tiny")
+    demo.set_defaults(handler=_make_demo_model)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = load_settings(
+        args.config,
+        model=args.model,
+        mmproj=args.mmproj,
+        model_name=args.model_name,
+        host=args.host,
+        port=args.port,
+        n_ctx=args.n_ctx,
+        n_gpu_layers=args.n_gpu_layers,
+        n_parallel=args.n_parallel,
+        log_level=args.log_level,
+    )
+    from server.logs import setup_logging
+
+    setup_logging(settings.log_level)
+    _ensure_model_files(settings)
+
+    import uvicorn
+
+    from server.app import create_app
+
+    app = create_app(settings)
+    logger.info("listening on http://%s:%d (API under /api/v1 and /v1)", settings.host,
+                settings.port)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
+                log_level=settings.log_level)
+    return 0
+
+
+def _ensure_model_files(settings: Settings) -> None:
+    missing = [p for p in (settings.model, settings.mmproj) if not Path(p).is_file()]
+    if not missing:
+        return
+    if not settings.make_demo_model_if_missing:
+        raise ConfigError(f"model file not found: {missing[0]} (download it, or point "
+                          "--model/--mmproj at existing files)")
+    from server.demo_model import make_demo_model
+
+    paths = make_demo_model(Path(settings.model).parent)
+    if (paths.text, paths.mmproj) != (Path(settings.model), Path(settings.mmproj)):
+        raise ConfigError("make_demo_model_if_missing is set, but model/mmproj are not the "
+                          f"demo file names ({paths.text}, {paths.mmproj})")
+    logger.warning("generated the demo model in %s: it has RANDOM weights, so its answers "
+                   "are random text (point --model/--mmproj at a real model)", paths.text.parent)
+
+
+def _make_demo_model(args: argparse.Namespace) -> int:
+    from server.demo_model import make_demo_model
+
+    paths = make_demo_model(args.dir, seed=args.seed, size=args.size)
+    print(f"text model: {paths.text}\nprojector:  {paths.mmproj}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Settings: defaults < YAML preset (--config / VLSERVE_CONFIG) < VLSERVE_* env < CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG = Path("configs/default.yaml")
+
+
+class ConfigError(Exception):
+    """A configuration problem, reported as one line (the CLI exits with code 2)."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VLSERVE_", extra="forbid", validate_default=True, protected_namespaces=()
+    )
+
+    # Model files and identity.
+    model: Path = Path("models/demo/demo-llava-text.gguf")
+    mmproj: Path = Path("models/demo/demo-llava-mmproj.gguf")
+    model_name: str = "vlserve-demo-llava"
+    make_demo_model_if_missing: bool = False
+    chat_template: str | None = None  # overrides tokenizer.chat_template from the GGUF
+
+    # HTTP.
+    host: str = "127.0.0.1"
+    port: int = Field(7860, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # llama.cpp context.
+    n_ctx: int = Field(4096, ge=64)
+    n_batch: int = Field(512, ge=1)
+    n_ubatch: int = Field(512, ge=1)
+    n_threads: int = Field(0, ge=0)  # 0: all cores
+    n_gpu_layers: int = 0  # -1: all layers
+    mmproj_use_gpu: bool = True  # only matters in a GPU build
+    n_parallel: int = Field(1, ge=1, le=64)
+    flash_attn: Literal["auto", "on", "off"] = "auto"
+
+    # Request limits.
+    default_max_tokens: int = Field(512, ge=1)
+    max_tokens_cap: int = Field(2048, ge=1)
+    max_queue: int = Field(64, ge=1)
+
+    # Images.
+    image_max_side: int = Field(1024, ge=16)
+    max_images_per_request: int = Field(8, ge=0)
+
+    # Warm-up and prompts.
+    system_prompt: str | None = None  # used for requests that bring no system message
+    warmup: bool = True
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.default_max_tokens > self.max_tokens_cap:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) exceeds "
+                f"max_tokens_cap ({self.max_tokens_cap})"
+            )
+        if self.n_ubatch > self.n_batch:
+            raise ValueError(f"n_ubatch ({self.n_ubatch}) exceeds n_batch ({self.n_batch})")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_path = _yaml_path_for_load
+        if yaml_path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_path))
+        return tuple(sources)
+
+
+# Set only for the duration of one load_settings() call: pydantic-settings builds its
+# sources from the class, so the chosen YAML file has to be reachable from there.
+_yaml_path_for_load: Path | None = None
+
+
+def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from a YAML file, VLSERVE_* env vars and explicit overrides."""
+    global _yaml_path_for_load
+    import os
+
+    if config_path is None and os.environ.get("VLSERVE_CONFIG"):
+        config_path = Path(os.environ["VLSERVE_CONFIG"])
+    if config_path is None and DEFAULT_CONFIG.is_file():
+        config_path = DEFAULT_CONFIG
+    if config_path is not None:
+        if not config_path.is_file():
+            raise ConfigError(f"config file not found: {config_path}")
+        _check_yaml(config_path)
+    cli = {k: v for k, v in overrides.items() if v is not None}
+    _yaml_path_for_load = config_path
+    try:
+        return Settings(**cli)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, config_path)) from None
+    finally:
+        _yaml_path_for_load = None
+
+
+def _check_yaml(path: Path) -> None:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}".replace("\n", " ")) from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of settings")
+
+
+def _one_line(exc: ValidationError, path: Path | None) -> str:
+    where = f"{path}: " if path else ""
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "settings"
+        msg = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{loc}: {msg}")
+    return f"invalid configuration: {where}" + "; ".join(problems)

@@ -1,0 +1,161 @@
+"""The engine's public face: start it, ask whether it is ready, submit → async event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from server.config import Settings
+from server.engine.model import LoadedModel, load_model
+from server.engine.scheduler import QueueFullError, Scheduler
+from server.engine.types import (
+    ChatMessage,
+    DoneEvent,
+    EngineEvent,
+    ErrorEvent,
+    EventSink,
+    GenerationRequest,
+    ImageInput,
+    SamplingParams,
+)
+
+logger = logging.getLogger("vlserve.engine")
+
+__all__ = ["Engine", "EngineNotReadyError", "EngineState", "QueueFullError"]
+
+
+class EngineState(enum.Enum):
+    LOADING = "loading"
+    WARMING = "warming"
+    READY = "ok"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class EngineNotReadyError(RuntimeError):
+    pass
+
+
+class _Discard:
+    def put(self, event: EngineEvent) -> None:
+        if isinstance(event, ErrorEvent):
+            raise RuntimeError(f"warm-up request failed: {event.message}")
+
+
+class Engine:
+    """Owns the engine thread; that thread alone touches the llama and mtmd contexts."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state = EngineState.LOADING
+        self.error: str | None = None
+        self.info: dict[str, Any] = {}
+        self.warmup_seconds: float | None = None
+        self._model: LoadedModel | None = None
+        self._scheduler: Scheduler | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="vlserve-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self.state is EngineState.READY
+
+    @property
+    def queue_depth(self) -> int:
+        return self._scheduler.queue_depth if self._scheduler else 0
+
+    @property
+    def busy_slots(self) -> int:
+        return self._scheduler.busy_slots if self._scheduler else 0
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+        """Stream events for one request; stopping early cancels its generation."""
+        if self.state is not EngineState.READY or self._scheduler is None:
+            raise EngineNotReadyError(f"the model is {self.state.value}")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self._scheduler.submit(request, EventSink(loop, events))
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if isinstance(event, DoneEvent | ErrorEvent):
+                    return
+        finally:
+            request.cancelled.set()
+
+    # --- engine thread ----------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            started = time.perf_counter()
+            self._model = load_model(self.settings)
+            self.info = dict(self._model.info, load_seconds=round(time.perf_counter() - started, 3))
+            self._scheduler = Scheduler(self._model, self.settings)
+            self._log_startup()
+            if self.settings.warmup:
+                self.state = EngineState.WARMING
+                self._warm_up()
+            self.state = EngineState.READY
+            logger.info("engine ready")
+            self._scheduler.run(self._stop)
+            self.state = EngineState.STOPPED
+        except Exception as exc:
+            self.error = str(exc)
+            self.state = EngineState.FAILED
+            logger.exception("engine failed: %s", exc)
+        finally:
+            if self._scheduler is not None:
+                self._scheduler.close()
+            if self._model is not None:
+                self._model.close()
+
+    def _warm_up(self) -> None:
+        """Run one real image request so first-call allocations happen before traffic."""
+        assert self._scheduler is not None
+        started = time.perf_counter()
+        request = GenerationRequest(
+            messages=[ChatMessage("user", (_warmup_image(), "Describe the image."))],
+            max_tokens=4,
+            sampling=SamplingParams(temperature=0.0),
+            request_id="warmup",
+        )
+        self._scheduler.run_to_completion(request, _Discard())
+        self.warmup_seconds = round(time.perf_counter() - started, 3)
+        self.info["warmup_seconds"] = self.warmup_seconds
+        logger.info("warm-up done in %.2f s (timings %s)", self.warmup_seconds,
+                    request.timer.as_dict())
+
+    def _log_startup(self) -> None:
+        info = self.info
+        logger.info("model %s, projector %s", info["model_path"], info["mmproj_path"])
+        logger.info("context %d tokens, %d slot(s), %d layers, loaded in %.2f s",
+                    info["n_ctx"], info["n_parallel"], info["n_layers"], info["load_seconds"])
+        where_llm = f"GPU ({info['gpu_layers']}/{info['n_layers']} layers)" \
+            if info["gpu_layers"] else "CPU"
+        logger.info("LLM layers run on %s; vision projector runs on %s", where_llm,
+                    "GPU" if info["projector_on_gpu"] else "CPU")
+        if info["gpu_build"] and not info["gpu_layers"]:
+            logger.warning("this llama.cpp build supports a GPU but n_gpu_layers is 0: "
+                           "the model runs on the CPU")
+        if info["description"]:
+            logger.warning("model note: %s", info["description"])
+        logger.info("llama.cpp system info: %s", info["system_info"])
+
+
+def _warmup_image() -> ImageInput:
+    side = 64
+    rgb = bytes((x * 4) % 256 for y in range(side) for x in range(side) for _ in range(3))
+    return ImageInput(rgb=rgb, width=side, height=side, content_hash="vlserve-warmup")

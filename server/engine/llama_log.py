@@ -1,0 +1,38 @@
+"""Route llama.cpp / mtmd log lines into Python logging instead of raw stderr."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import llama_cpp
+from llama_cpp import mtmd_cpp
+
+logger = logging.getLogger("vlserve.llama")
+
+# ggml_log_level in the vendored ggml.h (llama-cpp-python's own _logger.py still has the
+# older numbering): 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line.
+_LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING,
+           4: logging.ERROR}
+_state = {"level": logging.INFO, "buffer": ""}
+
+
+@llama_cpp.llama_log_callback
+def _on_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    if level != 5:
+        _state["level"] = _LEVELS.get(level, logging.INFO)
+    # llama.cpp's info lines are chatty (one per tensor): show them only at debug.
+    py_level = logging.DEBUG if _state["level"] == logging.INFO else _state["level"]
+    buffered = _state["buffer"] + text.decode("utf-8", errors="replace")
+    *lines, _state["buffer"] = buffered.split("\n")
+    if logger.isEnabledFor(py_level):
+        for line in lines:
+            if line.strip():
+                logger.log(py_level, "%s", line)
+
+
+def install() -> None:
+    """Send llama.cpp, mtmd and mtmd-helper logs to the `vlserve.llama` logger."""
+    llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_log_set(_on_log, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_helper_log_set(_on_log, ctypes.c_void_p(0))

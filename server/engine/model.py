@@ -1,0 +1,170 @@
+"""Load the text model, its llama context and the mtmd (vision projector) context."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+from llama_cpp import mtmd_cpp
+
+from server.config import Settings
+from server.engine import llama_log
+from server.engine.prompt import FALLBACK_TEMPLATE, ChatTemplate
+
+logger = logging.getLogger("vlserve.engine")
+
+_FLASH_ATTN = {
+    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    """Native handles plus what the scheduler needs per token, precomputed once."""
+
+    model: llama_cpp.llama_model_p
+    ctx: llama_cpp.llama_context_p
+    vocab: llama_cpp.llama_vocab_p
+    mtmd: mtmd_cpp.mtmd_context_p
+    n_ctx: int
+    n_batch: int
+    n_vocab: int
+    pieces: list[bytes]  # token id → UTF-8 bytes of its text
+    eog_tokens: frozenset[int]
+    template: ChatTemplate
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def close(self) -> None:
+        mtmd_cpp.mtmd_free(self.mtmd)
+        llama_cpp.llama_free(self.ctx)
+        llama_cpp.llama_model_free(self.model)
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    for path, what in ((settings.model, "model"), (settings.mmproj, "mmproj")):
+        if not Path(path).is_file():
+            raise ModelLoadError(f"{what} file not found: {path}")
+    llama_log.install()
+    llama_cpp.llama_backend_init()
+    n_threads = settings.n_threads or (os.cpu_count() or 1)
+
+    model_params = llama_cpp.llama_model_default_params()
+    model_params.n_gpu_layers = settings.n_gpu_layers
+    model = llama_cpp.llama_model_load_from_file(str(settings.model).encode(), model_params)
+    if not model:
+        raise ModelLoadError(f"llama.cpp could not load the model {settings.model}")
+
+    ctx_params = llama_cpp.llama_context_default_params()
+    ctx_params.n_ctx = settings.n_ctx
+    ctx_params.n_batch = settings.n_batch
+    ctx_params.n_ubatch = settings.n_ubatch
+    ctx_params.n_seq_max = settings.n_parallel
+    ctx_params.n_threads = n_threads
+    ctx_params.n_threads_batch = n_threads
+    ctx_params.flash_attn_type = _FLASH_ATTN[settings.flash_attn]
+    # One KV pool shared by all slots, so any one conversation may use the whole n_ctx.
+    ctx_params.kv_unified = True
+    ctx = llama_cpp.llama_init_from_model(model, ctx_params)
+    if not ctx:
+        llama_cpp.llama_model_free(model)
+        raise ModelLoadError("llama.cpp could not create a context (n_ctx too large?)")
+
+    mtmd_params = mtmd_cpp.mtmd_context_params_default()
+    mtmd_params.use_gpu = settings.mmproj_use_gpu
+    mtmd_params.n_threads = n_threads
+    mtmd_params.print_timings = False
+    mtmd_params.warmup = False  # our own warm-up runs the whole request path instead
+    mctx = mtmd_cpp.mtmd_init_from_file(str(settings.mmproj).encode(), model, mtmd_params)
+    if not mctx:
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+        raise ModelLoadError(f"mtmd could not load the projector {settings.mmproj}")
+    if not mtmd_cpp.mtmd_support_vision(mctx):
+        raise ModelLoadError(f"{settings.mmproj} has no vision encoder")
+
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    pieces = [_piece(vocab, t, special=False) for t in range(n_vocab)]
+    eog = frozenset(t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
+    marker = (mtmd_cpp.mtmd_default_marker() or b"<__media__>").decode()
+    template = ChatTemplate(
+        _template_source(settings, model),
+        bos_token=_special_text(vocab, llama_cpp.llama_vocab_bos(vocab)),
+        eos_token=_special_text(vocab, llama_cpp.llama_vocab_eos(vocab)),
+        media_marker=marker,
+    )
+    gpu_build = bool(llama_cpp.llama_supports_gpu_offload())
+    n_layers = llama_cpp.llama_model_n_layer(model)
+    offloaded = 0
+    if gpu_build:
+        offloaded = n_layers if settings.n_gpu_layers < 0 else min(settings.n_gpu_layers, n_layers)
+    info = {
+        "model_path": str(settings.model),
+        "mmproj_path": str(settings.mmproj),
+        "description": _meta(model, "general.description") or "",
+        "n_ctx": llama_cpp.llama_n_ctx(ctx),
+        "n_ctx_train": llama_cpp.llama_model_n_ctx_train(model),
+        "n_params": llama_cpp.llama_model_n_params(model),
+        "n_layers": n_layers,
+        "n_parallel": settings.n_parallel,
+        "gpu_build": gpu_build,
+        "gpu_layers": offloaded,
+        "projector_on_gpu": gpu_build and settings.mmproj_use_gpu,
+        "uses_mrope": bool(mtmd_cpp.mtmd_decode_use_mrope(mctx)),
+        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+    }
+    return LoadedModel(
+        model=model,
+        ctx=ctx,
+        vocab=vocab,
+        mtmd=mctx,
+        n_ctx=llama_cpp.llama_n_ctx(ctx),
+        n_batch=llama_cpp.llama_n_batch(ctx),
+        n_vocab=n_vocab,
+        pieces=pieces,
+        eog_tokens=eog,
+        template=template,
+        info=info,
+    )
+
+
+def _template_source(settings: Settings, model: llama_cpp.llama_model_p) -> str:
+    if settings.chat_template:
+        return settings.chat_template
+    raw = llama_cpp.llama_model_chat_template(model, None)
+    if raw:
+        return raw.decode("utf-8", errors="replace")
+    logger.warning("model has no chat template; using the LLaVA-1.5 format")
+    return FALLBACK_TEMPLATE
+
+
+def _piece(vocab: llama_cpp.llama_vocab_p, token: int, *, special: bool) -> bytes:
+    buf = ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    return buf.raw[:n]
+
+
+def _special_text(vocab: llama_cpp.llama_vocab_p, token: int) -> str:
+    if token < 0:
+        return ""
+    return _piece(vocab, token, special=True).decode("utf-8", errors="replace")
+
+
+def _meta(model: llama_cpp.llama_model_p, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(1024)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", errors="replace") if n >= 0 else None

@@ -1,0 +1,83 @@
+"""Chat template (from GGUF metadata or config) → prompt text with media markers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from server.engine.types import ChatMessage, ImageInput
+
+# Used when a GGUF has no template: the LLaVA-1.5 conversation format.
+FALLBACK_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}USER: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ message['content'] }}{{ eos_token }}\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+class PromptError(ValueError):
+    """The messages cannot be rendered with this model's template."""
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    text: str  # one media marker per image, in order
+    images: tuple[ImageInput, ...]
+
+
+class ChatTemplate:
+    def __init__(self, source: str, *, bos_token: str, eos_token: str, media_marker: str) -> None:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            self._template = env.from_string(source)
+        except TemplateError as exc:
+            raise PromptError(f"chat template does not compile: {exc}") from None
+        self.source = source
+        self._bos = bos_token
+        self._eos = eos_token
+        self._marker = media_marker
+
+    def render(
+        self, messages: list[ChatMessage], system_prompt: str | None = None
+    ) -> RenderedPrompt:
+        images: list[ImageInput] = []
+        rendered_messages: list[dict[str, Any]] = []
+        if system_prompt and not any(m.role == "system" for m in messages):
+            rendered_messages.append({"role": "system", "content": system_prompt})
+        for message in messages:
+            texts: list[str] = []
+            for part in message.parts:
+                if isinstance(part, ImageInput):
+                    images.append(part)
+                    texts.append(self._marker)
+                else:
+                    texts.append(part)
+            rendered_messages.append({"role": message.role, "content": "\n".join(texts)})
+        try:
+            text = self._template.render(
+                messages=rendered_messages,
+                add_generation_prompt=True,
+                bos_token=self._bos,
+                eos_token=self._eos,
+            )
+        except TemplateError as exc:
+            raise PromptError(f"chat template failed on these messages: {exc}") from None
+        # mtmd adds BOS itself; a template that also emits it would double it.
+        if self._bos and text.startswith(self._bos):
+            text = text[len(self._bos):]
+        if text.count(self._marker) != len(images):
+            raise PromptError("message text must not contain the media marker itself")
+        return RenderedPrompt(text, tuple(images))
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)

@@ -1,0 +1,90 @@
+"""What goes into the engine and what comes back out."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Literal
+
+from server.timings import StageTimer
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int | None = None
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """Decoded RGB pixels plus the content hash that identifies them in caches."""
+
+    rgb: bytes
+    width: int
+    height: int
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """A message with images replaced by `image` placeholders in `parts`."""
+
+    role: str
+    parts: tuple[str | ImageInput, ...]
+
+
+@dataclass
+class GenerationRequest:
+    messages: list[ChatMessage]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    timer: StageTimer = field(default_factory=StageTimer)
+    request_id: str = ""
+    # Set from any thread to stop generation at the next step.
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    text: str
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    finish_reason: Literal["stop", "length"]
+    timer: StageTimer
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    status: int  # HTTP status the API layer should answer with
+    message: str
+    code: str | None = None
+
+
+EngineEvent = TokenEvent | DoneEvent | ErrorEvent
+
+
+class EventSink:
+    """Hands events from the engine thread to the request's asyncio queue."""
+
+    __slots__ = ("_loop", "_queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[EngineEvent]) -> None:
+        self._loop = loop
+        self._queue = queue
+
+    def put(self, event: EngineEvent) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
