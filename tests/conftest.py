@@ -1,0 +1,100 @@
+"""Session fixtures: the tiny demo model, generated once, and a real server on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.demo_model import DemoModelPaths, make_demo_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The test server's limits, chosen so the limit tests are cheap.
+TEST_N_CTX = 1024
+TEST_DEFAULT_MAX_TOKENS = 24
+TEST_MAX_TOKENS_CAP = 40
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    url: str  # http://127.0.0.1:PORT
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def api(self) -> str:
+        return f"{self.url}/api/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> DemoModelPaths:
+    return make_demo_model(tmp_path_factory.mktemp("models"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(models: DemoModelPaths, log_path: Path, *extra: str,
+                 env: dict[str, str] | None = None) -> RunningServer:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "server.cli", "serve",
+        "--config", str(ROOT / "configs" / "default.yaml"),
+        "--model", str(models.text), "--mmproj", str(models.mmproj),
+        "--port", str(port), "--n-ctx", str(TEST_N_CTX), *extra,
+    ]
+    full_env = {**os.environ, "VLSERVE_DEFAULT_MAX_TOKENS": str(TEST_DEFAULT_MAX_TOKENS),
+                "VLSERVE_MAX_TOKENS_CAP": str(TEST_MAX_TOKENS_CAP), **(env or {})}
+    log = log_path.open("wb")
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
+    wait_ready(server)
+    return server
+
+
+def wait_ready(server: RunningServer, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server not ready after {timeout}s:\n{server.log()}")
+
+
+def stop_server(server: RunningServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[RunningServer]:
+    """The real server (uvicorn + engine thread) on the demo model, with 2 slots."""
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    running = start_server(demo_model, log_path, "--n-parallel", "2")
+    yield running
+    stop_server(running)

@@ -1,0 +1,285 @@
+"""The chat API end to end: real server, real engine, real openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import httpx
+import openai
+import pytest
+from conftest import TEST_DEFAULT_MAX_TOKENS, TEST_MAX_TOKENS_CAP, TEST_N_CTX, RunningServer
+from helpers import data_url, image_message, photo_bytes
+
+from server.timings import SEQUENTIAL_STAGES, STAGES
+
+
+@pytest.fixture
+def client(server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.api, api_key="unused", max_retries=0, timeout=60)
+
+
+def assert_timings(timings: dict) -> None:
+    for stage in STAGES:
+        assert timings[stage] >= 0, stage
+    sequential = sum(timings[s] for s in SEQUENTIAL_STAGES)
+    # Sequential stages add up to at most the total (plus rounding); the gaps between
+    # them (HTTP parsing, hand-offs) are small.
+    assert sequential <= timings["total"] + 1.0
+    assert timings["first_token"] <= timings["total"] + 0.01
+    assert timings["total"] - sequential < max(250.0, 0.5 * timings["total"])
+
+
+def test_text_chat(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="vlserve-demo-llava",
+        messages=[{"role": "system", "content": "You are terse."},
+                  {"role": "user", "content": "Hello, who are you?"}],
+        max_tokens=8, temperature=0,
+    )
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str) and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.model == "vlserve-demo-llava"
+    assert reply.id.startswith("chatcmpl-")
+    assert 0 < reply.usage.completion_tokens <= 8
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    timings = reply.model_extra["timings"]
+    assert_timings(timings)
+    assert timings["image_tokens"] == 0
+    assert timings["completion_tokens"] == reply.usage.completion_tokens
+
+
+def test_image_chat_data_url_and_raw_base64(client: openai.OpenAI) -> None:
+    png = photo_bytes(320, 240, "PNG")
+    jpeg = photo_bytes(640, 360, "JPEG", seed=3)
+    for url in (data_url(png), base64.b64encode(jpeg).decode()):
+        reply = client.chat.completions.create(
+            model="vlserve-demo-llava",
+            messages=[image_message("What is in this picture?", url)],
+            max_tokens=6, temperature=0,
+        )
+        timings = reply.model_extra["timings"]
+        assert reply.choices[0].message.content
+        assert timings["image_tokens"] == 64  # the tiny projector: 112 px / 14 px patches
+        assert timings["image_decode"] > 0
+        assert timings["image_encode"] > 0
+        assert reply.usage.prompt_tokens > timings["image_tokens"]
+        assert_timings(timings)
+
+
+def test_streaming_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="vlserve-demo-llava",
+        messages=[image_message("Describe it.", data_url(photo_bytes()))],
+        max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert [f for f in finishes if f] == [finishes[-1]] and finishes[-1] in ("stop", "length")
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == []
+    assert usage_chunk.usage.completion_tokens <= 10
+    assert_timings(usage_chunk.model_extra["timings"])
+    # Same request without streaming gives the same text (greedy, same prompt).
+    reply = client.chat.completions.create(
+        model="vlserve-demo-llava",
+        messages=[image_message("Describe it.", data_url(photo_bytes()))],
+        max_tokens=10, temperature=0,
+    )
+    assert reply.choices[0].message.content == text
+
+
+def test_stream_ends_with_done(server: RunningServer) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{server.api}/chat/completions", json=body, timeout=30) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in resp.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+
+
+def test_max_tokens_enforced(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="vlserve-demo-llava", messages=[{"role": "user", "content": "Count to ten."}],
+        max_tokens=3, temperature=0,
+    )
+    assert reply.usage.completion_tokens <= 3
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_omitted_max_tokens_uses_config_default(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="vlserve-demo-llava", messages=[{"role": "user", "content": "Tell a long story."}],
+        temperature=0,
+    )
+    assert reply.usage.completion_tokens <= TEST_DEFAULT_MAX_TOKENS
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_max_tokens_above_cap_is_clipped(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="vlserve-demo-llava", messages=[{"role": "user", "content": "Tell a long story."}],
+        max_completion_tokens=100_000, temperature=0,
+    )
+    assert reply.usage.completion_tokens <= TEST_MAX_TOKENS_CAP
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_prompt_longer_than_context_is_400(client: openai.OpenAI, server: RunningServer) -> None:
+    long_text = "the image " * TEST_N_CTX
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="vlserve-demo-llava", messages=[{"role": "user", "content": long_text}],
+            max_tokens=4,
+        )
+    assert err.value.status_code == 400
+    message = err.value.body["message"]
+    assert "tokens" in message and str(TEST_N_CTX - 1) in message
+    assert err.value.body["code"] == "context_length_exceeded"
+    # The server keeps serving.
+    ok = client.chat.completions.create(
+        model="vlserve-demo-llava", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert ok.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("url", [
+    "data:image/png;base64,!!!not-base64!!!",
+    "data:image/png;base64," + base64.b64encode(b"definitely not an image").decode(),
+    "data:text/plain;base64,aGVsbG8=",
+    "http://127.0.0.1:1/cat.jpg",
+    "file:///etc/passwd",
+    "",
+])
+def test_bad_image_is_400_and_server_keeps_serving(server: RunningServer, url: str) -> None:
+    body = {"messages": [image_message("what?", url)], "max_tokens": 2}
+    resp = httpx.post(f"{server.api}/chat/completions", json=body, timeout=30)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == "messages.0.content.1.image_url"
+    assert "Traceback" not in resp.text and "/etc/passwd" not in error["message"]
+    good = httpx.post(f"{server.api}/chat/completions", timeout=30,
+                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert good.status_code == 200
+
+
+@pytest.mark.parametrize("body", [
+    {},
+    {"messages": []},
+    {"messages": [{"role": "wizard", "content": "hi"}]},
+    {"messages": [{"role": "user", "content": [{"type": "audio", "data": "x"}]}]},
+    {"messages": [{"role": "user", "content": "hi"}], "temperature": 7},
+    {"messages": [{"role": "user", "content": "hi"}], "n": 2},
+    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+    {"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
+    {"messages": "hello"},
+])
+def test_invalid_requests_get_openai_errors(server: RunningServer, body: dict) -> None:
+    resp = httpx.post(f"{server.api}/chat/completions", json=body, timeout=30)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+
+
+def test_malformed_json_is_400(server: RunningServer) -> None:
+    resp = httpx.post(f"{server.api}/chat/completions", content=b"{not json",
+                      headers={"content-type": "application/json"}, timeout=30)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_server_timing_header_and_request_id(server: RunningServer) -> None:
+    resp = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
+                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert resp.status_code == 200
+    header = resp.headers["server-timing"]
+    for stage in STAGES:
+        assert f"{stage};dur=" in header
+    assert resp.headers["x-request-id"] == resp.json()["id"]
+
+
+def test_stop_string_cuts_the_answer(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Say something long."}]
+    full = client.chat.completions.create(model="m", messages=messages, max_tokens=16,
+                                          temperature=0).choices[0].message.content
+    words = full.split()
+    assert len(words) >= 3, full
+    stop = words[2]
+    cut = client.chat.completions.create(model="m", messages=messages, max_tokens=16,
+                                         temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+
+
+def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Pick random words."}]
+    answers = {
+        client.chat.completions.create(model="m", messages=messages, max_tokens=12,
+                                       temperature=1.0, top_p=0.9, seed=1234)
+        .choices[0].message.content
+        for _ in range(2)
+    }
+    assert len(answers) == 1
+
+
+def test_concurrent_requests_all_complete(server: RunningServer) -> None:
+    async def run() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=server.api, api_key="x", max_retries=0) as aio:
+            async def one(i: int) -> str:
+                reply = await aio.chat.completions.create(
+                    model="m", max_tokens=8, temperature=0,
+                    messages=[image_message(f"Question number {i}?", data_url(photo_bytes(
+                        160, 120, seed=i)))] if i % 2 else [{"role": "user", "content": f"q {i}"}],
+                )
+                assert reply.choices[0].finish_reason in ("stop", "length")
+                return reply.choices[0].message.content or ""
+            return list(await asyncio.gather(*(one(i) for i in range(4))))
+
+    answers = asyncio.run(run())
+    assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
+
+
+def test_multi_turn_multi_image_reuses_the_prefix(client: openai.OpenAI) -> None:
+    first = data_url(photo_bytes(200, 150, seed=11))
+    second = data_url(photo_bytes(150, 200, "JPEG", seed=12), "image/jpeg")
+    turn1 = [{"role": "user", "content": [
+        {"type": "text", "text": "Compare these."},
+        {"type": "image_url", "image_url": {"url": first}},
+        {"type": "image_url", "image_url": {"url": second}}]}]
+    reply1 = client.chat.completions.create(model="m", messages=turn1, max_tokens=6,
+                                            temperature=0)
+    assert reply1.model_extra["timings"]["image_tokens"] == 128
+    turn2 = [*turn1, {"role": "assistant", "content": reply1.choices[0].message.content},
+             {"role": "user", "content": "And the second one?"}]
+    reply2 = client.chat.completions.create(model="m", messages=turn2, max_tokens=6,
+                                            temperature=0)
+    cached = reply2.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 128, "turn 2 should keep both images and turn 1 in the KV cache"
+    assert reply2.model_extra["timings"]["cached_tokens"] == cached
+
+
+def test_models_endpoint(server: RunningServer) -> None:
+    for prefix in ("/api/v1", "/v1"):
+        body = httpx.get(f"{server.url}{prefix}/models", timeout=10).json()
+        assert body["object"] == "list"
+        card = body["data"][0]
+        assert card["id"] == "vlserve-demo-llava"
+        assert card["meta"]["state"] == "ok"
+        assert card["meta"]["projector_on_gpu"] is False
+    missing = httpx.get(f"{server.api}/models/nope", timeout=10)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_health_and_request_log(server: RunningServer) -> None:
+    assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
+    log = server.log()
+    assert "warm-up done" in log
+    assert '"event": "chat_completion"' in log
+    assert "RANDOM weights" not in log  # only printed when serve generates the demo model

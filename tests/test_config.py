@@ -1,0 +1,79 @@
+"""Settings precedence and one-line errors for bad configuration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.cli import main
+from server.config import ConfigError, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_then_env_then_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write(tmp_path, "port: 9001\nn_ctx: 2048\nmodel_name: from-yaml\n")
+    settings = load_settings(config)
+    assert (settings.port, settings.n_ctx, settings.model_name) == (9001, 2048, "from-yaml")
+    monkeypatch.setenv("VLSERVE_PORT", "9002")
+    monkeypatch.setenv("VLSERVE_MODEL_NAME", "from-env")
+    settings = load_settings(config)
+    assert (settings.port, settings.model_name) == (9002, "from-env")
+    settings = load_settings(config, port=9003, model_name=None)
+    assert (settings.port, settings.model_name) == (9003, "from-env")
+
+
+def test_config_from_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLSERVE_CONFIG", str(write(tmp_path, "n_parallel: 3\n")))
+    assert load_settings().n_parallel == 3
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")))
+def test_shipped_presets_are_valid(preset: Path) -> None:
+    settings = load_settings(preset)
+    assert settings.default_max_tokens <= settings.max_tokens_cap
+    assert settings.model_name
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("port: lots\n", "port"),
+    ("no_such_setting: 1\n", "no_such_setting"),
+    ("default_max_tokens: 5000\nmax_tokens_cap: 100\n", "exceeds max_tokens_cap"),
+    ("- a\n- b\n", "mapping"),
+    ("port: [unclosed\n", "invalid YAML"),
+])
+def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, text))
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(Path("/nonexistent/vlserve.yaml"))
+
+
+def test_cli_exits_2_without_traceback(tmp_path: Path) -> None:
+    config = write(tmp_path, "n_ctx: -5\n")
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--config", str(config)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "n_ctx" in proc.stderr
+
+
+def test_missing_model_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                         ) -> None:
+    config = write(tmp_path, "model: /nope/model.gguf\nmmproj: /nope/mmproj.gguf\n")
+    assert main(["serve", "--config", str(config)]) == 2
+    assert "model file not found: /nope/model.gguf" in capsys.readouterr().err
