@@ -44,17 +44,19 @@ class Settings(BaseSettings):
     n_threads: int = Field(0, ge=0)  # 0: all cores
     n_gpu_layers: int = 0  # -1: all layers
     mmproj_use_gpu: bool = True  # only matters in a GPU build
-    n_parallel: int = Field(1, ge=1, le=64)
+    n_parallel: int = Field(4, ge=1, le=64)  # slots decoded together in one batch
     flash_attn: Literal["auto", "on", "off"] = "auto"
 
     # Request limits.
     default_max_tokens: int = Field(512, ge=1)
     max_tokens_cap: int = Field(2048, ge=1)
-    max_queue: int = Field(64, ge=1)
+    max_queue: int = Field(64, ge=1)  # waiting requests beyond the busy slots; then 429
+    request_timeout: float = Field(600.0, gt=0)  # seconds from admission to the last token
 
     # Images.
     image_max_side: int = Field(1024, ge=16)
     max_images_per_request: int = Field(8, ge=0)
+    image_cache_mb: int = Field(256, ge=0)  # encoded image embeddings kept for reuse
 
     # Warm-up and prompts.
     system_prompt: str | None = None  # used for requests that bring no system message

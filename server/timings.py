@@ -52,6 +52,7 @@ class StageTimer:
             image_tokens=self.image_tokens,
             cached_tokens=self.cached_tokens,
             completion_tokens=self.completion_tokens,
+            image_cache_hits=self.image_cache_hits,
             tokens_per_second=round(self.tokens_per_second, 2),
         )
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -64,7 +65,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             media_type="text/event-stream",
             headers={"X-Request-ID": request_id, "Cache-Control": "no-cache"},
         )
-    return await _complete(reply, first, events, request)
+    return await _complete(reply, first, events, request, generation)
 
 
 class _Reply:
@@ -83,11 +84,15 @@ class _Reply:
 
 
 async def _complete(reply: _Reply, event: EngineEvent, events: AsyncIterator[EngineEvent],
-                    request: Request) -> Response:
+                    request: Request, generation: GenerationRequest) -> Response:
     pieces: list[str] = []
-    while isinstance(event, TokenEvent):
-        pieces.append(event.text)
-        event = await anext(events)
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, generation))
+    try:
+        while isinstance(event, TokenEvent):
+            pieces.append(event.text)
+            event = await anext(events)
+    finally:
+        watcher.cancel()
     if isinstance(event, ErrorEvent):
         _log(reply.id, request, event.status, None, None)
         return error_response(event.status, event.message, code=event.code)
@@ -139,6 +144,15 @@ async def _stream(reply: _Reply, event: EngineEvent, events: AsyncIterator[Engin
         generation.cancelled.set()
         _log(reply.id, request, status if finish or status != 200 else 499, generation.timer,
              finish)
+
+
+async def _cancel_on_disconnect(request: Request, generation: GenerationRequest) -> None:
+    """A non-streaming client that hangs up must not keep a slot busy until max_tokens."""
+    while not generation.cancelled.is_set():
+        if await request.is_disconnected():
+            generation.cancelled.set()
+            return
+        await asyncio.sleep(0.1)
 
 
 def _chunk(reply: _Reply, delta: dict | None, finish: str | None, **extra: object) -> str:

@@ -40,6 +40,14 @@ async def get_model(model_id: str, request: Request) -> JSONResponse:
     return JSONResponse(_card(state))
 
 
+@models_router.get("/slots")
+async def list_slots(request: Request) -> JSONResponse:
+    """What each slot is doing and how many requests wait: the engine's load at a glance."""
+    engine = request.app.state.vlserve.engine
+    return JSONResponse({"queue_depth": engine.queue_depth, "busy_slots": engine.busy_slots,
+                         "slots": engine.slot_states()})
+
+
 def _card(state: AppState) -> dict[str, object]:
     engine = state.engine
     meta = {"state": engine.state.value, **engine.info}

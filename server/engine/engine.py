@@ -81,6 +81,14 @@ class Engine:
     def busy_slots(self) -> int:
         return self._scheduler.busy_slots if self._scheduler else 0
 
+    def slot_states(self) -> list[dict[str, object]]:
+        return self._scheduler.slot_states() if self._scheduler else []
+
+    def preencode(self, image: ImageInput) -> None:
+        """Queue an image for encoding into the embedding cache at low priority."""
+        if self._scheduler is not None:
+            self._scheduler.submit_preencode(image)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         """Stream events for one request; stopping early cancels its generation."""
         if self.state is not EngineState.READY or self._scheduler is None:
@@ -133,6 +141,7 @@ class Engine:
             request_id="warmup",
         )
         self._scheduler.run_to_completion(request, _Discard())
+        self._scheduler.share_prefix_of_slot(0)
         self.warmup_seconds = round(time.perf_counter() - started, 3)
         self.info["warmup_seconds"] = self.warmup_seconds
         logger.info("warm-up done in %.2f s (timings %s)", self.warmup_seconds,

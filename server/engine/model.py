@@ -43,6 +43,7 @@ class LoadedModel:
     pieces: list[bytes]  # token id → UTF-8 bytes of its text
     eog_tokens: frozenset[int]
     template: ChatTemplate
+    media_marker: str
     info: dict[str, Any] = field(default_factory=dict)
 
     def close(self) -> None:
@@ -135,6 +136,7 @@ def load_model(settings: Settings) -> LoadedModel:
         pieces=pieces,
         eog_tokens=eog,
         template=template,
+        media_marker=marker,
         info=info,
     )
 

@@ -1,11 +1,20 @@
-"""Request queue → slots → one decode batch per step. Runs on the engine thread only."""
+"""Request queue → slots → one decode batch per step. Runs on the engine thread only.
+
+Each step puts the next token of every generating slot, plus up to a batch's worth of
+prompt tokens from slots that are still prefilling, into one llama_batch; decodes once;
+samples each slot. A long prompt is thereby spread over several steps instead of stalling
+the other streams. Images are encoded (or taken from the embedding cache) and written into
+their slot's sequence between steps.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -15,6 +24,7 @@ from server.config import Settings
 from server.engine import mtmd
 from server.engine.batch import TokenBatch
 from server.engine.detokenize import TextStream
+from server.engine.embed_cache import EmbeddingCache, EmbedKey
 from server.engine.model import LoadedModel
 from server.engine.prefix import KvKey, common_prefix_len, n_positions, n_tokens
 from server.engine.prompt import PromptError
@@ -24,9 +34,9 @@ from server.engine.types import (
     EngineEvent,
     ErrorEvent,
     GenerationRequest,
+    ImageInput,
     TokenEvent,
 )
-from server.timings import StageTimer
 
 logger = logging.getLogger("vlserve.engine")
 
@@ -35,12 +45,17 @@ class QueueFullError(RuntimeError):
     pass
 
 
-class DecodeError(RuntimeError):
-    pass
-
-
 class Sink(Protocol):
     def put(self, event: EngineEvent) -> None: ...
+
+
+@dataclass
+class PrefillItem:
+    """A prompt chunk still to evaluate; for text, `start` is the first token not yet in KV."""
+
+    chunk: mtmd.PromptChunk
+    start: int = 0
+    embed_key: EmbedKey | None = None
 
 
 @dataclass
@@ -50,6 +65,9 @@ class Job:
     sampler: int
     text: TextStream
     max_new: int
+    prompt: mtmd.TokenizedPrompt
+    work: deque[PrefillItem]
+    deadline: float
     prompt_done_at: float = 0.0
     n_generated: int = 0
     next_token: int = -1  # sampled, to be fed to the next decode step
@@ -64,23 +82,38 @@ class Slot:
     job: Job | None = None
 
 
+@dataclass
+class _Prefilled:
+    slot: Slot
+    item: PrefillItem
+    n: int
+    last_index: int  # batch index of the prompt's last token, or -1
+
+
 class Scheduler:
     def __init__(self, model: LoadedModel, settings: Settings) -> None:
         self.model = model
         self.settings = settings
         self.slots = [Slot(seq_id=i) for i in range(settings.n_parallel)]
-        self._inbox: queue.Queue[tuple[GenerationRequest, Sink, float]] = queue.Queue(
-            maxsize=settings.max_queue
-        )
+        self.embeddings = EmbeddingCache(settings.image_cache_mb * 1024 * 1024)
+        self._inbox: queue.Queue[tuple[GenerationRequest, Sink, float]] = queue.Queue()
+        self._preencode: deque[ImageInput] = deque()
         self._batch = TokenBatch(max(model.n_batch, settings.n_parallel))
         self._mem = llama_cpp.llama_get_memory(model.ctx)
+        self._embd_row_bytes = llama_cpp.llama_model_n_embd_inp(model.model) * 4
 
     # --- any thread -------------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
-        try:
-            self._inbox.put_nowait((request, sink, time.perf_counter()))
-        except queue.Full:
-            raise QueueFullError(f"the request queue is full ({self.settings.max_queue})") from None
+        # Requests for free slots pass straight through; beyond them, max_queue may wait.
+        # (Reading busy_slots from another thread is racy by at most one admission.)
+        free_slots = len(self.slots) - self.busy_slots
+        if self._inbox.qsize() >= self.settings.max_queue + free_slots:
+            raise QueueFullError(f"the request queue is full ({self.settings.max_queue} waiting)")
+        self._inbox.put_nowait((request, sink, time.perf_counter()))
+
+    def submit_preencode(self, image: ImageInput) -> None:
+        """Encode an image into the embedding cache when the engine has nothing else to do."""
+        self._preencode.append(image)
 
     @property
     def queue_depth(self) -> int:
@@ -90,12 +123,27 @@ class Scheduler:
     def busy_slots(self) -> int:
         return sum(1 for s in self.slots if s.job is not None)
 
+    def slot_states(self) -> list[dict[str, object]]:
+        out = []
+        for slot in self.slots:
+            job = slot.job
+            out.append({
+                "id": slot.seq_id,
+                "state": "idle" if job is None else "prefill" if job.work else "generating",
+                "request_id": job.request.request_id if job else None,
+                "n_past": slot.n_past,
+                "generated_tokens": job.n_generated if job else 0,
+            })
+        return out
+
     # --- engine thread ----------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            self._admit(block=self.busy_slots == 0)
+            self._admit(block=not self.busy_slots and not self._preencode)
             if self.busy_slots:
                 self._step()
+            elif self._preencode:
+                self._encode_ahead(self._preencode.popleft())
         self._fail_queued(503, "the server is shutting down")
 
     def run_to_completion(self, request: GenerationRequest, sink: Sink) -> None:
@@ -105,6 +153,18 @@ class Scheduler:
         while self.busy_slots:
             self._step()
 
+    def share_prefix_of_slot(self, source: int = 0) -> None:
+        """Let every slot start from `source`'s KV (e.g. the warmed-up system prompt);
+        with a unified KV cache the cells are shared, not copied."""
+        origin = self.slots[source]
+        for slot in self.slots:
+            if slot is origin or slot.job is not None:
+                continue
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+            llama_cpp.llama_memory_seq_cp(self._mem, origin.seq_id, slot.seq_id, -1, -1)
+            slot.cached = list(origin.cached)
+            slot.n_past = origin.n_past
+
     def _admit(self, block: bool) -> None:
         while any(s.job is None for s in self.slots):
             try:
@@ -113,11 +173,11 @@ class Scheduler:
                 return
             block = False
             request.timer.add("queue", time.perf_counter() - queued_at)
-            if request.cancelled.is_set():
-                continue
-            self._start(request, sink)
+            if not request.cancelled.is_set():
+                self._start(request, sink)
 
     def _start(self, request: GenerationRequest, sink: Sink) -> None:
+        """Tokenize, pick a slot, keep its reusable KV prefix and queue the rest as work."""
         timer = request.timer
         model = self.model
         try:
@@ -127,50 +187,53 @@ class Scheduler:
         except (PromptError, mtmd.MediaError) as exc:
             sink.put(ErrorEvent(400, str(exc)))
             return
-        # Image preprocessing (resize/normalize for the projector) dominates tokenization
-        # when images are present, so it is booked as part of the image encode stage.
-        timer.add("image_encode" if rendered.images else "prompt_eval", time.perf_counter() - t0)
-        try:
-            timer.prompt_tokens = prompt.n_tokens
-            timer.image_tokens = prompt.image_tokens
-            if prompt.n_pos > model.n_ctx - 1:
-                sink.put(ErrorEvent(
-                    400,
-                    f"the prompt is {prompt.n_tokens} tokens ({prompt.image_tokens} of them "
-                    f"from images) but the context holds {model.n_ctx - 1}; shorten the "
-                    "conversation or send fewer/smaller images",
-                    code="context_length_exceeded",
-                ))
-                return
-            if prompt.chunks[-1].image is not None:
-                sink.put(ErrorEvent(400, "the prompt must not end with an image"))
-                return
-            keys = prompt.keys()
-            slot = self._pick_slot(keys)
-            job = Job(
-                request=request,
-                sink=sink,
-                sampler=build_sampler_chain(request.sampling, model.n_vocab),
-                text=TextStream(request.stop),
-                max_new=request.max_tokens,
-            )
-            slot.job = job
-            try:
-                self._prefill(slot, prompt, keys, timer)
-            except Exception as exc:
-                logger.exception("prefill failed (request %s)", request.request_id)
-                self._forget(slot)
-                self._end(slot, ErrorEvent(500, f"the engine failed on this prompt: {exc}"))
-                return
-            job.prompt_done_at = time.perf_counter()
-            self._on_token(slot, llama_cpp.llama_sampler_sample(job.sampler, model.ctx, -1))
-        finally:
+        # mtmd's preprocessing (resize + normalize for the projector) dominates tokenization
+        # when images are present: it is booked as resizing, so `image_encode` is the vision
+        # encoder alone and reads 0 when the embedding cache answers.
+        timer.add("image_resize" if rendered.images else "prompt_eval", time.perf_counter() - t0)
+        timer.prompt_tokens = prompt.n_tokens
+        timer.image_tokens = prompt.image_tokens
+        error = self._check_prompt(prompt)
+        if error is not None:
             prompt.close()
+            sink.put(error)
+            return
+        keys = prompt.keys()
+        slot = self._pick_slot(keys)
+        keep = common_prefix_len(slot.cached, keys)
+        llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, n_positions(keys[:keep]), -1)
+        del slot.cached[keep:]
+        slot.n_past = n_positions(keys[:keep])
+        timer.cached_tokens = n_tokens(keys[:keep])
+        slot.job = Job(
+            request=request,
+            sink=sink,
+            sampler=build_sampler_chain(request.sampling, model.n_vocab),
+            text=TextStream(request.stop),
+            max_new=request.max_tokens,
+            prompt=prompt,
+            work=_remaining_work(prompt, keep),
+            deadline=time.perf_counter() + self.settings.request_timeout,
+        )
+
+    def _check_prompt(self, prompt: mtmd.TokenizedPrompt) -> ErrorEvent | None:
+        n_ctx = self.model.n_ctx
+        if prompt.n_pos > n_ctx - 1:
+            return ErrorEvent(
+                400,
+                f"the prompt is {prompt.n_tokens} tokens ({prompt.image_tokens} of them from "
+                f"images) but the context holds {n_ctx - 1}; shorten the conversation or "
+                "send fewer/smaller images",
+                code="context_length_exceeded",
+            )
+        if prompt.chunks[-1].image is not None:
+            return ErrorEvent(400, "the prompt must not end with an image")
+        return None
 
     def _pick_slot(self, keys: list[KvKey]) -> Slot:
+        """The free slot sharing the longest prefix; idle caches are dropped if needed."""
         free = [s for s in self.slots if s.job is None]
         best = max(free, key=lambda s: (common_prefix_len(s.cached, keys), -len(s.cached)))
-        # Idle slots keep their KV for reuse; drop theirs if this prompt might not fit.
         used = sum(s.n_past for s in self.slots if s is not best)
         if used + n_positions(keys) > self.model.n_ctx:
             for other in free:
@@ -178,65 +241,30 @@ class Scheduler:
                     self._forget(other)
         return best
 
-    def _prefill(self, slot: Slot, prompt: mtmd.TokenizedPrompt, keys: list[KvKey],
-                 timer: StageTimer) -> None:
-        """Evaluate what the slot's KV lacks: keep the common prefix, decode the rest."""
-        keep = common_prefix_len(slot.cached, keys)
-        keep_pos = n_positions(keys[:keep])
-        llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, keep_pos, -1)
-        del slot.cached[keep:]
-        slot.n_past = keep_pos
-        timer.cached_tokens = n_tokens(keys[:keep])
-        last = len(prompt.chunks) - 1
-        index = 0  # entry index into keys
-        for chunk_no, chunk in enumerate(prompt.chunks):
-            if chunk.image is None:
-                skip = max(0, keep - index)
-                index += len(chunk.tokens)
-                if skip < len(chunk.tokens):
-                    t0 = time.perf_counter()
-                    self._decode_text(slot, chunk.tokens[skip:], logits_last=chunk_no == last)
-                    timer.add("prompt_eval", time.perf_counter() - t0)
-                continue
-            index += 1
-            if index <= keep:
-                continue
-            t0 = time.perf_counter()
-            embd = mtmd.encode_image(self.model.mtmd, chunk)
-            t1 = time.perf_counter()
-            slot.n_past = mtmd.decode_image(
-                self.model.mtmd, self.model.ctx, chunk, embd, slot.n_past, slot.seq_id,
-                self.model.n_batch,
-            )
-            slot.cached.append(chunk.image)
-            timer.add("image_encode", t1 - t0)
-            timer.add("prompt_eval", time.perf_counter() - t1)
-
-    def _decode_text(self, slot: Slot, tokens: tuple[int, ...], logits_last: bool) -> None:
-        batch = self._batch
-        step = batch.capacity
-        for offset in range(0, len(tokens), step):
-            part = tokens[offset:offset + step]
-            batch.clear()
-            final = offset + len(part) == len(tokens)
-            for j, token in enumerate(part):
-                batch.add(token, slot.n_past + j, slot.seq_id,
-                          logits_last and final and j == len(part) - 1)
-            ret = batch.decode(self.model.ctx)
-            if ret != 0:
-                raise DecodeError(f"llama_decode returned {ret}")
-            slot.cached.extend(part)
-            slot.n_past += len(part)
-
     def _step(self) -> None:
-        """One decode for the next token of every generating slot, then sample each."""
-        generating = [s for s in self.slots if s.job is not None and s.job.next_token >= 0]
-        if not generating:
-            return
+        now = time.perf_counter()
+        for slot in self.slots:
+            job = slot.job
+            if job is None:
+                continue
+            if job.request.cancelled.is_set():
+                self._finish(slot, "stop")
+            elif now > job.deadline:
+                self._end(slot, ErrorEvent(
+                    504, f"generation took longer than {self.settings.request_timeout:g} s",
+                    code="timeout"))
+            elif job.work and job.work[0].chunk.image is not None:
+                self._eval_image(slot, job.work.popleft())
+
         batch = self._batch
         batch.clear()
+        generating = [s for s in self.slots if s.job is not None and s.job.next_token >= 0]
         for slot in generating:
             batch.add(slot.job.next_token, slot.n_past, slot.seq_id, True)  # type: ignore[union-attr]
+        prefilled = self._add_prompt_tokens(batch)
+        if batch.n == 0:
+            return
+        t0 = time.perf_counter()
         ret = batch.decode(self.model.ctx)
         if ret == 1:  # no room in the KV cache: drop idle slots' caches and retry once
             for slot in self.slots:
@@ -244,10 +272,9 @@ class Scheduler:
                     self._forget(slot)
             ret = batch.decode(self.model.ctx)
         if ret != 0:
-            logger.error("llama_decode failed (%d) for %d sequences", ret, len(generating))
-            for slot in generating:
-                self._finish(slot, "length")
+            self._decode_failed(ret, generating, prefilled)
             return
+        decode_s = time.perf_counter() - t0
         ctx = self.model.ctx
         sample = llama_cpp.llama_sampler_sample
         for i, slot in enumerate(generating):
@@ -256,6 +283,91 @@ class Scheduler:
             slot.cached.append(job.next_token)
             slot.n_past += 1
             self._on_token(slot, sample(job.sampler, ctx, i))
+        for part in prefilled:
+            self._prefill_done(part, decode_s)
+
+    def _add_prompt_tokens(self, batch: TokenBatch) -> list[_Prefilled]:
+        """Fill the rest of the batch with prompt text of prefilling slots, oldest first."""
+        prefilled: list[_Prefilled] = []
+        budget = batch.capacity - batch.n
+        for slot in self.slots:
+            job = slot.job
+            if budget <= 0:
+                break
+            if job is None or not job.work or job.work[0].chunk.image is not None:
+                continue
+            item = job.work[0]
+            tokens = item.chunk.tokens
+            n = min(budget, len(tokens) - item.start)
+            ends_prompt = item.start + n == len(tokens) and len(job.work) == 1
+            for j in range(n):
+                batch.add(tokens[item.start + j], slot.n_past + j, slot.seq_id,
+                          ends_prompt and j == n - 1)
+            prefilled.append(_Prefilled(slot, item, n, batch.n - 1 if ends_prompt else -1))
+            budget -= n
+        return prefilled
+
+    def _prefill_done(self, part: _Prefilled, decode_s: float) -> None:
+        slot, item = part.slot, part.item
+        job = slot.job
+        if job is None:
+            return
+        slot.cached.extend(item.chunk.tokens[item.start:item.start + part.n])
+        slot.n_past += part.n
+        item.start += part.n
+        job.request.timer.add("prompt_eval", decode_s)
+        if item.start == len(item.chunk.tokens):
+            job.work.popleft()
+        if part.last_index >= 0:
+            job.prompt_done_at = time.perf_counter()
+            job.prompt.close()
+            self._on_token(slot, llama_cpp.llama_sampler_sample(
+                job.sampler, self.model.ctx, part.last_index))
+
+    def _eval_image(self, slot: Slot, item: PrefillItem) -> None:
+        job = slot.job
+        assert job is not None and item.chunk.image is not None and item.embed_key is not None
+        timer = job.request.timer
+        model = self.model
+        try:
+            cached = self.embeddings.get(item.embed_key)
+            if cached is None:
+                t0 = time.perf_counter()
+                embd = mtmd.encode_image(model.mtmd, item.chunk)
+                self.embeddings.put(item.embed_key, ctypes.string_at(
+                    embd, self._embd_row_bytes * item.chunk.n_tokens))
+                timer.add("image_encode", time.perf_counter() - t0)
+            else:
+                timer.image_cache_hits += 1
+                embd = ctypes.cast(ctypes.c_char_p(cached), ctypes.POINTER(ctypes.c_float))
+            t1 = time.perf_counter()
+            slot.n_past = mtmd.decode_image(model.mtmd, model.ctx, item.chunk, embd,
+                                            slot.n_past, slot.seq_id, model.n_batch)
+            slot.cached.append(item.chunk.image)
+            timer.add("prompt_eval", time.perf_counter() - t1)
+        except mtmd.MediaError as exc:
+            logger.error("image failed in request %s: %s", job.request.request_id, exc)
+            self._forget(slot)
+            self._end(slot, ErrorEvent(500, str(exc)))
+
+    def _encode_ahead(self, image: ImageInput) -> None:
+        """Pre-encode an uploaded image so a later chat skips the vision encoder."""
+        try:
+            prompt = mtmd.tokenize(self.model.mtmd, self.model.media_marker, (image,))
+        except mtmd.MediaError as exc:
+            logger.warning("pre-encoding image %s failed: %s", image.content_hash, exc)
+            return
+        try:
+            for item in _remaining_work(prompt, 0):
+                if item.embed_key is None or item.embed_key in self.embeddings:
+                    continue
+                embd = mtmd.encode_image(self.model.mtmd, item.chunk)
+                self.embeddings.put(item.embed_key, ctypes.string_at(
+                    embd, self._embd_row_bytes * item.chunk.n_tokens))
+        except mtmd.MediaError as exc:
+            logger.warning("pre-encoding image %s failed: %s", image.content_hash, exc)
+        finally:
+            prompt.close()
 
     def _on_token(self, slot: Slot, token: int) -> None:
         job = slot.job
@@ -270,12 +382,23 @@ class Scheduler:
         text = job.text.push(self.model.pieces[token])
         if text:
             job.sink.put(TokenEvent(text))
-        if job.text.stopped or job.request.cancelled.is_set():
+        if job.text.stopped:
             self._finish(slot, "stop")
         elif job.n_generated >= job.max_new or slot.n_past >= self.model.n_ctx:
             self._finish(slot, "length")
         else:
             job.next_token = token
+
+    def _decode_failed(self, ret: int, generating: list[Slot], prefilled: list[_Prefilled]
+                       ) -> None:
+        logger.error("llama_decode failed (%d) with %d generating, %d prefilling sequences",
+                     ret, len(generating), len(prefilled))
+        for slot in generating:
+            self._finish(slot, "length")
+        for part in prefilled:
+            self._forget(part.slot)
+            self._end(part.slot, ErrorEvent(503, "the KV cache is full; retry shortly",
+                                            code="kv_cache_full"))
 
     def _finish(self, slot: Slot, reason: str) -> None:
         job = slot.job
@@ -285,7 +408,8 @@ class Scheduler:
             job.sink.put(TokenEvent(tail))
         timer = job.request.timer
         timer.completion_tokens = job.n_generated
-        timer.add("generation", time.perf_counter() - job.prompt_done_at)
+        if job.prompt_done_at:
+            timer.add("generation", time.perf_counter() - job.prompt_done_at)
         timer.mark_since_start("total")
         self._end(slot, DoneEvent(reason, timer))  # type: ignore[arg-type]
 
@@ -293,6 +417,7 @@ class Scheduler:
         job = slot.job
         assert job is not None
         llama_cpp.llama_sampler_free(job.sampler)
+        job.prompt.close()
         slot.job = None
         job.sink.put(event)
 
@@ -314,3 +439,23 @@ class Scheduler:
             if slot.job is not None:
                 self._end(slot, ErrorEvent(503, "the server is shutting down"))
         self._batch.close()
+
+
+def _remaining_work(prompt: mtmd.TokenizedPrompt, keep: int) -> deque[PrefillItem]:
+    """The prompt's chunks after the first `keep` KV entries, as prefill work."""
+    work: deque[PrefillItem] = deque()
+    index = 0
+    seen: dict[str, int] = {}
+    for chunk in prompt.chunks:
+        if chunk.image is None:
+            skip = max(0, keep - index)
+            index += len(chunk.tokens)
+            if skip < len(chunk.tokens):
+                work.append(PrefillItem(chunk, start=skip))
+            continue
+        ordinal = seen.get(chunk.image.content_hash, 0)
+        seen[chunk.image.content_hash] = ordinal + 1
+        index += 1
+        if index > keep:
+            work.append(PrefillItem(chunk, embed_key=(chunk.image.content_hash, ordinal)))
+    return work

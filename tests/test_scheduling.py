@@ -1,0 +1,191 @@
+"""Prefix reuse, batching across slots, backpressure, cancellation and timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from conftest import RunningServer, start_server, stop_server
+from helpers import data_url, image_message, photo_bytes
+
+from server.demo_model import DemoModelPaths
+
+LONG = 3000  # tokens: long enough (a few hundred ms on the tiny model) to keep a slot busy
+
+
+@pytest.fixture(scope="module")
+def busy_server(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[RunningServer]:
+    """Two slots, a queue of one, and room for long generations."""
+    running = start_server(
+        demo_model, tmp_path_factory.mktemp("busy") / "server.log",
+        "--n-parallel", "2", "--n-ctx", "4096",
+        env={"VLSERVE_MAX_QUEUE": "1", "VLSERVE_MAX_TOKENS_CAP": str(LONG),
+             "VLSERVE_DEFAULT_MAX_TOKENS": str(LONG)},
+    )
+    yield running
+    stop_server(running)
+
+
+def chat(server: RunningServer, messages: list[dict], **params: object) -> dict:
+    body = {"messages": messages, "temperature": 0, **params}
+    resp = httpx.post(f"{server.api}/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def slots(server: RunningServer) -> dict:
+    return httpx.get(f"{server.api}/slots", timeout=10).json()
+
+
+def wait_idle(server: RunningServer, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while slots(server)["busy_slots"]:
+        assert time.monotonic() < deadline, slots(server)
+        time.sleep(0.02)
+
+
+def test_turn_two_reuses_image_and_prefix_with_the_cold_answer(
+        server: RunningServer, demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    image = data_url(photo_bytes(400, 300, seed=21))
+    turn1 = [image_message("What is this?", image)]
+    first = chat(server, turn1, max_tokens=6)
+    turn2 = [*turn1, {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+             {"role": "user", "content": "Tell me more."}]
+    warm = chat(server, turn2, max_tokens=8)
+    timings = warm["timings"]
+    assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] >= 64 + 5
+    assert timings["image_encode"] == 0, "turn 2 must not run the vision encoder again"
+    assert timings["prompt_eval"] < first["timings"]["prompt_eval"]
+
+    cold_server = start_server(demo_model, tmp_path_factory.mktemp("cold") / "server.log")
+    try:
+        cold = chat(cold_server, turn2, max_tokens=8)
+    finally:
+        stop_server(cold_server)
+    assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] < 10
+    assert cold["timings"]["image_encode"] > 0
+    assert warm["choices"][0]["message"]["content"] == cold["choices"][0]["message"]["content"]
+
+
+def test_repeated_image_hits_the_embedding_cache(server: RunningServer) -> None:
+    image = data_url(photo_bytes(300, 200, seed=33))
+    chat(server, [image_message("First question?", image)], max_tokens=2)
+    # A different text before the image forces its KV to be recomputed, but not encoded.
+    again = chat(server, [{"role": "system", "content": "New system prompt."},
+                          image_message("Other question?", image)], max_tokens=2)
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] < 10
+    assert again["timings"]["image_encode"] == 0
+    assert again["timings"]["image_cache_hits"] == 1
+
+
+def test_concurrent_clients_get_their_single_client_answers(server: RunningServer) -> None:
+    prompts = [[{"role": "user", "content": f"Client {i} asks about topic {i * 7}."}]
+               if i % 2 else [image_message(f"Picture {i}?", data_url(photo_bytes(
+                   120 + i * 10, 90, seed=i)))] for i in range(8)]
+    alone = [chat(server, p, max_tokens=12)["choices"][0]["message"]["content"] for p in prompts]
+
+    async def together() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=server.api, api_key="x", max_retries=0) as aio:
+            replies = await asyncio.gather(*(
+                aio.chat.completions.create(model="m", messages=p, max_tokens=12, temperature=0)
+                for p in prompts))
+        return [r.choices[0].message.content or "" for r in replies]
+
+    assert asyncio.run(together()) == alone
+
+
+def test_full_queue_answers_429_with_retry_after(busy_server: RunningServer) -> None:
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            body = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": LONG}
+            return list(await asyncio.gather(*(
+                client.post(f"{busy_server.api}/chat/completions", json=body)
+                for _ in range(8))))
+
+    responses = asyncio.run(burst())
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(200) >= 3  # two slots + one queued
+    rejected = [r for r in responses if r.status_code == 429]
+    assert rejected, codes
+    assert set(codes) <= {200, 429}
+    for resp in rejected:
+        assert resp.headers["retry-after"]
+        assert resp.json()["error"]["code"] == "queue_full"
+    wait_idle(busy_server)
+
+
+def test_disconnected_stream_frees_its_slot_and_others_continue(
+        busy_server: RunningServer) -> None:
+    wait_idle(busy_server)
+    body = {"messages": [{"role": "user", "content": "Stream a lot."}], "max_tokens": LONG,
+            "stream": True}
+
+    async def scenario() -> tuple[int, list[str]]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            async def survivor() -> list[str]:
+                async with client.stream("POST", f"{busy_server.api}/chat/completions",
+                                         json={**body, "max_tokens": 400}) as resp:
+                    return [line async for line in resp.aiter_lines() if line]
+
+            keep = asyncio.create_task(survivor())
+            async with client.stream("POST", f"{busy_server.api}/chat/completions",
+                                     json=body) as resp:
+                seen = 0
+                async for line in resp.aiter_lines():
+                    seen += line.startswith("data: ")
+                    if seen >= 5:
+                        break  # leaving the block closes the connection mid-stream
+            return seen, await keep
+
+    seen, survivor_lines = asyncio.run(scenario())
+    assert seen >= 5
+    wait_idle(busy_server, timeout=5)
+    assert survivor_lines[-1] == "data: [DONE]"
+    finish = [json.loads(x[6:]) for x in survivor_lines if x.startswith("data: {")][-1]
+    assert finish["choices"][0]["finish_reason"] in ("length", "stop")
+    # The abandoned request is logged as a client disconnect (499) with far fewer tokens.
+    lines = [json.loads(x.split("vlserve.request: ", 1)[1]) for x in
+             busy_server.log().splitlines() if "vlserve.request: " in x]
+    abandoned = [x for x in lines if x["status"] == 499]
+    assert abandoned and abandoned[-1]["timings"]["completion_tokens"] < LONG
+
+
+def test_disconnected_non_streaming_request_is_cancelled(busy_server: RunningServer) -> None:
+    wait_idle(busy_server)
+    body = {"messages": [{"role": "user", "content": "Write forever."}], "max_tokens": LONG}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{busy_server.api}/chat/completions", json=body, timeout=0.05)
+    wait_idle(busy_server, timeout=5)
+
+
+def test_request_timeout_ends_with_an_error(demo_model: DemoModelPaths,
+                                            tmp_path_factory: pytest.TempPathFactory) -> None:
+    running = start_server(demo_model, tmp_path_factory.mktemp("timeout") / "server.log",
+                           "--n-ctx", "4096",
+                           env={"VLSERVE_REQUEST_TIMEOUT": "0.02",
+                                "VLSERVE_MAX_TOKENS_CAP": str(LONG)})
+    try:
+        body = {"messages": [{"role": "user", "content": "Write forever."}], "max_tokens": LONG}
+        resp = httpx.post(f"{running.api}/chat/completions", json=body, timeout=60)
+        assert resp.status_code == 504, resp.text
+        assert resp.json()["error"]["code"] == "timeout"
+        assert slots(running)["busy_slots"] == 0
+        short = httpx.post(f"{running.api}/chat/completions", timeout=60,
+                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        assert short.status_code == 200
+    finally:
+        stop_server(running)
+
+
+def test_slots_endpoint(server: RunningServer) -> None:
+    state = slots(server)
+    assert state["queue_depth"] == 0
+    assert len(state["slots"]) == 2
+    assert {s["state"] for s in state["slots"]} <= {"idle", "prefill", "generating"}
