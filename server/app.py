@@ -10,10 +10,12 @@ from fastapi import FastAPI
 from server import __version__
 from server.api.chat import router as chat_router
 from server.api.errors import install_error_handlers
+from server.api.files import router as files_router
 from server.api.state import AppState
 from server.api.status import health_router, models_router
 from server.config import Settings
 from server.engine import Engine
+from server.uploads import UploadStore
 
 API_PREFIXES = ("/api/v1", "/v1")
 
@@ -31,10 +33,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             engine.stop()
 
     app = FastAPI(title="vlserve", version=__version__, lifespan=lifespan)
-    app.state.vlserve = AppState(settings=settings, engine=engine)
+    uploads = UploadStore(settings.upload_max_files, settings.upload_store_mb * 1024 * 1024,
+                          settings.upload_ttl_s)
+    app.state.vlserve = AppState(settings=settings, engine=engine, uploads=uploads)
     install_error_handlers(app)
     app.include_router(health_router)
     for prefix in API_PREFIXES:
         app.include_router(chat_router, prefix=prefix)
+        app.include_router(files_router, prefix=prefix)
         app.include_router(models_router, prefix=prefix)
     return app

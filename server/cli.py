@@ -72,12 +72,29 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.engine import Engine
 
-    app = create_app(settings)
+    server: uvicorn.Server | None = None
+    engine_failed = False
+
+    def stop_serving() -> None:
+        # A server whose engine died must not keep accepting requests it can never answer:
+        # exit non-zero so supervisord (or docker) restarts it.
+        nonlocal engine_failed
+        engine_failed = True
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, Engine(settings, on_failure=stop_serving))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            log_level=settings.log_level)
+    server = uvicorn.Server(config)
     logger.info("listening on http://%s:%d (API under /api/v1 and /v1)", settings.host,
                 settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
-                log_level=settings.log_level)
+    server.run()
+    if engine_failed:
+        logger.error("exiting because the engine failed")
+        return 1
     return 0
 
 

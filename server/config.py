@@ -54,9 +54,20 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, gt=0)  # seconds from admission to the last token
 
     # Images.
-    image_max_side: int = Field(1024, ge=16)
+    image_max_side: int = Field(1024, ge=16)  # upper bound; fixed-size projectors use less
+    image_max_bytes: int = Field(20 * 1024 * 1024, ge=1)  # per image, after base64 decoding
+    image_max_pixels: int = Field(8192 * 8192, ge=1)  # from the header, before decoding
+    image_min_side: int = Field(2, ge=1)
+    image_formats: list[Literal["JPEG", "PNG", "WEBP", "GIF", "BMP"]] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP"], min_length=1)
     max_images_per_request: int = Field(8, ge=0)
     image_cache_mb: int = Field(256, ge=0)  # encoded image embeddings kept for reuse
+
+    # Uploads (POST /files): kept decoded in memory, never written to disk.
+    upload_max_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    upload_max_files: int = Field(256, ge=1)
+    upload_store_mb: int = Field(512, ge=1)
+    upload_ttl_s: float = Field(3600.0, gt=0)
 
     # Warm-up and prompts.
     system_prompt: str | None = None  # used for requests that bring no system message

@@ -283,3 +283,13 @@ def test_health_and_request_log(server: RunningServer) -> None:
     assert "warm-up done" in log
     assert '"event": "chat_completion"' in log
     assert "RANDOM weights" not in log  # only printed when serve generates the demo model
+
+
+def test_oversized_inline_image_is_413(server: RunningServer) -> None:
+    payload = base64.b64encode(b"\xff\xd8\xff" + b"\0" * (21 * 1024 * 1024)).decode()
+    body = {"messages": [image_message("big?", f"data:image/jpeg;base64,{payload}")],
+            "max_tokens": 2}
+    resp = httpx.post(f"{server.api}/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 413, resp.text[:300]
+    assert resp.json()["error"]["param"] == "messages.0.content.1.image_url"
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200

@@ -25,6 +25,7 @@ from server.engine import (
     TokenEvent,
 )
 from server.engine.engine import EngineNotReadyError, QueueFullError
+from server.engine.logprobs import TokenLogprob
 from server.timings import StageTimer
 
 router = APIRouter()
@@ -40,12 +41,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     timer = StageTimer()
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     generation = GenerationRequest(
-        messages=await to_engine_messages(body.messages, state.settings, timer),
+        messages=await to_engine_messages(body.messages, state, timer),
         max_tokens=_max_tokens(body, state),
         sampling=_sampling(body),
         stop=_stops(body.stop),
         timer=timer,
         request_id=request_id,
+        top_logprobs=_top_logprobs(body),
     )
     events = state.engine.generate(generation)
     try:
@@ -86,10 +88,13 @@ class _Reply:
 async def _complete(reply: _Reply, event: EngineEvent, events: AsyncIterator[EngineEvent],
                     request: Request, generation: GenerationRequest) -> Response:
     pieces: list[str] = []
+    logprobs: list[dict[str, object]] = []
     watcher = asyncio.create_task(_cancel_on_disconnect(request, generation))
     try:
         while isinstance(event, TokenEvent):
             pieces.append(event.text)
+            if event.logprob is not None:
+                logprobs.append(_logprob_entry(event.logprob))
             event = await anext(events)
     finally:
         watcher.cancel()
@@ -104,7 +109,9 @@ async def _complete(reply: _Reply, event: EngineEvent, events: AsyncIterator[Eng
         "created": reply.created,
         "model": reply.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                     "finish_reason": event.finish_reason, "logprobs": None}],
+                     "finish_reason": event.finish_reason,
+                     "logprobs": {"content": logprobs} if generation.top_logprobs is not None
+                     else None}],
         "usage": _usage(timer),
         "timings": timer.as_dict(),
     }
@@ -121,8 +128,12 @@ async def _stream(reply: _Reply, event: EngineEvent, events: AsyncIterator[Engin
         yield _chunk(reply, {"role": "assistant", "content": ""}, None)
         while True:
             if isinstance(event, TokenEvent):
-                yield f"{reply.token_prefix}{json.dumps(event.text)}}}, " \
-                      '"finish_reason": null}]}\n\n'
+                if event.logprob is None:
+                    yield f"{reply.token_prefix}{json.dumps(event.text)}}}, " \
+                          '"finish_reason": null}]}\n\n'
+                else:
+                    yield _chunk(reply, {"content": event.text}, None,
+                                 logprobs={"content": [_logprob_entry(event.logprob)]})
             elif isinstance(event, DoneEvent):
                 finish = event.finish_reason
                 timings = event.timer.as_dict()
@@ -155,13 +166,30 @@ async def _cancel_on_disconnect(request: Request, generation: GenerationRequest)
         await asyncio.sleep(0.1)
 
 
-def _chunk(reply: _Reply, delta: dict | None, finish: str | None, **extra: object) -> str:
+def _chunk(reply: _Reply, delta: dict | None, finish: str | None, *,
+           logprobs: dict | None = None, **extra: object) -> str:
     body: dict[str, object] = dict(reply.head)
     body["choices"] = [] if delta is None else [
-        {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
     ]
     body.update(extra)
     return f"data: {json.dumps(body)}\n\n"
+
+
+def _logprob_entry(lp: TokenLogprob) -> dict[str, object]:
+    return {
+        "token": lp.token.decode("utf-8", errors="replace"),
+        "logprob": lp.logprob,
+        "bytes": list(lp.token),
+        "top_logprobs": [{"token": t.decode("utf-8", errors="replace"), "logprob": p,
+                          "bytes": list(t)} for t, p in lp.top],
+    }
+
+
+def _top_logprobs(body: ChatCompletionRequest) -> int | None:
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
+    return (body.top_logprobs or 0) if body.logprobs else None
 
 
 def _usage(timer: StageTimer) -> dict[str, object]:

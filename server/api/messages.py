@@ -1,21 +1,25 @@
-"""OpenAI messages → engine messages, decoding images off the event loop."""
+"""OpenAI messages → engine messages: images decoded off the event loop, uploads resolved."""
 
 from __future__ import annotations
+
+from functools import partial
 
 from starlette.concurrency import run_in_threadpool
 
 from server.api.errors import APIError
-from server.api.protocol import ChatMessageIn, ImagePart
-from server.config import Settings
+from server.api.protocol import ChatMessageIn, FilePart, ImagePart, TextPart
+from server.api.state import AppState
 from server.engine import ImageInput
 from server.engine.types import ChatMessage
-from server.images import ImageError, decode_image_reference
+from server.images import ImageError, ImageTooLargeError, decode_image_reference
 from server.timings import StageTimer
+from server.uploads import UploadStore
 
 
 async def to_engine_messages(
-    messages: list[ChatMessageIn], settings: Settings, timer: StageTimer
+    messages: list[ChatMessageIn], state: AppState, timer: StageTimer
 ) -> list[ChatMessage]:
+    settings = state.settings
     out: list[ChatMessage] = []
     n_images = 0
     for m_index, message in enumerate(messages):
@@ -28,27 +32,46 @@ async def to_engine_messages(
             continue
         parts: list[str | ImageInput] = []
         for p_index, part in enumerate(message.content):
-            if not isinstance(part, ImagePart):
+            if isinstance(part, TextPart):
                 parts.append(part.text)
                 continue
-            param = f"messages.{m_index}.content.{p_index}.image_url"
+            where = f"messages.{m_index}.content.{p_index}"
             if role != "user":
-                raise APIError(400, f"{param}: images are only accepted in user messages",
-                               param=param)
+                raise APIError(400, f"{where}: images are only accepted in user messages",
+                               param=where)
             n_images += 1
             if n_images > settings.max_images_per_request:
                 raise APIError(400, f"too many images (limit {settings.max_images_per_request})",
-                               param=param)
-            parts.append(await _decode(part.image_url.url, settings, timer, param))
+                               param=where)
+            if isinstance(part, ImagePart):
+                parts.append(await _decode(part.image_url.url, state, timer,
+                                           f"{where}.image_url"))
+            else:
+                parts.append(_uploaded(part, state.uploads, f"{where}.file.file_id"))
         out.append(ChatMessage(role, tuple(parts)))
     return out
 
 
-async def _decode(url: str, settings: Settings, timer: StageTimer, param: str) -> ImageInput:
+async def _decode(url: str, state: AppState, timer: StageTimer, param: str) -> ImageInput:
     try:
-        image = await run_in_threadpool(decode_image_reference, url, settings.image_max_side)
+        image = await run_in_threadpool(partial(decode_image_reference, url, state.image_side,
+                                                limits=state.image_limits))
     except ImageError as exc:
-        raise APIError(400, f"{param}: {exc}", param=param, code="invalid_image") from None
+        raise image_api_error(exc, param) from None
     timer.add("image_decode", image.decode_s)
     timer.add("image_resize", image.resize_s)
     return ImageInput(image.rgb, image.width, image.height, image.content_hash)
+
+
+def image_api_error(exc: ImageError, param: str) -> APIError:
+    """413 for images over a size limit, 400 for everything else wrong with one."""
+    status = 413 if isinstance(exc, ImageTooLargeError) else 400
+    return APIError(status, f"{param}: {exc}", param=param, code="invalid_image")
+
+
+def _uploaded(part: FilePart, uploads: UploadStore, param: str) -> ImageInput:
+    record = uploads.get(part.file.file_id)
+    if record is None:
+        raise APIError(400, f"{param}: no uploaded file {part.file.file_id!r} (unknown, "
+                       "deleted or expired)", param=param, code="file_not_found")
+    return record.image

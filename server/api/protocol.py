@@ -27,7 +27,18 @@ class ImagePart(_Lenient):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class FileRef(_Lenient):
+    file_id: str = Field(max_length=128)
+
+
+class FilePart(_Lenient):
+    """An uploaded image (POST /files), as in OpenAI's chat `file` content part."""
+
+    type: Literal["file"]
+    file: FileRef
+
+
+ContentPart = Annotated[TextPart | ImagePart | FilePart, Field(discriminator="type")]
 
 
 class ChatMessageIn(_Lenient):
@@ -57,6 +68,8 @@ class ChatCompletionRequest(_Lenient):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class PromptTokensDetails(BaseModel):

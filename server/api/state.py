@@ -7,10 +7,24 @@ from dataclasses import dataclass, field
 
 from server.config import Settings
 from server.engine import Engine
+from server.images import ImageLimits
+from server.uploads import UploadStore
 
 
 @dataclass
 class AppState:
     settings: Settings
     engine: Engine
+    uploads: UploadStore
     started_at: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        settings = self.settings
+        return ImageLimits(settings.image_max_bytes, settings.image_max_pixels,
+                           settings.image_min_side, frozenset(settings.image_formats))
+
+    @property
+    def image_side(self) -> int:
+        """Longest side images are decoded to: the projector's native size when it has one."""
+        return int(self.engine.info.get("image_target_side", self.settings.image_max_side))

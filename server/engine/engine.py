@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from server.config import Settings
@@ -50,8 +51,11 @@ class _Discard:
 class Engine:
     """Owns the engine thread; that thread alone touches the llama and mtmd contexts."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 on_failure: Callable[[], None] | None = None) -> None:
+        """`on_failure` runs on the engine thread if loading, warm-up or the loop fails."""
         self.settings = settings
+        self._on_failure = on_failure
         self.state = EngineState.LOADING
         self.error: str | None = None
         self.info: dict[str, Any] = {}
@@ -89,6 +93,10 @@ class Engine:
         if self._scheduler is not None:
             self._scheduler.submit_preencode(image)
 
+    def is_encoded(self, content_hash: str) -> bool:
+        """Whether the image's embedding is cached (read from another thread: a dict probe)."""
+        return self._scheduler is not None and (content_hash, 0) in self._scheduler.embeddings
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         """Stream events for one request; stopping early cancels its generation."""
         if self.state is not EngineState.READY or self._scheduler is None:
@@ -124,6 +132,8 @@ class Engine:
             self.error = str(exc)
             self.state = EngineState.FAILED
             logger.exception("engine failed: %s", exc)
+            if self._on_failure is not None:
+                self._on_failure()
         finally:
             if self._scheduler is not None:
                 self._scheduler.close()
@@ -139,6 +149,7 @@ class Engine:
             max_tokens=4,
             sampling=SamplingParams(temperature=0.0),
             request_id="warmup",
+            timeout_s=math.inf,  # a slow machine must not fail its own warm-up
         )
         self._scheduler.run_to_completion(request, _Discard())
         self._scheduler.share_prefix_of_slot(0)

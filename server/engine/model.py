@@ -14,6 +14,7 @@ from llama_cpp import mtmd_cpp
 
 from server.config import Settings
 from server.engine import llama_log
+from server.engine.projector import read_projector_info
 from server.engine.prompt import FALLBACK_TEMPLATE, ChatTemplate
 
 logger = logging.getLogger("vlserve.engine")
@@ -105,6 +106,8 @@ def load_model(settings: Settings) -> LoadedModel:
         eos_token=_special_text(vocab, llama_cpp.llama_vocab_eos(vocab)),
         media_marker=marker,
     )
+    projector = read_projector_info(Path(settings.mmproj))
+    native = projector.native_side
     gpu_build = bool(llama_cpp.llama_supports_gpu_offload())
     n_layers = llama_cpp.llama_model_n_layer(model)
     offloaded = 0
@@ -123,6 +126,10 @@ def load_model(settings: Settings) -> LoadedModel:
         "gpu_layers": offloaded,
         "projector_on_gpu": gpu_build and settings.mmproj_use_gpu,
         "uses_mrope": bool(mtmd_cpp.mtmd_decode_use_mrope(mctx)),
+        "projector_type": projector.projector_type,
+        "projector_image_size": projector.image_size,
+        # Images are decoded straight to what the projector consumes, within the config cap.
+        "image_target_side": min(settings.image_max_side, native or settings.image_max_side),
         "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
     }
     return LoadedModel(

@@ -25,6 +25,7 @@ from server.engine import mtmd
 from server.engine.batch import TokenBatch
 from server.engine.detokenize import TextStream
 from server.engine.embed_cache import EmbeddingCache, EmbedKey
+from server.engine.logprobs import token_logprob
 from server.engine.model import LoadedModel
 from server.engine.prefix import KvKey, common_prefix_len, n_positions, n_tokens
 from server.engine.prompt import PromptError
@@ -213,7 +214,7 @@ class Scheduler:
             max_new=request.max_tokens,
             prompt=prompt,
             work=_remaining_work(prompt, keep),
-            deadline=time.perf_counter() + self.settings.request_timeout,
+            deadline=time.perf_counter() + (request.timeout_s or self.settings.request_timeout),
         )
 
     def _check_prompt(self, prompt: mtmd.TokenizedPrompt) -> ErrorEvent | None:
@@ -250,9 +251,9 @@ class Scheduler:
             if job.request.cancelled.is_set():
                 self._finish(slot, "stop")
             elif now > job.deadline:
-                self._end(slot, ErrorEvent(
-                    504, f"generation took longer than {self.settings.request_timeout:g} s",
-                    code="timeout"))
+                self._end(slot, ErrorEvent(504, "the request took longer than its time limit "
+                                           f"({self.settings.request_timeout:g} s)",
+                                           code="timeout"))
             elif job.work and job.work[0].chunk.image is not None:
                 self._eval_image(slot, job.work.popleft())
 
@@ -282,7 +283,7 @@ class Scheduler:
             assert job is not None
             slot.cached.append(job.next_token)
             slot.n_past += 1
-            self._on_token(slot, sample(job.sampler, ctx, i))
+            self._on_token(slot, sample(job.sampler, ctx, i), i)
         for part in prefilled:
             self._prefill_done(part, decode_s)
 
@@ -322,7 +323,7 @@ class Scheduler:
             job.prompt_done_at = time.perf_counter()
             job.prompt.close()
             self._on_token(slot, llama_cpp.llama_sampler_sample(
-                job.sampler, self.model.ctx, part.last_index))
+                job.sampler, self.model.ctx, part.last_index), part.last_index)
 
     def _eval_image(self, slot: Slot, item: PrefillItem) -> None:
         job = slot.job
@@ -369,7 +370,7 @@ class Scheduler:
         finally:
             prompt.close()
 
-    def _on_token(self, slot: Slot, token: int) -> None:
+    def _on_token(self, slot: Slot, token: int, batch_index: int) -> None:
         job = slot.job
         assert job is not None
         if not job.saw_first_token:
@@ -380,7 +381,12 @@ class Scheduler:
             return
         job.n_generated += 1
         text = job.text.push(self.model.pieces[token])
-        if text:
+        top_k = job.request.top_logprobs
+        if top_k is not None:
+            model = self.model
+            job.sink.put(TokenEvent(text, token_logprob(model.ctx, batch_index, model.n_vocab,
+                                                        token, top_k, model.pieces)))
+        elif text:
             job.sink.put(TokenEvent(text))
         if job.text.stopped:
             self._finish(slot, "stop")

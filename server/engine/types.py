@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
+from server.engine.logprobs import TokenLogprob
 from server.timings import StageTimer
 
 
@@ -49,6 +50,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     timer: StageTimer = field(default_factory=StageTimer)
     request_id: str = ""
+    timeout_s: float | None = None  # None: the configured request_timeout
+    top_logprobs: int | None = None  # None: no logprobs; k ≥ 0: chosen token plus k best
     # Set from any thread to stop generation at the next step.
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -56,6 +59,7 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class TokenEvent:
     text: str
+    logprob: TokenLogprob | None = None
 
 
 @dataclass(frozen=True)

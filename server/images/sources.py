@@ -7,15 +7,22 @@ import re
 
 import pybase64
 
-from server.images.decode import DecodedImage, ImageError, decode_image
+from server.images.decode import DecodedImage, decode_image
+from server.images.limits import DEFAULT_LIMITS, ImageError, ImageLimits, ImageTooLargeError
 
 _WHITESPACE = re.compile(r"\s+")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)"
                        r"(?P<b64>;base64)?,", re.ASCII)
+# Base64 wrapped at 76 columns carries one line break per 76 characters; allow for CRLF.
+_WRAP_SLACK = 2 / 76
 
 
-def image_bytes_from_url(url: str) -> bytes:
-    """Bytes from a `data:image/...;base64,` URL or a bare base64 string."""
+def image_bytes_from_url(url: str, *, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
+    """Bytes from a `data:image/...;base64,` URL or a bare base64 string.
+
+    Over-long payloads are refused before they are decoded, so an oversized upload costs
+    no base64 work and no second copy in memory.
+    """
     url = url.strip()
     if url.startswith("data:"):
         match = _DATA_URL.match(url)
@@ -31,6 +38,23 @@ def image_bytes_from_url(url: str) -> bytes:
         raise ImageError("unsupported image URL scheme; send a data URL or base64 data")
     else:
         payload = url
+    max_chars = (limits.max_bytes + 2) // 3 * 4
+    if len(payload) > max_chars * (1 + _WRAP_SLACK) + 4:
+        raise ImageTooLargeError(f"image is about {len(payload) * 3 // 4:,} bytes; "
+                                 f"the limit is {limits.max_bytes:,} bytes")
+    data = _b64decode(payload)
+    limits.check_bytes(len(data))
+    return data
+
+
+def decode_image_reference(
+    url: str, max_side: int, *, limits: ImageLimits = DEFAULT_LIMITS
+) -> DecodedImage:
+    """An `image_url` value → decoded, oriented, RGB pixels with longest side ≤ max_side."""
+    return decode_image(image_bytes_from_url(url, limits=limits), max_side, limits=limits)
+
+
+def _b64decode(payload: str) -> bytes:
     try:
         return pybase64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -40,7 +64,3 @@ def image_bytes_from_url(url: str) -> bytes:
         return pybase64.b64decode(_WHITESPACE.sub("", payload), validate=True)
     except (binascii.Error, ValueError):
         raise ImageError("image data is not valid base64") from None
-
-
-def decode_image_reference(url: str, max_side: int) -> DecodedImage:
-    return decode_image(image_bytes_from_url(url), max_side)

@@ -1,0 +1,1 @@
+"""Re-runnable benchmarks: each measures its own baseline in the same run."""

@@ -1,0 +1,79 @@
+"""Start and stop the servers a benchmark compares, on loopback, with their logs in files."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+@dataclass
+class Server:
+    name: str
+    url: str  # http://127.0.0.1:PORT/v1
+    process: subprocess.Popen[bytes]
+    log: Path
+    ready_after_s: float = 0.0
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(name: str, args: list[str], ready_path: str, log_dir: Path, port: int) -> Server:
+    log = log_dir / f"{name}.log"
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, *args], stdout=log.open("wb"),
+                               stderr=subprocess.STDOUT)
+    server = Server(name, f"http://127.0.0.1:{port}/v1", process, log)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited: {log.read_text(errors='replace')[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=2).status_code == 200:
+                server.ready_after_s = time.perf_counter() - started
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    server.stop()
+    raise RuntimeError(f"{name} did not become ready")
+
+
+def start_vlserve(model: Path, mmproj: Path, log_dir: Path, *, threads: int,
+                  n_parallel: int) -> Server:
+    port = free_port()
+    args = ["-m", "server.cli", "serve", "--model", str(model), "--mmproj", str(mmproj),
+            "--port", str(port), "--n-ctx", "4096", "--n-parallel", str(n_parallel),
+            "--log-level", "warning"]
+    import os
+
+    os.environ["VLSERVE_N_THREADS"] = str(threads)
+    os.environ["VLSERVE_MAX_TOKENS_CAP"] = "4096"
+    return start("vlserve", args, "/health", log_dir, port)
+
+
+def start_llama_cpp_server(model: Path, mmproj: Path, log_dir: Path, *, threads: int) -> Server:
+    """llama-cpp-python's own OpenAI server (its `server` extra) on the same files."""
+    port = free_port()
+    args = ["-m", "llama_cpp.server", "--model", str(model), "--clip_model_path", str(mmproj),
+            "--chat_format", "llava-1-5", "--interrupt_requests", "False", "--n_ctx", "4096",
+            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--port", str(port),
+            "--host", "127.0.0.1", "--verbose", "False"]
+    return start("llama_cpp.server", args, "/v1/models", log_dir, port)

@@ -1,0 +1,108 @@
+"""OpenAI Files API for images: upload (returns once validated), list, get, delete.
+
+After answering, the image is queued for vision encoding at low priority, so a chat that
+references it (`{"type": "file", "file": {"file_id": ...}}`) skips the encoder.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from server.api.errors import APIError
+from server.api.messages import image_api_error
+from server.api.multipart import read_upload_form
+from server.api.state import AppState
+from server.engine import ImageInput
+from server.images import ImageError, decode_image
+from server.uploads import StoredFile
+
+router = APIRouter()
+
+
+@router.post("/files")
+async def upload_file(request: Request) -> JSONResponse:
+    state: AppState = request.app.state.vlserve
+    settings = state.settings
+    form = await read_upload_form(request, settings.upload_max_bytes)
+    if form.file_field is None:
+        raise APIError(400, "the form has no file part", param="file", code="invalid_upload")
+    purpose = form.fields.get("purpose", "vision")
+    try:
+        decoded = await run_in_threadpool(partial(decode_image, form.file_bytes,
+                                                  state.image_side, limits=state.image_limits))
+    except ImageError as exc:
+        raise image_api_error(exc, "file") from None
+    image = ImageInput(decoded.rgb, decoded.width, decoded.height, decoded.content_hash)
+    record = state.uploads.add(form.file_name or "upload", purpose, len(form.file_bytes), image)
+    if state.engine.ready:
+        state.engine.preencode(image)
+    return JSONResponse(_file_object(record, state))
+
+
+@router.get("/files")
+async def list_files(request: Request, after: str | None = None,
+                     limit: int = Query(10_000, ge=1, le=10_000),
+                     order: Literal["asc", "desc"] = "desc") -> JSONResponse:
+    """Cursor-paginated like OpenAI's (`after`, `limit`, `has_more`), which the SDK follows."""
+    state: AppState = request.app.state.vlserve
+    files = state.uploads.list()
+    if order == "desc":
+        files.reverse()
+    if after is not None:
+        ids = [f.id for f in files]
+        files = files[ids.index(after) + 1:] if after in ids else []
+    page = files[:limit]
+    return JSONResponse({
+        "object": "list",
+        "data": [_file_object(f, state) for f in page],
+        "first_id": page[0].id if page else None,
+        "last_id": page[-1].id if page else None,
+        "has_more": len(files) > limit,
+    })
+
+
+@router.get("/files/{file_id}")
+async def get_file(file_id: str, request: Request) -> JSONResponse:
+    state: AppState = request.app.state.vlserve
+    return JSONResponse(_file_object(_lookup(state, file_id), state))
+
+
+@router.delete("/files/{file_id}")
+async def delete_file(file_id: str, request: Request) -> JSONResponse:
+    state: AppState = request.app.state.vlserve
+    if not state.uploads.delete(file_id):
+        raise _not_found(file_id)
+    return JSONResponse({"id": file_id, "object": "file", "deleted": True})
+
+
+def _lookup(state: AppState, file_id: str) -> StoredFile:
+    record = state.uploads.get(file_id)
+    if record is None:
+        raise _not_found(file_id)
+    return record
+
+
+def _not_found(file_id: str) -> APIError:
+    return APIError(404, f"no file with id {file_id!r} (unknown, deleted or expired)",
+                    param="file_id", code="file_not_found")
+
+
+def _file_object(record: StoredFile, state: AppState) -> dict[str, object]:
+    encoded = state.engine.is_encoded(record.image.content_hash)
+    return {
+        "id": record.id,
+        "object": "file",
+        "bytes": record.bytes,
+        "created_at": record.created_at,
+        "filename": record.filename,
+        "purpose": record.purpose,
+        # OpenAI's statuses: "uploaded" until the vision encoder has run, then "processed".
+        "status": "processed" if encoded else "uploaded",
+        "width": record.image.width,
+        "height": record.image.height,
+    }
