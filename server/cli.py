@@ -76,8 +76,10 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     logger.info("listening on http://%s:%d (API under /api/v1 and /v1)", settings.host,
                 settings.port)
+    # Chat requests get their own JSON line; uvicorn's access line would only repeat it
+    # (and log every /metrics scrape), so it is kept for debugging.
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
-                log_level=settings.log_level)
+                log_level=settings.log_level, access_log=settings.log_level == "debug")
     return 0
 
 

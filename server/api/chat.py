@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -13,6 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.api.errors import APIError, error_response
 from server.api.messages import to_engine_messages
+from server.api.observe import RequestRecord, request_record
 from server.api.protocol import ChatCompletionRequest
 from server.api.state import AppState
 from server.engine import (
@@ -27,7 +26,6 @@ from server.engine.engine import EngineNotReadyError, QueueFullError
 from server.timings import StageTimer
 
 router = APIRouter()
-request_log = logging.getLogger("vlserve.request")
 
 
 @router.post("/chat/completions", response_model=None)
@@ -36,15 +34,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     if not state.engine.ready:
         raise APIError(503, f"the model is not ready ({state.engine.state.value})",
                        code="model_not_ready", headers={"Retry-After": "5"})
-    timer = StageTimer()
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    record = request_record(request)
+    record.timer = timer = StageTimer()
+    record.stream = body.stream
     generation = GenerationRequest(
         messages=await to_engine_messages(body.messages, state.settings, timer),
         max_tokens=_max_tokens(body, state),
         sampling=_sampling(body),
         stop=_stops(body.stop),
         timer=timer,
-        request_id=request_id,
+        request_id=record.request_id,
     )
     events = state.engine.generate(generation)
     try:
@@ -54,17 +53,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     except EngineNotReadyError as exc:
         raise APIError(503, str(exc), code="model_not_ready") from None
     if isinstance(first, ErrorEvent):
-        _log(request_id, request, first.status, timer, None)
         return error_response(first.status, first.message, code=first.code)
-    reply = _Reply(request_id, state.settings.model_name)
+    reply = _Reply(record.completion_id, state.settings.model_name)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(reply, first, events, generation, include_usage, request),
+            _stream(reply, first, events, generation, include_usage, record),
             media_type="text/event-stream",
-            headers={"X-Request-ID": request_id, "Cache-Control": "no-cache"},
+            headers={"Cache-Control": "no-cache"},
         )
-    return await _complete(reply, first, events, request)
+    return await _complete(reply, first, events, record)
 
 
 class _Reply:
@@ -83,16 +81,16 @@ class _Reply:
 
 
 async def _complete(reply: _Reply, event: EngineEvent, events: AsyncIterator[EngineEvent],
-                    request: Request) -> Response:
+                    record: RequestRecord) -> Response:
     pieces: list[str] = []
     while isinstance(event, TokenEvent):
         pieces.append(event.text)
         event = await anext(events)
     if isinstance(event, ErrorEvent):
-        _log(reply.id, request, event.status, None, None)
         return error_response(event.status, event.message, code=event.code)
     assert isinstance(event, DoneEvent)
     timer = event.timer
+    record.finish_reason = event.finish_reason
     body = {
         "id": reply.id,
         "object": "chat.completion",
@@ -103,15 +101,12 @@ async def _complete(reply: _Reply, event: EngineEvent, events: AsyncIterator[Eng
         "usage": _usage(timer),
         "timings": timer.as_dict(),
     }
-    _log(reply.id, request, 200, timer, event.finish_reason)
-    return JSONResponse(body, headers={"Server-Timing": timer.server_timing_header(),
-                                       "X-Request-ID": reply.id})
+    return JSONResponse(body, headers={"Server-Timing": timer.server_timing_header()})
 
 
 async def _stream(reply: _Reply, event: EngineEvent, events: AsyncIterator[EngineEvent],
-                  generation: GenerationRequest, include_usage: bool, request: Request
+                  generation: GenerationRequest, include_usage: bool, record: RequestRecord
                   ) -> AsyncIterator[str]:
-    status, finish = 200, None
     try:
         yield _chunk(reply, {"role": "assistant", "content": ""}, None)
         while True:
@@ -119,16 +114,16 @@ async def _stream(reply: _Reply, event: EngineEvent, events: AsyncIterator[Engin
                 yield f"{reply.token_prefix}{json.dumps(event.text)}}}, " \
                       '"finish_reason": null}]}\n\n'
             elif isinstance(event, DoneEvent):
-                finish = event.finish_reason
+                record.finish_reason = event.finish_reason
                 timings = event.timer.as_dict()
-                yield _chunk(reply, {}, finish, timings=timings)
+                yield _chunk(reply, {}, event.finish_reason, timings=timings)
                 if include_usage:
                     yield _chunk(reply, None, None, usage=_usage(event.timer), timings=timings)
                 yield "data: [DONE]\n\n"
                 return
             else:
                 assert isinstance(event, ErrorEvent)
-                status = event.status
+                record.status = event.status  # the HTTP status (200) went out already
                 error = {"message": event.message, "type": "server_error", "code": event.code}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 return
@@ -137,8 +132,6 @@ async def _stream(reply: _Reply, event: EngineEvent, events: AsyncIterator[Engin
         # A client that went away must not keep the engine busy: set synchronously, since
         # awaiting inside a cancelled task is not possible.
         generation.cancelled.set()
-        _log(reply.id, request, status if finish or status != 200 else 499, generation.timer,
-             finish)
 
 
 def _chunk(reply: _Reply, delta: dict | None, finish: str | None, **extra: object) -> str:
@@ -187,16 +180,3 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
         raise APIError(400, "stop: at most 4 stop sequences are allowed", param="stop")
     return tuple(s for s in stops if s)
 
-
-def _log(request_id: str, request: Request, status: int, timer: StageTimer | None,
-         finish: str | None) -> None:
-    record: dict[str, object] = {
-        "event": "chat_completion",
-        "request_id": request_id,
-        "status": status,
-        "finish_reason": finish,
-        "client": request.client.host if request.client else None,
-    }
-    if timer is not None:
-        record["timings"] = timer.as_dict()
-    request_log.info(json.dumps(record))

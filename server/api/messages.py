@@ -49,6 +49,7 @@ async def _decode(url: str, settings: Settings, timer: StageTimer, param: str) -
         image = await run_in_threadpool(decode_image_reference, url, settings.image_max_side)
     except ImageError as exc:
         raise APIError(400, f"{param}: {exc}", param=param, code="invalid_image") from None
+    timer.images += 1
     timer.add("image_decode", image.decode_s)
     timer.add("image_resize", image.resize_s)
     return ImageInput(image.rgb, image.width, image.height, image.content_hash)

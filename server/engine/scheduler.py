@@ -90,6 +90,11 @@ class Scheduler:
     def busy_slots(self) -> int:
         return sum(1 for s in self.slots if s.job is not None)
 
+    @property
+    def kv_cells_used(self) -> int:
+        """KV positions held by all sequences, idle slots' reusable prefixes included."""
+        return sum(s.n_past for s in self.slots)
+
     # --- engine thread ----------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
