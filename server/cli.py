@@ -1,4 +1,4 @@
-"""`vlserve` command line: serve, make-demo-model."""
+"""`vlserve` command line: serve, bench, make-demo-model."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from server.bench import command as bench_command
 from server.config import ConfigError, Settings, load_settings
 
 logger = logging.getLogger("vlserve")
@@ -42,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--n-parallel", type=int)
     serve.add_argument("--log-level")
     serve.set_defaults(handler=_serve)
+
+    bench = sub.add_parser("bench", help="time a running server and name its bottleneck")
+    bench_command.add_arguments(bench)
+    bench.set_defaults(handler=bench_command.run)
 
     demo = sub.add_parser("make-demo-model", help="write the tiny random-weight demo model")
     demo.add_argument("dir", type=Path, nargs="?", default=Path("models/demo"))
