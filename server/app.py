@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,21 +12,31 @@ from server import __version__
 from server.api.chat import router as chat_router
 from server.api.errors import install_error_handlers
 from server.api.files import router as files_router
+from server.api.metrics import metrics_router
+from server.api.observe import RequestObserver
 from server.api.state import AppState
 from server.api.status import health_router, models_router
 from server.config import Settings
 from server.engine import Engine
+from server.images.backend import image_backend
+from server.metrics import Metrics
 from server.uploads import UploadStore
 
 API_PREFIXES = ("/api/v1", "/v1")
+
+logger = logging.getLogger("vlserve")
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """Build the app; the engine loads in its own thread once the app starts."""
     engine = engine or Engine(settings)
+    metrics = Metrics(settings, engine)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        logger.info("images decoded by %s, downsized to at most %d px", image_backend(),
+                    settings.image_max_side)
+        logger.info("metrics at /metrics (GPU gauges %s)", "on" if metrics.gpu else "off")
         engine.start()
         try:
             yield
@@ -35,9 +46,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app = FastAPI(title="vlserve", version=__version__, lifespan=lifespan)
     uploads = UploadStore(settings.upload_max_files, settings.upload_store_mb * 1024 * 1024,
                           settings.upload_ttl_s)
-    app.state.vlserve = AppState(settings=settings, engine=engine, uploads=uploads)
+    app.state.vlserve = AppState(settings=settings, engine=engine, uploads=uploads,
+                                 metrics=metrics)
     install_error_handlers(app)
+    app.add_middleware(RequestObserver, metrics=metrics, model=settings.model_name,
+                       paths=frozenset(f"{prefix}/chat/completions" for prefix in API_PREFIXES))
     app.include_router(health_router)
+    app.include_router(metrics_router)
     for prefix in API_PREFIXES:
         app.include_router(chat_router, prefix=prefix)
         app.include_router(files_router, prefix=prefix)

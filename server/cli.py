@@ -1,4 +1,4 @@
-"""`vlserve` command line: serve, make-demo-model."""
+"""`vlserve` command line: serve, bench, make-demo-model."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from server.bench import command as bench_command
 from server.config import ConfigError, Settings, load_settings
 
 logger = logging.getLogger("vlserve")
@@ -42,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--n-parallel", type=int)
     serve.add_argument("--log-level")
     serve.set_defaults(handler=_serve)
+
+    bench = sub.add_parser("bench", help="time a running server and name its bottleneck")
+    bench_command.add_arguments(bench)
+    bench.set_defaults(handler=bench_command.run)
 
     demo = sub.add_parser("make-demo-model", help="write the tiny random-weight demo model")
     demo.add_argument("dir", type=Path, nargs="?", default=Path("models/demo"))
@@ -86,8 +91,11 @@ def _serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(settings, Engine(settings, on_failure=stop_serving))
+    # Chat requests get their own JSON line; uvicorn's access line would only repeat it
+    # (and log every /metrics scrape), so it is kept for debugging.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            log_level=settings.log_level)
+                            log_level=settings.log_level,
+                            access_log=settings.log_level == "debug")
     server = uvicorn.Server(config)
     logger.info("listening on http://%s:%d (API under /api/v1 and /v1)", settings.host,
                 settings.port)

@@ -29,7 +29,8 @@ class StageTimer:
     image_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
-    image_cache_hits: int = 0
+    images: int = 0  # images in the request, counted as they are decoded
+    image_cache_hits: int = 0  # images whose embedding was reused instead of encoded
 
     def add(self, stage: str, seconds: float) -> None:
         self.stages_ms[stage] += seconds * 1000.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Iterator
 
@@ -181,19 +182,24 @@ def test_disconnected_stream_frees_its_slot_and_others_continue(
     assert survivor_lines[-1] == "data: [DONE]"
     finish = [json.loads(x[6:]) for x in survivor_lines if x.startswith("data: {")][-1]
     assert finish["choices"][0]["finish_reason"] in ("length", "stop")
-    # The abandoned request is logged as a client disconnect (499) with far fewer tokens.
-    lines = [json.loads(x.split("vlserve.request: ", 1)[1]) for x in
-             busy_server.log().splitlines() if "vlserve.request: " in x]
-    abandoned = [x for x in lines if x["status"] == 499]
-    assert abandoned and abandoned[-1]["timings"]["completion_tokens"] < LONG
+    # The engine stopped the abandoned request early and says so.
+    cancelled = re.findall(r"cancelled \(client gone\) after (\d+) tokens", busy_server.log())
+    assert cancelled and int(cancelled[-1]) < LONG
+    statuses = [json.loads(x)["status"] for x in busy_server.log().splitlines()
+                if x.startswith("{") and '"chat_completion"' in x]
+    assert 499 in statuses
 
 
 def test_disconnected_non_streaming_request_is_cancelled(busy_server: RunningServer) -> None:
     wait_idle(busy_server)
+    pattern = re.compile(r"cancelled \(client gone\) after (\d+) tokens")
+    before = len(pattern.findall(busy_server.log()))
     body = {"messages": [{"role": "user", "content": "Write forever."}], "max_tokens": LONG}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{busy_server.api}/chat/completions", json=body, timeout=0.05)
     wait_idle(busy_server, timeout=5)
+    cancelled = pattern.findall(busy_server.log())
+    assert len(cancelled) == before + 1 and int(cancelled[-1]) < LONG
 
 
 def test_request_timeout_ends_with_an_error(demo_model: DemoModelPaths,

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -14,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.api.errors import APIError, error_response
 from server.api.messages import to_engine_messages
+from server.api.observe import RequestRecord, request_record
 from server.api.protocol import ChatCompletionRequest
 from server.api.state import AppState
 from server.engine import (
@@ -29,7 +28,6 @@ from server.engine.logprobs import TokenLogprob
 from server.timings import StageTimer
 
 router = APIRouter()
-request_log = logging.getLogger("vlserve.request")
 
 
 @router.post("/chat/completions", response_model=None)
@@ -38,15 +36,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     if not state.engine.ready:
         raise APIError(503, f"the model is not ready ({state.engine.state.value})",
                        code="model_not_ready", headers={"Retry-After": "5"})
-    timer = StageTimer()
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    record = request_record(request)
+    record.timer = timer = StageTimer()
+    record.stream = body.stream
     generation = GenerationRequest(
         messages=await to_engine_messages(body.messages, state, timer),
         max_tokens=_max_tokens(body, state),
         sampling=_sampling(body),
         stop=_stops(body.stop),
         timer=timer,
-        request_id=request_id,
+        request_id=record.request_id,
         top_logprobs=_top_logprobs(body),
     )
     events = state.engine.generate(generation)
@@ -57,17 +56,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     except EngineNotReadyError as exc:
         raise APIError(503, str(exc), code="model_not_ready") from None
     if isinstance(first, ErrorEvent):
-        _log(request_id, request, first.status, timer, None)
         return error_response(first.status, first.message, code=first.code)
-    reply = _Reply(request_id, state.settings.model_name)
+    reply = _Reply(record.completion_id, state.settings.model_name)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(reply, first, events, generation, include_usage, request),
+            _stream(reply, first, events, generation, include_usage, record),
             media_type="text/event-stream",
-            headers={"X-Request-ID": request_id, "Cache-Control": "no-cache"},
+            headers={"Cache-Control": "no-cache"},
         )
-    return await _complete(reply, first, events, request, generation)
+    return await _complete(reply, first, events, request, generation, record)
 
 
 class _Reply:
@@ -86,7 +84,8 @@ class _Reply:
 
 
 async def _complete(reply: _Reply, event: EngineEvent, events: AsyncIterator[EngineEvent],
-                    request: Request, generation: GenerationRequest) -> Response:
+                    request: Request, generation: GenerationRequest, record: RequestRecord
+                    ) -> Response:
     pieces: list[str] = []
     logprobs: list[dict[str, object]] = []
     watcher = asyncio.create_task(_cancel_on_disconnect(request, generation))
@@ -99,10 +98,10 @@ async def _complete(reply: _Reply, event: EngineEvent, events: AsyncIterator[Eng
     finally:
         watcher.cancel()
     if isinstance(event, ErrorEvent):
-        _log(reply.id, request, event.status, None, None)
         return error_response(event.status, event.message, code=event.code)
     assert isinstance(event, DoneEvent)
     timer = event.timer
+    record.finish_reason = event.finish_reason
     body = {
         "id": reply.id,
         "object": "chat.completion",
@@ -115,15 +114,12 @@ async def _complete(reply: _Reply, event: EngineEvent, events: AsyncIterator[Eng
         "usage": _usage(timer),
         "timings": timer.as_dict(),
     }
-    _log(reply.id, request, 200, timer, event.finish_reason)
-    return JSONResponse(body, headers={"Server-Timing": timer.server_timing_header(),
-                                       "X-Request-ID": reply.id})
+    return JSONResponse(body, headers={"Server-Timing": timer.server_timing_header()})
 
 
 async def _stream(reply: _Reply, event: EngineEvent, events: AsyncIterator[EngineEvent],
-                  generation: GenerationRequest, include_usage: bool, request: Request
+                  generation: GenerationRequest, include_usage: bool, record: RequestRecord
                   ) -> AsyncIterator[str]:
-    status, finish = 200, None
     try:
         yield _chunk(reply, {"role": "assistant", "content": ""}, None)
         while True:
@@ -135,16 +131,16 @@ async def _stream(reply: _Reply, event: EngineEvent, events: AsyncIterator[Engin
                     yield _chunk(reply, {"content": event.text}, None,
                                  logprobs={"content": [_logprob_entry(event.logprob)]})
             elif isinstance(event, DoneEvent):
-                finish = event.finish_reason
+                record.finish_reason = event.finish_reason
                 timings = event.timer.as_dict()
-                yield _chunk(reply, {}, finish, timings=timings)
+                yield _chunk(reply, {}, event.finish_reason, timings=timings)
                 if include_usage:
                     yield _chunk(reply, None, None, usage=_usage(event.timer), timings=timings)
                 yield "data: [DONE]\n\n"
                 return
             else:
                 assert isinstance(event, ErrorEvent)
-                status = event.status
+                record.status = event.status  # the HTTP status (200) went out already
                 error = {"message": event.message, "type": "server_error", "code": event.code}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 return
@@ -153,8 +149,6 @@ async def _stream(reply: _Reply, event: EngineEvent, events: AsyncIterator[Engin
         # A client that went away must not keep the engine busy: set synchronously, since
         # awaiting inside a cancelled task is not possible.
         generation.cancelled.set()
-        _log(reply.id, request, status if finish or status != 200 else 499, generation.timer,
-             finish)
 
 
 async def _cancel_on_disconnect(request: Request, generation: GenerationRequest) -> None:
@@ -228,17 +222,3 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     if len(stops) > 4:
         raise APIError(400, "stop: at most 4 stop sequences are allowed", param="stop")
     return tuple(s for s in stops if s)
-
-
-def _log(request_id: str, request: Request, status: int, timer: StageTimer | None,
-         finish: str | None) -> None:
-    record: dict[str, object] = {
-        "event": "chat_completion",
-        "request_id": request_id,
-        "status": status,
-        "finish_reason": finish,
-        "client": request.client.host if request.client else None,
-    }
-    if timer is not None:
-        record["timings"] = timer.as_dict()
-    request_log.info(json.dumps(record))

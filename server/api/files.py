@@ -39,6 +39,7 @@ async def upload_file(request: Request) -> JSONResponse:
         raise image_api_error(exc, "file") from None
     image = ImageInput(decoded.rgb, decoded.width, decoded.height, decoded.content_hash)
     record = state.uploads.add(form.file_name or "upload", purpose, len(form.file_bytes), image)
+    state.metrics.observe_upload()
     if state.engine.ready:
         state.engine.preencode(image)
     return JSONResponse(_file_object(record, state))

@@ -58,6 +58,7 @@ async def _decode(url: str, state: AppState, timer: StageTimer, param: str) -> I
                                                 limits=state.image_limits))
     except ImageError as exc:
         raise image_api_error(exc, param) from None
+    timer.images += 1
     timer.add("image_decode", image.decode_s)
     timer.add("image_resize", image.resize_s)
     return ImageInput(image.rgb, image.width, image.height, image.content_hash)

@@ -1,4 +1,4 @@
-"""What the routes share: settings and the engine."""
+"""What the routes share: settings, the engine and the metrics."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from server.config import Settings
 from server.engine import Engine
 from server.images import ImageLimits
+from server.metrics import Metrics
 from server.uploads import UploadStore
 
 
@@ -16,6 +17,7 @@ class AppState:
     settings: Settings
     engine: Engine
     uploads: UploadStore
+    metrics: Metrics
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     @property

@@ -97,6 +97,11 @@ class Engine:
         """Whether the image's embedding is cached (read from another thread: a dict probe)."""
         return self._scheduler is not None and (content_hash, 0) in self._scheduler.embeddings
 
+    @property
+    def kv_cells_used(self) -> int:
+        # Read from other threads: a sum of ints the engine thread updates, no lock needed.
+        return self._scheduler.kv_cells_used if self._scheduler else 0
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         """Stream events for one request; stopping early cancels its generation."""
         if self.state is not EngineState.READY or self._scheduler is None:

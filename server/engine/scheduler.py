@@ -137,6 +137,11 @@ class Scheduler:
             })
         return out
 
+    @property
+    def kv_cells_used(self) -> int:
+        """KV positions held by all sequences, idle slots' reusable prefixes included."""
+        return sum(s.n_past for s in self.slots)
+
     # --- engine thread ----------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -206,6 +211,8 @@ class Scheduler:
         del slot.cached[keep:]
         slot.n_past = n_positions(keys[:keep])
         timer.cached_tokens = n_tokens(keys[:keep])
+        # Images already in the slot's KV are reused without the encoder, like cache hits.
+        timer.image_cache_hits += sum(1 for k in keys[:keep] if not isinstance(k, int))
         slot.job = Job(
             request=request,
             sink=sink,
@@ -249,6 +256,8 @@ class Scheduler:
             if job is None:
                 continue
             if job.request.cancelled.is_set():
+                logger.info("request %s cancelled (client gone) after %d tokens; slot %d freed",
+                            job.request.request_id, job.n_generated, slot.seq_id)
                 self._finish(slot, "stop")
             elif now > job.deadline:
                 self._end(slot, ErrorEvent(504, "the request took longer than its time limit "

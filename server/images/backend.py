@@ -41,3 +41,13 @@ def image_backend_info() -> dict[str, Any]:
         "simplejpeg_version": getattr(simplejpeg, "__version__", None),
         "jpeg_path": jpeg_path(),
     }
+
+
+def image_backend() -> str:
+    """One line for the startup log, e.g. 'pillow-simd 12.1.1.post0 (libjpeg-turbo 3.0.4),
+    JPEG via simplejpeg-scaled'."""
+    info = image_backend_info()
+    name = "pillow-simd" if info["pillow_simd"] else "Pillow"
+    jpeg = info["pillow_libjpeg_turbo"]
+    libjpeg = f"libjpeg-turbo {jpeg}" if jpeg else "libjpeg"
+    return f"{name} {info['pillow_version']} ({libjpeg}), JPEG via {info['jpeg_path']}"

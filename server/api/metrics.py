@@ -1,0 +1,15 @@
+"""GET /metrics: the Prometheus text exposition."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+metrics_router = APIRouter()
+
+
+@metrics_router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    body = request.app.state.vlserve.metrics.render()
+    return Response(body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,118 @@
+"""Prometheus metrics: one registry per app, request observations read from the StageTimer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
+
+from server import __version__
+from server.config import Settings
+from server.engine import Engine, EngineState
+from server.gpu_metrics import nvml_collector
+from server.timings import SEQUENTIAL_STAGES, StageTimer
+
+# From a cached-prefix millisecond to a two-minute CPU generation.
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 120.0)
+
+
+class Metrics:
+    """The server's collectors. Gauges read the engine at scrape time; nothing polls."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        # A registry per app (not the global one), so several apps can live in one process.
+        self.registry = registry = CollectorRegistry()
+        # `first_token` and `total` overlap the sequential stages, so they get their own
+        # histograms: summing vlserve_stage_seconds over `stage` stays meaningful.
+        self.stage_seconds = Histogram(
+            "vlserve_stage_seconds", "Time spent in each sequential stage of a chat request",
+            ["stage", "has_images"], buckets=SECONDS_BUCKETS, registry=registry)
+        self.first_token_seconds = Histogram(
+            "vlserve_time_to_first_token_seconds", "Request arrival to first generated token",
+            ["has_images"], buckets=SECONDS_BUCKETS, registry=registry)
+        self.request_seconds = Histogram(
+            "vlserve_request_duration_seconds", "Request arrival to the end of the response",
+            ["has_images"], buckets=SECONDS_BUCKETS, registry=registry)
+        self.requests = Counter(
+            "vlserve_requests_total", "Chat completion requests by HTTP status and finish "
+            "reason (499: the client went away)", ["status", "finish_reason"], registry=registry)
+        self.prompt_tokens = Counter(
+            "vlserve_prompt_tokens_total", "Prompt tokens, image tokens included",
+            registry=registry)
+        self.image_tokens = Counter(
+            "vlserve_image_tokens_total", "Prompt tokens that came from images", registry=registry)
+        self.cached_tokens = Counter(
+            "vlserve_cached_tokens_total", "Prompt tokens reused from the KV cache",
+            registry=registry)
+        self.completion_tokens = Counter(
+            "vlserve_completion_tokens_total", "Generated tokens", registry=registry)
+        self.image_cache_hits = Counter(
+            "vlserve_image_cache_hits_total", "Images whose embedding was reused, not encoded",
+            registry=registry)
+        self.image_cache_misses = Counter(
+            "vlserve_image_cache_misses_total", "Images that went through the vision encoder",
+            registry=registry)
+        self.uploads = Counter(
+            "vlserve_uploads_total", "Files accepted by the upload endpoint", registry=registry)
+        self._engine_gauges(settings, engine)
+        Info("vlserve_build", "Server version and served model", registry=registry).info(
+            {"version": __version__, "model": settings.model_name})
+        ProcessCollector(registry=registry)
+        self.gpu = nvml_collector()
+        if self.gpu is not None:
+            registry.register(self.gpu)
+
+    def _engine_gauges(self, settings: Settings, engine: Engine) -> None:
+        def gauge(name: str, doc: str, read: Callable[[], float]) -> None:
+            Gauge(name, doc, registry=self.registry).set_function(read)
+
+        gauge("vlserve_slots", "Parallel sequences (n_parallel)", lambda: settings.n_parallel)
+        gauge("vlserve_busy_slots", "Slots serving a request now", lambda: engine.busy_slots)
+        gauge("vlserve_queue_depth", "Requests waiting for a slot", lambda: engine.queue_depth)
+        gauge("vlserve_kv_cells", "KV cache size in cells (n_ctx)",
+              lambda: engine.info.get("n_ctx", settings.n_ctx))
+        gauge("vlserve_kv_cells_used", "KV cache cells in use, idle slots' reusable prefixes "
+              "included (counted as positions)", lambda: engine.kv_cells_used)
+        gauge("vlserve_model_loaded", "1 once the model is loaded",
+              lambda: int(engine.state in (EngineState.WARMING, EngineState.READY)))
+        gauge("vlserve_model_warm", "1 once warm-up is done and requests are served",
+              lambda: int(engine.ready))
+        gauge("vlserve_warmup_seconds", "How long the warm-up request took",
+              lambda: engine.warmup_seconds or 0.0)
+
+    def observe_request(self, status: int, finish_reason: str | None,
+                        timer: StageTimer | None) -> None:
+        """Count one chat request; stages and tokens only for those that completed."""
+        self.requests.labels(str(status), finish_reason or "none").inc()
+        if timer is None or finish_reason is None:
+            return
+        has_images = "true" if timer.images else "false"
+        stages = timer.stages_ms
+        for stage in SEQUENTIAL_STAGES:
+            # Image stages of a text-only request are not zero-cost samples, they are absent.
+            if timer.images or not stage.startswith("image_"):
+                self.stage_seconds.labels(stage, has_images).observe(stages[stage] / 1000.0)
+        self.first_token_seconds.labels(has_images).observe(stages["first_token"] / 1000.0)
+        self.request_seconds.labels(has_images).observe(stages["total"] / 1000.0)
+        self.prompt_tokens.inc(timer.prompt_tokens)
+        self.image_tokens.inc(timer.image_tokens)
+        self.cached_tokens.inc(timer.cached_tokens)
+        self.completion_tokens.inc(timer.completion_tokens)
+        self.image_cache_hits.inc(timer.image_cache_hits)
+        self.image_cache_misses.inc(max(0, timer.images - timer.image_cache_hits))
+
+    def observe_upload(self) -> None:
+        self.uploads.inc()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every collector."""
+        return generate_latest(self.registry)

@@ -1,0 +1,134 @@
+"""GET /metrics: names follow Prometheus conventions and values move with known requests."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from conftest import TEST_N_CTX, RunningServer
+from helpers import data_url, image_message, photo_bytes
+from prometheus_client.parser import text_string_to_metric_families
+
+Key = tuple[str, frozenset[tuple[str, str]]]
+
+
+def scrape(server: RunningServer) -> dict[Key, float]:
+    resp = httpx.get(f"{server.url}/metrics", timeout=10)
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain")
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(resp.text) for s in family.samples}
+
+
+def value(samples: dict[Key, float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def chat(server: RunningServer, body: dict) -> httpx.Response:
+    return httpx.post(f"{server.api}/chat/completions", json=body, timeout=60)
+
+
+def test_names_follow_prometheus_conventions(server: RunningServer) -> None:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    families = list(text_string_to_metric_families(text))
+    ours = {f.name: f for f in families if f.name.startswith("vlserve_")}
+    assert all(f.name.startswith(("vlserve_", "process_")) for f in families)
+    for family in ours.values():
+        if family.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in family.samples), family
+        if family.type == "histogram":
+            assert family.name.endswith("_seconds"), family.name
+    expected = {
+        "vlserve_stage_seconds", "vlserve_time_to_first_token_seconds",
+        "vlserve_request_duration_seconds", "vlserve_requests", "vlserve_prompt_tokens",
+        "vlserve_image_tokens", "vlserve_cached_tokens", "vlserve_completion_tokens",
+        "vlserve_image_cache_hits", "vlserve_image_cache_misses", "vlserve_uploads",
+        "vlserve_slots", "vlserve_busy_slots", "vlserve_queue_depth", "vlserve_kv_cells",
+        "vlserve_kv_cells_used", "vlserve_model_loaded", "vlserve_model_warm",
+        "vlserve_warmup_seconds", "vlserve_build_info",
+    }
+    assert expected <= set(ours), expected - set(ours)
+
+
+def test_gpu_gauges_only_with_a_gpu(server: RunningServer) -> None:
+    from server.gpu_metrics import nvml_collector
+
+    has_gpu = nvml_collector() is not None
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert ("vlserve_gpu_memory_used_bytes" in text) == has_gpu
+
+
+def test_values_move_after_known_requests(server: RunningServer) -> None:
+    before = scrape(server)
+    text = chat(server, {"messages": [{"role": "user", "content": "metrics, text"}],
+                         "max_tokens": 3})
+    image = chat(server, {"messages": [image_message("metrics, image",
+                                                     data_url(photo_bytes(seed=42)))],
+                          "max_tokens": 3})
+    bad = chat(server, {"messages": []})
+    assert (text.status_code, image.status_code, bad.status_code) == (200, 200, 400)
+    after = scrape(server)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    replies = [text.json(), image.json()]
+    for finish in {r["choices"][0]["finish_reason"] for r in replies}:
+        expected = sum(r["choices"][0]["finish_reason"] == finish for r in replies)
+        assert delta("vlserve_requests_total", status="200", finish_reason=finish) == expected
+    assert delta("vlserve_requests_total", status="400", finish_reason="none") == 1
+
+    usage = [r["usage"] for r in replies]
+    assert delta("vlserve_prompt_tokens_total") == sum(u["prompt_tokens"] for u in usage)
+    assert delta("vlserve_completion_tokens_total") == sum(u["completion_tokens"] for u in usage)
+    assert delta("vlserve_cached_tokens_total") == sum(
+        u["prompt_tokens_details"]["cached_tokens"] for u in usage)
+    assert delta("vlserve_image_tokens_total") == 64
+    assert delta("vlserve_image_cache_misses_total") == 1
+    assert delta("vlserve_image_cache_hits_total") == 0
+
+    # One observation per stage and request; image stages only for the image request.
+    image_timings = replies[1]["timings"]
+    for stage in ("queue", "prompt_eval", "generation"):
+        assert delta("vlserve_stage_seconds_count", stage=stage, has_images="false") == 1
+        assert delta("vlserve_stage_seconds_count", stage=stage, has_images="true") == 1
+    for stage in ("image_decode", "image_resize", "image_encode"):
+        assert delta("vlserve_stage_seconds_count", stage=stage, has_images="false") == 0
+        assert delta("vlserve_stage_seconds_count", stage=stage, has_images="true") == 1
+        # The same number the response reported (which is rounded to µs), in seconds.
+        assert delta("vlserve_stage_seconds_sum", stage=stage, has_images="true") == \
+            pytest.approx(image_timings[stage] / 1000, abs=1e-5)
+    for images in ("true", "false"):
+        assert delta("vlserve_time_to_first_token_seconds_count", has_images=images) == 1
+        assert delta("vlserve_request_duration_seconds_count", has_images=images) == 1
+    assert delta("vlserve_request_duration_seconds_sum", has_images="true") == \
+        pytest.approx(image_timings["total"] / 1000, abs=1e-5)
+
+
+def test_engine_gauges(server: RunningServer) -> None:
+    chat(server, {"messages": [{"role": "user", "content": "fill some KV"}], "max_tokens": 2})
+    samples = scrape(server)
+    assert value(samples, "vlserve_slots") == 2
+    assert value(samples, "vlserve_busy_slots") == 0
+    assert value(samples, "vlserve_queue_depth") == 0
+    assert value(samples, "vlserve_kv_cells") == TEST_N_CTX
+    # Idle slots keep their KV for prefix reuse, so cells stay in use after the request.
+    assert 0 < value(samples, "vlserve_kv_cells_used") <= TEST_N_CTX
+    assert value(samples, "vlserve_model_loaded") == 1
+    assert value(samples, "vlserve_model_warm") == 1
+    assert value(samples, "vlserve_warmup_seconds") > 0
+    build = [k for k in samples if k[0] == "vlserve_build_info"]
+    assert dict(build[0][1])["model"] == "vlserve-demo-llava"
+
+
+def test_streamed_requests_are_counted_when_they_end(server: RunningServer) -> None:
+    before = scrape(server)
+    body = {"messages": [{"role": "user", "content": "stream me"}], "max_tokens": 3,
+            "stream": True}
+    with httpx.stream("POST", f"{server.api}/chat/completions", json=body, timeout=30) as resp:
+        lines = [line for line in resp.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    after = scrape(server)
+    counted = sum(value(after, "vlserve_requests_total", status="200", finish_reason=f)
+                  - value(before, "vlserve_requests_total", status="200", finish_reason=f)
+                  for f in ("stop", "length"))
+    assert counted == 1
