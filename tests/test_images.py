@@ -12,8 +12,9 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFilter, ImageOps, features
+from PIL import Image, ImageDraw, ImageOps, features
 
+from bench.images import photo_like  # the benchmark's photo-like content, shared
 from server.images import (
     DEFAULT_LIMITS,
     ImageError,
@@ -35,25 +36,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarn
 
 
 # --- builders ---------------------------------------------------------------------------
-
-def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
-    """Smooth colour fields, mid-frequency texture, hard-edged shapes and sensor grain."""
-    rng = np.random.default_rng(seed)
-    field = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8))
-    image = field.resize((width, height), Image.Resampling.BICUBIC)
-    texture = Image.fromarray(rng.integers(0, 256, (height // 12, width // 12, 3), dtype=np.uint8))
-    image = Image.blend(image, texture.resize((width, height), Image.Resampling.BILINEAR), 0.2)
-    draw = ImageDraw.Draw(image)
-    for _ in range(25):
-        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
-        w = int(rng.integers(width // 30, width // 4))
-        h = int(rng.integers(height // 30, height // 4))
-        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-        shape((x, y, x + w, y + h), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(1.0)), dtype=np.int16)
-    pixels = pixels + rng.normal(0, 4, (height, width, 1)).astype(np.int16)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
 
 def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
     buf = io.BytesIO()
