@@ -6,9 +6,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from server import __version__
+from server.api.auth import APIKeyMiddleware
 from server.api.chat import router as chat_router
+from server.api.drain import DrainMiddleware
 from server.api.errors import install_error_handlers
 from server.api.state import AppState
 from server.api.status import health_router, models_router
@@ -31,8 +34,19 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             engine.stop()
 
     app = FastAPI(title="vlserve", version=__version__, lifespan=lifespan)
-    app.state.vlserve = AppState(settings=settings, engine=engine)
+    state = AppState(settings=settings, engine=engine)
+    app.state.vlserve = state
     install_error_handlers(app)
+    # Added innermost first: CORS wraps everything (so 401/503 answers carry its headers),
+    # then drain (refuses new work at shutdown), then auth.
+    keys = [key.get_secret_value() for key in settings.api_keys]
+    app.add_middleware(APIKeyMiddleware, keys=keys, metrics_open=settings.metrics_open)
+    app.add_middleware(DrainMiddleware, drain=state.drain)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["Server-Timing", "X-Request-ID", "Retry-After"])
     app.include_router(health_router)
     for prefix in API_PREFIXES:
         app.include_router(chat_router, prefix=prefix)

@@ -41,13 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--n-gpu-layers", type=int, help="-1 offloads every layer")
     serve.add_argument("--n-parallel", type=int)
     serve.add_argument("--log-level")
+    serve.add_argument("--drain-timeout", type=float,
+                       help="seconds in-flight requests get after SIGTERM (default 30)")
+    serve.add_argument("--api-key-file", type=Path,
+                       help="file with accepted API keys, one per line")
     serve.set_defaults(handler=_serve)
 
-    demo = sub.add_parser("make-demo-model", help="write the tiny random-weight demo model")
-    demo.add_argument("dir", type=Path, nargs="?", default=Path("models/demo"))
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--size", choices=("tiny", "bench"), default="tiny")
-    demo.set_defaults(handler=_make_demo_model)
     return parser
 
 
@@ -63,22 +62,35 @@ def _serve(args: argparse.Namespace) -> int:
         n_gpu_layers=args.n_gpu_layers,
         n_parallel=args.n_parallel,
         log_level=args.log_level,
+        drain_timeout=args.drain_timeout,
+        api_key_file=args.api_key_file,
     )
     from server.logs import setup_logging
 
     setup_logging(settings.log_level)
     _ensure_model_files(settings)
 
-    import uvicorn
-
     from server.app import create_app
+    from server.serving import serve
 
     app = create_app(settings)
+    _log_access(settings)
+    serve(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+          drain=app.state.vlserve.drain, drain_timeout=settings.drain_timeout)
+    return 0
+
+
+def _log_access(settings: Settings) -> None:
     logger.info("listening on http://%s:%d (API under /api/v1 and /v1)", settings.host,
                 settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
-                log_level=settings.log_level)
-    return 0
+    if settings.api_keys:  # how many, never which
+        logger.info("API keys required on /api, /v1%s (%d key(s) configured)",
+                    "" if settings.metrics_open else " and /metrics", len(settings.api_keys))
+    elif settings.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("listening on %s without API keys: anyone who can reach this port can "
+                       "use the API (set api_keys or VLSERVE_API_KEY)", settings.host)
+    if settings.cors_origins:
+        logger.info("CORS allowed for %s", ", ".join(settings.cors_origins))
 
 
 def _ensure_model_files(settings: Settings) -> None:
