@@ -1,4 +1,4 @@
-"""`vlserve` command line: serve, make-demo-model."""
+"""`vlserve` command line: serve, download, models, make-demo-model."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 from server.config import ConfigError, Settings, load_settings
+from server.registry import DEFAULT_MODELS_DIR
 
 logger = logging.getLogger("vlserve")
 
 EXIT_CONFIG = 2
+EXIT_DOWNLOAD = 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +49,27 @@ def _parser() -> argparse.ArgumentParser:
                        help="file with accepted API keys, one per line")
     serve.set_defaults(handler=_serve)
 
+    download = sub.add_parser("download", help="download a registry model from Hugging Face")
+    download.add_argument("name", help="registry name (see `vlserve models`) or Hub repo id")
+    download.add_argument("--dir", type=Path, default=DEFAULT_MODELS_DIR,
+                          help="models directory; files go to DIR/<model dir>/ (default models/)")
+    download.add_argument("--registry", type=Path, help="registry YAML (default "
+                          "$VLSERVE_REGISTRY or models/registry.yaml)")
+    download.add_argument("--offline", action="store_true",
+                          help="no network: only check files already on disk (HF_HUB_OFFLINE=1)")
+    download.add_argument("--force", action="store_true", help="download again even if present")
+    download.set_defaults(handler=_download)
+
+    models = sub.add_parser("models", help="list registry models and which are present locally")
+    models.add_argument("--dir", type=Path, default=DEFAULT_MODELS_DIR)
+    models.add_argument("--registry", type=Path)
+    models.set_defaults(handler=_models)
+
+    demo = sub.add_parser("make-demo-model", help="write the tiny random-weight demo model")
+    demo.add_argument("dir", type=Path, nargs="?", default=Path("models/demo"))
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--size", choices=("tiny", "bench"), default="tiny")
+    demo.set_defaults(handler=_make_demo_model)
     return parser
 
 
@@ -108,6 +131,37 @@ def _ensure_model_files(settings: Settings) -> None:
                           f"demo file names ({paths.text}, {paths.mmproj})")
     logger.warning("generated the demo model in %s: it has RANDOM weights, so its answers "
                    "are random text (point --model/--mmproj at a real model)", paths.text.parent)
+
+
+def _download(args: argparse.Namespace) -> int:
+    from server.download import DownloadError, download
+    from server.registry import find_entry, load_registry, registry_path
+
+    entry = find_entry(load_registry(registry_path(args.registry)), args.name)
+    try:
+        paths = download(entry, args.dir, offline=args.offline, force=args.force)
+    except DownloadError as exc:
+        print(f"vlserve: download failed: {exc}", file=sys.stderr)
+        return EXIT_DOWNLOAD
+    print(f"{entry.name}: ready in {paths[0].parent}"
+          + (f" (serve it with --config {entry.preset})" if entry.preset else ""))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from server.download import local_files
+    from server.registry import load_registry, registry_path
+
+    for entry in load_registry(registry_path(args.registry)).values():
+        files = local_files(entry, args.dir)
+        ready = "ready" if all(f.present for f in files) else "not downloaded"
+        print(f"{entry.name}  [{ready}]  {entry.repo}"
+              + (f"  preset {entry.preset}" if entry.preset else ""))
+        for f in files:
+            where = f"present, {f.size_bytes / 1e9:.2f} GB" if f.present else "missing"
+            print(f"    {f.role:<6} {f.spec.name}  {f.spec.quant}  ({f.spec.size or '?'})  "
+                  f"{where}: {f.path}")
+    return 0
 
 
 def _make_demo_model(args: argparse.Namespace) -> int:
