@@ -71,7 +71,8 @@ RUN pip uninstall -y pillow \
 # -------------------------------------------------------------------------- runtime
 # hadolint ignore=DL3006
 FROM runtime-${VARIANT} AS runtime
-ENV DEBIAN_FRONTEND=noninteractive
+# ARG, not ENV: only apt-get needs it, the running container should not carry it.
+ARG DEBIAN_FRONTEND=noninteractive
 
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -85,7 +86,7 @@ COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY configs ./configs
 COPY models/registry.yaml ./registry.yaml
-COPY scripts/healthcheck.py scripts/smoke.sh scripts/smoke-image.jpg ./scripts/
+COPY scripts/healthcheck.py ./scripts/
 # The models volume starts out owned by the server's user (named volumes copy this).
 RUN mkdir -p /app/models && chown vlserve:vlserve /app/models
 

@@ -90,6 +90,17 @@ def test_api_routes_need_a_key(demo_model: DemoModelPaths) -> None:
     assert chat.status_code == 401  # auth comes before body validation
 
 
+def test_websockets_under_the_api_are_refused_without_a_key(demo_model: DemoModelPaths
+                                                            ) -> None:
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    with TestClient(make_app(demo_model, api_keys=[KEY_A])) as client, \
+            pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect("/v1/ws"):
+        pass
+    assert closed.value.code == 1008
+
+
 def test_health_and_other_pages_stay_open(demo_model: DemoModelPaths) -> None:
     app = make_app(demo_model, api_keys=[KEY_A])
     assert request(app, "GET", "/health").status_code == 503  # loading, not 401

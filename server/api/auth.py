@@ -42,7 +42,8 @@ class APIKeyMiddleware:
         self._metrics_open = metrics_open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not self._keys \
+        if scope["type"] not in ("http", "websocket") or not self._keys \
+                or scope.get("method") == "OPTIONS" \
                 or not is_protected(scope["path"], metrics_open=self._metrics_open):
             # OPTIONS passes: CORS preflights carry no credentials by design.
             await self.app(scope, receive, send)
@@ -50,6 +51,10 @@ class APIKeyMiddleware:
         token = bearer_token(scope["headers"])
         if token is not None and self._accepts(token):
             await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":  # none today; a future one must not slip through
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1008})  # policy violation
             return
         message = ("missing API key: send it as 'Authorization: Bearer <key>'" if token is None
                    else "invalid API key")  # never echo the key, not even in part
