@@ -10,6 +10,7 @@ environment, log rotation) is used as shipped.
 from __future__ import annotations
 
 import configparser
+import functools
 import os
 import re
 import shlex
@@ -49,7 +50,7 @@ def environment(program: configparser.RawConfigParser) -> dict[str, str]:
 
 def test_shipped_program_config() -> None:
     program = read_ini(SUPERVISOR / f"{NAME}.conf")
-    get = lambda key: program.get(SECTION, key)  # noqa: E731
+    get = functools.partial(program.get, SECTION)
     argv = shlex.split(get("command"))
     assert Path(argv[0]).name == "vlserve" and argv[1] == "serve"
     assert argv[argv.index("--host") + 1] == "0.0.0.0"
