@@ -7,9 +7,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from server import __version__
+from server.api.auth import APIKeyMiddleware
 from server.api.chat import router as chat_router
+from server.api.drain import DrainMiddleware
 from server.api.errors import install_error_handlers
 from server.api.files import router as files_router
 from server.api.metrics import metrics_router
@@ -46,11 +49,22 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app = FastAPI(title="vlserve", version=__version__, lifespan=lifespan)
     uploads = UploadStore(settings.upload_max_files, settings.upload_store_mb * 1024 * 1024,
                           settings.upload_ttl_s)
-    app.state.vlserve = AppState(settings=settings, engine=engine, uploads=uploads,
-                                 metrics=metrics)
+    state = AppState(settings=settings, engine=engine, uploads=uploads, metrics=metrics)
+    app.state.vlserve = state
     install_error_handlers(app)
+    # Added innermost first: the request observer (log line, metrics) sits inside drain and
+    # auth; CORS wraps everything (so 401/503 answers carry its headers), then drain
+    # (refuses new work at shutdown), then auth.
     app.add_middleware(RequestObserver, metrics=metrics, model=settings.model_name,
                        paths=frozenset(f"{prefix}/chat/completions" for prefix in API_PREFIXES))
+    keys = [key.get_secret_value() for key in settings.api_keys]
+    app.add_middleware(APIKeyMiddleware, keys=keys, metrics_open=settings.metrics_open)
+    app.add_middleware(DrainMiddleware, drain=state.drain)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["Server-Timing", "X-Request-ID", "Retry-After"])
     app.include_router(health_router)
     app.include_router(metrics_router)
     for prefix in API_PREFIXES:

@@ -1,4 +1,4 @@
-"""`vlserve` command line: serve, bench, make-demo-model."""
+"""`vlserve` command line: serve, bench, download, models, make-demo-model."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from pathlib import Path
 
 from server.bench import command as bench_command
 from server.config import ConfigError, Settings, load_settings
+from server.registry import DEFAULT_MODELS_DIR
 
 logger = logging.getLogger("vlserve")
 
 EXIT_CONFIG = 2
+EXIT_DOWNLOAD = 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,11 +44,31 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--n-gpu-layers", type=int, help="-1 offloads every layer")
     serve.add_argument("--n-parallel", type=int)
     serve.add_argument("--log-level")
+    serve.add_argument("--drain-timeout", type=float,
+                       help="seconds in-flight requests get after SIGTERM (default 30)")
+    serve.add_argument("--api-key-file", type=Path,
+                       help="file with accepted API keys, one per line")
     serve.set_defaults(handler=_serve)
 
     bench = sub.add_parser("bench", help="time a running server and name its bottleneck")
     bench_command.add_arguments(bench)
     bench.set_defaults(handler=bench_command.run)
+
+    download = sub.add_parser("download", help="download a registry model from Hugging Face")
+    download.add_argument("name", help="registry name (see `vlserve models`) or Hub repo id")
+    download.add_argument("--dir", type=Path, default=DEFAULT_MODELS_DIR,
+                          help="models directory; files go to DIR/<model dir>/ (default models/)")
+    download.add_argument("--registry", type=Path, help="registry YAML (default "
+                          "$VLSERVE_REGISTRY or models/registry.yaml)")
+    download.add_argument("--offline", action="store_true",
+                          help="no network: only check files already on disk (HF_HUB_OFFLINE=1)")
+    download.add_argument("--force", action="store_true", help="download again even if present")
+    download.set_defaults(handler=_download)
+
+    models = sub.add_parser("models", help="list registry models and which are present locally")
+    models.add_argument("--dir", type=Path, default=DEFAULT_MODELS_DIR)
+    models.add_argument("--registry", type=Path)
+    models.set_defaults(handler=_models)
 
     demo = sub.add_parser("make-demo-model", help="write the tiny random-weight demo model")
     demo.add_argument("dir", type=Path, nargs="?", default=Path("models/demo"))
@@ -68,18 +90,19 @@ def _serve(args: argparse.Namespace) -> int:
         n_gpu_layers=args.n_gpu_layers,
         n_parallel=args.n_parallel,
         log_level=args.log_level,
+        drain_timeout=args.drain_timeout,
+        api_key_file=args.api_key_file,
     )
     from server.logs import setup_logging
 
     setup_logging(settings.log_level)
     _ensure_model_files(settings)
 
-    import uvicorn
-
     from server.app import create_app
     from server.engine import Engine
+    from server.serving import make_server
 
-    server: uvicorn.Server | None = None
+    server = None
     engine_failed = False
 
     def stop_serving() -> None:
@@ -91,19 +114,28 @@ def _serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(settings, Engine(settings, on_failure=stop_serving))
-    # Chat requests get their own JSON line; uvicorn's access line would only repeat it
-    # (and log every /metrics scrape), so it is kept for debugging.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            log_level=settings.log_level,
-                            access_log=settings.log_level == "debug")
-    server = uvicorn.Server(config)
-    logger.info("listening on http://%s:%d (API under /api/v1 and /v1)", settings.host,
-                settings.port)
+    _log_access(settings)
+    server = make_server(app, host=settings.host, port=settings.port,
+                         log_level=settings.log_level, drain=app.state.vlserve.drain,
+                         drain_timeout=settings.drain_timeout)
     server.run()
     if engine_failed:
         logger.error("exiting because the engine failed")
         return 1
     return 0
+
+
+def _log_access(settings: Settings) -> None:
+    logger.info("listening on http://%s:%d (API under /api/v1 and /v1)", settings.host,
+                settings.port)
+    if settings.api_keys:  # how many, never which
+        logger.info("API keys required on /api, /v1%s (%d key(s) configured)",
+                    "" if settings.metrics_open else " and /metrics", len(settings.api_keys))
+    elif settings.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("listening on %s without API keys: anyone who can reach this port can "
+                       "use the API (set api_keys or VLSERVE_API_KEY)", settings.host)
+    if settings.cors_origins:
+        logger.info("CORS allowed for %s", ", ".join(settings.cors_origins))
 
 
 def _ensure_model_files(settings: Settings) -> None:
@@ -121,6 +153,37 @@ def _ensure_model_files(settings: Settings) -> None:
                           f"demo file names ({paths.text}, {paths.mmproj})")
     logger.warning("generated the demo model in %s: it has RANDOM weights, so its answers "
                    "are random text (point --model/--mmproj at a real model)", paths.text.parent)
+
+
+def _download(args: argparse.Namespace) -> int:
+    from server.download import DownloadError, download
+    from server.registry import find_entry, load_registry, registry_path
+
+    entry = find_entry(load_registry(registry_path(args.registry)), args.name)
+    try:
+        paths = download(entry, args.dir, offline=args.offline, force=args.force)
+    except DownloadError as exc:
+        print(f"vlserve: download failed: {exc}", file=sys.stderr)
+        return EXIT_DOWNLOAD
+    print(f"{entry.name}: ready in {paths[0].parent}"
+          + (f" (serve it with --config {entry.preset})" if entry.preset else ""))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from server.download import local_files
+    from server.registry import load_registry, registry_path
+
+    for entry in load_registry(registry_path(args.registry)).values():
+        files = local_files(entry, args.dir)
+        ready = "ready" if all(f.present for f in files) else "not downloaded"
+        print(f"{entry.name}  [{ready}]  {entry.repo}"
+              + (f"  preset {entry.preset}" if entry.preset else ""))
+        for f in files:
+            where = f"present, {f.size_bytes / 1e9:.2f} GB" if f.present else "missing"
+            print(f"    {f.role:<6} {f.spec.name}  {f.spec.quant}  ({f.spec.size or '?'})  "
+                  f"{where}: {f.path}")
+    return 0
 
 
 def _make_demo_model(args: argparse.Namespace) -> int:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -33,9 +35,23 @@ class Settings(BaseSettings):
     chat_template: str | None = None  # overrides tokenizer.chat_template from the GGUF
 
     # HTTP.
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # loopback unless a preset or flag deliberately opens it
     port: int = Field(7860, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Origins allowed to call the API from a browser (e.g. "https://app.example"); none: no
+    # CORS headers at all.
+    cors_origins: Annotated[list[str], NoDecode] = []
+    # Seconds that in-flight requests get to finish after SIGTERM before the server exits.
+    drain_timeout: float = Field(30.0, ge=0)
+
+    # Auth: with no keys every route is open. Keys come from api_keys (YAML, or
+    # VLSERVE_API_KEYS as a JSON list or comma-separated), api_key (VLSERVE_API_KEY: one key
+    # or several comma-separated) and api_key_file (one key per line, # comments); after
+    # loading, api_keys holds all of them. SecretStr keeps them out of reprs and logs.
+    api_keys: Annotated[list[SecretStr], NoDecode] = []
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    metrics_open: bool = False  # True: /metrics answers without a key
 
     # llama.cpp context.
     n_ctx: int = Field(4096, ge=64)
@@ -72,6 +88,29 @@ class Settings(BaseSettings):
     # Warm-up and prompts.
     system_prompt: str | None = None  # used for requests that bring no system message
     warmup: bool = True
+
+    @field_validator("cors_origins", "api_keys", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        """Env vars arrive as one string: a JSON list, or comma-separated items."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _gather_api_keys(self) -> Settings:
+        keys = [key.get_secret_value().strip() for key in self.api_keys]
+        if self.api_key is not None:
+            keys += [k.strip() for k in self.api_key.get_secret_value().split(",") if k.strip()]
+        if self.api_key_file is not None:
+            keys += _read_key_file(self.api_key_file)
+        if any(not key or any(c.isspace() for c in key) for key in keys):
+            raise ValueError("API keys must be non-empty and contain no whitespace")
+        self.api_keys = [SecretStr(key) for key in dict.fromkeys(keys)]
+        return self
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
@@ -126,6 +165,18 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(_one_line(exc, config_path)) from None
     finally:
         _yaml_path_for_load = None
+
+
+def _read_key_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read api_key_file {path}: {exc.strerror}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        # An empty file would silently switch auth off: refuse it.
+        raise ValueError(f"api_key_file {path} contains no keys")
+    return keys
 
 
 def _check_yaml(path: Path) -> None:

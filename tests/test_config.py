@@ -77,3 +77,65 @@ def test_missing_model_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureF
     config = write(tmp_path, "model: /nope/model.gguf\nmmproj: /nope/mmproj.gguf\n")
     assert main(["serve", "--config", str(config)]) == 2
     assert "model file not found: /nope/model.gguf" in capsys.readouterr().err
+
+
+def secrets(settings: object) -> list[str]:
+    return [key.get_secret_value() for key in settings.api_keys]
+
+
+def test_api_keys_from_env_file_and_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    assert load_settings(None).api_keys == []
+    monkeypatch.setenv("VLSERVE_API_KEY", "sk-plain")  # one plain key, not JSON
+    assert secrets(load_settings(None)) == ["sk-plain"]
+    monkeypatch.setenv("VLSERVE_API_KEY", "sk-one, sk-two")
+    assert secrets(load_settings(None)) == ["sk-one", "sk-two"]
+    monkeypatch.setenv("VLSERVE_API_KEYS", '["sk-json"]')
+    assert secrets(load_settings(None)) == ["sk-json", "sk-one", "sk-two"]
+    monkeypatch.setenv("VLSERVE_API_KEYS", "sk-c1,sk-c2")
+    key_file = tmp_path / "keys"
+    key_file.write_text("# operators\nsk-file\n\n  sk-one  \n")
+    config = write(tmp_path, f"api_keys: [sk-yaml]\napi_key_file: {key_file}\n")
+    monkeypatch.delenv("VLSERVE_API_KEYS")
+    # YAML list + env key + file, duplicates folded.
+    assert secrets(load_settings(config)) == ["sk-yaml", "sk-one", "sk-two", "sk-file"]
+
+
+def test_keys_stay_out_of_reprs_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
+    monkeypatch.setenv("VLSERVE_API_KEY", "sk-secret-123")
+    settings = load_settings(None)
+    assert "sk-secret-123" not in repr(settings) and "sk-secret-123" not in str(settings)
+    assert "sk-secret-123" not in settings.model_dump_json()
+    monkeypatch.setenv("VLSERVE_API_KEY", "sk-secret-123,has space")
+    with pytest.raises(ConfigError) as err:
+        load_settings(None)
+    assert "whitespace" in str(err.value) and "sk-secret" not in str(err.value)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("# only a comment\n\n", "contains no keys"),  # would silently switch auth off
+    (None, "cannot read api_key_file"),
+])
+def test_bad_key_file(tmp_path: Path, text: str | None, fragment: str) -> None:
+    key_file = tmp_path / "keys"
+    if text is not None:
+        key_file.write_text(text)
+    with pytest.raises(ConfigError, match=fragment):
+        load_settings(write(tmp_path, f"api_key_file: {key_file}\n"))
+
+
+def test_cors_metrics_and_drain_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    settings = load_settings(None)
+    assert (settings.cors_origins, settings.metrics_open, settings.host) == ([], False,
+                                                                             "127.0.0.1")
+    assert settings.drain_timeout > 0
+    with pytest.raises(ConfigError, match="drain_timeout"):
+        load_settings(write(tmp_path, "drain_timeout: -1\n"))
+    monkeypatch.setenv("VLSERVE_CORS_ORIGINS", "https://a.example, https://b.example")
+    monkeypatch.setenv("VLSERVE_METRICS_OPEN", "true")
+    monkeypatch.setenv("VLSERVE_DRAIN_TIMEOUT", "2.5")
+    settings = load_settings(None)
+    assert settings.cors_origins == ["https://a.example", "https://b.example"]
+    assert settings.metrics_open is True and settings.drain_timeout == 2.5

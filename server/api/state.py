@@ -1,10 +1,11 @@
-"""What the routes share: settings, the engine and the metrics."""
+"""What the routes share: settings, the engine, uploads, metrics and the drain state."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
+from server.api.drain import Drain
 from server.config import Settings
 from server.engine import Engine
 from server.images import ImageLimits
@@ -18,6 +19,7 @@ class AppState:
     engine: Engine
     uploads: UploadStore
     metrics: Metrics
+    drain: Drain = field(default_factory=Drain)
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     @property

@@ -1,0 +1,71 @@
+"""Optional bearer-token auth for the API routes, as a small pure-ASGI middleware.
+
+Protected: everything under /api/ and /v1/, and /metrics unless `metrics_open`. Open:
+/health and anything else (the playground page), so probes and browsers need no key.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.api.errors import error_response
+
+_API_PREFIXES = ("/api", "/v1")
+
+
+def is_protected(path: str, *, metrics_open: bool) -> bool:
+    """Whether a request path needs a key (segment-wise, so /apix or /v1beta stay open)."""
+    prefixes = _API_PREFIXES if metrics_open else (*_API_PREFIXES, "/metrics")
+    return any(path == p or path.startswith(p + "/") for p in prefixes)
+
+
+def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The token of an `Authorization: Bearer <token>` header (scheme case-insensitive)."""
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return token.strip()
+            return None
+    return None
+
+
+class APIKeyMiddleware:
+    """401 (OpenAI error JSON) for protected paths without one of the configured keys."""
+
+    def __init__(self, app: ASGIApp, keys: Iterable[str], *, metrics_open: bool = False) -> None:
+        self.app = app
+        self._keys = tuple(key.encode() for key in keys)
+        self._metrics_open = metrics_open
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or not self._keys \
+                or scope.get("method") == "OPTIONS" \
+                or not is_protected(scope["path"], metrics_open=self._metrics_open):
+            # OPTIONS passes: CORS preflights carry no credentials by design.
+            await self.app(scope, receive, send)
+            return
+        token = bearer_token(scope["headers"])
+        if token is not None and self._accepts(token):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":  # none today; a future one must not slip through
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1008})  # policy violation
+            return
+        message = ("missing API key: send it as 'Authorization: Bearer <key>'" if token is None
+                   else "invalid API key")  # never echo the key, not even in part
+        response = error_response(401, message, code="invalid_api_key",
+                                  headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+    def _accepts(self, token: bytes) -> bool:
+        # Compare against every key, without stopping early: the time taken does not tell
+        # which key (if any) matched.
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(token, key)
+        return matched

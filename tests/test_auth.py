@@ -1,0 +1,181 @@
+"""API keys and CORS: which routes need a key, what 401 looks like, keys never leak."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import RunningServer, start_server, stop_server
+
+from server.api.auth import bearer_token, is_protected
+from server.app import create_app
+from server.config import load_settings
+from server.demo_model import DemoModelPaths
+from server.engine import Engine
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY_A = "sk-test-alpha-0123456789"
+KEY_B = "sk-test-bravo-9876543210"
+
+
+def request(app: object, method: str, path: str, headers: dict[str, str] | None = None
+            ) -> httpx.Response:
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)  # no lifespan: the engine stays unloaded
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.request(method, path, headers=headers)
+    return asyncio.run(go())
+
+
+def make_app(demo_model: DemoModelPaths, **overrides: object) -> object:
+    settings = load_settings(None, model=demo_model.text, mmproj=demo_model.mmproj, **overrides)
+    return create_app(settings, Engine(settings))
+
+
+@pytest.mark.parametrize("path, metrics_open, protected", [
+    ("/api/v1/models", False, True),
+    ("/v1/chat/completions", False, True),
+    ("/api", False, True),
+    ("/v1", False, True),
+    ("/metrics", False, True),
+    ("/metrics", True, False),
+    ("/health", False, False),
+    ("/", False, False),
+    ("/playground/index.html", False, False),
+    ("/apidocs", False, False),  # prefixes match whole path segments only
+    ("/v1beta/models", False, False),
+])
+def test_protected_paths(path: str, metrics_open: bool, protected: bool) -> None:
+    assert is_protected(path, metrics_open=metrics_open) is protected
+
+
+@pytest.mark.parametrize("value, token", [
+    (b"Bearer abc", b"abc"),
+    (b"bearer   abc  ", b"abc"),
+    (b"BEARER abc", b"abc"),
+    (b"Basic abc", None),
+    (b"Bearer", None),
+    (b"Bearer ", None),
+])
+def test_bearer_token_parsing(value: bytes, token: bytes | None) -> None:
+    assert bearer_token([(b"authorization", value)]) == token
+
+
+def test_api_routes_need_a_key(demo_model: DemoModelPaths) -> None:
+    app = make_app(demo_model, api_keys=[KEY_A, KEY_B])
+    for path in ("/api/v1/models", "/v1/models", "/api/v1/models/vlserve-demo-llava"):
+        missing = request(app, "GET", path)
+        assert missing.status_code == 401, path
+        error = missing.json()["error"]
+        assert error["type"] == "authentication_error" and error["code"] == "invalid_api_key"
+        assert "Bearer" in error["message"]
+        assert missing.headers["www-authenticate"] == "Bearer"
+        for key in (KEY_A, KEY_B):
+            ok = request(app, "GET", path, {"Authorization": f"Bearer {key}"})
+            assert ok.status_code == 200, path
+    wrong = request(app, "GET", "/v1/models", {"Authorization": f"Bearer {KEY_A}x"})
+    assert wrong.status_code == 401
+    assert wrong.json()["error"]["message"] == "invalid API key"
+    assert KEY_A not in wrong.text
+    basic = request(app, "GET", "/v1/models", {"Authorization": f"Basic {KEY_A}"})
+    assert basic.status_code == 401
+    chat = request(app, "POST", "/api/v1/chat/completions")
+    assert chat.status_code == 401  # auth comes before body validation
+
+
+def test_websockets_under_the_api_are_refused_without_a_key(demo_model: DemoModelPaths
+                                                            ) -> None:
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    with TestClient(make_app(demo_model, api_keys=[KEY_A])) as client, \
+            pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect("/v1/ws"):
+        pass
+    assert closed.value.code == 1008
+
+
+def test_health_and_other_pages_stay_open(demo_model: DemoModelPaths) -> None:
+    app = make_app(demo_model, api_keys=[KEY_A])
+    assert request(app, "GET", "/health").status_code == 503  # loading, not 401
+    assert request(app, "GET", "/no-such-page").status_code == 404
+
+
+def test_metrics_needs_a_key_unless_open(demo_model: DemoModelPaths) -> None:
+    # Whether or not /metrics exists on this branch, auth decides before routing:
+    # 401 without a key, and anything but 401 once it is open or the key is sent.
+    closed = make_app(demo_model, api_keys=[KEY_A])
+    assert request(closed, "GET", "/metrics").status_code == 401
+    authed = request(closed, "GET", "/metrics", {"Authorization": f"Bearer {KEY_A}"})
+    assert authed.status_code != 401
+    opened = make_app(demo_model, api_keys=[KEY_A], metrics_open=True)
+    assert request(opened, "GET", "/metrics").status_code != 401
+
+
+def test_no_keys_means_open(demo_model: DemoModelPaths) -> None:
+    app = make_app(demo_model)
+    assert request(app, "GET", "/v1/models").status_code == 200
+    assert request(app, "GET", "/v1/models", {"Authorization": "Bearer anything"}
+                   ).status_code == 200
+
+
+def test_cors_only_for_configured_origins(demo_model: DemoModelPaths) -> None:
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    app = make_app(demo_model, api_keys=[KEY_A], cors_origins=["https://app.example"])
+    ok = request(app, "OPTIONS", "/api/v1/chat/completions", preflight)
+    assert ok.status_code == 200  # preflights carry no key and must not get 401
+    assert ok.headers["access-control-allow-origin"] == "https://app.example"
+    assert "authorization" in ok.headers["access-control-allow-headers"].lower()
+    denied = request(app, "GET", "/v1/models", {"Origin": "https://app.example"})
+    assert denied.status_code == 401  # the 401 itself is readable by the allowed page
+    assert denied.headers["access-control-allow-origin"] == "https://app.example"
+    other = request(app, "OPTIONS", "/api/v1/chat/completions",
+                    {**preflight, "Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    default = make_app(demo_model)
+    plain = request(default, "GET", "/v1/models", {"Origin": "https://app.example"})
+    assert "access-control-allow-origin" not in plain.headers
+
+
+@pytest.fixture(scope="module")
+def keyed_server(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[RunningServer]:
+    """A real server whose keys come from VLSERVE_API_KEY (two, comma-separated)."""
+    log_path = tmp_path_factory.mktemp("keyed") / "server.log"
+    running = start_server(demo_model, log_path, env={"VLSERVE_API_KEY": f"{KEY_A},{KEY_B}"})
+    yield running
+    stop_server(running)
+
+
+def test_real_server_with_keys_and_openai_sdk(keyed_server: RunningServer) -> None:
+    good = openai.OpenAI(base_url=keyed_server.api, api_key=KEY_B, max_retries=0)
+    reply = good.chat.completions.create(model="m", max_tokens=4,
+                                         messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content is not None
+    bad = openai.OpenAI(base_url=keyed_server.api, api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        bad.models.list()
+    assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+    assert httpx.get(f"{keyed_server.url}/health").status_code == 200
+    log = keyed_server.log()
+    assert "2 key(s) configured" in log
+    assert KEY_A not in log and KEY_B not in log and "sk-wrong" not in log
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_smoke_script_sends_the_key(keyed_server: RunningServer) -> None:
+    script = str(ROOT / "scripts" / "smoke.sh")
+    env = {k: v for k, v in os.environ.items() if k != "VLSERVE_API_KEY"}
+    without = subprocess.run(["bash", script, keyed_server.url], capture_output=True, text=True,
+                             timeout=120, env=env)
+    assert without.returncode != 0 and "/models returned 401" in without.stderr
+    with_key = subprocess.run(["bash", script, keyed_server.url], capture_output=True,
+                              text=True, timeout=120, env={**env, "VLSERVE_API_KEY": KEY_A})
+    assert with_key.returncode == 0, with_key.stdout + with_key.stderr

@@ -1,0 +1,231 @@
+"""The shipped supervisord program, run for real by supervisord on the demo model.
+
+The configs under supervisor/ are rendered for a temp dir: paths (socket, pidfile, logs,
+preset, checkout) are replaced, `user=` is dropped (the test cannot switch users) and
+startsecs is shortened (the demo model loads in well under a second; the shipped 30 s is
+for a 5 GB model). Everything else (command line, autorestart, stop signal and wait,
+environment, log rotation) is used as shipped.
+"""
+
+from __future__ import annotations
+
+import configparser
+import functools
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port
+from supervisor.datatypes import dict_of_key_value_pairs
+
+from server.config import load_settings
+from server.demo_model import DemoModelPaths
+
+ROOT = Path(__file__).resolve().parent.parent
+SUPERVISOR = ROOT / "supervisor"
+NAME = "youtu-vl-4b-instruct-gguf"
+SECTION = f"program:{NAME}"
+BIN = Path(sys.executable).parent  # supervisord, supervisorctl and vlserve live here
+
+
+def read_ini(path: Path) -> configparser.RawConfigParser:
+    # supervisord's own syntax: ';' starts a comment after whitespace, no interpolation.
+    parser = configparser.RawConfigParser(inline_comment_prefixes=(";",))
+    parser.read(path)
+    return parser
+
+
+def environment(program: configparser.RawConfigParser) -> dict[str, str]:
+    return dict_of_key_value_pairs(program.get(SECTION, "environment"))
+
+
+def test_shipped_program_config() -> None:
+    program = read_ini(SUPERVISOR / f"{NAME}.conf")
+    get = functools.partial(program.get, SECTION)
+    argv = shlex.split(get("command"))
+    assert Path(argv[0]).name == "vlserve" and argv[1] == "serve"
+    assert argv[argv.index("--host") + 1] == "0.0.0.0"
+    preset = ROOT / argv[argv.index("--config") + 1]
+    settings = load_settings(preset)
+    assert settings.model_name == "Youtu-VL-4B-Instruct-GGUF"
+    assert (get("autostart"), get("autorestart"), get("stopsignal")) == ("true", "true", "TERM")
+    env = environment(program)
+    assert {"CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "VLSERVE_N_THREADS"} <= set(env)
+    drain = float(env.get("VLSERVE_DRAIN_TIMEOUT", settings.drain_timeout))
+    # supervisord must not SIGKILL before the drain is over (plus engine shutdown).
+    assert int(get("stopwaitsecs")) >= drain + 5
+    assert int(get("startsecs")) >= 10  # covers loading a multi-GB model
+    assert get("stdout_logfile") == f"/var/log/supervisor/{NAME}-stdout.log"
+    assert get("redirect_stderr") == "true"  # the server logs to stderr
+    assert get("stdout_logfile_maxbytes") and int(get("stdout_logfile_backups")) > 0
+    main = read_ini(SUPERVISOR / "supervisord.conf")
+    assert main.get("include", "files") == f"{NAME}.conf"
+
+
+@dataclass
+class Supervisord:
+    conf: Path
+    log: Path
+    program_log: Path
+    preset: Path  # unique to this test: finds its server processes in /proc
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "supervisorctl"), "-c", str(self.conf), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    def pid(self) -> int:
+        out = self.ctl("pid", NAME).stdout.strip()
+        return int(out) if out.isdigit() else 0
+
+    def logs(self) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        if self.program_log.exists():
+            text += "\n--- program log ---\n" + self.program_log.read_text(errors="replace")
+        return text
+
+
+def render(tmp: Path, demo_model: DemoModelPaths, port: int) -> Path:
+    preset = tmp / "preset.yaml"
+    preset.write_text(f"model: {demo_model.text}\nmmproj: {demo_model.mmproj}\n"
+                      f"model_name: Youtu-VL-4B-Instruct-GGUF\nport: {port}\nn_ctx: 1024\n")
+
+    program = read_ini(SUPERVISOR / f"{NAME}.conf")
+    argv = shlex.split(program.get(SECTION, "command"))
+    argv[0] = str(BIN / "vlserve")
+    argv[argv.index("--config") + 1] = str(preset)
+    program.set(SECTION, "command", shlex.join(argv))
+    program.set(SECTION, "directory", str(ROOT))
+    program.remove_option(SECTION, "user")
+    program.set(SECTION, "startsecs", "1")
+    program.set(SECTION, "stdout_logfile", str(tmp / f"{NAME}-stdout.log"))
+    env = environment(program)
+    threads = str(os.cpu_count() or 1)  # the shipped 8 would oversubscribe a small CI box
+    env.update(OMP_NUM_THREADS=threads, VLSERVE_N_THREADS=threads,
+               PYTHONPATH=str(ROOT))  # the console script imports this checkout
+    program.set(SECTION, "environment", ",".join(f'{k}="{v}"' for k, v in env.items()))
+    program_conf = tmp / f"{NAME}.conf"
+    with program_conf.open("w") as f:
+        program.write(f)
+
+    main = read_ini(SUPERVISOR / "supervisord.conf")
+    sock = tmp / "supervisor.sock"
+    main.set("unix_http_server", "file", str(sock))
+    main.set("supervisord", "logfile", str(tmp / "supervisord.log"))
+    main.set("supervisord", "pidfile", str(tmp / "supervisord.pid"))
+    main.set("supervisord", "childlogdir", str(tmp))
+    main.set("supervisorctl", "serverurl", f"unix://{sock}")
+    main.set("include", "files", str(program_conf))
+    conf = tmp / "supervisord.conf"
+    with conf.open("w") as f:
+        main.write(f)
+    return conf
+
+
+def alive_vlserve(pid: int) -> bool:
+    """True for a live, non-zombie vlserve process (pids can be reused)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"vlserve" in cmdline
+
+
+def servers_started_with(preset: Path) -> list[int]:
+    """Live processes whose command line names this test's preset: ours and only ours."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(preset).encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return [pid for pid in pids if alive_vlserve(pid)]
+
+
+def wait_for(what: str, check: Callable[[], bool], sup: Supervisord, timeout: float = 90.0
+             ) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        assert sup.process.poll() is None, f"supervisord exited:\n{sup.logs()}"
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}:\n{sup.logs()}")
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.fixture
+def supervisord(tmp_path: Path, demo_model: DemoModelPaths) -> Iterator[Supervisord]:
+    port = free_port()
+    conf = render(tmp_path, demo_model, port)
+    log = tmp_path / "supervisord.stdout"
+    with log.open("wb") as out:
+        process = subprocess.Popen([str(BIN / "supervisord"), "-n", "-c", str(conf)],
+                                   stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    sup = Supervisord(conf, tmp_path / "supervisord.log", tmp_path / f"{NAME}-stdout.log",
+                      tmp_path / "preset.yaml", f"http://127.0.0.1:{port}", process)
+    try:
+        yield sup
+    finally:
+        # Whatever happened, leave no supervisord and no server behind. supervisord puts
+        # its children in their own process groups, so they are found by command line.
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # stops the program, then exits
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        for pid in servers_started_with(sup.preset):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_supervisord_restarts_a_killed_server_and_stops_it_cleanly(
+        supervisord: Supervisord) -> None:
+    sup = supervisord
+    wait_for("/health", lambda: healthy(sup.url), sup)
+    wait_for("RUNNING", lambda: "RUNNING" in sup.ctl("status", NAME).stdout, sup)
+    first = sup.pid()
+    assert first and alive_vlserve(first)
+
+    os.kill(first, signal.SIGKILL)
+    wait_for("a new server process", lambda: sup.pid() not in (0, first), sup)
+    second = sup.pid()
+    wait_for("/health after the restart", lambda: healthy(sup.url), sup)
+    assert not alive_vlserve(first) and alive_vlserve(second)
+    log = sup.log.read_text()
+    assert f"exited: {NAME} (terminated by SIGKILL; not expected)" in log
+
+    stop = sup.ctl("stop", NAME)
+    assert stop.returncode == 0 and f"{NAME}: stopped" in stop.stdout, stop.stdout
+    assert not alive_vlserve(second) and not servers_started_with(sup.preset)
+    assert not healthy(sup.url)
+    # SIGTERM → drain → exit 0, so supervisord saw a clean exit, not a kill.
+    assert re.search(rf"stopped: {re.escape(NAME)} \(exit status 0\)", sup.log.read_text()), \
+        sup.logs()
+    assert "signal 15: draining" in sup.program_log.read_text()
+    assert "STOPPED" in sup.ctl("status", NAME).stdout
+
+    shutdown = sup.ctl("shutdown")
+    assert shutdown.returncode == 0, shutdown.stdout + shutdown.stderr
+    assert sup.process.wait(timeout=30) == 0
