@@ -24,6 +24,9 @@ from bench.servers import Server, start_llama_cpp_server, start_vlserve
 from server.demo_model import make_demo_model
 
 Row = tuple[str, float, float, str]  # metric, vlserve, baseline, target note
+# Sent explicitly: llama_cpp.server's llava-1-5 format otherwise adds its own long system
+# prompt, and both servers must evaluate the same prompt for TTFTs to be comparable.
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,16 +63,16 @@ def measure(server: Server, reps: int) -> dict[str, float]:
     out: dict[str, float] = {}
     with httpx.Client(limits=httpx.Limits(max_connections=16)) as client:
         # Warm-up check first: the very first image request after readiness.
-        first = stream_chat(client, server.url, [image_turn("Describe.", photo_data_url(
+        first = stream_chat(client, server.url, [SYSTEM, image_turn("Describe.", photo_data_url(
             1024, 768, seed=1000))], max_tokens=4)
-        steady = median_of(reps, lambda i: stream_chat(client, server.url, [image_turn(
+        steady = median_of(reps, lambda i: stream_chat(client, server.url, [SYSTEM, image_turn(
             "Describe.", photo_data_url(1024, 768, seed=1001 + i))], max_tokens=4).ttft_s)
         out["first_image_ttft_s"] = first.ttft_s
         out["steady_image_ttft_s"] = steady
 
         out["turn2_ttft_s"] = median_of(reps, lambda i: two_turn_ttft(client, server.url, i))
 
-        single = [stream_chat(client, server.url, [{"role": "user", "content":
+        single = [stream_chat(client, server.url, [SYSTEM, {"role": "user", "content":
                   f"Tell a long story number {i}."}], max_tokens=128) for i in range(reps)]
         out["decode_tps"] = statistics.median(r.decode_tps for r in single)
         out["text_ttft_s"] = statistics.median(r.ttft_s for r in single)
@@ -82,7 +85,7 @@ def measure(server: Server, reps: int) -> dict[str, float]:
 
 def two_turn_ttft(client: httpx.Client, url: str, rep: int) -> float:
     image = photo_data_url(1024, 768, seed=rep)
-    turn1 = [image_turn("What is in this picture?", image)]
+    turn1 = [SYSTEM, image_turn("What is in this picture?", image)]
     answer = stream_chat(client, url, turn1, max_tokens=16)
     turn2 = [*turn1, {"role": "assistant", "content": answer.text},
              {"role": "user", "content": "What colour dominates?"}]
@@ -91,7 +94,7 @@ def two_turn_ttft(client: httpx.Client, url: str, rep: int) -> float:
 
 def aggregate_tps(client: httpx.Client, url: str, clients: int, rep: int) -> float:
     def one(i: int) -> StreamResult:
-        return stream_chat(client, url, [{"role": "user", "content":
+        return stream_chat(client, url, [SYSTEM, {"role": "user", "content":
                            f"Client {i} of round {rep}: write a poem."}], max_tokens=64)
 
     started = time.perf_counter()
