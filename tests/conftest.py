@@ -59,7 +59,11 @@ def start_server(models: DemoModelPaths, log_path: Path, *extra: str,
         "--port", str(port), "--n-ctx", str(TEST_N_CTX), *extra,
     ]
     full_env = {**os.environ, "VLSERVE_DEFAULT_MAX_TOKENS": str(TEST_DEFAULT_MAX_TOKENS),
-                "VLSERVE_MAX_TOKENS_CAP": str(TEST_MAX_TOKENS_CAP), **(env or {})}
+                "VLSERVE_MAX_TOKENS_CAP": str(TEST_MAX_TOKENS_CAP),
+                # One llama.cpp thread: the tiny model gains nothing from two, and on a
+                # loaded 2-core machine two threads spin in each other's way at every op
+                # (2000 tokens: 0.8 s with one thread vs 36-66 s with two, measured here).
+                "VLSERVE_N_THREADS": "1", **(env or {})}
     log = log_path.open("wb")
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
