@@ -97,8 +97,8 @@ def _serve(args: argparse.Namespace) -> int:
                             log_level=settings.log_level,
                             access_log=settings.log_level == "debug")
     server = uvicorn.Server(config)
-    logger.info("listening on http://%s:%d (API under /api/v1 and /v1)", settings.host,
-                settings.port)
+    logger.info("listening on http://%s:%d (API under /api/v1 and /v1%s)", settings.host,
+                settings.port, ", playground at /" if settings.playground else "")
     server.run()
     if engine_failed:
         logger.error("exiting because the engine failed")

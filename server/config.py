@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(7860, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    playground: bool = True  # the web page at / and /playground (no API access of its own)
 
     # llama.cpp context.
     n_ctx: int = Field(4096, ge=64)
