@@ -74,8 +74,9 @@ async function refreshStatus() {
   let health = "unreachable";
   try {
     const response = await fetch(new URL("health", ROOT));
-    health = (await response.json()).status;
-  } catch { /* stays "unreachable" */ }
+    health = `HTTP ${response.status}`;  // e.g. a proxy's error page
+    health = (await response.json()).status || health;
+  } catch { /* keeps what it had */ }
 
   let model = null;
   let modelNote = "";
