@@ -23,6 +23,7 @@ from server.config import Settings
 from server.engine import Engine
 from server.images.backend import image_backend
 from server.metrics import Metrics
+from server.playground import mount_playground
 from server.uploads import UploadStore
 
 API_PREFIXES = ("/api/v1", "/v1")
@@ -71,4 +72,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.include_router(chat_router, prefix=prefix)
         app.include_router(files_router, prefix=prefix)
         app.include_router(models_router, prefix=prefix)
+    if settings.playground:
+        mount_playground(app)
     return app

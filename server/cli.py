@@ -126,8 +126,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _log_access(settings: Settings) -> None:
-    logger.info("listening on http://%s:%d (API under /api/v1 and /v1)", settings.host,
-                settings.port)
+    logger.info("listening on http://%s:%d (API under /api/v1 and /v1%s)", settings.host,
+                settings.port, ", playground at /" if settings.playground else "")
     if settings.api_keys:  # how many, never which
         logger.info("API keys required on /api, /v1%s (%d key(s) configured)",
                     "" if settings.metrics_open else " and /metrics", len(settings.api_keys))

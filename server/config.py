@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     api_key_file: Path | None = None
     metrics_open: bool = False  # True: /metrics answers without a key
+    playground: bool = True  # the web page at / and /playground (no API access of its own)
 
     # llama.cpp context.
     n_ctx: int = Field(4096, ge=64)
