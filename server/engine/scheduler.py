@@ -179,7 +179,10 @@ class Scheduler:
                 return
             block = False
             request.timer.add("queue", time.perf_counter() - queued_at)
-            if not request.cancelled.is_set():
+            if request.cancelled.is_set():
+                logger.info("request %s cancelled (client gone) after 0 tokens, while queued",
+                            request.request_id)
+            else:
                 self._start(request, sink)
 
     def _start(self, request: GenerationRequest, sink: Sink) -> None:
