@@ -44,13 +44,24 @@ class SizeRule:
             n_long, n_short = _ceil_div(long, m), _ceil_div(short, m)
         else:  # longest side scaled to exactly `cap` cells, the other in proportion
             n_long, n_short = cap, max(1, _ceil_div(short * cap, long))
-        if self.max_cells is not None:
-            # Too many cells: the largest scale that fits, one cell of the long side at a time.
-            while n_long * n_short > self.max_cells and n_long > 1:
-                n_long -= 1
-                n_short = max(1, _ceil_div(short * n_long, long))
-            n_short = min(n_short, self.max_cells // n_long)
+        if self.max_cells is not None and n_long * n_short > self.max_cells:
+            n_long, n_short = _fit(long, short, n_long, n_short, self.max_cells)
         return (n_long, n_short) if landscape else (n_short, n_long)
+
+
+def _fit(long: int, short: int, n_long: int, n_short: int, budget: int) -> tuple[int, int]:
+    """The grid of the largest scale (at most the unbudgeted one) within `budget` cells.
+
+    A scale that gives the long side n cells lies in ((n-1)/long, n/long] (in cells per
+    pixel), where the short side takes every count from just above short*(n-1)/long up to
+    ceil(short*n/long); so, from the top, take the first n with a count that fits.
+    """
+    for n in range(n_long, 0, -1):
+        most = n_short if n == n_long else _ceil_div(short * n, long)
+        most = min(most, budget // n)
+        if most >= max(1, short * (n - 1) // long + 1):
+            return n, most
+    return 1, 1
 
 
 def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
