@@ -79,7 +79,8 @@ def test_turn_two_reuses_image_and_prefix_with_the_cold_answer(
     assert warm["choices"][0]["message"]["content"] == cold["choices"][0]["message"]["content"]
 
 
-def test_repeated_image_hits_the_embedding_cache(server: RunningServer) -> None:
+def test_repeated_image_hits_the_embedding_cache(family_server: RunningServer) -> None:
+    server = family_server
     image = data_url(photo_bytes(300, 200, seed=33))
     chat(server, [image_message("First question?", image)], max_tokens=2)
     # A different text before the image forces its KV to be recomputed, but not encoded.
@@ -90,13 +91,15 @@ def test_repeated_image_hits_the_embedding_cache(server: RunningServer) -> None:
     assert again["timings"]["image_cache_hits"] == 1
 
 
-def test_concurrent_clients_get_their_single_client_answers(server: RunningServer) -> None:
+def test_concurrent_clients_get_their_single_client_answers(family_server: RunningServer
+                                                           ) -> None:
     """Batching must not mix sequences. Bit-equality with a lone run is not guaranteed: a
     mixed batch takes other matmul/attention kernels (another summation order) than a lone
     sequence, and the KV cache and flash attention work in F16 (about 1e-3 relative), so
     logprobs differ by ~1e-3. So: per-token logprobs must agree within 0.02, and where a
     greedy answer diverges, the lone run must have had a near-tie (< 0.05) there. Mixed-up
     sequences would differ by whole units from the first token on."""
+    server = family_server
     prompts = [[{"role": "user", "content": f"Client {i} asks about topic {i * 7}."}]
                if i % 2 else [image_message(f"Picture {i}?", data_url(photo_bytes(
                    120 + i * 10, 90, seed=i)))] for i in range(8)]
