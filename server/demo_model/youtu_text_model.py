@@ -121,14 +121,17 @@ def _add_tensors(
         )
         writer.add_tensor(f"{blk}.attn_kv_a_norm.weight", ones(cfg.kv_lora_rank))
         # kv_b split per head: k_b is stored transposed (nope x latent), v_b as (latent x v).
+        # Always F32: on CPUs with AMX, llama.cpp puts F16 weights in its AMX buffer, whose
+        # matmul refuses these 3-D weights' non-contiguous inputs, and no other backend may
+        # take the op: the context aborts (GGML_ASSERT in ggml_backend_sched) at creation.
         scale = 1.0 / np.sqrt(cfg.kv_lora_rank)
         writer.add_tensor(
             f"{blk}.attn_k_b.weight",
-            normal(rng, (n_head, cfg.kv_lora_rank, cfg.qk_nope_head_dim), scale, f16),
+            normal(rng, (n_head, cfg.kv_lora_rank, cfg.qk_nope_head_dim), scale, False),
         )
         writer.add_tensor(
             f"{blk}.attn_v_b.weight",
-            normal(rng, (n_head, cfg.v_head_dim, cfg.kv_lora_rank), scale, f16),
+            normal(rng, (n_head, cfg.v_head_dim, cfg.kv_lora_rank), scale, False),
         )
         writer.add_tensor(
             f"{blk}.attn_output.weight", linear(rng, d, n_head * cfg.v_head_dim, f16)
