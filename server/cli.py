@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("dir", type=Path, nargs="?", default=Path("models/demo"))
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--size", choices=("tiny", "bench"), default="tiny")
+    demo.add_argument("--family", choices=("llava", "youtu-vl"), default="llava",
+                      help="llava: llama + mlp projector; youtu-vl: deepseek2 + youtuvl")
     demo.set_defaults(handler=_make_demo_model)
     return parser
 
@@ -145,12 +147,17 @@ def _ensure_model_files(settings: Settings) -> None:
     if not settings.make_demo_model_if_missing:
         raise ConfigError(f"model file not found: {missing[0]} (download it, or point "
                           "--model/--mmproj at existing files)")
-    from server.demo_model import make_demo_model
+    from server.demo_model import FAMILIES, demo_model_paths, make_demo_model
 
-    paths = make_demo_model(Path(settings.model).parent)
-    if (paths.text, paths.mmproj) != (Path(settings.model), Path(settings.mmproj)):
+    wanted = (Path(settings.model), Path(settings.mmproj))
+    # The configured file names say which family to generate.
+    candidates = {f: demo_model_paths(wanted[0].parent, family=f) for f in FAMILIES}
+    family = next((f for f, p in candidates.items() if (p.text, p.mmproj) == wanted), None)
+    if family is None:
+        names = "; ".join(f"{p.text.name} + {p.mmproj.name}" for p in candidates.values())
         raise ConfigError("make_demo_model_if_missing is set, but model/mmproj are not the "
-                          f"demo file names ({paths.text}, {paths.mmproj})")
+                          f"demo file names ({names})")
+    paths = make_demo_model(wanted[0].parent, family=family)  # type: ignore[arg-type]
     logger.warning("generated the demo model in %s: it has RANDOM weights, so its answers "
                    "are random text (point --model/--mmproj at a real model)", paths.text.parent)
 
@@ -189,7 +196,7 @@ def _models(args: argparse.Namespace) -> int:
 def _make_demo_model(args: argparse.Namespace) -> int:
     from server.demo_model import make_demo_model
 
-    paths = make_demo_model(args.dir, seed=args.seed, size=args.size)
+    paths = make_demo_model(args.dir, seed=args.seed, size=args.size, family=args.family)
     print(f"text model: {paths.text}\nprojector:  {paths.mmproj}")
     return 0
 

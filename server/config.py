@@ -72,6 +72,9 @@ class Settings(BaseSettings):
 
     # Images.
     image_max_side: int = Field(1024, ge=16)  # upper bound; fixed-size projectors use less
+    # Image tokens per image for dynamic-resolution projectors (youtuvl); None: the
+    # projector's own limit. Passed to mtmd too, so both sides agree.
+    image_max_tokens: int | None = Field(None, ge=1)
     image_max_bytes: int = Field(20 * 1024 * 1024, ge=1)  # per image, after base64 decoding
     image_max_pixels: int = Field(8192 * 8192, ge=1)  # from the header, before decoding
     image_min_side: int = Field(2, ge=1)

@@ -24,11 +24,22 @@ TEST_DEFAULT_MAX_TOKENS = 24
 TEST_MAX_TOKENS_CAP = 40
 
 
+# The served demo model families, and the name each test server serves its model under.
+FAMILIES: tuple[str, ...] = ("llava", "youtu-vl")
+MODEL_NAMES = {"llava": "vlserve-demo-llava", "youtu-vl": "vlserve-demo-youtu-vl"}
+
+
 @dataclass(frozen=True)
 class RunningServer:
     url: str  # http://127.0.0.1:PORT
     process: subprocess.Popen[bytes]
     log_path: Path
+    models: DemoModelPaths
+    family: str = "llava"
+
+    @property
+    def model_name(self) -> str:
+        return MODEL_NAMES[self.family]
 
     @property
     def api(self) -> str:
@@ -43,6 +54,11 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> DemoModelPaths:
     return make_demo_model(tmp_path_factory.mktemp("models"))
 
 
+@pytest.fixture(scope="session")
+def youtu_model(tmp_path_factory: pytest.TempPathFactory) -> DemoModelPaths:
+    return make_demo_model(tmp_path_factory.mktemp("youtu-models"), family="youtu-vl")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -50,12 +66,13 @@ def free_port() -> int:
 
 
 def start_server(models: DemoModelPaths, log_path: Path, *extra: str,
-                 env: dict[str, str] | None = None) -> RunningServer:
+                 env: dict[str, str] | None = None, family: str = "llava") -> RunningServer:
     port = free_port()
     cmd = [
         sys.executable, "-m", "server.cli", "serve",
         "--config", str(ROOT / "configs" / "default.yaml"),
         "--model", str(models.text), "--mmproj", str(models.mmproj),
+        "--model-name", MODEL_NAMES[family],
         "--port", str(port), "--n-ctx", str(TEST_N_CTX), *extra,
     ]
     full_env = {**os.environ, "VLSERVE_DEFAULT_MAX_TOKENS": str(TEST_DEFAULT_MAX_TOKENS),
@@ -66,7 +83,7 @@ def start_server(models: DemoModelPaths, log_path: Path, *extra: str,
                 "VLSERVE_N_THREADS": "1", **(env or {})}
     log = log_path.open("wb")
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env)
-    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
+    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, models, family)
     wait_ready(server)
     return server
 
@@ -95,10 +112,32 @@ def stop_server(server: RunningServer) -> None:
 
 
 @pytest.fixture(scope="session")
-def server(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[RunningServer]:
-    """The real server (uvicorn + engine thread) on the demo model, with 2 slots."""
+def llava_server(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[RunningServer]:
+    """The real server (uvicorn + engine thread) on the LLaVA demo model, with 2 slots."""
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     running = start_server(demo_model, log_path, "--n-parallel", "2")
     yield running
     stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def youtu_server(youtu_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[RunningServer]:
+    """The same on the Youtu-VL demo model (deepseek2 + youtuvl), same settings."""
+    log_path = tmp_path_factory.mktemp("youtu-server") / "server.log"
+    running = start_server(youtu_model, log_path, "--n-parallel", "2", family="youtu-vl")
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def server(llava_server: RunningServer) -> RunningServer:
+    """The default test server: LLaVA (tests that are not about a model family)."""
+    return llava_server
+
+
+@pytest.fixture(params=FAMILIES)
+def family_server(request: pytest.FixtureRequest) -> RunningServer:
+    """Each family's server in turn: for the tests both families must pass."""
+    return request.getfixturevalue("llava_server" if request.param == "llava" else "youtu_server")

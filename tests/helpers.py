@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 
+import numpy as np
 from PIL import Image
 
 
@@ -22,6 +24,16 @@ def photo_bytes(width: int = 320, height: int = 240, fmt: str = "PNG", seed: int
     return buf.getvalue()
 
 
+def pattern_png(width: int, height: int, seed: int = 0) -> bytes:
+    """Like photo_bytes but built with numpy, so large sizes stay cheap."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1),
+                    (x * y + seed) % 256], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
 def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
@@ -29,3 +41,18 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 def image_message(text: str, url: str) -> dict:
     return {"role": "user", "content": [{"type": "text", "text": text},
                                         {"type": "image_url", "image_url": {"url": url}}]}
+
+
+# configs/default.yaml's image_max_side, which the test servers run with.
+TEST_IMAGE_MAX_SIDE = 1024
+
+
+def expected_image_tokens(family: str, width: int, height: int) -> int:
+    """The image tokens mtmd should produce for a width x height upload, worked out from each
+    projector's published rules (not from the server's own sizing code)."""
+    if family == "llava":
+        return (112 // 14) ** 2  # the tiny CLIP sees one 112 px square in 14 px patches
+    # youtuvl: the longest side capped at image_max_side, then every side rounded up to whole
+    # 32 px squares (16 px patches merged 2x2), one token per square.
+    scale = min(1.0, TEST_IMAGE_MAX_SIDE / max(width, height))
+    return math.ceil(width * scale / 32) * math.ceil(height * scale / 32)

@@ -1,4 +1,5 @@
-"""The chat API end to end: real server, real engine, real openai SDK."""
+"""The chat API end to end: real server, real engine, real openai SDK; every test runs on
+both model families (LLaVA-style and Youtu-VL-style tiny models)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ import httpx
 import openai
 import pytest
 from conftest import TEST_DEFAULT_MAX_TOKENS, TEST_MAX_TOKENS_CAP, TEST_N_CTX, RunningServer
-from helpers import data_url, image_message, photo_bytes
+from helpers import data_url, expected_image_tokens, image_message, pattern_png, photo_bytes
 from PIL import Image
 
 from server.timings import SEQUENTIAL_STAGES, STAGES
+
+
+@pytest.fixture
+def server(family_server: RunningServer) -> RunningServer:
+    return family_server
 
 
 @pytest.fixture
@@ -34,7 +40,7 @@ def assert_timings(timings: dict) -> None:
     assert timings["total"] - sequential < max(250.0, 0.5 * timings["total"])
 
 
-def test_text_chat(client: openai.OpenAI) -> None:
+def test_text_chat(client: openai.OpenAI, server: RunningServer) -> None:
     reply = client.chat.completions.create(
         model="vlserve-demo-llava",
         messages=[{"role": "system", "content": "You are terse."},
@@ -45,7 +51,7 @@ def test_text_chat(client: openai.OpenAI) -> None:
     assert choice.message.role == "assistant"
     assert isinstance(choice.message.content, str) and choice.message.content
     assert choice.finish_reason in ("stop", "length")
-    assert reply.model == "vlserve-demo-llava"
+    assert reply.model == server.model_name
     assert reply.id.startswith("chatcmpl-")
     assert 0 < reply.usage.completion_tokens <= 8
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
@@ -55,10 +61,11 @@ def test_text_chat(client: openai.OpenAI) -> None:
     assert timings["completion_tokens"] == reply.usage.completion_tokens
 
 
-def test_image_chat_data_url_and_raw_base64(client: openai.OpenAI) -> None:
+def test_image_chat_data_url_and_raw_base64(client: openai.OpenAI, server: RunningServer
+                                            ) -> None:
     png = photo_bytes(320, 240, "PNG")
     jpeg = photo_bytes(640, 360, "JPEG", seed=3)
-    for url in (data_url(png), base64.b64encode(jpeg).decode()):
+    for url, size in ((data_url(png), (320, 240)), (base64.b64encode(jpeg).decode(), (640, 360))):
         reply = client.chat.completions.create(
             model="vlserve-demo-llava",
             messages=[image_message("What is in this picture?", url)],
@@ -66,11 +73,29 @@ def test_image_chat_data_url_and_raw_base64(client: openai.OpenAI) -> None:
         )
         timings = reply.model_extra["timings"]
         assert reply.choices[0].message.content
-        assert timings["image_tokens"] == 64  # the tiny projector: 112 px / 14 px patches
+        assert timings["image_tokens"] == expected_image_tokens(server.family, *size)
         assert timings["image_decode"] > 0
         assert timings["image_encode"] > 0
         assert reply.usage.prompt_tokens > timings["image_tokens"]
         assert_timings(timings)
+
+
+@pytest.mark.parametrize("width, height", [
+    (448, 448), (640, 360), (360, 640), (1024, 256), (2048, 512),
+], ids=["1:1", "16:9", "9:16", "4:1", "4:1-over-max-side"])
+def test_aspect_ratios_give_the_projectors_token_counts(client: openai.OpenAI,
+                                                        server: RunningServer,
+                                                        width: int, height: int) -> None:
+    reply = client.chat.completions.create(
+        model="m", max_tokens=3, temperature=0,
+        messages=[image_message("What shape is this?",
+                                data_url(pattern_png(width, height, seed=width)))],
+    )
+    timings = reply.model_extra["timings"]
+    assert timings["image_tokens"] == expected_image_tokens(server.family, width, height)
+    assert reply.usage.prompt_tokens > timings["image_tokens"]
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert_timings(timings)
 
 
 def test_streaming_with_usage(client: openai.OpenAI) -> None:
@@ -277,7 +302,8 @@ def test_concurrent_requests_all_complete(server: RunningServer) -> None:
     assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
 
 
-def test_multi_turn_multi_image_reuses_the_prefix(client: openai.OpenAI) -> None:
+def test_multi_turn_multi_image_reuses_the_prefix(client: openai.OpenAI, server: RunningServer
+                                                  ) -> None:
     first = data_url(photo_bytes(200, 150, seed=11))
     second = data_url(photo_bytes(150, 200, "JPEG", seed=12), "image/jpeg")
     turn1 = [{"role": "user", "content": [
@@ -286,13 +312,15 @@ def test_multi_turn_multi_image_reuses_the_prefix(client: openai.OpenAI) -> None
         {"type": "image_url", "image_url": {"url": second}}]}]
     reply1 = client.chat.completions.create(model="m", messages=turn1, max_tokens=6,
                                             temperature=0)
-    assert reply1.model_extra["timings"]["image_tokens"] == 128
+    n_image = sum(expected_image_tokens(server.family, w, h) for w, h in ((200, 150), (150, 200)))
+    assert reply1.model_extra["timings"]["image_tokens"] == n_image
     turn2 = [*turn1, {"role": "assistant", "content": reply1.choices[0].message.content},
              {"role": "user", "content": "And the second one?"}]
     reply2 = client.chat.completions.create(model="m", messages=turn2, max_tokens=6,
                                             temperature=0)
     cached = reply2.usage.prompt_tokens_details.cached_tokens
-    assert cached >= 128, "turn 2 should keep both images and turn 1 in the KV cache"
+    assert cached >= n_image, "turn 2 should keep both images and turn 1 in the KV cache"
+    assert reply2.model_extra["timings"]["image_encode"] == 0
     assert reply2.model_extra["timings"]["cached_tokens"] == cached
 
 
@@ -301,7 +329,7 @@ def test_models_endpoint(server: RunningServer) -> None:
         body = httpx.get(f"{server.url}{prefix}/models", timeout=10).json()
         assert body["object"] == "list"
         card = body["data"][0]
-        assert card["id"] == "vlserve-demo-llava"
+        assert card["id"] == server.model_name
         assert card["meta"]["state"] == "ok"
         assert card["meta"]["projector_on_gpu"] is False
     missing = httpx.get(f"{server.api}/models/nope", timeout=10)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.demo_model import LLAVA_CHAT_TEMPLATE
+from server.demo_model import LLAVA_CHAT_TEMPLATE, YOUTU_VL_CHAT_TEMPLATE
 from server.engine.prompt import ChatTemplate, PromptError
 from server.engine.types import ChatMessage, ImageInput
 
@@ -60,3 +60,31 @@ def test_template_is_sandboxed() -> None:
 def test_broken_template_is_reported() -> None:
     with pytest.raises(PromptError, match="does not compile"):
         template("{% for %}")
+
+
+def test_bos_is_kept_when_tokenization_does_not_add_it() -> None:
+    source = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    keep = ChatTemplate(source, bos_token="<s>", eos_token="</s>", media_marker=MARKER,
+                        strip_bos=False)
+    assert keep.render([ChatMessage("user", ("x",))]).text == "<s>x"
+
+
+def test_youtu_vl_turns_with_images_right_before_the_text() -> None:
+    youtu = ChatTemplate(YOUTU_VL_CHAT_TEMPLATE, bos_token="<|begin_of_text|>",
+                         eos_token="<|end_of_text|>", media_marker=MARKER, strip_bos=False,
+                         part_separator="")
+    rendered = youtu.render([
+        ChatMessage("user", (IMAGE, "What is this?")),
+        ChatMessage("assistant", ("A cat.",)),
+        ChatMessage("user", ("Sure?",)),
+    ])
+    assert rendered.text == (
+        "<|begin_of_text|>system\nYou are a helpful assistant.<|end_of_text|>\n"
+        f"<|begin_of_text|>user\n{MARKER}What is this?<|end_of_text|>\n"
+        "<|begin_of_text|>assistant\nA cat.<|end_of_text|>\n"
+        "<|begin_of_text|>user\nSure?<|end_of_text|>\n"
+        "<|begin_of_text|>assistant\n"
+    )
+    own = youtu.render([ChatMessage("system", ("Be brief.",)), ChatMessage("user", ("hi",))])
+    assert own.text.startswith("<|begin_of_text|>system\nBe brief.<|end_of_text|>\n")
+    assert "helpful" not in own.text

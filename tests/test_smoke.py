@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_smoke_script_passes(server: RunningServer) -> None:
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "smoke.sh"), server.url],
+def test_smoke_script_passes(family_server: RunningServer) -> None:
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "smoke.sh"), family_server.url],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "smoke test passed" in proc.stdout

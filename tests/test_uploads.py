@@ -32,8 +32,9 @@ def file_part(file_id: str) -> dict:
     return {"type": "file", "file": {"file_id": file_id}}
 
 
-def test_sdk_upload_then_chat_skips_the_encoder(client: openai.OpenAI,
-                                               server: RunningServer) -> None:
+def test_sdk_upload_then_chat_skips_the_encoder(family_server: RunningServer) -> None:
+    server = family_server  # pre-encoding runs the projector outside a chat: both families
+    client = openai.OpenAI(base_url=server.api, api_key="unused", max_retries=0, timeout=60)
     png = photo_bytes(333, 222, seed=77)
     uploaded = client.files.create(file=("cat.png", io.BytesIO(png)), purpose="vision")
     assert uploaded.id.startswith("file-") and len(uploaded.id) == len("file-") + 32

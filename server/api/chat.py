@@ -215,6 +215,7 @@ def _sampling(body: ChatCompletionRequest) -> SamplingParams:
         repeat_penalty=body.repeat_penalty or defaults.repeat_penalty,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
+        ignore_eos=bool(body.ignore_eos),
     )
 
 

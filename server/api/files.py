@@ -34,7 +34,7 @@ async def upload_file(request: Request) -> JSONResponse:
     purpose = form.fields.get("purpose", "vision")
     try:
         decoded = await run_in_threadpool(partial(decode_image, form.file_bytes,
-                                                  state.image_side, limits=state.image_limits))
+                                                  state.image_size, limits=state.image_limits))
     except ImageError as exc:
         raise image_api_error(exc, "file") from None
     image = ImageInput(decoded.rgb, decoded.width, decoded.height, decoded.content_hash)

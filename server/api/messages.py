@@ -54,7 +54,7 @@ async def to_engine_messages(
 
 async def _decode(url: str, state: AppState, timer: StageTimer, param: str) -> ImageInput:
     try:
-        image = await run_in_threadpool(partial(decode_image_reference, url, state.image_side,
+        image = await run_in_threadpool(partial(decode_image_reference, url, state.image_size,
                                                 limits=state.image_limits))
     except ImageError as exc:
         raise image_api_error(exc, param) from None

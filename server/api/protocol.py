@@ -69,6 +69,7 @@ class ChatCompletionRequest(_Lenient):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
     logprobs: bool | None = None
+    ignore_eos: bool | None = None  # extension (as in vLLM / llama.cpp): run to max_tokens
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from server.api.drain import Drain
 from server.config import Settings
 from server.engine import Engine
-from server.images import ImageLimits
+from server.images import ImageLimits, SizeRule
 from server.metrics import Metrics
 from server.uploads import UploadStore
 
@@ -29,6 +29,8 @@ class AppState:
                            settings.image_min_side, frozenset(settings.image_formats))
 
     @property
-    def image_side(self) -> int:
-        """Longest side images are decoded to: the projector's native size when it has one."""
-        return int(self.engine.info.get("image_target_side", self.settings.image_max_side))
+    def image_size(self) -> SizeRule:
+        """What images are decoded to: the projector's native size or grid, within the caps."""
+        info = self.engine.info
+        return SizeRule(int(info.get("image_target_side", self.settings.image_max_side)),
+                        int(info.get("image_cell", 1)), info.get("image_max_tokens"))

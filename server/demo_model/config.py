@@ -48,7 +48,7 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    file_prefix: str  # "demo" or "bench": file names are {prefix}-llava-{text,mmproj}.gguf
+    file_prefix: str  # "demo" or "bench": file names are {prefix}-{family}-{text,mmproj}.gguf
     name: str
     text: TextConfig
     vision: VisionConfig

@@ -87,6 +87,8 @@ def load_model(settings: Settings) -> LoadedModel:
     mtmd_params.n_threads = n_threads
     mtmd_params.print_timings = False
     mtmd_params.warmup = False  # our own warm-up runs the whole request path instead
+    if settings.image_max_tokens:  # dynamic-resolution projectors only; others ignore it
+        mtmd_params.image_max_tokens = settings.image_max_tokens
     mctx = mtmd_cpp.mtmd_init_from_file(str(settings.mmproj).encode(), model, mtmd_params)
     if not mctx:
         llama_cpp.llama_free(ctx)
@@ -100,14 +102,17 @@ def load_model(settings: Settings) -> LoadedModel:
     pieces = [_piece(vocab, t, special=False) for t in range(n_vocab)]
     eog = frozenset(t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
     marker = (mtmd_cpp.mtmd_default_marker() or b"<__media__>").decode()
+    projector = read_projector_info(Path(settings.mmproj))
     template = ChatTemplate(
         _template_source(settings, model),
         bos_token=_special_text(vocab, llama_cpp.llama_vocab_bos(vocab)),
         eos_token=_special_text(vocab, llama_cpp.llama_vocab_eos(vocab)),
         media_marker=marker,
+        # mtmd adds BOS only when the vocab says so; otherwise the template's own is needed.
+        strip_bos=bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
+        part_separator="" if projector.wraps_images else "\n",
     )
-    projector = read_projector_info(Path(settings.mmproj))
-    native = projector.native_side
+    geometry = projector.geometry(settings.image_max_side, settings.image_max_tokens)
     gpu_build = bool(llama_cpp.llama_supports_gpu_offload())
     n_layers = llama_cpp.llama_model_n_layer(model)
     offloaded = 0
@@ -126,10 +131,14 @@ def load_model(settings: Settings) -> LoadedModel:
         "gpu_layers": offloaded,
         "projector_on_gpu": gpu_build and settings.mmproj_use_gpu,
         "uses_mrope": bool(mtmd_cpp.mtmd_decode_use_mrope(mctx)),
+        "image_non_causal": bool(mtmd_cpp.mtmd_decode_use_non_causal(mctx, None)),
         "projector_type": projector.projector_type,
         "projector_image_size": projector.image_size,
-        # Images are decoded straight to what the projector consumes, within the config cap.
-        "image_target_side": min(settings.image_max_side, native or settings.image_max_side),
+        # Images are decoded straight to what the projector consumes, within the config caps:
+        # longest side, and for grid projectors whole cells of image_cell px, one token each.
+        "image_target_side": geometry.max_side,
+        "image_cell": geometry.cell,
+        "image_max_tokens": geometry.max_cells,
         "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
     }
     return LoadedModel(

@@ -33,7 +33,10 @@ class RenderedPrompt:
 
 
 class ChatTemplate:
-    def __init__(self, source: str, *, bos_token: str, eos_token: str, media_marker: str) -> None:
+    def __init__(self, source: str, *, bos_token: str, eos_token: str, media_marker: str,
+                 strip_bos: bool = True, part_separator: str = "\n") -> None:
+        """`strip_bos`: drop a BOS the template emits because tokenization adds one (the
+        vocab's add_bos); `part_separator` joins a message's text and image parts."""
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -45,6 +48,8 @@ class ChatTemplate:
         self._bos = bos_token
         self._eos = eos_token
         self._marker = media_marker
+        self._strip_bos = strip_bos
+        self._separator = part_separator
 
     def render(
         self, messages: list[ChatMessage], system_prompt: str | None = None
@@ -61,7 +66,8 @@ class ChatTemplate:
                     texts.append(self._marker)
                 else:
                     texts.append(part)
-            rendered_messages.append({"role": message.role, "content": "\n".join(texts)})
+            rendered_messages.append({"role": message.role,
+                                      "content": self._separator.join(texts)})
         try:
             text = self._template.render(
                 messages=rendered_messages,
@@ -71,8 +77,9 @@ class ChatTemplate:
             )
         except TemplateError as exc:
             raise PromptError(f"chat template failed on these messages: {exc}") from None
-        # mtmd adds BOS itself; a template that also emits it would double it.
-        if self._bos and text.startswith(self._bos):
+        # When tokenization adds BOS, a template that also emits it would double it; when it
+        # does not (Youtu-VL: <|begin_of_text|> opens every turn), the template's must stay.
+        if self._strip_bos and self._bos and text.startswith(self._bos):
             text = text[len(self._bos):]
         if text.count(self._marker) != len(images):
             raise PromptError("message text must not contain the media marker itself")

@@ -9,10 +9,16 @@ import llama_cpp
 from server.engine.types import SamplingParams
 
 
-def build_sampler_chain(params: SamplingParams, n_vocab: int) -> llama_cpp.llama_sampler_p:
+def build_sampler_chain(params: SamplingParams, n_vocab: int,
+                        eog_tokens: frozenset[int] = frozenset()) -> llama_cpp.llama_sampler_p:
     """A chain the caller owns (free with llama_sampler_free)."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     add = llama_cpp.llama_sampler_chain_add
+    if params.ignore_eos and eog_tokens:
+        # End-of-generation tokens can never be drawn: the answer runs to max_tokens.
+        biases = (llama_cpp.llama_logit_bias * len(eog_tokens))(
+            *(llama_cpp.llama_logit_bias(t, float("-inf")) for t in sorted(eog_tokens)))
+        add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(eog_tokens), biases))
     if (
         params.repeat_penalty != 1.0
         or params.presence_penalty != 0.0

@@ -219,7 +219,7 @@ class Scheduler:
         slot.job = Job(
             request=request,
             sink=sink,
-            sampler=build_sampler_chain(request.sampling, model.n_vocab),
+            sampler=build_sampler_chain(request.sampling, model.n_vocab, model.eog_tokens),
             text=TextStream(request.stop),
             max_new=request.max_tokens,
             prompt=prompt,

@@ -22,6 +22,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     penalty_last_n: int = 64
+    ignore_eos: bool = False  # benchmarks and load tests: always run to max_tokens
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Image bytes → validated, EXIF-rotated, RGB, downsized pixels. No model or HTTP knowledge."""
 
 from server.images.backend import image_backend_info
-from server.images.decode import DecodedImage, content_hash, decode_image, target_size
+from server.images.decode import DecodedImage, content_hash, decode_image
+from server.images.geometry import SizeRule, target_size
 from server.images.limits import (
     DEFAULT_LIMITS,
     SUPPORTED_FORMATS,
@@ -18,6 +19,7 @@ __all__ = [
     "ImageError",
     "ImageLimits",
     "ImageTooLargeError",
+    "SizeRule",
     "content_hash",
     "decode_image",
     "decode_image_reference",

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from server.images import backend
+from server.images.geometry import SizeRule
 from server.images.limits import (
     DEFAULT_LIMITS,
     ImageError,
@@ -27,7 +28,9 @@ from server.images.limits import (
     format_name,
 )
 
-__all__ = ["DecodedImage", "ImageError", "ImageLimits", "ImageTooLargeError", "decode_image"]
+__all__ = [
+    "DecodedImage", "ImageError", "ImageLimits", "ImageTooLargeError", "SizeRule", "decode_image",
+]
 
 # Bicubic is what CLIP-style preprocessors use. With reducing_gap=2 Pillow first box-reduces
 # by an integer factor when the image is over 4x the target: 2-4x faster, PSNR ≥ 45 dB.
@@ -66,21 +69,20 @@ def content_hash(data: bytes) -> str:
 
 
 def decode_image(
-    data: bytes, max_side: int, *, limits: ImageLimits = DEFAULT_LIMITS
+    data: bytes, size: int | SizeRule, *, limits: ImageLimits = DEFAULT_LIMITS
 ) -> DecodedImage:
-    """Decode, orient, convert to RGB and downsize so the longest side is ≤ max_side.
+    """Decode, orient, convert to RGB and resize to `size`'s box (an int: longest side ≤ it).
 
     Raises ImageTooLargeError for inputs over `limits`, ImageError for anything else that
     is not an acceptable image; no other exception escapes for bad input.
     """
-    if max_side < 1:
-        raise ValueError(f"max_side must be positive, got {max_side}")
+    rule = size if isinstance(size, SizeRule) else SizeRule(size)
     limits.check_bytes(len(data))
     digest = content_hash(data)
     t0 = time.perf_counter()
     image = _open(data, limits)
     fmt, (width, height) = image.format or "", image.size
-    box = target_size(width, height, max_side)
+    box = rule.box(width, height)  # as stored; the rule is symmetric, so orienting is safe
     decoded = None
     if fmt in _JPEG_FORMATS and image.mode in ("RGB", "L") and backend.simplejpeg is not None:
         decoded = _decode_jpeg_scaled(data, box)  # None: let Pillow have a go
@@ -92,15 +94,6 @@ def decode_image(
     rgb, out_w, out_h = _finish_image(decoded, box, orientation)
     t2 = time.perf_counter()
     return DecodedImage(rgb, out_w, out_h, digest, t1 - t0, t2 - t1, fmt, width, height)
-
-
-def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """(width, height) scaled so the longest side is max_side; never enlarged."""
-    longest = max(width, height)
-    if longest <= max_side:
-        return width, height
-    scale = max_side / longest
-    return max(1, min(max_side, round(width * scale))), max(1, min(max_side, round(height * scale)))
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:

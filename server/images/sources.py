@@ -8,6 +8,7 @@ import re
 import pybase64
 
 from server.images.decode import DecodedImage, decode_image
+from server.images.geometry import SizeRule
 from server.images.limits import DEFAULT_LIMITS, ImageError, ImageLimits, ImageTooLargeError
 
 _WHITESPACE = re.compile(r"\s+")
@@ -48,10 +49,10 @@ def image_bytes_from_url(url: str, *, limits: ImageLimits = DEFAULT_LIMITS) -> b
 
 
 def decode_image_reference(
-    url: str, max_side: int, *, limits: ImageLimits = DEFAULT_LIMITS
+    url: str, size: int | SizeRule, *, limits: ImageLimits = DEFAULT_LIMITS
 ) -> DecodedImage:
-    """An `image_url` value → decoded, oriented, RGB pixels with longest side ≤ max_side."""
-    return decode_image(image_bytes_from_url(url, limits=limits), max_side, limits=limits)
+    """An `image_url` value → decoded, oriented, RGB pixels sized by `size` (see decode_image)."""
+    return decode_image(image_bytes_from_url(url, limits=limits), size, limits=limits)
 
 
 def _b64decode(payload: str) -> bytes:
