@@ -84,7 +84,11 @@ def start_server(models: DemoModelPaths, log_path: Path, *extra: str,
     log = log_path.open("wb")
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, models, family)
-    wait_ready(server)
+    try:
+        wait_ready(server)
+    except BaseException:
+        stop_server(server)  # a server that never got ready must not outlive the test run
+        raise
     return server
 
 
