@@ -88,3 +88,9 @@ def test_youtu_vl_turns_with_images_right_before_the_text() -> None:
     own = youtu.render([ChatMessage("system", ("Be brief.",)), ChatMessage("user", ("hi",))])
     assert own.text.startswith("<|begin_of_text|>system\nBe brief.<|end_of_text|>\n")
     assert "helpful" not in own.text
+
+
+def test_runtime_error_inside_template_is_a_prompt_error() -> None:
+    source = "{{ messages[0]['content'] + 1 }}"
+    with pytest.raises(PromptError, match="TypeError"):
+        template(source).render([ChatMessage("user", ("x",))])

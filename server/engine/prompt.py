@@ -77,6 +77,10 @@ class ChatTemplate:
             )
         except TemplateError as exc:
             raise PromptError(f"chat template failed on these messages: {exc}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+            # A template's own expressions can fail on unusual but valid conversations.
+            raise PromptError(f"chat template failed on these messages ({type(exc).__name__})"
+                              ) from None
         # When tokenization adds BOS, a template that also emits it would double it; when it
         # does not (Youtu-VL: <|begin_of_text|> opens every turn), the template's must stay.
         if self._strip_bos and self._bos and text.startswith(self._bos):

@@ -183,7 +183,21 @@ class Scheduler:
                 logger.info("request %s cancelled (client gone) after 0 tokens, while queued",
                             request.request_id)
             else:
-                self._start(request, sink)
+                self._start_guarded(request, sink)
+
+    def _start_guarded(self, request: GenerationRequest, sink: Sink) -> None:
+        """One request's unexpected failure answers that request with a 500; it must never
+        take the engine loop (and every other request) down with it."""
+        try:
+            self._start(request, sink)
+        except Exception:
+            logger.exception("preparing request %s failed", request.request_id)
+            for slot in self.slots:
+                if slot.job is not None and slot.job.request is request:
+                    self._forget(slot)
+                    self._end(slot, ErrorEvent(500, "the engine failed on this request"))
+                    return
+            sink.put(ErrorEvent(500, "the engine failed on this request"))
 
     def _start(self, request: GenerationRequest, sink: Sink) -> None:
         """Tokenize, pick a slot, keep its reusable KV prefix and queue the rest as work."""
