@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import time
 from dataclasses import dataclass
 
@@ -13,41 +12,25 @@ from PIL import Image, ImageDraw
 
 
 @dataclass(frozen=True)
-class StreamResult:
-    ttft_s: float  # request sent → first content token
-    total_s: float
-    tokens: int
+class ChatResult:
+    seconds: float  # request sent → whole answer received
+    tokens: int  # usage.completion_tokens, as the server counted them
     text: str
 
-    @property
-    def decode_tps(self) -> float:
-        """Tokens after the first, per second of streaming them."""
-        span = self.total_s - self.ttft_s
-        return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else 0.0
 
-
-def stream_chat(client: httpx.Client, url: str, messages: list[dict], max_tokens: int
-                ) -> StreamResult:
+def chat(client: httpx.Client, url: str, messages: list[dict], max_tokens: int) -> ChatResult:
+    """One non-streaming greedy request. Non-streaming on purpose: llama_cpp.server sends
+    its whole stream at the end, so client-side stream timings would not compare; with
+    max_tokens=1 the request time is the time to first token on any server."""
     body = {"model": "bench", "messages": messages, "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}
+            "temperature": 0}
     started = time.perf_counter()
-    first = 0.0
-    pieces: list[str] = []
-    with client.stream("POST", f"{url}/chat/completions", json=body, timeout=600) as resp:
-        resp.raise_for_status()
-        for line in resp.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            for choice in chunk.get("choices", []):
-                content = choice.get("delta", {}).get("content")
-                if content is not None and (content or choice.get("finish_reason") is None):
-                    if content and not first:
-                        first = time.perf_counter() - started
-                    if content:
-                        pieces.append(content)
-    total = time.perf_counter() - started
-    return StreamResult(first or total, total, len(pieces), "".join(pieces))
+    resp = client.post(f"{url}/chat/completions", json=body, timeout=600)
+    resp.raise_for_status()
+    seconds = time.perf_counter() - started
+    reply = resp.json()
+    return ChatResult(seconds, int(reply["usage"]["completion_tokens"]),
+                      reply["choices"][0]["message"]["content"] or "")
 
 
 def photo_data_url(width: int, height: int, seed: int) -> str:

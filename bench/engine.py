@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.client import StreamResult, image_turn, photo_data_url, stream_chat
+from bench.client import ChatResult, chat, image_turn, photo_data_url
 from bench.servers import Server, start_llama_cpp_server, start_vlserve
 from server.demo_model import make_demo_model
 
@@ -61,41 +61,49 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure(server: Server, reps: int) -> dict[str, float]:
     out: dict[str, float] = {}
+    url = server.url
     with httpx.Client(limits=httpx.Limits(max_connections=16)) as client:
-        # Warm-up check first: the very first image request after readiness.
-        first = stream_chat(client, server.url, [SYSTEM, image_turn("Describe.", photo_data_url(
-            1024, 768, seed=1000))], max_tokens=4)
-        steady = median_of(reps, lambda i: stream_chat(client, server.url, [SYSTEM, image_turn(
-            "Describe.", photo_data_url(1024, 768, seed=1001 + i))], max_tokens=4).ttft_s)
-        out["first_image_ttft_s"] = first.ttft_s
-        out["steady_image_ttft_s"] = steady
-
-        out["turn2_ttft_s"] = median_of(reps, lambda i: two_turn_ttft(client, server.url, i))
-
-        single = [stream_chat(client, server.url, [SYSTEM, {"role": "user", "content":
-                  f"Tell a long story number {i}."}], max_tokens=128) for i in range(reps)]
-        out["decode_tps"] = statistics.median(r.decode_tps for r in single)
-        out["text_ttft_s"] = statistics.median(r.ttft_s for r in single)
-
+        # Warm-up check first: the very first image request after readiness (TTFT).
+        out["first_image_ttft_s"] = chat(client, url, [SYSTEM, image_turn(
+            "Describe.", photo_data_url(1024, 768, seed=1000))], max_tokens=1).seconds
+        out["steady_image_ttft_s"] = median_of(reps, lambda i: chat(client, url, [
+            SYSTEM, image_turn("Describe.", photo_data_url(1024, 768, seed=1001 + i))],
+            max_tokens=1).seconds)
+        out["turn2_ttft_s"] = median_of(reps, lambda i: two_turn_ttft(client, url, i))
+        out["text_ttft_s"] = median_of(reps, lambda i: chat(client, url, [SYSTEM, story(
+            f"a{i}")], max_tokens=1).seconds)
+        out["decode_tps"] = median_of(reps, lambda i: decode_rate(client, url, i))
         for n in (1, 2, 4):
             out[f"aggregate_tps_{n}"] = median_of(reps, lambda i, n=n: aggregate_tps(
-                client, server.url, n, i))
+                client, url, n, i))
     return out
+
+
+def story(tag: str) -> dict:
+    return {"role": "user", "content": f"Tell a long story, number {tag}."}
+
+
+def decode_rate(client: httpx.Client, url: str, rep: int) -> float:
+    """Generation speed without prompt evaluation: two cold prompts of equal length, 8 and
+    136 tokens; the difference in time is 128 tokens of decoding."""
+    short = chat(client, url, [SYSTEM, story(f"s{rep}")], max_tokens=8)
+    long = chat(client, url, [SYSTEM, story(f"l{rep}")], max_tokens=136)
+    return (long.tokens - short.tokens) / max(long.seconds - short.seconds, 1e-9)
 
 
 def two_turn_ttft(client: httpx.Client, url: str, rep: int) -> float:
     image = photo_data_url(1024, 768, seed=rep)
     turn1 = [SYSTEM, image_turn("What is in this picture?", image)]
-    answer = stream_chat(client, url, turn1, max_tokens=16)
+    answer = chat(client, url, turn1, max_tokens=16)
     turn2 = [*turn1, {"role": "assistant", "content": answer.text},
              {"role": "user", "content": "What colour dominates?"}]
-    return stream_chat(client, url, turn2, max_tokens=8).ttft_s
+    return chat(client, url, turn2, max_tokens=1).seconds
 
 
 def aggregate_tps(client: httpx.Client, url: str, clients: int, rep: int) -> float:
-    def one(i: int) -> StreamResult:
-        return stream_chat(client, url, [SYSTEM, {"role": "user", "content":
-                           f"Client {i} of round {rep}: write a poem."}], max_tokens=64)
+    def one(i: int) -> ChatResult:
+        return chat(client, url, [SYSTEM, {"role": "user", "content":
+                    f"Client {i} of round {rep}: write a poem."}], max_tokens=64)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:

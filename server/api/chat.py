@@ -47,25 +47,34 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         timer=timer,
         request_id=record.request_id,
         top_logprobs=_top_logprobs(body),
+        stream=body.stream,
     )
     events = state.engine.generate(generation)
+    # Until a streaming response takes over (Starlette then notices hang-ups itself), a
+    # client that goes away must cancel its generation: queued, prefilling or, without
+    # streaming, the whole answer long.
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, generation))
     try:
-        first = await anext(events)
-    except QueueFullError as exc:
-        raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from None
-    except EngineNotReadyError as exc:
-        raise APIError(503, str(exc), code="model_not_ready") from None
-    if isinstance(first, ErrorEvent):
-        return error_response(first.status, first.message, code=first.code)
-    reply = _Reply(record.completion_id, state.settings.model_name)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _stream(reply, first, events, generation, include_usage, record),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
-        )
-    return await _complete(reply, first, events, request, generation, record)
+        try:
+            first = await anext(events)
+        except QueueFullError as exc:
+            raise APIError(429, str(exc), code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        except EngineNotReadyError as exc:
+            raise APIError(503, str(exc), code="model_not_ready") from None
+        if isinstance(first, ErrorEvent):
+            return error_response(first.status, first.message, code=first.code)
+        reply = _Reply(record.completion_id, state.settings.model_name)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _stream(reply, first, events, generation, include_usage, record),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        return await _complete(reply, first, events, generation, record)
+    finally:
+        watcher.cancel()
 
 
 class _Reply:
@@ -84,19 +93,14 @@ class _Reply:
 
 
 async def _complete(reply: _Reply, event: EngineEvent, events: AsyncIterator[EngineEvent],
-                    request: Request, generation: GenerationRequest, record: RequestRecord
-                    ) -> Response:
+                    generation: GenerationRequest, record: RequestRecord) -> Response:
     pieces: list[str] = []
     logprobs: list[dict[str, object]] = []
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, generation))
-    try:
-        while isinstance(event, TokenEvent):
-            pieces.append(event.text)
-            if event.logprob is not None:
-                logprobs.append(_logprob_entry(event.logprob))
-            event = await anext(events)
-    finally:
-        watcher.cancel()
+    while isinstance(event, TokenEvent):
+        pieces.append(event.text)
+        if event.logprob is not None:
+            logprobs.append(_logprob_entry(event.logprob))
+        event = await anext(events)
     if isinstance(event, ErrorEvent):
         return error_response(event.status, event.message, code=event.code)
     assert isinstance(event, DoneEvent)

@@ -43,6 +43,10 @@ class LoadedModel:
     n_vocab: int
     pieces: list[bytes]  # token id → UTF-8 bytes of its text
     eog_tokens: frozenset[int]
+    # SentencePiece vocabs mark word starts with a space, so an answer's first piece begins
+    # with one; like HF's decode, it is dropped. The answer sent back in the next turn then
+    # tokenizes to the very tokens that were generated, and their KV is reused.
+    strip_first_space: bool
     template: ChatTemplate
     media_marker: str
     info: dict[str, Any] = field(default_factory=dict)
@@ -151,6 +155,7 @@ def load_model(settings: Settings) -> LoadedModel:
         n_vocab=n_vocab,
         pieces=pieces,
         eog_tokens=eog,
+        strip_first_space=llama_cpp.llama_vocab_type(vocab) == llama_cpp.LLAMA_VOCAB_TYPE_SPM,
         template=template,
         media_marker=marker,
         info=info,

@@ -73,6 +73,7 @@ class Job:
     n_generated: int = 0
     next_token: int = -1  # sampled, to be fed to the next decode step
     saw_first_token: bool = False
+    held_text: list[str] | None = None  # non-streaming: the answer, sent whole at the end
 
 
 @dataclass
@@ -239,6 +240,7 @@ class Scheduler:
             prompt=prompt,
             work=_remaining_work(prompt, keep),
             deadline=time.perf_counter() + (request.timeout_s or self.settings.request_timeout),
+            held_text=None if request.stream or request.top_logprobs is not None else [],
         )
 
     def _check_prompt(self, prompt: mtmd.TokenizedPrompt) -> ErrorEvent | None:
@@ -405,13 +407,18 @@ class Scheduler:
         if token in self.model.eog_tokens:
             self._finish(slot, "stop")
             return
+        piece = self.model.pieces[token]
+        if job.n_generated == 0 and self.model.strip_first_space and piece.startswith(b" "):
+            piece = piece[1:]
         job.n_generated += 1
-        text = job.text.push(self.model.pieces[token])
+        text = job.text.push(piece)
         top_k = job.request.top_logprobs
         if top_k is not None:
             model = self.model
             job.sink.put(TokenEvent(text, token_logprob(model.ctx, batch_index, model.n_vocab,
                                                         token, top_k, model.pieces)))
+        elif job.held_text is not None:
+            job.held_text.append(text)
         elif text:
             job.sink.put(TokenEvent(text))
         if job.text.stopped:
@@ -435,9 +442,11 @@ class Scheduler:
     def _finish(self, slot: Slot, reason: str) -> None:
         job = slot.job
         assert job is not None
-        tail = job.text.finish()
-        if tail:
-            job.sink.put(TokenEvent(tail))
+        text = job.text.finish()
+        if job.held_text is not None:
+            text = "".join(job.held_text) + text
+        if text:
+            job.sink.put(TokenEvent(text))
         timer = job.request.timer
         timer.completion_tokens = job.n_generated
         if job.prompt_done_at:
