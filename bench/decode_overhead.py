@@ -4,8 +4,9 @@
 
 Baseline: the tightest Python loop llama-cpp-python allows (llama_decode of one token +
 llama_sampler_sample, greedy). vlserve: the same prompt through Engine.generate (scheduler,
-detokenizer, event hand-off to asyncio). Runs alternate (A, B, A, B, ...) so background
-load hits both alike; the table shows median tokens/s and the ratio.
+detokenizer, event hand-off to asyncio), streaming. Each run is its own process (two
+llama.cpp thread teams in one process would spin against each other), and runs alternate
+(A, B, A, B, ...) so background load hits both alike; the table shows median tokens/s.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -76,7 +79,7 @@ def engine_runs(text: Path, mmproj: Path, n_tokens: int, reps: int, threads: int
         request = GenerationRequest(
             messages=[ChatMessage("user", (f"Tell me a long story about a lighthouse keeper {i}.",
                                            ))],
-            max_tokens=n_tokens + 1, sampling=SamplingParams(temperature=0.0))
+            max_tokens=n_tokens + 1, sampling=SamplingParams(temperature=0.0, ignore_eos=True))
         first = 0.0
         async for event in engine.generate(request):
             if isinstance(event, TokenEvent) and not first:
@@ -95,21 +98,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--only", choices=("bare", "engine"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     text, mmproj = args.dir / "bench-llava-text.gguf", args.dir / "bench-llava-mmproj.gguf"
+    if args.only == "bare":
+        print(f"RATE {bare_loop(text, args.tokens, 1, args.threads)[0]}")
+        return 0
+    if args.only == "engine":
+        print(f"RATE {engine_runs(text, mmproj, args.tokens, 1, args.threads)[0]}")
+        return 0
     if not text.is_file():
-        paths = make_demo_model(args.dir, size="bench")
-        text, mmproj = paths.text, paths.mmproj
-    bare: list[float] = []
-    mine: list[float] = []
-    for _ in range(args.reps):  # alternate, so background load hits both alike
-        bare += bare_loop(text, args.tokens, 1, args.threads)
-        mine += engine_runs(text, mmproj, args.tokens, 1, args.threads)
-    b, m = statistics.median(bare), statistics.median(mine)
+        make_demo_model(args.dir, size="bench")
+    rates: dict[str, list[float]] = {"bare": [], "engine": []}
+    for _ in range(args.reps):
+        for side in rates:
+            proc = subprocess.run(
+                [sys.executable, "-m", "bench.decode_overhead", "--only", side, "--dir",
+                 str(args.dir), "--tokens", str(args.tokens), "--threads", str(args.threads)],
+                capture_output=True, text=True, check=True)
+            rates[side].append(float(proc.stdout.split("RATE ")[-1]))
+    b, m = statistics.median(rates["bare"]), statistics.median(rates["engine"])
     print(f"\n{'decode, 1 stream, greedy':<34} {'tok/s':>8}")
     print(f"{'bare ctypes loop (baseline)':<34} {b:8.1f}")
     print(f"{'vlserve engine (no HTTP)':<34} {m:8.1f}   ratio {m / b:.3f}")
-    print(f"runs: bare {[round(x) for x in bare]}, engine {[round(x) for x in mine]}")
+    print(f"runs: bare {[round(x) for x in rates['bare']]}, "
+          f"engine {[round(x) for x in rates['engine']]}")
     return 0
 
 
