@@ -1,7 +1,8 @@
-"""Optional bearer-token auth for the API routes, as a small pure-ASGI middleware.
+"""Optional bearer-token auth, as a small pure-ASGI middleware.
 
-Protected: everything under /api/ and /v1/, and /metrics unless `metrics_open`. Open:
-/health and anything else (the playground page), so probes and browsers need no key.
+Default deny: with keys configured every path needs one, except /health (probes carry no
+key) and /metrics when `metrics_open`. So /openapi.json, /docs, /redoc and any route added
+later are covered without anyone having to remember them.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import error_response
 
-_API_PREFIXES = ("/api", "/v1")
+OPEN_PATHS = frozenset({"/health"})
 
 
 def is_protected(path: str, *, metrics_open: bool) -> bool:
-    """Whether a request path needs a key (segment-wise, so /apix or /v1beta stay open)."""
-    prefixes = _API_PREFIXES if metrics_open else (*_API_PREFIXES, "/metrics")
-    return any(path == p or path.startswith(p + "/") for p in prefixes)
+    """Whether a request path needs a key (when keys are configured at all)."""
+    return path not in OPEN_PATHS and not (metrics_open and path == "/metrics")
 
 
 def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
