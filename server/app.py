@@ -10,13 +10,14 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from server import __version__
-from server.api.auth import APIKeyMiddleware
+from server.api.auth import APIKeyMiddleware, is_protected
 from server.api.chat import router as chat_router
 from server.api.drain import DrainMiddleware
 from server.api.errors import install_error_handlers
 from server.api.files import router as files_router
 from server.api.metrics import metrics_router
 from server.api.observe import RequestObserver
+from server.api.openapi import install_openapi
 from server.api.state import AppState
 from server.api.status import health_router, models_router
 from server.config import Settings
@@ -28,6 +29,9 @@ from server.uploads import UploadStore
 API_PREFIXES = ("/api/v1", "/v1")
 
 logger = logging.getLogger("vlserve")
+
+_DESCRIPTION = ("OpenAI-compatible vision chat server. Every route under `/api/v1` also "
+                "answers under `/v1`. Errors are OpenAI error JSON.")
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -46,7 +50,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         finally:
             engine.stop()
 
-    app = FastAPI(title="vlserve", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="vlserve", version=__version__, lifespan=lifespan,
+                  description=_DESCRIPTION)
     uploads = UploadStore(settings.upload_max_files, settings.upload_store_mb * 1024 * 1024,
                           settings.upload_ttl_s)
     state = AppState(settings=settings, engine=engine, uploads=uploads, metrics=metrics)
@@ -59,6 +64,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                        paths=frozenset(f"{prefix}/chat/completions" for prefix in API_PREFIXES))
     keys = [key.get_secret_value() for key in settings.api_keys]
     app.add_middleware(APIKeyMiddleware, keys=keys, metrics_open=settings.metrics_open)
+    install_openapi(app, lambda path: is_protected(path, metrics_open=settings.metrics_open),
+                    keys=bool(keys))
     app.add_middleware(DrainMiddleware, drain=state.drain)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
@@ -68,7 +75,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(health_router)
     app.include_router(metrics_router)
     for prefix in API_PREFIXES:
-        app.include_router(chat_router, prefix=prefix)
-        app.include_router(files_router, prefix=prefix)
-        app.include_router(models_router, prefix=prefix)
+        documented = prefix == API_PREFIXES[0]  # /v1 is the same API again, for SDK defaults
+        for router in (chat_router, files_router, models_router):
+            app.include_router(router, prefix=prefix, include_in_schema=documented)
     return app

@@ -16,6 +16,8 @@ from starlette.concurrency import run_in_threadpool
 from server.api.errors import APIError
 from server.api.messages import image_api_error
 from server.api.multipart import read_upload_form
+from server.api.openapi import responses
+from server.api.protocol import FileDeleted, FileList, FileObject
 from server.api.state import AppState
 from server.engine import ImageInput
 from server.images import ImageError, decode_image
@@ -24,7 +26,15 @@ from server.uploads import StoredFile
 router = APIRouter()
 
 
-@router.post("/files")
+# The form is read by server.api.multipart (bounded, in memory), so it is declared by hand.
+_UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary",
+                            "description": "a JPEG, PNG, WebP, GIF or BMP image"},
+                   "purpose": {"type": "string", "default": "vision"}}}}}}}
+
+
+@router.post("/files", responses=responses(FileObject, 400, 413), openapi_extra=_UPLOAD_FORM)
 async def upload_file(request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
     settings = state.settings
@@ -45,7 +55,7 @@ async def upload_file(request: Request) -> JSONResponse:
     return JSONResponse(_file_object(record, state))
 
 
-@router.get("/files")
+@router.get("/files", responses=responses(FileList, 400))
 async def list_files(request: Request, after: str | None = None,
                      limit: int = Query(10_000, ge=1, le=10_000),
                      order: Literal["asc", "desc"] = "desc") -> JSONResponse:
@@ -67,13 +77,13 @@ async def list_files(request: Request, after: str | None = None,
     })
 
 
-@router.get("/files/{file_id}")
+@router.get("/files/{file_id}", responses=responses(FileObject, 404))
 async def get_file(file_id: str, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
     return JSONResponse(_file_object(_lookup(state, file_id), state))
 
 
-@router.delete("/files/{file_id}")
+@router.delete("/files/{file_id}", responses=responses(FileDeleted, 404))
 async def delete_file(file_id: str, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
     if not state.uploads.delete(file_id):
