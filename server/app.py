@@ -15,6 +15,7 @@ from server.api.chat import router as chat_router
 from server.api.drain import DrainMiddleware
 from server.api.errors import install_error_handlers
 from server.api.files import router as files_router
+from server.api.limits import RequestLimits
 from server.api.metrics import metrics_router
 from server.api.observe import RequestObserver
 from server.api.openapi import install_openapi
@@ -57,9 +58,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     state = AppState(settings=settings, engine=engine, uploads=uploads, metrics=metrics)
     app.state.vlserve = state
     install_error_handlers(app)
-    # Added innermost first: the request observer (log line, metrics) sits inside drain and
-    # auth; CORS wraps everything (so 401/503 answers carry its headers), then drain
-    # (refuses new work at shutdown), then auth.
+    # Added innermost first: body limits, then the request observer (log line, metrics: so
+    # 413s are logged too), inside drain and auth; CORS wraps everything (so 401/503 answers
+    # carry its headers), then drain (refuses new work at shutdown), then auth.
+    app.add_middleware(RequestLimits, max_body_bytes=settings.max_request_bytes,
+                       max_json_depth=settings.max_json_depth)
     app.add_middleware(RequestObserver, metrics=metrics, model=settings.model_name,
                        paths=frozenset(f"{prefix}/chat/completions" for prefix in API_PREFIXES))
     keys = [key.get_secret_value() for key in settings.api_keys]

@@ -117,7 +117,8 @@ def _serve(args: argparse.Namespace) -> int:
     _log_access(settings)
     server = make_server(app, host=settings.host, port=settings.port,
                          log_level=settings.log_level, drain=app.state.vlserve.drain,
-                         drain_timeout=settings.drain_timeout)
+                         drain_timeout=settings.drain_timeout,
+                         max_header_bytes=settings.max_header_bytes)
     server.run()
     if engine_failed:
         logger.error("exiting because the engine failed")

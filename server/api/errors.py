@@ -76,7 +76,8 @@ def install_error_handlers(app: FastAPI) -> None:
             # several routes (GET and POST /files) must list all of their methods.
             routes[:] = routes or route_table(request.app.routes)
             headers["Allow"] = ", ".join(allowed_methods(routes, request.url.path))
-        return error_response(exc.status_code, str(exc.detail), headers=headers or None)
+        return error_response(exc.status_code, str(exc.detail), code=getattr(exc, "code", None),
+                              headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from server.api.errors import APIError
@@ -84,7 +85,7 @@ async def read_upload_form(request: Request, max_file_bytes: int) -> UploadForm:
                 raise _too_large(max_file_bytes)
             parser.write(chunk)
         parser.finalize()
-    except APIError:
+    except (APIError, HTTPException):  # over a limit: answered as such, not as malformed
         raise
     except Exception:
         raise APIError(400, "malformed multipart body", code="invalid_upload") from None
