@@ -50,16 +50,23 @@ def free_port() -> int:
 
 
 def start_server(models: DemoModelPaths, log_path: Path, *extra: str,
-                 env: dict[str, str] | None = None) -> RunningServer:
+                 env: dict[str, str] | None = None,
+                 launcher: tuple[str, ...] = ("-m", "server.cli")) -> RunningServer:
+    """`vlserve serve` on a free port, ready; `launcher` runs another entry point instead
+    (tests/faulty_server.py)."""
     port = free_port()
     cmd = [
-        sys.executable, "-m", "server.cli", "serve",
+        sys.executable, *launcher, "serve",
         "--config", str(ROOT / "configs" / "default.yaml"),
         "--model", str(models.text), "--mmproj", str(models.mmproj),
         "--port", str(port), "--n-ctx", str(TEST_N_CTX), *extra,
     ]
+    # One llama.cpp thread: the demo model is tiny, and with a thread per core its OpenMP
+    # barriers collapse when other processes share the cores (2 streams x 3000 tokens took
+    # 150 s instead of 3 s on a loaded 2-core box).
     full_env = {**os.environ, "VLSERVE_DEFAULT_MAX_TOKENS": str(TEST_DEFAULT_MAX_TOKENS),
-                "VLSERVE_MAX_TOKENS_CAP": str(TEST_MAX_TOKENS_CAP), **(env or {})}
+                "VLSERVE_MAX_TOKENS_CAP": str(TEST_MAX_TOKENS_CAP), "VLSERVE_N_THREADS": "1",
+                **(env or {})}
     log = log_path.open("wb")
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import threading
 
+import httpx
 from PIL import Image
 
 
@@ -29,3 +32,36 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 def image_message(text: str, url: str) -> dict:
     return {"role": "user", "content": [{"type": "text", "text": text},
                                         {"type": "image_url", "image_url": {"url": url}}]}
+
+
+class Stream:
+    """One SSE chat stream read in a thread: its events, and how it ended."""
+
+    def __init__(self, url: str, body: dict, headers: dict[str, str] | None = None) -> None:
+        self.events: list[dict | str] = []
+        self.error: Exception | None = None
+        self.status: int | None = None
+        self.started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(url, body, headers or {}),
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, body: dict, headers: dict[str, str]) -> None:
+        try:
+            with httpx.stream("POST", f"{url}/chat/completions", timeout=120, headers=headers,
+                              json={**body, "stream": True}) as response:
+                self.status = response.status_code
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        data = line[6:]
+                        self.events.append(data if data == "[DONE]" else json.loads(data))
+                        if len(self.events) >= 2:
+                            self.started.set()
+        except httpx.HTTPError as exc:
+            self.error = exc
+        finally:
+            self.started.set()
+
+    def join(self, timeout: float = 120) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the stream hung"

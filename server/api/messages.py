@@ -28,12 +28,13 @@ async def to_engine_messages(
             out.append(ChatMessage(role, ("",)))
             continue
         if isinstance(message.content, str):
-            out.append(ChatMessage(role, (message.content,)))
+            out.append(ChatMessage(role, (_text(message.content,
+                                                f"messages.{m_index}.content"),)))
             continue
         parts: list[str | ImageInput] = []
         for p_index, part in enumerate(message.content):
             if isinstance(part, TextPart):
-                parts.append(part.text)
+                parts.append(_text(part.text, f"messages.{m_index}.content.{p_index}.text"))
                 continue
             where = f"messages.{m_index}.content.{p_index}"
             if role != "user":
@@ -50,6 +51,19 @@ async def to_engine_messages(
                 parts.append(_uploaded(part, state.uploads, f"{where}.file.file_id"))
         out.append(ChatMessage(role, tuple(parts)))
     return out
+
+
+def _text(text: str, param: str) -> str:
+    """Text the tokenizer can take. JSON can carry lone surrogates ("\\ud800"), which are
+    not Unicode text: refused here, where the answer can name the field."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise APIError(400, f"{param}: the text is not valid Unicode (a lone surrogate "
+                           f"at character {exc.start})", param=param,
+                           code="invalid_text") from None
+    return text
 
 
 async def _decode(url: str, state: AppState, timer: StageTimer, param: str) -> ImageInput:
