@@ -7,6 +7,7 @@ later are covered without anyone having to remember them.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Iterable
 
@@ -15,6 +16,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server.api.errors import error_response
 
 OPEN_PATHS = frozenset({"/health"})
+_IDENTITY = "vlserve.client"  # scope key: which key the request came with
+
+
+def client_identity(scope: Scope) -> str:
+    """Who sent the request, as far as the server can tell: a digest of its API key ("" with
+    auth off). Uploads are kept apart by it, so one key's files are invisible to another."""
+    return scope.get(_IDENTITY, "")
 
 
 def is_protected(path: str, *, metrics_open: bool) -> bool:
@@ -50,6 +58,7 @@ class APIKeyMiddleware:
             return
         token = bearer_token(scope["headers"])
         if token is not None and self._accepts(token):
+            scope[_IDENTITY] = hashlib.sha256(token).hexdigest()[:32]  # never the key itself
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":  # none today; a future one must not slip through

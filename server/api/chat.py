@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from server.api.auth import client_identity
 from server.api.errors import APIError, error_response
 from server.api.messages import to_engine_messages
 from server.api.observe import RequestRecord, request_record
@@ -48,7 +49,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     record.timer = timer = StageTimer()
     record.stream = body.stream
     generation = GenerationRequest(
-        messages=await to_engine_messages(body.messages, state, timer),
+        messages=await to_engine_messages(body.messages, state, timer,
+                                          client_identity(request.scope)),
         max_tokens=_max_tokens(body, state),
         sampling=_sampling(body),
         stop=_stops(body.stop),

@@ -17,8 +17,9 @@ from server.uploads import UploadStore
 
 
 async def to_engine_messages(
-    messages: list[ChatMessageIn], state: AppState, timer: StageTimer
+    messages: list[ChatMessageIn], state: AppState, timer: StageTimer, client: str = ""
 ) -> list[ChatMessage]:
+    """`client` (server.api.auth.client_identity) may reference its own uploads only."""
     settings = state.settings
     out: list[ChatMessage] = []
     n_images = 0
@@ -48,7 +49,7 @@ async def to_engine_messages(
                 parts.append(await _decode(part.image_url.url, state, timer,
                                            f"{where}.image_url"))
             else:
-                parts.append(_uploaded(part, state.uploads, f"{where}.file.file_id"))
+                parts.append(_uploaded(part, state.uploads, client, f"{where}.file.file_id"))
         out.append(ChatMessage(role, tuple(parts)))
     return out
 
@@ -84,8 +85,8 @@ def image_api_error(exc: ImageError, param: str) -> APIError:
     return APIError(status, f"{param}: {exc}", param=param, code="invalid_image")
 
 
-def _uploaded(part: FilePart, uploads: UploadStore, param: str) -> ImageInput:
-    record = uploads.get(part.file.file_id)
+def _uploaded(part: FilePart, uploads: UploadStore, client: str, param: str) -> ImageInput:
+    record = uploads.get(part.file.file_id, client)
     if record is None:
         raise APIError(400, f"{param}: no uploaded file {part.file.file_id!r} (unknown, "
                        "deleted or expired)", param=param, code="file_not_found")
