@@ -42,6 +42,7 @@ class Stream:
         self.error: Exception | None = None
         self.status: int | None = None
         self.started = threading.Event()
+        self._hang_up = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(url, body, headers or {}),
                                         daemon=True)
         self._thread.start()
@@ -57,10 +58,17 @@ class Stream:
                         self.events.append(data if data == "[DONE]" else json.loads(data))
                         if len(self.events) >= 2:
                             self.started.set()
+                    if self._hang_up.is_set():
+                        break  # leaving the block closes the connection mid-stream
         except httpx.HTTPError as exc:
             self.error = exc
         finally:
             self.started.set()
+
+    def hang_up(self, timeout: float = 120) -> None:
+        """Close the connection mid-stream, as a client that goes away does."""
+        self._hang_up.set()
+        self.join(timeout)
 
     def join(self, timeout: float = 120) -> None:
         self._thread.join(timeout)

@@ -62,6 +62,7 @@ def test_shipped_program_config() -> None:
     assert (get("autostart"), get("autorestart"), get("stopsignal")) == ("true", "true", "TERM")
     env = environment(program)
     assert {"CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "VLSERVE_N_THREADS"} <= set(env)
+    assert env["MALLOC_ARENA_MAX"] == "2"  # flat RSS under load (tests/test_soak.py)
     drain = float(env.get("VLSERVE_DRAIN_TIMEOUT", settings.drain_timeout))
     # supervisord must not SIGKILL before the drain is over (plus engine shutdown).
     assert int(get("stopwaitsecs")) >= drain + 5

@@ -244,6 +244,7 @@ class SlotState(BaseModel):
 class Slots(BaseModel):
     queue_depth: int
     busy_slots: int
+    preencode_backlog: int  # uploads waiting for an idle engine to encode them (at most 16)
     slots: list[SlotState]
 
 

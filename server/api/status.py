@@ -50,6 +50,7 @@ async def list_slots(request: Request) -> JSONResponse:
     """What each slot is doing and how many requests wait: the engine's load at a glance."""
     engine = request.app.state.vlserve.engine
     return JSONResponse({"queue_depth": engine.queue_depth, "busy_slots": engine.busy_slots,
+                         "preencode_backlog": engine.preencode_backlog,
                          "slots": engine.slot_states()})
 
 

@@ -88,6 +88,10 @@ class Engine:
     def slot_states(self) -> list[dict[str, object]]:
         return self._scheduler.slot_states() if self._scheduler else []
 
+    @property
+    def preencode_backlog(self) -> int:
+        return self._scheduler.preencode_backlog if self._scheduler else 0
+
     def preencode(self, image: ImageInput) -> None:
         """Queue an image for encoding into the embedding cache at low priority."""
         if self._scheduler is not None:

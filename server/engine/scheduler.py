@@ -42,6 +42,9 @@ from server.engine.types import (
 logger = logging.getLogger("vlserve.engine")
 
 
+PREENCODE_BACKLOG = 16  # uploaded images waiting for an idle engine to encode them
+
+
 class QueueFullError(RuntimeError):
     pass
 
@@ -101,7 +104,9 @@ class Scheduler:
         # Once set (shutdown, engine failure), every request, queued or new, gets this event.
         self._refusal: ErrorEvent | None = None
         self._submit_lock = threading.Lock()
-        self._preencode: deque[ImageInput] = deque()
+        # Bounded: the engine encodes ahead only when idle, so under steady load this would
+        # grow by one decoded image per upload, for as long as the load lasts.
+        self._preencode: deque[ImageInput] = deque(maxlen=PREENCODE_BACKLOG)
         self._batch = TokenBatch(max(model.n_batch, settings.n_parallel))
         self._mem = llama_cpp.llama_get_memory(model.ctx)
         self._embd_row_bytes = llama_cpp.llama_model_n_embd_inp(model.model) * 4
@@ -121,8 +126,15 @@ class Scheduler:
             self._inbox.put_nowait((request, sink, time.perf_counter()))
 
     def submit_preencode(self, image: ImageInput) -> None:
-        """Encode an image into the embedding cache when the engine has nothing else to do."""
-        self._preencode.append(image)
+        """Encode an image into the embedding cache when the engine has nothing else to do.
+
+        Best effort: past PREENCODE_BACKLOG waiting images the oldest is dropped (a chat that
+        references it encodes it then)."""
+        self._preencode.append(image)  # deque.append from another thread: atomic
+
+    @property
+    def preencode_backlog(self) -> int:
+        return len(self._preencode)
 
     @property
     def queue_depth(self) -> int:
