@@ -186,3 +186,18 @@ def test_without_httptools_h11_gets_the_bound(monkeypatch: pytest.MonkeyPatch) -
     assert protocol_options(5000)["http"].max_header_bytes == 5000
     monkeypatch.setitem(sys.modules, "httptools", None)  # import fails
     assert protocol_options(5000) == {"http": "h11", "h11_max_incomplete_event_size": 5000}
+
+
+def test_a_client_that_leaves_mid_body_is_a_499(small: RunningServer) -> None:
+    port = int(small.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n"
+                     b"X-Request-ID: left-early\r\n\r\n" + b'{"messages": [')
+    deadline = time.monotonic() + 30
+    statuses: list[int] = []
+    while not statuses and time.monotonic() < deadline:
+        statuses = [json.loads(x)["status"] for x in small.log().splitlines()
+                    if x.startswith("{") and '"left-early"' in x]
+        time.sleep(0.05)
+    assert statuses == [499]

@@ -28,6 +28,10 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, _too_large_message(limit), headers={"Connection": "close"})
 
 
+class _Disconnected(Exception):
+    """The client left before its body was in."""
+
+
 class RequestLimits:
     def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_json_depth: int) -> None:
         self.app = app
@@ -46,7 +50,10 @@ class RequestLimits:
         if not _is_json(headers.get("content-type")):
             await self.app(scope, self._counting(receive), send)
             return
-        body = await self._read(receive)
+        try:
+            body = await self._read(receive)
+        except _Disconnected:
+            return  # nobody to answer (logged as 499 by the request observer)
         if body is None:
             await self._too_large(scope, receive, send)
             return
@@ -65,8 +72,8 @@ class RequestLimits:
         size = 0
         while True:
             message = await receive()
-            if message["type"] != "http.request":  # the client left: nothing to answer
-                break
+            if message["type"] != "http.request":
+                raise _Disconnected
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
