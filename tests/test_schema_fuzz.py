@@ -71,7 +71,9 @@ def test_the_server_serves_this_document(fuzz_server: RunningServer) -> None:
 
 
 @schema.parametrize()
-@settings(max_examples=EXAMPLES, deadline=None, database=None,
+# Derandomized: the same cases every run, so CI does not flake on a new draw; explore with
+# other seeds by hand (README, Reliability).
+@settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 def test_every_answer_matches_the_document(case: schemathesis.Case,
                                            fuzz_server: RunningServer) -> None:
