@@ -10,13 +10,15 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from server import __version__
-from server.api.auth import APIKeyMiddleware
+from server.api.auth import APIKeyMiddleware, is_protected
 from server.api.chat import router as chat_router
 from server.api.drain import DrainMiddleware
 from server.api.errors import install_error_handlers
 from server.api.files import router as files_router
+from server.api.limits import RequestLimits
 from server.api.metrics import metrics_router
 from server.api.observe import RequestObserver
+from server.api.openapi import install_openapi
 from server.api.state import AppState
 from server.api.status import health_router, models_router
 from server.config import Settings
@@ -29,6 +31,9 @@ from server.uploads import UploadStore
 API_PREFIXES = ("/api/v1", "/v1")
 
 logger = logging.getLogger("vlserve")
+
+_DESCRIPTION = ("OpenAI-compatible vision chat server. Every route under `/api/v1` also "
+                "answers under `/v1`. Errors are OpenAI error JSON.")
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -47,19 +52,24 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         finally:
             engine.stop()
 
-    app = FastAPI(title="vlserve", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="vlserve", version=__version__, lifespan=lifespan,
+                  description=_DESCRIPTION)
     uploads = UploadStore(settings.upload_max_files, settings.upload_store_mb * 1024 * 1024,
                           settings.upload_ttl_s)
     state = AppState(settings=settings, engine=engine, uploads=uploads, metrics=metrics)
     app.state.vlserve = state
     install_error_handlers(app)
-    # Added innermost first: the request observer (log line, metrics) sits inside drain and
-    # auth; CORS wraps everything (so 401/503 answers carry its headers), then drain
-    # (refuses new work at shutdown), then auth.
+    # Added innermost first: body limits, then the request observer (log line, metrics: so
+    # 413s are logged too), inside drain and auth; CORS wraps everything (so 401/503 answers
+    # carry its headers), then drain (refuses new work at shutdown), then auth.
+    app.add_middleware(RequestLimits, max_body_bytes=settings.max_request_bytes,
+                       max_json_depth=settings.max_json_depth)
     app.add_middleware(RequestObserver, metrics=metrics, model=settings.model_name,
                        paths=frozenset(f"{prefix}/chat/completions" for prefix in API_PREFIXES))
     keys = [key.get_secret_value() for key in settings.api_keys]
     app.add_middleware(APIKeyMiddleware, keys=keys, metrics_open=settings.metrics_open)
+    install_openapi(app, lambda path: is_protected(path, metrics_open=settings.metrics_open),
+                    keys=bool(keys))
     app.add_middleware(DrainMiddleware, drain=state.drain)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
@@ -69,9 +79,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(health_router)
     app.include_router(metrics_router)
     for prefix in API_PREFIXES:
-        app.include_router(chat_router, prefix=prefix)
-        app.include_router(files_router, prefix=prefix)
-        app.include_router(models_router, prefix=prefix)
+        documented = prefix == API_PREFIXES[0]  # /v1 is the same API again, for SDK defaults
+        for router in (chat_router, files_router, models_router):
+            app.include_router(router, prefix=prefix, include_in_schema=documented)
     if settings.playground:
         mount_playground(app)
     return app

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from server.bench import command as bench_command
+from server.bench.soak import command as soak_command
 from server.config import ConfigError, Settings, load_settings
 from server.registry import DEFAULT_MODELS_DIR
 
@@ -53,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time a running server and name its bottleneck")
     bench_command.add_arguments(bench)
     bench.set_defaults(handler=bench_command.run)
+    bench_sub = bench.add_subparsers(dest="bench_command")
+    soak = bench_sub.add_parser("soak", help="many clients for a bounded time: nothing may be "
+                                "lost, the server may not grow")
+    soak_command.add_arguments(soak)
+    soak.set_defaults(handler=soak_command.run)
 
     download = sub.add_parser("download", help="download a registry model from Hugging Face")
     download.add_argument("name", help="registry name (see `vlserve models`) or Hub repo id")
@@ -119,7 +125,8 @@ def _serve(args: argparse.Namespace) -> int:
     _log_access(settings)
     server = make_server(app, host=settings.host, port=settings.port,
                          log_level=settings.log_level, drain=app.state.vlserve.drain,
-                         drain_timeout=settings.drain_timeout)
+                         drain_timeout=settings.drain_timeout,
+                         max_header_bytes=settings.max_header_bytes)
     server.run()
     if engine_failed:
         logger.error("exiting because the engine failed")

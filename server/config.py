@@ -64,7 +64,14 @@ class Settings(BaseSettings):
     n_parallel: int = Field(4, ge=1, le=64)  # slots decoded together in one batch
     flash_attn: Literal["auto", "on", "off"] = "auto"
 
-    # Request limits.
+    # HTTP request limits: a body over max_request_bytes gets 413 (50 MiB, OpenAI's limit for
+    # a request with images: one image at image_max_bytes fits, base64 and all); request line
+    # plus headers over max_header_bytes get 431; JSON nested deeper than max_json_depth 400.
+    max_request_bytes: int = Field(50 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(16 * 1024, ge=1024)
+    max_json_depth: int = Field(64, ge=8)
+
+    # Generation limits.
     default_max_tokens: int = Field(512, ge=1)
     max_tokens_cap: int = Field(2048, ge=1)
     max_queue: int = Field(64, ge=1)  # waiting requests beyond the busy slots; then 429

@@ -18,6 +18,7 @@ from types import FrameType
 import uvicorn
 
 from server.api.drain import Drain
+from server.http_protocol import protocol_options
 
 logger = logging.getLogger("vlserve")
 
@@ -56,10 +57,11 @@ class DrainingServer(uvicorn.Server):
 
 
 def make_server(app: object, *, host: str, port: int, log_level: str, drain: Drain,
-                drain_timeout: float) -> DrainingServer:
+                drain_timeout: float, max_header_bytes: int = 16 * 1024) -> DrainingServer:
     # Chat requests get their own JSON line; uvicorn's access line would only repeat it
     # (and log every /metrics scrape), so it is kept for debugging.
     config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
                             access_log=log_level == "debug",
-                            timeout_graceful_shutdown=_SHUTDOWN_GRACE)
+                            timeout_graceful_shutdown=_SHUTDOWN_GRACE,
+                            **protocol_options(max_header_bytes))
     return DrainingServer(config, drain, drain_timeout)

@@ -19,6 +19,7 @@ class StoredFile:
     bytes: int  # size of the uploaded file
     created_at: int
     image: ImageInput  # decoded and downsized at upload time
+    owner: str = ""  # the uploader's client identity: only the same client sees the file
 
     @property
     def stored_bytes(self) -> int:
@@ -26,7 +27,10 @@ class StoredFile:
 
 
 class UploadStore:
-    """LRU by last use; `get` refreshes an entry, expired entries vanish on access."""
+    """LRU by last use; `get` refreshes an entry, expired entries vanish on access.
+
+    Every call names the client (`owner`); a file of another client is as good as absent.
+    """
 
     def __init__(self, max_files: int, max_bytes: int, ttl_s: float) -> None:
         self.max_files = max_files
@@ -36,10 +40,11 @@ class UploadStore:
         self._used = 0
         self._lock = threading.Lock()
 
-    def add(self, filename: str, purpose: str, size: int, image: ImageInput) -> StoredFile:
-        # 128 random bits: ids are unguessable, so one client cannot reach another's files.
+    def add(self, filename: str, purpose: str, size: int, image: ImageInput,
+            owner: str = "") -> StoredFile:
+        # 128 random bits: ids are unguessable, and listings show a client its own files only.
         record = StoredFile(f"file-{secrets.token_hex(16)}", filename, purpose, size,
-                            int(time.time()), image)
+                            int(time.time()), image, owner)
         with self._lock:
             self._expire()
             self._files[record.id] = record
@@ -50,25 +55,29 @@ class UploadStore:
                 self._used -= evicted.stored_bytes
         return record
 
-    def get(self, file_id: str) -> StoredFile | None:
+    def get(self, file_id: str, owner: str = "") -> StoredFile | None:
         with self._lock:
             self._expire()
             record = self._files.get(file_id)
-            if record is not None:
-                self._files.move_to_end(file_id)
+            if record is None or record.owner != owner:
+                return None
+            self._files.move_to_end(file_id)
             return record
 
-    def delete(self, file_id: str) -> bool:
+    def delete(self, file_id: str, owner: str = "") -> bool:
         with self._lock:
-            record = self._files.pop(file_id, None)
-            if record is not None:
-                self._used -= record.stored_bytes
-            return record is not None
+            record = self._files.get(file_id)
+            if record is None or record.owner != owner:
+                return False
+            del self._files[file_id]
+            self._used -= record.stored_bytes
+            return True
 
-    def list(self) -> list[StoredFile]:
+    def list(self, owner: str = "") -> list[StoredFile]:
         with self._lock:
             self._expire()
-            return sorted(self._files.values(), key=lambda f: f.created_at)
+            mine = [f for f in self._files.values() if f.owner == owner]
+            return sorted(mine, key=lambda f: f.created_at)
 
     def _expire(self) -> None:
         cutoff = time.time() - self.ttl_s

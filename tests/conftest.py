@@ -66,15 +66,21 @@ def free_port() -> int:
 
 
 def start_server(models: DemoModelPaths, log_path: Path, *extra: str,
-                 env: dict[str, str] | None = None, family: str = "llava") -> RunningServer:
+                 env: dict[str, str] | None = None, family: str = "llava",
+                 launcher: tuple[str, ...] = ("-m", "server.cli")) -> RunningServer:
+    """`vlserve serve` on a free port, ready; `launcher` runs another entry point instead
+    (tests/faulty_server.py)."""
     port = free_port()
     cmd = [
-        sys.executable, "-m", "server.cli", "serve",
+        sys.executable, *launcher, "serve",
         "--config", str(ROOT / "configs" / "default.yaml"),
         "--model", str(models.text), "--mmproj", str(models.mmproj),
         "--model-name", MODEL_NAMES[family],
         "--port", str(port), "--n-ctx", str(TEST_N_CTX), *extra,
     ]
+    # One llama.cpp thread: the demo model is tiny, and with a thread per core its OpenMP
+    # barriers collapse when other processes share the cores (2 streams x 3000 tokens took
+    # 150 s instead of 3 s on a loaded 2-core box).
     full_env = {**os.environ, "VLSERVE_DEFAULT_MAX_TOKENS": str(TEST_DEFAULT_MAX_TOKENS),
                 "VLSERVE_MAX_TOKENS_CAP": str(TEST_MAX_TOKENS_CAP),
                 # One llama.cpp thread: the tiny model gains nothing from two, and on a

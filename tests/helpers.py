@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
+import threading
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -56,3 +59,44 @@ def expected_image_tokens(family: str, width: int, height: int) -> int:
     # 32 px squares (16 px patches merged 2x2), one token per square.
     scale = min(1.0, TEST_IMAGE_MAX_SIDE / max(width, height))
     return math.ceil(width * scale / 32) * math.ceil(height * scale / 32)
+
+
+class Stream:
+    """One SSE chat stream read in a thread: its events, and how it ended."""
+
+    def __init__(self, url: str, body: dict, headers: dict[str, str] | None = None) -> None:
+        self.events: list[dict | str] = []
+        self.error: Exception | None = None
+        self.status: int | None = None
+        self.started = threading.Event()
+        self._hang_up = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(url, body, headers or {}),
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, body: dict, headers: dict[str, str]) -> None:
+        try:
+            with httpx.stream("POST", f"{url}/chat/completions", timeout=120, headers=headers,
+                              json={**body, "stream": True}) as response:
+                self.status = response.status_code
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        data = line[6:]
+                        self.events.append(data if data == "[DONE]" else json.loads(data))
+                        if len(self.events) >= 2:
+                            self.started.set()
+                    if self._hang_up.is_set():
+                        break  # leaving the block closes the connection mid-stream
+        except httpx.HTTPError as exc:
+            self.error = exc
+        finally:
+            self.started.set()
+
+    def hang_up(self, timeout: float = 120) -> None:
+        """Close the connection mid-stream, as a client that goes away does."""
+        self._hang_up.set()
+        self.join(timeout)
+
+    def join(self, timeout: float = 120) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the stream hung"

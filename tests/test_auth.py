@@ -15,6 +15,7 @@ import pytest
 from conftest import RunningServer, start_server, stop_server
 
 from server.api.auth import bearer_token, is_protected
+from server.api.routes import route_table
 from server.app import create_app
 from server.config import load_settings
 from server.demo_model import DemoModelPaths
@@ -47,10 +48,19 @@ def make_app(demo_model: DemoModelPaths, **overrides: object) -> object:
     ("/metrics", False, True),
     ("/metrics", True, False),
     ("/health", False, False),
+    ("/health/", False, True),  # exactly /health: nothing hides behind its name
+    ("/healthz", False, True),
+    # The playground page and its files are open (they hold no data; the page's own API
+    # calls carry the key its user types in), but nothing else under /playground.
     ("/", False, False),
-    ("/playground/index.html", False, False),
-    ("/apidocs", False, False),  # prefixes match whole path segments only
-    ("/v1beta/models", False, False),
+    ("/playground", False, False),
+    ("/playground/static/app.js", False, False),
+    ("/playground/other", False, True),
+    # Default deny: the API documents and anything else need a key too.
+    ("/openapi.json", False, True),
+    ("/docs", False, True),
+    ("/redoc", False, True),
+    ("/v1beta/models", False, True),
 ])
 def test_protected_paths(path: str, metrics_open: bool, protected: bool) -> None:
     assert is_protected(path, metrics_open=metrics_open) is protected
@@ -101,10 +111,34 @@ def test_websockets_under_the_api_are_refused_without_a_key(demo_model: DemoMode
     assert closed.value.code == 1008
 
 
-def test_health_and_other_pages_stay_open(demo_model: DemoModelPaths) -> None:
+def test_only_health_stays_open(demo_model: DemoModelPaths) -> None:
     app = make_app(demo_model, api_keys=[KEY_A])
     assert request(app, "GET", "/health").status_code == 503  # loading, not 401
-    assert request(app, "GET", "/no-such-page").status_code == 404
+    assert request(app, "GET", "/no-such-page").status_code == 401
+    authed = request(app, "GET", "/no-such-page", {"Authorization": f"Bearer {KEY_A}"})
+    assert authed.status_code == 404
+
+
+def test_no_route_is_reachable_without_a_key(demo_model: DemoModelPaths) -> None:
+    """Every route the app has (API, aliases, documents), each method: 401 without a key."""
+    app = make_app(demo_model, api_keys=[KEY_A])
+    table = route_table(app.routes)
+    assert {"/openapi.json", "/docs", "/redoc", "/v1/models", "/api/v1/files/{file_id}",
+            "/metrics", "/health"} <= {r.path for r in table}  # the walk sees them all
+    for route in table:
+        route_path = route.path
+        path = route_path.replace("{file_id}", "file-x").replace("{model_id:path}", "m")
+        for method in sorted(route.methods):
+            answer = request(app, method, path)
+            if route_path == "/health":
+                assert answer.status_code == 503  # open (loading), for probes
+            elif route_path in ("/", "/playground"):
+                assert answer.status_code != 401  # the page itself, open by design
+            elif route_path == "/playground/static":  # the page's files: open, the rest not
+                assert request(app, method, f"{path}/app.js").status_code == 200
+                assert answer.status_code == 401
+            else:
+                assert answer.status_code == 401, (method, path)
 
 
 def test_metrics_needs_a_key_unless_open(demo_model: DemoModelPaths) -> None:

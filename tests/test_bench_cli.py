@@ -99,3 +99,23 @@ def test_arguments_are_checked() -> None:
                                  "http://h:7860/v1/"])
 def test_server_root(url: str) -> None:
     assert server_root(url) == "http://h:7860"
+
+
+def test_soak_command_end_to_end(server: RunningServer, tmp_path: Path) -> None:
+    """`vlserve bench soak`, and `python -m bench.soak` the same, on a short run."""
+    out = tmp_path / "soak.json"
+    proc = bench("soak", "--url", f"{server.url}/api/v1", "--clients", "3", "--duration", "4",
+                 "--warmup", "2", "--max-tokens", "4", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "anything else              0" in proc.stdout and proc.stdout.rstrip().endswith("PASS")
+    data = json.loads(out.read_text())
+    assert data["passed"] and data["counts"]["other"] == 0 and data["sent"] > 0
+    assert data["rss_bytes"]["start"] > 0 and data["fds"]["before"] > 0
+    same = subprocess.run([sys.executable, "-m", "bench.soak", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert same.returncode == 0 and "--clients" in same.stdout
+
+
+def test_soak_reports_an_unreachable_server() -> None:
+    proc = bench("soak", "--url", "http://127.0.0.1:9", "--duration", "1")
+    assert proc.returncode == 2 and "cannot reach" in proc.stderr

@@ -115,6 +115,7 @@ def test_runtime_stage_properties() -> None:
         assert (ROOT / env["VLSERVE_CONFIG"]).is_file()
         assert load_settings(ROOT / env["VLSERVE_CONFIG"]).model_name
         assert env["VLSERVE_REGISTRY"] == "/app/registry.yaml"
+        assert env["MALLOC_ARENA_MAX"] == "2"  # flat RSS under load (tests/test_soak.py)
         assert "models/registry.yaml ./registry.yaml" in copies
 
 

@@ -1,18 +1,27 @@
-"""Property tests (hypothesis) for the pure parts: prompt rendering, images, detokenization."""
+"""Property tests (hypothesis) for the pure parts: prompt rendering, images, detokenization,
+and what parses untrusted request input (image references, JSON depth, auth and id headers,
+request models)."""
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 
+import pydantic
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from server.api.auth import bearer_token
+from server.api.json_depth import json_depth
+from server.api.observe import MAX_REQUEST_ID_LENGTH, client_request_id
+from server.api.protocol import ChatCompletionRequest
 from server.demo_model import LLAVA_CHAT_TEMPLATE
 from server.engine.detokenize import TextStream
 from server.engine.prompt import ChatTemplate, PromptError
 from server.engine.types import ChatMessage, ImageInput
-from server.images import ImageError, decode_image
+from server.images import ImageError, decode_image, image_bytes_from_url
 
 MARKER = "<__media__>"
 IMAGE = ImageInput(b"\0" * 12, 2, 2, "h")
@@ -86,3 +95,88 @@ def test_streamed_text_is_always_valid_and_complete(pieces: list[bytes],
         assert whole.startswith(out) and any(s in whole for s in stops)
     else:
         assert out == whole
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                               max_size=4),
+    max_leaves=40)
+
+
+def nesting(value: object) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(nesting, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(nesting, value.values()), default=0)
+    return 0
+
+
+@given(json_values, st.booleans())
+def test_json_depth_is_the_parsed_nesting(value: object, ascii_only: bool) -> None:
+    # Strings (keys too) full of brackets, quotes and backslashes are text, not structure.
+    text = json.dumps(value, ensure_ascii=ascii_only).encode()
+    assert json_depth(text) == nesting(value)
+
+
+@given(st.binary(max_size=300))
+def test_json_depth_never_fails_on_garbage(data: bytes) -> None:
+    assert json_depth(data) >= 0
+
+
+image_urls = st.one_of(
+    st.text(max_size=120),
+    st.binary(max_size=120).map(lambda b: "data:image/png;base64," + base64.b64encode(b)
+                                .decode()),
+    st.from_regex(r"\Adata:[a-z/+.-]{0,20}(;[a-z]+=[a-z0-9]+)?(;base64)?,[A-Za-z0-9+/=\s]{0,40}"
+                  r"\Z"),
+    st.from_regex(r"\A(https?|file|ftp|gopher|HTTP)://[^\s]{0,30}\Z"),
+)
+
+
+@settings(max_examples=300)
+@given(image_urls)
+def test_any_image_reference_is_bytes_or_an_image_error(url: str) -> None:
+    try:
+        data = image_bytes_from_url(url)
+    except ImageError:
+        return
+    assert isinstance(data, bytes) and data
+    assert not url.lower().startswith(("http://", "https://", "file:", "ftp:"))
+
+
+@given(st.binary(max_size=80))
+def test_bearer_token_never_fails(value: bytes) -> None:
+    token = bearer_token([(b"authorization", value)])
+    assert token is None or (token and token == token.strip())
+
+
+@given(st.text(max_size=200))
+def test_request_ids_are_printable_and_short(value: str) -> None:
+    out = client_request_id(value)
+    assert out is None or (0 < len(out) <= MAX_REQUEST_ID_LENGTH and out.isprintable()
+                           and out.isascii())
+
+
+request_fields = st.dictionaries(
+    st.sampled_from(["max_tokens", "temperature", "top_k", "seed", "stream", "logprobs",
+                     "top_logprobs", "stop", "n", "top_p", "model"]),
+    st.one_of(st.none(), st.booleans(), st.integers(-5, 50), st.floats(-3, 50),
+              st.text(max_size=5), st.lists(st.text(max_size=3), max_size=6)),
+    max_size=6)
+
+
+@given(request_fields)
+def test_request_fields_validate_or_fail_cleanly(fields: dict) -> None:
+    """Only pydantic's own error, and a value of the declared type when it passes."""
+    body = {"messages": [{"role": "user", "content": "hi"}], **fields}
+    try:
+        request = ChatCompletionRequest.model_validate(body)
+    except pydantic.ValidationError:
+        return
+    for name in ("max_tokens", "top_k", "seed", "n", "top_logprobs"):
+        value = getattr(request, name)
+        assert value is None or (type(value) is int)
+    assert isinstance(request.stream, bool)
+    if isinstance(fields.get("max_tokens"), float):
+        assert fields["max_tokens"].is_integer()  # 3.0 passes as 3; 3.5 does not

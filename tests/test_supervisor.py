@@ -10,6 +10,7 @@ environment, log rotation) is used as shipped.
 from __future__ import annotations
 
 import configparser
+import contextlib
 import functools
 import os
 import re
@@ -25,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port
+from helpers import Stream
 from supervisor.datatypes import dict_of_key_value_pairs
 
 from server.config import load_settings
@@ -60,6 +62,7 @@ def test_shipped_program_config() -> None:
     assert (get("autostart"), get("autorestart"), get("stopsignal")) == ("true", "true", "TERM")
     env = environment(program)
     assert {"CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "VLSERVE_N_THREADS"} <= set(env)
+    assert env["MALLOC_ARENA_MAX"] == "2"  # flat RSS under load (tests/test_soak.py)
     drain = float(env.get("VLSERVE_DRAIN_TIMEOUT", settings.drain_timeout))
     # supervisord must not SIGKILL before the drain is over (plus engine shutdown).
     assert int(get("stopwaitsecs")) >= drain + 5
@@ -95,10 +98,11 @@ class Supervisord:
         return text
 
 
-def render(tmp: Path, demo_model: DemoModelPaths, port: int) -> Path:
+def render(tmp: Path, demo_model: DemoModelPaths, port: int, n_ctx: int = 1024) -> Path:
     preset = tmp / "preset.yaml"
     preset.write_text(f"model: {demo_model.text}\nmmproj: {demo_model.mmproj}\n"
-                      f"model_name: Youtu-VL-4B-Instruct-GGUF\nport: {port}\nn_ctx: 1024\n")
+                      f"model_name: Youtu-VL-4B-Instruct-GGUF\nport: {port}\n"
+                      f"n_ctx: {n_ctx}\nmax_tokens_cap: {n_ctx}\n")
 
     program = read_ini(SUPERVISOR / f"{NAME}.conf")
     argv = shlex.split(program.get(SECTION, "command"))
@@ -174,8 +178,15 @@ def healthy(url: str) -> bool:
 
 @pytest.fixture
 def supervisord(tmp_path: Path, demo_model: DemoModelPaths) -> Iterator[Supervisord]:
+    with running_supervisord(tmp_path, demo_model) as sup:
+        yield sup
+
+
+@contextlib.contextmanager
+def running_supervisord(tmp_path: Path, demo_model: DemoModelPaths, n_ctx: int = 1024
+                        ) -> Iterator[Supervisord]:
     port = free_port()
-    conf = render(tmp_path, demo_model, port)
+    conf = render(tmp_path, demo_model, port, n_ctx)
     log = tmp_path / "supervisord.stdout"
     with log.open("wb") as out:
         process = subprocess.Popen([str(BIN / "supervisord"), "-n", "-c", str(conf)],
@@ -229,3 +240,33 @@ def test_supervisord_restarts_a_killed_server_and_stops_it_cleanly(
     shutdown = sup.ctl("shutdown")
     assert shutdown.returncode == 0, shutdown.stdout + shutdown.stderr
     assert sup.process.wait(timeout=30) == 0
+
+
+@pytest.mark.slow
+def test_kill_9_with_streams_in_flight(tmp_path: Path, demo_model: DemoModelPaths) -> None:
+    """Streams cut by a SIGKILL end at once with a connection error (not at their read
+    timeout), supervisord brings the server back, and the next request succeeds."""
+    long = 30_000  # tokens: far more than the streams get to before the kill
+    with running_supervisord(tmp_path, demo_model, n_ctx=long + 1000) as sup:
+        wait_for("/health", lambda: healthy(sup.url), sup)
+        wait_for("RUNNING", lambda: "RUNNING" in sup.ctl("status", NAME).stdout, sup)
+        first = sup.pid()
+        body = {"messages": [{"role": "user", "content": "Go on forever."}],
+                "temperature": 0, "max_tokens": long}
+        streams = [Stream(f"{sup.url}/v1", body) for _ in range(3)]
+        for stream in streams:
+            assert stream.started.wait(60) and stream.status == 200, stream.error
+
+        os.kill(first, signal.SIGKILL)
+        for stream in streams:
+            stream.join(60)  # well inside their 120 s read timeout
+            assert isinstance(stream.error, httpx.TransportError), stream.error
+            assert not isinstance(stream.error, httpx.TimeoutException), stream.error
+            assert "[DONE]" not in stream.events  # cut short, and told so
+
+        wait_for("a new server process", lambda: sup.pid() not in (0, first), sup)
+        wait_for("/health after the restart", lambda: healthy(sup.url), sup)
+        answer = httpx.post(f"{sup.url}/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "Back?"}], "max_tokens": 4})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] is not None

@@ -1,11 +1,15 @@
-"""Optional bearer-token auth for the API routes, as a small pure-ASGI middleware.
+"""Optional bearer-token auth, as a small pure-ASGI middleware.
 
-Protected: everything under /api/ and /v1/, and /metrics unless `metrics_open`. Open:
-/health and anything else (the playground page), so probes and browsers need no key.
+Default deny: with keys configured every path needs one, except /health (probes carry no
+key), the playground page and its static files (a page holds no data; every API call it
+makes carries the key its user types in), and /metrics when `metrics_open`. So
+/openapi.json, /docs, /redoc and any route added later are covered without anyone having to
+remember them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Iterable
 
@@ -13,13 +17,22 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import error_response
 
-_API_PREFIXES = ("/api", "/v1")
+OPEN_PATHS = frozenset({"/health", "/", "/playground"})
+OPEN_PREFIXES = ("/playground/static/",)
+_IDENTITY = "vlserve.client"  # scope key: which key the request came with
+
+
+def client_identity(scope: Scope) -> str:
+    """Who sent the request, as far as the server can tell: a digest of its API key ("" with
+    auth off). Uploads are kept apart by it, so one key's files are invisible to another."""
+    return scope.get(_IDENTITY, "")
 
 
 def is_protected(path: str, *, metrics_open: bool) -> bool:
-    """Whether a request path needs a key (segment-wise, so /apix or /v1beta stay open)."""
-    prefixes = _API_PREFIXES if metrics_open else (*_API_PREFIXES, "/metrics")
-    return any(path == p or path.startswith(p + "/") for p in prefixes)
+    """Whether a request path needs a key (when keys are configured at all)."""
+    if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        return False
+    return not (metrics_open and path == "/metrics")
 
 
 def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
@@ -50,6 +63,7 @@ class APIKeyMiddleware:
             return
         token = bearer_token(scope["headers"])
         if token is not None and self._accepts(token):
+            scope[_IDENTITY] = hashlib.sha256(token).hexdigest()[:32]  # never the key itself
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":  # none today; a future one must not slip through

@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from server.api.auth import client_identity
 from server.api.errors import APIError, error_response
 from server.api.messages import to_engine_messages
 from server.api.observe import RequestRecord, request_record
-from server.api.protocol import ChatCompletionRequest
+from server.api.openapi import event_stream, responses
+from server.api.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from server.api.state import AppState
 from server.engine import (
     DoneEvent,
@@ -30,7 +32,14 @@ from server.timings import StageTimer
 router = APIRouter()
 
 
-@router.post("/chat/completions", response_model=None)
+_OK = "The completion as JSON or, with `stream: true`, as server-sent events: one " \
+    "ChatCompletionChunk per `data:` line (an error object if generation fails midway), " \
+    "then `data: [DONE]`"
+
+
+@router.post("/chat/completions", response_model=None,
+             responses=responses(ChatCompletion, 400, 413, 429, 500, 503, 504, ok_description=_OK,
+                                 content=event_stream(ChatCompletionChunk)))
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state: AppState = request.app.state.vlserve
     if not state.engine.ready:
@@ -40,7 +49,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     record.timer = timer = StageTimer()
     record.stream = body.stream
     generation = GenerationRequest(
-        messages=await to_engine_messages(body.messages, state, timer),
+        messages=await to_engine_messages(body.messages, state, timer,
+                                          client_identity(request.scope)),
         max_tokens=_max_tokens(body, state),
         sampling=_sampling(body),
         stop=_stops(body.stop),
@@ -130,7 +140,7 @@ async def _stream(reply: _Reply, event: EngineEvent, events: AsyncIterator[Engin
             if isinstance(event, TokenEvent):
                 if event.logprob is None:
                     yield f"{reply.token_prefix}{json.dumps(event.text)}}}, " \
-                          '"finish_reason": null}]}\n\n'
+                          '"finish_reason": null, "logprobs": null}]}\n\n'
                 else:
                     yield _chunk(reply, {"content": event.text}, None,
                                  logprobs={"content": [_logprob_entry(event.logprob)]})
@@ -145,7 +155,8 @@ async def _stream(reply: _Reply, event: EngineEvent, events: AsyncIterator[Engin
             else:
                 assert isinstance(event, ErrorEvent)
                 record.status = event.status  # the HTTP status (200) went out already
-                error = {"message": event.message, "type": "server_error", "code": event.code}
+                error = {"message": event.message, "type": "server_error", "param": None,
+                         "code": event.code}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 return
             event = await anext(events)

@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.api.routes import RouteInfo, allowed_methods, route_table
+
 logger = logging.getLogger("vlserve.api")
 
 _TYPES = {
@@ -16,7 +18,9 @@ _TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_exceeded",
     503: "service_unavailable",
 }
@@ -42,6 +46,8 @@ def error_response(status: int, message: str, *, param: str | None = None,
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    routes: list[RouteInfo] = []  # built on the first 405, once every route exists
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, param=exc.param, code=exc.code,
@@ -56,13 +62,22 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(first.get("msg", "invalid request"))
         if param:
             message = f"{param}: {message}"
+        elif first.get("type") == "missing":
+            message = "the request body is missing or empty"
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problem(s))"
         return error_response(400, message, param=param, code="invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route that matched the path; a path served by
+            # several routes (GET and POST /files) must list all of their methods.
+            routes[:] = routes or route_table(request.app.routes)
+            headers["Allow"] = ", ".join(allowed_methods(routes, request.url.path))
+        return error_response(exc.status_code, str(exc.detail), code=getattr(exc, "code", None),
+                              headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -13,9 +13,12 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from server.api.auth import client_identity
 from server.api.errors import APIError
 from server.api.messages import image_api_error
 from server.api.multipart import read_upload_form
+from server.api.openapi import responses
+from server.api.protocol import FileDeleted, FileList, FileObject
 from server.api.state import AppState
 from server.engine import ImageInput
 from server.images import ImageError, decode_image
@@ -24,7 +27,15 @@ from server.uploads import StoredFile
 router = APIRouter()
 
 
-@router.post("/files")
+# The form is read by server.api.multipart (bounded, in memory), so it is declared by hand.
+_UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary",
+                            "description": "a JPEG, PNG, WebP, GIF or BMP image"},
+                   "purpose": {"type": "string", "default": "vision"}}}}}}}
+
+
+@router.post("/files", responses=responses(FileObject, 400, 413), openapi_extra=_UPLOAD_FORM)
 async def upload_file(request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
     settings = state.settings
@@ -38,20 +49,21 @@ async def upload_file(request: Request) -> JSONResponse:
     except ImageError as exc:
         raise image_api_error(exc, "file") from None
     image = ImageInput(decoded.rgb, decoded.width, decoded.height, decoded.content_hash)
-    record = state.uploads.add(form.file_name or "upload", purpose, len(form.file_bytes), image)
+    record = state.uploads.add(form.file_name or "upload", purpose, len(form.file_bytes), image,
+                               owner=client_identity(request.scope))
     state.metrics.observe_upload()
     if state.engine.ready:
         state.engine.preencode(image)
     return JSONResponse(_file_object(record, state))
 
 
-@router.get("/files")
+@router.get("/files", responses=responses(FileList, 400))
 async def list_files(request: Request, after: str | None = None,
                      limit: int = Query(10_000, ge=1, le=10_000),
                      order: Literal["asc", "desc"] = "desc") -> JSONResponse:
     """Cursor-paginated like OpenAI's (`after`, `limit`, `has_more`), which the SDK follows."""
     state: AppState = request.app.state.vlserve
-    files = state.uploads.list()
+    files = state.uploads.list(client_identity(request.scope))
     if order == "desc":
         files.reverse()
     if after is not None:
@@ -67,22 +79,23 @@ async def list_files(request: Request, after: str | None = None,
     })
 
 
-@router.get("/files/{file_id}")
+@router.get("/files/{file_id}", responses=responses(FileObject, 404))
 async def get_file(file_id: str, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
-    return JSONResponse(_file_object(_lookup(state, file_id), state))
+    return JSONResponse(_file_object(_lookup(request, file_id), state))
 
 
-@router.delete("/files/{file_id}")
+@router.delete("/files/{file_id}", responses=responses(FileDeleted, 404))
 async def delete_file(file_id: str, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
-    if not state.uploads.delete(file_id):
+    if not state.uploads.delete(file_id, client_identity(request.scope)):
         raise _not_found(file_id)
     return JSONResponse({"id": file_id, "object": "file", "deleted": True})
 
 
-def _lookup(state: AppState, file_id: str) -> StoredFile:
-    record = state.uploads.get(file_id)
+def _lookup(request: Request, file_id: str) -> StoredFile:
+    state: AppState = request.app.state.vlserve
+    record = state.uploads.get(file_id, client_identity(request.scope))
     if record is None:
         raise _not_found(file_id)
     return record

@@ -17,8 +17,9 @@ from server.uploads import UploadStore
 
 
 async def to_engine_messages(
-    messages: list[ChatMessageIn], state: AppState, timer: StageTimer
+    messages: list[ChatMessageIn], state: AppState, timer: StageTimer, client: str = ""
 ) -> list[ChatMessage]:
+    """`client` (server.api.auth.client_identity) may reference its own uploads only."""
     settings = state.settings
     out: list[ChatMessage] = []
     n_images = 0
@@ -28,12 +29,13 @@ async def to_engine_messages(
             out.append(ChatMessage(role, ("",)))
             continue
         if isinstance(message.content, str):
-            out.append(ChatMessage(role, (message.content,)))
+            out.append(ChatMessage(role, (_text(message.content,
+                                                f"messages.{m_index}.content"),)))
             continue
         parts: list[str | ImageInput] = []
         for p_index, part in enumerate(message.content):
             if isinstance(part, TextPart):
-                parts.append(part.text)
+                parts.append(_text(part.text, f"messages.{m_index}.content.{p_index}.text"))
                 continue
             where = f"messages.{m_index}.content.{p_index}"
             if role != "user":
@@ -47,9 +49,22 @@ async def to_engine_messages(
                 parts.append(await _decode(part.image_url.url, state, timer,
                                            f"{where}.image_url"))
             else:
-                parts.append(_uploaded(part, state.uploads, f"{where}.file.file_id"))
+                parts.append(_uploaded(part, state.uploads, client, f"{where}.file.file_id"))
         out.append(ChatMessage(role, tuple(parts)))
     return out
+
+
+def _text(text: str, param: str) -> str:
+    """Text the tokenizer can take. JSON can carry lone surrogates ("\\ud800"), which are
+    not Unicode text: refused here, where the answer can name the field."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise APIError(400, f"{param}: the text is not valid Unicode (a lone surrogate "
+                           f"at character {exc.start})", param=param,
+                           code="invalid_text") from None
+    return text
 
 
 async def _decode(url: str, state: AppState, timer: StageTimer, param: str) -> ImageInput:
@@ -70,8 +85,8 @@ def image_api_error(exc: ImageError, param: str) -> APIError:
     return APIError(status, f"{param}: {exc}", param=param, code="invalid_image")
 
 
-def _uploaded(part: FilePart, uploads: UploadStore, param: str) -> ImageInput:
-    record = uploads.get(part.file.file_id)
+def _uploaded(part: FilePart, uploads: UploadStore, client: str, param: str) -> ImageInput:
+    record = uploads.get(part.file.file_id, client)
     if record is None:
         raise APIError(400, f"{param}: no uploaded file {part.file.file_id!r} (unknown, "
                        "deleted or expired)", param=param, code="file_not_found")

@@ -6,12 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from server.api.errors import APIError
 
 MAX_FIELD_BYTES = 4096
 MAX_FIELDS = 16
+FILE_FIELD = "file"
 
 
 @dataclass
@@ -83,7 +85,7 @@ async def read_upload_form(request: Request, max_file_bytes: int) -> UploadForm:
                 raise _too_large(max_file_bytes)
             parser.write(chunk)
         parser.finalize()
-    except APIError:
+    except (APIError, HTTPException):  # over a limit: answered as such, not as malformed
         raise
     except Exception:
         raise APIError(400, "malformed multipart body", code="invalid_upload") from None
@@ -91,11 +93,13 @@ async def read_upload_form(request: Request, max_file_bytes: int) -> UploadForm:
     for part in parts:
         _, disposition = parse_options_header(part.headers.get(b"content-disposition", b""))
         name = disposition.get(b"name", b"").decode("utf-8", errors="replace")
-        if b"filename" in disposition:
+        # The image is the part with a filename, or the part named "file" (curl -F 'file=<x').
+        if b"filename" in disposition or name == FILE_FIELD:
             if form.file_field is not None:
                 raise APIError(400, "send exactly one file per upload", code="invalid_upload")
             form.file_field = name
-            form.file_name = disposition[b"filename"].decode("utf-8", errors="replace")[:255]
+            form.file_name = disposition.get(b"filename", b"").decode("utf-8",
+                                                                     errors="replace")[:255]
             form.file_bytes = bytes(part.data)
         elif len(part.data) <= MAX_FIELD_BYTES:
             form.fields[name] = bytes(part.data).decode("utf-8", errors="replace")

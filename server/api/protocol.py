@@ -1,15 +1,34 @@
-"""The OpenAI chat-completions schema as plain pydantic models (no serving logic)."""
+"""The OpenAI schema as plain pydantic models (no serving logic).
+
+Requests are validated with these. Responses are built by the routes (the token path is
+formatted by hand, for speed); these models document them in /openapi.json, and the schema
+tests (tests/test_schema_fuzz.py) check every response the server gives against them.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+# Clients send fields we do not use (tools, user, ...): ignore, don't fail. Types are strict,
+# as the schema says and as OpenAI's API does: "stream": 1 or "max_tokens": "5" is a 400.
+_REQUEST_CONFIG = ConfigDict(extra="ignore", strict=True)
+
+
+def _whole_number(value: object) -> object:
+    """JSON has one number type: 18.0 is the integer 18 (as JSON Schema says); 18.5 is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Constraints go before the validator, or the schema shows pydantic's "ge" for "minimum".
+_WHOLE = BeforeValidator(_whole_number)
 
 
 class _Lenient(BaseModel):
-    # Clients send fields we do not use (logprobs, tools, user, ...): ignore, don't fail.
-    model_config = ConfigDict(extra="ignore")
+    model_config = _REQUEST_CONFIG
 
 
 class TextPart(_Lenient):
@@ -41,7 +60,18 @@ class FilePart(_Lenient):
 ContentPart = Annotated[TextPart | ImagePart | FilePart, Field(discriminator="type")]
 
 
+# Images and files only in user messages (checked by the route, which says so; declared here).
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+_TEXT_ONLY = {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART},
+                        {"type": "null"}]}
+
+
 class ChatMessageIn(_Lenient):
+    model_config = ConfigDict(**_REQUEST_CONFIG, json_schema_extra={
+        "if": {"properties": {"role": {"not": {"const": "user"}}}},
+        "then": {"properties": {"content": _TEXT_ONLY}},
+    })
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -51,18 +81,29 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+_STOP_LIST = {"type": "array", "items": {"type": "string"}, "maxItems": 4}
+
+
 class ChatCompletionRequest(_Lenient):
+    # top_logprobs needs logprobs: true (checked by the route; declared here).
+    model_config = ConfigDict(**_REQUEST_CONFIG, json_schema_extra={
+        "if": {"required": ["top_logprobs"],
+               "properties": {"top_logprobs": {"type": "integer"}}},
+        "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+    })
+
     model: str | None = None
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
+    top_k: Annotated[int, Field(ge=0), _WHOLE] | None = None
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int | None = Field(None, ge=1, le=1)
+    seed: Annotated[int, _WHOLE] | None = None
+    # At most 4 (checked by the route, which names the field in its error; declared here).
+    stop: str | Annotated[list[str], WithJsonSchema(_STOP_LIST)] | None = None
+    n: Annotated[int, Field(ge=1, le=1), _WHOLE] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -70,11 +111,11 @@ class ChatCompletionRequest(_Lenient):
     repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
     logprobs: bool | None = None
     ignore_eos: bool | None = None  # extension (as in vLLM / llama.cpp): run to max_tokens
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Annotated[int, Field(ge=0, le=20), _WHOLE] | None = None
 
 
 class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0
+    cached_tokens: int
 
 
 class Usage(BaseModel):
@@ -84,27 +125,45 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+# Per-stage timings in ms plus token counts (see the README): queue, image_decode, ...
+Timings = dict[str, float]
+FinishReason = Literal["stop", "length"]
+
+
 class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
+    role: Literal["assistant"]
     content: str
 
 
 class Choice(BaseModel):
-    index: int = 0
+    index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    finish_reason: FinishReason
+    logprobs: ChoiceLogprobs | None  # null unless the request asked for logprobs
 
 
 class ChatCompletion(BaseModel):
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: Literal["chat.completion"]
     created: int
     model: str
     choices: list[Choice]
     usage: Usage
-    timings: dict[str, float | int]
-    system_fingerprint: str | None = None
+    timings: Timings
 
 
 class Delta(BaseModel):
@@ -113,40 +172,88 @@ class Delta(BaseModel):
 
 
 class ChunkChoice(BaseModel):
-    index: int = 0
+    index: int
     delta: Delta
-    finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    finish_reason: FinishReason | None
+    logprobs: ChoiceLogprobs | None
 
 
 class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a stream. The usage chunk has no choices."""
+
     id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    object: Literal["chat.completion.chunk"]
     created: int
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
-    timings: dict[str, float | int] | None = None
+    timings: Timings | None = None
 
 
 class ModelCard(BaseModel):
     id: str
-    object: Literal["model"] = "model"
+    object: Literal["model"]
     created: int
-    owned_by: str = "vlserve"
-    meta: dict[str, Any] = Field(default_factory=dict)
+    owned_by: str
+    meta: dict[str, Any]  # where layers and projector run, context size, warm-up time, ...
 
 
 class ModelList(BaseModel):
-    object: Literal["list"] = "list"
+    object: Literal["list"]
     data: list[ModelCard]
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["uploaded", "processed"]  # processed: the vision encoder has run
+    width: int
+    height: int
+
+
+class FileList(BaseModel):
+    object: Literal["list"]
+    data: list[FileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "draining", "failed", "stopped"]
+    error: str | None = None  # why the engine failed or stopped
+
+
+class SlotState(BaseModel):
+    id: int
+    state: Literal["idle", "prefill", "generating"]
+    request_id: str | None
+    n_past: int
+    generated_tokens: int
+
+
+class Slots(BaseModel):
+    queue_depth: int
+    busy_slots: int
+    preencode_backlog: int  # uploads waiting for an idle engine to encode them (at most 16)
+    slots: list[SlotState]
 
 
 class ErrorDetail(BaseModel):
     message: str
     type: str
-    param: str | None = None
-    code: str | None = None
+    param: str | None
+    code: str | None
 
 
 class ErrorResponse(BaseModel):

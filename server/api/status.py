@@ -6,6 +6,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from server.api.errors import error_response
+from server.api.openapi import responses
+from server.api.protocol import Health, ModelCard, ModelList, Slots
 from server.api.state import AppState
 from server.engine import EngineState
 
@@ -13,7 +15,10 @@ health_router = APIRouter()
 models_router = APIRouter()
 
 
-@health_router.get("/health")
+@health_router.get("/health", responses={
+    200: {"model": Health, "description": "Loaded and warmed up: `{\"status\": \"ok\"}`"},
+    503: {"model": Health, "description": "`loading` (or warming up), `draining` (shutting "
+          "down), `failed` or `stopped` (with `error`)"}})
 async def health(request: Request) -> JSONResponse:
     """200 once the model is loaded and warm; 503 before that, or if the engine failed."""
     engine = request.app.state.vlserve.engine
@@ -25,13 +30,13 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=503)
 
 
-@models_router.get("/models")
+@models_router.get("/models", responses=responses(ModelList))
 async def list_models(request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
     return JSONResponse({"object": "list", "data": [_card(state)]})
 
 
-@models_router.get("/models/{model_id:path}")
+@models_router.get("/models/{model_id:path}", responses=responses(ModelCard, 404))
 async def get_model(model_id: str, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
     if model_id != state.settings.model_name:
@@ -40,11 +45,12 @@ async def get_model(model_id: str, request: Request) -> JSONResponse:
     return JSONResponse(_card(state))
 
 
-@models_router.get("/slots")
+@models_router.get("/slots", responses=responses(Slots))
 async def list_slots(request: Request) -> JSONResponse:
     """What each slot is doing and how many requests wait: the engine's load at a glance."""
     engine = request.app.state.vlserve.engine
     return JSONResponse({"queue_depth": engine.queue_depth, "busy_slots": engine.busy_slots,
+                         "preencode_backlog": engine.preencode_backlog,
                          "slots": engine.slot_states()})
 
 

@@ -88,6 +88,10 @@ class Engine:
     def slot_states(self) -> list[dict[str, object]]:
         return self._scheduler.slot_states() if self._scheduler else []
 
+    @property
+    def preencode_backlog(self) -> int:
+        return self._scheduler.preencode_backlog if self._scheduler else 0
+
     def preencode(self, image: ImageInput) -> None:
         """Queue an image for encoding into the embedding cache at low priority."""
         if self._scheduler is not None:
@@ -135,15 +139,27 @@ class Engine:
             self.state = EngineState.STOPPED
         except Exception as exc:
             self.error = str(exc)
-            self.state = EngineState.FAILED
+            self.state = EngineState.FAILED  # /health 503; new requests 503
             logger.exception("engine failed: %s", exc)
+            self._answer_all_after_failure()
             if self._on_failure is not None:
-                self._on_failure()
+                self._on_failure()  # the CLI exits non-zero, so a supervisor restarts us
         finally:
             if self._scheduler is not None:
                 self._scheduler.close()
             if self._model is not None:
                 self._model.close()
+
+    def _answer_all_after_failure(self) -> None:
+        """Requests running or queued get a 500 now rather than hang until the exit."""
+        if self._scheduler is None:
+            return
+        try:
+            self._scheduler.refuse_all(ErrorEvent(
+                500, "the inference engine failed; the server is restarting, retry shortly",
+                code="engine_failed"))
+        except Exception:
+            logger.exception("could not answer the requests in flight")
 
     def _warm_up(self) -> None:
         """Run one real image request so first-call allocations happen before traffic."""

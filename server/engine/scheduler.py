@@ -42,6 +42,9 @@ from server.engine.types import (
 logger = logging.getLogger("vlserve.engine")
 
 
+PREENCODE_BACKLOG = 16  # uploaded images waiting for an idle engine to encode them
+
+
 class QueueFullError(RuntimeError):
     pass
 
@@ -99,7 +102,12 @@ class Scheduler:
         self.slots = [Slot(seq_id=i) for i in range(settings.n_parallel)]
         self.embeddings = EmbeddingCache(settings.image_cache_mb * 1024 * 1024)
         self._inbox: queue.Queue[tuple[GenerationRequest, Sink, float]] = queue.Queue()
-        self._preencode: deque[ImageInput] = deque()
+        # Once set (shutdown, engine failure), every request, queued or new, gets this event.
+        self._refusal: ErrorEvent | None = None
+        self._submit_lock = threading.Lock()
+        # Bounded: the engine encodes ahead only when idle, so under steady load this would
+        # grow by one decoded image per upload, for as long as the load lasts.
+        self._preencode: deque[ImageInput] = deque(maxlen=PREENCODE_BACKLOG)
         self._batch = TokenBatch(max(model.n_batch, settings.n_parallel))
         self._mem = llama_cpp.llama_get_memory(model.ctx)
         self._embd_row_bytes = llama_cpp.llama_model_n_embd_inp(model.model) * 4
@@ -108,14 +116,26 @@ class Scheduler:
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
         # Requests for free slots pass straight through; beyond them, max_queue may wait.
         # (Reading busy_slots from another thread is racy by at most one admission.)
-        free_slots = len(self.slots) - self.busy_slots
-        if self._inbox.qsize() >= self.settings.max_queue + free_slots:
-            raise QueueFullError(f"the request queue is full ({self.settings.max_queue} waiting)")
-        self._inbox.put_nowait((request, sink, time.perf_counter()))
+        with self._submit_lock:  # no request slips into the inbox after refuse_all drained it
+            if self._refusal is not None:
+                sink.put(self._refusal)
+                return
+            free_slots = len(self.slots) - self.busy_slots
+            if self._inbox.qsize() >= self.settings.max_queue + free_slots:
+                raise QueueFullError(
+                    f"the request queue is full ({self.settings.max_queue} waiting)")
+            self._inbox.put_nowait((request, sink, time.perf_counter()))
 
     def submit_preencode(self, image: ImageInput) -> None:
-        """Encode an image into the embedding cache when the engine has nothing else to do."""
-        self._preencode.append(image)
+        """Encode an image into the embedding cache when the engine has nothing else to do.
+
+        Best effort: past PREENCODE_BACKLOG waiting images the oldest is dropped (a chat that
+        references it encodes it then)."""
+        self._preencode.append(image)  # deque.append from another thread: atomic
+
+    @property
+    def preencode_backlog(self) -> int:
+        return len(self._preencode)
 
     @property
     def queue_depth(self) -> int:
@@ -151,7 +171,22 @@ class Scheduler:
                 self._step()
             elif self._preencode:
                 self._encode_ahead(self._preencode.popleft())
-        self._fail_queued(503, "the server is shutting down")
+        self.refuse_all(ErrorEvent(503, "the server is shutting down",
+                                   code="server_shutting_down"))
+
+    def refuse_all(self, event: ErrorEvent) -> None:
+        """End every request, running or queued, with `event`; later ones get it at once."""
+        with self._submit_lock:
+            self._refusal = event
+        for slot in self.slots:
+            if slot.job is not None:
+                self._end(slot, event)
+        while True:
+            try:
+                _, sink, _ = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            sink.put(event)
 
     def run_to_completion(self, request: GenerationRequest, sink: Sink) -> None:
         """Serve one request synchronously (warm-up, before the loop starts)."""
@@ -210,6 +245,13 @@ class Scheduler:
             prompt = mtmd.tokenize(model.mtmd, rendered.text, rendered.images)
         except (PromptError, mtmd.MediaError) as exc:
             sink.put(ErrorEvent(400, str(exc)))
+            return
+        except Exception:
+            # Nothing is in a slot yet: one request's content must not take the engine (and
+            # every other request) down with it.
+            logger.exception("request %s failed before it started", request.request_id)
+            sink.put(ErrorEvent(500, "the server could not prepare this request",
+                                code="internal_error"))
             return
         # mtmd's preprocessing (resize + normalize for the projector) dominates tokenization
         # when images are present: it is booked as resizing, so `image_encode` is the vision
@@ -377,7 +419,7 @@ class Scheduler:
         except mtmd.MediaError as exc:
             logger.error("image failed in request %s: %s", job.request.request_id, exc)
             self._forget(slot)
-            self._end(slot, ErrorEvent(500, str(exc)))
+            self._end(slot, ErrorEvent(500, str(exc), code="image_failed"))
 
     def _encode_ahead(self, image: ImageInput) -> None:
         """Pre-encode an uploaded image so a later chat skips the vision encoder."""
@@ -467,18 +509,11 @@ class Scheduler:
         slot.cached.clear()
         slot.n_past = 0
 
-    def _fail_queued(self, status: int, message: str) -> None:
-        while True:
-            try:
-                _, sink, _ = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            sink.put(ErrorEvent(status, message))
-
     def close(self) -> None:
         for slot in self.slots:
             if slot.job is not None:
-                self._end(slot, ErrorEvent(503, "the server is shutting down"))
+                self._end(slot, ErrorEvent(503, "the server is shutting down",
+                                           code="server_shutting_down"))
         self._batch.close()
 
 

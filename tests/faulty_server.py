@@ -1,0 +1,53 @@
+"""`vlserve serve` with faults planted, for tests/test_faults.py only (never shipped).
+
+The server is the real one; environment variables plant the faults that no request can
+cause on its own, so that the paths that answer them can be tested for real:
+
+- VLSERVE_FAULT_ENCODE_HASH: the vision encoder fails on the image with this content hash
+  (llama.cpp's mtmd_encode_chunk returning non-zero, as on a GPU out of memory).
+- VLSERVE_FAULT_CRASH_ON: the engine loop raises once a request with this X-Request-ID is
+  in a slot and another request waits in the queue (a bug in the engine thread).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def plant_faults() -> None:
+    from server.engine import mtmd
+    from server.engine.scheduler import Scheduler
+
+    bad_hash = os.environ.get("VLSERVE_FAULT_ENCODE_HASH")
+    if bad_hash:
+        encode = mtmd.encode_image
+
+        def failing_encode(mctx: int, chunk: mtmd.PromptChunk) -> Any:
+            if chunk.image is not None and chunk.image.content_hash == bad_hash:
+                raise mtmd.MediaError("the vision encoder failed on an image")
+            return encode(mctx, chunk)
+
+        mtmd.encode_image = failing_encode
+
+    crash_on = os.environ.get("VLSERVE_FAULT_CRASH_ON")
+    if crash_on:
+        step = Scheduler._step
+
+        def crashing_step(self: Scheduler) -> None:
+            running = {s.job.request.request_id for s in self.slots if s.job is not None}
+            if crash_on in running and self.queue_depth > 0:
+                raise RuntimeError("planted fault: the engine loop crashed")
+            step(self)
+
+        Scheduler._step = crashing_step  # type: ignore[method-assign]
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    plant_faults()
+    from server.cli import main
+
+    sys.exit(main())
