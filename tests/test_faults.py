@@ -118,19 +118,24 @@ def test_an_unexpected_error_preparing_a_request_is_its_own_500(
 def test_engine_loop_failure_answers_everyone_and_reports_failed(
         demo_model: DemoModelPaths, monkeypatch: pytest.MonkeyPatch) -> None:
     """In process, where /health can be asked at leisure: the CLI would exit at once."""
-    with in_process_engine(demo_model) as (app, _, failures):
-        def crash(self: Scheduler) -> None:
-            # Only once both requests reached the engine (until then: no progress), so both
-            # are in flight when it dies; one arriving after the failure would get a 503.
-            if self.busy_slots + self.queue_depth >= 2:
-                raise RuntimeError("planted fault: the engine loop crashed")
-            time.sleep(0.001)
+    step = Scheduler._step
 
-        monkeypatch.setattr(Scheduler, "_step", crash)
-        answers = asyncio.run(chats(app, "one", "two"))
+    def crash_once_one_waits(self: Scheduler) -> None:
+        # The first chat holds the only slot for ~1000 tokens; the crash comes once the
+        # second is queued behind it, so that both paths (slot, queue) are exercised.
+        if self.queue_depth > 0:
+            raise RuntimeError("planted fault: the engine loop crashed")
+        step(self)
+
+    with in_process_engine(demo_model, max_tokens=1000) as (app, _, failures):
+        monkeypatch.setattr(Scheduler, "_step", crash_once_one_waits)
+        answers = asyncio.run(chats(app, "one", "two", max_tokens=1000))
         for answer in answers:
             assert answer.status_code == 500, answer.text
             assert answer.json()["error"]["code"] == "engine_failed"
+        deadline = time.monotonic() + 30  # the clients are answered first, then on_failure
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert failures == [EngineState.FAILED]  # on_failure ran once: the CLI exits 1
         health = asyncio.run(get(app, "/health"))
         assert health.status_code == 503
@@ -141,12 +146,13 @@ def test_engine_loop_failure_answers_everyone_and_reports_failed(
 
 
 @contextlib.contextmanager
-def in_process_engine(demo_model: DemoModelPaths
+def in_process_engine(demo_model: DemoModelPaths, max_tokens: int = 8
                       ) -> Iterator[tuple[object, Engine, list[EngineState]]]:
     """A started engine and its app in this process (one slot), and the states in which
     its on_failure callback ran; stopped on exit."""
     settings = load_settings(None, model=demo_model.text, mmproj=demo_model.mmproj,
-                             n_ctx=1024, n_parallel=1, max_tokens_cap=8, default_max_tokens=8)
+                             n_ctx=2048, n_parallel=1, max_tokens_cap=max_tokens,
+                             default_max_tokens=8, n_threads=1)
     failures: list[EngineState] = []
     engine = Engine(settings, on_failure=lambda: failures.append(engine.state))
     app = create_app(settings, engine)
@@ -162,13 +168,14 @@ def in_process_engine(demo_model: DemoModelPaths
         engine.stop(timeout=30)
 
 
-async def chats(app: object, *prompts: str) -> list[httpx.Response]:
+async def chats(app: object, *prompts: str, max_tokens: int = 4) -> list[httpx.Response]:
     """Chats sent together (one slot: the others wait in the queue)."""
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
         return list(await asyncio.gather(*(
-            c.post("/api/v1/chat/completions",
-                   json={"messages": [{"role": "user", "content": p}], "max_tokens": 4})
+            c.post("/api/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": p}], "max_tokens": max_tokens,
+                "temperature": 0})
             for p in prompts)))
 
 
