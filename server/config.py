@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -89,6 +90,11 @@ class Settings(BaseSettings):
         default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP"], min_length=1)
     max_images_per_request: int = Field(8, ge=0)
     image_cache_mb: int = Field(256, ge=0)  # encoded image embeddings kept for reuse
+    # http(s) image URLs: off by default. When on, only public addresses are fetched, plus
+    # the networks listed here (e.g. an internal image store: ["10.20.0.0/16"]).
+    remote_images: bool = False
+    remote_image_timeout: float = Field(10.0, gt=0)
+    remote_image_allow_networks: list[str] = Field(default_factory=list)
 
     # Uploads (POST /files): kept decoded in memory, never written to disk.
     upload_max_bytes: int = Field(20 * 1024 * 1024, ge=1)
@@ -122,6 +128,16 @@ class Settings(BaseSettings):
             raise ValueError("API keys must be non-empty and contain no whitespace")
         self.api_keys = [SecretStr(key) for key in dict.fromkeys(keys)]
         return self
+
+    @field_validator("remote_image_allow_networks")
+    @classmethod
+    def _check_networks(cls, networks: list[str]) -> list[str]:
+        for network in networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not an IP network (e.g. 10.0.0.0/8)") from None
+        return networks
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:

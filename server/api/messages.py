@@ -8,10 +8,11 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.errors import APIError
 from server.api.protocol import ChatMessageIn, FilePart, ImagePart, TextPart
+from server.api.remote_images import fetch_image_bytes
 from server.api.state import AppState
 from server.engine import ImageInput
 from server.engine.types import ChatMessage
-from server.images import ImageError, ImageTooLargeError, decode_image_reference
+from server.images import ImageError, ImageTooLargeError, decode_image, decode_image_reference
 from server.timings import StageTimer
 from server.uploads import UploadStore
 
@@ -69,8 +70,14 @@ def _text(text: str, param: str) -> str:
 
 async def _decode(url: str, state: AppState, timer: StageTimer, param: str) -> ImageInput:
     try:
-        image = await run_in_threadpool(partial(decode_image_reference, url, state.image_size,
-                                                limits=state.image_limits))
+        if state.settings.remote_images and url.lstrip()[:8].lower().startswith(
+                ("http://", "https://")):
+            data = await fetch_image_bytes(url.strip(), state.settings)
+            image = await run_in_threadpool(partial(decode_image, data, state.image_size,
+                                                    limits=state.image_limits))
+        else:
+            image = await run_in_threadpool(partial(decode_image_reference, url,
+                                                    state.image_size, limits=state.image_limits))
     except ImageError as exc:
         raise image_api_error(exc, param) from None
     timer.images += 1
