@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.servers import free_port, stop_process
 from server.demo_model import DemoModelPaths, make_demo_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,12 +57,6 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> DemoModelPaths:
 @pytest.fixture(scope="session")
 def youtu_model(tmp_path_factory: pytest.TempPathFactory) -> DemoModelPaths:
     return make_demo_model(tmp_path_factory.mktemp("youtu-models"), family="youtu-vl")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_server(models: DemoModelPaths, log_path: Path, *extra: str,
@@ -113,12 +107,7 @@ def wait_ready(server: RunningServer, timeout: float = 90.0) -> None:
 
 
 def stop_server(server: RunningServer) -> None:
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+    stop_process(server.process)
 
 
 @pytest.fixture(scope="session")
