@@ -265,14 +265,14 @@ class Scheduler:
             sink.put(error)
             return
         keys = prompt.keys()
-        slot = self._pick_slot(keys)
-        keep = common_prefix_len(slot.cached, keys)
-        llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, n_positions(keys[:keep]), -1)
+        slot, keep = self._pick_slot(keys)
+        kept = keys[:keep]
+        slot.n_past = n_positions(kept)
+        llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, slot.n_past, -1)
         del slot.cached[keep:]
-        slot.n_past = n_positions(keys[:keep])
-        timer.cached_tokens = n_tokens(keys[:keep])
+        timer.cached_tokens = n_tokens(kept)
         # Images already in the slot's KV are reused without the encoder, like cache hits.
-        timer.image_cache_hits += sum(1 for k in keys[:keep] if not isinstance(k, int))
+        timer.image_cache_hits += sum(1 for k in kept if not isinstance(k, int))
         slot.job = Job(
             request=request,
             sink=sink,
@@ -299,16 +299,20 @@ class Scheduler:
             return ErrorEvent(400, "the prompt must not end with an image")
         return None
 
-    def _pick_slot(self, keys: list[KvKey]) -> Slot:
-        """The free slot sharing the longest prefix; idle caches are dropped if needed."""
+    def _pick_slot(self, keys: list[KvKey]) -> tuple[Slot, int]:
+        """The free slot sharing the longest prefix, and how many entries of it to keep;
+        idle caches are dropped if the prompt might not fit beside them."""
         free = [s for s in self.slots if s.job is None]
-        best = max(free, key=lambda s: (common_prefix_len(s.cached, keys), -len(s.cached)))
+        # Ties go to the shorter cache, then to the lower slot (slots[i].seq_id == i).
+        keep, _, neg_seq = max((common_prefix_len(s.cached, keys), -len(s.cached), -s.seq_id)
+                               for s in free)
+        best = self.slots[-neg_seq]
         used = sum(s.n_past for s in self.slots if s is not best)
         if used + n_positions(keys) > self.model.n_ctx:
             for other in free:
                 if other is not best:
                     self._forget(other)
-        return best
+        return best, keep
 
     def _step(self) -> None:
         now = time.perf_counter()
