@@ -34,10 +34,11 @@ def doctor(models: DemoModelPaths, registry: Path, *extra: str,
 
 
 def write_registry(path: Path, models: DemoModelPaths, *, model_sha: str | None,
-                   mmproj_sha: str | None) -> Path:
+                   mmproj_sha: str | None, mmproj_name: str | None = None) -> Path:
     entry = {"title": "demo", "repo": "vlserve/demo", "dir": "demo", "files": {
         "model": {"name": models.text.name, "quant": "F32", "sha256": model_sha},
-        "mmproj": {"name": models.mmproj.name, "quant": "F32", "sha256": mmproj_sha}}}
+        "mmproj": {"name": mmproj_name or models.mmproj.name, "quant": "F32",
+                   "sha256": mmproj_sha}}}
     path.write_text(yaml.safe_dump({"models": {"demo": entry}}))
     return path
 
@@ -89,6 +90,11 @@ def test_missing_file(demo_model: DemoModelPaths, tmp_path: Path) -> None:
     assert problems(result) == [f"vlserve doctor: files: mmproj file not found: {missing} "
                                 "(download it with `vlserve download NAME`, or point "
                                 "--model/--mmproj at existing files)"]
+    # A registry entry that names the files: the hint names the entry.
+    registry = write_registry(tmp_path / "registry.yaml", demo_model, model_sha=None,
+                              mmproj_sha=None, mmproj_name=missing.name)
+    (problem,) = problems(doctor(demo_model, registry, mmproj=missing))
+    assert "(download it with `vlserve download demo`, or point" in problem
     lines = result.stdout.splitlines()
     assert any(line.startswith("FAIL  files ") for line in lines)
     assert any(line.startswith("SKIP  engine ") and "model files missing" in line

@@ -11,6 +11,7 @@ from server.doctor.report import Check
 from server.engine.build_info import BuildInfo
 from server.engine.placement import rebuild_hint
 from server.engine.supported import VERSION, architecture_supported, projector_supported
+from server.registry import RegistryEntry
 
 
 def check_build(build: BuildInfo) -> Check:
@@ -64,12 +65,17 @@ def nvml_gpus() -> list[dict[str, Any]] | str:
         pynvml.nvmlShutdown()
 
 
-def check_files(settings: Settings) -> Check:
+def check_files(settings: Settings, registry: Path) -> Check:
     missing = [f"{role} file not found: {path}" for role, path in _files(settings)
                if not Path(path).is_file()]
     if missing:
-        return Check("files", "fail", "; ".join(missing) + " (download it with `vlserve "
-                     "download NAME`, or point --model/--mmproj at existing files)")
+        try:
+            entry = _registry_entry(settings, registry)
+        except ConfigError:  # a broken registry is the sha256 check's to report
+            entry = None
+        how = f"vlserve download {entry.name}" if entry else "vlserve download NAME"
+        return Check("files", "fail", "; ".join(missing) + f" (download it with `{how}`, or "
+                     "point --model/--mmproj at existing files)")
     sizes = {role: Path(path).stat().st_size for role, path in _files(settings)}
     return Check("files", "ok", ", ".join(f"{role} {path} ({sizes[role] / 2**20:.1f} MiB)"
                                           for role, path in _files(settings)), sizes)
@@ -78,19 +84,15 @@ def check_files(settings: Settings) -> Check:
 def check_sha256(settings: Settings, registry: Path) -> Check:
     """Compare the files with the registry entry that names them, if there is one."""
     from server.download import sha256_file
-    from server.registry import load_registry
 
     if not registry.is_file():
         return Check("sha256", "skip", f"no model registry at {registry}")
     try:
-        entries = load_registry(registry)
+        entry = _registry_entry(settings, registry)
     except ConfigError as exc:
         return Check("sha256", "fail", str(exc))
-    for entry in entries.values():
+    if entry is not None:
         specs = dict(entry.file_list())
-        if {role: specs[role].name for role in specs} != {
-                role: Path(path).name for role, path in _files(settings)}:
-            continue
         results, problems = {}, []
         for role, path in _files(settings):
             actual = sha256_file(Path(path))
@@ -175,6 +177,19 @@ def chosen_template(settings: Settings, gguf_template: str | None) -> tuple[str,
     from server.engine.model import choose_template
 
     return choose_template(settings, gguf_template, quiet=True)
+
+
+def _registry_entry(settings: Settings, registry: Path) -> RegistryEntry | None:
+    """The registry entry whose two file names are the configured files' names."""
+    from server.registry import load_registry
+
+    if not registry.is_file():
+        return None
+    names = {role: Path(path).name for role, path in _files(settings)}
+    for entry in load_registry(registry).values():
+        if {role: spec.name for role, spec in entry.file_list()} == names:
+            return entry
+    return None
 
 
 def _files(settings: Settings) -> list[tuple[str, Path]]:

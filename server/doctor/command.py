@@ -65,7 +65,7 @@ def diagnose(settings: Settings, registry: Path, *, engine: bool = True,
     build = read_build_info()
     report.add(check_build(build))
     report.add(check_gpus(build))
-    if report.add(check_files(settings)).failed:
+    if report.add(check_files(settings, registry)).failed:
         return _skip(report, "sha256", "gguf", "template", "engine", why="model files missing")
     report.add(check_sha256(settings, registry))
     try:
