@@ -1,10 +1,16 @@
 """Where llama.cpp really put the model, read back from its own load log.
 
-llama.cpp has no API that says which device holds each layer, nor which backend mtmd gave
-the vision encoder; it says both in its load log. The lines below are quoted from the
-llama.cpp vendored in llama-cpp-python 0.3.36 (src/llama-model.cpp, src/llama-context.cpp,
-src/llama-kv-cache.cpp, tools/mtmd/clip.cpp), each matched by its own pattern so a line that
-changes in a later release is missed (and reported as unknown), never misread.
+llama.cpp 0.3.36 has no C API that says which device holds each layer, which backend mtmd
+gave the vision encoder, or how flash attention and the KV types were resolved: llama.h has
+no getters for them, and the staging header llama-ext.h's llama_model_get_device and
+llama_get_memory_breakdown, like mtmd_get_memory_usage, are C++ symbols that ctypes cannot
+call (and the first lists the devices available, not the ones used). The load log says all
+of it. (The build's backends and devices do have an API: build_info.py uses it.)
+
+The lines below are quoted from the llama.cpp vendored in llama-cpp-python 0.3.36
+(src/llama-model.cpp, src/llama-context.cpp, src/llama-kv-cache.cpp, tools/mtmd/clip.cpp),
+each matched by its own pattern so a line that changes in a later release is missed (and
+reported as unknown), never misread.
 """
 
 from __future__ import annotations
