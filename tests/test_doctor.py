@@ -65,6 +65,8 @@ def test_doctor_passes_on_the_demo_model(demo_model: DemoModelPaths, tmp_path: P
 
     build = checks["build"]["details"]
     assert build["llama_cpp_python"] == "0.3.36" and build["backends"] == ["CPU"]
+    assert checks["build"]["summary"].startswith(
+        f"llama-cpp-python 0.3.36 (llama.cpp {build['llama_cpp']}); backends CPU; no GPU device")
     assert build["gpu_offload"] is False and build["features"]["CPU"]  # CPU feature flags
     assert checks["sha256"]["summary"] == "files match registry entry demo (mmproj not " \
         "pinned in the registry)"

@@ -18,7 +18,8 @@ def check_build(build: BuildInfo) -> Check:
     cpu = build.features.get("CPU", {})
     simd = [name for name, value in cpu.items() if value == "1"]
     gpus = [f"{d.name} ({d.description}, {d.memory_total_mib} MiB)" for d in build.gpu_devices]
-    summary = (f"llama-cpp-python {build.llama_cpp_python}; backends "
+    summary = (f"llama-cpp-python {build.llama_cpp_python} (llama.cpp {build.llama_cpp}); "
+               f"backends "
                f"{', '.join(build.backends) or 'none'}; "
                + (f"GPU devices: {'; '.join(gpus)}" if gpus else "no GPU device"))
     lines = [f"CPU features: {' '.join(simd) or 'none reported'}"]

@@ -30,6 +30,7 @@ class Device:
 @dataclass(frozen=True)
 class BuildInfo:
     llama_cpp_python: str
+    llama_cpp: str  # llama_version() of the vendored llama.cpp
     backends: list[str]  # registered ggml backends, e.g. ["CUDA", "CPU"]
     devices: list[Device]
     gpu_offload: bool  # llama_supports_gpu_offload(): some GPU/iGPU/RPC device exists
@@ -61,6 +62,7 @@ def read_build_info() -> BuildInfo:
             memory_total_mib=total.value >> 20, memory_free_mib=free.value >> 20))
     return BuildInfo(
         llama_cpp_python=llama_cpp.__version__,
+        llama_cpp=_text(llama_cpp.llama_version()),
         backends=backends,
         devices=devices,
         gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
