@@ -10,17 +10,24 @@ STAMP := $(VENV)/.installed-dev
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint smoke demo-model clean
+.PHONY: install run test lint smoke demo-model doctor clean
 
+# llama-cpp-python goes first, on its own, with its build steps shown (it is the one that
+# compiles); everything else installs quietly after it.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@test -x $(BIN)/python || { echo "==> creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "==> upgrading pip"
+	@$(BIN)/python -m pip install --quiet --upgrade pip
+	@bash scripts/install-llama-cpp.sh $(VENV)
+	@echo "==> installing vlserve and its other dependencies"
+	@$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+	@echo "==> installed; check this box with: $(BIN)/vlserve doctor"
 
 install: $(STAMP)
 
 run: $(STAMP)
+	@echo "==> starting vlserve: it loads the model and warms up, then logs 'ready: URL ...'"
 	$(BIN)/vlserve serve $(ARGS)
 
 test: $(STAMP)
@@ -31,6 +38,9 @@ lint: $(STAMP)
 
 smoke:
 	bash scripts/smoke.sh $(URL)
+
+doctor: $(STAMP)
+	$(BIN)/vlserve doctor $(ARGS)
 
 demo-model: $(STAMP)
 	$(BIN)/vlserve make-demo-model models/demo

@@ -1,4 +1,4 @@
-"""`vlserve` command line: serve, bench, download, models, make-demo-model."""
+"""`vlserve` command line: serve, doctor, bench, download, models, make-demo-model."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from server.bench import command as bench_command
 from server.bench.soak import command as soak_command
 from server.config import ConfigError, Settings, load_settings
+from server.doctor import command as doctor_command
 from server.registry import DEFAULT_MODELS_DIR
 
 logger = logging.getLogger("vlserve")
@@ -50,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-file", type=Path,
                        help="file with accepted API keys, one per line")
     serve.set_defaults(handler=_serve)
+
+    doctor = sub.add_parser("doctor", help="check this box: build, GPUs, model files, then "
+                            "one text and one image request (exit 0 when all is well)")
+    doctor_command.add_arguments(doctor)
+    doctor.set_defaults(handler=doctor_command.run)
 
     bench = sub.add_parser("bench", help="time a running server and name its bottleneck")
     bench_command.add_arguments(bench)
@@ -121,7 +128,8 @@ def _serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, Engine(settings, on_failure=stop_serving))
+    app = create_app(settings, Engine(settings, on_failure=stop_serving,
+                                      on_ready=lambda info: _log_ready(settings, info)))
     _log_access(settings)
     server = make_server(app, host=settings.host, port=settings.port,
                          log_level=settings.log_level, drain=app.state.vlserve.drain,
@@ -145,6 +153,16 @@ def _log_access(settings: Settings) -> None:
                        "use the API (set api_keys or VLSERVE_API_KEY)", settings.host)
     if settings.cors_origins:
         logger.info("CORS allowed for %s", ", ".join(settings.cors_origins))
+
+
+def _log_ready(settings: Settings, info: dict[str, Any]) -> None:
+    """The line a first `make run` waits for: where to go, what is served, where it runs."""
+    from server.engine.placement import Placement
+
+    page = "/ (playground)" if settings.playground else "/api/v1"
+    logger.info("ready: http://%s:%d%s serving %s from %s; %s", settings.host, settings.port,
+                page, settings.model_name, info["model_path"],
+                Placement(**info["placement"]).describe())
 
 
 def _ensure_model_files(settings: Settings) -> None:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    Info,
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
 
 from server import __version__
 from server.config import Settings
@@ -64,8 +65,7 @@ class Metrics:
         self.uploads = Counter(
             "vlserve_uploads_total", "Files accepted by the upload endpoint", registry=registry)
         self._engine_gauges(settings, engine)
-        Info("vlserve_build", "Server version and served model", registry=registry).info(
-            {"version": __version__, "model": settings.model_name})
+        registry.register(_BuildCollector(settings, engine))
         ProcessCollector(registry=registry)
         self.gpu = nvml_collector()
         if self.gpu is not None:
@@ -116,3 +116,31 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every collector."""
         return generate_latest(self.registry)
+
+
+class _BuildCollector(Collector):
+    """Build and placement as info metrics, read from the engine at scrape time: where the
+    model runs is only known once llama.cpp has loaded it (read back from its load log)."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self._model_name = settings.model_name
+        self._engine = engine
+
+    def collect(self) -> Iterator[InfoMetricFamily | GaugeMetricFamily]:
+        info = self._engine.info
+        yield InfoMetricFamily("vlserve_build", "Server version, served model, llama.cpp build",
+                               value={"version": __version__, "model": self._model_name,
+                                      "llama_cpp_python": info.get("llama_cpp_python", ""),
+                                      "backends": ",".join(info.get("backends", []))})
+        placement = info.get("placement")
+        if placement is None:  # not loaded yet
+            return
+        yield InfoMetricFamily(
+            "vlserve_placement", "Where llama.cpp put the model, read back from its load log",
+            value={"llm_device": placement["llm_device"],
+                   "projector_device": placement["projector_device"] or "unknown",
+                   "flash_attn": placement["flash_attn"] or "unknown",
+                   "kv_type_k": placement["kv_type_k"] or "unknown",
+                   "kv_type_v": placement["kv_type_v"] or "unknown"})
+        yield GaugeMetricFamily("vlserve_gpu_layers", "Layers llama.cpp offloaded to a GPU "
+                                "(output layer included), read back", placement["gpu_layers"])

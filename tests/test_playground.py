@@ -117,7 +117,9 @@ def test_image_question_streams_an_answer_with_stage_timings(
     page.goto(f"{server.url}/")
     expect(page.locator("#status")).to_have_attribute("data-state", "ready")
     expect(page.locator("#status-text")).to_contain_text("vlserve-demo-llava")
-    expect(page.locator("#status-text")).to_contain_text("on CPU")
+    # Placement as llama.cpp reported it (meta.placement), not as the settings assumed it.
+    expect(page.locator("#status-text")).to_contain_text(
+        "LLM on CPU · vision on CPU · flash attn on · KV f16")
 
     picture = tmp_path / "gradient.png"
     picture.write_bytes(photo_bytes(480, 320, seed=8))

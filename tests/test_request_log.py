@@ -87,7 +87,7 @@ def test_streams_and_errors_carry_the_id(server: RunningServer) -> None:
 
 def test_startup_lines_are_readable(server: RunningServer) -> None:
     log = server.log()
-    for needle in ("model ", "LLM layers run on CPU", "vision projector runs on CPU",
+    for needle in ("model ", "LLM layers run on CPU", "vision encoder runs on CPU", "ready: ",
                    "images decoded by Pillow", "warm-up done in", "llama.cpp system info:",
                    "metrics at /metrics"):
         line = next((x for x in log.splitlines() if needle in x), None)

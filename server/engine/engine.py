@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from server.config import Settings
-from server.engine.model import LoadedModel, load_model
+from server.engine import llama_log
+from server.engine.model import LoadedModel, load_model, update_placement
+from server.engine.placement import Placement
 from server.engine.scheduler import QueueFullError, Scheduler
 from server.engine.types import (
     ChatMessage,
@@ -52,10 +54,13 @@ class Engine:
     """Owns the engine thread; that thread alone touches the llama and mtmd contexts."""
 
     def __init__(self, settings: Settings,
-                 on_failure: Callable[[], None] | None = None) -> None:
-        """`on_failure` runs on the engine thread if loading, warm-up or the loop fails."""
+                 on_failure: Callable[[], None] | None = None,
+                 on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """`on_failure` runs on the engine thread if loading, warm-up or the loop fails;
+        `on_ready` there once requests are served, with `info`."""
         self.settings = settings
         self._on_failure = on_failure
+        self._on_ready = on_ready
         self.state = EngineState.LOADING
         self.error: str | None = None
         self.info: dict[str, Any] = {}
@@ -135,6 +140,8 @@ class Engine:
                 self._warm_up()
             self.state = EngineState.READY
             logger.info("engine ready")
+            if self._on_ready is not None:
+                self._on_ready(self.info)
             self._scheduler.run(self._stop)
             self.state = EngineState.STOPPED
         except Exception as exc:
@@ -172,25 +179,33 @@ class Engine:
             request_id="warmup",
             timeout_s=math.inf,  # a slow machine must not fail its own warm-up
         )
-        self._scheduler.run_to_completion(request, _Discard())
+        with llama_log.record() as encode_log:  # clip.cpp reports its backend's gaps here
+            self._scheduler.run_to_completion(request, _Discard())
         self._scheduler.share_prefix_of_slot(0)
+        self._reread_placement(encode_log)
         self.warmup_seconds = round(time.perf_counter() - started, 3)
         self.info["warmup_seconds"] = self.warmup_seconds
         logger.info("warm-up done in %.2f s (timings %s)", self.warmup_seconds,
                     request.timer.as_dict())
+
+    def _reread_placement(self, encode_log: list[str]) -> None:
+        assert self._model is not None
+        before = set(self.info["placement_warnings"])
+        update_placement(self._model, self.settings, self._model.load_log + encode_log)
+        self.info.update(self._model.info)
+        for warning in self.info["placement_warnings"]:
+            if warning not in before:
+                logger.warning("%s", warning)
 
     def _log_startup(self) -> None:
         info = self.info
         logger.info("model %s, projector %s", info["model_path"], info["mmproj_path"])
         logger.info("context %d tokens, %d slot(s), %d layers, loaded in %.2f s",
                     info["n_ctx"], info["n_parallel"], info["n_layers"], info["load_seconds"])
-        where_llm = f"GPU ({info['gpu_layers']}/{info['n_layers']} layers)" \
-            if info["gpu_layers"] else "CPU"
-        logger.info("LLM layers run on %s; vision projector runs on %s", where_llm,
-                    "GPU" if info["projector_on_gpu"] else "CPU")
-        if info["gpu_build"] and not info["gpu_layers"]:
-            logger.warning("this llama.cpp build supports a GPU but n_gpu_layers is 0: "
-                           "the model runs on the CPU")
+        logger.info("%s (read back from llama.cpp's load log)",
+                    Placement(**info["placement"]).describe())
+        for warning in info["placement_warnings"]:
+            logger.warning("%s", warning)
         if info["description"]:
             logger.warning("model note: %s", info["description"])
         logger.info("llama.cpp system info: %s", info["system_info"])

@@ -1,9 +1,16 @@
-"""Route llama.cpp / mtmd log lines into Python logging instead of raw stderr."""
+"""Route llama.cpp / mtmd log lines into Python logging instead of raw stderr.
+
+While a `record()` block is open, every complete line (debug included) is also kept, so the
+load log can be read back: it is the only place llama.cpp says where it put the layers and
+which backend the vision encoder got (see server/engine/placement.py).
+"""
 
 from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import llama_cpp
 from llama_cpp import mtmd_cpp
@@ -15,6 +22,7 @@ logger = logging.getLogger("vlserve.llama")
 _LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING,
            4: logging.ERROR}
 _state = {"level": logging.INFO, "buffer": ""}
+_recorders: list[list[str]] = []
 
 
 @llama_cpp.llama_log_callback
@@ -25,6 +33,8 @@ def _on_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     py_level = logging.DEBUG if _state["level"] == logging.INFO else _state["level"]
     buffered = _state["buffer"] + text.decode("utf-8", errors="replace")
     *lines, _state["buffer"] = buffered.split("\n")
+    for recorder in _recorders:
+        recorder.extend(line for line in lines if line.strip())
     if logger.isEnabledFor(py_level):
         for line in lines:
             if line.strip():
@@ -36,3 +46,19 @@ def install() -> None:
     llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
     mtmd_cpp.mtmd_log_set(_on_log, ctypes.c_void_p(0))
     mtmd_cpp.mtmd_helper_log_set(_on_log, ctypes.c_void_p(0))
+
+
+@contextmanager
+def record() -> Iterator[list[str]]:
+    """Keep every llama.cpp / mtmd line logged inside the block (whatever the log level).
+
+    Lines come from the thread that calls into llama.cpp; the one engine thread does, so
+    the list is only appended to from there and read after the block.
+    """
+    install()
+    lines: list[str] = []
+    _recorders.append(lines)
+    try:
+        yield lines
+    finally:
+        _recorders.remove(lines)

@@ -14,6 +14,8 @@ from llama_cpp import mtmd_cpp
 
 from server.config import Settings
 from server.engine import llama_log
+from server.engine.build_info import read_build_info
+from server.engine.placement import Placement, placement_warnings, read_placement
 from server.engine.projector import read_projector_info
 from server.engine.prompt import FALLBACK_TEMPLATE, ChatTemplate
 
@@ -50,6 +52,7 @@ class LoadedModel:
     template: ChatTemplate
     media_marker: str
     info: dict[str, Any] = field(default_factory=dict)
+    load_log: list[str] = field(default_factory=list)  # llama.cpp's lines while loading
 
     def close(self) -> None:
         mtmd_cpp.mtmd_free(self.mtmd)
@@ -61,7 +64,30 @@ def load_model(settings: Settings) -> LoadedModel:
     for path, what in ((settings.model, "model"), (settings.mmproj, "mmproj")):
         if not Path(path).is_file():
             raise ModelLoadError(f"{what} file not found: {path}")
-    llama_log.install()
+    with llama_log.record() as load_log:
+        loaded = _load(settings)
+    loaded.load_log = load_log
+    update_placement(loaded, settings, load_log)
+    return loaded
+
+
+def update_placement(loaded: LoadedModel, settings: Settings, log: list[str]) -> Placement:
+    """Read placement back from llama.cpp's log into `info` (again after the first encode,
+    which is when clip.cpp reports the encoder's flash attention and unsupported ops)."""
+    placement = read_placement(log)
+    loaded.info.update(
+        placement=placement.as_dict(),
+        gpu_layers=placement.gpu_layers,
+        projector_on_gpu=placement.projector_on_gpu,
+        placement_warnings=placement_warnings(
+            placement, gpu_build=loaded.info["gpu_build"], n_gpu_layers=settings.n_gpu_layers,
+            mmproj_use_gpu=settings.mmproj_use_gpu, flash_attn=settings.flash_attn,
+            n_layers=loaded.info["n_layers"]),
+    )
+    return placement
+
+
+def _load(settings: Settings) -> LoadedModel:
     llama_cpp.llama_backend_init()
     n_threads = settings.n_threads or (os.cpu_count() or 1)
 
@@ -108,7 +134,7 @@ def load_model(settings: Settings) -> LoadedModel:
     marker = (mtmd_cpp.mtmd_default_marker() or b"<__media__>").decode()
     projector = read_projector_info(Path(settings.mmproj))
     template = ChatTemplate(
-        _template_source(settings, model),
+        choose_template(settings, _gguf_template(model))[1],
         bos_token=_special_text(vocab, llama_cpp.llama_vocab_bos(vocab)),
         eos_token=_special_text(vocab, llama_cpp.llama_vocab_eos(vocab)),
         media_marker=marker,
@@ -117,11 +143,7 @@ def load_model(settings: Settings) -> LoadedModel:
         part_separator="" if projector.wraps_images else "\n",
     )
     geometry = projector.geometry(settings.image_max_side, settings.image_max_tokens)
-    gpu_build = bool(llama_cpp.llama_supports_gpu_offload())
-    n_layers = llama_cpp.llama_model_n_layer(model)
-    offloaded = 0
-    if gpu_build:
-        offloaded = n_layers if settings.n_gpu_layers < 0 else min(settings.n_gpu_layers, n_layers)
+    build = read_build_info()
     info = {
         "model_path": str(settings.model),
         "mmproj_path": str(settings.mmproj),
@@ -129,11 +151,13 @@ def load_model(settings: Settings) -> LoadedModel:
         "n_ctx": llama_cpp.llama_n_ctx(ctx),
         "n_ctx_train": llama_cpp.llama_model_n_ctx_train(model),
         "n_params": llama_cpp.llama_model_n_params(model),
-        "n_layers": n_layers,
+        "n_layers": llama_cpp.llama_model_n_layer(model),
         "n_parallel": settings.n_parallel,
-        "gpu_build": gpu_build,
-        "gpu_layers": offloaded,
-        "projector_on_gpu": gpu_build and settings.mmproj_use_gpu,
+        # What the build offers; where the model landed is read back from the log
+        # (update_placement: placement, gpu_layers, projector_on_gpu).
+        "gpu_build": build.gpu_offload,
+        "llama_cpp_python": build.llama_cpp_python,
+        "backends": build.backends,
         "uses_mrope": bool(mtmd_cpp.mtmd_decode_use_mrope(mctx)),
         "image_non_causal": bool(mtmd_cpp.mtmd_decode_use_non_causal(mctx, None)),
         "projector_type": projector.projector_type,
@@ -162,14 +186,22 @@ def load_model(settings: Settings) -> LoadedModel:
     )
 
 
-def _template_source(settings: Settings, model: llama_cpp.llama_model_p) -> str:
+def choose_template(settings: Settings, gguf_template: str | None,
+                    *, quiet: bool = False) -> tuple[str, str]:
+    """(where it came from, template source): the one place the chat template is chosen,
+    shared with `vlserve doctor`. Order: config, then the GGUF's, then LLaVA-1.5."""
     if settings.chat_template:
-        return settings.chat_template
+        return "config (chat_template)", settings.chat_template
+    if gguf_template:
+        return "GGUF (tokenizer.chat_template)", gguf_template
+    if not quiet:
+        logger.warning("model has no chat template; using the LLaVA-1.5 format")
+    return "fallback (LLaVA-1.5 format: the GGUF has none)", FALLBACK_TEMPLATE
+
+
+def _gguf_template(model: llama_cpp.llama_model_p) -> str | None:
     raw = llama_cpp.llama_model_chat_template(model, None)
-    if raw:
-        return raw.decode("utf-8", errors="replace")
-    logger.warning("model has no chat template; using the LLaVA-1.5 format")
-    return FALLBACK_TEMPLATE
+    return raw.decode("utf-8", errors="replace") if raw else None
 
 
 def _piece(vocab: llama_cpp.llama_vocab_p, token: int, *, special: bool) -> bytes:

@@ -70,6 +70,17 @@ function readable(err) {
 
 // ---------- status line ----------
 
+// Where the model really runs, as llama.cpp reported it at load (meta.placement).
+function placementParts(p) {
+  if (!p) return [];
+  const llm = p.llm_device === "CPU" ? "CPU"
+    : `${p.llm_device} (${p.gpu_layers}/${p.offloadable_layers} layers)`;
+  const parts = [`LLM on ${llm}`, `vision on ${p.projector_device || "?"}`];
+  if (p.flash_attn) parts.push(`flash attn ${p.flash_attn === "enabled" ? "on" : "off"}`);
+  if (p.kv_type_k) parts.push(`KV ${p.kv_type_k}`);
+  return parts;
+}
+
 async function refreshStatus() {
   let health = "unreachable";
   try {
@@ -91,9 +102,11 @@ async function refreshStatus() {
   if (model) {
     modelId = model.id;
     const meta = model.meta || {};
-    const llm = meta.gpu_layers ? `GPU (${meta.gpu_layers}/${meta.n_layers} layers)` : "CPU";
-    parts.push(model.id, `LLM on ${llm}`, `vision on ${meta.projector_on_gpu ? "GPU" : "CPU"}`);
+    parts.push(model.id, ...placementParts(meta.placement));
     if (meta.n_ctx) parts.push(`context ${meta.n_ctx}`);
+    const warnings = meta.placement_warnings || [];
+    ui.statusText.title = warnings.join("\n");  // each warning names its fix, on hover
+    if (warnings.length) parts.push(`⚠ ${warnings.length} placement warning(s)`);
   } else if (modelNote) {
     parts.push(modelNote);
   }
