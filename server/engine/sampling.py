@@ -1,12 +1,115 @@
-"""Sampler chain from request parameters (llama.cpp's own samplers, no Python per token)."""
+"""Token samplers from request parameters: llama.cpp's own sampler chain, and for
+constrained answers the chain plus a grammar that is consulted only when it must be."""
 
 from __future__ import annotations
 
+import ctypes
 import random
+import time
 
 import llama_cpp
+import numpy as np
 
 from server.engine.types import SamplingParams
+from server.timings import StageTimer
+
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
+
+
+class GrammarError(ValueError):
+    """llama.cpp refused the grammar, or the grammar allows no token at some point."""
+
+
+class TokenSampler:
+    """Picks each next token of one request. Owned by the engine thread; `free` once done."""
+
+    def __init__(self, chain: llama_cpp.llama_sampler_p) -> None:
+        self.chain = chain
+
+    def sample(self, ctx: llama_cpp.llama_context_p, index: int) -> int:
+        return llama_cpp.llama_sampler_sample(self.chain, ctx, index)
+
+    def free(self) -> None:
+        llama_cpp.llama_sampler_free(self.chain)
+
+
+class GrammarSampler(TokenSampler):
+    """Samples with the normal chain, then checks only the chosen token against the grammar;
+    only when the grammar rejects it are all candidates masked and the token drawn again
+    (as llama.cpp's common sampler does). A grammar-first chain would decode every piece of
+    the vocabulary on every token."""
+
+    def __init__(self, chain: llama_cpp.llama_sampler_p, grammar: llama_cpp.llama_sampler_p,
+                 n_vocab: int, eog_tokens: frozenset[int], timer: StageTimer) -> None:
+        super().__init__(chain)
+        self.grammar = grammar
+        self._eog = eog_tokens
+        self._timer = timer
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._cands = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+        self._one = np.zeros(1, dtype=_TOKEN_DATA)
+
+    def sample(self, ctx: llama_cpp.llama_context_p, index: int) -> int:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index),
+                                       shape=(len(self._ids),))
+        token = self._draw(logits, with_grammar=False)
+        t0 = time.perf_counter()
+        one = self._one
+        one["id"], one["logit"], one["p"] = token, logits[token], 0.0
+        _apply(self.grammar, one, 1)
+        if not np.isfinite(one["logit"][0]):
+            self._timer.grammar_resamples += 1
+            token = self._draw(logits, with_grammar=True)
+        if token not in self._eog:  # an end-of-generation token ends the request here
+            llama_cpp.llama_sampler_accept(self.grammar, token)
+        self._timer.add("grammar", time.perf_counter() - t0)
+        llama_cpp.llama_sampler_accept(self.chain, token)
+        return token
+
+    def _draw(self, logits: np.ndarray, *, with_grammar: bool) -> int:
+        """Apply (grammar and) chain to all candidates without accepting: the chain's
+        stateful samplers (penalties) must only ever see the token finally kept."""
+        cands = self._cands
+        cands["id"] = self._ids
+        cands["logit"] = logits
+        cands["p"] = 0.0
+        if with_grammar:
+            _apply(self.grammar, cands, len(cands))
+        selected, kept = _apply(self.chain, cands, len(cands))
+        if with_grammar and not np.isfinite(kept[selected]["logit"]):
+            raise GrammarError("the grammar allows no token here")
+        return int(kept[selected]["id"])
+
+    def free(self) -> None:
+        super().free()
+        llama_cpp.llama_sampler_free(self.grammar)
+
+
+def _apply(sampler: llama_cpp.llama_sampler_p, cands: np.ndarray, size: int
+           ) -> tuple[int, np.ndarray]:
+    """Run a sampler over candidates in place; samplers may sort, shrink or re-point them,
+    so the result is read back through the array struct: (selected index, the data)."""
+    array = llama_cpp.llama_token_data_array(
+        data=cands.ctypes.data_as(llama_cpp.llama_token_data_p), size=size, selected=-1,
+        sorted=False)
+    llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
+    data = np.ctypeslib.as_array(ctypes.cast(array.data, ctypes.POINTER(ctypes.c_byte)),
+                                 shape=(array.size * _TOKEN_DATA.itemsize,))
+    return int(array.selected), data.view(_TOKEN_DATA)
+
+
+def build_sampler(params: SamplingParams, model_vocab: llama_cpp.llama_vocab_p, n_vocab: int,
+                  eog_tokens: frozenset[int], timer: StageTimer) -> TokenSampler:
+    """The request's sampler; GrammarError when llama.cpp rejects its grammar."""
+    chain = build_sampler_chain(params, n_vocab, eog_tokens)
+    if params.grammar is None:
+        return TokenSampler(chain)
+    grammar = llama_cpp.llama_sampler_init_grammar(model_vocab, params.grammar.encode(), b"root")
+    if not grammar:
+        llama_cpp.llama_sampler_free(chain)
+        raise GrammarError("llama.cpp could not parse the grammar made from this schema")
+    return GrammarSampler(chain, grammar, n_vocab, eog_tokens, timer)
 
 
 def build_sampler_chain(params: SamplingParams, n_vocab: int,

@@ -1,0 +1,69 @@
+"""JSON Schema → grammar: the enforced subset converts, everything else is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.engine.constraints import (
+    MAX_REPEAT,
+    ConstraintError,
+    json_object_grammar,
+    schema_grammar,
+)
+
+SUPPORTED = [
+    {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+     "additionalProperties": False, "title": "T", "description": "d"},
+    {"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 3},
+    {"enum": ["red", "green", 3, None]},
+    {"type": "string", "enum": ["a", "b"]},
+    {"const": {"x": [1, 2]}},
+    {"anyOf": [{"type": "string", "maxLength": 5}, {"type": "null"}]},
+    {"type": ["string", "null"]},
+    {"type": "string", "format": "date-time"},
+    {"$defs": {"p": {"type": "object", "properties": {"n": {"type": "number"}}}},
+     "type": "object", "properties": {"p": {"$ref": "#/$defs/p"}}},
+    {"type": "object"},
+]
+
+
+@pytest.mark.parametrize("schema", SUPPORTED)
+def test_supported_schemas_convert(schema: dict) -> None:
+    grammar = schema_grammar(schema)
+    assert "root ::=" in grammar
+
+
+@pytest.mark.parametrize(("schema", "where"), [
+    ({"type": "integer", "minimum": 1, "maximum": 5}, "#/maximum"),
+    ({"type": "string", "format": "email"}, "#/format"),
+    ({"type": "string", "pattern": "^a+$"}, "#/pattern"),
+    ({"oneOf": [{"type": "string"}, {"type": "integer"}]}, "#/oneOf"),
+    ({"allOf": [{"type": "object"}]}, "#/allOf"),
+    ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, "#/uniqueItems"),
+    ({"type": "array", "minItems": 2}, "minItems"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 2}}},
+     "#/properties/a/multipleOf"),
+    ({"type": "object", "properties": {}, "required": ["ghost"]}, "#/required"),
+    ({"$ref": "#/$defs/missing"}, "#/$ref"),
+    ({"$ref": "https://example.com/schema.json"}, "#/$ref"),
+    ({"type": "no-such-type"}, "#/type"),
+    ({"type": ["string", "object"]}, "#/type/1"),
+    ({"enum": []}, "#/enum"),
+    ({"type": "integer", "enum": ["x"]}, "#/enum"),
+    ({"type": "string", "maxLength": MAX_REPEAT + 1}, "#/maxLength"),
+    ({"type": "string", "minLength": 3, "maxLength": 2}, "#/maxLength"),
+    ({"title": "no type"}, "#: a schema must say its 'type'"),
+    ({"$ref": "#/$defs/a", "type": "string", "$defs": {"a": {"type": "string"}}}, "#/type"),
+])
+def test_unenforceable_schemas_are_refused_by_name(schema: dict, where: str) -> None:
+    with pytest.raises(ConstraintError) as raised:
+        schema_grammar(schema)
+    assert where in str(raised.value)
+
+
+def test_strings_exclude_raw_control_characters() -> None:
+    """JSON forbids raw control characters inside strings; the converter's own rule allows
+    them, so a model could emit an answer no JSON parser reads."""
+    for grammar in (json_object_grammar(), schema_grammar({"type": "string", "maxLength": 4})):
+        char_rule = next(line for line in grammar.splitlines() if line.startswith("char ::="))
+        assert char_rule.startswith(r'char ::= [^"\\\x00-\x1F]')
