@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from server.engine.constraints import (
@@ -10,6 +11,7 @@ from server.engine.constraints import (
     json_object_grammar,
     schema_grammar,
 )
+from server.engine.utf8_guard import Utf8Guard, Utf8Vocab
 
 SUPPORTED = [
     {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
@@ -67,3 +69,22 @@ def test_strings_exclude_raw_control_characters() -> None:
     for grammar in (json_object_grammar(), schema_grammar({"type": "string", "maxLength": 4})):
         char_rule = next(line for line in grammar.splitlines() if line.startswith("char ::="))
         assert char_rule.startswith(r'char ::= [^"\\\x00-\x1F]')
+
+
+def test_utf8_guard_follows_the_strict_decoder() -> None:
+    """Byte tokens may spell only real UTF-8: no overlong forms, surrogates or code points
+    past U+10FFFF (llama.cpp's grammar lets all three through)."""
+    pieces = [b"a", b"\xc3", b"\xa9", b"\xc0", b"\x80", b"\xed", b"\xa0", b"\xf8", b"\xe2\x82"]
+    vocab = Utf8Vocab(pieces)
+    assert sorted(vocab.invalid_alone.tolist()) == [2, 3, 4, 6, 7]
+    guard = Utf8Guard(vocab)
+    assert guard.allows(1) and not guard.allows(3) and not guard.allows(7)
+    guard.accept(1)  # é begun: only its continuation byte may follow
+    assert guard.allows(2) and not guard.allows(0) and not guard.allows(5)
+    logits = np.zeros(len(pieces), dtype=np.float32)
+    guard.mask(logits)
+    assert np.isfinite(logits).tolist() == [i in (2, 4, 6) for i in range(len(pieces))]
+    guard.accept(2)
+    assert guard.pending == b""
+    guard.accept(5)  # \xed then \xa0 would be a surrogate
+    assert not guard.allows(6) and guard.allows(4)

@@ -11,6 +11,7 @@ import llama_cpp
 import numpy as np
 
 from server.engine.types import SamplingParams
+from server.engine.utf8_guard import Utf8Guard, Utf8Vocab
 from server.timings import StageTimer
 
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
@@ -41,11 +42,13 @@ class GrammarSampler(TokenSampler):
     the vocabulary on every token."""
 
     def __init__(self, chain: llama_cpp.llama_sampler_p, grammar: llama_cpp.llama_sampler_p,
-                 n_vocab: int, eog_tokens: frozenset[int], timer: StageTimer) -> None:
+                 utf8: Utf8Vocab, eog_tokens: frozenset[int], timer: StageTimer) -> None:
         super().__init__(chain)
         self.grammar = grammar
+        self._utf8 = Utf8Guard(utf8)
         self._eog = eog_tokens
         self._timer = timer
+        n_vocab = len(utf8.pieces)
         self._ids = np.arange(n_vocab, dtype=np.int32)
         self._cands = np.zeros(n_vocab, dtype=_TOKEN_DATA)
         self._one = np.zeros(1, dtype=_TOKEN_DATA)
@@ -58,11 +61,12 @@ class GrammarSampler(TokenSampler):
         one = self._one
         one["id"], one["logit"], one["p"] = token, logits[token], 0.0
         _apply(self.grammar, one, 1)
-        if not np.isfinite(one["logit"][0]):
+        if not np.isfinite(one["logit"][0]) or not self._utf8.allows(token):
             self._timer.grammar_resamples += 1
             token = self._draw(logits, with_grammar=True)
         if token not in self._eog:  # an end-of-generation token ends the request here
             llama_cpp.llama_sampler_accept(self.grammar, token)
+            self._utf8.accept(token)
         self._timer.add("grammar", time.perf_counter() - t0)
         llama_cpp.llama_sampler_accept(self.chain, token)
         return token
@@ -75,6 +79,7 @@ class GrammarSampler(TokenSampler):
         cands["logit"] = logits
         cands["p"] = 0.0
         if with_grammar:
+            self._utf8.mask(cands["logit"])
             _apply(self.grammar, cands, len(cands))
         selected, kept = _apply(self.chain, cands, len(cands))
         if with_grammar and not np.isfinite(kept[selected]["logit"]):
@@ -99,17 +104,18 @@ def _apply(sampler: llama_cpp.llama_sampler_p, cands: np.ndarray, size: int
     return int(array.selected), data.view(_TOKEN_DATA)
 
 
-def build_sampler(params: SamplingParams, model_vocab: llama_cpp.llama_vocab_p, n_vocab: int,
-                  eog_tokens: frozenset[int], timer: StageTimer) -> TokenSampler:
+def build_sampler(params: SamplingParams, model_vocab: llama_cpp.llama_vocab_p,
+                  utf8: Utf8Vocab, eog_tokens: frozenset[int], timer: StageTimer
+                  ) -> TokenSampler:
     """The request's sampler; GrammarError when llama.cpp rejects its grammar."""
-    chain = build_sampler_chain(params, n_vocab, eog_tokens)
+    chain = build_sampler_chain(params, len(utf8.pieces), eog_tokens)
     if params.grammar is None:
         return TokenSampler(chain)
     grammar = llama_cpp.llama_sampler_init_grammar(model_vocab, params.grammar.encode(), b"root")
     if not grammar:
         llama_cpp.llama_sampler_free(chain)
         raise GrammarError("llama.cpp could not parse the grammar made from this schema")
-    return GrammarSampler(chain, grammar, n_vocab, eog_tokens, timer)
+    return GrammarSampler(chain, grammar, utf8, eog_tokens, timer)
 
 
 def build_sampler_chain(params: SamplingParams, n_vocab: int,

@@ -263,7 +263,7 @@ class Scheduler:
         sampler = None
         if error is None:
             try:
-                sampler = build_sampler(request.sampling, model.vocab, model.n_vocab,
+                sampler = build_sampler(request.sampling, model.vocab, model.utf8,
                                         model.eog_tokens, timer)
             except GrammarError as exc:
                 error = ErrorEvent(400, f"response_format: {exc}", code="invalid_grammar")
