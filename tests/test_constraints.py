@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import llama_cpp
 import numpy as np
 import pytest
 
@@ -76,15 +77,51 @@ def test_utf8_guard_follows_the_strict_decoder() -> None:
     past U+10FFFF (llama.cpp's grammar lets all three through)."""
     pieces = [b"a", b"\xc3", b"\xa9", b"\xc0", b"\x80", b"\xed", b"\xa0", b"\xf8", b"\xe2\x82"]
     vocab = Utf8Vocab(pieces)
-    assert sorted(vocab.invalid_alone.tolist()) == [2, 3, 4, 6, 7]
+    assert np.flatnonzero(vocab.invalid_alone).tolist() == [2, 3, 4, 6, 7]
     guard = Utf8Guard(vocab)
-    assert guard.allows(1) and not guard.allows(3) and not guard.allows(7)
-    guard.accept(1)  # é begun: only its continuation byte may follow
+    ids = np.arange(len(pieces))
+    logits = np.zeros(len(pieces), dtype=np.float32)
+    guard.mask(ids, logits)
+    assert np.isfinite(logits).tolist() == [i not in (2, 3, 4, 6, 7) for i in ids]
+    guard.accept(1)  # é begun: only a continuation byte may follow
     assert guard.allows(2) and not guard.allows(0) and not guard.allows(5)
     logits = np.zeros(len(pieces), dtype=np.float32)
-    guard.mask(logits)
-    assert np.isfinite(logits).tolist() == [i in (2, 4, 6) for i in range(len(pieces))]
+    guard.mask(ids, logits)
+    assert np.isfinite(logits).tolist() == [i in (2, 4, 6) for i in ids]
     guard.accept(2)
     assert guard.pending == b""
     guard.accept(5)  # \xed then \xa0 would be a surrogate
     assert not guard.allows(6) and guard.allows(4)
+
+
+def test_check_then_resample_draws_what_a_full_grammar_mask_draws(demo_model) -> None:
+    """Greedy under the grammar must pick the very tokens a grammar-first chain picks, on
+    the fast path, on the window resample (random weights are refused almost every token)
+    and on the full-vocabulary fallback (penalties)."""
+    from bench.constrained import SCHEMA, Run
+    from server.engine.sampling import TokenSampler, build_sampler
+    from server.engine.types import SamplingParams
+    from server.timings import StageTimer
+
+    run = Run(demo_model.text, threads=1)
+    grammar = schema_grammar(SCHEMA)
+
+    def answer(sampler: TokenSampler) -> list[int]:
+        tokens: list[int] = []
+        run.decode(lambda: tokens.append(sampler.sample(run.ctx, -1)) or tokens[-1], 60)
+        sampler.free()
+        return tokens
+
+    for params in (SamplingParams(temperature=0.0, grammar=grammar),
+                   SamplingParams(temperature=0.0, grammar=grammar, repeat_penalty=1.3)):
+        timer = StageTimer()
+        ours = answer(build_sampler(params, run.vocab, run.utf8, run.eog, timer))
+        assert timer.grammar_resamples > 10
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_grammar(
+            run.vocab, grammar.encode(), b"root"))
+        if params.repeat_penalty != 1.0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_penalties(
+                len(run.utf8.pieces), params.penalty_last_n, params.repeat_penalty, 0.0, 0.0))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        assert ours == answer(TokenSampler(chain))

@@ -3,7 +3,7 @@
 llama.cpp's grammar decodes token bytes leniently: overlong forms, surrogates and code points
 past U+10FFFF pass as characters, so byte tokens could spell text that no JSON parser reads
 (a random-weight model does so within a dozen answers). Python's strict decoder is the
-judge; only tokens that can start or continue a character are ever looked at one by one.
+judge; only tokens that can finish a begun character are ever looked at one by one.
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ def _strict_tail(data: bytes) -> bytes | None:
 
 
 class Utf8Vocab:
-    """Per-vocabulary facts, computed once: which pieces can't follow a complete character,
-    and which begin with a continuation byte (the only ones that can finish a partial one)."""
+    """Per-vocabulary facts, computed once (by token id): which pieces can't follow a
+    complete character, and which begin with a continuation byte (the only ones that can
+    finish a begun one)."""
 
     def __init__(self, pieces: list[bytes]) -> None:
         self.pieces = pieces
-        self.invalid_alone = np.array(
-            [i for i, p in enumerate(pieces) if p and _strict_tail(p) is None], dtype=np.int64)
-        self.continuations = [i for i, p in enumerate(pieces) if p and 0x80 <= p[0] < 0xC0]
+        self.invalid_alone = np.array([bool(p) and _strict_tail(p) is None for p in pieces])
+        self.continues = np.array([bool(p) and 0x80 <= p[0] < 0xC0 for p in pieces])
 
 
 class Utf8Guard:
@@ -54,15 +54,16 @@ class Utf8Guard:
     def allows(self, token: int) -> bool:
         return _strict_tail(self.pending + self.vocab.pieces[token]) is not None
 
-    def mask(self, logits: np.ndarray) -> None:
-        """Set -inf on every token (logits in token-id order) that would break the text."""
+    def mask(self, ids: np.ndarray, logits: np.ndarray) -> None:
+        """Set -inf on the logit of every candidate token that would break the text."""
         if not self.pending:
-            logits[self.vocab.invalid_alone] = -np.inf
+            logits[self.vocab.invalid_alone[ids]] = -np.inf
             return
-        allowed = [t for t in self.vocab.continuations if self.allows(t)]
-        keep = logits[allowed].copy()
-        logits[:] = -np.inf
-        logits[allowed] = keep
+        may_continue = self.vocab.continues[ids]
+        for i in np.flatnonzero(may_continue):
+            if not self.allows(int(ids[i])):
+                may_continue[i] = False
+        logits[~may_continue] = -np.inf
 
     def accept(self, token: int) -> None:
         tail = _strict_tail(self.pending + self.vocab.pieces[token])
