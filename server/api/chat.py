@@ -49,6 +49,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     record = request_record(request)
     record.timer = timer = StageTimer()
     record.stream = body.stream
+    if body.tools:
+        raise APIError(400, "tools: function calling is not supported yet", param="tools",
+                       code="unsupported_parameter")
     constraint = await response_grammar(body.response_format)
     if constraint is not None and body.ignore_eos:
         raise APIError(400, "ignore_eos cannot be combined with a JSON response_format (the "

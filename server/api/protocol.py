@@ -138,6 +138,8 @@ class ChatCompletionRequest(_Lenient):
     ignore_eos: bool | None = None  # extension (as in vLLM / llama.cpp): run to max_tokens
     top_logprobs: Annotated[int, Field(ge=0, le=20), _WHOLE] | None = None
     response_format: ResponseFormat | None = None
+    # Not served yet: a non-empty list is a 400 (checked by the route), never ignored.
+    tools: list[dict[str, Any]] | None = None
 
 
 class PromptTokensDetails(BaseModel):
