@@ -62,6 +62,12 @@ class Metrics:
         self.image_cache_misses = Counter(
             "vlserve_image_cache_misses_total", "Images that went through the vision encoder",
             registry=registry)
+        self.constrained_requests = Counter(
+            "vlserve_constrained_requests_total", "Chat requests whose answer a grammar "
+            "constrains, by kind", ["kind"], registry=registry)
+        self.grammar_resamples = Counter(
+            "vlserve_grammar_resamples_total", "Tokens drawn again because the grammar "
+            "refused the first draw", registry=registry)
         self.uploads = Counter(
             "vlserve_uploads_total", "Files accepted by the upload endpoint", registry=registry)
         self._engine_gauges(settings, engine)
@@ -108,6 +114,7 @@ class Metrics:
         self.cached_tokens.inc(timer.cached_tokens)
         self.completion_tokens.inc(timer.completion_tokens)
         self.image_cache_hits.inc(timer.image_cache_hits)
+        self.grammar_resamples.inc(timer.grammar_resamples)
         self.image_cache_misses.inc(max(0, timer.images - timer.image_cache_hits))
 
     def observe_upload(self) -> None:

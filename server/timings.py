@@ -15,8 +15,9 @@ SEQUENTIAL_STAGES = (
     "generation",
 )
 # `first_token` is the time from arrival to the first generated token (TTFT), so it
-# overlaps the stages before it; `total` is arrival to the end of the response.
-STAGES = (*SEQUENTIAL_STAGES, "first_token", "total")
+# overlaps the stages before it; `total` is arrival to the end of the response; `grammar`
+# (checking tokens against a response format's grammar) lies inside `generation`.
+STAGES = (*SEQUENTIAL_STAGES, "first_token", "total", "grammar")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class StageTimer:
     completion_tokens: int = 0
     images: int = 0  # images in the request, counted as they are decoded
     image_cache_hits: int = 0  # images whose embedding was reused instead of encoded
+    grammar_resamples: int = 0  # tokens drawn again because the grammar refused the first
 
     def add(self, stage: str, seconds: float) -> None:
         self.stages_ms[stage] += seconds * 1000.0
@@ -54,6 +56,7 @@ class StageTimer:
             cached_tokens=self.cached_tokens,
             completion_tokens=self.completion_tokens,
             image_cache_hits=self.image_cache_hits,
+            grammar_resamples=self.grammar_resamples,
             tokens_per_second=round(self.tokens_per_second, 2),
         )
         return out

@@ -16,6 +16,7 @@ from server.api.messages import to_engine_messages
 from server.api.observe import RequestRecord, request_record
 from server.api.openapi import event_stream, responses
 from server.api.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from server.api.response_format import response_grammar
 from server.api.state import AppState
 from server.engine import (
     DoneEvent,
@@ -48,11 +49,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     record = request_record(request)
     record.timer = timer = StageTimer()
     record.stream = body.stream
+    if body.tools:
+        raise APIError(400, "tools: function calling is not supported yet", param="tools",
+                       code="unsupported_parameter")
+    constraint = await response_grammar(body.response_format)
+    if constraint is not None and body.ignore_eos:
+        raise APIError(400, "ignore_eos cannot be combined with a JSON response_format (the "
+                       "answer must end where the JSON does)", param="ignore_eos")
     generation = GenerationRequest(
         messages=await to_engine_messages(body.messages, state, timer,
                                           client_identity(request.scope)),
         max_tokens=_max_tokens(body, state),
-        sampling=_sampling(body),
+        sampling=_sampling(body, constraint[1] if constraint else None),
         stop=_stops(body.stop),
         timer=timer,
         request_id=record.request_id,
@@ -60,6 +68,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         stream=body.stream,
     )
     events = state.engine.generate(generation)
+    if constraint is not None:
+        state.metrics.constrained_requests.labels(constraint[0]).inc()
     # Until a streaming response takes over (Starlette then notices hang-ups itself), a
     # client that goes away must cancel its generation: queued, prefilling or, without
     # streaming, the whole answer long.
@@ -219,7 +229,7 @@ def _max_tokens(body: ChatCompletionRequest, state: AppState) -> int:
     return min(asked or settings.default_max_tokens, settings.max_tokens_cap)
 
 
-def _sampling(body: ChatCompletionRequest) -> SamplingParams:
+def _sampling(body: ChatCompletionRequest, grammar: str | None) -> SamplingParams:
     defaults = SamplingParams()
     return SamplingParams(
         temperature=defaults.temperature if body.temperature is None else body.temperature,
@@ -231,6 +241,7 @@ def _sampling(body: ChatCompletionRequest) -> SamplingParams:
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         ignore_eos=bool(body.ignore_eos),
+        grammar=grammar,
     )
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-# Clients send fields we do not use (tools, user, ...): ignore, don't fail. Types are strict,
+# Clients send fields we do not use (user, metadata, ...): ignore, don't fail. Types are strict,
 # as the schema says and as OpenAI's API does: "stream": 1 or "max_tokens": "5" is a 400.
 _REQUEST_CONFIG = ConfigDict(extra="ignore", strict=True)
 
@@ -84,6 +84,31 @@ class StreamOptions(_Lenient):
 _STOP_LIST = {"type": "array", "items": {"type": "string"}, "maxItems": 4}
 
 
+class JSONSchemaFormat(_Lenient):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    # `schema` would shadow a BaseModel attribute: the field is aliased.
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced exactly, or refused
+
+
+class TextFormat(_Lenient):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(_Lenient):
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponseFormat(_Lenient):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponseFormat,
+                           Field(discriminator="type")]
+
+
 class ChatCompletionRequest(_Lenient):
     # top_logprobs needs logprobs: true (checked by the route; declared here).
     model_config = ConfigDict(**_REQUEST_CONFIG, json_schema_extra={
@@ -112,6 +137,9 @@ class ChatCompletionRequest(_Lenient):
     logprobs: bool | None = None
     ignore_eos: bool | None = None  # extension (as in vLLM / llama.cpp): run to max_tokens
     top_logprobs: Annotated[int, Field(ge=0, le=20), _WHOLE] | None = None
+    response_format: ResponseFormat | None = None
+    # Not served yet: a non-empty list is a 400 (checked by the route), never ignored.
+    tools: list[dict[str, Any]] | None = None
 
 
 class PromptTokensDetails(BaseModel):

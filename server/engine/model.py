@@ -6,6 +6,7 @@ import ctypes
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from server.engine.build_info import read_build_info
 from server.engine.placement import Placement, placement_warnings, read_placement
 from server.engine.projector import read_projector_info
 from server.engine.prompt import FALLBACK_TEMPLATE, ChatTemplate
+from server.engine.utf8_guard import Utf8Vocab
 
 logger = logging.getLogger("vlserve.engine")
 
@@ -53,6 +55,11 @@ class LoadedModel:
     media_marker: str
     info: dict[str, Any] = field(default_factory=dict)
     load_log: list[str] = field(default_factory=list)  # llama.cpp's lines while loading
+
+    @cached_property
+    def utf8(self) -> Utf8Vocab:
+        """UTF-8 facts about the pieces, for constrained answers (built on first use)."""
+        return Utf8Vocab(self.pieces)
 
     def close(self) -> None:
         mtmd_cpp.mtmd_free(self.mtmd)

@@ -1,12 +1,157 @@
-"""Sampler chain from request parameters (llama.cpp's own samplers, no Python per token)."""
+"""Token samplers from request parameters: llama.cpp's own sampler chain, and for
+constrained answers the chain plus a grammar that is consulted only when it must be."""
 
 from __future__ import annotations
 
+import ctypes
 import random
+import time
 
 import llama_cpp
+import numpy as np
 
 from server.engine.types import SamplingParams
+from server.engine.utf8_guard import Utf8Guard, Utf8Vocab
+from server.timings import StageTimer
+
+# Candidates a rejected draw is taken again from before the whole vocabulary is masked.
+RESAMPLE_WINDOW = 256
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
+
+
+class GrammarError(ValueError):
+    """llama.cpp refused the grammar, or the grammar allows no token at some point."""
+
+
+class TokenSampler:
+    """Picks each next token of one request. Owned by the engine thread; `free` once done."""
+
+    def __init__(self, chain: llama_cpp.llama_sampler_p) -> None:
+        self.chain = chain
+
+    def sample(self, ctx: llama_cpp.llama_context_p, index: int) -> int:
+        return llama_cpp.llama_sampler_sample(self.chain, ctx, index)
+
+    def free(self) -> None:
+        llama_cpp.llama_sampler_free(self.chain)
+
+
+class GrammarSampler(TokenSampler):
+    """Samples with the normal chain, then checks only the chosen token against the grammar
+    (as llama.cpp's common sampler does); a grammar-first chain would decode every piece of
+    the vocabulary on every token. On a rejection the token is drawn again from the best
+    RESAMPLE_WINDOW candidates with the grammar applied, which gives exactly the draw a
+    full-vocabulary mask would whenever the window holds enough allowed tokens (one for
+    greedy, top_k otherwise): every allowed token outside it ranks below all of those.
+    Otherwise, and with penalties (they reorder logits), the whole vocabulary is masked."""
+
+    def __init__(self, chain: llama_cpp.llama_sampler_p, grammar: llama_cpp.llama_sampler_p,
+                 utf8: Utf8Vocab, params: SamplingParams, eog_tokens: frozenset[int],
+                 timer: StageTimer) -> None:
+        super().__init__(chain)
+        self.grammar = grammar
+        self._utf8 = Utf8Guard(utf8)
+        self._eog = eog_tokens
+        self._timer = timer
+        n_vocab = len(utf8.pieces)
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._cands = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+        self._one = np.zeros(1, dtype=_TOKEN_DATA)
+        self._window = llama_cpp.llama_sampler_init_top_k(min(RESAMPLE_WINDOW, n_vocab))
+        self._window_needs = _window_needs(params)
+
+    def sample(self, ctx: llama_cpp.llama_context_p, index: int) -> int:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index),
+                                       shape=(len(self._ids),))
+        selected, kept = _apply(self.chain, self._fill(logits), len(self._ids))
+        token = int(kept[selected]["id"])
+        t0 = time.perf_counter()
+        one = self._one
+        one["id"], one["logit"], one["p"] = token, logits[token], 0.0
+        _apply(self.grammar, one, 1)
+        if not np.isfinite(one["logit"][0]) or not self._utf8.allows(token):
+            self._timer.grammar_resamples += 1
+            token = self._resample(logits)
+        if token not in self._eog:  # an end-of-generation token ends the request here
+            llama_cpp.llama_sampler_accept(self.grammar, token)
+            self._utf8.accept(token)
+        self._timer.add("grammar", time.perf_counter() - t0)
+        # Accepted only now: the chain's stateful samplers (penalties) must see the kept token.
+        llama_cpp.llama_sampler_accept(self.chain, token)
+        return token
+
+    def _fill(self, logits: np.ndarray) -> np.ndarray:
+        cands = self._cands
+        cands["id"] = self._ids
+        cands["logit"] = logits
+        cands["p"] = 0.0
+        return cands
+
+    def _resample(self, logits: np.ndarray) -> int:
+        cands = self._fill(logits)
+        if self._window_needs:
+            size, best = _apply(self._window, cands, len(cands))
+            window = best[:size].copy()
+            self._mask(window)
+            if np.isfinite(window["logit"]).sum() >= self._window_needs:
+                return self._pick(window)
+            cands = self._fill(logits)
+        self._mask(cands)
+        return self._pick(cands)
+
+    def _mask(self, cands: np.ndarray) -> None:
+        self._utf8.mask(cands["id"], cands["logit"])
+        _apply(self.grammar, cands, len(cands))
+
+    def _pick(self, cands: np.ndarray) -> int:
+        selected, kept = _apply(self.chain, cands, len(cands))
+        if not np.isfinite(kept[selected]["logit"]):
+            raise GrammarError("the grammar allows no token here")
+        return int(kept[selected]["id"])
+
+    def free(self) -> None:
+        super().free()
+        llama_cpp.llama_sampler_free(self.grammar)
+        llama_cpp.llama_sampler_free(self._window)
+
+
+def _window_needs(params: SamplingParams) -> int:
+    """How many allowed tokens the resample window must hold for its draw to be exact
+    (0: never exact, mask the whole vocabulary)."""
+    if (params.repeat_penalty != 1.0 or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0):
+        return 0
+    if params.temperature <= 0.0:
+        return 1
+    return params.top_k if 0 < params.top_k <= RESAMPLE_WINDOW // 2 else 0
+
+
+def _apply(sampler: llama_cpp.llama_sampler_p, cands: np.ndarray, size: int
+           ) -> tuple[int, np.ndarray]:
+    """Run a sampler over candidates in place; samplers may sort, shrink or re-point them,
+    so the result is read back through the array struct: (selected index, the data)."""
+    array = llama_cpp.llama_token_data_array(
+        data=cands.ctypes.data_as(llama_cpp.llama_token_data_p), size=size, selected=-1,
+        sorted=False)
+    llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
+    data = np.ctypeslib.as_array(ctypes.cast(array.data, ctypes.POINTER(ctypes.c_byte)),
+                                 shape=(array.size * _TOKEN_DATA.itemsize,))
+    return int(array.selected), data.view(_TOKEN_DATA)
+
+
+def build_sampler(params: SamplingParams, model_vocab: llama_cpp.llama_vocab_p,
+                  utf8: Utf8Vocab, eog_tokens: frozenset[int], timer: StageTimer
+                  ) -> TokenSampler:
+    """The request's sampler; GrammarError when llama.cpp rejects its grammar."""
+    chain = build_sampler_chain(params, len(utf8.pieces), eog_tokens)
+    if params.grammar is None:
+        return TokenSampler(chain)
+    grammar = llama_cpp.llama_sampler_init_grammar(model_vocab, params.grammar.encode(), b"root")
+    if not grammar:
+        llama_cpp.llama_sampler_free(chain)
+        raise GrammarError("llama.cpp could not parse the grammar made from this schema")
+    return GrammarSampler(chain, grammar, utf8, params, eog_tokens, timer)
 
 
 def build_sampler_chain(params: SamplingParams, n_vocab: int,

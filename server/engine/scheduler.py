@@ -29,7 +29,7 @@ from server.engine.logprobs import token_logprob
 from server.engine.model import LoadedModel
 from server.engine.prefix import KvKey, common_prefix_len, n_positions, n_tokens
 from server.engine.prompt import PromptError
-from server.engine.sampling import build_sampler_chain
+from server.engine.sampling import GrammarError, TokenSampler, build_sampler
 from server.engine.types import (
     DoneEvent,
     EngineEvent,
@@ -66,7 +66,7 @@ class PrefillItem:
 class Job:
     request: GenerationRequest
     sink: Sink
-    sampler: int
+    sampler: TokenSampler
     text: TextStream
     max_new: int
     prompt: mtmd.TokenizedPrompt
@@ -260,7 +260,15 @@ class Scheduler:
         timer.prompt_tokens = prompt.n_tokens
         timer.image_tokens = prompt.image_tokens
         error = self._check_prompt(prompt)
-        if error is not None:
+        sampler = None
+        if error is None:
+            try:
+                sampler = build_sampler(request.sampling, model.vocab, model.utf8,
+                                        model.eog_tokens, timer)
+            except GrammarError as exc:
+                error = ErrorEvent(400, f"response_format: {exc}", code="invalid_grammar")
+        if sampler is None:
+            assert error is not None
             prompt.close()
             sink.put(error)
             return
@@ -276,7 +284,7 @@ class Scheduler:
         slot.job = Job(
             request=request,
             sink=sink,
-            sampler=build_sampler_chain(request.sampling, model.n_vocab, model.eog_tokens),
+            sampler=sampler,
             text=TextStream(request.stop),
             max_new=request.max_tokens,
             prompt=prompt,
@@ -351,13 +359,12 @@ class Scheduler:
             return
         decode_s = time.perf_counter() - t0
         ctx = self.model.ctx
-        sample = llama_cpp.llama_sampler_sample
         for i, slot in enumerate(generating):
             job = slot.job
             assert job is not None
             slot.cached.append(job.next_token)
             slot.n_past += 1
-            self._on_token(slot, sample(job.sampler, ctx, i), i)
+            self._sample(slot, ctx, i)
         for part in prefilled:
             self._prefill_done(part, decode_s)
 
@@ -396,8 +403,7 @@ class Scheduler:
         if part.last_index >= 0:
             job.prompt_done_at = time.perf_counter()
             job.prompt.close()
-            self._on_token(slot, llama_cpp.llama_sampler_sample(
-                job.sampler, self.model.ctx, part.last_index), part.last_index)
+            self._sample(slot, self.model.ctx, part.last_index)
 
     def _eval_image(self, slot: Slot, item: PrefillItem) -> None:
         job = slot.job
@@ -443,6 +449,18 @@ class Scheduler:
             logger.warning("pre-encoding image %s failed: %s", image.content_hash, exc)
         finally:
             prompt.close()
+
+    def _sample(self, slot: Slot, ctx: llama_cpp.llama_context_p, batch_index: int) -> None:
+        job = slot.job
+        assert job is not None
+        try:
+            token = job.sampler.sample(ctx, batch_index)
+        except GrammarError as exc:
+            logger.warning("request %s: %s", job.request.request_id, exc)
+            self._end(slot, ErrorEvent(500, f"constrained sampling failed: {exc}",
+                                       code="grammar_dead_end"))
+            return
+        self._on_token(slot, token, batch_index)
 
     def _on_token(self, slot: Slot, token: int, batch_index: int) -> None:
         job = slot.job
@@ -503,7 +521,7 @@ class Scheduler:
     def _end(self, slot: Slot, event: EngineEvent) -> None:
         job = slot.job
         assert job is not None
-        llama_cpp.llama_sampler_free(job.sampler)
+        job.sampler.free()
         job.prompt.close()
         slot.job = None
         job.sink.put(event)

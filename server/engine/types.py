@@ -24,6 +24,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     penalty_last_n: int = 64
     ignore_eos: bool = False  # benchmarks and load tests: always run to max_tokens
+    grammar: str | None = None  # GBNF the answer must match (server/engine/constraints.py)
 
 
 @dataclass(frozen=True)
