@@ -94,7 +94,7 @@ class Engine:
 
     def preencode(self, image: ImageInput) -> None:
         """Queue an image for encoding into the embedding cache at low priority."""
-        if self._scheduler is not None:
+        if self._scheduler is not None and self._model is not None and self._model.vision:
             self._scheduler.submit_preencode(image)
 
     def is_encoded(self, content_hash: str) -> bool:
@@ -162,11 +162,13 @@ class Engine:
             logger.exception("could not answer the requests in flight")
 
     def _warm_up(self) -> None:
-        """Run one real image request so first-call allocations happen before traffic."""
-        assert self._scheduler is not None
+        """Run one real request (with an image, if the model reads them) so first-call
+        allocations happen before traffic."""
+        assert self._scheduler is not None and self._model is not None
         started = time.perf_counter()
+        parts = (_warmup_image(), "Describe the image.") if self._model.vision else ("Hello.",)
         request = GenerationRequest(
-            messages=[ChatMessage("user", (_warmup_image(), "Describe the image."))],
+            messages=[ChatMessage("user", parts)],
             max_tokens=4,
             sampling=SamplingParams(temperature=0.0),
             request_id="warmup",
@@ -181,13 +183,17 @@ class Engine:
 
     def _log_startup(self) -> None:
         info = self.info
-        logger.info("model %s, projector %s", info["model_path"], info["mmproj_path"])
+        logger.info("model %s, projector %s", info["model_path"],
+                    info["mmproj_path"] or "none (text only: image requests get 400)")
         logger.info("context %d tokens, %d slot(s), %d layers, loaded in %.2f s",
                     info["n_ctx"], info["n_parallel"], info["n_layers"], info["load_seconds"])
         where_llm = f"GPU ({info['gpu_layers']}/{info['n_layers']} layers)" \
             if info["gpu_layers"] else "CPU"
-        logger.info("LLM layers run on %s; vision projector runs on %s", where_llm,
-                    "GPU" if info["projector_on_gpu"] else "CPU")
+        if info["vision"]:
+            logger.info("LLM layers run on %s; vision projector runs on %s", where_llm,
+                        "GPU" if info["projector_on_gpu"] else "CPU")
+        else:
+            logger.info("LLM layers run on %s", where_llm)
         if info["gpu_build"] and not info["gpu_layers"]:
             logger.warning("this llama.cpp build supports a GPU but n_gpu_layers is 0: "
                            "the model runs on the CPU")

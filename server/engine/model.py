@@ -14,8 +14,12 @@ from llama_cpp import mtmd_cpp
 
 from server.config import Settings
 from server.engine import llama_log
-from server.engine.projector import read_projector_info
-from server.engine.prompt import FALLBACK_TEMPLATE, ChatTemplate
+from server.engine import mtmd as mtmd_prompt
+from server.engine.projector import ImageGeometry, ProjectorInfo, read_projector_info
+from server.engine.prompt import ChatTemplate
+from server.engine.templates import ResolvedTemplate, TemplateConfigError, resolve_template
+from server.engine.tokens import single_control_token, text_prompt
+from server.engine.types import ImageInput
 
 logger = logging.getLogger("vlserve.engine")
 
@@ -37,11 +41,13 @@ class LoadedModel:
     model: llama_cpp.llama_model_p
     ctx: llama_cpp.llama_context_p
     vocab: llama_cpp.llama_vocab_p
-    mtmd: mtmd_cpp.mtmd_context_p
+    mtmd: mtmd_cpp.mtmd_context_p | None  # None: a text-only model (no mmproj)
     n_ctx: int
     n_batch: int
     n_vocab: int
     pieces: list[bytes]  # token id → UTF-8 bytes of its text
+    # The vocab's end-of-generation tokens, plus the template's turn markers that are single
+    # special tokens (they render as no text, so the stop strings below cannot see them).
     eog_tokens: frozenset[int]
     # SentencePiece vocabs mark word starts with a space, so an answer's first piece begins
     # with one; like HF's decode, it is dropped. The answer sent back in the next turn then
@@ -49,17 +55,33 @@ class LoadedModel:
     strip_first_space: bool
     template: ChatTemplate
     media_marker: str
+    # Text that opens the next turn (the template's, plus the preset's `stop`): generation
+    # ends there with finish_reason "stop", and the marker never reaches the client.
+    stop_strings: tuple[str, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def vision(self) -> bool:
+        return self.mtmd is not None
+
+    def tokenize(self, text: str, images: tuple[ImageInput, ...]) -> mtmd_prompt.TokenizedPrompt:
+        if self.mtmd is None:
+            if images:
+                raise mtmd_prompt.MediaError("this model has no vision projector; it reads "
+                                             "text only")
+            return text_prompt(self.vocab, text)
+        return mtmd_prompt.tokenize(self.mtmd, text, images)
+
     def close(self) -> None:
-        mtmd_cpp.mtmd_free(self.mtmd)
+        if self.mtmd is not None:
+            mtmd_cpp.mtmd_free(self.mtmd)
         llama_cpp.llama_free(self.ctx)
         llama_cpp.llama_model_free(self.model)
 
 
 def load_model(settings: Settings) -> LoadedModel:
     for path, what in ((settings.model, "model"), (settings.mmproj, "mmproj")):
-        if not Path(path).is_file():
+        if path is not None and not Path(path).is_file():
             raise ModelLoadError(f"{what} file not found: {path}")
     llama_log.install()
     llama_cpp.llama_backend_init()
@@ -86,6 +108,73 @@ def load_model(settings: Settings) -> LoadedModel:
         llama_cpp.llama_model_free(model)
         raise ModelLoadError("llama.cpp could not create a context (n_ctx too large?)")
 
+    mctx = _load_projector(settings, model, ctx, n_threads) if settings.mmproj else None
+
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    pieces = [_piece(vocab, t, special=False) for t in range(n_vocab)]
+    marker = (mtmd_cpp.mtmd_default_marker() or b"<__media__>").decode()
+    projector = read_projector_info(Path(settings.mmproj)) if settings.mmproj else None
+    chosen = _choose_template(settings, model)
+    template = ChatTemplate(
+        chosen.template,
+        bos_token=_special_text(vocab, llama_cpp.llama_vocab_bos(vocab)),
+        eos_token=_special_text(vocab, llama_cpp.llama_vocab_eos(vocab)),
+        media_marker=marker,
+        # mtmd adds BOS only when the vocab says so; otherwise the template's own is needed.
+        strip_bos=bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
+        part_separator="" if projector is not None and projector.wraps_images else "\n",
+    )
+    eog = {t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)}
+    marker_tokens = {t for s in chosen.stops
+                     if (t := single_control_token(vocab, s, pieces)) is not None}
+    geometry = projector.geometry(settings.image_max_side, settings.image_max_tokens) \
+        if projector is not None else None
+    gpu_build = bool(llama_cpp.llama_supports_gpu_offload())
+    n_layers = llama_cpp.llama_model_n_layer(model)
+    offloaded = 0
+    if gpu_build:
+        offloaded = n_layers if settings.n_gpu_layers < 0 else min(settings.n_gpu_layers, n_layers)
+    info = {
+        "model_path": str(settings.model),
+        "mmproj_path": str(settings.mmproj) if settings.mmproj else None,
+        # What the model reads: the API refuses images up front when it is text only.
+        "vision": projector is not None,
+        "input": "text and images" if projector is not None else "text only",
+        "chat_template": chosen.meta(),
+        "description": _meta(model, "general.description") or "",
+        "n_ctx": llama_cpp.llama_n_ctx(ctx),
+        "n_ctx_train": llama_cpp.llama_model_n_ctx_train(model),
+        "n_vocab": n_vocab,
+        "n_params": llama_cpp.llama_model_n_params(model),
+        "n_layers": n_layers,
+        "n_parallel": settings.n_parallel,
+        "gpu_build": gpu_build,
+        "gpu_layers": offloaded,
+        "projector_on_gpu": gpu_build and settings.mmproj_use_gpu and mctx is not None,
+        **_projector_info(mctx, projector, geometry),
+        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+    }
+    return LoadedModel(
+        model=model,
+        ctx=ctx,
+        vocab=vocab,
+        mtmd=mctx,
+        n_ctx=llama_cpp.llama_n_ctx(ctx),
+        n_batch=llama_cpp.llama_n_batch(ctx),
+        n_vocab=n_vocab,
+        pieces=pieces,
+        eog_tokens=frozenset(eog | marker_tokens),
+        strip_first_space=llama_cpp.llama_vocab_type(vocab) == llama_cpp.LLAMA_VOCAB_TYPE_SPM,
+        template=template,
+        media_marker=marker,
+        stop_strings=chosen.stops,
+        info=info,
+    )
+
+
+def _load_projector(settings: Settings, model: llama_cpp.llama_model_p,
+                    ctx: llama_cpp.llama_context_p, n_threads: int) -> mtmd_cpp.mtmd_context_p:
     mtmd_params = mtmd_cpp.mtmd_context_params_default()
     mtmd_params.use_gpu = settings.mmproj_use_gpu
     mtmd_params.n_threads = n_threads
@@ -100,40 +189,14 @@ def load_model(settings: Settings) -> LoadedModel:
         raise ModelLoadError(f"mtmd could not load the projector {settings.mmproj}")
     if not mtmd_cpp.mtmd_support_vision(mctx):
         raise ModelLoadError(f"{settings.mmproj} has no vision encoder")
+    return mctx
 
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-    pieces = [_piece(vocab, t, special=False) for t in range(n_vocab)]
-    eog = frozenset(t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
-    marker = (mtmd_cpp.mtmd_default_marker() or b"<__media__>").decode()
-    projector = read_projector_info(Path(settings.mmproj))
-    template = ChatTemplate(
-        _template_source(settings, model),
-        bos_token=_special_text(vocab, llama_cpp.llama_vocab_bos(vocab)),
-        eos_token=_special_text(vocab, llama_cpp.llama_vocab_eos(vocab)),
-        media_marker=marker,
-        # mtmd adds BOS only when the vocab says so; otherwise the template's own is needed.
-        strip_bos=bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
-        part_separator="" if projector.wraps_images else "\n",
-    )
-    geometry = projector.geometry(settings.image_max_side, settings.image_max_tokens)
-    gpu_build = bool(llama_cpp.llama_supports_gpu_offload())
-    n_layers = llama_cpp.llama_model_n_layer(model)
-    offloaded = 0
-    if gpu_build:
-        offloaded = n_layers if settings.n_gpu_layers < 0 else min(settings.n_gpu_layers, n_layers)
-    info = {
-        "model_path": str(settings.model),
-        "mmproj_path": str(settings.mmproj),
-        "description": _meta(model, "general.description") or "",
-        "n_ctx": llama_cpp.llama_n_ctx(ctx),
-        "n_ctx_train": llama_cpp.llama_model_n_ctx_train(model),
-        "n_params": llama_cpp.llama_model_n_params(model),
-        "n_layers": n_layers,
-        "n_parallel": settings.n_parallel,
-        "gpu_build": gpu_build,
-        "gpu_layers": offloaded,
-        "projector_on_gpu": gpu_build and settings.mmproj_use_gpu,
+
+def _projector_info(mctx: mtmd_cpp.mtmd_context_p | None, projector: ProjectorInfo | None,
+                    geometry: ImageGeometry | None) -> dict[str, Any]:
+    if mctx is None or projector is None or geometry is None:
+        return {"projector_type": None}
+    return {
         "uses_mrope": bool(mtmd_cpp.mtmd_decode_use_mrope(mctx)),
         "image_non_causal": bool(mtmd_cpp.mtmd_decode_use_non_causal(mctx, None)),
         "projector_type": projector.projector_type,
@@ -143,33 +206,23 @@ def load_model(settings: Settings) -> LoadedModel:
         "image_target_side": geometry.max_side,
         "image_cell": geometry.cell,
         "image_max_tokens": geometry.max_cells,
-        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
     }
-    return LoadedModel(
-        model=model,
-        ctx=ctx,
-        vocab=vocab,
-        mtmd=mctx,
-        n_ctx=llama_cpp.llama_n_ctx(ctx),
-        n_batch=llama_cpp.llama_n_batch(ctx),
-        n_vocab=n_vocab,
-        pieces=pieces,
-        eog_tokens=eog,
-        strip_first_space=llama_cpp.llama_vocab_type(vocab) == llama_cpp.LLAMA_VOCAB_TYPE_SPM,
-        template=template,
-        media_marker=marker,
-        info=info,
-    )
 
 
-def _template_source(settings: Settings, model: llama_cpp.llama_model_p) -> str:
-    if settings.chat_template:
-        return settings.chat_template
+def _choose_template(settings: Settings, model: llama_cpp.llama_model_p) -> ResolvedTemplate:
+    """The template table's choice for this model (config → GGUF → family), logged."""
     raw = llama_cpp.llama_model_chat_template(model, None)
-    if raw:
-        return raw.decode("utf-8", errors="replace")
-    logger.warning("model has no chat template; using the LLaVA-1.5 format")
-    return FALLBACK_TEMPLATE
+    metadata = {
+        "tokenizer.chat_template": raw.decode("utf-8", errors="replace") if raw else None,
+        "general.architecture": _meta(model, "general.architecture"),
+    }
+    try:
+        chosen = resolve_template(settings.chat_template, metadata, tuple(settings.stop))
+    except TemplateConfigError as exc:
+        raise ModelLoadError(str(exc)) from None
+    logger.info("chat template: %s (%s); generation stops at %s", chosen.name, chosen.reason,
+                ", ".join(repr(s) for s in chosen.stops) or "end-of-generation tokens only")
+    return chosen
 
 
 def _piece(vocab: llama_cpp.llama_vocab_p, token: int, *, special: bool) -> bytes:

@@ -29,6 +29,7 @@ const ui = {
 let history = [];       // the conversation so far, re-sent in full each turn
 let pending = [];       // images added for the next question: {file, url, id, upload, chip}
 let modelId = null;     // from GET /models; the server answers any name anyway
+let textOnly = false;   // the model has no vision projector: images would be refused
 let streaming = null;   // AbortController of the answer being streamed
 
 // ---------- HTTP ----------
@@ -91,8 +92,10 @@ async function refreshStatus() {
   if (model) {
     modelId = model.id;
     const meta = model.meta || {};
+    textOnly = meta.vision === false;
     const llm = meta.gpu_layers ? `GPU (${meta.gpu_layers}/${meta.n_layers} layers)` : "CPU";
-    parts.push(model.id, `LLM on ${llm}`, `vision on ${meta.projector_on_gpu ? "GPU" : "CPU"}`);
+    const vision = textOnly ? "text only" : `vision on ${meta.projector_on_gpu ? "GPU" : "CPU"}`;
+    parts.push(model.id, `LLM on ${llm}`, vision);
     if (meta.n_ctx) parts.push(`context ${meta.n_ctx}`);
   } else if (modelNote) {
     parts.push(modelNote);
@@ -106,6 +109,10 @@ async function refreshStatus() {
 // ---------- uploads ----------
 
 function addImages(files) {
+  if (textOnly && files.length) {
+    showNotice("This model reads text only (it has no vision projector): images are not sent.");
+    return;
+  }
   for (const file of files) {
     if (!file.type.startsWith("image/")) {
       showNotice(`${file.name}: not an image, skipped.`);
