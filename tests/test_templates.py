@@ -16,6 +16,7 @@ from server.engine.templates import (
     TemplateConfigError,
     known_names,
     resolve_template,
+    template_for,
 )
 from server.engine.types import ChatMessage
 
@@ -115,3 +116,13 @@ def test_tools_reach_the_template() -> None:
     user = [ChatMessage("user", ("x",))]
     assert render(source, user, tools=tools) == "[get_weather]x"
     assert render(source, user) == "x"
+
+
+def test_template_for_settings_as_doctor_asks(tmp_path: Path) -> None:
+    from server.config import Settings
+
+    settings = Settings(model=tmp_path / "m.gguf", chat_template="chatml", stop=["###"])
+    chosen = template_for(settings, {"tokenizer.chat_template": OWN})
+    assert (chosen.name, chosen.source) == ("chatml", "config")
+    assert chosen.stops[-1] == "###"
+    assert template_for(Settings(model=tmp_path / "m.gguf"), GEMMA3).name == "gemma"

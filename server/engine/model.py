@@ -17,7 +17,7 @@ from server.engine import llama_log
 from server.engine import mtmd as mtmd_prompt
 from server.engine.projector import ImageGeometry, ProjectorInfo, read_projector_info
 from server.engine.prompt import ChatTemplate
-from server.engine.templates import ResolvedTemplate, TemplateConfigError, resolve_template
+from server.engine.templates import ResolvedTemplate, TemplateConfigError, template_for
 from server.engine.tokens import single_control_token, text_prompt
 from server.engine.types import ImageInput
 
@@ -217,7 +217,7 @@ def _choose_template(settings: Settings, model: llama_cpp.llama_model_p) -> Reso
         "general.architecture": _meta(model, "general.architecture"),
     }
     try:
-        chosen = resolve_template(settings.chat_template, metadata, tuple(settings.stop))
+        chosen = template_for(settings, metadata)
     except TemplateConfigError as exc:
         raise ModelLoadError(str(exc)) from None
     logger.info("chat template: %s (%s); generation stops at %s", chosen.name, chosen.reason,

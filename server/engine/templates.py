@@ -12,7 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.config import Settings
 
 # LLaVA-1.5 / Vicuna v1.1: what LLaVA GGUFs (which carry no template) were trained on, and
 # what base models answer best to.
@@ -141,6 +144,13 @@ def resolve_template(chat_template: str | None, metadata: Mapping[str, Any],
         resolved = ResolvedTemplate(resolved.name, resolved.source, resolved.template, stops,
                                     resolved.reason)
     return resolved
+
+
+def template_for(settings: Settings, metadata: Mapping[str, Any]) -> ResolvedTemplate:
+    """The template these settings give a model with this GGUF metadata: what the engine
+    loads, and what `vlserve doctor` reports (metadata: server.gguf_meta.read_gguf_metadata).
+    Raises TemplateConfigError for a chat_template file that cannot be read."""
+    return resolve_template(settings.chat_template, metadata, tuple(settings.stop))
 
 
 def _resolve(chat_template: str | None, metadata: Mapping[str, Any]) -> ResolvedTemplate:
