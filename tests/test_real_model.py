@@ -21,6 +21,8 @@ import openai
 import pytest
 from conftest import ROOT, RunningServer, start_server, stop_server
 from helpers import data_url, image_message, photo_bytes
+from playwright.sync_api import Browser, expect
+from test_playground import browser  # noqa: F401  (Chromium, or a skip saying why)
 
 from server.config import load_settings
 from server.download import download
@@ -176,3 +178,24 @@ def test_plain_model_flag_gets_the_files_own_name_and_family_template(gemma_gguf
     assert "<start_of_turn>" in chosen.stops
     pinned = load_settings(ROOT / "configs" / "gemma3-270m.yaml")
     assert resolve_template(pinned.chat_template, {}).template == VICUNA
+
+
+def test_playground_says_text_only_and_keeps_images_back(gemma: RunningServer,
+                                                         browser: Browser,  # noqa: F811
+                                                         tmp_path: Path) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    uploads: list[str] = []
+    page.on("request", lambda r: uploads.append(r.url) if r.url.endswith("/files") else None)
+    try:
+        page.goto(f"{gemma.url}/")
+        status = page.locator("#status-text")
+        expect(status).to_contain_text("gemma-3-270m")
+        expect(status).to_contain_text("text only")
+        picture = tmp_path / "p.png"
+        picture.write_bytes(photo_bytes(32, 32))
+        page.set_input_files("#file-input", picture)
+        expect(page.locator("#notice")).to_contain_text("This model reads text only")
+        assert page.locator(".chip").count() == 0 and not uploads
+    finally:
+        context.close()
