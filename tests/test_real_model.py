@@ -199,3 +199,25 @@ def test_playground_says_text_only_and_keeps_images_back(gemma: RunningServer,
         assert page.locator(".chip").count() == 0 and not uploads
     finally:
         context.close()
+
+
+def test_turn_markers_that_are_special_tokens_stop_by_id(gemma_gguf: Path) -> None:
+    """<start_of_turn> detokenizes to no text, so only its id can end generation."""
+    import llama_cpp
+
+    from server.engine.model import _piece
+    from server.engine.tokens import single_control_token
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(gemma_gguf).encode(), params)
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        pieces = [_piece(vocab, t, special=False)
+                  for t in range(llama_cpp.llama_vocab_n_tokens(vocab))]
+        start = single_control_token(vocab, "<start_of_turn>", pieces)
+        assert start is not None and pieces[start] == b""
+        assert _piece(vocab, start, special=True) == b"<start_of_turn>"
+        assert single_control_token(vocab, "\nUSER:", pieces) is None  # plain text
+    finally:
+        llama_cpp.llama_model_free(model)
