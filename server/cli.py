@@ -111,6 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
     from server.logs import setup_logging
 
     setup_logging(settings.log_level)
+    _check_chat_template(settings)
     _ensure_model_files(settings)
 
     from server.app import create_app
@@ -152,6 +153,17 @@ def _log_access(settings: Settings) -> None:
                        "use the API (set api_keys or VLSERVE_API_KEY)", settings.host)
     if settings.cors_origins:
         logger.info("CORS allowed for %s", ", ".join(settings.cors_origins))
+
+
+def _check_chat_template(settings: Settings) -> None:
+    """An unknown template name or unreadable .jinja file is a config error (exit 2), found
+    before minutes of model loading rather than after."""
+    from server.engine.templates import TemplateConfigError, template_for
+
+    try:
+        template_for(settings, {})
+    except TemplateConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _ensure_model_files(settings: Settings) -> None:

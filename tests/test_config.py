@@ -175,3 +175,16 @@ def test_a_file_without_general_name_is_named_by_its_stem(tmp_path: Path) -> Non
     not_gguf = tmp_path / "notes.gguf"
     not_gguf.write_text("not a model")
     assert load_settings(None, model=not_gguf).model_name == "notes"
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("vicunaa", "neither a known template (chatml, gemma,"),
+    ("/nope/chat.jinja", "chat_template file /nope/chat.jinja: No such file"),
+])
+def test_a_bad_chat_template_is_a_config_error(tmp_path: Path, value: str, fragment: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Found before the model loads: exit 2 and one line."""
+    config = write(tmp_path, "model: /nope/model.gguf\nmmproj: null\n")
+    assert main(["serve", "--config", str(config), "--chat-template", value]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "model file not found" not in err
