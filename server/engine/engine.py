@@ -99,7 +99,7 @@ class Engine:
 
     def preencode(self, image: ImageInput) -> None:
         """Queue an image for encoding into the embedding cache at low priority."""
-        if self._scheduler is not None:
+        if self._scheduler is not None and self._model is not None and self._model.vision:
             self._scheduler.submit_preencode(image)
 
     def is_encoded(self, content_hash: str) -> bool:
@@ -169,11 +169,13 @@ class Engine:
             logger.exception("could not answer the requests in flight")
 
     def _warm_up(self) -> None:
-        """Run one real image request so first-call allocations happen before traffic."""
-        assert self._scheduler is not None
+        """Run one real request (with an image, if the model reads them) so first-call
+        allocations happen before traffic."""
+        assert self._scheduler is not None and self._model is not None
         started = time.perf_counter()
+        parts = (_warmup_image(), "Describe the image.") if self._model.vision else ("Hello.",)
         request = GenerationRequest(
-            messages=[ChatMessage("user", (_warmup_image(), "Describe the image."))],
+            messages=[ChatMessage("user", parts)],
             max_tokens=4,
             sampling=SamplingParams(temperature=0.0),
             request_id="warmup",
@@ -199,11 +201,12 @@ class Engine:
 
     def _log_startup(self) -> None:
         info = self.info
-        logger.info("model %s, projector %s", info["model_path"], info["mmproj_path"])
+        logger.info("model %s, projector %s", info["model_path"],
+                    info["mmproj_path"] or "none (text only: image requests get 400)")
         logger.info("context %d tokens, %d slot(s), %d layers, loaded in %.2f s",
                     info["n_ctx"], info["n_parallel"], info["n_layers"], info["load_seconds"])
         logger.info("%s (read back from llama.cpp's load log)",
-                    Placement(**info["placement"]).describe())
+                    Placement(**info["placement"]).describe(vision=info["vision"]))
         for warning in info["placement_warnings"]:
             logger.warning("%s", warning)
         if info["description"]:

@@ -15,10 +15,14 @@ from llama_cpp import mtmd_cpp
 
 from server.config import Settings
 from server.engine import llama_log
+from server.engine import mtmd as mtmd_prompt
 from server.engine.build_info import read_build_info
 from server.engine.placement import Placement, placement_warnings, read_placement
-from server.engine.projector import read_projector_info
-from server.engine.prompt import FALLBACK_TEMPLATE, ChatTemplate
+from server.engine.projector import ImageGeometry, ProjectorInfo, read_projector_info
+from server.engine.prompt import ChatTemplate
+from server.engine.templates import ResolvedTemplate, TemplateConfigError, template_for
+from server.engine.tokens import single_control_token, text_prompt
+from server.engine.types import ImageInput
 from server.engine.utf8_guard import Utf8Vocab
 
 logger = logging.getLogger("vlserve.engine")
@@ -41,11 +45,13 @@ class LoadedModel:
     model: llama_cpp.llama_model_p
     ctx: llama_cpp.llama_context_p
     vocab: llama_cpp.llama_vocab_p
-    mtmd: mtmd_cpp.mtmd_context_p
+    mtmd: mtmd_cpp.mtmd_context_p | None  # None: a text-only model (no mmproj)
     n_ctx: int
     n_batch: int
     n_vocab: int
     pieces: list[bytes]  # token id → UTF-8 bytes of its text
+    # The vocab's end-of-generation tokens, plus the template's turn markers that are single
+    # special tokens (they render as no text, so the stop strings below cannot see them).
     eog_tokens: frozenset[int]
     # SentencePiece vocabs mark word starts with a space, so an answer's first piece begins
     # with one; like HF's decode, it is dropped. The answer sent back in the next turn then
@@ -53,6 +59,9 @@ class LoadedModel:
     strip_first_space: bool
     template: ChatTemplate
     media_marker: str
+    # Text that opens the next turn (the template's, plus the preset's `stop`): generation
+    # ends there with finish_reason "stop", and the marker never reaches the client.
+    stop_strings: tuple[str, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
     load_log: list[str] = field(default_factory=list)  # llama.cpp's lines while loading
 
@@ -61,15 +70,28 @@ class LoadedModel:
         """UTF-8 facts about the pieces, for constrained answers (built on first use)."""
         return Utf8Vocab(self.pieces)
 
+    @property
+    def vision(self) -> bool:
+        return self.mtmd is not None
+
+    def tokenize(self, text: str, images: tuple[ImageInput, ...]) -> mtmd_prompt.TokenizedPrompt:
+        if self.mtmd is None:
+            if images:
+                raise mtmd_prompt.MediaError("this model has no vision projector; it reads "
+                                             "text only")
+            return text_prompt(self.vocab, text)
+        return mtmd_prompt.tokenize(self.mtmd, text, images)
+
     def close(self) -> None:
-        mtmd_cpp.mtmd_free(self.mtmd)
+        if self.mtmd is not None:
+            mtmd_cpp.mtmd_free(self.mtmd)
         llama_cpp.llama_free(self.ctx)
         llama_cpp.llama_model_free(self.model)
 
 
 def load_model(settings: Settings) -> LoadedModel:
     for path, what in ((settings.model, "model"), (settings.mmproj, "mmproj")):
-        if not Path(path).is_file():
+        if path is not None and not Path(path).is_file():
             raise ModelLoadError(f"{what} file not found: {path}")
     with llama_log.record() as load_log:
         loaded = _load(settings)
@@ -119,6 +141,71 @@ def _load(settings: Settings) -> LoadedModel:
         llama_cpp.llama_model_free(model)
         raise ModelLoadError("llama.cpp could not create a context (n_ctx too large?)")
 
+    mctx = _load_projector(settings, model, ctx, n_threads) if settings.mmproj else None
+
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    pieces = [_piece(vocab, t, special=False) for t in range(n_vocab)]
+    marker = (mtmd_cpp.mtmd_default_marker() or b"<__media__>").decode()
+    projector = read_projector_info(Path(settings.mmproj)) if settings.mmproj else None
+    chosen = _choose_template(settings, model)
+    template = ChatTemplate(
+        chosen.template,
+        bos_token=_special_text(vocab, llama_cpp.llama_vocab_bos(vocab)),
+        eos_token=_special_text(vocab, llama_cpp.llama_vocab_eos(vocab)),
+        media_marker=marker,
+        # mtmd adds BOS only when the vocab says so; otherwise the template's own is needed.
+        strip_bos=bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
+        part_separator="" if projector is not None and projector.wraps_images else "\n",
+    )
+    eog = {t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)}
+    marker_tokens = {t for s in chosen.stops
+                     if (t := single_control_token(vocab, s, pieces)) is not None}
+    geometry = projector.geometry(settings.image_max_side, settings.image_max_tokens) \
+        if projector is not None else None
+    build = read_build_info()
+    info = {
+        "model_path": str(settings.model),
+        "mmproj_path": str(settings.mmproj) if settings.mmproj else None,
+        # What the model reads: the API refuses images up front when it is text only.
+        "vision": projector is not None,
+        "input": "text and images" if projector is not None else "text only",
+        "chat_template": chosen.meta(),
+        "description": _meta(model, "general.description") or "",
+        "n_ctx": llama_cpp.llama_n_ctx(ctx),
+        "n_ctx_train": llama_cpp.llama_model_n_ctx_train(model),
+        "n_vocab": n_vocab,
+        "n_params": llama_cpp.llama_model_n_params(model),
+        "n_layers": llama_cpp.llama_model_n_layer(model),
+        "n_parallel": settings.n_parallel,
+        # What the build offers; where the model landed is read back from the log
+        # (update_placement: placement, gpu_layers, projector_on_gpu).
+        "gpu_build": build.gpu_offload,
+        "llama_cpp_python": build.llama_cpp_python,
+        "backends": build.backends,
+        **_projector_info(mctx, projector, geometry),
+        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+    }
+    return LoadedModel(
+        model=model,
+        ctx=ctx,
+        vocab=vocab,
+        mtmd=mctx,
+        n_ctx=llama_cpp.llama_n_ctx(ctx),
+        n_batch=llama_cpp.llama_n_batch(ctx),
+        n_vocab=n_vocab,
+        pieces=pieces,
+        eog_tokens=frozenset(eog | marker_tokens),
+        strip_first_space=llama_cpp.llama_vocab_type(vocab) == llama_cpp.LLAMA_VOCAB_TYPE_SPM,
+        template=template,
+        media_marker=marker,
+        stop_strings=chosen.stops,
+        info=info,
+    )
+
+
+def _load_projector(settings: Settings, model: llama_cpp.llama_model_p,
+                    ctx: llama_cpp.llama_context_p, n_threads: int) -> mtmd_cpp.mtmd_context_p:
     mtmd_params = mtmd_cpp.mtmd_context_params_default()
     mtmd_params.use_gpu = settings.mmproj_use_gpu
     mtmd_params.n_threads = n_threads
@@ -133,38 +220,14 @@ def _load(settings: Settings) -> LoadedModel:
         raise ModelLoadError(f"mtmd could not load the projector {settings.mmproj}")
     if not mtmd_cpp.mtmd_support_vision(mctx):
         raise ModelLoadError(f"{settings.mmproj} has no vision encoder")
+    return mctx
 
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-    pieces = [_piece(vocab, t, special=False) for t in range(n_vocab)]
-    eog = frozenset(t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
-    marker = (mtmd_cpp.mtmd_default_marker() or b"<__media__>").decode()
-    projector = read_projector_info(Path(settings.mmproj))
-    template = ChatTemplate(
-        choose_template(settings, _gguf_template(model))[1],
-        bos_token=_special_text(vocab, llama_cpp.llama_vocab_bos(vocab)),
-        eos_token=_special_text(vocab, llama_cpp.llama_vocab_eos(vocab)),
-        media_marker=marker,
-        # mtmd adds BOS only when the vocab says so; otherwise the template's own is needed.
-        strip_bos=bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
-        part_separator="" if projector.wraps_images else "\n",
-    )
-    geometry = projector.geometry(settings.image_max_side, settings.image_max_tokens)
-    build = read_build_info()
-    info = {
-        "model_path": str(settings.model),
-        "mmproj_path": str(settings.mmproj),
-        "description": _meta(model, "general.description") or "",
-        "n_ctx": llama_cpp.llama_n_ctx(ctx),
-        "n_ctx_train": llama_cpp.llama_model_n_ctx_train(model),
-        "n_params": llama_cpp.llama_model_n_params(model),
-        "n_layers": llama_cpp.llama_model_n_layer(model),
-        "n_parallel": settings.n_parallel,
-        # What the build offers; where the model landed is read back from the log
-        # (update_placement: placement, gpu_layers, projector_on_gpu).
-        "gpu_build": build.gpu_offload,
-        "llama_cpp_python": build.llama_cpp_python,
-        "backends": build.backends,
+
+def _projector_info(mctx: mtmd_cpp.mtmd_context_p | None, projector: ProjectorInfo | None,
+                    geometry: ImageGeometry | None) -> dict[str, Any]:
+    if mctx is None or projector is None or geometry is None:
+        return {"projector_type": None}
+    return {
         "uses_mrope": bool(mtmd_cpp.mtmd_decode_use_mrope(mctx)),
         "image_non_causal": bool(mtmd_cpp.mtmd_decode_use_non_causal(mctx, None)),
         "projector_type": projector.projector_type,
@@ -174,41 +237,23 @@ def _load(settings: Settings) -> LoadedModel:
         "image_target_side": geometry.max_side,
         "image_cell": geometry.cell,
         "image_max_tokens": geometry.max_cells,
-        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
     }
-    return LoadedModel(
-        model=model,
-        ctx=ctx,
-        vocab=vocab,
-        mtmd=mctx,
-        n_ctx=llama_cpp.llama_n_ctx(ctx),
-        n_batch=llama_cpp.llama_n_batch(ctx),
-        n_vocab=n_vocab,
-        pieces=pieces,
-        eog_tokens=eog,
-        strip_first_space=llama_cpp.llama_vocab_type(vocab) == llama_cpp.LLAMA_VOCAB_TYPE_SPM,
-        template=template,
-        media_marker=marker,
-        info=info,
-    )
 
 
-def choose_template(settings: Settings, gguf_template: str | None,
-                    *, quiet: bool = False) -> tuple[str, str]:
-    """(where it came from, template source): the one place the chat template is chosen,
-    shared with `vlserve doctor`. Order: config, then the GGUF's, then LLaVA-1.5."""
-    if settings.chat_template:
-        return "config (chat_template)", settings.chat_template
-    if gguf_template:
-        return "GGUF (tokenizer.chat_template)", gguf_template
-    if not quiet:
-        logger.warning("model has no chat template; using the LLaVA-1.5 format")
-    return "fallback (LLaVA-1.5 format: the GGUF has none)", FALLBACK_TEMPLATE
-
-
-def _gguf_template(model: llama_cpp.llama_model_p) -> str | None:
+def _choose_template(settings: Settings, model: llama_cpp.llama_model_p) -> ResolvedTemplate:
+    """The template table's choice for this model (config → GGUF → family), logged."""
     raw = llama_cpp.llama_model_chat_template(model, None)
-    return raw.decode("utf-8", errors="replace") if raw else None
+    metadata = {
+        "tokenizer.chat_template": raw.decode("utf-8", errors="replace") if raw else None,
+        "general.architecture": _meta(model, "general.architecture"),
+    }
+    try:
+        chosen = template_for(settings, metadata)
+    except TemplateConfigError as exc:
+        raise ModelLoadError(str(exc)) from None
+    logger.info("chat template: %s (%s); generation stops at %s", chosen.name, chosen.reason,
+                ", ".join(repr(s) for s in chosen.stops) or "end-of-generation tokens only")
+    return chosen
 
 
 def _piece(vocab: llama_cpp.llama_vocab_p, token: int, *, special: bool) -> bytes:

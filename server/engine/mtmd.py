@@ -33,9 +33,9 @@ class PromptChunk:
 
 
 class TokenizedPrompt:
-    """Owns the mtmd chunk list; close() frees it."""
+    """Owns the mtmd chunk list (none for a text-only model's prompt); close() frees it."""
 
-    def __init__(self, handle: int, chunks: list[PromptChunk]) -> None:
+    def __init__(self, handle: int | None, chunks: list[PromptChunk]) -> None:
         self._handle: int | None = handle
         self.chunks = chunks
         self.n_tokens = sum(c.n_tokens for c in chunks)

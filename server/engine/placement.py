@@ -79,12 +79,13 @@ class Placement:
         total = f"/{self.offloadable_layers}" if self.offloadable_layers else ""
         return f"{self.llm_device} ({self.gpu_layers}{total} layers)"
 
-    def describe(self) -> str:
-        """One line for logs and `vlserve doctor`."""
+    def describe(self, *, vision: bool = True) -> str:
+        """One line for logs and `vlserve doctor` (`vision`: the model has a projector)."""
         flash = self.flash_attn or "unknown"
-        return (f"LLM layers run on {self.describe_llm()}; vision encoder runs on "
-                f"{self.projector_device or 'unknown'}; flash attention {flash}; KV cache "
-                f"{self.kv_type_k}/{self.kv_type_v} on {self.kv_device}")
+        encoder = f"vision encoder runs on {self.projector_device or 'unknown'}" if vision \
+            else "text only (no vision encoder)"
+        return (f"LLM layers run on {self.describe_llm()}; {encoder}; flash attention {flash}; "
+                f"KV cache {self.kv_type_k}/{self.kv_type_v} on {self.kv_device}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

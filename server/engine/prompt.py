@@ -11,16 +11,6 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from server.engine.types import ChatMessage, ImageInput
 
-# Used when a GGUF has no template: the LLaVA-1.5 conversation format.
-FALLBACK_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
-    "{% elif message['role'] == 'user' %}USER: {{ message['content'] }}\n"
-    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ message['content'] }}{{ eos_token }}\n"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-
 
 class PromptError(ValueError):
     """The messages cannot be rendered with this model's template."""
@@ -52,8 +42,11 @@ class ChatTemplate:
         self._separator = part_separator
 
     def render(
-        self, messages: list[ChatMessage], system_prompt: str | None = None
+        self, messages: list[ChatMessage], system_prompt: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> RenderedPrompt:
+        """`tools`: the request's tool definitions (OpenAI shape), for templates that show
+        them; None when the request has none, as HF's apply_chat_template passes them."""
         images: list[ImageInput] = []
         rendered_messages: list[dict[str, Any]] = []
         if system_prompt and not any(m.role == "system" for m in messages):
@@ -72,6 +65,7 @@ class ChatTemplate:
             text = self._template.render(
                 messages=rendered_messages,
                 add_generation_prompt=True,
+                tools=tools,
                 bos_token=self._bos,
                 eos_token=self._eos,
             )

@@ -242,7 +242,7 @@ class Scheduler:
         try:
             rendered = model.template.render(request.messages, self.settings.system_prompt)
             t0 = time.perf_counter()
-            prompt = mtmd.tokenize(model.mtmd, rendered.text, rendered.images)
+            prompt = model.tokenize(rendered.text, rendered.images)
         except (PromptError, mtmd.MediaError) as exc:
             sink.put(ErrorEvent(400, str(exc)))
             return
@@ -285,7 +285,10 @@ class Scheduler:
             request=request,
             sink=sink,
             sampler=sampler,
-            text=TextStream(request.stop),
+            # The template's next-turn markers end the answer too, except for benchmarks
+            # that ask to run to max_tokens whatever the model writes.
+            text=TextStream(request.stop + (() if request.sampling.ignore_eos
+                                            else model.stop_strings)),
             max_new=request.max_tokens,
             prompt=prompt,
             work=_remaining_work(prompt, keep),
@@ -433,6 +436,8 @@ class Scheduler:
 
     def _encode_ahead(self, image: ImageInput) -> None:
         """Pre-encode an uploaded image so a later chat skips the vision encoder."""
+        if self.model.mtmd is None:
+            return
         try:
             prompt = mtmd.tokenize(self.model.mtmd, self.model.media_marker, (image,))
         except mtmd.MediaError as exc:

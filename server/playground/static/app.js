@@ -29,6 +29,7 @@ const ui = {
 let history = [];       // the conversation so far, re-sent in full each turn
 let pending = [];       // images added for the next question: {file, url, id, upload, chip}
 let modelId = null;     // from GET /models; the server answers any name anyway
+let textOnly = false;   // the model has no vision projector: images would be refused
 let streaming = null;   // AbortController of the answer being streamed
 
 // ---------- HTTP ----------
@@ -71,11 +72,12 @@ function readable(err) {
 // ---------- status line ----------
 
 // Where the model really runs, as llama.cpp reported it at load (meta.placement).
-function placementParts(p) {
+function placementParts(p, textOnly) {
   if (!p) return [];
   const llm = p.llm_device === "CPU" ? "CPU"
     : `${p.llm_device} (${p.gpu_layers}/${p.offloadable_layers} layers)`;
-  const parts = [`LLM on ${llm}`, `vision on ${p.projector_device || "?"}`];
+  const vision = textOnly ? "text only" : `vision on ${p.projector_device || "?"}`;
+  const parts = [`LLM on ${llm}`, vision];
   if (p.flash_attn) parts.push(`flash attn ${p.flash_attn === "enabled" ? "on" : "off"}`);
   if (p.kv_type_k) parts.push(`KV ${p.kv_type_k}`);
   return parts;
@@ -102,7 +104,8 @@ async function refreshStatus() {
   if (model) {
     modelId = model.id;
     const meta = model.meta || {};
-    parts.push(model.id, ...placementParts(meta.placement));
+    textOnly = meta.vision === false;
+    parts.push(model.id, ...placementParts(meta.placement, textOnly));
     if (meta.n_ctx) parts.push(`context ${meta.n_ctx}`);
     const warnings = meta.placement_warnings || [];
     ui.statusText.title = warnings.join("\n");  // each warning names its fix, on hover
@@ -119,6 +122,10 @@ async function refreshStatus() {
 // ---------- uploads ----------
 
 function addImages(files) {
+  if (textOnly && files.length) {
+    showNotice("This model reads text only (it has no vision projector): images are not sent.");
+    return;
+  }
   for (const file of files) {
     if (!file.type.startsWith("image/")) {
       showNotice(`${file.name}: not an image, skipped.`);

@@ -1,0 +1,42 @@
+"""Plain-text tokenization for models without a vision projector (no mtmd context)."""
+
+from __future__ import annotations
+
+import llama_cpp
+
+from server.engine.mtmd import PromptChunk, TokenizedPrompt
+
+
+def tokenize_text(vocab: llama_cpp.llama_vocab_p, text: str, *, add_special: bool = True,
+                  parse_special: bool = True) -> list[int]:
+    """Token ids of `text`; add_special: with the vocab's BOS, as mtmd_tokenize does."""
+    raw = text.encode("utf-8")
+    capacity = len(raw) + 8  # a token covers at least one byte, plus BOS/EOS
+    buf = (llama_cpp.llama_token * capacity)()
+    n = llama_cpp.llama_tokenize(vocab, raw, len(raw), buf, capacity, add_special,
+                                 parse_special)
+    if n < 0:  # cannot happen with this capacity, but the API allows it
+        capacity = -n
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(vocab, raw, len(raw), buf, capacity, add_special,
+                                     parse_special)
+    return list(buf[:n])
+
+
+def text_prompt(vocab: llama_cpp.llama_vocab_p, text: str) -> TokenizedPrompt:
+    """The rendered prompt as one text chunk, shaped like mtmd's output for the scheduler."""
+    tokens = tuple(tokenize_text(vocab, text))
+    return TokenizedPrompt(None, [PromptChunk(tokens=tokens, image=None, n_tokens=len(tokens),
+                                              handle=0)])
+
+
+def single_control_token(vocab: llama_cpp.llama_vocab_p, marker: str,
+                         pieces: list[bytes]) -> int | None:
+    """The token id if `marker` is one special token (e.g. <start_of_turn>), else None.
+
+    Such tokens render as no text at all (pieces are detokenized without specials), so
+    only their id can tell that the model wrote them."""
+    ids = tokenize_text(vocab, marker, add_special=False)
+    if len(ids) == 1 and 0 <= ids[0] < len(pieces) and pieces[ids[0]] == b"":
+        return ids[0]
+    return None
