@@ -145,3 +145,20 @@ def server(llava_server: RunningServer) -> RunningServer:
 def family_server(request: pytest.FixtureRequest) -> RunningServer:
     """Each family's server in turn: for the tests both families must pass."""
     return request.getfixturevalue("llava_server" if request.param == "llava" else "youtu_server")
+
+
+# Random weights spend a token on every character: room for a whole small JSON document.
+CONSTRAINED_MAX_TOKENS = 300
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def constrained_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                       ) -> Iterator[RunningServer]:
+    """Each family's server with room for whole JSON answers (structured outputs, tools)."""
+    family = request.param
+    models = request.getfixturevalue("demo_model" if family == "llava" else "youtu_model")
+    log_path = tmp_path_factory.mktemp(f"constrained-{family}") / "server.log"
+    running = start_server(models, log_path, "--n-parallel", "2", family=family,
+                           env={"VLSERVE_MAX_TOKENS_CAP": str(CONSTRAINED_MAX_TOKENS)})
+    yield running
+    stop_server(running)

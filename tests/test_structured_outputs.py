@@ -6,21 +6,18 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from typing import Literal
 
 import httpx
 import jsonschema
 import openai
 import pytest
-from conftest import FAMILIES, RunningServer, start_server, stop_server
+from conftest import CONSTRAINED_MAX_TOKENS as MAX_TOKENS
+from conftest import RunningServer
 from helpers import data_url, image_message, photo_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
-
-# Random weights spend a token on every character: room for a whole small document.
-MAX_TOKENS = 300
 
 RECEIPT = {
     "type": "object",
@@ -41,21 +38,10 @@ def schema_format(schema: dict) -> dict:
                                                    "strict": True}}
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def json_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-                ) -> Iterator[RunningServer]:
-    family = request.param
-    models = request.getfixturevalue("demo_model" if family == "llava" else "youtu_model")
-    log_path = tmp_path_factory.mktemp(f"json-{family}") / "server.log"
-    running = start_server(models, log_path, "--n-parallel", "2", family=family,
-                           env={"VLSERVE_MAX_TOKENS_CAP": str(MAX_TOKENS)})
-    yield running
-    stop_server(running)
-
-
 @pytest.fixture
-def client(json_server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=json_server.api, api_key="unused", max_retries=0, timeout=120)
+def client(constrained_server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=constrained_server.api, api_key="unused", max_retries=0,
+                         timeout=120)
 
 
 def ask(client: openai.OpenAI, schema: dict, seed: int, **extra: object) -> dict:
@@ -79,7 +65,7 @@ def test_answers_validate_against_the_schema(client: openai.OpenAI, seed: int) -
     assert timings["grammar"] > 0 and timings["grammar_resamples"] > 0
 
 
-def test_streamed_answer_validates(json_server: RunningServer, client: openai.OpenAI) -> None:
+def test_streamed_answer_validates(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model="m", messages=[{"role": "user", "content": "Fill it in."}], stream=True,
         max_tokens=MAX_TOKENS, temperature=1.0, seed=7, response_format=schema_format(RECEIPT))
@@ -141,24 +127,24 @@ def test_json_object_mode_gives_an_object(client: openai.OpenAI) -> None:
     ({"type": "text"}, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
      "not supported"),
 ])
-def test_what_cannot_be_enforced_is_a_400(json_server: RunningServer, response_format: dict,
+def test_what_cannot_be_enforced_is_a_400(constrained_server: RunningServer, response_format: dict,
                                           extra: dict, param: str, says: str) -> None:
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
             "response_format": response_format, **extra}
-    response = httpx.post(f"{json_server.api}/chat/completions", json=body, timeout=60)
+    response = httpx.post(f"{constrained_server.api}/chat/completions", json=body, timeout=60)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and says in error["message"], error
-    assert "Traceback" not in json_server.log()
-    still = httpx.post(f"{json_server.api}/chat/completions", timeout=60,
+    assert "Traceback" not in constrained_server.log()
+    still = httpx.post(f"{constrained_server.api}/chat/completions", timeout=60,
                        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert still.status_code == 200
 
 
-def test_metrics_count_constrained_requests(json_server: RunningServer,
+def test_metrics_count_constrained_requests(constrained_server: RunningServer,
                                             client: openai.OpenAI) -> None:
     def counters() -> dict[str, float]:
-        text = httpx.get(f"{json_server.url}/metrics", timeout=10).text
+        text = httpx.get(f"{constrained_server.url}/metrics", timeout=10).text
         return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                 for line in text.splitlines()
                 if line.startswith(("vlserve_constrained_requests_total{",

@@ -18,6 +18,13 @@ from server.api.openapi import event_stream, responses
 from server.api.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from server.api.response_format import response_grammar
 from server.api.state import AppState
+from server.api.tool_calls import (
+    ToolDeltaEvent,
+    answer_message,
+    plan_tools,
+    tool_history,
+    tool_stream,
+)
 from server.engine import (
     DoneEvent,
     EngineEvent,
@@ -49,15 +56,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     record = request_record(request)
     record.timer = timer = StageTimer()
     record.stream = body.stream
-    if body.tools:
-        raise APIError(400, "tools: function calling is not supported yet", param="tools",
-                       code="unsupported_parameter")
-    constraint = await response_grammar(body.response_format)
+    plan = await plan_tools(body)
+    constraint = ("tools", plan.grammar) if plan else await response_grammar(
+        body.response_format)
     if constraint is not None and body.ignore_eos:
         raise APIError(400, "ignore_eos cannot be combined with a JSON response_format (the "
                        "answer must end where the JSON does)", param="ignore_eos")
     generation = GenerationRequest(
-        messages=await to_engine_messages(body.messages, state, timer,
+        messages=await to_engine_messages(tool_history(body.messages, plan), state, timer,
                                           client_identity(request.scope)),
         max_tokens=_max_tokens(body, state),
         sampling=_sampling(body, constraint[1] if constraint else None),
@@ -67,7 +73,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         top_logprobs=_top_logprobs(body),
         stream=body.stream,
     )
-    events = state.engine.generate(generation)
+    events: AsyncIterator[EngineEvent | ToolDeltaEvent] = state.engine.generate(generation)
+    if plan is not None and body.stream:
+        events = tool_stream(events)
     if constraint is not None:
         state.metrics.constrained_requests.labels(constraint[0]).inc()
     # Until a streaming response takes over (Starlette then notices hang-ups itself), a
@@ -92,7 +100,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        return await _complete(reply, first, events, generation, record)
+        return await _complete(reply, first, events, generation, record, tools=plan is not None)
     finally:
         watcher.cancel()
 
@@ -112,8 +120,10 @@ class _Reply:
         self.head = head
 
 
-async def _complete(reply: _Reply, event: EngineEvent, events: AsyncIterator[EngineEvent],
-                    generation: GenerationRequest, record: RequestRecord) -> Response:
+async def _complete(reply: _Reply, event: EngineEvent | ToolDeltaEvent,
+                    events: AsyncIterator[EngineEvent | ToolDeltaEvent],
+                    generation: GenerationRequest, record: RequestRecord, *, tools: bool
+                    ) -> Response:
     pieces: list[str] = []
     logprobs: list[dict[str, object]] = []
     while isinstance(event, TokenEvent):
@@ -125,14 +135,16 @@ async def _complete(reply: _Reply, event: EngineEvent, events: AsyncIterator[Eng
         return error_response(event.status, event.message, code=event.code)
     assert isinstance(event, DoneEvent)
     timer = event.timer
-    record.finish_reason = event.finish_reason
+    text = "".join(pieces)
+    message, finish_reason = answer_message(text, event.finish_reason) if tools else (
+        {"role": "assistant", "content": text}, event.finish_reason)
+    record.finish_reason = finish_reason
     body = {
         "id": reply.id,
         "object": "chat.completion",
         "created": reply.created,
         "model": reply.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                     "finish_reason": event.finish_reason,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason,
                      "logprobs": {"content": logprobs} if generation.top_logprobs is not None
                      else None}],
         "usage": _usage(timer),
@@ -141,7 +153,8 @@ async def _complete(reply: _Reply, event: EngineEvent, events: AsyncIterator[Eng
     return JSONResponse(body, headers={"Server-Timing": timer.server_timing_header()})
 
 
-async def _stream(reply: _Reply, event: EngineEvent, events: AsyncIterator[EngineEvent],
+async def _stream(reply: _Reply, event: EngineEvent | ToolDeltaEvent,
+                  events: AsyncIterator[EngineEvent | ToolDeltaEvent],
                   generation: GenerationRequest, include_usage: bool, record: RequestRecord
                   ) -> AsyncIterator[str]:
     try:
@@ -154,6 +167,8 @@ async def _stream(reply: _Reply, event: EngineEvent, events: AsyncIterator[Engin
                 else:
                     yield _chunk(reply, {"content": event.text}, None,
                                  logprobs={"content": [_logprob_entry(event.logprob)]})
+            elif isinstance(event, ToolDeltaEvent):
+                yield _chunk(reply, event.delta, None)
             elif isinstance(event, DoneEvent):
                 record.finish_reason = event.finish_reason
                 timings = event.timer.as_dict()

@@ -67,14 +67,50 @@ _TEXT_ONLY = {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PAR
                         {"type": "null"}]}
 
 
+class FunctionCallIn(_Lenient):
+    name: str
+    arguments: str  # a JSON text, as the API returned it
+
+
+class ToolCallIn(_Lenient):
+    """A call an earlier assistant turn made (sent back in the conversation)."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCallIn
+
+
 class ChatMessageIn(_Lenient):
     model_config = ConfigDict(**_REQUEST_CONFIG, json_schema_extra={
         "if": {"properties": {"role": {"not": {"const": "user"}}}},
         "then": {"properties": {"content": _TEXT_ONLY}},
     })
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant turns only
+    tool_call_id: str | None = None  # tool turns: the call this result answers
+
+
+class FunctionDef(_Lenient):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of type object
+    strict: bool | None = None  # the parameters are always enforced exactly, or refused
+
+
+class ToolDef(_Lenient):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(_Lenient):
@@ -138,8 +174,9 @@ class ChatCompletionRequest(_Lenient):
     ignore_eos: bool | None = None  # extension (as in vLLM / llama.cpp): run to max_tokens
     top_logprobs: Annotated[int, Field(ge=0, le=20), _WHOLE] | None = None
     response_format: ResponseFormat | None = None
-    # Not served yet: a non-empty list is a 400 (checked by the route), never ignored.
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class PromptTokensDetails(BaseModel):
@@ -169,12 +206,36 @@ class ChoiceLogprobs(BaseModel):
 
 # Per-stage timings in ms plus token counts (see the README): queue, image_decode, ...
 Timings = dict[str, float]
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # null when the answer is only tool calls
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None  # the first chunk of a call: id, type and name
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
 
 
 class Choice(BaseModel):
@@ -197,6 +258,7 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):

@@ -70,7 +70,7 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class DoneEvent:
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     timer: StageTimer
 
 

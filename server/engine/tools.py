@@ -1,0 +1,289 @@
+"""Function calling: the generic tool prompt, the grammar that makes a call valid, and the
+parser that turns marked output back into calls (whole, or piece by piece for streams).
+
+A call is written as Hermes-style markup, the format most open models were tuned on:
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+With `tool_choice` `required` or a named function the grammar holds from the first token;
+with `auto` the answer is free text in which the marker can only begin a valid call (a
+listed name, arguments valid against that function's parameters). That grammar is written
+out whole (text that doesn't contain the marker, then calls) rather than as llama.cpp's lazy
+grammar: a lazy grammar replays the token that completes its trigger, and a token carrying
+more text after the marker than the grammar allows aborts the process inside llama.cpp.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.engine.constraints import ConstraintError, schema_grammar
+
+TOOL_OPEN = "<tool_call>"
+TOOL_CLOSE = "</tool_call>"
+# The free-text automaton below restarts a match only on the marker's first character.
+assert TOOL_OPEN.count(TOOL_OPEN[0]) == 1
+
+
+@dataclass(frozen=True)
+class Function:
+    name: str
+    description: str
+    parameters: Mapping[str, Any]
+
+
+def tool_prompt(functions: Sequence[Function], required: bool) -> str:
+    """The system-prompt text that shows the functions and the call format."""
+    listed = "\n".join(json.dumps({"name": f.name, "description": f.description,
+                                   "parameters": f.parameters}, ensure_ascii=False)
+                       for f in functions)
+    must = ("You must call one of them." if required else
+            "Call one when it helps to answer; otherwise answer in text.")
+    return (f"You can call these functions:\n{listed}\n{must} To call a function, write "
+            f'{TOOL_OPEN}\n{{"name": <function name>, "arguments": <arguments object>}}\n'
+            f"{TOOL_CLOSE}")
+
+
+def call_markup(name: str, arguments: str) -> str:
+    """A call as it appears in the conversation (earlier assistant turns)."""
+    try:
+        args: object = json.loads(arguments)
+    except ValueError:
+        args = arguments
+    return f"{TOOL_OPEN}\n{json.dumps({'name': name, 'arguments': args}, ensure_ascii=False)}" \
+           f"\n{TOOL_CLOSE}"
+
+
+def tools_grammar(functions: Sequence[Function], *, parallel: bool, required: bool) -> str:
+    """GBNF for the answer: one call (or several, if `parallel`) of the listed functions,
+    preceded (unless `required`) by free text that never contains the marker. Each
+    function's parameters must be a schema the grammar enforces exactly; a ConstraintError
+    names the function by its index in `functions`."""
+    alternatives: list[dict[str, Any]] = []
+    defs: dict[str, Any] = {}
+    for i, function in enumerate(functions):
+        try:
+            parameters = _hoist_defs(function.parameters, f"f{i}-", defs)
+            schema_grammar({**parameters, "$defs": defs})  # checked on its own, named by i
+        except ConstraintError as exc:
+            raise ConstraintError(f"tools.{i}.function.parameters: {exc}") from None
+        alternatives.append({
+            "type": "object",
+            "properties": {"name": {"const": function.name}, "arguments": parameters},
+            "required": ["name", "arguments"], "additionalProperties": False})
+    call = schema_grammar({"anyOf": alternatives, "$defs": defs})
+    call = re.sub(r"^root ::=", "tool-call ::=", call, flags=re.MULTILINE)
+    rest = f'"\\n" tool-call "\\n{TOOL_CLOSE}"'
+    more = f' ("\\n{TOOL_OPEN}\\n" tool-call "\\n{TOOL_CLOSE}")*' if parallel else ""
+    calls = f"calls ::= {rest}{more}"
+    if required:
+        return f'root ::= "{TOOL_OPEN}" calls\n{calls}\n{call}'
+    return f"root ::= free-0\n{_free_text_rules()}\n{calls}\n{call}"
+
+
+def _free_text_rules() -> str:
+    """Right-linear rules for text that may end anywhere but where the marker, once
+    complete, goes on into the calls: state i has matched the marker's first i chars."""
+    first = TOOL_OPEN[0]
+    rules = []
+    for i, expected in enumerate(TOOL_OPEN):
+        nxt = "calls" if i + 1 == len(TOOL_OPEN) else f"free-{i + 1}"
+        alts = [f'"{expected}" {nxt}']
+        if i == 0:
+            alts.append(f"[^{_cls(first)}] free-0")
+        else:
+            alts += [f"[^{_cls(expected)}{_cls(first)}] free-0", f'"{first}" free-1']
+        rules.append(f"free-{i} ::= ( " + " | ".join(alts) + " )?")
+    return "\n".join(rules)
+
+
+def _cls(char: str) -> str:
+    return "\\" + char if char in "]^\\-" else char
+
+
+def _hoist_defs(schema: Mapping[str, Any], prefix: str, defs: dict[str, Any]
+                ) -> dict[str, Any]:
+    """The schema with its own $defs/definitions moved into `defs` under prefixed names and
+    its local references rewritten, so several functions' schemas can share one root."""
+    own = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+
+    def rewrite(node: object) -> object:
+        if isinstance(node, Mapping):
+            out = {k: rewrite(v) for k, v in node.items() if k not in ("$defs", "definitions")}
+            ref = node.get("$ref")
+            if isinstance(ref, str):
+                for base in ("#/$defs/", "#/definitions/"):
+                    if ref.startswith(base):
+                        out["$ref"] = f"#/$defs/{prefix}{ref[len(base):]}"
+            return out
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    for name, sub in own.items():
+        defs[f"{prefix}{name}"] = rewrite(sub)
+    parameters = rewrite(schema)
+    assert isinstance(parameters, dict)
+    return parameters
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str = ""  # the JSON text the model wrote, as OpenAI sends it
+    complete: bool = False
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class CallStart:
+    index: int
+    call: ToolCall
+
+
+@dataclass(frozen=True)
+class ArgumentsDelta:
+    index: int
+    text: str
+
+
+Delta = TextDelta | CallStart | ArgumentsDelta
+
+# What the grammar makes a call begin with, up to where the arguments' JSON starts.
+_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+
+
+def new_call_id() -> str:
+    return f"call_{secrets.token_hex(12)}"
+
+
+class ToolCallParser:
+    """Splits generated text into answer text and calls as it arrives: text is passed on
+    (holding back what might be the start of the marker), a call's name as soon as it is
+    written, its arguments piece by piece until their JSON closes."""
+
+    def __init__(self) -> None:
+        self.calls: list[ToolCall] = []
+        self._buf = ""
+        self._state = "text"
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+
+    def feed(self, text: str) -> list[Delta]:
+        self._buf += text
+        out: list[Delta] = []
+        progress = True
+        while progress and self._buf:
+            progress = getattr(self, f"_{self._state}")(out)
+        return out
+
+    def finish(self) -> list[Delta]:
+        """What was held back, once the answer is over."""
+        if self._state == "text" and self._buf:
+            return self._emit_text(self._buf, [])
+        return []
+
+    def _text(self, out: list[Delta]) -> bool:
+        at = self._buf.find(TOOL_OPEN)
+        if at >= 0:
+            self._emit_text(self._buf[:at], out)
+            self._buf = self._buf[at + len(TOOL_OPEN):]
+            self._state = "head"
+            return True
+        keep = next((n for n in range(min(len(TOOL_OPEN) - 1, len(self._buf)), 0, -1)
+                     if TOOL_OPEN.startswith(self._buf[-n:])), 0)
+        self._emit_text(self._buf[:len(self._buf) - keep], out)
+        self._buf = self._buf[len(self._buf) - keep:]
+        return False
+
+    def _emit_text(self, text: str, out: list[Delta]) -> list[Delta]:
+        # After a call only the separator of the next one may come: not answer text.
+        if text and not (self.calls and not text.strip()):
+            out.append(TextDelta(text))
+        return out
+
+    def _head(self, out: list[Delta]) -> bool:
+        match = _CALL_HEAD.match(self._buf)
+        if match is None:
+            return False
+        call = ToolCall(new_call_id(), json.loads(f'"{match.group(1)}"'))
+        self.calls.append(call)
+        out.append(CallStart(len(self.calls) - 1, call))
+        self._buf = self._buf[match.end():]
+        self._state, self._depth, self._in_string, self._escaped = "arguments", 0, False, False
+        return True
+
+    def _arguments(self, out: list[Delta]) -> bool:
+        call = self.calls[-1]
+        if not call.arguments:
+            self._buf = self._buf.lstrip()
+        end = self._scan(self._buf)
+        piece = self._buf if end < 0 else self._buf[:end]
+        if piece:
+            call.arguments += piece
+            out.append(ArgumentsDelta(len(self.calls) - 1, piece))
+        if end < 0:
+            self._buf = ""
+            return False
+        call.complete = True
+        self._buf = self._buf[end:]
+        self._state = "tail"
+        return True
+
+    def _scan(self, text: str) -> int:
+        """Where the arguments' JSON value ends in `text` (-1: not yet), string-aware."""
+        for i, ch in enumerate(text):
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif ch == "\\":
+                    self._escaped = True
+                elif ch == '"':
+                    self._in_string = False
+            elif ch == '"':
+                self._in_string = True
+            elif ch in "{[":
+                self._depth += 1
+            elif ch in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    return i + 1
+        return -1
+
+    def _tail(self, out: list[Delta]) -> bool:
+        at = self._buf.find(TOOL_CLOSE)
+        if at < 0:
+            return False
+        self._buf = self._buf[at + len(TOOL_CLOSE):]
+        self._state = "text"
+        return True
+
+
+@dataclass
+class ParsedAnswer:
+    content: str | None
+    calls: list[ToolCall] = field(default_factory=list)
+
+
+def parse_answer(text: str) -> ParsedAnswer:
+    """A finished answer's text and calls. Markup that doesn't make whole calls (a model
+    writing the marker freely, an answer cut by max_tokens) stays text."""
+    parser = ToolCallParser()
+    deltas = parser.feed(text) + parser.finish()
+    if not parser.calls or not all(c.complete for c in parser.calls):
+        return ParsedAnswer(text)
+    content = "".join(d.text for d in deltas if isinstance(d, TextDelta))
+    return ParsedAnswer(content if content.strip() else None, parser.calls)
