@@ -124,8 +124,6 @@ def test_json_object_mode_gives_an_object(client: openai.OpenAI) -> None:
      "response_format.json_schema.schema", "#/properties/a/$ref"),
     ({"type": "yaml"}, {}, "response_format", "yaml"),
     ({"type": "json_object"}, {"ignore_eos": True}, "ignore_eos", "ignore_eos"),
-    ({"type": "text"}, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
-     "not supported"),
 ])
 def test_what_cannot_be_enforced_is_a_400(constrained_server: RunningServer, response_format: dict,
                                           extra: dict, param: str, says: str) -> None:
