@@ -221,3 +221,53 @@ def test_turn_markers_that_are_special_tokens_stop_by_id(gemma_gguf: Path) -> No
         assert single_control_token(vocab, "\nUSER:", pieces) is None  # plain text
     finally:
         llama_cpp.llama_model_free(model)
+
+
+FRUITS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "pear", "plum"]
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                   "required": ["city"], "additionalProperties": False}}}
+# One earlier exchange shows the base model the call format; it then calls by itself.
+WEATHER_HISTORY = [
+    {"role": "user", "content": "What is the weather in Oslo?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+     "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "-3 C, snow"},
+    {"role": "assistant", "content": "It is -3 C and snowing in Oslo."},
+    {"role": "user", "content": "What is the weather in Paris?"},
+]
+
+
+def test_json_schema_answer_on_a_real_vocabulary(client: openai.OpenAI) -> None:
+    """The grammar over 262,144 real pieces: a valid document that ends by itself."""
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"fruits": {
+        "type": "array", "items": {"enum": FRUITS}, "minItems": 1, "maxItems": 3}},
+        "required": ["fruits"], "additionalProperties": False}
+    reply = ask(client, [{"role": "user", "content": "List some fruits."}], max_tokens=MAX_TOKENS,
+                response_format={"type": "json_schema",
+                                 "json_schema": {"name": "fruits", "schema": schema}})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop", choice
+    jsonschema.validate(json.loads(choice.message.content or ""), schema)
+
+
+def test_auto_tool_choice_calls_when_the_model_starts_a_call(client: openai.OpenAI) -> None:
+    reply = ask(client, WEATHER_HISTORY, max_tokens=MAX_TOKENS, tools=[WEATHER_TOOL],
+                tool_choice="auto", parallel_tool_calls=False)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.tool_calls and len(choice.message.tool_calls) == 1
+    called = choice.message.tool_calls[0].function
+    assert called.name == "get_weather" and called.arguments == '{"city": "Paris"}'
+
+
+def test_auto_tool_choice_answers_in_text_when_it_does_not(client: openai.OpenAI) -> None:
+    reply = ask(client, FRANCE, max_tokens=MAX_TOKENS, tools=[WEATHER_TOOL], tool_choice="auto")
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and not choice.message.tool_calls
+    assert choice.message.content and "<tool_call>" not in choice.message.content
