@@ -6,22 +6,20 @@ references it (`{"type": "file", "file": {"file_id": ...}}`) skips the encoder.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from server.api.auth import client_identity
 from server.api.errors import APIError
-from server.api.messages import image_api_error
+from server.api.messages import decode_within_budget, image_api_error
 from server.api.multipart import read_upload_form
 from server.api.openapi import responses
 from server.api.protocol import FileDeleted, FileList, FileObject
 from server.api.state import AppState
 from server.engine import ImageInput
-from server.images import ImageError, decode_image
+from server.images import ImageError
 from server.uploads import StoredFile
 
 router = APIRouter()
@@ -44,8 +42,7 @@ async def upload_file(request: Request) -> JSONResponse:
         raise APIError(400, "the form has no file part", param="file", code="invalid_upload")
     purpose = form.fields.get("purpose", "vision")
     try:
-        decoded = await run_in_threadpool(partial(decode_image, form.file_bytes,
-                                                  state.image_size, limits=state.image_limits))
+        decoded = await decode_within_budget(form.file_bytes, state)
     except ImageError as exc:
         raise image_api_error(exc, "file") from None
     image = ImageInput(decoded.rgb, decoded.width, decoded.height, decoded.content_hash)
