@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     upload_max_files: int = Field(256, ge=1)
     upload_store_mb: int = Field(512, ge=1)
     upload_ttl_s: float = Field(3600.0, gt=0)
+    # Each API key's own share: its uploads past these evict its own least recently used
+    # files, never another key's. None: the store's limits split evenly among the keys.
+    upload_max_files_per_key: int | None = Field(None, ge=1)
+    upload_store_mb_per_key: int | None = Field(None, ge=1)
 
     # Warm-up and prompts.
     system_prompt: str | None = None  # used for requests that bring no system message
