@@ -23,7 +23,8 @@ class ImageLimits:
 
     max_bytes: raw image bytes (after base64 decoding). 20 MiB, the usual hosted-API limit.
     max_pixels: width × height from the header. 8192 × 8192 (67 MP) lets through every
-        phone sensor up to 50 MP and bounds a full decode at about 256 MB.
+        phone sensor up to 50 MP. What the decode costs depends on more than the pixel
+        count (format, mode, bit depth): max_decode_bytes bounds that.
     min_side: smallest accepted width or height. 2 px rejects the degenerate 1-pixel images
         (tracking pixels, placeholders, 1-px lines) that are almost always a client bug and
         carry nothing a model can see; anything larger the projector scales up as it must.
