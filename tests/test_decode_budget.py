@@ -184,10 +184,13 @@ def _palette_with_transparency() -> bytes:
     return _save(Image.new("P", (8192, 8192)), "PNG", transparency=0)
 
 
-@pytest.mark.parametrize("side", [1024, 112])  # configs/default.yaml's cap; the LLaVA demo's
-@pytest.mark.parametrize("make", [webp_lossless, gray16_png, rgba_png, big_jpeg,
-                                  _progressive_jpeg, _palette_with_transparency],
-                         ids=lambda make: make.__name__.strip("_"))
+# 1024: configs/default.yaml's cap; 112: what the LLaVA demo's projector takes (the server
+# tests above), where the resize costs little and the estimate must still cover the peak.
+@pytest.mark.parametrize("make, side", [
+    (webp_lossless, 1024), (gray16_png, 1024), (rgba_png, 1024), (big_jpeg, 1024),
+    (_progressive_jpeg, 1024), (_palette_with_transparency, 1024),
+    (gray16_png, 112), (rgba_png, 112), (big_jpeg, 112),
+], ids=lambda v: v if isinstance(v, int) else v.__name__.strip("_"))
 def test_estimate_covers_the_measured_peak_and_is_not_wildly_above(
         make: Callable[[], bytes], side: int) -> None:
     """In a fresh process, so nothing else moves the peak."""
@@ -240,3 +243,22 @@ def test_settings_refuse_a_per_image_limit_over_the_shared_budget() -> None:
 
     with pytest.raises(ConfigError, match="image_decode_max_mb"):
         load_settings(None, image_decode_max_mb=512, image_decode_budget_mb=256)
+
+
+def test_a_decode_cancelled_while_waiting_leaves_the_queue_and_lets_the_next_one_in() -> None:
+    async def scenario() -> tuple[str, int]:
+        budget = DecodeBudget(100)
+        gate = threading.Event()
+        running = asyncio.create_task(budget.run(50, lambda: gate.wait(10)))
+        await asyncio.sleep(0.05)
+        big = asyncio.create_task(budget.run(80, lambda: "big"))  # does not fit yet
+        small = asyncio.create_task(budget.run(40, lambda: "small"))  # fits, but queued
+        await asyncio.sleep(0.05)
+        assert budget.waiting == 2
+        big.cancel()  # its client went away before its turn
+        result = await asyncio.wait_for(small, 5)  # now at the head, and it fits
+        gate.set()
+        await running
+        return result, budget.in_use
+
+    assert asyncio.run(scenario()) == ("small", 0)
