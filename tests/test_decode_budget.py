@@ -184,12 +184,23 @@ def _palette_with_transparency() -> bytes:
     return _save(Image.new("P", (8192, 8192)), "PNG", transparency=0)
 
 
+def _rgba_reduced_by_two() -> bytes:
+    """Reduced by 2, then resized: through a premultiplied copy of the reduced image."""
+    return _save(Image.new("RGBA", (5000, 3000)), "PNG")
+
+
+def _rgba_resized_whole() -> bytes:
+    """Under twice the gap: resized whole, through a premultiplied full-size copy."""
+    return _save(Image.new("RGBA", (3000, 3000)), "WEBP", lossless=True)
+
+
 # 1024: configs/default.yaml's cap; 112: what the LLaVA demo's projector takes (the server
 # tests above), where the resize costs little and the estimate must still cover the peak.
 @pytest.mark.parametrize("make, side", [
     (webp_lossless, 1024), (gray16_png, 1024), (rgba_png, 1024), (big_jpeg, 1024),
     (_progressive_jpeg, 1024), (_palette_with_transparency, 1024),
     (gray16_png, 112), (rgba_png, 112), (big_jpeg, 112),
+    (_rgba_reduced_by_two, 1024), (_rgba_resized_whole, 1024),
 ], ids=lambda v: v if isinstance(v, int) else v.__name__.strip("_"))
 def test_estimate_covers_the_measured_peak_and_is_not_wildly_above(
         make: Callable[[], bytes], side: int) -> None:

@@ -77,14 +77,18 @@ def decode_cost(image: Image.Image, box: tuple[int, int], *, scaled_jpeg: bool,
         worst = max(c.total for c in costs)
         return DecodeCost(coefficients + worst + _SLACK, costs[0].decoded_size)
     pixels = width * height
+    grey = (image.mode in HIGH_DEPTH or image.mode in ("1", "L")) \
+        and "transparency" not in image.info
+    resize = _resize_cost((width, height), box, 1 if grey else 4) \
+        + _premultiplied_cost(image, box)
     if fmt == "WEBP":
         # While loading, all four buffers; afterwards the decoder's two canvases stay with
         # the open image, beside Pillow's copy (RGB or RGBA: resized as it is).
         held = pixels * 4 * (_WEBP_BUFFERS - 1)
-        peak = max(pixels * 4 * _WEBP_BUFFERS, held + _resize_cost((width, height), box))
+        peak = max(pixels * 4 * _WEBP_BUFFERS, held + resize)
         return DecodeCost(peak + _SLACK, (width, height))
     held = pixels * mode_bytes(image.mode) + _conversion_cost(image, pixels)
-    return DecodeCost(held + _resize_cost((width, height), box) + _SLACK, (width, height))
+    return DecodeCost(held + resize + _SLACK, (width, height))
 
 
 def _conversion_cost(image: Image.Image, pixels: int) -> int:
@@ -104,15 +108,32 @@ def _conversion_cost(image: Image.Image, pixels: int) -> int:
     return extra + pixels * mode_bytes("L" if mode == "1" else "RGB")
 
 
-def _resize_cost(size: tuple[int, int], box: tuple[int, int]) -> int:
-    """Pillow's box-reduced intermediate (resize with reducing_gap), the resized image, its
-    RGB flattening and transposition, and the packed RGB bytes."""
+def _premultiplied_cost(image: Image.Image, box: tuple[int, int]) -> int:
+    """Pillow resizes an image with alpha through a premultiplied copy: of the whole image
+    when it needs no box-reduce first (under twice REDUCING_GAP times the box), else of the
+    reduced one (decode.py reduces in bands, so the full-size image is never copied)."""
+    has_alpha = (image.mode in ("LA", "RGBA", "PA", "La", "RGBa")
+                 or "transparency" in image.info)
+    w, h = image.size
+    if not has_alpha or (w, h) == box:
+        return 0
+    if w % box[0] == 0 and w // box[0] > 1 and h == box[1] * (w // box[0]):
+        return 0  # an exact integer factor: reduced straight to the box, nothing resized
+    factor_x = int(w / box[0] / REDUCING_GAP) or 1
+    factor_y = int(h / box[1] / REDUCING_GAP) or 1
+    return math.ceil(w / factor_x) * math.ceil(h / factor_y) * 4
+
+
+def _resize_cost(size: tuple[int, int], box: tuple[int, int], pixel_bytes: int = 4) -> int:
+    """Pillow's box-reduced intermediate (resize with reducing_gap; `pixel_bytes` a pixel:
+    1 for grey, which is resized before it becomes RGB), the resized image, its RGB
+    flattening and transposition, and the packed RGB bytes."""
     w, h = size
     factor_x = int(w / box[0] / REDUCING_GAP) or 1
     factor_y = int(h / box[1] / REDUCING_GAP) or 1
     reduced = 0
     if factor_x > 1 or factor_y > 1:
-        reduced = math.ceil(w / factor_x) * math.ceil(h / factor_y) * 4
+        reduced = math.ceil(w / factor_x) * math.ceil(h / factor_y) * pixel_bytes
     out = box[0] * box[1]
     return reduced + out * 4 * 3 + out + out * 3
 
