@@ -26,7 +26,7 @@ from server.engine import Engine
 from server.images.backend import image_backend
 from server.metrics import Metrics
 from server.playground import mount_playground
-from server.uploads import UploadStore
+from server.uploads import upload_store
 
 API_PREFIXES = ("/api/v1", "/v1")
 
@@ -54,8 +54,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     app = FastAPI(title="vlserve", version=__version__, lifespan=lifespan,
                   description=_DESCRIPTION)
-    uploads = UploadStore(settings.upload_max_files, settings.upload_store_mb * 1024 * 1024,
-                          settings.upload_ttl_s)
+    uploads = upload_store(settings)
     state = AppState(settings=settings, engine=engine, uploads=uploads, metrics=metrics)
     app.state.vlserve = state
     install_error_handlers(app)

@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     image_min_side: int = Field(2, ge=1)
     image_formats: list[Literal["JPEG", "PNG", "WEBP", "GIF", "BMP"]] = Field(
         default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP"], min_length=1)
+    # Decode memory: one image's peak, worked out from its header before any pixel is decoded
+    # (over it: 413), and all decodes in flight together, chats and uploads alike (beyond it,
+    # decodes wait their turn). 320 MiB lets a full 8192 x 8192 RGB PNG through (~270 MiB).
+    image_decode_max_mb: int = Field(320, ge=1)
+    image_decode_budget_mb: int = Field(640, ge=1)
     max_images_per_request: int = Field(8, ge=0)
     image_cache_mb: int = Field(256, ge=0)  # encoded image embeddings kept for reuse
     # http(s) image URLs: off by default. When on, only public addresses are fetched, plus
@@ -116,6 +121,10 @@ class Settings(BaseSettings):
     upload_max_files: int = Field(256, ge=1)
     upload_store_mb: int = Field(512, ge=1)
     upload_ttl_s: float = Field(3600.0, gt=0)
+    # Each API key's own share: its uploads past these evict its own least recently used
+    # files, never another key's. None: the store's limits split evenly among the keys.
+    upload_max_files_per_key: int | None = Field(None, ge=1)
+    upload_store_mb_per_key: int | None = Field(None, ge=1)
 
     # Warm-up and prompts.
     system_prompt: str | None = None  # used for requests that bring no system message
@@ -169,6 +178,9 @@ class Settings(BaseSettings):
                 f"default_max_tokens ({self.default_max_tokens}) exceeds "
                 f"max_tokens_cap ({self.max_tokens_cap})"
             )
+        if self.image_decode_max_mb > self.image_decode_budget_mb:
+            raise ValueError(f"image_decode_max_mb ({self.image_decode_max_mb}) exceeds "
+                             f"image_decode_budget_mb ({self.image_decode_budget_mb})")
         if self.n_ubatch > self.n_batch:
             raise ValueError(f"n_ubatch ({self.n_ubatch}) exceeds n_batch ({self.n_batch})")
         return self

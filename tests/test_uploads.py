@@ -116,3 +116,66 @@ def test_parallel_uploads_and_chats(server: RunningServer) -> None:
             return list(await asyncio.gather(*(one(i) for i in range(8))))
 
     assert set(asyncio.run(run())) <= {"stop", "length"}
+
+
+def test_overlong_multipart_boundary_is_a_400_without_traceback(server: RunningServer) -> None:
+    """python-multipart refuses boundaries over 256 characters as it builds its parser."""
+    boundary = "b" * 300
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"x.png\"\r\nContent-Type: image/png\r\n\r\n").encode() \
+        + photo_bytes(8, 8) + f"\r\n--{boundary}--\r\n".encode()
+    logged = len(server.log())
+    resp = httpx.post(f"{server.api}/files", content=body, timeout=30,
+                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"] == {"message": "malformed multipart body",
+                                    "type": "invalid_request_error", "param": None,
+                                    "code": "invalid_upload"}
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    new_log = server.log()[logged:]
+    assert "Traceback" not in new_log and "FormParserError" not in new_log
+
+
+def _page(server: RunningServer, **params: object) -> httpx.Response:
+    return httpx.get(f"{server.api}/files", params=params, timeout=10)
+
+
+@pytest.mark.parametrize("order", ["desc", "asc"])
+def test_file_pages_list_each_file_once_whatever_is_read_meanwhile(
+        client: openai.OpenAI, server: RunningServer, order: str) -> None:
+    """Ten uploads within a second used to tie on created_at (whole seconds) and fall back
+    to the store's recently-used order, which every GET changed: pages skipped and
+    repeated files. Now the order is creation to the microsecond, then id."""
+    png = photo_bytes(16, 16)
+    mine = [client.files.create(file=(f"{i}.png", io.BytesIO(png)), purpose="vision").id
+            for i in range(10)]
+    seen: list[str] = []
+    after: str | None = None
+    for _ in range(100):  # bounded: a cursor that cycles must fail, not hang
+        params: dict[str, object] = {"limit": 4, "order": order}
+        if after is not None:
+            params["after"] = after
+        resp = _page(server, **params)
+        assert resp.status_code == 200, resp.text
+        page = resp.json()
+        ids = [f["id"] for f in page["data"]]
+        seen += ids
+        for file_id in reversed(ids):  # reads in between must not move anything
+            client.files.retrieve(file_id)
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    else:
+        pytest.fail(f"the listing never ended: {len(seen)} ids, {len(set(seen))} distinct")
+    assert len(seen) == len(set(seen))
+    assert [f for f in seen if f in mine] == (mine if order == "asc" else mine[::-1])
+    for file_id in mine:
+        client.files.delete(file_id)
+
+
+def test_unknown_after_cursor_is_a_400_naming_it(server: RunningServer) -> None:
+    resp = _page(server, after="file-gone", limit=4)
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["param"] == "after" and error["code"] == "invalid_cursor"
+    assert "no file with id 'file-gone'" in error["message"]

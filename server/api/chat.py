@@ -70,6 +70,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         stop=_stops(body.stop),
         timer=timer,
         request_id=record.request_id,
+        client=client_identity(request.scope),
         top_logprobs=_top_logprobs(body),
         stream=body.stream,
     )

@@ -6,23 +6,21 @@ references it (`{"type": "file", "file": {"file_id": ...}}`) skips the encoder.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from server.api.auth import client_identity
 from server.api.errors import APIError
-from server.api.messages import image_api_error
+from server.api.messages import decode_within_budget, image_api_error
 from server.api.multipart import read_upload_form
 from server.api.openapi import responses
 from server.api.protocol import FileDeleted, FileList, FileObject
 from server.api.state import AppState
 from server.engine import ImageInput
-from server.images import ImageError, decode_image
-from server.uploads import StoredFile
+from server.images import ImageError
+from server.uploads import StoredFile, UploadRefused
 
 router = APIRouter()
 
@@ -35,7 +33,7 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
                    "purpose": {"type": "string", "default": "vision"}}}}}}}
 
 
-@router.post("/files", responses=responses(FileObject, 400, 413), openapi_extra=_UPLOAD_FORM)
+@router.post("/files", responses=responses(FileObject, 400, 413, 507), openapi_extra=_UPLOAD_FORM)
 async def upload_file(request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
     settings = state.settings
@@ -44,13 +42,15 @@ async def upload_file(request: Request) -> JSONResponse:
         raise APIError(400, "the form has no file part", param="file", code="invalid_upload")
     purpose = form.fields.get("purpose", "vision")
     try:
-        decoded = await run_in_threadpool(partial(decode_image, form.file_bytes,
-                                                  state.image_size, limits=state.image_limits))
+        decoded = await decode_within_budget(form.file_bytes, state)
     except ImageError as exc:
         raise image_api_error(exc, "file") from None
     image = ImageInput(decoded.rgb, decoded.width, decoded.height, decoded.content_hash)
-    record = state.uploads.add(form.file_name or "upload", purpose, len(form.file_bytes), image,
-                               owner=client_identity(request.scope))
+    try:
+        record = state.uploads.add(form.file_name or "upload", purpose, len(form.file_bytes),
+                                   image, owner=client_identity(request.scope))
+    except UploadRefused as exc:
+        raise APIError(exc.status, str(exc), param="file", code=exc.code) from None
     state.metrics.observe_upload()
     if state.engine.ready:
         state.engine.preencode(image)
@@ -61,14 +61,23 @@ async def upload_file(request: Request) -> JSONResponse:
 async def list_files(request: Request, after: str | None = None,
                      limit: int = Query(10_000, ge=1, le=10_000),
                      order: Literal["asc", "desc"] = "desc") -> JSONResponse:
-    """Cursor-paginated like OpenAI's (`after`, `limit`, `has_more`), which the SDK follows."""
+    """Cursor-paginated like OpenAI's (`after`, `limit`, `has_more`), which the SDK follows.
+
+    Pages follow a total order (creation time to the microsecond, then id) that reading
+    never changes; an `after` that names none of the caller's files is a 400, not an empty
+    page that would end the listing silently.
+    """
     state: AppState = request.app.state.vlserve
     files = state.uploads.list(client_identity(request.scope))
     if order == "desc":
         files.reverse()
     if after is not None:
         ids = [f.id for f in files]
-        files = files[ids.index(after) + 1:] if after in ids else []
+        if after not in ids:
+            raise APIError(400, f"after: no file with id {after!r} (unknown, deleted or "
+                           "expired); list again from the start", param="after",
+                           code="invalid_cursor")
+        files = files[ids.index(after) + 1:]
     page = files[:limit]
     return JSONResponse({
         "object": "list",

@@ -12,7 +12,8 @@ from server.api.remote_images import fetch_image_bytes
 from server.api.state import AppState
 from server.engine import ImageInput
 from server.engine.types import ChatMessage
-from server.images import ImageError, ImageTooLargeError, decode_image, decode_image_reference
+from server.images import DecodedImage, ImageError, ImageTooLargeError, image_bytes_from_url
+from server.images.decode import decode_planned, plan_decode
 from server.timings import StageTimer
 from server.uploads import UploadStore
 
@@ -77,17 +78,25 @@ async def _decode(url: str, state: AppState, timer: StageTimer, param: str) -> I
         if state.settings.remote_images and url.lstrip()[:8].lower().startswith(
                 ("http://", "https://")):
             data = await fetch_image_bytes(url.strip(), state.settings)
-            image = await run_in_threadpool(partial(decode_image, data, state.image_size,
-                                                    limits=state.image_limits))
         else:
-            image = await run_in_threadpool(partial(decode_image_reference, url,
-                                                    state.image_size, limits=state.image_limits))
+            data = await run_in_threadpool(partial(image_bytes_from_url, url,
+                                                   limits=state.image_limits))
+        image = await decode_within_budget(data, state)
     except ImageError as exc:
         raise image_api_error(exc, param) from None
     timer.images += 1
     timer.add("image_decode", image.decode_s)
     timer.add("image_resize", image.resize_s)
     return ImageInput(image.rgb, image.width, image.height, image.content_hash)
+
+
+async def decode_within_budget(data: bytes, state: AppState) -> DecodedImage:
+    """Decode image bytes in a worker thread, chats and uploads alike: the header first,
+    which says what the decode will cost (over the per-image limit: ImageTooLargeError),
+    then the pixels, once that cost fits in the budget shared by all decodes in flight."""
+    plan = await run_in_threadpool(partial(plan_decode, data, state.image_size,
+                                           limits=state.image_limits))
+    return await state.decode_budget.run(plan.cost.total, partial(decode_planned, plan))
 
 
 def image_api_error(exc: ImageError, param: str) -> APIError:

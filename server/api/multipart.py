@@ -72,13 +72,16 @@ async def read_upload_form(request: Request, max_file_bytes: int) -> UploadForm:
         if len(parts) > MAX_FIELDS:
             raise APIError(400, "too many form fields", code="invalid_upload")
 
-    parser = MultipartParser(boundary, {
+    callbacks = {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field,
         "on_header_value": on_header_value, "on_header_end": on_header_end,
         "on_part_data": on_part_data, "on_part_end": on_part_end,
-    })
+    }
     received = 0
     try:
+        # Inside the try: the parser refuses some boundaries (over 256 characters) as it is
+        # built, and that is the client's malformed body, not a server error.
+        parser = MultipartParser(boundary, callbacks)
         async for chunk in request.stream():
             received += len(chunk)
             if received > limit:

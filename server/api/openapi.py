@@ -26,6 +26,7 @@ _DESCRIPTIONS = {
     500: "The engine failed on this request; the server keeps serving",
     503: "Not ready (loading) or shutting down; retry after `Retry-After` seconds",
     504: "The request took longer than `request_timeout`",
+    507: "The upload store is full (per-key quotas add up to more than the store)",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying",
                                 "schema": {"type": "string"}}}

@@ -9,6 +9,7 @@ from server.api.drain import Drain
 from server.config import Settings
 from server.engine import Engine
 from server.images import ImageLimits, SizeRule
+from server.images.budget import DecodeBudget
 from server.metrics import Metrics
 from server.uploads import UploadStore
 
@@ -21,12 +22,18 @@ class AppState:
     metrics: Metrics
     drain: Drain = field(default_factory=Drain)
     started_at: int = field(default_factory=lambda: int(time.time()))
+    # Memory of the image decodes in flight, chats and uploads together.
+    decode_budget: DecodeBudget = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.decode_budget = DecodeBudget(self.settings.image_decode_budget_mb * 1024 * 1024)
 
     @property
     def image_limits(self) -> ImageLimits:
         settings = self.settings
         return ImageLimits(settings.image_max_bytes, settings.image_max_pixels,
-                           settings.image_min_side, frozenset(settings.image_formats))
+                           settings.image_min_side, frozenset(settings.image_formats),
+                           max_decode_bytes=settings.image_decode_max_mb * 1024 * 1024)
 
     @property
     def image_size(self) -> SizeRule:

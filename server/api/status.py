@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from server.api.auth import client_identity
 from server.api.errors import error_response
 from server.api.openapi import responses
 from server.api.protocol import Health, ModelCard, ModelList, Slots
@@ -47,15 +50,37 @@ async def get_model(model_id: str, request: Request) -> JSONResponse:
 
 @models_router.get("/slots", responses=responses(Slots))
 async def list_slots(request: Request) -> JSONResponse:
-    """What each slot is doing and how many requests wait: the engine's load at a glance."""
+    """What each slot is doing and how many requests wait: the engine's load at a glance.
+
+    Each caller sees its own requests only: a slot busy with another key's request shows
+    its state, but no request id and no token counts.
+    """
     engine = request.app.state.vlserve.engine
+    caller = client_identity(request.scope)
     return JSONResponse({"queue_depth": engine.queue_depth, "busy_slots": engine.busy_slots,
                          "preencode_backlog": engine.preencode_backlog,
-                         "slots": engine.slot_states()})
+                         "slots": [_own_view(slot, caller) for slot in engine.slot_states()]})
+
+
+def _own_view(slot: dict[str, object], caller: str) -> dict[str, object]:
+    owner = slot.pop("client", None)
+    if owner is not None and owner != caller:
+        slot.update(request_id=None, n_past=0, generated_tokens=0)
+    return slot
+
+
+# Engine facts kept out of /models: system_info names the CPU's features (an attacker's map
+# of the host; operators read it in the startup log), and paths show the server's layout.
+_HIDDEN_META = frozenset({"system_info", "model_path", "mmproj_path"})
 
 
 def _card(state: AppState) -> dict[str, object]:
     engine = state.engine
-    meta = {"state": engine.state.value, **engine.info}
+    info = engine.info
+    meta = {"state": engine.state.value,
+            **{key: value for key, value in info.items() if key not in _HIDDEN_META}}
+    for key, name in (("model_path", "model_file"), ("mmproj_path", "mmproj_file")):
+        if key in info:
+            meta[name] = PurePath(str(info[key])).name
     return {"id": state.settings.model_name, "object": "model", "created": state.started_at,
             "owned_by": "vlserve", "meta": meta}

@@ -153,6 +153,7 @@ class Scheduler:
                 "id": slot.seq_id,
                 "state": "idle" if job is None else "prefill" if job.work else "generating",
                 "request_id": job.request.request_id if job else None,
+                "client": job.request.client if job else None,
                 "n_past": slot.n_past,
                 "generated_tokens": job.n_generated if job else 0,
             })

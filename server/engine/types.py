@@ -53,6 +53,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     timer: StageTimer = field(default_factory=StageTimer)
     request_id: str = ""
+    client: str = ""  # who sent it (server.api.auth.client_identity): /slots shows each its own
     timeout_s: float | None = None  # None: the configured request_timeout
     top_logprobs: int | None = None  # None: no logprobs; k ≥ 0: chosen token plus k best
     # False: the text comes in one event at the end (nobody reads it token by token, so the

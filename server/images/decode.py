@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from server.images import backend
+from server.images.cost import BAND_PIXELS, REDUCING_GAP, DecodeCost, decode_cost
 from server.images.geometry import SizeRule
 from server.images.limits import (
     DEFAULT_LIMITS,
@@ -29,13 +30,13 @@ from server.images.limits import (
 )
 
 __all__ = [
-    "DecodedImage", "ImageError", "ImageLimits", "ImageTooLargeError", "SizeRule", "decode_image",
+    "DecodePlan", "DecodedImage", "ImageError", "ImageLimits", "ImageTooLargeError", "SizeRule",
+    "decode_image", "decode_planned", "plan_decode",
 ]
 
 # Bicubic is what CLIP-style preprocessors use. With reducing_gap=2 Pillow first box-reduces
 # by an integer factor when the image is over 4x the target: 2-4x faster, PSNR ≥ 45 dB.
 RESAMPLE = Image.Resampling.BICUBIC
-REDUCING_GAP = 2.0
 
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSE = {
@@ -48,6 +49,9 @@ _TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 _JPEG_FORMATS = ("JPEG", "MPO")  # MPO: phone/camera JPEGs with extra pictures appended
+_HIGH_DEPTH = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+_RESIZABLE = frozenset({"L", "LA", "RGB", "RGBA", "RGBX"})
+_PREMULTIPLIED = frozenset({"LA", "RGBA"})  # Pillow resizes these through a premultiplied copy
 
 
 @dataclass(frozen=True)
@@ -68,24 +72,61 @@ def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """An image whose header has been read and checked: what decoding it will cost.
+
+    Made by `plan_decode` (cheap: no pixel is decoded), carried out by `decode_planned`,
+    so a caller can reserve `cost.total` bytes of a shared budget in between.
+    """
+
+    data: bytes
+    image: Image.Image  # opened, header only
+    box: tuple[int, int]  # the size to decode to, as stored
+    scaled_jpeg: bool  # simplejpeg at n/8 scale (else Pillow)
+    cost: DecodeCost
+    open_s: float  # reading the header
+
+
 def decode_image(
     data: bytes, size: int | SizeRule, *, limits: ImageLimits = DEFAULT_LIMITS
 ) -> DecodedImage:
     """Decode, orient, convert to RGB and resize to `size`'s box (an int: longest side ≤ it).
 
-    Raises ImageTooLargeError for inputs over `limits`, ImageError for anything else that
-    is not an acceptable image; no other exception escapes for bad input.
+    Raises ImageTooLargeError for inputs over `limits` (the decode memory included),
+    ImageError for anything else that is not an acceptable image; no other exception
+    escapes for bad input.
     """
+    return decode_planned(plan_decode(data, size, limits=limits))
+
+
+def plan_decode(
+    data: bytes, size: int | SizeRule, *, limits: ImageLimits = DEFAULT_LIMITS
+) -> DecodePlan:
+    """Read and check the header, and work out the decode's peak memory; refuse (413) an
+    image whose decode would take more than `limits.max_decode_bytes`."""
     rule = size if isinstance(size, SizeRule) else SizeRule(size)
     limits.check_bytes(len(data))
-    digest = content_hash(data)
     t0 = time.perf_counter()
     image = _open(data, limits)
     fmt, (width, height) = image.format or "", image.size
     box = rule.box(width, height)  # as stored; the rule is symmetric, so orienting is safe
+    scaled = (fmt in _JPEG_FORMATS and image.mode in ("RGB", "L")
+              and backend.simplejpeg is not None)
+    cost = decode_cost(image, box, scaled_jpeg=scaled)
+    limits.check_decode_bytes(cost.total, f"{width}x{height} {format_name(fmt)}")
+    return DecodePlan(data, image, box, scaled, cost, time.perf_counter() - t0)
+
+
+def decode_planned(plan: DecodePlan) -> DecodedImage:
+    """Decode what `plan_decode` checked: orient, convert to RGB, resize to its box."""
+    image, box = plan.image, plan.box
+    fmt, (width, height) = image.format or "", image.size  # as stored: draft() changes size
+    digest = content_hash(plan.data)
+    t0 = time.perf_counter()
     decoded = None
-    if fmt in _JPEG_FORMATS and image.mode in ("RGB", "L") and backend.simplejpeg is not None:
-        decoded = _decode_jpeg_scaled(data, box)  # None: let Pillow have a go
+    if plan.scaled_jpeg:
+        decoded = _decode_jpeg_scaled(plan.data, box)  # None: let Pillow have a go
     if decoded is not None:
         orientation = _orientation(image)
     else:
@@ -93,7 +134,8 @@ def decode_image(
     t1 = time.perf_counter()
     rgb, out_w, out_h = _finish_image(decoded, box, orientation)
     t2 = time.perf_counter()
-    return DecodedImage(rgb, out_w, out_h, digest, t1 - t0, t2 - t1, fmt, width, height)
+    return DecodedImage(rgb, out_w, out_h, digest, plan.open_s + t1 - t0, t2 - t1, fmt,
+                        width, height)
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
@@ -148,42 +190,62 @@ def _decode_jpeg_scaled(data: bytes, box: tuple[int, int]) -> Image.Image | None
 
 
 def _decode_pillow(image: Image.Image, box: tuple[int, int]) -> tuple[Image.Image, int]:
-    """Pixels as RGB plus the EXIF orientation, read before conversion drops the metadata."""
+    """Pixels in a mode `_finish_image` resizes (L, LA, RGB, RGBA, RGBX) plus the EXIF
+    orientation, read before conversion drops the metadata."""
     name = format_name(image.format or "")
     try:
         if image.format in _JPEG_FORMATS and box != image.size:
             image.draft(None, box)  # DCT scaling by 1/2, 1/4 or 1/8 when ≥ 2x the target
         image.load()  # first frame only for animated GIF and WebP
         orientation = _orientation(image)  # PNG may keep EXIF after the pixels: read it now
-        return _to_rgb(image), orientation
+        return _to_resizable(image), orientation
     except ImageError:
         raise
     except Exception as exc:  # truncated or corrupt data surfaces here, in many types
         raise ImageError(f"{name} image data is corrupt or truncated") from exc
 
 
+def _to_resizable(image: Image.Image) -> Image.Image:
+    """The cheapest full-size form that resizes correctly: grey and alpha stay as they are
+    (flattened and widened to RGB only once small, see _to_rgb); only palettes, 16-bit and
+    float pixels, 1-bit and other colour spaces are converted at full size."""
+    if image.mode in _HIGH_DEPTH:
+        image = _to_8bit_gray(image)
+    if "transparency" in image.info:  # a palette or colour-key transparency: make it alpha
+        return image.convert("RGBA")
+    if image.mode in _RESIZABLE:
+        return image
+    if image.mode in ("PA", "La", "RGBa"):
+        return image.convert("RGBA")
+    return image.convert("L" if image.mode == "1" else "RGB")  # P, CMYK, YCbCr, LAB, HSV
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB, with any transparency flattened onto white (the usual page background)."""
-    if image.mode == "RGB" and "transparency" not in image.info:
+    if image.mode in ("RGB", "RGBX"):
         return image
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        image = _to_8bit_gray(image)
-    has_alpha = "A" in image.getbands() or "a" in image.getbands()
-    if has_alpha or "transparency" in image.info:
+    if image.mode in ("LA", "RGBA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    return image.convert("RGB")  # P, L, 1, CMYK, YCbCr, RGBX
+    return image.convert("RGB")
 
 
 def _to_8bit_gray(image: Image.Image) -> Image.Image:
-    values = np.asarray(image)
-    if image.mode == "F":  # assume 0..1 floats, the common convention
-        values = values * 255.0
-    elif values.dtype != np.uint8:
-        values = values / 257.0  # 16-bit range 0..65535 → 0..255
-    return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
+    """16-bit or float grey → 8-bit, a band of rows at a time: the whole picture as numpy
+    floats would take 8 bytes per pixel, several times over."""
+    width, height = image.size
+    out = np.empty((height, width), dtype=np.uint8)
+    step = max(1, BAND_PIXELS // width)
+    for top in range(0, height, step):
+        values = np.asarray(image.crop((0, top, width, min(height, top + step))))
+        if image.mode == "F":  # assume 0..1 floats, the common convention
+            values = values * 255.0
+        elif values.dtype != np.uint8:
+            values = values / 257.0  # 16-bit range 0..65535 → 0..255
+        out[top:top + step] = np.clip(values, 0, 255).astype(np.uint8)
+    return Image.fromarray(out)
 
 
 def _orientation(image: Image.Image) -> int:
@@ -197,8 +259,8 @@ def _orientation(image: Image.Image) -> int:
 def _finish_image(
     image: Image.Image, box: tuple[int, int], orientation: int
 ) -> tuple[bytes, int, int]:
-    # Resize before transposing: the same result, and the transpose moves fewer pixels.
-    image = _resize(image, box)
+    # Resize before flattening and before transposing: each then touches the small image.
+    image = _to_rgb(_resize(image, box))
     if orientation != 1:
         image = image.transpose(_TRANSPOSE[orientation])
     return image.tobytes("raw", "RGB"), image.width, image.height
@@ -209,8 +271,32 @@ def _resize(image: Image.Image, box: tuple[int, int]) -> Image.Image:
         return image
     factor, rem_w = divmod(image.width, box[0])
     if rem_w == 0 and factor > 1 and image.height == box[1] * factor:
-        return image.reduce(factor)  # exact integer factor: a box filter is the right one
-    return image.resize(box, RESAMPLE, reducing_gap=REDUCING_GAP)
+        return _reduce(image, factor, factor)  # exact integer factor: a box filter is right
+    if image.mode not in _PREMULTIPLIED:
+        return image.resize(box, RESAMPLE, reducing_gap=REDUCING_GAP)
+    # What resize(reducing_gap=...) does, with the box-reduce done in bands (see _reduce).
+    factor_x = int(image.width / box[0] / REDUCING_GAP) or 1
+    factor_y = int(image.height / box[1] / REDUCING_GAP) or 1
+    if factor_x == factor_y == 1:
+        return image.resize(box, RESAMPLE)
+    reduced = _reduce(image, factor_x, factor_y)
+    return reduced.resize(box, RESAMPLE,
+                          box=(0, 0, image.width / factor_x, image.height / factor_y))
+
+
+def _reduce(image: Image.Image, factor_x: int, factor_y: int) -> Image.Image:
+    """image.reduce((factor_x, factor_y)), a band of rows at a time for images with alpha:
+    Pillow premultiplies those into a full-size copy first (another 4 bytes a pixel). Bands
+    whose height is a multiple of the factor give exactly the same pixels."""
+    if image.mode not in _PREMULTIPLIED:
+        return image.reduce((factor_x, factor_y))
+    width, height = image.size
+    rows = factor_y * max(1, BAND_PIXELS // (width * factor_y))
+    out = Image.new(image.mode, (-(-width // factor_x), -(-height // factor_y)))
+    for top in range(0, height, rows):
+        band = image.crop((0, top, width, min(height, top + rows)))
+        out.paste(band.reduce((factor_x, factor_y)), (0, top // factor_y))
+    return out
 
 
 def _raise_pillow_guard(max_pixels: int) -> None:

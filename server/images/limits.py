@@ -23,17 +23,23 @@ class ImageLimits:
 
     max_bytes: raw image bytes (after base64 decoding). 20 MiB, the usual hosted-API limit.
     max_pixels: width × height from the header. 8192 × 8192 (67 MP) lets through every
-        phone sensor up to 50 MP and bounds a full decode at about 256 MB.
+        phone sensor up to 50 MP. What the decode costs depends on more than the pixel
+        count (format, mode, bit depth): max_decode_bytes bounds that.
     min_side: smallest accepted width or height. 2 px rejects the degenerate 1-pixel images
         (tracking pixels, placeholders, 1-px lines) that are almost always a client bug and
         carry nothing a model can see; anything larger the projector scales up as it must.
     allowed_formats: a subset of SUPPORTED_FORMATS (Pillow format names, upper case).
+    max_decode_bytes: the peak memory one decode may take, worked out from the header before
+        any pixel is decoded (server.images.cost). 320 MiB: a full 8192 x 8192 RGB PNG takes
+        about 270 MiB (Pillow keeps RGB in 4 bytes a pixel), a big JPEG far less (it is
+        decoded at a reduced scale); a 2.6 KB lossless WebP of 16383 x 4096 would take 1 GiB.
     """
 
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 8192 * 8192
     min_side: int = 2
     allowed_formats: frozenset[str] = field(default=SUPPORTED_FORMATS)
+    max_decode_bytes: int = 320 * 1024 * 1024
 
     def __post_init__(self) -> None:
         formats = frozenset(f.upper() for f in self.allowed_formats)
@@ -43,7 +49,7 @@ class ImageLimits:
                              f"choose from {sorted(SUPPORTED_FORMATS)}")
         if not formats:
             raise ValueError("allowed_formats must name at least one format")
-        if self.max_bytes < 1 or self.max_pixels < 1 or self.min_side < 1:
+        if min(self.max_bytes, self.max_pixels, self.min_side, self.max_decode_bytes) < 1:
             raise ValueError("image limits must be positive")
         object.__setattr__(self, "allowed_formats", formats)
 
@@ -58,6 +64,13 @@ class ImageLimits:
         if n_bytes > self.max_bytes:
             raise ImageTooLargeError(
                 f"image is {n_bytes:,} bytes; the limit is {self.max_bytes:,} bytes")
+
+    def check_decode_bytes(self, n_bytes: int, what: str) -> None:
+        """`what` names the image for the message, e.g. '8192x8192 PNG'."""
+        if n_bytes > self.max_decode_bytes:
+            raise ImageTooLargeError(
+                f"decoding this {what} image would take about {_mib(n_bytes)} of memory; "
+                f"the limit is {_mib(self.max_decode_bytes)}")
 
     def check_size(self, width: int, height: int) -> None:
         if width * height > self.max_pixels:
@@ -75,6 +88,10 @@ DEFAULT_LIMITS = ImageLimits()
 def format_name(fmt: str) -> str:
     """Pillow's format name as clients know it: WEBP → WebP, MPO → JPEG."""
     return "JPEG" if fmt == "MPO" else _FORMAT_NAMES.get(fmt, fmt)
+
+
+def _mib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:,.0f} MiB"
 
 
 def _format_order(name: str) -> int:
