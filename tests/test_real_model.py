@@ -90,7 +90,8 @@ def test_models_meta_says_text_only_and_names_the_template(gemma: RunningServer)
     card = httpx.get(f"{gemma.api}/models", timeout=10).json()["data"][0]
     assert card["id"] == "gemma-3-270m"
     meta = card["meta"]
-    assert (meta["vision"], meta["input"], meta["mmproj_path"]) == (False, "text only", None)
+    assert (meta["vision"], meta["input"], meta["mmproj_file"]) == (False, "text only", None)
+    assert meta["model_file"] == "gemma-3-270m-q4_k_m.gguf"
     assert meta["chat_template"]["name"] == "vicuna"
     assert meta["chat_template"]["source"] == "config"
     assert "\nUSER:" in meta["chat_template"]["stops"]

@@ -80,7 +80,7 @@ def _card(state: AppState) -> dict[str, object]:
     meta = {"state": engine.state.value,
             **{key: value for key, value in info.items() if key not in _HIDDEN_META}}
     for key, name in (("model_path", "model_file"), ("mmproj_path", "mmproj_file")):
-        if key in info:
-            meta[name] = PurePath(str(info[key])).name
+        if key in info:  # a text-only model has no projector file: null
+            meta[name] = PurePath(str(info[key])).name if info[key] else None
     return {"id": state.settings.model_name, "object": "model", "created": state.started_at,
             "owned_by": "vlserve", "meta": meta}
