@@ -22,15 +22,18 @@ HEADER_TIMEOUT = 2.0
 BODY_TIMEOUT = 3.0
 WRITE_TIMEOUT = 2.0
 MAX_CONNECTIONS = 48
-SLOTS = 8
-STALL_TOKENS = 400  # with top_logprobs 20: far more than the socket buffers hold
+SLOTS = 4
+# With 20 top logprobs a token is ~2 KB of stream: the kernel takes the first ~3 MB of
+# a reader that reads nothing, so a stream stalls after ~1,500 tokens, long before this.
+STALL_TOKENS = 8000
 
 
 @pytest.fixture(scope="module")
 def guarded(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[RunningServer]:
     running = start_server(demo_model, tmp_path_factory.mktemp("connections") / "server.log",
-                           "--n-parallel", str(SLOTS), "--n-ctx", "4096",
+                           "--n-parallel", str(SLOTS),
+                           "--n-ctx", str(SLOTS * (STALL_TOKENS + 100)),
                            env={"VLSERVE_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
                                 "VLSERVE_BODY_TIMEOUT": str(BODY_TIMEOUT),
                                 "VLSERVE_WRITE_TIMEOUT": str(WRITE_TIMEOUT),
@@ -219,3 +222,66 @@ def test_pipelining_without_reading_is_bounded(guarded: RunningServer) -> None:
     wait_for(lambda: httpx.get(f"{guarded.url}/health", timeout=10).status_code == 200)
     log = guarded.log()
     assert "Traceback" not in log and "unable to perform operation" not in log, log[-3000:]
+
+
+class HealthProbe:
+    """GET /health every 50 ms in a thread; the slowest answer is how long the event loop
+    was blocked (at most)."""
+
+    def __init__(self, server: RunningServer) -> None:
+        self.slowest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(server.url,), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                assert client.get(f"{url}/health").status_code == 200
+                self.slowest = max(self.slowest, time.monotonic() - started)
+                time.sleep(0.05)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join(30)
+        return self.slowest
+
+
+def stalled_stream(server: RunningServer, request_id: str) -> socket.socket:
+    """A stream request (big chunks: 20 top logprobs a token) whose client reads nothing."""
+    body = json.dumps({"messages": [{"role": "user", "content": "Tell me a story."}],
+                       "stream": True, "max_tokens": STALL_TOKENS, "ignore_eos": True,
+                       "logprobs": True, "top_logprobs": 20}).encode()
+    sock = connect(server, rcvbuf=4096)
+    sock.sendall(b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: application/json\r\nX-Request-ID: " + request_id.encode()
+                 + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return sock
+
+
+def test_stalled_stream_readers_are_cut_and_logged_499(guarded: RunningServer) -> None:
+    """Streams whose clients read nothing are cut after write_timeout: cancelled in the
+    engine, logged and counted 499 (never `200 length`), and cutting them all at once
+    leaves /health answering promptly."""
+    ids = [f"stall-{n}" for n in range(SLOTS)]
+    probe = HealthProbe(guarded)
+    socks = [stalled_stream(guarded, request_id) for request_id in ids]
+    try:
+        wait_for(lambda: {x.get("request_id") for x in request_lines(guarded)} >= set(ids),
+                 timeout=90)
+    finally:
+        slowest = probe.stop()
+        for sock in socks:
+            sock.close()
+    lines = {x["request_id"]: x for x in request_lines(guarded) if x.get("request_id") in ids}
+    assert {(x["status"], x["finish_reason"]) for x in lines.values()} == {(499, None)}
+    log = guarded.log()
+    assert "read nothing for 2 s (write_timeout): connection closed" in log
+    # Cut mid-generation: the engine stopped each of them (and dropped what it held).
+    assert all(f"request {i} cancelled (client gone)" in log for i in ids), log[-3000:]
+    assert slowest < 1.0, slowest  # closing them all at once did not block the loop
+    slots = httpx.get(f"{guarded.api}/slots", timeout=10).json()
+    assert slots["busy_slots"] == 0 and slots["queue_depth"] == 0, slots
+    metrics = httpx.get(f"{guarded.url}/metrics", timeout=10).text
+    assert 'vlserve_requests_total{finish_reason="none",status="499"}' in metrics
