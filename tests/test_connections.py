@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from conftest import RunningServer, start_server, stop_server
+from helpers import data_url, image_message, photo_bytes
+from test_odd_paths import raw_post, requests_counted
 
 from server.demo_model import DemoModelPaths
 
@@ -285,3 +287,36 @@ def test_stalled_stream_readers_are_cut_and_logged_499(guarded: RunningServer) -
     assert slots["busy_slots"] == 0 and slots["queue_depth"] == 0, slots
     metrics = httpx.get(f"{guarded.url}/metrics", timeout=10).text
     assert 'vlserve_requests_total{finish_reason="none",status="499"}' in metrics
+
+
+def test_hang_ups_at_every_stage_are_499(guarded: RunningServer) -> None:
+    """Clients that leave mid-generation: without streaming, with an image, and a stream
+    after its first chunk. Each is a 499 with no finish reason, in the log and the metrics;
+    those without streaming used to be `200 stop` (the answer went to a closed connection)."""
+    long = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": STALL_TOKENS,
+            "ignore_eos": True}
+    image = {**long, "messages": [image_message("what?", data_url(photo_bytes(64, 48)))]}
+    before = requests_counted(guarded, 499)
+    for request_id, body in (("gone-text", long), ("gone-image", image)):
+        # 0.3 s: admitted and generating (8,000 tokens take seconds), far from done.
+        raw_post(guarded, "/api/v1/chat/completions", body, request_id, hang_up_after=0.3)
+    stream = connect(guarded)
+    data = json.dumps({**long, "stream": True}).encode()
+    stream.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-ID: gone-stream"
+                   b"\r\nContent-Type: application/json\r\nContent-Length: "
+                   + str(len(data)).encode() + b"\r\n\r\n" + data)
+    received = b""
+    while b"data: " not in received:  # the first chunk
+        chunk = stream.recv(65536)
+        assert chunk, received
+        received += chunk
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    stream.close()  # a reset
+    ids = ("gone-text", "gone-image", "gone-stream")
+    wait_for(lambda: {x.get("request_id") for x in request_lines(guarded)} >= set(ids))
+    lines = [x for x in request_lines(guarded) if x.get("request_id") in ids]
+    assert [(x["status"], x["finish_reason"]) for x in lines] == [(499, None)] * 3, lines
+    assert requests_counted(guarded, 499) == before + 3
+    log = guarded.log()
+    assert all(f"request {i} cancelled (client gone)" in log for i in ids)
+    assert "Traceback" not in log
