@@ -81,14 +81,19 @@ class ConnectionState:
         """Whether everything written so far left the server (the kernel took it); a
         reader that takes none of it for `timeout` seconds is cut off."""
         deadline = time.monotonic() + timeout
+        pending = self._transport.get_write_buffer_size() if not self.lost else 0
         while not self.cut:
-            if self.lost or self._transport.get_write_buffer_size() == 0:
+            if self.lost or pending == 0:
                 return not self.cut  # a close that was not a cut flushed first
             if time.monotonic() >= deadline:
                 self.cut = True
                 self._transport.abort()
                 break
             await asyncio.sleep(0.05)
+            left = self._transport.get_write_buffer_size() if not self.lost else 0
+            if left < pending:  # it reads, however slowly
+                deadline = time.monotonic() + timeout
+            pending = left
         return False
 
 
@@ -128,7 +133,9 @@ class BoundedProtocol(HttpToolsProtocol):
         if self.state is not None:
             self.state.lost = True
             self.state.cut = self.state.cut or exc is not None  # a reset loses what was sent
-        self._drop_requests()
+        if self._drop_requests():
+            logger.debug("connection from %s closed under a request: its writes are dropped",
+                         self._peer())
         super().connection_lost(exc)
 
     def _refuse(self, transport: asyncio.Transport) -> None:
@@ -293,20 +300,24 @@ class BoundedProtocol(HttpToolsProtocol):
         self._drop_requests()
         self.transport.abort()
 
-    def _drop_requests(self) -> None:
+    def _drop_requests(self) -> bool:
         """Every request of this connection is gone: their apps see a disconnect, writes
-        are skipped, the queued ones are forgotten (they hold their bodies)."""
+        are skipped, the queued ones are forgotten (they hold their bodies). Whether any
+        request was still unanswered."""
         if self.state is not None and not self.state.lost:
             self.state.cut = True  # closed from here, or about to be
         cycles = [cycle for cycle, _ in self.pipeline]
         self.pipeline.clear()
         self._held = bytearray()
+        unanswered = False
         for cycle in (self._running, self.cycle, *cycles):
-            if cycle is not None and not cycle.response_complete:
+            if cycle is not None and not cycle.response_complete and not cycle.disconnected:
+                unanswered = True
                 cycle.disconnected = True
                 cycle.message_event.set()
         if self.flow is not None:
             self.flow.resume_writing()  # a send waiting for the reader returns (and drops)
+        return unanswered
 
     def _peer(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "unknown"
