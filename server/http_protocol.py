@@ -252,8 +252,10 @@ class BoundedProtocol(HttpToolsProtocol):
                        f"{self.limits.body_timeout:g} s (body_timeout)")
 
     def _waiting_on_us(self) -> bool:
-        """Whether the server, not the client, is why bytes are not coming in."""
-        return self.flow is not None and self.flow.read_paused
+        """Whether the server, not the client, is why bytes are not coming in: it stopped
+        reading, or holds bytes back unparsed, or the request waits its turn."""
+        return bool(self._held or self.pipeline) or (self.flow is not None
+                                                     and self.flow.read_paused)
 
     def _handed_over(self) -> bool:
         """Closed, or upgraded (the transport belongs to another protocol now)."""
