@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     write_timeout: float = Field(30.0, gt=0)
     # Open connections beyond this get a 503 and are closed; requests pipelined on one
     # connection beyond max_pipelined_requests stay unread until the earlier ones are answered.
-    max_connections: int = Field(1024, ge=1)
+    max_connections: int = Field(512, ge=1)
     max_pipelined_requests: int = Field(16, ge=1)
 
     # Generation limits.

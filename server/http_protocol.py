@@ -46,7 +46,7 @@ class ConnectionLimits:
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     write_timeout: float = 30.0
-    max_connections: int = 1024
+    max_connections: int = 512
     max_pipelined: int = 16
 
 
