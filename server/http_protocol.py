@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 CONNECTION_KEY = "vlserve.connection"
@@ -97,6 +98,24 @@ class ConnectionState:
         return False
 
 
+class _Flow(FlowControl):
+    """uvicorn's flow control, except that reading stays paused while the protocol holds
+    bytes back (an app waiting for its body would resume it), and that a closed transport
+    is left alone (uvloop raises "unable to perform operation" on one)."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: BoundedProtocol) -> None:
+        super().__init__(transport)
+        self._protocol = protocol
+
+    def pause_reading(self) -> None:
+        if not self._transport.is_closing():
+            super().pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self._protocol.holding and not self._transport.is_closing():
+            super().resume_reading()
+
+
 class BoundedProtocol(HttpToolsProtocol):
     limits = ConnectionLimits()  # set by protocol_options
     _refused_since_log = 0  # connections refused since the last warning (all instances)
@@ -120,6 +139,7 @@ class BoundedProtocol(HttpToolsProtocol):
             self._refuse(transport)
             return
         super().connection_made(transport)
+        self.flow = _Flow(transport, self)
         self.state = ConnectionState(transport)
         # A connection that never sends a byte is a head that never arrives.
         self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_late)
@@ -153,12 +173,16 @@ class BoundedProtocol(HttpToolsProtocol):
             cls._refused_since_log, cls._last_refusal_log = 0, now
 
     # --- reading ----------------------------------------------------------------------
+    @property
+    def holding(self) -> bool:
+        """Whether bytes read are held back unparsed (reading stays paused meanwhile)."""
+        return bool(self._held)
+
     def data_received(self, data: bytes) -> None:
         if self._refused or self.transport.is_closing():
             return  # refused or closed: the rest is not worth parsing
         if self._held:
-            # Reading was paused, but a read was already under way (or the app resumed
-            # reading by waiting for its body): keep it with the rest.
+            # Reading was paused, but a read was already under way: keep it with the rest.
             self._held += data
             self.flow.pause_reading()
             if len(self._held) > _MAX_HELD_BYTES:
@@ -230,8 +254,7 @@ class BoundedProtocol(HttpToolsProtocol):
                 and len(self.pipeline) < self.limits.max_pipelined:
             held, self._held = self._held, bytearray()
             self._feed(held)
-            if self._held:
-                self.flow.pause_reading()
+            self.flow.resume_reading()  # unless some is held back again
 
     # --- deadlines --------------------------------------------------------------------
     def _head_late(self) -> None:

@@ -240,6 +240,31 @@ def test_pipelining_without_reading_is_bounded(guarded: RunningServer) -> None:
     assert "Traceback" not in log and "unable to perform operation" not in log, log[-3000:]
 
 
+def test_closing_under_pipelined_chats_is_quiet(guarded: RunningServer) -> None:
+    """Chats pipelined without reading, then the connection closed (cleanly, or with a
+    reset): no traceback (uvicorn marked only the last request parsed as disconnected, so
+    the running one went on to use a closed transport: "unable to perform operation")."""
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+    chat = (b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body.encode()))
+    socks = [connect(guarded, rcvbuf=4096) for _ in range(4)]
+    for sock in socks:
+        sock.setblocking(False)
+        try:
+            sock.send(chat * 3000)  # as much as the buffers take
+        except BlockingIOError:
+            pass
+    time.sleep(1.0)
+    for n, sock in enumerate(socks):
+        if n % 2:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        sock.close()
+    time.sleep(2.0)  # what a closed connection's requests do next, they do by now
+    assert httpx.get(f"{guarded.url}/health", timeout=10).status_code == 200
+    log = guarded.log()
+    assert "Traceback" not in log and "unable to perform operation" not in log, log[-3000:]
+
+
 class HealthProbe:
     """GET /health every 50 ms in a thread; the slowest answer is how long the event loop
     was blocked (at most)."""
