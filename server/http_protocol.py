@@ -23,15 +23,22 @@ about its connection through `scope["vlserve.connection"]` (a `ConnectionState`)
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from server.http_answers import raw_431, raw_answer, refusal_431
+
+try:  # the kernel's send queue, where it can be asked (Linux)
+    from fcntl import ioctl
+    from termios import TIOCOUTQ
+except ImportError:  # pragma: no cover (Windows)
+    ioctl = None  # type: ignore[assignment]
 
 CONNECTION_KEY = "vlserve.connection"
 _SLICE = 4096  # bytes fed to the parser at a time: a slice holds at most ~128 requests
@@ -64,6 +71,21 @@ def protocol_options(limits: ConnectionLimits) -> dict[str, Any]:
     return {"http": bounded}
 
 
+def unsent_bytes(transport: asyncio.Transport) -> int:
+    """Bytes written but not yet taken by the reader: the transport's buffer plus, on Linux,
+    the kernel's send queue (megabytes on loopback), so that a slow reader's progress shows
+    long before the kernel asks for more."""
+    pending = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and ioctl is not None:
+        try:
+            queued = ioctl(sock.fileno(), TIOCOUTQ, b"\0\0\0\0")
+            pending += struct.unpack("i", queued)[0]
+        except (OSError, ValueError):
+            pass  # not a socket that tells, or already closed: the buffer alone
+    return pending
+
+
 class ConnectionState:
     """One connection as its requests' code sees it."""
 
@@ -82,19 +104,17 @@ class ConnectionState:
         """Whether everything written so far left the server (the kernel took it); a
         reader that takes none of it for `timeout` seconds is cut off."""
         deadline = time.monotonic() + timeout
-        pending = self._transport.get_write_buffer_size() if not self.lost else 0
+        progress = unsent_bytes(self._transport)
         while not self.cut:
-            if self.lost or pending == 0:
+            if self.lost or self._transport.get_write_buffer_size() == 0:
                 return not self.cut  # a close that was not a cut flushed first
             if time.monotonic() >= deadline:
                 self.cut = True
                 self._transport.abort()
                 break
             await asyncio.sleep(0.05)
-            left = self._transport.get_write_buffer_size() if not self.lost else 0
-            if left < pending:  # it reads, however slowly
-                deadline = time.monotonic() + timeout
-            pending = left
+            if not self.lost and (left := unsent_bytes(self._transport)) < progress:
+                deadline, progress = time.monotonic() + timeout, left  # it reads, slowly
         return False
 
 
@@ -130,6 +150,7 @@ class BoundedProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
+        self._unsent = 0  # bytes waiting for the reader when the write timer was armed
         self._refused = False
         self.state: ConnectionState | None = None
 
@@ -161,7 +182,7 @@ class BoundedProtocol(HttpToolsProtocol):
     def _refuse(self, transport: asyncio.Transport) -> None:
         self._refused = True
         self.transport = transport
-        transport.write(_raw_answer(503, "Service Unavailable", "too many open connections; "
+        transport.write(raw_answer(503, "Service Unavailable", "too many open connections; "
                                     "retry shortly", "too_many_connections"))
         _close(transport)
         cls = BoundedProtocol
@@ -210,7 +231,7 @@ class BoundedProtocol(HttpToolsProtocol):
                 and not self.transport.is_closing():
             logger.warning("request head over %d bytes: answered 431",
                            self.limits.max_header_bytes)
-            self._answer_and_close(_raw_431(self.limits.max_header_bytes))
+            self._answer_and_close(raw_431(self.limits.max_header_bytes))
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -233,7 +254,7 @@ class BoundedProtocol(HttpToolsProtocol):
             super().on_headers_complete()
             return
         logger.warning("request head over %d bytes: answered 431", self.limits.max_header_bytes)
-        app, self.app = self.app, _refusal(self.limits.max_header_bytes)
+        app, self.app = self.app, refusal_431(self.limits.max_header_bytes)
         try:
             super().on_headers_complete()
         finally:
@@ -290,26 +311,33 @@ class BoundedProtocol(HttpToolsProtocol):
         logger.warning("%s: connection closed", why)
         assert self.state is not None
         self.state.timed_out = True
-        self._answer_and_close(_raw_answer(408, "Request Timeout", why, "request_timeout"))
+        self._answer_and_close(raw_answer(408, "Request Timeout", why, "request_timeout"))
 
     # --- writing ----------------------------------------------------------------------
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._write_timer is None:
-            self._write_timer = self.loop.call_later(self.limits.write_timeout,
-                                                     self._write_stalled)
+            self._arm_write_timer()
 
     def resume_writing(self) -> None:
         super().resume_writing()
         self._write_timer = _cancel(self._write_timer)
 
+    def _arm_write_timer(self) -> None:
+        self._unsent = unsent_bytes(self.transport)
+        self._write_timer = self.loop.call_later(self.limits.write_timeout, self._write_stalled)
+
     def _write_stalled(self) -> None:
         self._write_timer = None
-        if not self._handed_over():
-            logger.warning("client at %s read nothing for %g s (write_timeout): connection "
-                           "closed", self._peer(), self.limits.write_timeout)
-            self._drop_requests()
-            self.transport.abort()  # what is buffered for it goes, now
+        if self._handed_over():
+            return
+        if unsent_bytes(self.transport) < self._unsent:
+            self._arm_write_timer()  # it reads, however slowly
+            return
+        logger.warning("client at %s read nothing for %g s (write_timeout): connection "
+                       "closed", self._peer(), self.limits.write_timeout)
+        self._drop_requests()
+        self.transport.abort()  # what is buffered for it goes, now
 
     # --- closing ----------------------------------------------------------------------
     def _answer_and_close(self, answer: bytes) -> None:
@@ -358,36 +386,3 @@ def _close(transport: asyncio.Transport) -> None:
     `_CLOSE_GRACE` seconds (close() alone would wait for it forever)."""
     transport.close()
     asyncio.get_running_loop().call_later(_CLOSE_GRACE, transport.abort)
-
-
-def _error_body(message: str, code: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "invalid_request_error",
-                                 "param": None, "code": code}}).encode()
-
-
-def _raw_answer(status: int, reason: str, message: str, code: str) -> bytes:
-    body = _error_body(message, code)
-    return (f"HTTP/1.1 {status} {reason}\r\n".encode()
-            + b"content-type: application/json\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n"
-            b"connection: close\r\n\r\n" + body)
-
-
-def _head_message(limit: int) -> str:
-    return f"the request line and headers are larger than {limit:,} bytes"
-
-
-def _raw_431(limit: int) -> bytes:
-    return _raw_answer(431, "Request Header Fields Too Large", _head_message(limit),
-                       "headers_too_large")
-
-
-def _refusal(limit: int) -> ASGIApp:
-    async def refuse(_: Scope, __: Receive, send: Send) -> None:
-        body = _error_body(_head_message(limit), "headers_too_large")
-        await send({"type": "http.response.start", "status": 431, "headers": [
-            (b"content-type", b"application/json"), (b"connection", b"close"),
-            (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-    return refuse

@@ -328,6 +328,23 @@ def test_stalled_stream_readers_are_cut_and_logged_499(guarded: RunningServer) -
     assert 'vlserve_requests_total{finish_reason="none",status="499"}' in metrics
 
 
+def test_a_slow_but_steady_reader_is_not_cut(guarded: RunningServer) -> None:
+    """A stream read at 16 KB/s, far slower than it is generated: the server's buffers
+    fill and stay full, yet the reader makes progress, so write_timeout (2 s) never cuts
+    it (the kernel's queue counts: it drains long before the kernel asks for more)."""
+    sock = stalled_stream(guarded, "steady")
+    port = sock.getsockname()[1]
+    received, started = 0, time.monotonic()
+    with sock:
+        while time.monotonic() - started < 10:
+            data = sock.recv(4096)
+            assert data, f"cut after {time.monotonic() - started:.1f} s, {received} bytes"
+            received += len(data)
+            time.sleep(0.25)
+    assert f"client at 127.0.0.1:{port} read nothing" not in guarded.log()
+    wait_for(lambda: any(x.get("request_id") == "steady" for x in request_lines(guarded)))
+
+
 def test_hang_ups_at_every_stage_are_499(guarded: RunningServer) -> None:
     """Clients that leave mid-generation: without streaming, with an image, and a stream
     after its first chunk. Each is a 499 with no finish reason, in the log and the metrics;
