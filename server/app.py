@@ -19,6 +19,7 @@ from server.api.limits import RequestLimits
 from server.api.metrics import metrics_router
 from server.api.observe import RequestObserver
 from server.api.openapi import install_openapi
+from server.api.paths import ExactPaths
 from server.api.state import AppState
 from server.api.status import health_router, models_router
 from server.config import Settings
@@ -58,13 +59,16 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     state = AppState(settings=settings, engine=engine, uploads=uploads, metrics=metrics)
     app.state.vlserve = state
     install_error_handlers(app)
-    # Added innermost first: body limits, then the request observer (log line, metrics: so
-    # 413s are logged too), inside drain and auth; CORS wraps everything (so 401/503 answers
-    # carry its headers), then drain (refuses new work at shutdown), then auth.
+    # Added innermost first: exact paths (a control character is a 404), body limits, then
+    # the request observer (log line, metrics: so 404s and 413s are logged too), inside drain
+    # and auth; CORS wraps everything (so 401/503 answers carry its headers), then drain
+    # (refuses new work at shutdown), then auth.
+    app.add_middleware(ExactPaths)
     app.add_middleware(RequestLimits, max_body_bytes=settings.max_request_bytes,
                        max_json_depth=settings.max_json_depth)
     app.add_middleware(RequestObserver, metrics=metrics, model=settings.model_name,
-                       paths=frozenset(f"{prefix}/chat/completions" for prefix in API_PREFIXES))
+                       paths=frozenset(f"{prefix}/chat/completions" for prefix in API_PREFIXES),
+                       write_timeout=settings.write_timeout)
     keys = [key.get_secret_value() for key in settings.api_keys]
     app.add_middleware(APIKeyMiddleware, keys=keys, metrics_open=settings.metrics_open)
     install_openapi(app, lambda path: is_protected(path, metrics_open=settings.metrics_open),

@@ -123,7 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from server.app import create_app
     from server.engine import Engine
-    from server.serving import make_server
+    from server.serving import connection_limits, make_server
 
     server = None
     engine_failed = False
@@ -142,7 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
     server = make_server(app, host=settings.host, port=settings.port,
                          log_level=settings.log_level, drain=app.state.vlserve.drain,
                          drain_timeout=settings.drain_timeout,
-                         max_header_bytes=settings.max_header_bytes)
+                         limits=connection_limits(settings))
     server.run()
     if engine_failed:
         logger.error("exiting because the engine failed")

@@ -86,6 +86,17 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(50 * 1024 * 1024, ge=1024)
     max_header_bytes: int = Field(16 * 1024, ge=1024)
     max_json_depth: int = Field(64, ge=8)
+    # Connection limits (server/http_protocol.py), in seconds: the request line and headers
+    # must arrive within header_timeout (from connect or the head's first byte), a body within
+    # body_timeout of its headers (else 408 and the connection closed); a client that reads
+    # nothing of its answer for write_timeout is cut off (a stream is cancelled: 499).
+    header_timeout: float = Field(10.0, gt=0)
+    body_timeout: float = Field(60.0, gt=0)
+    write_timeout: float = Field(30.0, gt=0)
+    # Open connections beyond this get a 503 and are closed; requests pipelined on one
+    # connection beyond max_pipelined_requests stay unread until the earlier ones are answered.
+    max_connections: int = Field(512, ge=1)
+    max_pipelined_requests: int = Field(16, ge=1)
 
     # Generation limits.
     default_max_tokens: int = Field(512, ge=1)

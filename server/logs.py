@@ -15,6 +15,24 @@ REQUEST_LOGGER = "vlserve.request"
 READABLE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def printable(text: str) -> str:
+    """`text` on one line: control (and other unprintable) characters escaped, so that text
+    from a request (a path, a header) cannot start a fake log line."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode()
+                   for char in text)
+
+
+class ReadableFormatter(logging.Formatter):
+    """One message, one line: whatever a message quotes is escaped (a traceback after it
+    stays as it is)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message.rstrip("\n"))
+        return super().formatMessage(record)
+
+
 class JsonLineFormatter(logging.Formatter):
     """`{"ts", "level", "logger", ...fields}`: the fields come from `extra={"json_fields"}`."""
 
@@ -32,7 +50,7 @@ class JsonLineFormatter(logging.Formatter):
 
 def setup_logging(level: str) -> None:
     readable = logging.StreamHandler(sys.stderr)
-    readable.setFormatter(logging.Formatter(READABLE_FORMAT))
+    readable.setFormatter(ReadableFormatter(READABLE_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [readable]
     root.setLevel(level.upper())

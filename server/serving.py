@@ -18,7 +18,8 @@ from types import FrameType
 import uvicorn
 
 from server.api.drain import Drain
-from server.http_protocol import protocol_options
+from server.config import Settings
+from server.http_protocol import ConnectionLimits, protocol_options
 
 logger = logging.getLogger("vlserve")
 
@@ -56,12 +57,23 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    return ConnectionLimits(max_header_bytes=settings.max_header_bytes,
+                            header_timeout=settings.header_timeout,
+                            body_timeout=settings.body_timeout,
+                            write_timeout=settings.write_timeout,
+                            max_connections=settings.max_connections,
+                            max_pipelined=settings.max_pipelined_requests)
+
+
 def make_server(app: object, *, host: str, port: int, log_level: str, drain: Drain,
-                drain_timeout: float, max_header_bytes: int = 16 * 1024) -> DrainingServer:
+                drain_timeout: float, limits: ConnectionLimits | None = None
+                ) -> DrainingServer:
     # Chat requests get their own JSON line; uvicorn's access line would only repeat it
-    # (and log every /metrics scrape), so it is kept for debugging.
+    # (and log every /metrics scrape), so it is kept for debugging. No `server` header: what
+    # runs the server is nobody else's business.
     config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
-                            access_log=log_level == "debug",
+                            access_log=log_level == "debug", server_header=False,
                             timeout_graceful_shutdown=_SHUTDOWN_GRACE,
-                            **protocol_options(max_header_bytes))
+                            **protocol_options(limits or ConnectionLimits()))
     return DrainingServer(config, drain, drain_timeout)

@@ -143,6 +143,24 @@ def test_no_route_is_reachable_without_a_key(demo_model: DemoModelPaths) -> None
                 assert answer.status_code == 401, (method, path)
 
 
+def test_no_route_discovery_without_a_key(demo_model: DemoModelPaths) -> None:
+    """OPTIONS and every other method get the same 401 on routes that exist and on paths
+    that do not: no 405 with an Allow header tells which is which."""
+    app = make_app(demo_model, api_keys=[KEY_A])
+    answers = set()
+    for path in ("/api/v1/files/file-x", "/v1/chat/completions", "/api/v1/models",
+                 "/api/v1/no-such-route", "/nothing/here"):
+        for method in ("OPTIONS", "PUT", "PATCH", "DELETE", "TRACE", "GET", "POST"):
+            answer = request(app, method, path)
+            assert answer.status_code == 401, (method, path, answer.text)
+            assert "allow" not in answer.headers
+            answers.add(answer.text)
+    assert len(answers) == 1  # the same body everywhere
+    # With the key, OPTIONS is answered as it was (405 naming the methods).
+    authed = request(app, "OPTIONS", "/api/v1/files/file-x", {"Authorization": f"Bearer {KEY_A}"})
+    assert authed.status_code == 405 and authed.headers["allow"]
+
+
 def test_metrics_needs_a_key_unless_open(demo_model: DemoModelPaths) -> None:
     # Whether or not /metrics exists on this branch, auth decides before routing:
     # 401 without a key, and anything but 401 once it is open or the key is sent.
@@ -199,7 +217,12 @@ def test_real_server_with_keys_and_openai_sdk(keyed_server: RunningServer) -> No
     with pytest.raises(openai.AuthenticationError) as err:
         bad.models.list()
     assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
-    assert httpx.get(f"{keyed_server.url}/health").status_code == 200
+    health = httpx.get(f"{keyed_server.url}/health")
+    assert health.status_code == 200
+    # No `server: uvicorn` header, on a served answer or a refused one.
+    refused = httpx.options(f"{keyed_server.api}/files/x")
+    assert refused.status_code == 401
+    assert "server" not in health.headers and "server" not in refused.headers
     log = keyed_server.log()
     assert "2 key(s) configured" in log
     assert KEY_A not in log and KEY_B not in log and "sk-wrong" not in log

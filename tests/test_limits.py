@@ -186,11 +186,13 @@ def test_the_limit_holds_for_each_request_of_a_connection(small: RunningServer) 
 def test_without_httptools_h11_gets_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from server.http_protocol import protocol_options
+    from server.http_protocol import ConnectionLimits, protocol_options
 
-    assert protocol_options(5000)["http"].max_header_bytes == 5000
+    limits = ConnectionLimits(max_header_bytes=5000, max_connections=7)
+    assert protocol_options(limits)["http"].limits.max_header_bytes == 5000
     monkeypatch.setitem(sys.modules, "httptools", None)  # import fails
-    assert protocol_options(5000) == {"http": "h11", "h11_max_incomplete_event_size": 5000}
+    assert protocol_options(limits) == {"http": "h11", "h11_max_incomplete_event_size": 5000,
+                                        "limit_concurrency": 7}
 
 
 def test_a_client_that_leaves_mid_body_is_a_499(small: RunningServer) -> None:

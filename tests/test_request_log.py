@@ -107,3 +107,24 @@ def test_startup_lines_are_readable(server: RunningServer) -> None:
 ])
 def test_client_request_id_validation(raw: str | None, expected: str | None) -> None:
     assert client_request_id(raw) == expected
+
+
+def test_readable_lines_escape_what_a_request_could_carry() -> None:
+    """Any message (uvicorn's, a library's) stays on its line: control characters from a
+    request are escaped; the traceback of an exception still follows on its own lines."""
+    import logging
+
+    from server.logs import READABLE_FORMAT, ReadableFormatter, printable
+
+    assert printable("/x\nERROR fake\r\x1b[2J") == "/x\\nERROR fake\\r\\x1b[2J"
+    assert printable("/plain/é path") == "/plain/é path"
+    formatter = ReadableFormatter(READABLE_FORMAT)
+    record = logging.LogRecord("t", logging.WARNING, __file__, 1, "odd %s", ("/a\nFAKE",), None)
+    assert formatter.format(record).endswith("t: odd /a\\nFAKE")
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        failed = logging.LogRecord("t", logging.ERROR, __file__, 1, "failed\n", (),
+                                   (type(exc), exc, exc.__traceback__))
+    text = formatter.format(failed)
+    assert "t: failed\nTraceback" in text and text.endswith("ValueError: boom")

@@ -190,3 +190,21 @@ def test_second_signal_stops_without_waiting(demo_model: DemoModelPaths,
     # Like plain uvicorn: the second signal ends it at once, and it dies of that signal.
     assert wait_exit(server, timeout=30) == -signal.SIGTERM
     assert held.read_all() == b""
+
+
+def test_no_request_text_reaches_the_log_raw(demo_model: DemoModelPaths,
+                                             tmp_path: Path) -> None:
+    """A path with an encoded newline, its body held back past the drain timeout: the
+    drain warning names it escaped, on one line, instead of writing the attacker's line."""
+    server = start(demo_model, tmp_path, drain_timeout=1.0)
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /playground/static/x%0A2026-12-01%2000:00:00,000%20ERROR%20vlserve:"
+                     b"%20FAKE%20LINE HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"a\"")
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+        server.process.send_signal(signal.SIGTERM)
+        assert wait_exit(server, timeout=30) == 0
+    log = server.log()
+    assert "drain timeout: answering 503 to POST /playground/static/x\\n2026-12-01 00:00:00," \
+           "000 ERROR vlserve: FAKE LINE" in log
+    assert not any(line.startswith("2026-12-01 00:00:00") for line in log.splitlines())

@@ -56,9 +56,10 @@ class APIKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or not self._keys \
-                or scope.get("method") == "OPTIONS" \
                 or not is_protected(scope["path"], metrics_open=self._metrics_open):
-            # OPTIONS passes: CORS preflights carry no credentials by design.
+            # Every method, OPTIONS included: a 405 with its Allow header would tell which
+            # paths exist. CORS preflights (which carry no key by design) never get here:
+            # the CORS middleware outside answers them for the configured origins.
             await self.app(scope, receive, send)
             return
         token = bearer_token(scope["headers"])

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import error_response
+from server.logs import printable
 
 logger = logging.getLogger("vlserve.drain")
 
@@ -76,7 +77,7 @@ class DrainMiddleware:
             if started or not self.drain.draining:
                 raise
             logger.warning("drain timeout: answering 503 to %s %s", scope["method"],
-                           scope["path"])
+                           printable(scope["path"]))  # the path as sent: escaped
             response = error_response(503, "the server shut down before this request "
                                       "finished; retry it", code="server_shutting_down",
                                       headers={"Retry-After": "5", "Connection": "close"})

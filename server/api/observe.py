@@ -16,6 +16,8 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.paths import route_spelling
+from server.http_protocol import CONNECTION_KEY, ConnectionState
 from server.logs import REQUEST_LOGGER
 from server.metrics import Metrics
 from server.timings import StageTimer
@@ -24,6 +26,7 @@ request_log = logging.getLogger(REQUEST_LOGGER)
 
 MAX_REQUEST_ID_LENGTH = 128
 CLIENT_CLOSED = 499  # nginx's code for "the client went away before the answer"
+REQUEST_TIMEOUT = 408
 _SCOPE_KEY = "vlserve.record"
 
 
@@ -73,36 +76,48 @@ def _new_record(scope: Scope) -> RequestRecord:
 class RequestObserver:
     """Pure ASGI (no response buffering, so streams stay streams)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, model: str, paths: frozenset[str]
-                 ) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, model: str, paths: frozenset[str],
+                 write_timeout: float = 30.0) -> None:
         self.app = app
         self.metrics = metrics
         self.model = model
         self.paths = paths  # the chat routes; everything else passes through untouched
+        self.write_timeout = write_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.paths:
+        if scope["type"] != "http" or route_spelling(scope["path"]) not in self.paths:
             await self.app(scope, receive, send)
             return
         record = _new_record(scope)
         scope[_SCOPE_KEY] = record
+        connection: ConnectionState | None = scope.get(CONNECTION_KEY)
         status: int | None = None  # HTTP status, once the response has started
-        completed = False  # the last body part went out
+        sent_final = False  # the last body part was handed to the server
+        dropped = False  # ... to a connection already gone (uvicorn drops it without a word)
+        hung_up = False  # the client left before the last body part was sent
         failed_with: int | None = None
 
+        async def receive_and_watch() -> Message:
+            nonlocal hung_up
+            message = await receive()
+            # After the last part, uvicorn answers every receive with a disconnect.
+            hung_up = hung_up or (message["type"] == "http.disconnect" and not sent_final)
+            return message
+
         async def send_and_watch(message: Message) -> None:
-            nonlocal status, completed
+            nonlocal status, sent_final, dropped
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
                 if "x-request-id" not in headers:
                     headers.append("X-Request-ID", record.request_id)
-            elif message["type"] == "http.response.body" and not message.get("more_body"):
-                completed = True
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                sent_final = True
+                dropped = connection is not None and connection.gone
 
         try:
-            await self.app(scope, receive, send_and_watch)
+            await self.app(scope, receive_and_watch, send_and_watch)
         except ClientDisconnect:
             failed_with = CLIENT_CLOSED
             raise
@@ -110,7 +125,16 @@ class RequestObserver:
             failed_with = 500
             raise
         finally:
-            self._observe(record, _final_status(record, status, completed, failed_with))
+            completed = sent_final and not dropped and not hung_up
+            if completed and connection is not None:
+                # Only an answer that left the server counts: a reader that stalls before
+                # the end gets `write_timeout` to take the rest.
+                completed = await connection.delivered(self.write_timeout)
+            timed_out = connection is not None and connection.timed_out
+            final = _final_status(record, status, completed, failed_with, timed_out)
+            if final in (CLIENT_CLOSED, REQUEST_TIMEOUT):
+                record.finish_reason = None  # whatever the engine got to, nobody saw it
+            self._observe(record, final)
 
     def _observe(self, record: RequestRecord, status: int) -> None:
         self.metrics.observe_request(status, record.finish_reason, record.timer)
@@ -120,16 +144,18 @@ class RequestObserver:
 
 
 def _final_status(record: RequestRecord, status: int | None, completed: bool,
-                  failed_with: int | None) -> int:
-    if record.status is not None:
-        return record.status
-    if failed_with is not None and not completed:
+                  failed_with: int | None, timed_out: bool) -> int:
+    """What the log and metrics say: a request whose answer did not reach the client is a
+    499 (a hang-up at any stage, a stream cut short), or a 408 when the server closed the
+    connection on a client too slow to send; never the status it would have had."""
+    if completed:
+        assert status is not None
+        return record.status if record.status is not None else status
+    if timed_out:
+        return REQUEST_TIMEOUT
+    if failed_with is not None:
         return failed_with
-    if status is None:
-        return CLIENT_CLOSED  # cancelled before any answer (server shutdown, disconnect)
-    if not completed and record.finish_reason is None:
-        return CLIENT_CLOSED  # a stream cut short
-    return status
+    return CLIENT_CLOSED
 
 
 def log_fields(record: RequestRecord, status: int, model: str) -> dict[str, object]:
