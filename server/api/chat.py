@@ -48,9 +48,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     record = request_record(request)
     record.timer = timer = StageTimer()
     record.stream = body.stream
+    client = client_identity(request.scope)
     generation = GenerationRequest(
-        messages=await to_engine_messages(body.messages, state, timer,
-                                          client_identity(request.scope)),
+        messages=[],
         max_tokens=_max_tokens(body, state),
         sampling=_sampling(body),
         stop=_stops(body.stop),
@@ -58,13 +58,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         request_id=record.request_id,
         top_logprobs=_top_logprobs(body),
         stream=body.stream,
+        tenant=state.cache_tenant(client),
     )
-    events = state.engine.generate(generation)
     # Until a streaming response takes over (Starlette then notices hang-ups itself), a
-    # client that goes away must cancel its generation: queued, prefilling or, without
-    # streaming, the whole answer long.
+    # client that goes away must cancel its generation: while its images decode, queued,
+    # prefilling or, without streaming, the whole answer long.
     watcher = asyncio.create_task(_cancel_on_disconnect(request, generation))
     try:
+        generation.messages = await to_engine_messages(body.messages, state, timer, client)
+        events = state.engine.generate(generation)
         try:
             first = await anext(events)
         except QueueFullError as exc:

@@ -22,6 +22,11 @@ class AppState:
     drain: Drain = field(default_factory=Drain)
     started_at: int = field(default_factory=lambda: int(time.time()))
 
+    def cache_tenant(self, client: str) -> str:
+        """Whose engine caches a client (server.api.auth.client_identity) may use: its own,
+        unless the operator lets every key share them (`cache_sharing`)."""
+        return "" if self.settings.cache_sharing else client
+
     @property
     def image_limits(self) -> ImageLimits:
         settings = self.settings

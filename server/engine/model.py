@@ -49,6 +49,10 @@ class LoadedModel:
     strip_first_space: bool
     template: ChatTemplate
     media_marker: str
+    # Texts of the control tokens: where the template's markup may yield special tokens.
+    special_texts: tuple[str, ...] = ()
+    # No token stands for more bytes of text than this (None: a normalizing vocab, no bound).
+    max_token_bytes: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     def close(self) -> None:
@@ -105,6 +109,7 @@ def load_model(settings: Settings) -> LoadedModel:
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
     pieces = [_piece(vocab, t, special=False) for t in range(n_vocab)]
     eog = frozenset(t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
+    special_texts, max_token_bytes = _text_bounds(vocab, n_vocab)
     marker = (mtmd_cpp.mtmd_default_marker() or b"<__media__>").decode()
     projector = read_projector_info(Path(settings.mmproj))
     template = ChatTemplate(
@@ -158,6 +163,8 @@ def load_model(settings: Settings) -> LoadedModel:
         strip_first_space=llama_cpp.llama_vocab_type(vocab) == llama_cpp.LLAMA_VOCAB_TYPE_SPM,
         template=template,
         media_marker=marker,
+        special_texts=special_texts,
+        max_token_bytes=max_token_bytes,
         info=info,
     )
 
@@ -170,6 +177,29 @@ def _template_source(settings: Settings, model: llama_cpp.llama_model_p) -> str:
         return raw.decode("utf-8", errors="replace")
     logger.warning("model has no chat template; using the LLaVA-1.5 format")
     return FALLBACK_TEMPLATE
+
+
+_SPECIAL = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+
+
+def _text_bounds(vocab: llama_cpp.llama_vocab_p, n_vocab: int
+                 ) -> tuple[tuple[str, ...], int | None]:
+    """The control tokens' texts, and the most bytes of input text one token can cover.
+
+    A token's stored text is never shorter than the input it covers (SentencePiece stores a
+    space as the 3-byte "▁", byte-level BPE a byte as one or two); 4 bytes covers a whole
+    character falling back to UNK. WordPiece and Unigram vocabs normalize (drop or fold
+    characters), so no such bound holds for them."""
+    special: list[str] = []
+    longest = 4
+    for token in range(n_vocab):
+        text = llama_cpp.llama_vocab_get_text(vocab, token) or b""
+        longest = max(longest, len(text))
+        if llama_cpp.llama_vocab_get_attr(vocab, token) & _SPECIAL and text:
+            special.append(text.decode("utf-8", errors="replace"))
+    bounded = llama_cpp.llama_vocab_type(vocab) in (llama_cpp.LLAMA_VOCAB_TYPE_SPM,
+                                                    llama_cpp.LLAMA_VOCAB_TYPE_BPE)
+    return tuple(special), longest if bounded else None
 
 
 def _piece(vocab: llama_cpp.llama_vocab_p, token: int, *, special: bool) -> bytes:

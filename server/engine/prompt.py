@@ -1,7 +1,13 @@
-"""Chat template (from GGUF metadata or config) → prompt text with media markers."""
+"""Chat template (from GGUF metadata or config) → prompt text with media markers.
+
+The rendered prompt comes back as segments that say which text the template wrote (its
+markup: the only place special tokens may come from) and which the client wrote (tokenized
+as plain text, so a user who types `</s>` or the media marker gets those characters)."""
 
 from __future__ import annotations
 
+import re
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -27,9 +33,20 @@ class PromptError(ValueError):
 
 
 @dataclass(frozen=True)
+class Segment:
+    text: str
+    user: bool  # written by a client (or the operator's system prompt): never special
+
+
+@dataclass(frozen=True)
 class RenderedPrompt:
-    text: str  # one media marker per image, in order
+    # In order; the template's markup holds one media marker per image, user text none.
+    segments: tuple[Segment, ...]
     images: tuple[ImageInput, ...]
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments)
 
 
 class ChatTemplate:
@@ -54,10 +71,18 @@ class ChatTemplate:
     def render(
         self, messages: list[ChatMessage], system_prompt: str | None = None
     ) -> RenderedPrompt:
+        # Client text goes in between two sentinels no client can guess (a fresh nonce each
+        # time), so the rendered text says where it is, whatever the template wraps around it.
+        nonce = secrets.token_hex(8)
+        sentinels = (f"\ue000{nonce}\ue001", f"\ue002{nonce}\ue003")
+
+        def wrap(text: str) -> str:
+            return f"{sentinels[0]}{text}{sentinels[1]}" if text else text
+
         images: list[ImageInput] = []
         rendered_messages: list[dict[str, Any]] = []
         if system_prompt and not any(m.role == "system" for m in messages):
-            rendered_messages.append({"role": "system", "content": system_prompt})
+            rendered_messages.append({"role": "system", "content": wrap(system_prompt)})
         for message in messages:
             texts: list[str] = []
             for part in message.parts:
@@ -65,7 +90,7 @@ class ChatTemplate:
                     images.append(part)
                     texts.append(self._marker)
                 else:
-                    texts.append(part)
+                    texts.append(wrap(part))
             rendered_messages.append({"role": message.role,
                                       "content": self._separator.join(texts)})
         try:
@@ -85,9 +110,47 @@ class ChatTemplate:
         # does not (Youtu-VL: <|begin_of_text|> opens every turn), the template's must stay.
         if self._strip_bos and self._bos and text.startswith(self._bos):
             text = text[len(self._bos):]
-        if text.count(self._marker) != len(images):
-            raise PromptError("message text must not contain the media marker itself")
-        return RenderedPrompt(text, tuple(images))
+        segments = split_segments(text, sentinels)
+        markers = sum(s.text.count(self._marker) for s in segments if not s.user)
+        if markers != len(images):
+            raise PromptError("the chat template did not place every image of the messages")
+        return RenderedPrompt(segments, tuple(images))
+
+
+def split_segments(text: str, sentinels: tuple[str, str]) -> tuple[Segment, ...]:
+    """Cut rendered text at the sentinels into markup and user segments (sentinels dropped).
+
+    A template that cuts into message content (e.g. keeps what follows a `</think>`) can leave
+    a sentinel without its partner: the text on the open side of a stray sentinel, up to the
+    previous one, is then taken as user text. Erring that way only costs the template's own
+    markup its special meaning, never gives a client's text one."""
+    opening, closing = sentinels
+    pieces = re.split(f"({re.escape(opening)}|{re.escape(closing)})", text)
+    out: list[Segment] = []
+    inside = False
+    for i, piece in enumerate(pieces):
+        if i % 2 == 0:
+            if piece:
+                out.append(Segment(piece, inside))
+            continue
+        if piece == opening:
+            inside = True
+        elif inside:
+            inside = False
+        elif out and pieces[i - 1]:  # a closing sentinel that lost its opening one
+            out[-1] = Segment(out[-1].text, True)
+    return tuple(_merge(out))
+
+
+def _merge(segments: list[Segment]) -> list[Segment]:
+    """Join neighbours of the same kind (joined once per run: linear in the text)."""
+    runs: list[tuple[bool, list[str]]] = []
+    for segment in segments:
+        if runs and runs[-1][0] == segment.user:
+            runs[-1][1].append(segment.text)
+        else:
+            runs.append((segment.user, [segment.text]))
+    return [Segment("".join(texts), user) for user, texts in runs]
 
 
 def _raise_exception(message: str) -> None:
