@@ -64,6 +64,16 @@ def test_template_cutting_into_content_errs_towards_user_text() -> None:
     assert [s.user for s in rendered.segments if "</s>b" in s.text] == [True]
 
 
+@pytest.mark.parametrize("source", [
+    "{% for m in messages %}<T>{{ m['content'] | tojson }}</T>{% endfor %}",  # escaped
+    "{% for m in messages %}<T>{{ m['content'][1:] }}</T>{% endfor %}",  # cut into
+])
+def test_a_template_that_alters_the_sentinels_errs_towards_user_text(source: str) -> None:
+    rendered = template(source).render([ChatMessage("user", ("</s>",))])
+    client = [s for s in rendered.segments if "</s>" in s.text or "\\u003c/s" in s.text]
+    assert client and all(s.user for s in client)
+
+
 def test_a_dropped_image_is_a_prompt_error() -> None:
     source = "{% for m in messages %}{{ m['role'] }}{% endfor %}"
     with pytest.raises(PromptError, match="every image"):

@@ -120,6 +120,31 @@ def test_json_depth_is_the_parsed_nesting(value: object, ascii_only: bool) -> No
     assert json_depth(text) == nesting(value)
 
 
+@given(json_values, st.integers(1, 9))
+def test_json_shape_is_the_same_cut_in_small_chunks(value: object, chunk: int) -> None:
+    """Strings, escapes and backslash runs that straddle the scan's chunks."""
+    from server.api import json_depth as module
+
+    text = json.dumps(value).encode()
+    whole = module.json_shape(text)
+    saved = module._CHUNK
+    module._CHUNK = chunk
+    try:
+        assert module.json_shape(text) == whole
+    finally:
+        module._CHUNK = saved
+    assert whole.containers == text.count(b"[") + text.count(b"{") - sum(
+        s.count("[") + s.count("{") for s in strings(value))
+
+
+def strings(value: object) -> list[str]:
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    if isinstance(value, dict):
+        return [*value.keys(), *(s for v in value.values() for s in strings(v))]
+    return [value] if isinstance(value, str) else []
+
+
 @given(st.binary(max_size=300))
 def test_json_depth_never_fails_on_garbage(data: bytes) -> None:
     assert json_depth(data) >= 0

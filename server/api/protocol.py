@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 # Clients send fields we do not use (tools, user, ...): ignore, don't fail. Types are strict,
 # as the schema says and as OpenAI's API does: "stream": 1 or "max_tokens": "5" is a 400.
@@ -67,6 +75,13 @@ _TEXT_ONLY = {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PAR
                         {"type": "null"}]}
 
 
+# Bounds on a conversation's shape, checked before its parts are validated one by one:
+# validating (then rendering) 200,000 messages held the event loop for seconds. A chat that
+# fits any context is far inside them.
+MAX_MESSAGES = 2048
+MAX_CONTENT_PARTS = 4096  # list-content parts, over all messages
+
+
 class ChatMessageIn(_Lenient):
     model_config = ConfigDict(**_REQUEST_CONFIG, json_schema_extra={
         "if": {"properties": {"role": {"not": {"const": "user"}}}},
@@ -93,7 +108,7 @@ class ChatCompletionRequest(_Lenient):
     })
 
     model: str | None = None
-    messages: list[ChatMessageIn] = Field(min_length=1)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -112,6 +127,20 @@ class ChatCompletionRequest(_Lenient):
     logprobs: bool | None = None
     ignore_eos: bool | None = None  # extension (as in vLLM / llama.cpp): run to max_tokens
     top_logprobs: Annotated[int, Field(ge=0, le=20), _WHOLE] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_enough_parts(cls, data: Any) -> Any:
+        """Count content parts on the raw JSON, before pydantic builds a model for each."""
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if isinstance(messages, list) and len(messages) <= MAX_MESSAGES:
+            parts = sum(len(m["content"]) for m in messages
+                        if isinstance(m, dict) and isinstance(m.get("content"), list))
+            if parts > MAX_CONTENT_PARTS:
+                raise PydanticCustomError(
+                    "too_long", "messages: at most {limit} content parts in all, not {n}",
+                    {"limit": MAX_CONTENT_PARTS, "n": parts})
+        return data
 
 
 class PromptTokensDetails(BaseModel):

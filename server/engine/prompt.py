@@ -6,7 +6,6 @@ as plain text, so a user who types `</s>` or the media marker gets those charact
 
 from __future__ import annotations
 
-import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -73,8 +72,10 @@ class ChatTemplate:
     ) -> RenderedPrompt:
         # Client text goes in between two sentinels no client can guess (a fresh nonce each
         # time), so the rendered text says where it is, whatever the template wraps around it.
-        nonce = secrets.token_hex(8)
-        sentinels = (f"\ue000{nonce}\ue001", f"\ue002{nonce}\ue003")
+        # Digits and ASCII control characters: case filters and trim leave them as they are,
+        # and ASCII text stays one byte a character.
+        nonce = f"\x02{secrets.randbits(64):020d}"
+        sentinels = (f"{nonce}[", f"{nonce}]")
 
         def wrap(text: str) -> str:
             return f"{sentinels[0]}{text}{sentinels[1]}" if text else text
@@ -122,23 +123,35 @@ def split_segments(text: str, sentinels: tuple[str, str]) -> tuple[Segment, ...]
 
     A template that cuts into message content (e.g. keeps what follows a `</think>`) can leave
     a sentinel without its partner: the text on the open side of a stray sentinel, up to the
-    previous one, is then taken as user text. Erring that way only costs the template's own
-    markup its special meaning, never gives a client's text one."""
+    previous one, is then taken as user text. A template that altered a sentinel (the nonce
+    is still there, its frame is not) makes all of the prompt user text. Erring that way only
+    costs the template's markup its special meaning, never gives a client's text one."""
     opening, closing = sentinels
-    pieces = re.split(f"({re.escape(opening)}|{re.escape(closing)})", text)
+    nonce = opening[:-1]
     out: list[Segment] = []
     inside = False
-    for i, piece in enumerate(pieces):
-        if i % 2 == 0:
-            if piece:
-                out.append(Segment(piece, inside))
-            continue
-        if piece == opening:
+    start = 0
+    while True:  # str.find, not a regex: linear and fast on a 50 MB prompt
+        at = text.find(nonce, start)
+        if at < 0:
+            break
+        piece = text[start:at]
+        if piece:
+            out.append(Segment(piece, inside))
+        if text.startswith(opening, at):
             inside = True
+        elif not text.startswith(closing, at):
+            return (Segment(text.replace(opening, "").replace(closing, ""), True),)
         elif inside:
             inside = False
-        elif out and pieces[i - 1]:  # a closing sentinel that lost its opening one
-            out[-1] = Segment(out[-1].text, True)
+        elif piece:  # a closing sentinel that lost its opening one
+            out[-1] = Segment(piece, True)
+        start = at + len(opening)
+    if start < len(text):
+        out.append(Segment(text[start:], inside))
+    digits = nonce[1:]
+    if any(digits in s.text for s in out if not s.user):  # a sentinel escaped or cut apart
+        return (Segment(text.replace(opening, "").replace(closing, ""), True),)
     return tuple(_merge(out))
 
 
