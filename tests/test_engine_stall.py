@@ -85,9 +85,10 @@ def post_from_another_process(server: RunningServer, body: bytes, tmp_path: Path
 
 # Each row-3 body, how it is refused (text over the context: from its size alone, before
 # tokenizing; 200k messages: before the JSON is even parsed, too many arrays and objects),
-# and the longest pause it may cause another stream. 45 MB of JSON takes the event loop a
-# few hundred ms to receive, scan and parse on this (shared, 2-core) machine, whatever the
-# body holds (an image that size costs as much); before, it stalled streams for 14 s.
+# and the longest pause it may cause another stream. Parsing 45 MB of JSON holds the
+# interpreter 80-160 ms on this shared 2-core machine whatever the body holds (an image that
+# size costs as much): measured pauses 110-280 ms, so that case gets headroom (before the
+# fix it stalled streams for 14-20 s).
 BODIES = {
     "100k special tokens": (
         lambda: {"messages": [{"role": "user", "content": "</s>" * 100_000}]},
@@ -97,7 +98,7 @@ BODIES = {
         "json_too_large", "arrays and objects", MAX_GAP_S),
     "45 MB of text": (
         lambda: {"messages": [{"role": "user", "content": "lorem ipsum " * 3_750_000}]},
-        "context_length_exceeded", "at least", 2.0),
+        "context_length_exceeded", "at least", 0.5),
 }
 
 

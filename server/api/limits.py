@@ -23,6 +23,7 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # and its content list, a part and its image_url); parsing 200,000 of them held the event
 # loop (and every stream) for a quarter of a second before any validation could refuse them.
 MAX_JSON_CONTAINERS = 2 * MAX_MESSAGES + 2 * MAX_CONTENT_PARTS + 64
+_SCAN_OFF_LOOP_BYTES = 1 << 20
 
 
 class BodyTooLarge(HTTPException):
@@ -64,10 +65,12 @@ class RequestLimits:
         if body is None:
             await self._too_large(scope, receive, send)
             return
-        depth, containers = json_shape(body, MAX_JSON_CONTAINERS)
-        # A large body costs the loop this scan and then the parse: let other tasks (token
-        # streams) run in between, so they see two short pauses rather than one long one.
-        await asyncio.sleep(0)
+        # numpy's passes let go of the interpreter: off the loop, a large body's scan leaves
+        # token streams running.
+        if len(body) > _SCAN_OFF_LOOP_BYTES:
+            depth, containers = await asyncio.to_thread(json_shape, body, MAX_JSON_CONTAINERS)
+        else:
+            depth, containers = json_shape(body, MAX_JSON_CONTAINERS)
         if depth > self.max_json_depth:
             response = error_response(
                 400, f"the JSON body nests {depth} levels deep; the limit is "

@@ -93,7 +93,8 @@ class Preparer:
         if bound is None:
             return  # a normalizing vocab (may drop characters): no sound bound
         marker_bytes = len(self.model.media_marker.encode()) * len(rendered.images)
-        n_bytes = sum(len(s.text.encode("utf-8", "surrogatepass")) for s in rendered.segments)
+        n_bytes = sum(len(s.text) if s.text.isascii() else  # no copy of ASCII text
+                      len(s.text.encode("utf-8", "surrogatepass")) for s in rendered.segments)
         at_least = -(-(n_bytes - marker_bytes) // bound)
         limit = self.model.n_ctx - 1
         if at_least > limit:
