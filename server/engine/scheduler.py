@@ -290,6 +290,7 @@ class Scheduler:
                 logger.info("request %s cancelled (client gone) after %d tokens; slot %d freed",
                             job.request.request_id, job.n_generated, slot.seq_id)
                 job.request.timer.completion_tokens = job.n_generated
+                job.request.timer.mark_since_start("total")
                 self._end(slot, CLIENT_GONE)
             elif now > job.deadline:
                 self._end(slot, ErrorEvent(504, "the request took longer than its time limit "
