@@ -74,9 +74,10 @@ class Job:
 class Slot:
     seq_id: int
     cached: list[KvKey] = field(default_factory=list)  # what this sequence's KV holds
-    # Whose data `cached` is: only that tenant may reuse it (None: the server's own, e.g.
-    # the warm-up prompt, which anyone may).
-    tenant: str | None = None
+    # Whose data `cached` is: only that tenant may reuse it. The warm-up's prefix counts as
+    # the keyless tenant's (""): with keys on, probing it could spell out the operator's
+    # system prompt.
+    tenant: str = ""
     n_past: int = 0  # KV positions used by this sequence
     job: Job | None = None
 
@@ -268,8 +269,7 @@ class Scheduler:
         cache is worth nothing: how much of it matched would tell what it holds."""
         free = [s for s in self.slots if s.job is None]
         # Ties go to the shorter cache, then to the lower slot (slots[i].seq_id == i).
-        keep, _, neg_seq = max((common_prefix_len(s.cached, keys)
-                                if s.tenant is None or s.tenant == tenant else 0,
+        keep, _, neg_seq = max((common_prefix_len(s.cached, keys) if s.tenant == tenant else 0,
                                 -len(s.cached), -s.seq_id)
                                for s in free)
         best = self.slots[-neg_seq]
