@@ -120,7 +120,10 @@ def hang_ups_behind_busy_slots(server: RunningServer, body: bytes, answered: int
 def test_hang_ups_while_queued_end_their_handlers_and_free_their_bodies(
         hangup_server: RunningServer) -> None:
     server = hangup_server
-    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+    # Long, so that one slipping into a slot between two busy requests is still running
+    # when its client leaves (and ends as a 499 too), not answered in full before.
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": BUSY_TOKENS, "ignore_eos": True,
                        "metadata_blob": "x" * BODY_BYTES}).encode()
     # A first round loads what a server loads once (allocator arenas, threads, buffers).
     hang_ups_behind_busy_slots(server, body, 0)
