@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     image_decode_budget_mb: int = Field(640, ge=1)
     max_images_per_request: int = Field(8, ge=0)
     image_cache_mb: int = Field(256, ge=0)  # encoded image embeddings kept for reuse
+    # With API keys, each key's requests reuse only their own KV prefixes and image
+    # embeddings (a hit would tell one key what another sent). True shares them across keys:
+    # faster for a single trusted team using several keys, a side channel otherwise.
+    cache_sharing: bool = False
     # http(s) image URLs: off by default. When on, only public addresses are fetched, plus
     # the networks listed here (e.g. an internal image store: ["10.20.0.0/16"]).
     remote_images: bool = False

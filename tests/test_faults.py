@@ -100,15 +100,15 @@ def test_an_unexpected_error_preparing_a_request_is_its_own_500(
     """Anything a request's content makes the tokenizer raise ends that request only."""
     from server.engine import mtmd
 
-    tokenize = mtmd.tokenize
+    tokenize = mtmd.tokenize_parts
 
-    def picky(mctx: int, text: str, images: tuple) -> mtmd.TokenizedPrompt:
-        if "poison" in text:
+    def picky(mctx: int, parts: list) -> mtmd.TokenizedPrompt:
+        if any(isinstance(p, str) and "poison" in p for p in parts):
             raise ValueError("a bug in the tokenizer binding")
-        return tokenize(mctx, text, images)
+        return tokenize(mctx, parts)
 
     with in_process_engine(demo_model) as (app, engine, _):
-        monkeypatch.setattr(mtmd, "tokenize", picky)
+        monkeypatch.setattr(mtmd, "tokenize_parts", picky)
         bad, good = asyncio.run(chats(app, "poison", "fine"))
         assert bad.status_code == 500 and bad.json()["error"]["code"] == "internal_error"
         assert good.status_code == 200

@@ -40,9 +40,44 @@ def test_leading_bos_is_stripped_because_mtmd_adds_it() -> None:
     assert template(source).render([ChatMessage("user", ("x",))]).text == "x"
 
 
-def test_marker_smuggled_in_text_is_rejected() -> None:
-    with pytest.raises(PromptError):
-        template().render([ChatMessage("user", (f"look {MARKER}",))])
+def test_client_text_is_marked_as_user_text_markers_included() -> None:
+    """A typed media marker or special token is the client's text, not markup; the images'
+    markers and the turn markup are the template's."""
+    rendered = template().render([
+        ChatMessage("system", ("S </s>",)),
+        ChatMessage("user", (IMAGE, f"look {MARKER}")),
+        ChatMessage("assistant", ("A",)),
+    ])
+    assert [(s.text, s.user) for s in rendered.segments] == [
+        ("S </s>", True), (f"\n\nUSER: {MARKER}\n", False), (f"look {MARKER}", True),
+        ("\nASSISTANT: ", False), ("A", True), ("</s>\nASSISTANT:", False)]
+    assert rendered.images == (IMAGE,)
+
+
+def test_template_cutting_into_content_errs_towards_user_text() -> None:
+    """A template that keeps only part of a message (here: what follows '|') loses the
+    opening sentinel: the cut text is still taken as the client's."""
+    source = ("{% for m in messages %}<T>{{ m['content'].split('|')[-1] }}</T>"
+              "{% endfor %}")
+    rendered = template(source).render([ChatMessage("user", ("a|</s>b",))])
+    assert rendered.text == "<T></s>b</T>"
+    assert [s.user for s in rendered.segments if "</s>b" in s.text] == [True]
+
+
+@pytest.mark.parametrize("source", [
+    "{% for m in messages %}<T>{{ m['content'] | tojson }}</T>{% endfor %}",  # escaped
+    "{% for m in messages %}<T>{{ m['content'][1:] }}</T>{% endfor %}",  # cut into
+])
+def test_a_template_that_alters_the_sentinels_errs_towards_user_text(source: str) -> None:
+    rendered = template(source).render([ChatMessage("user", ("</s>",))])
+    client = [s for s in rendered.segments if "</s>" in s.text or "\\u003c/s" in s.text]
+    assert client and all(s.user for s in client)
+
+
+def test_a_dropped_image_is_a_prompt_error() -> None:
+    source = "{% for m in messages %}{{ m['role'] }}{% endfor %}"
+    with pytest.raises(PromptError, match="every image"):
+        template(source).render([ChatMessage("user", (IMAGE, "x"))])
 
 
 def test_raise_exception_in_template_is_a_prompt_error() -> None:

@@ -19,7 +19,7 @@ from server.api.observe import MAX_REQUEST_ID_LENGTH, client_request_id
 from server.api.protocol import ChatCompletionRequest
 from server.demo_model import LLAVA_CHAT_TEMPLATE
 from server.engine.detokenize import TextStream
-from server.engine.prompt import ChatTemplate, PromptError
+from server.engine.prompt import ChatTemplate
 from server.engine.types import ChatMessage, ImageInput
 from server.images import ImageError, decode_image, image_bytes_from_url
 
@@ -37,14 +37,15 @@ messages = st.lists(
 
 @given(messages, st.one_of(st.none(), st.text(max_size=30)))
 def test_rendering_never_crashes(msgs: list[ChatMessage], system: str | None) -> None:
-    try:
-        rendered = TEMPLATE.render(msgs, system)
-    except PromptError:
-        # Only a message that smuggles the media marker in as text may be refused.
-        assert any(MARKER in p for m in msgs for p in m.parts if isinstance(p, str)) or \
-            (system is not None and MARKER in system)
-        return
-    assert rendered.text.count(MARKER) == len(rendered.images)
+    rendered = TEMPLATE.render(msgs, system)
+    # Client text (markers typed in it included) is user text; the markup holds one marker
+    # per image, and joined back the segments are the text the template rendered.
+    markup = "".join(s.text for s in rendered.segments if not s.user)
+    assert markup.count(MARKER) == len(rendered.images)
+    client = [p for m in msgs for p in m.parts if isinstance(p, str) and p]
+    user = "".join(s.text for s in rendered.segments if s.user)
+    assert sum(len(p) for p in client) + (len(system or "") if not any(
+        m.role == "system" for m in msgs) else 0) == len(user)
     assert rendered.text.endswith("ASSISTANT:")
 
 
@@ -117,6 +118,31 @@ def test_json_depth_is_the_parsed_nesting(value: object, ascii_only: bool) -> No
     # Strings (keys too) full of brackets, quotes and backslashes are text, not structure.
     text = json.dumps(value, ensure_ascii=ascii_only).encode()
     assert json_depth(text) == nesting(value)
+
+
+@given(json_values, st.integers(1, 9))
+def test_json_shape_is_the_same_cut_in_small_chunks(value: object, chunk: int) -> None:
+    """Strings, escapes and backslash runs that straddle the scan's chunks."""
+    from server.api import json_depth as module
+
+    text = json.dumps(value).encode()
+    whole = module.json_shape(text)
+    saved = module._CHUNK
+    module._CHUNK = chunk
+    try:
+        assert module.json_shape(text) == whole
+    finally:
+        module._CHUNK = saved
+    assert whole.containers == text.count(b"[") + text.count(b"{") - sum(
+        s.count("[") + s.count("{") for s in strings(value))
+
+
+def strings(value: object) -> list[str]:
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    if isinstance(value, dict):
+        return [*value.keys(), *(s for v in value.values() for s in strings(v))]
+    return [value] if isinstance(value, str) else []
 
 
 @given(st.binary(max_size=300))

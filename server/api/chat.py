@@ -62,28 +62,31 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     if constraint is not None and body.ignore_eos:
         raise APIError(400, "ignore_eos cannot be combined with a JSON response_format (the "
                        "answer must end where the JSON does)", param="ignore_eos")
+    client = client_identity(request.scope)
     generation = GenerationRequest(
-        messages=await to_engine_messages(tool_history(body.messages, plan), state, timer,
-                                          client_identity(request.scope)),
+        messages=[],
         max_tokens=_max_tokens(body, state),
         sampling=_sampling(body, constraint[1] if constraint else None),
         stop=_stops(body.stop),
         timer=timer,
         request_id=record.request_id,
-        client=client_identity(request.scope),
+        client=client,
         top_logprobs=_top_logprobs(body),
         stream=body.stream,
+        tenant=state.cache_tenant(client),
     )
-    events: AsyncIterator[EngineEvent | ToolDeltaEvent] = state.engine.generate(generation)
-    if plan is not None and body.stream:
-        events = tool_stream(events)
-    if constraint is not None:
-        state.metrics.constrained_requests.labels(constraint[0]).inc()
     # Until a streaming response takes over (Starlette then notices hang-ups itself), a
-    # client that goes away must cancel its generation: queued, prefilling or, without
-    # streaming, the whole answer long.
+    # client that goes away must cancel its generation: while its images decode, queued,
+    # prefilling or, without streaming, the whole answer long.
     watcher = asyncio.create_task(_cancel_on_disconnect(request, generation))
     try:
+        generation.messages = await to_engine_messages(tool_history(body.messages, plan), state,
+                                                       timer, client)
+        events: AsyncIterator[EngineEvent | ToolDeltaEvent] = state.engine.generate(generation)
+        if plan is not None and body.stream:
+            events = tool_stream(events)
+        if constraint is not None:
+            state.metrics.constrained_requests.labels(constraint[0]).inc()
         try:
             first = await anext(events)
         except QueueFullError as exc:

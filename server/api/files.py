@@ -53,7 +53,7 @@ async def upload_file(request: Request) -> JSONResponse:
         raise APIError(exc.status, str(exc), param="file", code=exc.code) from None
     state.metrics.observe_upload()
     if state.engine.ready:
-        state.engine.preencode(image)
+        state.engine.preencode(image, state.cache_tenant(record.owner))
     return JSONResponse(_file_object(record, state))
 
 
@@ -116,7 +116,8 @@ def _not_found(file_id: str) -> APIError:
 
 
 def _file_object(record: StoredFile, state: AppState) -> dict[str, object]:
-    encoded = state.engine.is_encoded(record.image.content_hash)
+    encoded = state.engine.is_encoded(record.image.content_hash,
+                                      state.cache_tenant(record.owner))
     return {
         "id": record.id,
         "object": "file",

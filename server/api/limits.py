@@ -8,14 +8,22 @@ bounded lower down, in the HTTP protocol (server/http_protocol.py), where they a
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import error_response
-from server.api.json_depth import json_depth
+from server.api.json_depth import json_shape
+from server.api.protocol import MAX_CONTENT_PARTS, MAX_MESSAGES
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Arrays and objects in one JSON body: a chat at the protocol's limits has fewer (a message
+# and its content list, a part and its image_url); parsing 200,000 of them held the event
+# loop (and every stream) for a quarter of a second before any validation could refuse them.
+MAX_JSON_CONTAINERS = 2 * MAX_MESSAGES + 2 * MAX_CONTENT_PARTS + 64
+_SCAN_OFF_LOOP_BYTES = 1 << 20
 
 
 class BodyTooLarge(HTTPException):
@@ -57,11 +65,22 @@ class RequestLimits:
         if body is None:
             await self._too_large(scope, receive, send)
             return
-        depth = json_depth(body)
+        # numpy's passes let go of the interpreter: off the loop, a large body's scan leaves
+        # token streams running.
+        if len(body) > _SCAN_OFF_LOOP_BYTES:
+            depth, containers = await asyncio.to_thread(json_shape, body, MAX_JSON_CONTAINERS)
+        else:
+            depth, containers = json_shape(body, MAX_JSON_CONTAINERS)
         if depth > self.max_json_depth:
             response = error_response(
                 400, f"the JSON body nests {depth} levels deep; the limit is "
                 f"{self.max_json_depth}", code="json_too_deep")
+            await response(scope, receive, send)
+            return
+        if containers > MAX_JSON_CONTAINERS:
+            response = error_response(
+                400, f"the JSON body holds more than {MAX_JSON_CONTAINERS:,} arrays and "
+                "objects", code="json_too_large")
             await response(scope, receive, send)
             return
         await self.app(scope, _replay(body, receive), send)

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 # Clients send fields we do not use (user, metadata, ...): ignore, don't fail. Types are strict,
 # as the schema says and as OpenAI's API does: "stream": 1 or "max_tokens": "5" is a 400.
@@ -65,6 +73,13 @@ _TEXT_PART = {"type": "object", "required": ["type", "text"],
               "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 _TEXT_ONLY = {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART},
                         {"type": "null"}]}
+
+
+# Bounds on a conversation's shape, checked before its parts are validated one by one:
+# validating (then rendering) 200,000 messages held the event loop for seconds. A chat that
+# fits any context is far inside them.
+MAX_MESSAGES = 2048
+MAX_CONTENT_PARTS = 4096  # list-content parts, over all messages
 
 
 class FunctionCallIn(_Lenient):
@@ -154,7 +169,7 @@ class ChatCompletionRequest(_Lenient):
     })
 
     model: str | None = None
-    messages: list[ChatMessageIn] = Field(min_length=1)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -177,6 +192,20 @@ class ChatCompletionRequest(_Lenient):
     tools: list[ToolDef] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_enough_parts(cls, data: Any) -> Any:
+        """Count content parts on the raw JSON, before pydantic builds a model for each."""
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if isinstance(messages, list) and len(messages) <= MAX_MESSAGES:
+            parts = sum(len(m["content"]) for m in messages
+                        if isinstance(m, dict) and isinstance(m.get("content"), list))
+            if parts > MAX_CONTENT_PARTS:
+                raise PydanticCustomError(
+                    "too_long", "messages: at most {limit} content parts in all, not {n}",
+                    {"limit": MAX_CONTENT_PARTS, "n": parts})
+        return data
 
 
 class PromptTokensDetails(BaseModel):

@@ -28,6 +28,11 @@ class AppState:
     def __post_init__(self) -> None:
         self.decode_budget = DecodeBudget(self.settings.image_decode_budget_mb * 1024 * 1024)
 
+    def cache_tenant(self, client: str) -> str:
+        """Whose engine caches a client (server.api.auth.client_identity) may use: its own,
+        unless the operator lets every key share them (`cache_sharing`)."""
+        return "" if self.settings.cache_sharing else client
+
     @property
     def image_limits(self) -> ImageLimits:
         settings = self.settings

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-EmbedKey = tuple[str, int]  # (image content hash, index of the chunk within that image)
+# (tenant, image content hash, index of the chunk within that image): a tenant's images are
+# never another's cache hit, or the hit (timings, upload status) would tell it what was sent.
+EmbedKey = tuple[str, str, int]
 
 
 class EmbeddingCache:

@@ -12,9 +12,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from server.config import Settings
-from server.engine import llama_log
+from server.engine import llama_log, mtmd
+from server.engine.admission import CLIENT_GONE
 from server.engine.model import LoadedModel, load_model, update_placement
 from server.engine.placement import Placement
+from server.engine.prepare import Preparer, PromptRefused
 from server.engine.scheduler import QueueFullError, Scheduler
 from server.engine.types import (
     ChatMessage,
@@ -67,6 +69,7 @@ class Engine:
         self.warmup_seconds: float | None = None
         self._model: LoadedModel | None = None
         self._scheduler: Scheduler | None = None
+        self._preparer: Preparer | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="vlserve-engine", daemon=True)
 
@@ -97,14 +100,15 @@ class Engine:
     def preencode_backlog(self) -> int:
         return self._scheduler.preencode_backlog if self._scheduler else 0
 
-    def preencode(self, image: ImageInput) -> None:
-        """Queue an image for encoding into the embedding cache at low priority."""
+    def preencode(self, image: ImageInput, tenant: str = "") -> None:
+        """Queue an image for encoding into `tenant`'s embedding cache at low priority."""
         if self._scheduler is not None and self._model is not None and self._model.vision:
-            self._scheduler.submit_preencode(image)
+            self._scheduler.submit_preencode(image, tenant)
 
-    def is_encoded(self, content_hash: str) -> bool:
-        """Whether the image's embedding is cached (read from another thread: a dict probe)."""
-        return self._scheduler is not None and (content_hash, 0) in self._scheduler.embeddings
+    def is_encoded(self, content_hash: str, tenant: str = "") -> bool:
+        """Whether `tenant` has the image's embedding cached (from another thread: a dict
+        probe)."""
+        return self._scheduler is not None and self._scheduler.is_encoded(content_hash, tenant)
 
     @property
     def kv_cells_used(self) -> int:
@@ -113,11 +117,31 @@ class Engine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         """Stream events for one request; stopping early cancels its generation."""
-        if self.state is not EngineState.READY or self._scheduler is None:
+        if self.state is not EngineState.READY or self._scheduler is None \
+                or self._preparer is None:
             raise EngineNotReadyError(f"the model is {self.state.value}")
+        scheduler = self._scheduler
+        if request.cancelled.is_set():  # gone already (e.g. while its images decoded)
+            yield CLIENT_GONE
+            return
+        try:
+            prompt = await _off_loop(self._preparer.prepare, request)
+        except PromptRefused as refused:
+            yield refused.event
+            return
+        except Exception:
+            # One request's content must not take anything else down with it.
+            logger.exception("request %s failed before it started", request.request_id)
+            yield ErrorEvent(500, "the server could not prepare this request",
+                             code="internal_error")
+            return
+        if request.cancelled.is_set():  # the client left while its prompt was prepared
+            prompt.close()
+            yield CLIENT_GONE
+            return
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        self._scheduler.submit(request, EventSink(loop, events))
+        scheduler.submit(request, prompt, EventSink(loop, events))
         try:
             while True:
                 event = await events.get()
@@ -134,6 +158,7 @@ class Engine:
             self._model = load_model(self.settings)
             self.info = dict(self._model.info, load_seconds=round(time.perf_counter() - started, 3))
             self._scheduler = Scheduler(self._model, self.settings)
+            self._preparer = Preparer(self._model, self.settings.system_prompt)
             self._log_startup()
             if self.settings.warmup:
                 self.state = EngineState.WARMING
@@ -154,6 +179,8 @@ class Engine:
         finally:
             if self._scheduler is not None:
                 self._scheduler.close()
+            if self._preparer is not None:
+                self._preparer.gate.close()  # no tokenizing thread still uses the model
             if self._model is not None:
                 self._model.close()
 
@@ -171,7 +198,8 @@ class Engine:
     def _warm_up(self) -> None:
         """Run one real request (with an image, if the model reads them) so first-call
         allocations happen before traffic."""
-        assert self._scheduler is not None and self._model is not None
+        assert self._scheduler is not None and self._preparer is not None
+        assert self._model is not None
         started = time.perf_counter()
         parts = (_warmup_image(), "Describe the image.") if self._model.vision else ("Hello.",)
         request = GenerationRequest(
@@ -182,7 +210,8 @@ class Engine:
             timeout_s=math.inf,  # a slow machine must not fail its own warm-up
         )
         with llama_log.record() as encode_log:  # clip.cpp reports its backend's gaps here
-            self._scheduler.run_to_completion(request, _Discard())
+            prompt = self._preparer.prepare(request)
+            self._scheduler.run_to_completion(request, prompt, _Discard())
         self._scheduler.share_prefix_of_slot(0)
         self._reread_placement(encode_log)
         self.warmup_seconds = round(time.perf_counter() - started, 3)
@@ -212,6 +241,23 @@ class Engine:
         if info["description"]:
             logger.warning("model note: %s", info["description"])
         logger.info("llama.cpp system info: %s", info["system_info"])
+
+
+async def _off_loop(prepare: Callable[[GenerationRequest], mtmd.TokenizedPrompt],
+                    request: GenerationRequest) -> mtmd.TokenizedPrompt:
+    """Run `prepare` in a worker thread. If the caller is cancelled meanwhile, the thread
+    still finishes: its prompt is then freed here rather than leaked."""
+    future = asyncio.get_running_loop().run_in_executor(None, prepare, request)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(_close_result)
+        raise
+
+
+def _close_result(future: asyncio.Future[mtmd.TokenizedPrompt]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
 
 
 def _warmup_image() -> ImageInput:

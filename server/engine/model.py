@@ -15,14 +15,12 @@ from llama_cpp import mtmd_cpp
 
 from server.config import Settings
 from server.engine import llama_log
-from server.engine import mtmd as mtmd_prompt
 from server.engine.build_info import read_build_info
 from server.engine.placement import Placement, placement_warnings, read_placement
 from server.engine.projector import ImageGeometry, ProjectorInfo, read_projector_info
 from server.engine.prompt import ChatTemplate
 from server.engine.templates import ResolvedTemplate, TemplateConfigError, template_for
-from server.engine.tokens import single_control_token, text_prompt
-from server.engine.types import ImageInput
+from server.engine.tokens import single_control_token
 from server.engine.utf8_guard import Utf8Vocab
 
 logger = logging.getLogger("vlserve.engine")
@@ -62,6 +60,10 @@ class LoadedModel:
     # Text that opens the next turn (the template's, plus the preset's `stop`): generation
     # ends there with finish_reason "stop", and the marker never reaches the client.
     stop_strings: tuple[str, ...] = ()
+    # Texts of the control tokens: where the template's markup may yield special tokens.
+    special_texts: tuple[str, ...] = ()
+    # No token stands for more bytes of text than this (None: a normalizing vocab, no bound).
+    max_token_bytes: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
     load_log: list[str] = field(default_factory=list)  # llama.cpp's lines while loading
 
@@ -73,14 +75,6 @@ class LoadedModel:
     @property
     def vision(self) -> bool:
         return self.mtmd is not None
-
-    def tokenize(self, text: str, images: tuple[ImageInput, ...]) -> mtmd_prompt.TokenizedPrompt:
-        if self.mtmd is None:
-            if images:
-                raise mtmd_prompt.MediaError("this model has no vision projector; it reads "
-                                             "text only")
-            return text_prompt(self.vocab, text)
-        return mtmd_prompt.tokenize(self.mtmd, text, images)
 
     def close(self) -> None:
         if self.mtmd is not None:
@@ -159,6 +153,7 @@ def _load(settings: Settings) -> LoadedModel:
         part_separator="" if projector is not None and projector.wraps_images else "\n",
     )
     eog = {t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)}
+    special_texts, max_token_bytes = _text_bounds(vocab, n_vocab)
     marker_tokens = {t for s in chosen.stops
                      if (t := single_control_token(vocab, s, pieces)) is not None}
     geometry = projector.geometry(settings.image_max_side, settings.image_max_tokens) \
@@ -200,6 +195,8 @@ def _load(settings: Settings) -> LoadedModel:
         template=template,
         media_marker=marker,
         stop_strings=chosen.stops,
+        special_texts=special_texts,
+        max_token_bytes=max_token_bytes,
         info=info,
     )
 
@@ -254,6 +251,29 @@ def _choose_template(settings: Settings, model: llama_cpp.llama_model_p) -> Reso
     logger.info("chat template: %s (%s); generation stops at %s", chosen.name, chosen.reason,
                 ", ".join(repr(s) for s in chosen.stops) or "end-of-generation tokens only")
     return chosen
+
+
+_SPECIAL = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+
+
+def _text_bounds(vocab: llama_cpp.llama_vocab_p, n_vocab: int
+                 ) -> tuple[tuple[str, ...], int | None]:
+    """The control tokens' texts, and the most bytes of input text one token can cover.
+
+    A token's stored text is never shorter than the input it covers (SentencePiece stores a
+    space as the 3-byte "▁", byte-level BPE a byte as one or two); 4 bytes covers a whole
+    character falling back to UNK. WordPiece and Unigram vocabs normalize (drop or fold
+    characters), so no such bound holds for them."""
+    special: list[str] = []
+    longest = 4
+    for token in range(n_vocab):
+        text = llama_cpp.llama_vocab_get_text(vocab, token) or b""
+        longest = max(longest, len(text))
+        if llama_cpp.llama_vocab_get_attr(vocab, token) & _SPECIAL and text:
+            special.append(text.decode("utf-8", errors="replace"))
+    bounded = llama_cpp.llama_vocab_type(vocab) in (llama_cpp.LLAMA_VOCAB_TYPE_SPM,
+                                                    llama_cpp.LLAMA_VOCAB_TYPE_BPE)
+    return tuple(special), longest if bounded else None
 
 
 def _piece(vocab: llama_cpp.llama_vocab_p, token: int, *, special: bool) -> bytes:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import llama_cpp
 from llama_cpp import mtmd_cpp
 
+from server.engine.textparts import Part, Special
 from server.engine.types import ImageInput
 
 
@@ -58,20 +59,31 @@ class TokenizedPrompt:
             self._handle = None
 
 
-def tokenize(mctx: int, text: str, images: tuple[ImageInput, ...]) -> TokenizedPrompt:
-    bitmaps = [_bitmap(image) for image in images]
+def tokenize_parts(mctx: int, parts: list[Part]) -> TokenizedPrompt:
+    """Tokenize plain text (special parsing off), special tokens' texts and images in order;
+    no media markers are involved, so a marker in plain text stays text."""
+    bitmaps: list[int] = []
     chunks_handle = mtmd_cpp.mtmd_input_chunks_init()
     try:
-        raw = text.encode("utf-8")
-        input_text = mtmd_cpp.mtmd_input_text(raw, len(raw), True, True)
-        bitmap_array = (mtmd_cpp.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
-        ret = mtmd_cpp.mtmd_tokenize(
-            mctx, chunks_handle, ctypes.byref(input_text), bitmap_array, len(bitmaps)
-        )
+        texts: list[bytes] = []  # kept alive until mtmd has read them
+        inputs = (mtmd_cpp.mtmd_input_text * max(1, len(parts)))()
+        records = (mtmd_cpp.mtmd_input_part * max(1, len(parts)))()
+        for i, part in enumerate(parts):
+            if isinstance(part, ImageInput):
+                bitmaps.append(_bitmap(part))
+                records[i].bitmap = bitmaps[-1]
+                continue
+            special = isinstance(part, Special)
+            raw = (part.text if isinstance(part, Special) else part).encode("utf-8")
+            texts.append(raw)
+            inputs[i] = mtmd_cpp.mtmd_input_text(raw, len(raw), False, special)
+            records[i].text = ctypes.pointer(inputs[i])
+        pointers = (ctypes.POINTER(mtmd_cpp.mtmd_input_part) * max(1, len(parts)))(
+            *(ctypes.pointer(records[i]) for i in range(len(parts))))
+        ret = mtmd_cpp.mtmd_tokenize_from_parts(mctx, chunks_handle, pointers, len(parts), True)
         if ret != 0:
-            reason = {1: "image count does not match the prompt's markers",
-                      2: "an image could not be preprocessed"}.get(ret, f"error {ret}")
-            raise MediaError(f"multimodal tokenization failed: {reason}")
+            raise MediaError(f"multimodal tokenization failed (error {ret}): an image could "
+                             "not be preprocessed")
         chunks = [_describe(mtmd_cpp.mtmd_input_chunks_get(chunks_handle, i))
                   for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks_handle))]
     except BaseException:

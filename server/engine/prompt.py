@@ -1,7 +1,12 @@
-"""Chat template (from GGUF metadata or config) → prompt text with media markers."""
+"""Chat template (from GGUF metadata or config) → prompt text with media markers.
+
+The rendered prompt comes back as segments that say which text the template wrote (its
+markup: the only place special tokens may come from) and which the client wrote (tokenized
+as plain text, so a user who types `</s>` or the media marker gets those characters)."""
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,9 +22,20 @@ class PromptError(ValueError):
 
 
 @dataclass(frozen=True)
+class Segment:
+    text: str
+    user: bool  # written by a client (or the operator's system prompt): never special
+
+
+@dataclass(frozen=True)
 class RenderedPrompt:
-    text: str  # one media marker per image, in order
+    # In order; the template's markup holds one media marker per image, user text none.
+    segments: tuple[Segment, ...]
     images: tuple[ImageInput, ...]
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments)
 
 
 class ChatTemplate:
@@ -47,10 +63,20 @@ class ChatTemplate:
     ) -> RenderedPrompt:
         """`tools`: the request's tool definitions (OpenAI shape), for templates that show
         them; None when the request has none, as HF's apply_chat_template passes them."""
+        # Client text goes in between two sentinels no client can guess (a fresh nonce each
+        # time), so the rendered text says where it is, whatever the template wraps around it.
+        # Digits and ASCII control characters: case filters and trim leave them as they are,
+        # and ASCII text stays one byte a character.
+        nonce = f"\x02{secrets.randbits(64):020d}"
+        sentinels = (f"{nonce}[", f"{nonce}]")
+
+        def wrap(text: str) -> str:
+            return f"{sentinels[0]}{text}{sentinels[1]}" if text else text
+
         images: list[ImageInput] = []
         rendered_messages: list[dict[str, Any]] = []
         if system_prompt and not any(m.role == "system" for m in messages):
-            rendered_messages.append({"role": "system", "content": system_prompt})
+            rendered_messages.append({"role": "system", "content": wrap(system_prompt)})
         for message in messages:
             texts: list[str] = []
             for part in message.parts:
@@ -58,7 +84,7 @@ class ChatTemplate:
                     images.append(part)
                     texts.append(self._marker)
                 else:
-                    texts.append(part)
+                    texts.append(wrap(part))
             rendered_messages.append({"role": message.role,
                                       "content": self._separator.join(texts)})
         try:
@@ -79,9 +105,59 @@ class ChatTemplate:
         # does not (Youtu-VL: <|begin_of_text|> opens every turn), the template's must stay.
         if self._strip_bos and self._bos and text.startswith(self._bos):
             text = text[len(self._bos):]
-        if text.count(self._marker) != len(images):
-            raise PromptError("message text must not contain the media marker itself")
-        return RenderedPrompt(text, tuple(images))
+        segments = split_segments(text, sentinels)
+        markers = sum(s.text.count(self._marker) for s in segments if not s.user)
+        if markers != len(images):
+            raise PromptError("the chat template did not place every image of the messages")
+        return RenderedPrompt(segments, tuple(images))
+
+
+def split_segments(text: str, sentinels: tuple[str, str]) -> tuple[Segment, ...]:
+    """Cut rendered text at the sentinels into markup and user segments (sentinels dropped).
+
+    A template that cuts into message content (e.g. keeps what follows a `</think>`) can leave
+    a sentinel without its partner: the text on the open side of a stray sentinel, up to the
+    previous one, is then taken as user text. A template that altered a sentinel (the nonce
+    is still there, its frame is not) makes all of the prompt user text. Erring that way only
+    costs the template's markup its special meaning, never gives a client's text one."""
+    opening, closing = sentinels
+    nonce = opening[:-1]
+    out: list[Segment] = []
+    inside = False
+    start = 0
+    while True:  # str.find, not a regex: linear and fast on a 50 MB prompt
+        at = text.find(nonce, start)
+        if at < 0:
+            break
+        piece = text[start:at]
+        if piece:
+            out.append(Segment(piece, inside))
+        if text.startswith(opening, at):
+            inside = True
+        elif not text.startswith(closing, at):
+            return (Segment(text.replace(opening, "").replace(closing, ""), True),)
+        elif inside:
+            inside = False
+        elif piece:  # a closing sentinel that lost its opening one
+            out[-1] = Segment(piece, True)
+        start = at + len(opening)
+    if start < len(text):
+        out.append(Segment(text[start:], inside))
+    digits = nonce[1:]
+    if any(digits in s.text for s in out if not s.user):  # a sentinel escaped or cut apart
+        return (Segment(text.replace(opening, "").replace(closing, ""), True),)
+    return tuple(_merge(out))
+
+
+def _merge(segments: list[Segment]) -> list[Segment]:
+    """Join neighbours of the same kind (joined once per run: linear in the text)."""
+    runs: list[tuple[bool, list[str]]] = []
+    for segment in segments:
+        if runs and runs[-1][0] == segment.user:
+            runs[-1][1].append(segment.text)
+        else:
+            runs.append((segment.user, [segment.text]))
+    return [Segment("".join(texts), user) for user, texts in runs]
 
 
 def _raise_exception(message: str) -> None:

@@ -11,24 +11,22 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import llama_cpp
 
 from server.config import Settings
 from server.engine import mtmd
+from server.engine.admission import CLIENT_GONE, Inbox, Pending, QueueFullError, Sink
 from server.engine.batch import TokenBatch
 from server.engine.detokenize import TextStream
 from server.engine.embed_cache import EmbeddingCache, EmbedKey
 from server.engine.logprobs import token_logprob
 from server.engine.model import LoadedModel
 from server.engine.prefix import KvKey, common_prefix_len, n_positions, n_tokens
-from server.engine.prompt import PromptError
 from server.engine.sampling import GrammarError, TokenSampler, build_sampler
 from server.engine.types import (
     DoneEvent,
@@ -41,16 +39,9 @@ from server.engine.types import (
 
 logger = logging.getLogger("vlserve.engine")
 
+__all__ = ["QueueFullError", "Scheduler", "Sink"]
 
 PREENCODE_BACKLOG = 16  # uploaded images waiting for an idle engine to encode them
-
-
-class QueueFullError(RuntimeError):
-    pass
-
-
-class Sink(Protocol):
-    def put(self, event: EngineEvent) -> None: ...
 
 
 @dataclass
@@ -83,6 +74,10 @@ class Job:
 class Slot:
     seq_id: int
     cached: list[KvKey] = field(default_factory=list)  # what this sequence's KV holds
+    # Whose data `cached` is: only that tenant may reuse it. The warm-up's prefix counts as
+    # the keyless tenant's (""): with keys on, probing it could spell out the operator's
+    # system prompt.
+    tenant: str = ""
     n_past: int = 0  # KV positions used by this sequence
     job: Job | None = None
 
@@ -101,37 +96,45 @@ class Scheduler:
         self.settings = settings
         self.slots = [Slot(seq_id=i) for i in range(settings.n_parallel)]
         self.embeddings = EmbeddingCache(settings.image_cache_mb * 1024 * 1024)
-        self._inbox: queue.Queue[tuple[GenerationRequest, Sink, float]] = queue.Queue()
+        self._inbox = Inbox()
         # Once set (shutdown, engine failure), every request, queued or new, gets this event.
         self._refusal: ErrorEvent | None = None
         self._submit_lock = threading.Lock()
         # Bounded: the engine encodes ahead only when idle, so under steady load this would
         # grow by one decoded image per upload, for as long as the load lasts.
-        self._preencode: deque[ImageInput] = deque(maxlen=PREENCODE_BACKLOG)
+        self._preencode: deque[tuple[ImageInput, str]] = deque(maxlen=PREENCODE_BACKLOG)
         self._batch = TokenBatch(max(model.n_batch, settings.n_parallel))
         self._mem = llama_cpp.llama_get_memory(model.ctx)
         self._embd_row_bytes = llama_cpp.llama_model_n_embd_inp(model.model) * 4
 
     # --- any thread -------------------------------------------------------------------
-    def submit(self, request: GenerationRequest, sink: Sink) -> None:
+    def submit(self, request: GenerationRequest, prompt: mtmd.TokenizedPrompt, sink: Sink
+               ) -> None:
+        """Queue a prepared request; from here on the engine owns (and frees) `prompt`."""
+        pending = Pending(request, prompt, sink)
         # Requests for free slots pass straight through; beyond them, max_queue may wait.
         # (Reading busy_slots from another thread is racy by at most one admission.)
         with self._submit_lock:  # no request slips into the inbox after refuse_all drained it
             if self._refusal is not None:
-                sink.put(self._refusal)
+                pending.answer(self._refusal)
                 return
             free_slots = len(self.slots) - self.busy_slots
-            if self._inbox.qsize() >= self.settings.max_queue + free_slots:
+            try:
+                self._inbox.put(pending, self.settings.max_queue + free_slots)
+            except QueueFullError:
+                prompt.close()
                 raise QueueFullError(
-                    f"the request queue is full ({self.settings.max_queue} waiting)")
-            self._inbox.put_nowait((request, sink, time.perf_counter()))
+                    f"the request queue is full ({self.settings.max_queue} waiting)") from None
 
-    def submit_preencode(self, image: ImageInput) -> None:
-        """Encode an image into the embedding cache when the engine has nothing else to do.
+    def submit_preencode(self, image: ImageInput, tenant: str = "") -> None:
+        """Encode an image into `tenant`'s embedding cache when the engine is idle.
 
         Best effort: past PREENCODE_BACKLOG waiting images the oldest is dropped (a chat that
         references it encodes it then)."""
-        self._preencode.append(image)  # deque.append from another thread: atomic
+        self._preencode.append((image, tenant))  # deque.append from another thread: atomic
+
+    def is_encoded(self, content_hash: str, tenant: str = "") -> bool:
+        return (tenant, content_hash, 0) in self.embeddings
 
     @property
     def preencode_backlog(self) -> int:
@@ -139,7 +142,7 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return self._inbox.qsize()
+        return len(self._inbox)
 
     @property
     def busy_slots(self) -> int:
@@ -167,11 +170,13 @@ class Scheduler:
     # --- engine thread ----------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
+            for pending in self._inbox.take_cancelled():
+                pending.drop_cancelled()
             self._admit(block=not self.busy_slots and not self._preencode)
             if self.busy_slots:
                 self._step()
             elif self._preencode:
-                self._encode_ahead(self._preencode.popleft())
+                self._encode_ahead(*self._preencode.popleft())
         self.refuse_all(ErrorEvent(503, "the server is shutting down",
                                    code="server_shutting_down"))
 
@@ -182,16 +187,13 @@ class Scheduler:
         for slot in self.slots:
             if slot.job is not None:
                 self._end(slot, event)
-        while True:
-            try:
-                _, sink, _ = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            sink.put(event)
+        for pending in self._inbox.take_all():
+            pending.answer(event)
 
-    def run_to_completion(self, request: GenerationRequest, sink: Sink) -> None:
+    def run_to_completion(self, request: GenerationRequest, prompt: mtmd.TokenizedPrompt,
+                          sink: Sink) -> None:
         """Serve one request synchronously (warm-up, before the loop starts)."""
-        self.submit(request, sink)
+        self.submit(request, prompt, sink)
         self._admit(block=False)
         while self.busy_slots:
             self._step()
@@ -207,78 +209,52 @@ class Scheduler:
             llama_cpp.llama_memory_seq_cp(self._mem, origin.seq_id, slot.seq_id, -1, -1)
             slot.cached = list(origin.cached)
             slot.n_past = origin.n_past
+            slot.tenant = origin.tenant
 
     def _admit(self, block: bool) -> None:
         while any(s.job is None for s in self.slots):
-            try:
-                request, sink, queued_at = self._inbox.get(timeout=0.2 if block else 0)
-            except queue.Empty:
+            pending = self._inbox.get(timeout=0.2 if block else 0)
+            if pending is None:
                 return
             block = False
-            request.timer.add("queue", time.perf_counter() - queued_at)
-            if request.cancelled.is_set():
-                logger.info("request %s cancelled (client gone) after 0 tokens, while queued",
-                            request.request_id)
+            pending.request.timer.add("queue", time.perf_counter() - pending.queued_at)
+            if pending.request.cancelled.is_set():
+                pending.drop_cancelled()
             else:
-                self._start_guarded(request, sink)
+                self._start_guarded(pending)
 
-    def _start_guarded(self, request: GenerationRequest, sink: Sink) -> None:
+    def _start_guarded(self, pending: Pending) -> None:
         """One request's unexpected failure answers that request with a 500; it must never
         take the engine loop (and every other request) down with it."""
         try:
-            self._start(request, sink)
+            self._start(pending)
         except Exception:
-            logger.exception("preparing request %s failed", request.request_id)
+            logger.exception("preparing request %s failed", pending.request.request_id)
             for slot in self.slots:
-                if slot.job is not None and slot.job.request is request:
+                if slot.job is not None and slot.job.request is pending.request:
                     self._forget(slot)
                     self._end(slot, ErrorEvent(500, "the engine failed on this request"))
                     return
-            sink.put(ErrorEvent(500, "the engine failed on this request"))
+            pending.answer(ErrorEvent(500, "the engine failed on this request"))
 
-    def _start(self, request: GenerationRequest, sink: Sink) -> None:
-        """Tokenize, pick a slot, keep its reusable KV prefix and queue the rest as work."""
+    def _start(self, pending: Pending) -> None:
+        """Pick a slot, keep its reusable KV prefix and queue the rest of the prompt as work."""
+        request, prompt, sink = pending.request, pending.prompt, pending.sink
         timer = request.timer
         model = self.model
         try:
-            rendered = model.template.render(request.messages, self.settings.system_prompt)
-            t0 = time.perf_counter()
-            prompt = model.tokenize(rendered.text, rendered.images)
-        except (PromptError, mtmd.MediaError) as exc:
-            sink.put(ErrorEvent(400, str(exc)))
-            return
-        except Exception:
-            # Nothing is in a slot yet: one request's content must not take the engine (and
-            # every other request) down with it.
-            logger.exception("request %s failed before it started", request.request_id)
-            sink.put(ErrorEvent(500, "the server could not prepare this request",
-                                code="internal_error"))
-            return
-        # mtmd's preprocessing (resize + normalize for the projector) dominates tokenization
-        # when images are present: it is booked as resizing, so `image_encode` is the vision
-        # encoder alone and reads 0 when the embedding cache answers.
-        timer.add("image_resize" if rendered.images else "prompt_eval", time.perf_counter() - t0)
-        timer.prompt_tokens = prompt.n_tokens
-        timer.image_tokens = prompt.image_tokens
-        error = self._check_prompt(prompt)
-        sampler = None
-        if error is None:
-            try:
-                sampler = build_sampler(request.sampling, model.vocab, model.utf8,
-                                        model.eog_tokens, timer)
-            except GrammarError as exc:
-                error = ErrorEvent(400, f"response_format: {exc}", code="invalid_grammar")
-        if sampler is None:
-            assert error is not None
-            prompt.close()
-            sink.put(error)
+            sampler = build_sampler(request.sampling, model.vocab, model.utf8, model.eog_tokens,
+                                    timer)
+        except GrammarError as exc:
+            pending.answer(ErrorEvent(400, f"response_format: {exc}", code="invalid_grammar"))
             return
         keys = prompt.keys()
-        slot, keep = self._pick_slot(keys)
+        slot, keep = self._pick_slot(keys, request.tenant)
         kept = keys[:keep]
         slot.n_past = n_positions(kept)
         llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, slot.n_past, -1)
         del slot.cached[keep:]
+        slot.tenant = request.tenant
         timer.cached_tokens = n_tokens(kept)
         # Images already in the slot's KV are reused without the encoder, like cache hits.
         timer.image_cache_hits += sum(1 for k in kept if not isinstance(k, int))
@@ -292,31 +268,19 @@ class Scheduler:
                                             else model.stop_strings)),
             max_new=request.max_tokens,
             prompt=prompt,
-            work=_remaining_work(prompt, keep),
+            work=_remaining_work(prompt, keep, request.tenant),
             deadline=time.perf_counter() + (request.timeout_s or self.settings.request_timeout),
             held_text=None if request.stream or request.top_logprobs is not None else [],
         )
 
-    def _check_prompt(self, prompt: mtmd.TokenizedPrompt) -> ErrorEvent | None:
-        n_ctx = self.model.n_ctx
-        if prompt.n_pos > n_ctx - 1:
-            return ErrorEvent(
-                400,
-                f"the prompt is {prompt.n_tokens} tokens ({prompt.image_tokens} of them from "
-                f"images) but the context holds {n_ctx - 1}; shorten the conversation or "
-                "send fewer/smaller images",
-                code="context_length_exceeded",
-            )
-        if prompt.chunks[-1].image is not None:
-            return ErrorEvent(400, "the prompt must not end with an image")
-        return None
-
-    def _pick_slot(self, keys: list[KvKey]) -> tuple[Slot, int]:
+    def _pick_slot(self, keys: list[KvKey], tenant: str) -> tuple[Slot, int]:
         """The free slot sharing the longest prefix, and how many entries of it to keep;
-        idle caches are dropped if the prompt might not fit beside them."""
+        idle caches are dropped if the prompt might not fit beside them. Another tenant's
+        cache is worth nothing: how much of it matched would tell what it holds."""
         free = [s for s in self.slots if s.job is None]
         # Ties go to the shorter cache, then to the lower slot (slots[i].seq_id == i).
-        keep, _, neg_seq = max((common_prefix_len(s.cached, keys), -len(s.cached), -s.seq_id)
+        keep, _, neg_seq = max((common_prefix_len(s.cached, keys) if s.tenant == tenant else 0,
+                                -len(s.cached), -s.seq_id)
                                for s in free)
         best = self.slots[-neg_seq]
         used = sum(s.n_past for s in self.slots if s is not best)
@@ -335,7 +299,9 @@ class Scheduler:
             if job.request.cancelled.is_set():
                 logger.info("request %s cancelled (client gone) after %d tokens; slot %d freed",
                             job.request.request_id, job.n_generated, slot.seq_id)
-                self._finish(slot, "stop")
+                job.request.timer.completion_tokens = job.n_generated
+                job.request.timer.mark_since_start("total")
+                self._end(slot, CLIENT_GONE)
             elif now > job.deadline:
                 self._end(slot, ErrorEvent(504, "the request took longer than its time limit "
                                            f"({self.settings.request_timeout:g} s)",
@@ -435,17 +401,17 @@ class Scheduler:
             self._forget(slot)
             self._end(slot, ErrorEvent(500, str(exc), code="image_failed"))
 
-    def _encode_ahead(self, image: ImageInput) -> None:
+    def _encode_ahead(self, image: ImageInput, tenant: str) -> None:
         """Pre-encode an uploaded image so a later chat skips the vision encoder."""
         if self.model.mtmd is None:
             return
         try:
-            prompt = mtmd.tokenize(self.model.mtmd, self.model.media_marker, (image,))
+            prompt = mtmd.tokenize_parts(self.model.mtmd, [image])
         except mtmd.MediaError as exc:
             logger.warning("pre-encoding image %s failed: %s", image.content_hash, exc)
             return
         try:
-            for item in _remaining_work(prompt, 0):
+            for item in _remaining_work(prompt, 0, tenant):
                 if item.embed_key is None or item.embed_key in self.embeddings:
                     continue
                 embd = mtmd.encode_image(self.model.mtmd, item.chunk)
@@ -545,8 +511,10 @@ class Scheduler:
         self._batch.close()
 
 
-def _remaining_work(prompt: mtmd.TokenizedPrompt, keep: int) -> deque[PrefillItem]:
-    """The prompt's chunks after the first `keep` KV entries, as prefill work."""
+def _remaining_work(prompt: mtmd.TokenizedPrompt, keep: int, tenant: str
+                    ) -> deque[PrefillItem]:
+    """The prompt's chunks after the first `keep` KV entries, as prefill work; images are
+    looked up in `tenant`'s part of the embedding cache."""
     work: deque[PrefillItem] = deque()
     index = 0
     seen: dict[str, int] = {}
@@ -561,5 +529,6 @@ def _remaining_work(prompt: mtmd.TokenizedPrompt, keep: int) -> deque[PrefillIte
         seen[chunk.image.content_hash] = ordinal + 1
         index += 1
         if index > keep:
-            work.append(PrefillItem(chunk, embed_key=(chunk.image.content_hash, ordinal)))
+            work.append(PrefillItem(chunk, embed_key=(tenant, chunk.image.content_hash,
+                                                      ordinal)))
     return work

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import llama_cpp
 
-from server.engine.mtmd import PromptChunk, TokenizedPrompt
+from server.engine.mtmd import MediaError, PromptChunk, TokenizedPrompt
+from server.engine.textparts import Part, Special
+from server.engine.types import ImageInput
 
 
 def tokenize_text(vocab: llama_cpp.llama_vocab_p, text: str, *, add_special: bool = True,
@@ -23,11 +27,23 @@ def tokenize_text(vocab: llama_cpp.llama_vocab_p, text: str, *, add_special: boo
     return list(buf[:n])
 
 
-def text_prompt(vocab: llama_cpp.llama_vocab_p, text: str) -> TokenizedPrompt:
-    """The rendered prompt as one text chunk, shaped like mtmd's output for the scheduler."""
-    tokens = tuple(tokenize_text(vocab, text))
-    return TokenizedPrompt(None, [PromptChunk(tokens=tokens, image=None, n_tokens=len(tokens),
-                                              handle=0)])
+def text_prompt(vocab: llama_cpp.llama_vocab_p, parts: Sequence[Part]) -> TokenizedPrompt:
+    """The prompt's parts as one text chunk, tokenized as mtmd_tokenize_from_parts does
+    (each part alone, special parsing only for the template's own special tokens, the
+    vocab's BOS/EOS around the whole), shaped like mtmd's output for the scheduler."""
+    tokens: list[int] = []
+    for part in parts:
+        if isinstance(part, ImageInput):
+            raise MediaError("this model has no vision projector; it reads text only")
+        special = isinstance(part, Special)
+        tokens += tokenize_text(vocab, part.text if isinstance(part, Special) else part,
+                                add_special=False, parse_special=special)
+    if llama_cpp.llama_vocab_get_add_bos(vocab):
+        tokens.insert(0, llama_cpp.llama_vocab_bos(vocab))
+    if llama_cpp.llama_vocab_get_add_eos(vocab):
+        tokens.append(llama_cpp.llama_vocab_eos(vocab))
+    return TokenizedPrompt(None, [PromptChunk(tokens=tuple(tokens), image=None,
+                                              n_tokens=len(tokens), handle=0)])
 
 
 def single_control_token(vocab: llama_cpp.llama_vocab_p, marker: str,

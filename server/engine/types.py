@@ -61,6 +61,8 @@ class GenerationRequest:
     stream: bool = True
     # Set from any thread to stop generation at the next step.
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Whose caches (KV prefix, image embeddings) this request may use; "" when all share.
+    tenant: str = ""
 
 
 @dataclass(frozen=True)

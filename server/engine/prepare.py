@@ -1,0 +1,124 @@
+"""Messages → tokenized prompt, on the caller's thread (never the engine's).
+
+Rendering and tokenizing grow with the request, so they run before the request reaches the
+engine: one client's huge body then costs a worker thread, not every stream's next token.
+A prompt that cannot fit the context is refused from its size alone, before tokenizing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from server.engine import mtmd
+from server.engine.model import LoadedModel
+from server.engine.prompt import PromptError, RenderedPrompt
+from server.engine.textparts import MarkupSplitter
+from server.engine.tokens import text_prompt
+from server.engine.types import ErrorEvent, GenerationRequest
+
+
+class PromptRefused(Exception):
+    """The request cannot be served as sent; `event` is its answer."""
+
+    def __init__(self, event: ErrorEvent) -> None:
+        super().__init__(event.message)
+        self.event = event
+
+
+class ModelGate:
+    """Tokenizing threads use the model's vocab and mtmd context: closing waits for them."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._users = 0
+        self._closed = False
+
+    def __enter__(self) -> None:
+        with self._cond:
+            if self._closed:
+                raise PromptRefused(ErrorEvent(503, "the server is shutting down",
+                                               code="server_shutting_down"))
+            self._users += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._users -= 1
+            self._cond.notify_all()
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.wait_for(lambda: self._users == 0, timeout)
+
+
+class Preparer:
+    def __init__(self, model: LoadedModel, system_prompt: str | None) -> None:
+        self.model = model
+        self._system_prompt = system_prompt
+        self._splitter = MarkupSplitter(model.special_texts, model.media_marker)
+        self.gate = ModelGate()
+
+    def prepare(self, request: GenerationRequest) -> mtmd.TokenizedPrompt:
+        """Raises PromptRefused with the answer for what cannot be served."""
+        model = self.model
+        timer = request.timer
+        try:
+            rendered = model.template.render(request.messages, self._system_prompt)
+        except PromptError as exc:
+            raise PromptRefused(ErrorEvent(400, str(exc))) from None
+        self._check_size(rendered)
+        t0 = time.perf_counter()
+        with self.gate:
+            try:
+                parts = self._splitter.parts(rendered)
+                prompt = mtmd.tokenize_parts(model.mtmd, parts) if model.mtmd is not None \
+                    else text_prompt(model.vocab, parts)
+            except mtmd.MediaError as exc:
+                raise PromptRefused(ErrorEvent(400, str(exc))) from None
+        # mtmd's preprocessing (resize + normalize for the projector) dominates tokenization
+        # when images are present: it is booked as resizing, so `image_encode` is the vision
+        # encoder alone and reads 0 when the embedding cache answers.
+        timer.add("image_resize" if rendered.images else "prompt_eval", time.perf_counter() - t0)
+        timer.prompt_tokens = prompt.n_tokens
+        timer.image_tokens = prompt.image_tokens
+        error = self._check_tokens(prompt)
+        if error is not None:
+            prompt.close()
+            raise PromptRefused(error)
+        return prompt
+
+    def _check_size(self, rendered: RenderedPrompt) -> None:
+        """Refuse text that is certainly over the context: no token of this vocab stands for
+        more than `max_token_bytes` bytes of text, so fewer tokens than bytes / that bound
+        is impossible."""
+        bound = self.model.max_token_bytes
+        if bound is None:
+            return  # a normalizing vocab (may drop characters): no sound bound
+        marker_bytes = len(self.model.media_marker.encode()) * len(rendered.images)
+        n_bytes = sum(len(s.text) if s.text.isascii() else  # no copy of ASCII text
+                      len(s.text.encode("utf-8", "surrogatepass")) for s in rendered.segments)
+        at_least = -(-(n_bytes - marker_bytes) // bound)
+        limit = self.model.n_ctx - 1
+        if at_least > limit:
+            raise PromptRefused(_too_long(f"at least {at_least} tokens", limit))
+
+    def _check_tokens(self, prompt: mtmd.TokenizedPrompt) -> ErrorEvent | None:
+        limit = self.model.n_ctx - 1
+        if prompt.n_pos > limit:
+            return _too_long(f"{prompt.n_tokens} tokens ({prompt.image_tokens} of them from "
+                             "images)", limit)
+        if not prompt.chunks:
+            return ErrorEvent(400, "the prompt is empty")
+        if prompt.chunks[-1].image is not None:
+            return ErrorEvent(400, "the prompt must not end with an image")
+        return None
+
+
+def _too_long(size: str, limit: int) -> ErrorEvent:
+    return ErrorEvent(
+        400,
+        f"the prompt is {size} but the context holds {limit}; shorten the "
+        "conversation or send fewer/smaller images",
+        code="context_length_exceeded",
+    )
