@@ -14,6 +14,7 @@ from server.api.auth import client_identity
 from server.api.errors import APIError, error_response
 from server.api.messages import to_engine_messages
 from server.api.observe import RequestRecord, request_record
+from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import event_stream, responses
 from server.api.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from server.api.response_format import response_grammar
@@ -37,7 +38,7 @@ from server.engine.engine import EngineNotReadyError, QueueFullError
 from server.engine.logprobs import TokenLogprob
 from server.timings import StageTimer
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopJSONRoute)
 
 
 _OK = "The completion as JSON or, with `stream: true`, as server-sent events: one " \
