@@ -192,6 +192,29 @@ def test_server_errors_are_shown_readably(page: Page, server: RunningServer,
     expect(page.locator(".chip")).to_have_count(1)
 
 
+def test_answer_format_box_makes_the_answer_json(page: Page, server: RunningServer) -> None:
+    """The JSON Schema box becomes response_format: random weights then answer a document
+    valid against it; a box that isn't JSON is explained and the turn kept for a retry."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    bodies = chat_bodies(page)
+    page.goto(f"{server.url}/playground")
+    page.fill("#schema", "{not json")
+    page.fill("#prompt", "Is it ok?")
+    page.click("#send")
+    expect(page.locator(".bubble.error")).to_contain_text("The answer format is not valid JSON")
+    expect(page.locator("#prompt")).to_have_value("Is it ok?")
+    assert bodies == []  # nothing was sent
+
+    page.fill("#schema", json.dumps(schema))
+    page.click("#send")
+    answer = page.locator(".msg.assistant .text").last
+    expect(page.locator(".timing").last).to_be_visible(timeout=STREAM_TIMEOUT_MS)
+    assert json.loads(answer.text_content() or "") in ({"ok": True}, {"ok": False})
+    assert bodies[-1]["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+
+
 def test_api_key_is_sent_and_401_explained(page: Page, server: RunningServer) -> None:
     seen: list[str | None] = []
 

@@ -20,7 +20,8 @@ const STAGES = [
 const $ = (id) => document.getElementById(id);
 const ui = {
   status: $("status"), statusText: $("status-text"), messages: $("messages"), empty: $("empty"),
-  system: $("system"), maxTokens: $("max-tokens"), temperature: $("temperature"),
+  system: $("system"), schema: $("schema"), tools: $("tools"), toolRequired: $("tool-required"),
+  maxTokens: $("max-tokens"), temperature: $("temperature"),
   temperatureValue: $("temperature-value"), apiKey: $("api-key"), newChat: $("new-chat"),
   composer: $("composer"), attachments: $("attachments"), notice: $("notice"),
   fileInput: $("file-input"), prompt: $("prompt"), send: $("send"), overlay: $("drop-overlay"),
@@ -226,7 +227,7 @@ async function sendQuestion() {
     if (text) parts.unshift({ type: "text", text });
     const user = { role: "user", content: ids.length ? parts : text };
     const reply = await streamAnswer([...systemMessages(), ...conversation, user], answer);
-    conversation.push(user, { role: "assistant", content: reply });
+    conversation.push(user, reply);
   } catch (err) {
     answer.body.classList.remove("pending");
     if (err.name === "AbortError") {
@@ -258,6 +259,17 @@ function systemMessages() {
   return system ? [{ role: "system", content: system }] : [];
 }
 
+// The JSON boxes: null when empty; the server enforces them (or says why it can't).
+function jsonBox(box, what) {
+  const text = box.value.trim();
+  if (!text) return null;
+  try {
+    return JSON.parse(text);
+  } catch (err) {
+    throw new ApiError(`The ${what} is not valid JSON: ${err.message}`);
+  }
+}
+
 async function streamAnswer(messages, answer) {
   const body = {
     model: modelId || "default",
@@ -267,6 +279,13 @@ async function streamAnswer(messages, answer) {
     temperature: Number(ui.temperature.value),
   };
   if (ui.maxTokens.value) body.max_tokens = Number(ui.maxTokens.value);
+  const schema = jsonBox(ui.schema, "answer format");
+  if (schema) body.response_format = { type: "json_schema", json_schema: { name: "answer", schema } };
+  const tools = jsonBox(ui.tools, "tool list");
+  if (tools) {
+    body.tools = tools;
+    body.tool_choice = ui.toolRequired.checked ? "required" : "auto";
+  }
   const response = await api("chat/completions", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
@@ -276,6 +295,7 @@ async function streamAnswer(messages, answer) {
   if (!response.ok) throw await apiError(response);
 
   let reply = "";
+  const calls = [];  // by index: {id, name, arguments}, as the stream's tool_calls pieces build them
   let timings = null;
   let finish = null;
   try {
@@ -289,6 +309,11 @@ async function streamAnswer(messages, answer) {
         answer.text.textContent = reply;
         scrollDown();
       }
+      for (const piece of choice?.delta?.tool_calls || []) {
+        const call = (calls[piece.index] ||= { id: piece.id, name: piece.function?.name, arguments: "" });
+        call.arguments += piece.function?.arguments || "";
+        showCalls(answer, calls);
+      }
       finish = choice?.finish_reason || finish;
       timings = chunk.timings || timings;
     }
@@ -297,10 +322,22 @@ async function streamAnswer(messages, answer) {
     answer.body.append(el("div", "note", "stopped"));  // keep what came, in the history too
   }
   answer.body.classList.remove("pending");
-  if (!reply) answer.text.textContent = "(empty answer)";
+  if (!reply && !calls.length) answer.text.textContent = "(empty answer)";
   if (timings) answer.body.append(timingView(timings, finish));
   scrollDown();
-  return reply;
+  const message = { role: "assistant", content: reply || (calls.length ? null : "") };
+  if (calls.length) {
+    message.tool_calls = calls.map((c) => ({ id: c.id, type: "function",
+                                             function: { name: c.name, arguments: c.arguments } }));
+  }
+  return message;
+}
+
+// Tool calls as calls: one line each, name(arguments), under the answer's text.
+function showCalls(answer, calls) {
+  answer.calls ||= answer.body.appendChild(el("div", "calls"));
+  answer.calls.replaceChildren(...calls.map((c) => el("div", "call", `${c.name}(${c.arguments})`)));
+  scrollDown();
 }
 
 // The `data:` payloads of a server-sent-events response, one string per event.
