@@ -120,6 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level)
     _check_chat_template(settings)
     _ensure_model_files(settings)
+    _check_loadable(settings)
 
     from server.app import create_app
     from server.engine import Engine
@@ -182,6 +183,22 @@ def _check_chat_template(settings: Settings) -> None:
         template_for(settings, {})
     except TemplateConfigError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _check_loadable(settings: Settings) -> None:
+    """A model this llama.cpp cannot load is a config error (exit 2) named from the GGUF
+    headers in one line, before anything loads and before HTTP comes up: llama.cpp's own
+    failure would be a traceback (or an abort inside mtmd) after a minute of loading."""
+    from server.engine.supported import gguf_problems, instead, read_gguf_kinds
+
+    mmproj = Path(settings.mmproj) if settings.mmproj else None
+    try:
+        kinds = read_gguf_kinds(Path(settings.model), mmproj)
+    except (ValueError, OSError) as exc:  # GGUFMetaError is a ValueError
+        raise ConfigError(f"cannot read the model's GGUF header: {exc}") from None
+    problems = gguf_problems(kinds, mmproj)
+    if problems:
+        raise ConfigError(f"cannot serve this model: {'; '.join(problems)}; {instead(kinds)}")
 
 
 def _ensure_model_files(settings: Settings) -> None:
