@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", help="model name served in the API (default: the "
                        "preset's for its own model, else the GGUF's general.name)")
     serve.add_argument("--chat-template", help="a known template (vicuna, chatml, gemma, "
-                       "llama-3, youtu-vl), a .jinja file or Jinja text (default: the GGUF's)")
+                       "llama-3, youtu-vl, glm-4), a .jinja file or Jinja text (default: the "
+                       "GGUF's)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--n-ctx", type=int)
@@ -93,8 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("dir", type=Path, nargs="?", default=Path("models/demo"))
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--size", choices=("tiny", "bench"), default="tiny")
-    demo.add_argument("--family", choices=("llava", "youtu-vl"), default="llava",
-                      help="llava: llama + mlp projector; youtu-vl: deepseek2 + youtuvl")
+    demo.add_argument("--family", choices=("llava", "youtu-vl", "glm4v"), default="llava",
+                      help="llava: llama + mlp projector; youtu-vl: deepseek2 + youtuvl; "
+                      "glm4v: glm4 + glm4v")
     demo.set_defaults(handler=_make_demo_model)
     return parser
 

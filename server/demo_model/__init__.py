@@ -1,8 +1,10 @@
-"""Generate random-weight model pairs (text GGUF + mmproj GGUF) of the two served families.
+"""Generate random-weight model pairs (text GGUF + mmproj GGUF) of the served families.
 
 - "llava": llama architecture, SPM vocab, CLIP ViT with the fixed-size "mlp" projector.
 - "youtu-vl": deepseek2 architecture (multi-head latent attention), byte-level BPE vocab with
   the "youtu" pre-tokenizer, and the dynamic-resolution "youtuvl" projector.
+- "glm4v": glm4 architecture (M-RoPE), byte-level BPE vocab with the "glm4" pre-tokenizer and
+  GLM's special tokens, and the "glm4v" projector (Qwen2-VL-style dynamic resolution).
 
 The files are real llama.cpp models, so the whole serving path runs end to end without
 downloading anything; the output is random text.
@@ -17,9 +19,13 @@ from typing import Literal, get_args
 import numpy as np
 
 from .bpe_vocab import build_bpe_vocab
-from .chat_template import LLAVA_CHAT_TEMPLATE, YOUTU_VL_CHAT_TEMPLATE
+from .chat_template import GLM_4V_CHAT_TEMPLATE, LLAVA_CHAT_TEMPLATE, YOUTU_VL_CHAT_TEMPLATE
 from .clip_projector import write_clip_projector
 from .config import CONFIGS, DemoSize, ModelConfig
+from .glm_config import GLM_CONFIGS, GlmModelConfig
+from .glm_projector import write_glm_projector
+from .glm_text_model import SPECIAL_TOKENS as GLM_SPECIAL_TOKENS
+from .glm_text_model import write_glm_text_model
 from .text_model import write_text_model
 from .vocab import build_vocab
 from .youtu_config import YOUTU_CONFIGS, YoutuModelConfig
@@ -37,7 +43,7 @@ __all__ = [
     "make_demo_model",
 ]
 
-DemoFamily = Literal["llava", "youtu-vl"]
+DemoFamily = Literal["llava", "youtu-vl", "glm4v"]
 FAMILIES: tuple[str, ...] = get_args(DemoFamily)
 
 
@@ -73,7 +79,12 @@ def make_demo_model(
     # projector draws, and vice versa.
     text_seed, vision_seed = np.random.SeedSequence(seed).spawn(2)
     text_rng, vision_rng = np.random.default_rng(text_seed), np.random.default_rng(vision_seed)
-    if isinstance(cfg, YoutuModelConfig):
+    if isinstance(cfg, GlmModelConfig):
+        write_glm_text_model(paths.text, cfg, build_bpe_vocab(GLM_SPECIAL_TOKENS), text_rng,
+                             GLM_4V_CHAT_TEMPLATE)
+        write_glm_projector(paths.mmproj, cfg.vision, cfg.text.n_embd, vision_rng,
+                            name=f"{cfg.name}-mmproj")
+    elif isinstance(cfg, YoutuModelConfig):
         write_youtu_text_model(paths.text, cfg.text, build_bpe_vocab(), text_rng, name=cfg.name)
         write_youtu_projector(paths.mmproj, cfg.vision, cfg.text.n_embd, vision_rng,
                               name=f"{cfg.name}-mmproj")
@@ -84,8 +95,9 @@ def make_demo_model(
     return paths
 
 
-def _config(size: str, family: str) -> ModelConfig | YoutuModelConfig:
-    by_family: dict[str, dict] = {"llava": CONFIGS, "youtu-vl": YOUTU_CONFIGS}
+def _config(size: str, family: str) -> ModelConfig | YoutuModelConfig | GlmModelConfig:
+    by_family: dict[str, dict] = {"llava": CONFIGS, "youtu-vl": YOUTU_CONFIGS,
+                                  "glm4v": GLM_CONFIGS}
     if family not in by_family:
         raise ValueError(f"unknown demo model family {family!r}; expected one of {FAMILIES}")
     try:
