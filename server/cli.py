@@ -6,13 +6,16 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.bench import command as bench_command
 from server.bench.soak import command as soak_command
 from server.config import ConfigError, Settings, load_settings
 from server.doctor import command as doctor_command
-from server.registry import DEFAULT_MODELS_DIR
+from server.registry import DEFAULT_MODELS_DIR, RegistryEntry
+
+if TYPE_CHECKING:
+    from server.download import LocalFile
 
 logger = logging.getLogger("vlserve")
 
@@ -253,11 +256,27 @@ def _models(args: argparse.Namespace) -> int:
         ready = "ready" if all(f.present for f in files) else "not downloaded"
         print(f"{entry.name}  [{ready}]  {entry.origin}"
               + (f"  preset {entry.preset}" if entry.preset else ""))
+        print(f"    family {entry.family or '?'}; {_support(entry, files)}")
         for f in files:
             where = f"present, {f.size_bytes / 1e9:.2f} GB" if f.present else "missing"
             print(f"    {f.role:<6} {f.spec.name}  {f.spec.quant}  ({f.spec.size or '?'})  "
                   f"{where}: {f.path}")
     return 0
+
+
+def _support(entry: RegistryEntry, files: list[LocalFile]) -> str:
+    """Whether this build loads the entry: from the downloaded files' headers when they are
+    all there (what llama.cpp will see), else from the registry's kinds."""
+    from server.engine.supported import GgufKinds, read_gguf_kinds, support_summary
+
+    kinds = GgufKinds(entry.text_architecture or "", entry.projector_type or "", True, None)
+    if all(f.present for f in files):
+        paths = {f.role: f.path for f in files}
+        try:
+            kinds = read_gguf_kinds(paths["model"], paths.get("mmproj"))
+        except (ValueError, OSError) as exc:  # GGUFMetaError: a broken download
+            return f"cannot read the GGUF headers: {exc}"
+    return support_summary(kinds, text_only=entry.files.mmproj is None)
 
 
 def _make_demo_model(args: argparse.Namespace) -> int:

@@ -126,3 +126,16 @@ def instead(kinds: GgufKinds) -> str:
         if kind in _INSTEAD:
             return _INSTEAD[kind]
     return _DEFAULT_INSTEAD
+
+
+def support_summary(kinds: GgufKinds, text_only: bool) -> str:
+    """One line for `vlserve models`: the kinds and whether this build loads them."""
+    what = kinds.architecture or "?"
+    if not text_only:
+        what += f" + {kinds.projector_type or '?'}"
+    problems = gguf_problems(kinds, None if text_only else Path("mmproj"))
+    if not problems:
+        return f"{what}: supported by llama.cpp in llama-cpp-python {VERSION}"
+    if not kinds.architecture or not (text_only or kinds.projector_type):
+        return f"{what}: unknown (not in the registry; download it and run `vlserve doctor`)"
+    return f"{what}: NOT supported: {'; '.join(problems)}; {instead(kinds)}"
