@@ -97,9 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("dir", type=Path, nargs="?", default=Path("models/demo"))
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--size", choices=("tiny", "bench"), default="tiny")
-    demo.add_argument("--family", choices=("llava", "youtu-vl", "glm4v"), default="llava",
-                      help="llava: llama + mlp projector; youtu-vl: deepseek2 + youtuvl; "
-                      "glm4v: glm4 + glm4v")
+    demo.add_argument("--family", choices=("llava", "youtu-vl", "glm4v", "qwen2vl"),
+                      default="llava", help="llava: llama + mlp projector; youtu-vl: deepseek2 "
+                      "+ youtuvl; glm4v: glm4 + glm4v; qwen2vl: qwen2vl + qwen2vl_merger")
     demo.set_defaults(handler=_make_demo_model)
     return parser
 

@@ -28,6 +28,7 @@ TEST_MAX_TOKENS_CAP = 40
 FAMILIES: tuple[str, ...] = ("llava", "youtu-vl", "glm4v")
 MODEL_NAMES = {"llava": "vlserve-demo-llava", "youtu-vl": "vlserve-demo-youtu-vl",
                "glm4v": "vlserve-demo-glm4v",
+               "qwen2vl": "vlserve-demo-qwen2vl",  # tests/test_generic_sizing.py only
                "gemma": "gemma-3-270m"}  # the real text-only model (tests/test_real_model.py)
 # Each family's session fixtures: its generated model files, and its 2-slot server.
 MODEL_FIXTURES = {"llava": "demo_model", "youtu-vl": "youtu_model", "glm4v": "glm4v_model"}
