@@ -6,13 +6,16 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.bench import command as bench_command
 from server.bench.soak import command as soak_command
 from server.config import ConfigError, Settings, load_settings
 from server.doctor import command as doctor_command
-from server.registry import DEFAULT_MODELS_DIR
+from server.registry import DEFAULT_MODELS_DIR, RegistryEntry
+
+if TYPE_CHECKING:
+    from server.download import LocalFile
 
 logger = logging.getLogger("vlserve")
 
@@ -44,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", help="model name served in the API (default: the "
                        "preset's for its own model, else the GGUF's general.name)")
     serve.add_argument("--chat-template", help="a known template (vicuna, chatml, gemma, "
-                       "llama-3, youtu-vl), a .jinja file or Jinja text (default: the GGUF's)")
+                       "llama-3, youtu-vl, glm-4), a .jinja file or Jinja text (default: the "
+                       "GGUF's)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--n-ctx", type=int)
@@ -93,8 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("dir", type=Path, nargs="?", default=Path("models/demo"))
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--size", choices=("tiny", "bench"), default="tiny")
-    demo.add_argument("--family", choices=("llava", "youtu-vl"), default="llava",
-                      help="llava: llama + mlp projector; youtu-vl: deepseek2 + youtuvl")
+    demo.add_argument("--family", choices=("llava", "youtu-vl", "glm4v", "qwen2vl"),
+                      default="llava", help="llava: llama + mlp projector; youtu-vl: deepseek2 "
+                      "+ youtuvl; glm4v: glm4 + glm4v; qwen2vl: qwen2vl + qwen2vl_merger")
     demo.set_defaults(handler=_make_demo_model)
     return parser
 
@@ -120,6 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level)
     _check_chat_template(settings)
     _ensure_model_files(settings)
+    _check_loadable(settings)
 
     from server.app import create_app
     from server.engine import Engine
@@ -184,6 +190,22 @@ def _check_chat_template(settings: Settings) -> None:
         raise ConfigError(str(exc)) from None
 
 
+def _check_loadable(settings: Settings) -> None:
+    """A model this llama.cpp cannot load is a config error (exit 2) named from the GGUF
+    headers in one line, before anything loads and before HTTP comes up: llama.cpp's own
+    failure would be a traceback (or an abort inside mtmd) after a minute of loading."""
+    from server.engine.supported import gguf_problems, instead, read_gguf_kinds
+
+    mmproj = Path(settings.mmproj) if settings.mmproj else None
+    try:
+        kinds = read_gguf_kinds(Path(settings.model), mmproj)
+    except (ValueError, OSError) as exc:  # GGUFMetaError is a ValueError
+        raise ConfigError(f"cannot read the model's GGUF header: {exc}") from None
+    problems = gguf_problems(kinds, mmproj)
+    if problems:
+        raise ConfigError(f"cannot serve this model: {'; '.join(problems)}; {instead(kinds)}")
+
+
 def _ensure_model_files(settings: Settings) -> None:
     missing = [p for p in (settings.model, settings.mmproj)
                if p is not None and not Path(p).is_file()]
@@ -234,11 +256,27 @@ def _models(args: argparse.Namespace) -> int:
         ready = "ready" if all(f.present for f in files) else "not downloaded"
         print(f"{entry.name}  [{ready}]  {entry.origin}"
               + (f"  preset {entry.preset}" if entry.preset else ""))
+        print(f"    family {entry.family or '?'}; {_support(entry, files)}")
         for f in files:
             where = f"present, {f.size_bytes / 1e9:.2f} GB" if f.present else "missing"
             print(f"    {f.role:<6} {f.spec.name}  {f.spec.quant}  ({f.spec.size or '?'})  "
                   f"{where}: {f.path}")
     return 0
+
+
+def _support(entry: RegistryEntry, files: list[LocalFile]) -> str:
+    """Whether this build loads the entry: from the downloaded files' headers when they are
+    all there (what llama.cpp will see), else from the registry's kinds."""
+    from server.engine.supported import GgufKinds, read_gguf_kinds, support_summary
+
+    kinds = GgufKinds(entry.text_architecture or "", entry.projector_type or "", True, None)
+    if all(f.present for f in files):
+        paths = {f.role: f.path for f in files}
+        try:
+            kinds = read_gguf_kinds(paths["model"], paths.get("mmproj"))
+        except (ValueError, OSError) as exc:  # GGUFMetaError: a broken download
+            return f"cannot read the GGUF headers: {exc}"
+    return support_summary(kinds, text_only=entry.files.mmproj is None)
 
 
 def _make_demo_model(args: argparse.Namespace) -> int:

@@ -46,7 +46,12 @@ class RegistryEntry(_Strict):
     dir: str = Field(pattern=r"^[\w.-]+$")
     preset: str | None = None
     served_name: str | None = None
-    architecture: str | None = None
+    architecture: str | None = None  # for people: the model's shape in words
+    # What llama.cpp dispatches on (general.architecture, clip.projector_type): `vlserve
+    # models` says from these whether this build can load the model before it is downloaded.
+    family: str | None = None
+    text_architecture: str | None = Field(None, pattern=r"^[\w.-]+$")
+    projector_type: str | None = Field(None, pattern=r"^[\w.-]+$")
     context_length: int | None = None
     chat_template: str | None = None
     files: ModelFiles

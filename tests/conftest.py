@@ -25,9 +25,14 @@ TEST_MAX_TOKENS_CAP = 40
 
 
 # The served demo model families, and the name each test server serves its model under.
-FAMILIES: tuple[str, ...] = ("llava", "youtu-vl")
+FAMILIES: tuple[str, ...] = ("llava", "youtu-vl", "glm4v")
 MODEL_NAMES = {"llava": "vlserve-demo-llava", "youtu-vl": "vlserve-demo-youtu-vl",
+               "glm4v": "vlserve-demo-glm4v",
+               "qwen2vl": "vlserve-demo-qwen2vl",  # tests/test_generic_sizing.py only
                "gemma": "gemma-3-270m"}  # the real text-only model (tests/test_real_model.py)
+# Each family's session fixtures: its generated model files, and its 2-slot server.
+MODEL_FIXTURES = {"llava": "demo_model", "youtu-vl": "youtu_model", "glm4v": "glm4v_model"}
+SERVER_FIXTURES = {"llava": "llava_server", "youtu-vl": "youtu_server", "glm4v": "glm4v_server"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,11 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> DemoModelPaths:
 @pytest.fixture(scope="session")
 def youtu_model(tmp_path_factory: pytest.TempPathFactory) -> DemoModelPaths:
     return make_demo_model(tmp_path_factory.mktemp("youtu-models"), family="youtu-vl")
+
+
+@pytest.fixture(scope="session")
+def glm4v_model(tmp_path_factory: pytest.TempPathFactory) -> DemoModelPaths:
+    return make_demo_model(tmp_path_factory.mktemp("glm4v-models"), family="glm4v")
 
 
 def start_server(models: DemoModelPaths | Path, log_path: Path, *extra: str,
@@ -136,6 +146,16 @@ def youtu_server(youtu_model: DemoModelPaths, tmp_path_factory: pytest.TempPathF
 
 
 @pytest.fixture(scope="session")
+def glm4v_server(glm4v_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[RunningServer]:
+    """The same on the GLM-4V demo model (glm4 with M-RoPE + glm4v), same settings."""
+    log_path = tmp_path_factory.mktemp("glm4v-server") / "server.log"
+    running = start_server(glm4v_model, log_path, "--n-parallel", "2", family="glm4v")
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
 def server(llava_server: RunningServer) -> RunningServer:
     """The default test server: LLaVA (tests that are not about a model family)."""
     return llava_server
@@ -143,8 +163,8 @@ def server(llava_server: RunningServer) -> RunningServer:
 
 @pytest.fixture(params=FAMILIES)
 def family_server(request: pytest.FixtureRequest) -> RunningServer:
-    """Each family's server in turn: for the tests both families must pass."""
-    return request.getfixturevalue("llava_server" if request.param == "llava" else "youtu_server")
+    """Each family's server in turn: for the tests every family must pass."""
+    return request.getfixturevalue(SERVER_FIXTURES[request.param])
 
 
 # Random weights spend a token on every character: room for a whole small JSON document.
@@ -156,7 +176,7 @@ def constrained_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.
                        ) -> Iterator[RunningServer]:
     """Each family's server with room for whole JSON answers (structured outputs, tools)."""
     family = request.param
-    models = request.getfixturevalue("demo_model" if family == "llava" else "youtu_model")
+    models = request.getfixturevalue(MODEL_FIXTURES[family])
     log_path = tmp_path_factory.mktemp(f"constrained-{family}") / "server.log"
     running = start_server(models, log_path, "--n-parallel", "2", family=family,
                            env={"VLSERVE_MAX_TOKENS_CAP": str(CONSTRAINED_MAX_TOKENS)})

@@ -55,10 +55,33 @@ def expected_image_tokens(family: str, width: int, height: int) -> int:
     projector's published rules (not from the server's own sizing code)."""
     if family == "llava":
         return (112 // 14) ** 2  # the tiny CLIP sees one 112 px square in 14 px patches
+    if family in ("glm4v", "qwen2vl"):
+        return dynamic_image_tokens(width, height)
     # youtuvl: the longest side capped at image_max_side, then every side rounded up to whole
     # 32 px squares (16 px patches merged 2x2), one token per square.
     scale = min(1.0, TEST_IMAGE_MAX_SIDE / max(width, height))
     return math.ceil(width * scale / 32) * math.ceil(height * scale / 32)
+
+
+def dynamic_image_tokens(width: int, height: int) -> int:
+    """GLM-4V's and Qwen2-VL's processors (Glm4vImageProcessor / Qwen2VLImageProcessor
+    smart_resize, with llama.cpp's 8..4096 token range for glm4v and qwen2vl_merger), after
+    the longest side is capped at image_max_side in whole 28 px cells: each side rounded to
+    the nearest 28 px (14 px patches merged 2x2), the image scaled down into 4096 tokens or
+    up to 8; one token per 28 px square."""
+    cell, low, high = 28, 8 * 28 * 28, 4096 * 28 * 28
+    cap = TEST_IMAGE_MAX_SIDE // cell * cell
+    scale = min(1.0, cap / max(width, height))
+    width, height = round(width * scale), round(height * scale)
+    w, h = max(cell, round(width / cell) * cell), max(cell, round(height / cell) * cell)
+    if w * h > high:
+        beta = math.sqrt(width * height / high)
+        w = max(cell, math.floor(width / beta / cell) * cell)
+        h = max(cell, math.floor(height / beta / cell) * cell)
+    elif w * h < low:
+        beta = math.sqrt(low / (width * height))
+        w, h = math.ceil(width * beta / cell) * cell, math.ceil(height * beta / cell) * cell
+    return (w // cell) * (h // cell)
 
 
 class Stream:

@@ -125,7 +125,9 @@ def test_unsupported_projector_type(demo_model: DemoModelPaths, tmp_path: Path) 
     assert result.returncode == 1
     assert problems(result) == [
         f"vlserve doctor: gguf: projector type 'zzz' in {mmproj.name} is not supported by "
-        "llama.cpp in llama-cpp-python 0.3.36 (known types: server/engine/supported.py)"]
+        "llama.cpp in llama-cpp-python 0.3.36 (known types: server/engine/supported.py); "
+        "serve a supported family instead (`vlserve models` lists the registry's, with their "
+        "status)"]
     checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
     assert checks["engine"] == {"name": "engine", "status": "skip", "details": {},
                                 "summary": "this build cannot load the model"}

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from server.images import SizeRule, target_size
+from server.images.geometry import smart_resize
 
 CELL = 32  # youtuvl: 16 px patches merged 2x2
 
@@ -74,3 +75,53 @@ def test_grid_never_wastes_what_mtmd_would_keep() -> None:
             assert cols * rows >= mtmd, (width, height, budget)
             if mtmd_youtuvl_cells(width, height, 10**9) <= budget:
                 assert cols * rows == mtmd
+
+
+# mtmd's calc_size_preserved_ratio on these inputs, from its C++ source compiled as is
+# (tools/mtmd/mtmd-image.cpp, llama-cpp-python 0.3.36): (w, h, factor, min_px, max_px) → box.
+MTMD_SMART_RESIZE = [
+    ((640, 360, 28, 6272, 3211264), (644, 364)),
+    ((4032, 3024, 28, 6272, 3211264), (2044, 1540)),
+    ((10, 10, 28, 6272, 3211264), (84, 84)),  # enlarged to min_pixels, rounding up
+    ((1920, 1080, 28, 6272, 200704), (588, 336)),  # 256 tokens at most: 21 x 12
+    ((5079, 62, 32, 1024, 65536), (2304, 32)),  # over max_pixels: the short side's floor
+    ((100, 3000, 14, 3136, 1003520), (98, 2996)),
+    ((333, 777, 28, 0, 3211264), (336, 784)),
+    ((1, 1, 16, 0, 0), (16, 16)),
+]
+
+
+@pytest.mark.parametrize("args, box", MTMD_SMART_RESIZE)
+def test_smart_resize_is_mtmds(args: tuple[int, int, int, int, int], box: tuple[int, int]
+                               ) -> None:
+    assert smart_resize(*args) == box
+
+
+def test_dynamic_rule_is_a_fixed_point_of_mtmds_resize() -> None:
+    """Whatever the image, the box is one mtmd keeps as it is (it copies instead of
+    resizing): whole cells, within the pixel range, within the side cap unless min_pixels
+    forces more (small caps, extreme aspect ratios: mtmd rounds their short side up).
+    Extreme aspect ratios take several passes: mtmd's 2304x32 for 5079x62 is over
+    max_pixels, so mtmd would shrink that box again."""
+    rng = random.Random(7)
+    for _ in range(3000):
+        cell = rng.choice((14, 28, 32))
+        low, high = rng.choice(((8, 4096), (70, 1120), (1, 64), (256, 16384)))
+        rule = SizeRule(rng.choice((256, 1024, 2048)), cell, None, low * cell**2,
+                        high * cell**2)
+        width, height = rng.randint(1, 8000), rng.choice((rng.randint(1, 8000),
+                                                          rng.randint(1, 40)))
+        w, h = rule.box(width, height)
+        assert w % cell == 0 and h % cell == 0
+        assert smart_resize(w, h, cell, low * cell**2, high * cell**2) == (w, h)
+        assert w * h <= high * cell**2
+        if rule.max_side >= 1024 and max(width, height) <= 4 * min(width, height):
+            assert max(w, h) <= rule.max_side
+    assert SizeRule(8192, 32, None, 1024, 65536).box(5079, 62) == (2048, 32)  # 3 passes
+
+
+def test_dynamic_rule_keeps_the_side_cap() -> None:
+    """The config's image_max_side comes first: mtmd then has nothing left to shrink."""
+    rule = SizeRule(1024, 28, None, 8 * 784, 4096 * 784)
+    assert rule.box(4032, 3024) == (1008, 756)
+    assert rule.box(640, 360) == (644, 364)  # under the cap: mtmd's own rounding only

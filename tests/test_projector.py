@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from server.demo_model import DemoModelPaths
-from server.engine.projector import YOUTUVL_MAX_TOKENS, ImageGeometry, read_projector_info
+from server.engine.projector import (
+    YOUTUVL_MAX_TOKENS,
+    ImageGeometry,
+    ProjectorInfo,
+    read_projector_info,
+)
 
 
 def test_llava_sees_one_fixed_square(demo_model: DemoModelPaths) -> None:
@@ -23,3 +28,39 @@ def test_youtuvl_is_a_grid_of_32_px_tokens(youtu_model: DemoModelPaths) -> None:
     assert info.geometry(1024) == ImageGeometry(1024, 32, YOUTUVL_MAX_TOKENS)
     assert info.geometry(1000, 256) == ImageGeometry(992, 32, 256)  # whole cells, budget
     assert info.geometry(10) == ImageGeometry(32, 32, YOUTUVL_MAX_TOKENS)  # at least one cell
+
+
+def header(projector_type: str, *, patch: int = 14, merge: int = 2, image_size: int = 336,
+           min_pixels: int | None = None, max_pixels: int | None = None,
+           tiled: bool = False) -> ProjectorInfo:
+    """What read_projector_info returns for such a header (no file needed)."""
+    return ProjectorInfo(projector_type, image_size, patch, merge, min_pixels, max_pixels, tiled)
+
+
+def test_qwen_style_projectors_size_by_pixels_into_the_token_range() -> None:
+    """qwen2vl/2.5vl/3vl, glm4v: whole 28 px cells (14 px patches merged 2x2), scaled into
+    clip.cpp's 8..4096 tokens; image_max_tokens replaces the 4096, as it does in mtmd."""
+    for kind in ("qwen2vl_merger", "qwen2.5vl_merger", "qwen3vl_merger", "glm4v"):
+        info = header(kind)
+        assert info.kind == "dynamic" and info.cell == 28 and info.native_side is None
+        assert info.geometry(1024) == ImageGeometry(1008, 28, None, 8 * 784, 4096 * 784)
+        assert info.geometry(1024, 256) == ImageGeometry(1008, 28, None, 8 * 784, 256 * 784)
+    assert header("glm4v").wraps_images and header("qwen2.5vl_merger").wraps_images
+
+
+def test_header_pixel_limits_win_for_the_types_that_read_them() -> None:
+    phi4 = header("phi4", merge=1, min_pixels=256 * 196, max_pixels=1024 * 196)
+    assert phi4.geometry(2048) == ImageGeometry(2044, 14, None, 256 * 196, 1024 * 196)
+    # Qwen's clip.cpp branch never reads them: its own 8..4096 tokens stand.
+    qwen = header("qwen2vl_merger", min_pixels=1, max_pixels=10**9)
+    assert qwen.pixel_limits() == (8 * 784, 4096 * 784)
+    # A type that needs them but has none (mtmd would refuse the file): the longest side only.
+    assert header("phi4", merge=1).geometry(1024) == ImageGeometry(1024)
+
+
+def test_fixed_tiled_and_unknown_projectors() -> None:
+    assert header("gemma3", patch=14, image_size=896).geometry(1024) == ImageGeometry(896)
+    # LLaVA-1.6 pinpoints: several crops per image, so no single target: the cap alone.
+    assert header("mlp", tiled=True).geometry(1024) == ImageGeometry(1024)
+    assert header("idefics3").geometry(1024) == ImageGeometry(1024)  # slices
+    assert header("zzz").kind == "other" and header("zzz").geometry(777) == ImageGeometry(777)

@@ -12,6 +12,7 @@ from server.engine.prompt import ChatTemplate
 from server.engine.templates import (
     CHATML,
     GEMMA,
+    GLM_4,
     VICUNA,
     TemplateConfigError,
     known_names,
@@ -44,7 +45,8 @@ def test_setting_beats_gguf_beats_family_beats_vicuna() -> None:
 
 @pytest.mark.parametrize("value, name", [("vicuna", "vicuna"), ("llava-1.5", "vicuna"),
                                          ("ChatML", "chatml"), ("gemma", "gemma"),
-                                         ("youtu-vl", "youtu-vl"), ("llama3", "llama-3")])
+                                         ("youtu-vl", "youtu-vl"), ("llama3", "llama-3"),
+                                         ("glm-4", "glm-4"), ("GLM-4V", "glm-4")])
 def test_known_names_and_aliases(value: str, name: str) -> None:
     chosen = resolve_template(value, {})
     assert (chosen.name, chosen.source) == (name, "config")
@@ -126,3 +128,19 @@ def test_template_for_settings_as_doctor_asks(tmp_path: Path) -> None:
     assert (chosen.name, chosen.source) == ("chatml", "config")
     assert chosen.stops[-1] == "###"
     assert template_for(Settings(model=tmp_path / "m.gguf"), GEMMA3).name == "gemma"
+
+
+def test_glm_4_layout_family_and_stops() -> None:
+    """GLM-4 / GLM-4V: [gMASK]<sop> once, role markers with a newline, tool turns as
+    <|observation|>; a glm4 GGUF without a template gets it; a GLM GGUF's own template (which
+    opens with [gMASK]<sop>) stops where a new turn would open."""
+    text = render(GLM_4, [ChatMessage("system", ("Be brief.",)),
+                          ChatMessage("user", ("What is this?",)),
+                          ChatMessage("assistant", ("A cat.",)), ChatMessage("tool", ("42",))])
+    assert text == ("[gMASK]<sop><|system|>\nBe brief.<|user|>\nWhat is this?"
+                    "<|assistant|>\nA cat.<|observation|>\n42<|assistant|>\n")
+    for arch in ("glm4", "glm4moe"):
+        chosen = resolve_template(None, {"general.architecture": arch})
+        assert (chosen.name, chosen.source) == ("glm-4", "family")
+    own = resolve_template(None, {"tokenizer.chat_template": "[gMASK]<sop>{{ messages }}"})
+    assert own.stops == ("<|user|>", "<|observation|>", "<|system|>")

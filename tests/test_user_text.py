@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import llama_cpp
 import pytest
-from conftest import FAMILIES
+from conftest import FAMILIES, MODEL_FIXTURES
 
 from server.config import load_settings
 from server.engine.model import LoadedModel, load_model
@@ -27,7 +27,7 @@ IMAGE = ImageInput(bytes(range(48)) * 64, 32, 32, "user-text-test")
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def model(request: pytest.FixtureRequest) -> Iterator[LoadedModel]:
-    paths = request.getfixturevalue("demo_model" if request.param == "llava" else "youtu_model")
+    paths = request.getfixturevalue(MODEL_FIXTURES[request.param])
     settings = load_settings(None, model=paths.text, mmproj=paths.mmproj, n_ctx=N_CTX,
                              n_parallel=1, n_threads=1)
     loaded = load_model(settings)

@@ -44,5 +44,4 @@ class AppState:
     def image_size(self) -> SizeRule:
         """What images are decoded to: the projector's native size or grid, within the caps."""
         info = self.engine.info
-        return SizeRule(int(info.get("image_target_side", self.settings.image_max_side)),
-                        int(info.get("image_cell", 1)), info.get("image_max_tokens"))
+        return SizeRule.from_info(info, self.settings.image_max_side)

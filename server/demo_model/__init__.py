@@ -1,8 +1,12 @@
-"""Generate random-weight model pairs (text GGUF + mmproj GGUF) of the two served families.
+"""Generate random-weight model pairs (text GGUF + mmproj GGUF) of the served families.
 
 - "llava": llama architecture, SPM vocab, CLIP ViT with the fixed-size "mlp" projector.
 - "youtu-vl": deepseek2 architecture (multi-head latent attention), byte-level BPE vocab with
   the "youtu" pre-tokenizer, and the dynamic-resolution "youtuvl" projector.
+- "glm4v": glm4 architecture (M-RoPE), byte-level BPE vocab with the "glm4" pre-tokenizer and
+  GLM's special tokens, and the "glm4v" projector (Qwen2-VL-style dynamic resolution).
+- "qwen2vl": qwen2vl architecture (M-RoPE), ChatML, and the "qwen2vl_merger" projector: not
+  a served family, the proof that the generic image sizing fits a type nothing else names.
 
 The files are real llama.cpp models, so the whole serving path runs end to end without
 downloading anything; the output is random text.
@@ -16,10 +20,18 @@ from typing import Literal, get_args
 
 import numpy as np
 
+from server.engine.templates import CHATML
+
 from .bpe_vocab import build_bpe_vocab
-from .chat_template import LLAVA_CHAT_TEMPLATE, YOUTU_VL_CHAT_TEMPLATE
+from .chat_template import GLM_4V_CHAT_TEMPLATE, LLAVA_CHAT_TEMPLATE, YOUTU_VL_CHAT_TEMPLATE
 from .clip_projector import write_clip_projector
 from .config import CONFIGS, DemoSize, ModelConfig
+from .glm_config import GLM_CONFIGS, GlmModelConfig
+from .glm_projector import write_glm_projector
+from .glm_text_model import SPECIAL_TOKENS as GLM_SPECIAL_TOKENS
+from .glm_text_model import write_glm_text_model
+from .qwen_model import QWEN_CONFIGS, QwenModelConfig, write_qwen_projector, write_qwen_text_model
+from .qwen_model import SPECIAL_TOKENS as QWEN_SPECIAL_TOKENS
 from .text_model import write_text_model
 from .vocab import build_vocab
 from .youtu_config import YOUTU_CONFIGS, YoutuModelConfig
@@ -37,7 +49,7 @@ __all__ = [
     "make_demo_model",
 ]
 
-DemoFamily = Literal["llava", "youtu-vl"]
+DemoFamily = Literal["llava", "youtu-vl", "glm4v", "qwen2vl"]
 FAMILIES: tuple[str, ...] = get_args(DemoFamily)
 
 
@@ -73,7 +85,17 @@ def make_demo_model(
     # projector draws, and vice versa.
     text_seed, vision_seed = np.random.SeedSequence(seed).spawn(2)
     text_rng, vision_rng = np.random.default_rng(text_seed), np.random.default_rng(vision_seed)
-    if isinstance(cfg, YoutuModelConfig):
+    if isinstance(cfg, QwenModelConfig):
+        write_qwen_text_model(paths.text, cfg, build_bpe_vocab(QWEN_SPECIAL_TOKENS), text_rng,
+                              CHATML)
+        write_qwen_projector(paths.mmproj, cfg.vision, cfg.text.n_embd, vision_rng,
+                             name=f"{cfg.name}-mmproj")
+    elif isinstance(cfg, GlmModelConfig):
+        write_glm_text_model(paths.text, cfg, build_bpe_vocab(GLM_SPECIAL_TOKENS), text_rng,
+                             GLM_4V_CHAT_TEMPLATE)
+        write_glm_projector(paths.mmproj, cfg.vision, cfg.text.n_embd, vision_rng,
+                            name=f"{cfg.name}-mmproj")
+    elif isinstance(cfg, YoutuModelConfig):
         write_youtu_text_model(paths.text, cfg.text, build_bpe_vocab(), text_rng, name=cfg.name)
         write_youtu_projector(paths.mmproj, cfg.vision, cfg.text.n_embd, vision_rng,
                               name=f"{cfg.name}-mmproj")
@@ -84,8 +106,10 @@ def make_demo_model(
     return paths
 
 
-def _config(size: str, family: str) -> ModelConfig | YoutuModelConfig:
-    by_family: dict[str, dict] = {"llava": CONFIGS, "youtu-vl": YOUTU_CONFIGS}
+def _config(size: str, family: str
+            ) -> ModelConfig | YoutuModelConfig | GlmModelConfig | QwenModelConfig:
+    by_family: dict[str, dict] = {"llava": CONFIGS, "youtu-vl": YOUTU_CONFIGS,
+                                  "glm4v": GLM_CONFIGS, "qwen2vl": QWEN_CONFIGS}
     if family not in by_family:
         raise ValueError(f"unknown demo model family {family!r}; expected one of {FAMILIES}")
     try:

@@ -1,4 +1,4 @@
-"""A small byte-level BPE vocabulary ("gpt2" tokenizer model) with Youtu-VL's special tokens.
+"""A small byte-level BPE vocabulary ("gpt2" tokenizer model) with a family's special tokens.
 
 Byte-level BPE maps every byte to one printable character (GPT-2's bytes-to-unicode table), so
 the 256 single-byte tokens alone cover any UTF-8 text: llama.cpp starts each pre-tokenized word
@@ -70,7 +70,9 @@ def _words() -> list[str]:
     return list(dict.fromkeys(words))
 
 
-def build_bpe_vocab() -> BpeVocab:
+def build_bpe_vocab(special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> BpeVocab:
+    """The merges for the word list, then `special_tokens` (Youtu-VL's by default) as
+    control tokens at the end."""
     table = byte_to_char()
     tokens: list[str] = [table[b] for b in range(256)]
     known = set(tokens)
@@ -84,6 +86,6 @@ def build_bpe_vocab() -> BpeVocab:
                 tokens.append(merged)
                 merges.append(f"{left} {right}")
     types = [TokenType.NORMAL] * len(tokens)
-    tokens += SPECIAL_TOKENS
-    types += [TokenType.CONTROL] * len(SPECIAL_TOKENS)
+    tokens += special_tokens
+    types += [TokenType.CONTROL] * len(special_tokens)
     return BpeVocab(tuple(tokens), tuple(int(t) for t in types), tuple(merges))

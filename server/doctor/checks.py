@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ from server.config import ConfigError, Settings
 from server.doctor.report import Check
 from server.engine.build_info import BuildInfo
 from server.engine.placement import rebuild_hint
-from server.engine.supported import VERSION, architecture_supported, projector_supported
+from server.engine.supported import GgufKinds, gguf_problems, instead
 from server.registry import RegistryEntry
 
 
@@ -112,56 +111,16 @@ def check_sha256(settings: Settings, registry: Path) -> Check:
     return Check("sha256", "skip", f"the files are not in the model registry {registry}")
 
 
-@dataclass(frozen=True)
-class GgufKinds:
-    architecture: str
-    projector_type: str
-    has_vision: bool
-    chat_template: str | None
-
-
-def read_gguf_kinds(model: Path, mmproj: Path | None) -> GgufKinds:
-    """The header facts llama.cpp dispatches on (clip.cpp's own key order for the type)."""
-    from gguf import GGUFReader
-
-    text = GGUFReader(str(model)).fields
-    vision = GGUFReader(str(mmproj)).fields if mmproj is not None else {}
-
-    def string(fields: dict[str, Any], key: str) -> str | None:
-        field = fields.get(key)
-        value = field.contents() if field is not None else None
-        return value if isinstance(value, str) and value else None
-
-    has_vision = vision.get("clip.has_vision_encoder")
-    return GgufKinds(
-        architecture=string(text, "general.architecture") or "",
-        projector_type=(string(vision, "clip.projector_type")
-                        or string(vision, "clip.vision.projector_type") or ""),
-        has_vision=bool(has_vision.contents()) if has_vision is not None else False,
-        chat_template=string(text, "tokenizer.chat_template"),
-    )
-
-
 def check_gguf(kinds: GgufKinds, settings: Settings) -> Check:
-    problems = []
-    if not architecture_supported(kinds.architecture):
-        problems.append(f"text model architecture {kinds.architecture or '(none)'!r} is not "
-                        f"one llama.cpp in llama-cpp-python {VERSION} can load")
-    if settings.mmproj is None:  # a text-only model: no projector to check
-        details = {"architecture": kinds.architecture, "projector_type": None}
-        if problems:
-            return Check("gguf", "fail", "; ".join(problems), details)
+    mmproj = Path(settings.mmproj) if settings.mmproj else None
+    problems = gguf_problems(kinds, mmproj)
+    details = {"architecture": kinds.architecture,
+               "projector_type": kinds.projector_type if mmproj else None}
+    if problems:
+        return Check("gguf", "fail", "; ".join(problems) + f"; {instead(kinds)}", details)
+    if mmproj is None:
         return Check("gguf", "ok", f"architecture {kinds.architecture} supported by this "
                      "build; text only (no projector)", details)
-    if not kinds.has_vision:
-        problems.append(f"{settings.mmproj} has no vision encoder (clip.has_vision_encoder)")
-    if not projector_supported(kinds.projector_type):
-        problems.append(f"projector type {kinds.projector_type or '(none)'!r} in "
-                        f"{Path(settings.mmproj).name} is not supported by llama.cpp in "
-                        f"llama-cpp-python {VERSION} (known types: server/engine/supported.py)")
-    details = {"architecture": kinds.architecture, "projector_type": kinds.projector_type}
-    if problems:
-        return Check("gguf", "fail", "; ".join(problems), details)
     return Check("gguf", "ok", f"architecture {kinds.architecture}, projector "
                  f"{kinds.projector_type}: both supported by this build", details)
 

@@ -57,9 +57,9 @@ def diagnose(settings: Settings, registry: Path, *, engine: bool = True,
         check_gpus,
         check_sha256,
         check_template,
-        read_gguf_kinds,
     )
     from server.engine.build_info import read_build_info
+    from server.engine.supported import read_gguf_kinds
 
     report = Report()
     build = read_build_info()
@@ -71,7 +71,7 @@ def diagnose(settings: Settings, registry: Path, *, engine: bool = True,
     try:
         kinds = read_gguf_kinds(Path(settings.model),
                                 Path(settings.mmproj) if settings.mmproj else None)
-    except (ValueError, OSError) as exc:  # gguf raises ValueError on a file that is not GGUF
+    except (ValueError, OSError) as exc:  # GGUFMetaError (a ValueError): not a GGUF file
         report.add(Check("gguf", "fail", f"cannot read the GGUF headers: {exc}"))
         return _skip(report, "template", "engine", why="GGUF headers unreadable")
     gguf = report.add(check_gguf(kinds, settings))

@@ -99,8 +99,7 @@ def _probe_image(info: dict[str, Any], settings: Settings, timer: StageTimer) ->
     image = Image.linear_gradient("L").resize((640, 480)).convert("RGB")
     buf = io.BytesIO()
     image.save(buf, "PNG")
-    rule = SizeRule(int(info.get("image_target_side", settings.image_max_side)),
-                    int(info.get("image_cell", 1)), info.get("image_max_tokens"))
+    rule = SizeRule.from_info(info, settings.image_max_side)
     decoded = decode_image(buf.getvalue(), rule)
     timer.images += 1
     timer.add("image_decode", decoded.decode_s)

@@ -230,10 +230,14 @@ def _projector_info(mctx: mtmd_cpp.mtmd_context_p | None, projector: ProjectorIn
         "projector_type": projector.projector_type,
         "projector_image_size": projector.image_size,
         # Images are decoded straight to what the projector consumes, within the config caps:
-        # longest side, and for grid projectors whole cells of image_cell px, one token each.
+        # longest side, and for grid and dynamic projectors whole cells of image_cell px,
+        # one token each (dynamic: scaled into projector_min/max_pixels, as mtmd does).
+        "image_sizing": projector.kind,
         "image_target_side": geometry.max_side,
         "image_cell": geometry.cell,
         "image_max_tokens": geometry.max_cells,
+        "projector_min_pixels": geometry.min_pixels,
+        "projector_max_pixels": geometry.max_pixels,
     }
 
 

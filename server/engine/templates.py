@@ -83,6 +83,26 @@ YOUTU_VL = (
 )
 
 
+# GLM-4 (GLM-4-0414, GLM-4.1V, GLM-4.5V, GLM-4.6V): "[gMASK]<sop>" once, then each turn as its
+# role marker and a newline, nothing closing it; tool results are <|observation|> turns.
+# mtmd wraps each glm4v image in <|begin_of_image|> ... <|end_of_image|> itself, so string
+# content keeps mtmd's marker; the list branch mirrors the HF template's image tokens.
+# Written from that format, not copied from a model repo. The tokenizer adds no BOS.
+GLM_4 = (
+    "[gMASK]<sop>"
+    "{% for message in messages %}"
+    "{{ '<|observation|>' if message['role'] == 'tool' else '<|' + message['role'] + '|>' }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "<|begin_of_image|><|image|><|end_of_image|>"
+    "{% elif 'text' in part %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
 @dataclass(frozen=True)
 class KnownTemplate:
     source: str  # Jinja
@@ -98,15 +118,18 @@ TEMPLATES: dict[str, KnownTemplate] = {
                              "<|start_header_id|>"),
     "youtu-vl": KnownTemplate(YOUTU_VL, ("<|end_of_text|>", "<|begin_of_text|>"),
                               "<|begin_of_text|>"),
+    "glm-4": KnownTemplate(GLM_4, ("<|user|>", "<|observation|>", "<|system|>"),
+                           "[gMASK]<sop>"),
 }
-ALIASES = {"llava-1.5": "vicuna", "llava": "vicuna", "qwen": "chatml", "llama3": "llama-3"}
+ALIASES = {"llava-1.5": "vicuna", "llava": "vicuna", "qwen": "chatml", "llama3": "llama-3",
+           "glm-4v": "glm-4", "glm4v": "glm-4", "glm4": "glm-4"}
 DEFAULT = "vicuna"
 
 # general.architecture → the template that family's GGUFs use when they carry none.
 FAMILIES = {
     "gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma",
     "qwen2": "chatml", "qwen2vl": "chatml", "qwen25vl": "chatml", "qwen3": "chatml",
-    "llama": "vicuna",
+    "llama": "vicuna", "glm4": "glm-4", "glm4moe": "glm-4",
 }
 
 

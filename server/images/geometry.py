@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -10,23 +14,49 @@ class SizeRule:
     """Longest side at most `max_side`; with `multiple` > 1, also a grid of whole cells.
 
     Grid projectors (a ViT whose tokens each cover multiple x multiple pixels) round every
-    side up to whole cells and shrink images over `max_cells` cells. Decoding straight to that
-    grid means the projector's own preprocessing has nothing left to resize, and never to
-    more pixels than it would keep.
+    side up to whole cells and shrink images over `max_cells` cells. Dynamic projectors
+    (`max_pixels` set: Qwen2-VL's smart resize) round each side to the nearest whole cell and
+    scale the image into [min_pixels, max_pixels]. Decoding straight to that box means the
+    projector's own preprocessing has nothing left to resize, and never to more pixels than
+    it would keep.
     """
 
     max_side: int
     multiple: int = 1
     max_cells: int | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_side < 1:
             raise ValueError(f"max_side must be positive, got {self.max_side}")
         if self.multiple < 1 or (self.max_cells is not None and self.max_cells < 1):
             raise ValueError(f"multiple and max_cells must be positive: {self}")
+        if self.max_pixels is not None and self.max_pixels < self.multiple ** 2:
+            raise ValueError(f"max_pixels must hold at least one cell: {self}")
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any], default_side: int) -> SizeRule:
+        """The rule the engine's model info describes (server.engine.model: image_*)."""
+        return cls(int(info.get("image_target_side") or default_side),
+                   int(info.get("image_cell") or 1), info.get("image_max_tokens"),
+                   info.get("projector_min_pixels"), info.get("projector_max_pixels"))
 
     def box(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) to decode a width x height image to."""
+        if self.max_pixels is not None:
+            # The config's cap first (mtmd never sees more), then the projector's own rule.
+            m = self.multiple  # the cap in whole cells, so rounding to the nearest stays in it
+            box = target_size(width, height, max(m, self.max_side // m * m))
+            for _ in range(8):
+                # A fixed point, so mtmd keeps it as it is. Only extreme aspect ratios need more
+                # passes: their short side is raised to one cell after the max_pixels
+                # shrink, which leaves them over max_pixels, so mtmd would shrink them again.
+                again = smart_resize(*box, self.multiple, self.min_pixels or 0, self.max_pixels)
+                if again == box:
+                    break
+                box = again
+            return box
         if self.multiple == 1 and self.max_cells is None:
             return target_size(width, height, self.max_side)
         cols, rows = self.grid(width, height)
@@ -71,6 +101,35 @@ def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
         return width, height
     scale = max_side / longest
     return max(1, min(max_side, round(width * scale))), max(1, min(max_side, round(height * scale)))
+
+
+def smart_resize(width: int, height: int, factor: int, min_pixels: int, max_pixels: int
+                 ) -> tuple[int, int]:
+    """mtmd's calc_size_preserved_ratio (tools/mtmd/mtmd-image.cpp), in its float32 arithmetic
+    so that the box is the one mtmd computes: each side rounded to the nearest multiple of
+    `factor` (at least one), then scaled down into `max_pixels` (rounding down) or up to
+    `min_pixels` (rounding up). Applied to its own output it changes nothing, which is what
+    lets mtmd copy a decoded image instead of resizing it again."""
+    f32 = np.float32
+    f = f32(factor)
+
+    def by(x: np.float32, rounding: Any) -> int:
+        return int(rounding(float(f32(x) / f))) * factor
+
+    def nearest(v: float) -> int:
+        return math.floor(v + 0.5)  # std::round: half away from zero (v >= 0 here)
+
+    w_bar = max(factor, by(f32(width), nearest))
+    h_bar = max(factor, by(f32(height), nearest))
+    if max_pixels > 0 and w_bar * h_bar > max_pixels:
+        beta = np.sqrt(f32(height) * f32(width) / f32(max_pixels))
+        h_bar = max(factor, by(f32(height) / beta, math.floor))
+        w_bar = max(factor, by(f32(width) / beta, math.floor))
+    elif min_pixels > 0 and w_bar * h_bar < min_pixels:
+        beta = np.sqrt(f32(min_pixels) / (f32(height) * f32(width)))
+        h_bar = by(f32(height) * beta, math.ceil)
+        w_bar = by(f32(width) * beta, math.ceil)
+    return w_bar, h_bar
 
 
 def _ceil_div(a: int, b: int) -> int:
