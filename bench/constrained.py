@@ -58,7 +58,7 @@ class Run:
         n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.eog = frozenset(t for t in range(n_vocab)
                              if llama_cpp.llama_vocab_is_eog(self.vocab, t))
-        self.utf8 = Utf8Vocab([_piece(self.vocab, t) for t in range(n_vocab)])
+        self.utf8 = Utf8Vocab([_piece(self.vocab, t) for t in range(n_vocab)], self.eog)
         raw = PROMPT.encode()
         buf = (llama_cpp.llama_token * 256)()
         n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, 256, True, False)

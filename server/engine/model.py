@@ -70,7 +70,7 @@ class LoadedModel:
     @cached_property
     def utf8(self) -> Utf8Vocab:
         """UTF-8 facts about the pieces, for constrained answers (built on first use)."""
-        return Utf8Vocab(self.pieces)
+        return Utf8Vocab(self.pieces, self.eog_tokens)
 
     @property
     def vision(self) -> bool:

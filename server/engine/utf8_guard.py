@@ -38,10 +38,18 @@ class Utf8Vocab:
     complete character, and which begin with a continuation byte (the only ones that can
     finish a begun one)."""
 
-    def __init__(self, pieces: list[bytes]) -> None:
+    def __init__(self, pieces: list[bytes], eog_tokens: frozenset[int] = frozenset()) -> None:
         self.pieces = pieces
         self.invalid_alone = np.array([bool(p) and _strict_tail(p) is None for p in pieces])
         self.continues = np.array([bool(p) and 0x80 <= p[0] < 0xC0 for p in pieces])
+        # First byte of each piece if ASCII, else 128; and for each ASCII character that is
+        # a piece of its own, one token spelling it (the grammar's prefilter probes these).
+        self.first_ascii = np.array([p[0] if p and p[0] < 0x80 else 128 for p in pieces],
+                                    dtype=np.int64)
+        probes = {p[0]: t for t, p in reversed(list(enumerate(pieces)))
+                  if len(p) == 1 and p[0] < 0x80 and t not in eog_tokens}
+        self.probe_chars = np.array(sorted(probes), dtype=np.int64)
+        self.ascii_probes = np.array([probes[c] for c in self.probe_chars], dtype=np.int32)
 
 
 class Utf8Guard:
