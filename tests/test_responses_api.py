@@ -187,6 +187,9 @@ def test_store_false_keeps_nothing(server: RunningServer) -> None:
     ({"input": "x", "previous_response_id": "resp_unknown"}, "previous_response_id",
      "no stored response with id 'resp_unknown'"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "greater than or equal to 1"),
+    ({"input": []}, "input", "at least one item"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text", "text": ""}] * 3000}] * 2},
+     None, "input: at most 4096 content parts in all, not 6000"),
 ])
 def test_bad_requests_are_named(server: RunningServer, body: dict, param: str,
                                 words: str) -> None:

@@ -93,6 +93,9 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     constraint = ("tools", plan.grammar) if plan else await response_grammar(
         _chat_format(body), param="text.format.schema")
     items = request_items(body)
+    if not items and previous is None:
+        raise APIError(400, "input: at least one item (or a previous_response_id to "
+                       "continue)", param="input")
     earlier = items_from_store(previous.conversation) if previous else []
     names = [f"previous_response_id.{i}" for i in range(len(earlier))]
     messages, where = to_chat_messages(earlier + items,

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag
+from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 
 from server.api.protocol import (
     _WHOLE,
+    FUNCTION_NAME,
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
     JSONSchemaFormat,
     Timings,
     _Lenient,
+    few_enough_parts,
 )
-
-FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # as chat's FunctionDef.name
 
 # --- requests ------------------------------------------------------------------------------
 
@@ -133,6 +133,12 @@ class ResponsesRequest(_Lenient):
     store: bool = True
     previous_response_id: str | None = Field(None, max_length=128)
     metadata: dict[str, str] | None = Field(None, max_length=16)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_enough_parts(cls, data: Any) -> Any:
+        """As chat's: parts counted on the raw JSON, before a model is built for each."""
+        return few_enough_parts(data, "input")
 
 
 # --- answers -------------------------------------------------------------------------------
