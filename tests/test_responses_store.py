@@ -76,6 +76,9 @@ def test_a_failure_midway_is_a_response_failed_event() -> None:
         yield ErrorEvent(500, "the engine failed on this request", "engine_error")
 
     ends: list[Finished] = []
+
+    async def record(end: Finished) -> None:
+        ends.append(end)
     draft = ResponseDraft("resp_x", "demo", {
         "instructions": None, "max_output_tokens": None, "temperature": 0.8, "top_p": 0.95,
         "tools": [], "tool_choice": "auto", "parallel_tool_calls": True,
@@ -85,7 +88,7 @@ def test_a_failure_midway_is_a_response_failed_event() -> None:
     async def run() -> list[str]:
         events = failing()
         first = await anext(events)
-        return [line async for line in stream_events(draft, first, events, ends.append)]
+        return [line async for line in stream_events(draft, first, events, record)]
 
     events = [json.loads(line.split("data: ", 1)[1]) for line in asyncio.run(run())]
     for event in events:

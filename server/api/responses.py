@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -128,14 +128,16 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         input_items = item_dicts(items)
         conversation = (previous.conversation if previous else []) + input_items
 
-        def finished(end: Finished) -> None:
+        async def finished(end: Finished) -> None:
             if end.body is None:
                 record.status = end.error_status  # the stream's 200 went out already
                 return
             record.finish_reason = _finish_reason(end.body)
             if body.store:
-                end.body["store"] = state.responses.add(stored_response(
-                    end.body, client, input_items, conversation + end.output))
+                # Off the event loop: sizing a conversation means serialising its images.
+                entry = await asyncio.to_thread(stored_response, end.body, client,
+                                                input_items, conversation + end.output)
+                end.body["store"] = state.responses.add(entry)
                 if not end.body["store"]:
                     logger.warning("response %s not stored: over the per-key byte share",
                                    end.body["id"])
@@ -269,7 +271,8 @@ def _finish_reason(body: dict[str, Any]) -> str:
 
 async def _complete(draft: ResponseDraft, event: EngineEvent | ToolDeltaEvent,
                     events: AsyncIterator[EngineEvent | ToolDeltaEvent],
-                    plan: ToolPlan | None, finished: Callable[[Finished], None]
+                    plan: ToolPlan | None,
+                    finished: Callable[[Finished], Awaitable[None]]
                     ) -> Response:
     pieces: list[str] = []
     while isinstance(event, TokenEvent):
@@ -288,13 +291,14 @@ async def _complete(draft: ResponseDraft, event: EngineEvent | ToolDeltaEvent,
     status = status_of(event.finish_reason)
     output = answer_items(content, calls, status)
     body = draft.body(status, output, timer=event.timer, finish_reason=event.finish_reason)
-    finished(Finished(body, output))
+    await finished(Finished(body, output))
     return JSONResponse(body, headers={"Server-Timing": event.timer.server_timing_header()})
 
 
 async def _stream(draft: ResponseDraft, first: EngineEvent | ToolDeltaEvent,
                   events: AsyncIterator[EngineEvent | ToolDeltaEvent],
-                  generation: GenerationRequest, finished: Callable[[Finished], None]
+                  generation: GenerationRequest,
+                  finished: Callable[[Finished], Awaitable[None]]
                   ) -> AsyncIterator[str]:
     try:
         async for line in stream_events(draft, first, events, finished):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,7 +98,8 @@ class Finished:
 
 async def stream_events(draft: ResponseDraft, first: EngineEvent | ToolDeltaEvent,
                         events: AsyncIterator[EngineEvent | ToolDeltaEvent],
-                        on_done: Callable[[Finished], None]) -> AsyncIterator[str]:
+                        on_done: Callable[[Finished], Awaitable[None]]
+                        ) -> AsyncIterator[str]:
     """The event sequence of one response; `on_done` gets its end (to store it, log it)."""
     out = EventStream()
     output: list[dict[str, Any]] = []  # finished items
@@ -172,13 +173,13 @@ async def stream_events(draft: ResponseDraft, first: EngineEvent | ToolDeltaEven
                 yield line
             body = draft.body(status, output, timer=event.timer,
                               finish_reason=event.finish_reason)
-            on_done(Finished(body, output))
+            await on_done(Finished(body, output))
             kind = "response.completed" if status == "completed" else "response.incomplete"
             yield out.event(kind, response=body)
             return
         else:
             assert isinstance(event, ErrorEvent)
-            on_done(Finished(None, output, event.status))
+            await on_done(Finished(None, output, event.status))
             error = {"code": "server_error", "message": event.message}
             yield out.event("response.failed",
                             response=draft.body("failed", output, error=error))
