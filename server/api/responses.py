@@ -225,9 +225,17 @@ async def _plan_tools(body: ResponsesRequest) -> ToolPlan | None:
     choice = body.tool_choice
     chat_choice = NamedToolChoice(type="function", function=FunctionName(name=choice.name)) \
         if choice is not None and not isinstance(choice, str) else choice
-    return await plan_functions(tools, chat_choice, body.parallel_tool_calls,
-                                constrained_format=_chat_format(body) is not None,
-                                format_param="text.format")
+    try:
+        return await plan_functions(tools, chat_choice, body.parallel_tool_calls,
+                                    constrained_format=_chat_format(body) is not None,
+                                    format_param="text.format")
+    except APIError as exc:
+        # Named the chat way (tools.0.function.parameters): say it as this request spells it.
+        if exc.param is not None and exc.param.startswith(("tools.", "tool_choice.")):
+            flat = exc.param.replace(".function.", ".", 1)
+            exc.message = exc.message.replace(exc.param, flat, 1)
+            exc.param = flat
+        raise
 
 
 def _chat_format(body: ResponsesRequest) -> JSONObjectFormat | JSONSchemaResponseFormat | None:
