@@ -20,6 +20,7 @@ from server.api.metrics import metrics_router
 from server.api.observe import RequestObserver
 from server.api.openapi import install_openapi
 from server.api.paths import ExactPaths
+from server.api.responses import router as responses_router
 from server.api.state import AppState
 from server.api.status import health_router, models_router
 from server.config import Settings
@@ -67,7 +68,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.add_middleware(RequestLimits, max_body_bytes=settings.max_request_bytes,
                        max_json_depth=settings.max_json_depth)
     app.add_middleware(RequestObserver, metrics=metrics, model=settings.model_name,
-                       paths=frozenset(f"{prefix}/chat/completions" for prefix in API_PREFIXES),
+                       paths=frozenset(f"{prefix}{path}" for prefix in API_PREFIXES
+                                      for path in ("/chat/completions", "/responses")),
                        write_timeout=settings.write_timeout)
     keys = [key.get_secret_value() for key in settings.api_keys]
     app.add_middleware(APIKeyMiddleware, keys=keys, metrics_open=settings.metrics_open)
@@ -83,7 +85,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(metrics_router)
     for prefix in API_PREFIXES:
         documented = prefix == API_PREFIXES[0]  # /v1 is the same API again, for SDK defaults
-        for router in (chat_router, files_router, models_router):
+        for router in (chat_router, responses_router, files_router, models_router):
             app.include_router(router, prefix=prefix, include_in_schema=documented)
     if settings.playground:
         mount_playground(app)

@@ -141,6 +141,12 @@ class Settings(BaseSettings):
     upload_max_files_per_key: int | None = Field(None, ge=1)
     upload_store_mb_per_key: int | None = Field(None, ge=1)
 
+    # Stored responses (POST /responses with `store`, the default): kept in memory for
+    # GET /responses/{id} and `previous_response_id`, each API key an even share of them.
+    responses_max_stored: int = Field(1000, ge=1)
+    responses_store_mb: int = Field(256, ge=1)
+    responses_ttl_s: float = Field(3600.0, gt=0)
+
     # Warm-up and prompts.
     system_prompt: str | None = None  # used for requests that bring no system message
     warmup: bool = True

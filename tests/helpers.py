@@ -7,10 +7,15 @@ import io
 import json
 import math
 import threading
+from typing import Any
 
 import httpx
 import numpy as np
+from openai.types.responses import Response, ResponseStreamEvent
 from PIL import Image
+from pydantic import TypeAdapter
+
+RESPONSE_EVENT: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 
 
 def photo_bytes(width: int = 320, height: int = 240, fmt: str = "PNG", seed: int = 0) -> bytes:
@@ -123,3 +128,32 @@ class Stream:
     def join(self, timeout: float = 120) -> None:
         self._thread.join(timeout)
         assert not self._thread.is_alive(), "the stream hung"
+
+
+def responses_create(server: Any, **body: object) -> Response:
+    """POST /responses on a RunningServer; the raw JSON validated by the SDK's Response type
+    (the SDK itself builds its objects without validating them)."""
+    answer = httpx.post(f"{server.api}/responses", json={"model": "m", **body}, timeout=120)
+    assert answer.status_code == 200, answer.text
+    return Response.model_validate(answer.json())
+
+
+def response_events(url: str, body: dict) -> list[dict]:
+    """The raw events of a streamed response, each validated by the SDK's event union, its
+    `event:` line naming its type, `sequence_number` counting from 0."""
+    events: list[dict] = []
+    with httpx.stream("POST", f"{url}/responses", json={**body, "stream": True},
+                      timeout=120) as answer:
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in answer.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                assert data["type"] == kind
+                RESPONSE_EVENT.validate_python(data)
+                events.append(data)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    return events

@@ -162,3 +162,34 @@ def test_per_key_defaults_split_the_store_among_the_keys() -> None:
                                       upload_store_mb_per_key=5))
     assert set_.max_files_per_owner == 10 and set_.max_bytes_per_owner == 5 * 1024 * 1024
     assert json.dumps(set_.list("nobody")) == "[]"
+
+
+def test_stored_responses_belong_to_their_key(two_keys: RunningServer) -> None:
+    """Responses are kept per key (the identity uploads use): another key's id is a 404
+    everywhere, exactly as an unknown one, and its conversation cannot be continued."""
+    k1, k2 = sdk(two_keys, K1), sdk(two_keys, K2)
+    made = k1.responses.create(model="m", input="Mine.", max_output_tokens=2)
+    for attempt in (lambda: k2.responses.retrieve(made.id),
+                    lambda: k2.responses.input_items.list(made.id),
+                    lambda: k2.responses.delete(made.id),
+                    lambda: k2.responses.create(model="m", input="Yours?", max_output_tokens=1,
+                                                previous_response_id=made.id)):
+        with pytest.raises(openai.NotFoundError) as refused:
+            attempt()
+        assert refused.value.body["code"] == "response_not_found"  # type: ignore[index]
+        assert "no stored response with id" in refused.value.body["message"]  # type: ignore[index]
+    assert k1.responses.retrieve(made.id).output_text == made.output_text
+    again = k1.responses.create(model="m", input="More.", max_output_tokens=1,
+                                previous_response_id=made.id)
+    assert again.usage is not None and made.usage is not None
+    assert again.usage.input_tokens_details.cached_tokens >= made.usage.input_tokens
+
+
+def test_response_store_defaults_split_among_the_keys() -> None:
+    from server.api.response_store import response_store
+    from server.config import load_settings
+
+    one = response_store(load_settings(None))
+    assert one.max_count_per_owner == 1000 and one.max_bytes_per_owner == 256 * 1024 * 1024
+    keyed = response_store(load_settings(None, api_keys=["k1", "k2", "k3", "k4"]))
+    assert keyed.max_count_per_owner == 250 and keyed.max_bytes_per_owner == 64 * 1024 * 1024

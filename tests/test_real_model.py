@@ -126,6 +126,28 @@ def test_second_turn_reuses_the_first(client: openai.OpenAI) -> None:
     assert second.choices[0].finish_reason == "stop"
 
 
+def test_responses_answer_and_continue_from_the_slot(client: openai.OpenAI) -> None:
+    """The Responses API on a real model: a real answer, and a previous_response_id turn
+    that costs only its new tokens and is the very prompt chat would have built."""
+    first = client.responses.create(model="gemma-3-270m", input=FRANCE[0]["content"],
+                                    temperature=0, max_output_tokens=MAX_TOKENS)
+    assert "Paris" in first.output_text and first.status == "completed"
+    assert "USER" not in first.output_text
+    second = client.responses.create(model="gemma-3-270m", previous_response_id=first.id,
+                                     input="And the capital of Germany?", temperature=0,
+                                     max_output_tokens=MAX_TOKENS)
+    assert first.usage is not None and second.usage is not None
+    cached = second.usage.input_tokens_details.cached_tokens
+    assert cached >= first.usage.input_tokens
+    assert second.usage.input_tokens - cached < second.usage.input_tokens // 2
+    assert "Berlin" in second.output_text
+    chat = ask(client, [*FRANCE, {"role": "assistant", "content": first.output_text},
+                        {"role": "user", "content": "And the capital of Germany?"}],
+               max_tokens=MAX_TOKENS)
+    assert chat.usage is not None and chat.usage.prompt_tokens == second.usage.input_tokens
+    assert chat.choices[0].message.content == second.output_text
+
+
 def test_max_tokens_still_binds(client: openai.OpenAI) -> None:
     reply = ask(client, [{"role": "user", "content": "Write a long story about a dragon."}],
                 max_tokens=5)

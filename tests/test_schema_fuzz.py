@@ -108,3 +108,25 @@ def test_an_uploaded_file_matches_the_document(fuzz_server: RunningServer) -> No
     for method, path, response in answers:
         assert response.status_code == 200, response.text
         schema[path][method].validate_response(response)
+
+
+def test_a_stored_response_matches_the_document(fuzz_server: RunningServer) -> None:
+    """The fuzzer cannot name a stored response, so it only ever sees their 404s."""
+    api = fuzz_server.api
+    with httpx.Client(headers=AUTH, timeout=30) as client:
+        made = client.post(f"{api}/responses", json={"input": [
+            {"role": "user", "content": "Hi"},
+            {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "ok"}]})
+        response_id = made.json()["id"]
+        answers = [("POST", "/api/v1/responses", made),
+                   ("GET", "/api/v1/responses/{response_id}",
+                    client.get(f"{api}/responses/{response_id}")),
+                   ("GET", "/api/v1/responses/{response_id}/input_items",
+                    client.get(f"{api}/responses/{response_id}/input_items")),
+                   ("DELETE", "/api/v1/responses/{response_id}",
+                    client.delete(f"{api}/responses/{response_id}"))]
+    for method, path, response in answers:
+        assert response.status_code == 200, response.text
+        schema[path][method].validate_response(response)
+    assert len(answers[2][2].json()["data"]) == 3

@@ -36,7 +36,11 @@ ROUTES = {
     *((f"{prefix}{path}", method) for prefix in ("/api/v1", "/v1") for path, method in (
         ("/chat/completions", "POST"), ("/files", "POST"), ("/files", "GET"),
         ("/files/{file_id}", "GET"), ("/files/{file_id}", "DELETE"), ("/models", "GET"),
-        ("/models/{model_id:path}", "GET"), ("/slots", "GET"))),
+        ("/models/{model_id:path}", "GET"), ("/slots", "GET"),
+        # The Responses API: images as chat's (no file:// URLs, http(s) only when enabled),
+        # stored responses per key (test_key_quotas_and_views.py).
+        ("/responses", "POST"), ("/responses/{response_id}", "GET"),
+        ("/responses/{response_id}", "DELETE"), ("/responses/{response_id}/input_items", "GET"))),
 }
 
 
@@ -140,6 +144,12 @@ def test_remote_image_urls_are_refused_and_never_fetched(server: RunningServer,
         error = answer.json()["error"]
         assert error["code"] == "invalid_image"
         assert error["param"] == "messages.0.content.1.image_url"
+        answer = httpx.post(f"{server.api}/responses", timeout=30, json={
+            "max_output_tokens": 2, "input": [{"role": "user", "content": [
+                {"type": "input_image", "image_url": url}]}]})
+        assert answer.status_code == 400, (url, answer.text)
+        assert answer.json()["error"]["param"] == "input.0.content.0.image_url"
+        assert answer.json()["error"]["code"] == "invalid_image"
     assert _Recorder.hits == []
 
 
@@ -156,6 +166,9 @@ def test_no_request_reaches_the_filesystem(server: RunningServer) -> None:
         ("GET", "/%2e%2e/%2e%2e/etc/passwd"),
         ("GET", "/models/demo/demo-llava-text.gguf"),
         ("GET", "/configs/default.yaml"),
+        ("GET", "/api/v1/responses/..%2F..%2F..%2Fetc%2Fpasswd"),
+        ("DELETE", "/api/v1/responses/%2Fetc%2Fpasswd"),
+        ("GET", "/api/v1/responses/%2Fetc%2Fpasswd/input_items"),
     ]
     for method, path in probes:
         answer = httpx.request(method, f"{server.url}{path}", timeout=30)
@@ -165,6 +178,11 @@ def test_no_request_reaches_the_filesystem(server: RunningServer) -> None:
         chat = {"max_tokens": 2, "messages": [{"role": "user", "content": [
             {"type": "file", "file": {"file_id": file_id}}]}]}
         answer = httpx.post(f"{server.api}/chat/completions", json=chat, timeout=30)
+        assert answer.status_code == 400 and "root:" not in answer.text
+        assert answer.json()["error"]["code"] == "file_not_found"
+        answer = httpx.post(f"{server.api}/responses", timeout=30, json={
+            "max_output_tokens": 2, "input": [{"role": "user", "content": [
+                {"type": "input_image", "file_id": file_id}]}]})
         assert answer.status_code == 400 and "root:" not in answer.text
         assert answer.json()["error"]["code"] == "file_not_found"
     inline = httpx.post(f"{server.api}/chat/completions", timeout=30, json={

@@ -12,6 +12,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.api.auth import client_identity
 from server.api.errors import APIError, error_response
+from server.api.generation import (
+    cancel_on_disconnect,
+    first_event,
+    max_tokens,
+    require_ready,
+    sampling_params,
+)
 from server.api.messages import to_engine_messages
 from server.api.observe import RequestRecord, request_record
 from server.api.offloop_json import OffLoopJSONRoute
@@ -34,7 +41,6 @@ from server.engine import (
     SamplingParams,
     TokenEvent,
 )
-from server.engine.engine import EngineNotReadyError, QueueFullError
 from server.engine.logprobs import TokenLogprob
 from server.timings import StageTimer
 
@@ -51,9 +57,7 @@ _OK = "The completion as JSON or, with `stream: true`, as server-sent events: on
                                  content=event_stream(ChatCompletionChunk)))
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state: AppState = request.app.state.vlserve
-    if not state.engine.ready:
-        raise APIError(503, f"the model is not ready ({state.engine.state.value})",
-                       code="model_not_ready", headers={"Retry-After": "5"})
+    require_ready(state)
     record = request_record(request)
     record.timer = timer = StageTimer()
     record.stream = body.stream
@@ -66,7 +70,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     client = client_identity(request.scope)
     generation = GenerationRequest(
         messages=[],
-        max_tokens=_max_tokens(body, state),
+        max_tokens=max_tokens(body.max_completion_tokens or body.max_tokens, state.settings),
         sampling=_sampling(body, constraint[1] if constraint else None),
         stop=_stops(body.stop),
         timer=timer,
@@ -79,7 +83,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     # Until a streaming response takes over (Starlette then notices hang-ups itself), a
     # client that goes away must cancel its generation: while its images decode, queued,
     # prefilling or, without streaming, the whole answer long.
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, generation))
+    watcher = asyncio.create_task(cancel_on_disconnect(request, generation))
     try:
         generation.messages = await to_engine_messages(tool_history(body.messages, plan), state,
                                                        timer, client)
@@ -88,13 +92,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             events = tool_stream(events)
         if constraint is not None:
             state.metrics.constrained_requests.labels(constraint[0]).inc()
-        try:
-            first = await anext(events)
-        except QueueFullError as exc:
-            raise APIError(429, str(exc), code="queue_full",
-                           headers={"Retry-After": "1"}) from None
-        except EngineNotReadyError as exc:
-            raise APIError(503, str(exc), code="model_not_ready") from None
+        first = await first_event(events)
         if isinstance(first, ErrorEvent):
             return error_response(first.status, first.message, code=first.code)
         reply = _Reply(record.completion_id, state.settings.model_name)
@@ -196,18 +194,6 @@ async def _stream(reply: _Reply, event: EngineEvent | ToolDeltaEvent,
         generation.cancelled.set()
 
 
-async def _cancel_on_disconnect(request: Request, generation: GenerationRequest) -> None:
-    """A non-streaming client that hangs up must not keep a slot busy until max_tokens.
-
-    The body has been read, so the next ASGI message can only be the disconnect: waiting
-    for it notices a hang-up at once, with no polling."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            generation.cancelled.set()
-            return
-
-
 def _chunk(reply: _Reply, delta: dict | None, finish: str | None, *,
            logprobs: dict | None = None, **extra: object) -> str:
     body: dict[str, object] = dict(reply.head)
@@ -243,26 +229,12 @@ def _usage(timer: StageTimer) -> dict[str, object]:
     }
 
 
-def _max_tokens(body: ChatCompletionRequest, state: AppState) -> int:
-    asked = body.max_completion_tokens or body.max_tokens
-    settings = state.settings
-    return min(asked or settings.default_max_tokens, settings.max_tokens_cap)
-
-
 def _sampling(body: ChatCompletionRequest, grammar: str | None) -> SamplingParams:
-    defaults = SamplingParams()
-    return SamplingParams(
-        temperature=defaults.temperature if body.temperature is None else body.temperature,
-        top_p=defaults.top_p if body.top_p is None else body.top_p,
-        top_k=defaults.top_k if body.top_k is None else body.top_k,
-        min_p=defaults.min_p if body.min_p is None else body.min_p,
-        seed=body.seed,
-        repeat_penalty=body.repeat_penalty or defaults.repeat_penalty,
-        presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        ignore_eos=bool(body.ignore_eos),
-        grammar=grammar,
-    )
+    return sampling_params(
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+        seed=body.seed, repeat_penalty=body.repeat_penalty,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        ignore_eos=body.ignore_eos, grammar=grammar)
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 from starlette.concurrency import run_in_threadpool
@@ -19,27 +20,30 @@ from server.uploads import UploadStore
 
 
 async def to_engine_messages(
-    messages: list[ChatMessageIn], state: AppState, timer: StageTimer, client: str = ""
+    messages: list[ChatMessageIn], state: AppState, timer: StageTimer, client: str = "",
+    names: Sequence[str] | None = None,
 ) -> list[ChatMessage]:
-    """`client` (server.api.auth.client_identity) may reference its own uploads only."""
+    """`client` (server.api.auth.client_identity) may reference its own uploads only;
+    `names` says where each message came from, for errors (default `messages.<i>`)."""
     settings = state.settings
     out: list[ChatMessage] = []
     n_images = 0
     for m_index, message in enumerate(messages):
+        name = names[m_index] if names is not None else f"messages.{m_index}"
         role = "system" if message.role == "developer" else message.role
         if message.content is None:
             out.append(ChatMessage(role, ("",)))
             continue
         if isinstance(message.content, str):
             out.append(ChatMessage(role, (_text(message.content,
-                                                f"messages.{m_index}.content"),)))
+                                                f"{name}.content"),)))
             continue
         parts: list[str | ImageInput] = []
         for p_index, part in enumerate(message.content):
             if isinstance(part, TextPart):
-                parts.append(_text(part.text, f"messages.{m_index}.content.{p_index}.text"))
+                parts.append(_text(part.text, f"{name}.content.{p_index}.text"))
                 continue
-            where = f"messages.{m_index}.content.{p_index}"
+            where = f"{name}.content.{p_index}"
             if settings.mmproj is None:  # checked before any decoding: nothing to spend
                 raise APIError(400, f"{where}: this model has no vision projector; it reads "
                                "text only (send the text alone, or serve a model with an "

@@ -107,8 +107,11 @@ class ChatMessageIn(_Lenient):
     tool_call_id: str | None = None  # tool turns: the call this result answers
 
 
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
 class FunctionDef(_Lenient):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON Schema of type object
     strict: bool | None = None  # the parameters are always enforced exactly, or refused
@@ -197,15 +200,21 @@ class ChatCompletionRequest(_Lenient):
     @classmethod
     def _few_enough_parts(cls, data: Any) -> Any:
         """Count content parts on the raw JSON, before pydantic builds a model for each."""
-        messages = data.get("messages") if isinstance(data, dict) else None
-        if isinstance(messages, list) and len(messages) <= MAX_MESSAGES:
-            parts = sum(len(m["content"]) for m in messages
-                        if isinstance(m, dict) and isinstance(m.get("content"), list))
-            if parts > MAX_CONTENT_PARTS:
-                raise PydanticCustomError(
-                    "too_long", "messages: at most {limit} content parts in all, not {n}",
-                    {"limit": MAX_CONTENT_PARTS, "n": parts})
-        return data
+        return few_enough_parts(data, "messages")
+
+
+def few_enough_parts(data: Any, field: str) -> Any:
+    """At most MAX_CONTENT_PARTS list-content parts over the messages (or items) in
+    `data[field]`, counted on the raw JSON."""
+    messages = data.get(field) if isinstance(data, dict) else None
+    if isinstance(messages, list) and len(messages) <= MAX_MESSAGES:
+        parts = sum(len(m["content"]) for m in messages
+                    if isinstance(m, dict) and isinstance(m.get("content"), list))
+        if parts > MAX_CONTENT_PARTS:
+            raise PydanticCustomError(
+                "too_long", "{field}: at most {limit} content parts in all, not {n}",
+                {"field": field, "limit": MAX_CONTENT_PARTS, "n": parts})
+    return data
 
 
 class PromptTokensDetails(BaseModel):

@@ -12,8 +12,10 @@ from server.engine.constraints import ConstraintError, json_object_grammar, sche
 _PARAM = "response_format.json_schema.schema"
 
 
-async def response_grammar(response_format: ResponseFormat | None) -> tuple[str, str] | None:
-    """(kind, GBNF grammar) for a constrained answer, None for free text."""
+async def response_grammar(response_format: ResponseFormat | None, param: str = _PARAM
+                           ) -> tuple[str, str] | None:
+    """(kind, GBNF grammar) for a constrained answer, None for free text; `param` names the
+    schema in errors (responses carry it at text.format.schema)."""
     if isinstance(response_format, JSONObjectFormat):
         return "json_object", json_object_grammar()
     if not isinstance(response_format, JSONSchemaResponseFormat):
@@ -25,5 +27,5 @@ async def response_grammar(response_format: ResponseFormat | None) -> tuple[str,
         # Off the event loop: a large schema unrolls into a large grammar.
         return "json_schema", await asyncio.to_thread(schema_grammar, schema)
     except ConstraintError as exc:
-        raise APIError(400, f"{_PARAM}: {exc}", param=_PARAM,
+        raise APIError(400, f"{param}: {exc}", param=param,
                        code="unsupported_schema") from None

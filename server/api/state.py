@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from server.api.drain import Drain
+from server.api.response_store import ResponseStore, response_store
 from server.config import Settings
 from server.engine import Engine
 from server.images import ImageLimits, SizeRule
@@ -24,9 +25,11 @@ class AppState:
     started_at: int = field(default_factory=lambda: int(time.time()))
     # Memory of the image decodes in flight, chats and uploads together.
     decode_budget: DecodeBudget = field(init=False)
+    responses: ResponseStore = field(init=False)  # stored responses (POST /responses)
 
     def __post_init__(self) -> None:
         self.decode_budget = DecodeBudget(self.settings.image_decode_budget_mb * 1024 * 1024)
+        self.responses = response_store(self.settings)
 
     def cache_tenant(self, client: str) -> str:
         """Whose engine caches a client (server.api.auth.client_identity) may use: its own,

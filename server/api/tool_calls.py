@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal
 
 from server.api.errors import APIError
-from server.api.protocol import ChatCompletionRequest, ChatMessageIn, NamedToolChoice
+from server.api.protocol import ChatCompletionRequest, ChatMessageIn, NamedToolChoice, ToolDef
 from server.engine import DoneEvent, EngineEvent, TokenEvent
 from server.engine.constraints import ConstraintError
 from server.engine.tools import (
@@ -42,8 +43,17 @@ class ToolDeltaEvent:
 
 async def plan_tools(body: ChatCompletionRequest) -> ToolPlan | None:
     """None when the model is not to call anything; else what it may call, or a 400."""
-    choice = body.tool_choice
-    if not body.tools:
+    constrained = body.response_format is not None and body.response_format.type != "text"
+    return await plan_functions(body.tools, body.tool_choice, body.parallel_tool_calls,
+                                constrained_format=constrained, format_param="response_format")
+
+
+async def plan_functions(tools: list[ToolDef] | None,
+                         choice: Literal["none", "auto", "required"] | NamedToolChoice | None,
+                         parallel_calls: bool | None, *, constrained_format: bool,
+                         format_param: str) -> ToolPlan | None:
+    """plan_tools for any API that names functions the chat way (responses convert theirs)."""
+    if not tools:
         if choice not in (None, "none"):
             raise APIError(400, "tool_choice needs tools", param="tool_choice")
         return None
@@ -51,7 +61,7 @@ async def plan_tools(body: ChatCompletionRequest) -> ToolPlan | None:
         return None
     functions = [Function(t.function.name, t.function.description or "",
                           t.function.parameters or {"type": "object", "properties": {}})
-                 for t in body.tools]
+                 for t in tools]
     for i, function in enumerate(functions):
         if function.parameters.get("type", "object") != "object":
             raise APIError(400, f"tools.{i}.function.parameters: must be a schema of type "
@@ -66,10 +76,10 @@ async def plan_tools(body: ChatCompletionRequest) -> ToolPlan | None:
                            "tools", param="tool_choice.function.name")
         functions = [functions[names.index(choice.function.name)]]
         required = True
-    if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(400, "response_format cannot be combined with tools unless "
-                       "tool_choice is 'none'", param="response_format")
-    parallel = body.parallel_tool_calls is not False
+    if constrained_format:
+        raise APIError(400, f"{format_param} cannot be combined with tools unless "
+                       "tool_choice is 'none'", param=format_param)
+    parallel = parallel_calls is not False
     try:
         # Off the event loop: many large parameter schemas make a large grammar.
         grammar = await asyncio.to_thread(tools_grammar, functions, parallel=parallel,
@@ -83,6 +93,11 @@ async def plan_tools(body: ChatCompletionRequest) -> ToolPlan | None:
 def tool_history(messages: list[ChatMessageIn], plan: ToolPlan | None) -> list[ChatMessageIn]:
     """The conversation as the chat template can show it: earlier calls as call markup in
     their assistant turn, tool results as user turns, the tool prompt in the system turn."""
+    return with_tool_prompt(calls_as_text(messages), plan)
+
+
+def calls_as_text(messages: list[ChatMessageIn]) -> list[ChatMessageIn]:
+    """tool_history without the tool prompt: one message out for each message in."""
     out: list[ChatMessageIn] = []
     for i, message in enumerate(messages):
         if message.role == "tool":
@@ -103,8 +118,15 @@ def tool_history(messages: list[ChatMessageIn], plan: ToolPlan | None) -> list[C
                                      content=f"{text}\n{calls}" if text else calls))
         else:
             out.append(message)
+    return out
+
+
+def with_tool_prompt(messages: list[ChatMessageIn], plan: ToolPlan | None
+                     ) -> list[ChatMessageIn]:
+    """The tool prompt appended to the system turn, or a system turn of its own first."""
     if plan is None:
-        return out
+        return messages
+    out = list(messages)
     prompt = tool_prompt(plan.functions, plan.required)
     if out and out[0].role in ("system", "developer") and isinstance(out[0].content, str):
         out[0] = ChatMessageIn(role=out[0].role, content=f"{out[0].content}\n\n{prompt}")

@@ -1,0 +1,74 @@
+"""What chat completions and responses share between the request and the engine: the
+token limit, the sampler settings, starting a generation and cancelling it on hang-up."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TypeVar
+
+from fastapi import Request
+
+from server.api.errors import APIError
+from server.api.state import AppState
+from server.config import Settings
+from server.engine import GenerationRequest, SamplingParams
+from server.engine.engine import EngineNotReadyError, QueueFullError
+
+E = TypeVar("E")
+
+
+def require_ready(state: AppState) -> None:
+    if not state.engine.ready:
+        raise APIError(503, f"the model is not ready ({state.engine.state.value})",
+                       code="model_not_ready", headers={"Retry-After": "5"})
+
+
+def max_tokens(asked: int | None, settings: Settings) -> int:
+    """The configured default when none is asked for, and never more than the cap: a model
+    that never stops must not run until the context is full."""
+    return min(asked or settings.default_max_tokens, settings.max_tokens_cap)
+
+
+def sampling_params(*, temperature: float | None = None, top_p: float | None = None,
+                    top_k: int | None = None, min_p: float | None = None,
+                    seed: int | None = None, repeat_penalty: float | None = None,
+                    presence_penalty: float | None = None,
+                    frequency_penalty: float | None = None, ignore_eos: bool | None = None,
+                    grammar: str | None = None) -> SamplingParams:
+    """The sampler settings a request asked for, the engine's defaults for the rest."""
+    defaults = SamplingParams()
+    return SamplingParams(
+        temperature=defaults.temperature if temperature is None else temperature,
+        top_p=defaults.top_p if top_p is None else top_p,
+        top_k=defaults.top_k if top_k is None else top_k,
+        min_p=defaults.min_p if min_p is None else min_p,
+        seed=seed,
+        repeat_penalty=repeat_penalty or defaults.repeat_penalty,
+        presence_penalty=presence_penalty or 0.0,
+        frequency_penalty=frequency_penalty or 0.0,
+        ignore_eos=bool(ignore_eos),
+        grammar=grammar,
+    )
+
+
+async def first_event(events: AsyncIterator[E]) -> E:
+    """The engine's first event, with admission refusals as API errors (429, 503)."""
+    try:
+        return await anext(events)
+    except QueueFullError as exc:
+        raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from None
+    except EngineNotReadyError as exc:
+        raise APIError(503, str(exc), code="model_not_ready") from None
+
+
+async def cancel_on_disconnect(request: Request, generation: GenerationRequest) -> None:
+    """A non-streaming client that hangs up must not keep a slot busy until max_tokens.
+
+    The body has been read, so the next ASGI message can only be the disconnect: waiting
+    for it notices a hang-up at once, with no polling."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            generation.cancelled.set()
+            return
+

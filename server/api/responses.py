@@ -1,0 +1,317 @@
+"""POST /responses, and the stored ones (GET, DELETE, input_items): the Responses API as a
+translation onto the chat path: the same GenerationRequest, the same engine events, the same
+message conversion, image decoding, tool and response_format planning."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from server.api.auth import client_identity
+from server.api.errors import APIError, error_response
+from server.api.generation import (
+    cancel_on_disconnect,
+    first_event,
+    max_tokens,
+    require_ready,
+    sampling_params,
+)
+from server.api.messages import to_engine_messages
+from server.api.observe import RequestRecord, request_record
+from server.api.openapi import event_stream, responses
+from server.api.protocol import (
+    ChatMessageIn,
+    FunctionDef,
+    FunctionName,
+    JSONObjectFormat,
+    JSONSchemaResponseFormat,
+    NamedToolChoice,
+    ToolDef,
+)
+from server.api.response_format import response_grammar
+from server.api.response_store import StoredResponse, stored_response
+from server.api.responses_input import (
+    item_dicts,
+    items_from_store,
+    request_items,
+    to_chat_messages,
+)
+from server.api.responses_output import (
+    Finished,
+    ResponseDraft,
+    answer_items,
+    status_of,
+    stream_events,
+)
+from server.api.responses_protocol import (
+    InputItemList,
+    ResponseDeleted,
+    ResponseObject,
+    ResponsesRequest,
+    StreamEvent,
+    TextFormatJSONObject,
+    TextFormatJSONSchema,
+)
+from server.api.state import AppState
+from server.api.tool_calls import (
+    ToolDeltaEvent,
+    ToolPlan,
+    answer_message,
+    calls_as_text,
+    plan_functions,
+    tool_stream,
+    with_tool_prompt,
+)
+from server.engine import DoneEvent, EngineEvent, ErrorEvent, GenerationRequest, TokenEvent
+from server.timings import StageTimer
+
+router = APIRouter()
+logger = logging.getLogger("vlserve.api")
+
+_OK = "The response as JSON or, with `stream: true`, as server-sent events (`event:` its " \
+    "type, `data:` the event as JSON, numbered by `sequence_number`), ending with " \
+    "response.completed, response.incomplete or response.failed"
+
+
+@router.post("/responses", response_model=None,
+             responses=responses(ResponseObject, 400, 404, 413, 429, 500, 503, 504,
+                                 ok_description=_OK, content=event_stream(StreamEvent)))
+async def create_response(body: ResponsesRequest, request: Request) -> Response:
+    state: AppState = request.app.state.vlserve
+    require_ready(state)
+    record = _response_record(request)
+    record.timer = timer = StageTimer()
+    record.stream = body.stream
+    client = client_identity(request.scope)
+    previous = _stored(state, body.previous_response_id, client, "previous_response_id")
+    plan = await _plan_tools(body)
+    constraint = ("tools", plan.grammar) if plan else await response_grammar(
+        _chat_format(body), param="text.format.schema")
+    items = request_items(body)
+    if not items and previous is None:
+        raise APIError(400, "input: at least one item (or a previous_response_id to "
+                       "continue)", param="input")
+    earlier = items_from_store(previous.conversation) if previous else []
+    names = [f"previous_response_id.{i}" for i in range(len(earlier))]
+    messages, where = to_chat_messages(earlier + items,
+                                       names + [f"input.{i}" for i in range(len(items))])
+    if body.instructions is not None:
+        messages.insert(0, ChatMessageIn(role="system", content=body.instructions))
+        where.insert(0, "instructions")
+    messages = calls_as_text(messages)
+    prompted = with_tool_prompt(messages, plan)
+    where = ["tools"] * (len(prompted) - len(messages)) + where
+    generation = GenerationRequest(
+        messages=[], max_tokens=max_tokens(body.max_output_tokens, state.settings),
+        sampling=sampling_params(temperature=body.temperature, top_p=body.top_p,
+                                 grammar=constraint[1] if constraint else None),
+        timer=timer, request_id=record.request_id, client=client, stream=body.stream,
+        tenant=state.cache_tenant(client))
+    watcher = asyncio.create_task(cancel_on_disconnect(request, generation))
+    try:
+        generation.messages = await to_engine_messages(prompted, state, timer, client, where)
+        events: AsyncIterator[EngineEvent | ToolDeltaEvent] = state.engine.generate(generation)
+        if plan is not None and body.stream:
+            events = tool_stream(events)
+        if constraint is not None:
+            state.metrics.constrained_requests.labels(constraint[0]).inc()
+        first = await first_event(events)
+        if isinstance(first, ErrorEvent):
+            return error_response(first.status, first.message, code=first.code)
+        draft = ResponseDraft(record.completion_id, state.settings.model_name,
+                              _echo(body, generation))
+        input_items = item_dicts(items)
+        conversation = (previous.conversation if previous else []) + input_items
+
+        async def finished(end: Finished) -> None:
+            if end.body is None:
+                record.status = end.error_status  # the stream's 200 went out already
+                return
+            record.finish_reason = _finish_reason(end.body)
+            if body.store:
+                # Off the event loop: sizing a conversation means serialising its images.
+                entry = await asyncio.to_thread(stored_response, end.body, client,
+                                                input_items, conversation + end.output)
+                end.body["store"] = state.responses.add(entry)
+                if not end.body["store"]:
+                    logger.warning("response %s not stored: over the per-key byte share",
+                                   end.body["id"])
+
+        if body.stream:
+            return StreamingResponse(_stream(draft, first, events, generation, finished),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await _complete(draft, first, events, plan, finished)
+    finally:
+        watcher.cancel()
+
+
+@router.get("/responses/{response_id}", responses=responses(ResponseObject, 404))
+async def get_response(response_id: str, request: Request) -> JSONResponse:
+    state: AppState = request.app.state.vlserve
+    stored = _stored(state, response_id, client_identity(request.scope), "response_id")
+    assert stored is not None
+    return JSONResponse(stored.response)
+
+
+@router.delete("/responses/{response_id}", responses=responses(ResponseDeleted, 404))
+async def delete_response(response_id: str, request: Request) -> JSONResponse:
+    state: AppState = request.app.state.vlserve
+    if not state.responses.delete(response_id, client_identity(request.scope)):
+        raise _not_found(response_id, "response_id")
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+@router.get("/responses/{response_id}/input_items",
+            responses=responses(InputItemList, 400, 404))
+async def list_input_items(response_id: str, request: Request, after: str | None = None,
+                           limit: int = Query(20, ge=1, le=100),
+                           order: Literal["asc", "desc"] = "desc") -> JSONResponse:
+    """The request's own input items (earlier turns are their own responses' items),
+    cursor-paginated like OpenAI's (`after`, `limit`, `has_more`)."""
+    state: AppState = request.app.state.vlserve
+    stored = _stored(state, response_id, client_identity(request.scope), "response_id")
+    assert stored is not None
+    items = list(stored.input_items) if order == "asc" else stored.input_items[::-1]
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise APIError(400, f"after: no input item with id {after!r} in this response",
+                           param="after", code="invalid_cursor")
+        items = items[ids.index(after) + 1:]
+    page = items[:limit]
+    return JSONResponse({"object": "list", "data": page,
+                         "first_id": page[0]["id"] if page else None,
+                         "last_id": page[-1]["id"] if page else None,
+                         "has_more": len(items) > limit})
+
+
+def _response_record(request: Request) -> RequestRecord:
+    """The request's record, its id a response id (resp_<hex>) rather than a chat one."""
+    record = request_record(request)
+    response_id = "resp_" + record.completion_id.removeprefix("chatcmpl-")
+    if record.request_id == record.completion_id:
+        record.request_id = response_id
+    record.completion_id = response_id
+    return record
+
+
+def _stored(state: AppState, response_id: str | None, client: str, param: str
+            ) -> StoredResponse | None:
+    if response_id is None:
+        return None
+    stored = state.responses.get(response_id, client)
+    if stored is None:
+        raise _not_found(response_id, param)
+    return stored
+
+
+def _not_found(response_id: str, param: str) -> APIError:
+    return APIError(404, f"{param}: no stored response with id {response_id!r} (unknown, "
+                    "deleted, expired, or stored with store: false)", param=param,
+                    code="response_not_found")
+
+
+async def _plan_tools(body: ResponsesRequest) -> ToolPlan | None:
+    """Responses' flat function tools, planned as chat's (same prompt, grammar, errors)."""
+    tools = [ToolDef(type="function", function=FunctionDef(
+        name=t.name, description=t.description, parameters=t.parameters, strict=t.strict))
+        for t in body.tools or []]
+    choice = body.tool_choice
+    chat_choice = NamedToolChoice(type="function", function=FunctionName(name=choice.name)) \
+        if choice is not None and not isinstance(choice, str) else choice
+    try:
+        return await plan_functions(tools, chat_choice, body.parallel_tool_calls,
+                                    constrained_format=_chat_format(body) is not None,
+                                    format_param="text.format")
+    except APIError as exc:
+        # Named the chat way (tools.0.function.parameters): say it as this request spells it.
+        if exc.param is not None and exc.param.startswith(("tools.", "tool_choice.")):
+            flat = exc.param.replace(".function.", ".", 1)
+            exc.message = exc.message.replace(exc.param, flat, 1)
+            exc.param = flat
+        raise
+
+
+def _chat_format(body: ResponsesRequest) -> JSONObjectFormat | JSONSchemaResponseFormat | None:
+    """`text.format` as chat's response_format (None: free text)."""
+    fmt = body.text.format if body.text is not None else None
+    if isinstance(fmt, TextFormatJSONObject):
+        return JSONObjectFormat(type="json_object")
+    if isinstance(fmt, TextFormatJSONSchema):
+        return JSONSchemaResponseFormat(type="json_schema", json_schema=fmt)
+    return None
+
+
+def _echo(body: ResponsesRequest, generation: GenerationRequest) -> dict[str, Any]:
+    """The request's settings as the response object repeats them (sampling as applied)."""
+    fmt = body.text.format if body.text is not None and body.text.format is not None else None
+    return {
+        "instructions": body.instructions,
+        "max_output_tokens": body.max_output_tokens,
+        "temperature": generation.sampling.temperature,
+        "top_p": generation.sampling.top_p,
+        "tools": [t.model_dump() for t in body.tools or []],
+        "tool_choice": (body.tool_choice.model_dump() if body.tool_choice is not None
+                        and not isinstance(body.tool_choice, str)
+                        else body.tool_choice or "auto"),
+        "parallel_tool_calls": body.parallel_tool_calls is not False,
+        "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt
+                 else {"type": "text"}},
+        "store": body.store,
+        "previous_response_id": body.previous_response_id,
+        "metadata": body.metadata,
+    }
+
+
+def _finish_reason(body: dict[str, Any]) -> str:
+    """The log line's finish_reason, in chat's words."""
+    if body["status"] == "incomplete":
+        return "length"
+    calls = any(item["type"] == "function_call" for item in body["output"])
+    return "tool_calls" if calls else "stop"
+
+
+async def _complete(draft: ResponseDraft, event: EngineEvent | ToolDeltaEvent,
+                    events: AsyncIterator[EngineEvent | ToolDeltaEvent],
+                    plan: ToolPlan | None,
+                    finished: Callable[[Finished], Awaitable[None]]
+                    ) -> Response:
+    pieces: list[str] = []
+    while isinstance(event, TokenEvent):
+        pieces.append(event.text)
+        event = await anext(events)
+    if isinstance(event, ErrorEvent):
+        return error_response(event.status, event.message, code=event.code)
+    assert isinstance(event, DoneEvent)
+    text = "".join(pieces)
+    content: str | None = text
+    calls: list[dict[str, Any]] = []
+    if plan is not None:
+        message, _ = answer_message(text, event.finish_reason)
+        content = message["content"]  # type: ignore[assignment]
+        calls = message.get("tool_calls", [])  # type: ignore[assignment]
+    status = status_of(event.finish_reason)
+    output = answer_items(content, calls, status)
+    body = draft.body(status, output, timer=event.timer, finish_reason=event.finish_reason)
+    await finished(Finished(body, output))
+    return JSONResponse(body, headers={"Server-Timing": event.timer.server_timing_header()})
+
+
+async def _stream(draft: ResponseDraft, first: EngineEvent | ToolDeltaEvent,
+                  events: AsyncIterator[EngineEvent | ToolDeltaEvent],
+                  generation: GenerationRequest,
+                  finished: Callable[[Finished], Awaitable[None]]
+                  ) -> AsyncIterator[str]:
+    try:
+        async for line in stream_events(draft, first, events, finished):
+            yield line
+    finally:
+        # A client that went away must not keep the engine busy (set synchronously: a
+        # cancelled task cannot await).
+        generation.cancelled.set()

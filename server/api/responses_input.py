@@ -1,0 +1,127 @@
+"""Responses input items → the chat messages the chat path already knows how to render
+(images decoded and uploads resolved by server.api.messages, calls shown by
+server.api.tool_calls); and items as they are stored and listed."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from server.api.errors import APIError
+from server.api.protocol import (
+    ChatMessageIn,
+    ContentPart,
+    FilePart,
+    FileRef,
+    FunctionCallIn,
+    ImagePart,
+    ImageURL,
+    TextPart,
+    ToolCallIn,
+)
+from server.api.responses_protocol import (
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    InputImage,
+    InputItem,
+    InputText,
+    MessageItem,
+    OutputText,
+    ResponsesRequest,
+)
+
+_ITEMS: TypeAdapter[list[InputItem]] = TypeAdapter(list[InputItem])
+
+
+def request_items(body: ResponsesRequest) -> list[InputItem]:
+    """`input` as items: a string is one user message."""
+    if isinstance(body.input, str):
+        return [MessageItem(role="user", content=body.input)]
+    return list(body.input)
+
+
+def items_from_store(stored: list[dict[str, Any]]) -> list[InputItem]:
+    """Items read back from the response store (written by `item_dicts`)."""
+    return _ITEMS.validate_python(stored, strict=False)
+
+
+def to_chat_messages(items: list[InputItem], names: list[str]
+                     ) -> tuple[list[ChatMessageIn], list[str]]:
+    """Chat messages for `items`, each with the name of the item it came from (for errors):
+    function calls join the assistant turn before them, call outputs become tool turns."""
+    messages: list[ChatMessageIn] = []
+    where: list[str] = []
+    for item, name in zip(items, names, strict=True):
+        if isinstance(item, FunctionCallOutputItem):
+            messages.append(ChatMessageIn(role="tool", tool_call_id=item.call_id,
+                                          content=item.output))
+        elif isinstance(item, FunctionCallItem):
+            call = ToolCallIn(id=item.call_id, type="function",
+                              function=FunctionCallIn(name=item.name, arguments=item.arguments))
+            last = messages[-1] if messages else None
+            if last is not None and last.role == "assistant":
+                messages[-1] = last.model_copy(update={"tool_calls": [*(last.tool_calls or []),
+                                                                       call]})
+                continue
+            messages.append(ChatMessageIn(role="assistant", tool_calls=[call]))
+        else:
+            messages.append(ChatMessageIn(role=item.role, content=_content(item, name)))
+        where.append(name)
+    return messages, where
+
+
+def _content(item: MessageItem, name: str) -> str | list[ContentPart]:
+    if isinstance(item.content, str):
+        return item.content
+    texts = [p.text for p in item.content if isinstance(p, InputText | OutputText)]
+    if len(texts) == len(item.content) == 1:
+        return texts[0]  # one text part renders exactly as a string (a stored answer does)
+    parts: list[ContentPart] = []
+    for index, part in enumerate(item.content):
+        if isinstance(part, InputText | OutputText):
+            parts.append(TextPart(type="text", text=part.text))
+        else:
+            parts.append(_image(part, f"{name}.content.{index}"))
+    return parts
+
+
+def _image(part: InputImage, param: str) -> ImagePart | FilePart:
+    if (part.image_url is None) == (part.file_id is None):
+        raise APIError(400, f"{param}: an input_image needs exactly one of image_url and "
+                       "file_id", param=param)
+    if part.file_id is not None:
+        return FilePart(type="file", file=FileRef(file_id=part.file_id))
+    assert part.image_url is not None
+    return ImagePart(type="image_url", image_url=ImageURL(url=part.image_url,
+                                                           detail=part.detail))
+
+
+def item_dicts(items: list[InputItem]) -> list[dict[str, Any]]:
+    """Items as GET /responses/{id}/input_items lists them: each with an id and a status,
+    message content always a list of parts."""
+    out: list[dict[str, Any]] = []
+    for item in items:
+        if isinstance(item, MessageItem):
+            kind = "output_text" if item.role == "assistant" else "input_text"
+            content = [{"type": kind, "text": item.content}] if isinstance(item.content, str) \
+                else [p.model_dump(exclude_none=True) for p in item.content]
+            if item.role == "assistant":
+                for part in content:
+                    part.setdefault("annotations", [])
+            out.append({"id": new_id("msg"), "type": "message", "role": item.role,
+                        "status": "completed", "content": content})
+        elif isinstance(item, FunctionCallItem):
+            out.append({"id": item.id or new_id("fc"), "type": "function_call",
+                        "call_id": item.call_id, "name": item.name,
+                        "arguments": item.arguments, "status": "completed"})
+        else:
+            out.append({"id": item.id or new_id("fco"), "type": "function_call_output",
+                        "call_id": item.call_id, "output": item.output,
+                        "status": "completed"})
+    return out
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(16)}"

@@ -1,0 +1,187 @@
+"""Engine events → a response object and its output items; streamed, the full Responses
+event sequence (response.created ... response.completed), numbered from 0."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.api.responses_input import new_id
+from server.api.tool_calls import ToolDeltaEvent
+from server.engine import DoneEvent, EngineEvent, ErrorEvent, TokenEvent
+from server.timings import StageTimer
+
+
+@dataclass
+class ResponseDraft:
+    """The response object's fields that don't come from generation (the request's echo)."""
+
+    id: str
+    model: str
+    echo: dict[str, Any]  # instructions, max_output_tokens, tools, ... as the request set them
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+    def body(self, status: str, output: list[dict[str, Any]], *,
+             timer: StageTimer | None = None, finish_reason: str | None = None,
+             error: dict[str, str] | None = None) -> dict[str, Any]:
+        incomplete = {"reason": "max_output_tokens"} if finish_reason == "length" else None
+        return {"id": self.id, "object": "response", "created_at": self.created_at,
+                "model": self.model, "status": status, "output": output, **self.echo,
+                "error": error, "incomplete_details": incomplete,
+                "usage": usage(timer) if timer is not None else None,
+                "timings": timer.as_dict() if timer is not None else None}
+
+
+def usage(timer: StageTimer) -> dict[str, Any]:
+    return {"input_tokens": timer.prompt_tokens,
+            # Every evaluated prompt token stays in the slot's KV, reusable by the next turn.
+            "input_tokens_details": {"cached_tokens": timer.cached_tokens,
+                                     "cache_write_tokens": timer.prompt_tokens
+                                     - timer.cached_tokens},
+            "output_tokens": timer.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": timer.prompt_tokens + timer.completion_tokens}
+
+
+def status_of(finish_reason: str) -> str:
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
+def message_item(text: str, status: str, item_id: str | None = None) -> dict[str, Any]:
+    return {"type": "message", "id": item_id or new_id("msg"), "role": "assistant",
+            "status": status, "content": [text_part(text)]}
+
+
+def text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def call_item(call_id: str, name: str, arguments: str, status: str,
+              item_id: str | None = None) -> dict[str, Any]:
+    return {"type": "function_call", "id": item_id or new_id("fc"), "call_id": call_id,
+            "name": name, "arguments": arguments, "status": status}
+
+
+def answer_items(content: str | None, calls: list[dict[str, Any]], status: str
+                 ) -> list[dict[str, Any]]:
+    """Output items of a finished answer: its text (if any, or if there are no calls), then
+    each call (chat-style tool_calls, from server.api.tool_calls.answer_message)."""
+    items = [message_item(content or "", status)] if content or not calls else []
+    items += [call_item(c["id"], c["function"]["name"], c["function"]["arguments"], status)
+              for c in calls]
+    return items
+
+
+class EventStream:
+    """Numbers and formats server-sent events; `sequence_number` counts up from 0."""
+
+    def __init__(self) -> None:
+        self.sequence = 0
+
+    def event(self, kind: str, **fields: Any) -> str:
+        data = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+
+@dataclass
+class Finished:
+    """How a stream ended: the final response body (None when it failed)."""
+
+    body: dict[str, Any] | None = None
+    output: list[dict[str, Any]] = field(default_factory=list)
+    error_status: int | None = None  # the engine's HTTP status for a failure
+
+
+async def stream_events(draft: ResponseDraft, first: EngineEvent | ToolDeltaEvent,
+                        events: AsyncIterator[EngineEvent | ToolDeltaEvent],
+                        on_done: Callable[[Finished], Awaitable[None]]
+                        ) -> AsyncIterator[str]:
+    """The event sequence of one response; `on_done` gets its end (to store it, log it)."""
+    out = EventStream()
+    output: list[dict[str, Any]] = []  # finished items
+    yield out.event("response.created", response=draft.body("in_progress", []))
+    yield out.event("response.in_progress", response=draft.body("in_progress", []))
+    text: dict[str, Any] | None = None  # the message item being written
+    call: dict[str, Any] | None = None  # the function call being written
+
+    def close_open(status: str = "completed") -> list[str]:
+        nonlocal text, call
+        lines: list[str] = []
+        index = len(output)
+        if text is not None:
+            item_id, body = text["id"], text["content"][0]["text"]
+            lines.append(out.event("response.output_text.done", item_id=item_id,
+                                   output_index=index, content_index=0, text=body, logprobs=[]))
+            lines.append(out.event("response.content_part.done", item_id=item_id,
+                                   output_index=index, content_index=0, part=text_part(body)))
+            text["status"] = status
+            lines.append(out.event("response.output_item.done", output_index=index, item=text))
+            output.append(text)
+            text = None
+        if call is not None:
+            lines.append(out.event("response.function_call_arguments.done", item_id=call["id"],
+                                   output_index=index, name=call["name"],
+                                   arguments=call["arguments"]))
+            call["status"] = status
+            lines.append(out.event("response.output_item.done", output_index=index, item=call))
+            output.append(call)
+            call = None
+        return lines
+
+    def open_text() -> list[str]:
+        nonlocal text
+        text = message_item("", "in_progress")
+        item = {**text, "content": []}
+        return [out.event("response.output_item.added", output_index=len(output), item=item),
+                out.event("response.content_part.added", item_id=text["id"],
+                          output_index=len(output), content_index=0, part=text_part(""))]
+
+    event = first
+    while True:
+        if isinstance(event, TokenEvent):
+            if text is None:
+                for line in close_open() + open_text():
+                    yield line
+            assert text is not None
+            text["content"][0]["text"] += event.text
+            yield out.event("response.output_text.delta", item_id=text["id"],
+                            output_index=len(output), content_index=0, delta=event.text,
+                            logprobs=[])
+        elif isinstance(event, ToolDeltaEvent):
+            piece = event.delta["tool_calls"][0]  # type: ignore[index]
+            function = piece["function"]
+            if "id" in piece:  # a new call
+                for line in close_open():
+                    yield line
+                call = call_item(piece["id"], function["name"], "", "in_progress")
+                yield out.event("response.output_item.added", output_index=len(output),
+                                item=dict(call))
+            elif call is not None:
+                call["arguments"] += function["arguments"]
+                yield out.event("response.function_call_arguments.delta", item_id=call["id"],
+                                output_index=len(output), delta=function["arguments"])
+        elif isinstance(event, DoneEvent):
+            if text is None and call is None and not output:
+                for line in open_text():  # an empty answer is still one (empty) message
+                    yield line
+            status = status_of(event.finish_reason)
+            for line in close_open(status):
+                yield line
+            body = draft.body(status, output, timer=event.timer,
+                              finish_reason=event.finish_reason)
+            await on_done(Finished(body, output))
+            kind = "response.completed" if status == "completed" else "response.incomplete"
+            yield out.event(kind, response=body)
+            return
+        else:
+            assert isinstance(event, ErrorEvent)
+            await on_done(Finished(None, output, event.status))
+            error = {"code": "server_error", "message": event.message}
+            yield out.event("response.failed",
+                            response=draft.body("failed", output, error=error))
+            return
+        event = await anext(events)

@@ -1,0 +1,246 @@
+"""The Responses API schema (POST /responses and its stored objects) as plain pydantic
+models: requests validated with them, answers documented by them (/openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
+
+from server.api.protocol import (
+    _WHOLE,
+    FUNCTION_NAME,
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    JSONSchemaFormat,
+    Timings,
+    _Lenient,
+    few_enough_parts,
+)
+
+# --- requests ------------------------------------------------------------------------------
+
+
+class InputText(_Lenient):
+    type: Literal["input_text"]
+    text: str
+
+
+class OutputText(_Lenient):
+    """An earlier answer's text, sent back as input (assistant messages)."""
+
+    type: Literal["output_text"]
+    text: str
+
+
+class InputImage(_Lenient):
+    """An image by data URL (`image_url`) or by upload (`file_id`, POST /files): one of the
+    two. `detail` is accepted; it does not change the image's token budget yet."""
+
+    type: Literal["input_image"]
+    image_url: str | None = None
+    file_id: str | None = Field(None, max_length=128)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+InputContent = Annotated[InputText | OutputText | InputImage, Field(discriminator="type")]
+
+
+class MessageItem(_Lenient):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | Annotated[list[InputContent], Field(max_length=MAX_CONTENT_PARTS)]
+
+
+class FunctionCallItem(_Lenient):
+    """A call an earlier answer made (as the output item it came as)."""
+
+    type: Literal["function_call"]
+    call_id: str = Field(max_length=128)
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutputItem(_Lenient):
+    type: Literal["function_call_output"]
+    call_id: str = Field(max_length=128)
+    output: str
+    id: str | None = None
+
+
+def _item_type(value: Any) -> str | None:
+    """Message items may leave out `type` (the SDK's EasyInputMessage)."""
+    if isinstance(value, dict):
+        return value.get("type", "message" if "role" in value else None)
+    return getattr(value, "type", None)
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    Discriminator(_item_type)]
+
+
+class FunctionTool(_Lenient):
+    """A function the model may call (Responses spell it flat: no `function` wrapper)."""
+
+    type: Literal["function"]
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionChoice(_Lenient):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormatText(_Lenient):
+    type: Literal["text"]
+
+
+class TextFormatJSONObject(_Lenient):
+    type: Literal["json_object"]
+
+
+class TextFormatJSONSchema(JSONSchemaFormat):
+    type: Literal["json_schema"]
+
+
+TextFormat = Annotated[TextFormatText | TextFormatJSONObject | TextFormatJSONSchema,
+                       Field(discriminator="type")]
+
+
+class TextConfig(_Lenient):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(_Lenient):
+    model: str | None = None
+    input: str | Annotated[list[InputItem], Field(max_length=MAX_MESSAGES)]
+    instructions: str | None = None
+    max_output_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    text: TextConfig | None = None
+    tools: list[FunctionTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    parallel_tool_calls: bool | None = None
+    stream: bool = False
+    store: bool = True
+    previous_response_id: str | None = Field(None, max_length=128)
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_enough_parts(cls, data: Any) -> Any:
+        """As chat's: parts counted on the raw JSON, before a model is built for each."""
+        return few_enough_parts(data, "input")
+
+
+# --- answers -------------------------------------------------------------------------------
+
+
+class OutputTextPart(BaseModel):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any]
+    logprobs: list[Any] = []
+
+
+class OutputMessage(BaseModel):
+    type: Literal["message"]
+    id: str
+    role: Literal["assistant"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    content: list[OutputTextPart]
+
+
+class FunctionCallOut(BaseModel):
+    type: Literal["function_call"]
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
+OutputItem = Annotated[OutputMessage | FunctionCallOut, Field(discriminator="type")]
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int  # read from the KV prefix cache (earlier turns, shared prefixes)
+    cache_write_tokens: int  # evaluated now, and kept for the next turn
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class ResponseError(BaseModel):
+    code: str
+    message: str
+
+
+class IncompleteDetails(BaseModel):
+    reason: Literal["max_output_tokens"]
+
+
+class ResponseObject(BaseModel):
+    """A response; `timings` is vlserve's extension (as on chat completions)."""
+
+    id: str
+    object: Literal["response"]
+    created_at: float
+    model: str
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    output: list[OutputItem]
+    instructions: str | None
+    max_output_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    tools: list[dict[str, Any]]
+    tool_choice: Any
+    parallel_tool_calls: bool
+    text: dict[str, Any]
+    store: bool
+    previous_response_id: str | None
+    metadata: dict[str, str] | None
+    error: ResponseError | None
+    incomplete_details: IncompleteDetails | None
+    usage: ResponseUsage | None
+    timings: Timings | None = None
+
+
+class ResponseDeleted(BaseModel):
+    id: str
+    object: Literal["response"]
+    deleted: bool
+
+
+class InputItemList(BaseModel):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class StreamEvent(BaseModel):
+    """One server-sent event: its `type` names it (`response.created`,
+    `response.output_text.delta`, ...), `sequence_number` counts up from 0."""
+
+    type: str
+    sequence_number: int
+
