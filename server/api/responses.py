@@ -23,6 +23,7 @@ from server.api.generation import (
 )
 from server.api.messages import to_engine_messages
 from server.api.observe import RequestRecord, request_record
+from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import event_stream, responses
 from server.api.protocol import (
     ChatMessageIn,
@@ -70,7 +71,7 @@ from server.api.tool_calls import (
 from server.engine import DoneEvent, EngineEvent, ErrorEvent, GenerationRequest, TokenEvent
 from server.timings import StageTimer
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopJSONRoute)
 logger = logging.getLogger("vlserve.api")
 
 _OK = "The response as JSON or, with `stream: true`, as server-sent events (`event:` its " \
