@@ -79,30 +79,43 @@ def wait_for(check, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-d
 
 
 class Trickle:
-    """A request sent one byte per `interval` after `opening`; notes when the server closes."""
+    """A request sent one byte per `interval` after `opening`; notes when the server closes.
 
-    def __init__(self, server: RunningServer, opening: bytes, drip: bytes) -> None:
+    Sending stops shortly before `deadline`: a byte sent after the server has answered and
+    closed draws a reset that can discard the answer before it is read."""
+
+    def __init__(self, server: RunningServer, opening: bytes, drip: bytes,
+                 deadline: float) -> None:
         self.sock = connect(server)
         self.sock.sendall(opening)
         self.started = time.monotonic()
         self.drip = drip
+        self.send_until = deadline - 0.5
+        self.sent_at = self.started
         self.closed_after: float | None = None
         self.answer = b""
 
     def step(self) -> None:
-        """One byte out, and whatever came back; at most once a second by the caller."""
+        """Whatever came back, and a byte out once a second (until near the deadline)."""
         if self.closed_after is not None:
             return
         try:
-            self.sock.send(self.drip)
-            while select.select([self.sock], [], [], 0)[0]:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise ConnectionResetError
-                self.answer += data
+            self._read()
+            now = time.monotonic()
+            if now - self.sent_at >= 1.0 and now - self.started < self.send_until:
+                self.sock.send(self.drip)
+                self.sent_at = now
+            self._read()
         except OSError:
             self.closed_after = time.monotonic() - self.started
             self.sock.close()
+
+    def _read(self) -> None:
+        while select.select([self.sock], [], [], 0)[0]:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionResetError
+            self.answer += data
 
 
 def test_slow_senders_are_closed_at_their_deadline(guarded: RunningServer) -> None:
@@ -112,14 +125,16 @@ def test_slow_senders_are_closed_at_their_deadline(guarded: RunningServer) -> No
             b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"messages\": ")
     upload = (b"POST /api/v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n"
               b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")
-    head = Trickle(guarded, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ", b"a")
-    bodies = [Trickle(guarded, chat, b" "), Trickle(guarded, upload, b"x")]
-    for _ in range(15):  # 15 s, well past every deadline
+    head = Trickle(guarded, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ", b"a",
+                   HEADER_TIMEOUT)
+    bodies = [Trickle(guarded, chat, b" ", BODY_TIMEOUT),
+              Trickle(guarded, upload, b"x", BODY_TIMEOUT)]
+    for _ in range(60):  # 15 s, well past every deadline
         for trickle in (head, *bodies):
             trickle.step()
         if all(t.closed_after is not None for t in (head, *bodies)):
             break
-        time.sleep(1.0)
+        time.sleep(0.25)
     margin = 4.0  # a loaded machine; the deadlines themselves are 2 and 3 s
     assert head.closed_after is not None and head.closed_after < HEADER_TIMEOUT + margin
     status_line, _, rest = head.answer.partition(b"\r\n")
