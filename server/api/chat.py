@@ -14,12 +14,11 @@ from server.api.auth import client_identity
 from server.api.errors import APIError, error_response
 from server.api.generation import (
     cancel_on_disconnect,
-    first_event,
     max_tokens,
     require_ready,
     sampling_params,
+    start_generation,
 )
-from server.api.messages import to_engine_messages
 from server.api.observe import RequestRecord, request_record
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import event_stream, responses
@@ -31,7 +30,6 @@ from server.api.tool_calls import (
     answer_message,
     plan_tools,
     tool_history,
-    tool_stream,
 )
 from server.engine import (
     DoneEvent,
@@ -85,14 +83,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     # prefilling or, without streaming, the whole answer long.
     watcher = asyncio.create_task(cancel_on_disconnect(request, generation))
     try:
-        generation.messages = await to_engine_messages(tool_history(body.messages, plan), state,
-                                                       timer, client)
-        events: AsyncIterator[EngineEvent | ToolDeltaEvent] = state.engine.generate(generation)
-        if plan is not None and body.stream:
-            events = tool_stream(events)
-        if constraint is not None:
-            state.metrics.constrained_requests.labels(constraint[0]).inc()
-        first = await first_event(events)
+        events, first = await start_generation(state, generation,
+                                               tool_history(body.messages, plan),
+                                               client=client, plan=plan, constraint=constraint)
         if isinstance(first, ErrorEvent):
             return error_response(first.status, first.message, code=first.code)
         reply = _Reply(record.completion_id, state.settings.model_name)

@@ -3,15 +3,18 @@ token limit, the sampler settings, starting a generation and cancelling it on ha
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TypeVar
 
 from fastapi import Request
 
 from server.api.errors import APIError
+from server.api.messages import to_engine_messages
+from server.api.protocol import ChatMessageIn
 from server.api.state import AppState
+from server.api.tool_calls import ToolDeltaEvent, ToolPlan, tool_stream
 from server.config import Settings
-from server.engine import GenerationRequest, SamplingParams
+from server.engine import EngineEvent, GenerationRequest, SamplingParams
 from server.engine.engine import EngineNotReadyError, QueueFullError
 
 E = TypeVar("E")
@@ -49,6 +52,26 @@ def sampling_params(*, temperature: float | None = None, top_p: float | None = N
         ignore_eos=bool(ignore_eos),
         grammar=grammar,
     )
+
+
+Events = AsyncIterator[EngineEvent | ToolDeltaEvent]
+
+
+async def start_generation(state: AppState, generation: GenerationRequest,
+                           messages: list[ChatMessageIn], *, client: str,
+                           plan: ToolPlan | None, constraint: tuple[str, str] | None,
+                           names: Sequence[str] | None = None,
+                           ) -> tuple[Events, EngineEvent | ToolDeltaEvent]:
+    """Decode the messages' images, submit, and wait for the first event: the events (call
+    markup already turned into tool-call pieces when streaming) and that first one."""
+    generation.messages = await to_engine_messages(messages, state, generation.timer, client,
+                                                   names)
+    events: Events = state.engine.generate(generation)
+    if plan is not None and generation.stream:
+        events = tool_stream(events)
+    if constraint is not None:
+        state.metrics.constrained_requests.labels(constraint[0]).inc()
+    return events, await first_event(events)
 
 
 async def first_event(events: AsyncIterator[E]) -> E:

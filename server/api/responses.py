@@ -16,12 +16,11 @@ from server.api.auth import client_identity
 from server.api.errors import APIError, error_response
 from server.api.generation import (
     cancel_on_disconnect,
-    first_event,
     max_tokens,
     require_ready,
     sampling_params,
+    start_generation,
 )
-from server.api.messages import to_engine_messages
 from server.api.observe import RequestRecord, request_record
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import event_stream, responses
@@ -65,7 +64,6 @@ from server.api.tool_calls import (
     answer_message,
     calls_as_text,
     plan_functions,
-    tool_stream,
     with_tool_prompt,
 )
 from server.engine import DoneEvent, EngineEvent, ErrorEvent, GenerationRequest, TokenEvent
@@ -115,13 +113,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         tenant=state.cache_tenant(client))
     watcher = asyncio.create_task(cancel_on_disconnect(request, generation))
     try:
-        generation.messages = await to_engine_messages(prompted, state, timer, client, where)
-        events: AsyncIterator[EngineEvent | ToolDeltaEvent] = state.engine.generate(generation)
-        if plan is not None and body.stream:
-            events = tool_stream(events)
-        if constraint is not None:
-            state.metrics.constrained_requests.labels(constraint[0]).inc()
-        first = await first_event(events)
+        events, first = await start_generation(state, generation, prompted, client=client,
+                                               plan=plan, constraint=constraint, names=where)
         if isinstance(first, ErrorEvent):
             return error_response(first.status, first.message, code=first.code)
         draft = ResponseDraft(record.completion_id, state.settings.model_name,
