@@ -215,3 +215,15 @@ def test_history_renders_calls_results_and_the_tool_prompt() -> None:
     assert rendered[2].content == ('<tool_call>\n{"name": "get_weather", "arguments": '
                                    '{"city": "Oslo"}}\n</tool_call>')
     assert rendered[3].content == "<tool_response>\n-3 C\n</tool_response>"
+
+
+def test_errors_name_the_clients_own_message_when_a_tool_prompt_comes_first(
+        constrained_server: RunningServer) -> None:
+    """The tool prompt's system turn is put first; a bad part must still be named by the
+    index the client sent it at."""
+    body = {"tools": TOOLS, "max_tokens": 4, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "hi"},
+                                     {"type": "image_url", "image_url": {"url": "data:,x"}}]}]}
+    response = httpx.post(f"{constrained_server.api}/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"].startswith("messages.0.content.1")

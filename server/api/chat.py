@@ -83,9 +83,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     # prefilling or, without streaming, the whole answer long.
     watcher = asyncio.create_task(cancel_on_disconnect(request, generation))
     try:
-        events, first = await start_generation(state, generation,
-                                               tool_history(body.messages, plan),
-                                               client=client, plan=plan, constraint=constraint)
+        messages = tool_history(body.messages, plan)
+        # Errors name the client's own messages, not a tool prompt's system turn put first.
+        names = ["tools"] * (len(messages) - len(body.messages)) + [
+            f"messages.{i}" for i in range(len(body.messages))]
+        events, first = await start_generation(state, generation, messages, client=client,
+                                               plan=plan, constraint=constraint, names=names)
         if isinstance(first, ErrorEvent):
             return error_response(first.status, first.message, code=first.code)
         reply = _Reply(record.completion_id, state.settings.model_name)
