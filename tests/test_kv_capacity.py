@@ -154,3 +154,34 @@ def test_a_request_that_cannot_fit_even_alone_is_clipped_at_admission(
     assert reply["choices"][0]["finish_reason"] == "length"
     assert reply["usage"]["completion_tokens"] == N_CTX - prompt
     assert re.search(rf"max_tokens 900 clipped to {N_CTX - prompt}\b", tight_server.log())
+
+
+PART = {"type": "string", "minLength": 200, "maxLength": 256}
+STORY = {"type": "object", "properties": {"story": {"type": "array", "items": PART,
+                                                    "minItems": 2, "maxItems": 2}},
+         "required": ["story"], "additionalProperties": False}
+
+
+def test_a_preempted_constrained_request_keeps_its_grammar_state(
+        tight_server: RunningServer) -> None:
+    """The sampler (with the grammar's position in the document) travels with the job: a
+    rebuilt one would restart the document in the middle of the string."""
+    started = [threading.Event() for _ in range(3)]
+    jobs = [lambda i=i: stream(tight_server, body(f"Count to {i}."), started[i])
+            for i in range(3)]
+
+    def late_constrained() -> dict:
+        for event in started:
+            assert event.wait(120)
+        request = {"messages": [{"role": "user", "content": "A story, please."}],
+                   "temperature": 1.0, "seed": 5, "max_tokens": WANT,
+                   "response_format": {"type": "json_schema", "json_schema": {
+                       "name": "story", "schema": STORY, "strict": True}}}
+        return httpx.post(f"{tight_server.api}/chat/completions", json=request,
+                          timeout=120).json()
+
+    *_, reply = run_parallel([*jobs, late_constrained])
+    assert reply.get("timings", {}).get("preemptions", 0) >= 1, reply
+    assert reply["choices"][0]["finish_reason"] == "stop", reply
+    story = json.loads(reply["choices"][0]["message"]["content"])["story"]
+    assert len(story) == 2 and all(200 <= len(part) <= 256 for part in story)
