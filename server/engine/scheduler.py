@@ -39,6 +39,7 @@ from server.engine.types import (
     ImageInput,
     TokenEvent,
 )
+from server.engine.watchdog import Watchdog
 
 logger = logging.getLogger("vlserve.engine")
 
@@ -56,8 +57,9 @@ class _Prefilled:
 
 
 class Scheduler:
-    def __init__(self, model: LoadedModel, settings: Settings) -> None:
+    def __init__(self, model: LoadedModel, settings: Settings, watchdog: Watchdog) -> None:
         self.model = model
+        self.watchdog = watchdog
         self.settings = settings
         self.slots = [Slot(seq_id=i) for i in range(settings.n_parallel)]
         self.embeddings = EmbeddingCache(settings.image_cache_mb * 1024 * 1024)
@@ -157,6 +159,19 @@ class Scheduler:
                 self._end(slot, event)
         for pending in self._inbox.take_all():
             pending.answer(event)
+
+    def abandon_all(self, event: ErrorEvent) -> None:
+        """Answer every request, running or queued, with `event` from another thread while
+        the engine thread is stuck: nothing is freed (the stuck call may be using it; the
+        process is about to exit), only the handlers are told."""
+        with self._submit_lock:
+            self._refusal = event
+        for slot in list(self.slots):
+            job = slot.job
+            if job is not None:
+                job.sink.put(event)
+        for pending in self._inbox.take_all():
+            pending.sink.put(event)
 
     def run_to_completion(self, request: GenerationRequest, prompt: mtmd.TokenizedPrompt,
                           sink: Sink) -> None:
@@ -269,7 +284,8 @@ class Scheduler:
             generating, prefilled = self._fill_batch()
             if self._batch.n == 0:
                 return
-            ret = self._batch.decode(self.model.ctx)
+            with self.watchdog.watch("a decode step"):
+                ret = self._batch.decode(self.model.ctx)
             if ret == 0:
                 break
             # 1: llama.cpp found no room after all (the estimate is only that); nothing was
@@ -349,7 +365,8 @@ class Scheduler:
             cached = self.embeddings.get(item.embed_key)
             if cached is None:
                 t0 = time.perf_counter()
-                embd = mtmd.encode_image(model.mtmd, item.chunk)
+                with self.watchdog.watch("an image encode"):
+                    embd = mtmd.encode_image(model.mtmd, item.chunk)
                 self.embeddings.put(item.embed_key, ctypes.string_at(
                     embd, self._embd_row_bytes * item.chunk.n_tokens))
                 timer.add("image_encode", time.perf_counter() - t0)
@@ -357,8 +374,9 @@ class Scheduler:
                 timer.image_cache_hits += 0 if job.preemptions else 1
                 embd = ctypes.cast(ctypes.c_char_p(cached), ctypes.POINTER(ctypes.c_float))
             t1 = time.perf_counter()
-            slot.n_past = mtmd.decode_image(model.mtmd, model.ctx, item.chunk, embd,
-                                            slot.n_past, slot.seq_id, model.n_batch)
+            with self.watchdog.watch("an image decode"):
+                slot.n_past = mtmd.decode_image(model.mtmd, model.ctx, item.chunk, embd,
+                                                slot.n_past, slot.seq_id, model.n_batch)
             slot.cached.append(item.chunk.image)
             timer.add("prompt_eval", time.perf_counter() - t1)
         except mtmd.MediaError as exc:
@@ -379,7 +397,8 @@ class Scheduler:
             for item in remaining_work(prompt.chunks, 0, tenant):
                 if item.embed_key is None or item.embed_key in self.embeddings:
                     continue
-                embd = mtmd.encode_image(self.model.mtmd, item.chunk)
+                with self.watchdog.watch("an image encode (ahead of use)"):
+                    embd = mtmd.encode_image(self.model.mtmd, item.chunk)
                 self.embeddings.put(item.embed_key, ctypes.string_at(
                     embd, self._embd_row_bytes * item.chunk.n_tokens))
         except mtmd.MediaError as exc:
