@@ -20,7 +20,7 @@ import httpx
 import pytest
 from conftest import ROOT, RunningServer
 from fastapi.testclient import TestClient
-from helpers import photo_bytes
+from helpers import photo_bytes, skip_unless_ci
 from playwright.sync_api import Browser, Page, Request, Route, expect, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
@@ -69,14 +69,14 @@ def test_playground_false_turns_the_page_off(monkeypatch: pytest.MonkeyPatch) ->
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
-        pytest.skip(f"browser tests need Chromium at {CHROMIUM}: "
-                    "apt-get install -y chromium (.ci/run does it when run as root)")
+        skip_unless_ci(f"browser tests need Chromium at {CHROMIUM}: "
+                       "apt-get install -y chromium (.ci/run does it when run as root)")
     with sync_playwright() as playwright:
         try:
             launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         except PlaywrightError as exc:
             first_line = str(exc).strip().splitlines()[0]
-            pytest.skip(f"Chromium at {CHROMIUM} does not start: {first_line}")
+            skip_unless_ci(f"Chromium at {CHROMIUM} does not start: {first_line}")
         yield launched
         launched.close()
 
