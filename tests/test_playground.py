@@ -21,7 +21,7 @@ import pytest
 from conftest import ROOT, RunningServer
 from fastapi.testclient import TestClient
 from helpers import photo_bytes, skip_unless_ci
-from playwright.sync_api import Browser, Page, Request, Route, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
 from server.app import create_app
@@ -190,37 +190,3 @@ def test_server_errors_are_shown_readably(page: Page, server: RunningServer,
     # The failed turn goes back into the composer, so that Send retries it.
     expect(page.locator("#prompt")).to_have_value("Still there?")
     expect(page.locator(".chip")).to_have_count(1)
-
-
-def test_api_key_is_sent_and_401_explained(page: Page, server: RunningServer) -> None:
-    seen: list[str | None] = []
-
-    # Stands in for a server with API keys on, with the error JSON such a server sends.
-    def refuse(route: Route) -> None:
-        seen.append(route.request.headers.get("authorization"))
-        error = {"message": "invalid API key", "type": "authentication_error",
-                 "param": None, "code": "invalid_api_key"}
-        route.fulfill(status=401, content_type="application/json",
-                      body=json.dumps({"error": error}))
-
-    page.route(re.compile(r"/api/v1/(chat/completions|models)$"), refuse)
-    page.goto(f"{server.url}/")
-    expect(page.locator("#status-text")).to_contain_text("API key required")
-    page.fill("#prompt", "Hello?")
-    page.click("#send")
-    expect(page.locator(".bubble.error")).to_have_text(
-        "This server requires an API key (401: invalid API key). "
-        "Enter it in the API key field.")
-
-    page.fill("#api-key", "sk-test-123")
-    page.click("#send")
-    expect(page.locator(".bubble.error").nth(1)).to_contain_text("rejected the API key")
-    assert seen[-1] == "Bearer sk-test-123"
-
-
-def test_status_line_says_warming_up_while_loading(page: Page, server: RunningServer) -> None:
-    page.route(re.compile(r"/health$"), lambda route: route.fulfill(
-        status=503, content_type="application/json", body='{"status": "loading"}'))
-    page.goto(f"{server.url}/")
-    expect(page.locator("#status")).to_have_attribute("data-state", "warming")
-    expect(page.locator("#status-text")).to_contain_text("warming up · vlserve-demo-llava")
