@@ -3,6 +3,7 @@ and the prompt (plus, on resume, generated) tokens still to evaluate."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -12,7 +13,7 @@ from server.engine.detokenize import TextStream
 from server.engine.embed_cache import EmbedKey
 from server.engine.prefix import KvKey
 from server.engine.sampling import TokenSampler
-from server.engine.types import GenerationRequest
+from server.engine.types import DoneEvent, EngineEvent, GenerationRequest, TokenEvent
 
 
 @dataclass
@@ -99,3 +100,43 @@ def resume_chunks(job: Job) -> list[mtmd.PromptChunk]:
         chunks.append(mtmd.PromptChunk(tokens=tokens, image=None, n_tokens=len(tokens),
                                        handle=0))
     return chunks
+
+
+def finish_job(slot: Slot, reason: str) -> None:
+    """End the slot's job for its own reason: flush held text, close the timer."""
+    job = slot.job
+    assert job is not None
+    text = job.text.finish()
+    if job.held_text is not None:
+        text = "".join(job.held_text) + text
+    if text:
+        job.sink.put(TokenEvent(text))
+    timer = job.request.timer
+    timer.completion_tokens = job.n_generated
+    if job.prompt_done_at:
+        timer.add("generation", time.perf_counter() - job.prompt_done_at)
+    timer.mark_since_start("total")
+    end_job(slot, DoneEvent(reason, timer))  # type: ignore[arg-type]
+
+
+def end_job(slot: Slot, event: EngineEvent) -> None:
+    """Free the job's sampler and prompt, empty the slot, then tell the handler."""
+    job = slot.job
+    assert job is not None
+    job.sampler.free()
+    job.prompt.close()
+    slot.job = None
+    job.sink.put(event)
+
+
+def slot_view(slot: Slot) -> dict[str, object]:
+    """What /slots shows of a slot (the API layer hides other clients' details)."""
+    job = slot.job
+    return {
+        "id": slot.seq_id,
+        "state": "idle" if job is None else "prefill" if job.work else "generating",
+        "request_id": job.request.request_id if job else None,
+        "client": job.request.client if job else None,
+        "n_past": slot.n_past,
+        "generated_tokens": job.n_generated if job else 0,
+    }

@@ -10,7 +10,6 @@ admitted last is preempted (server/engine/kv.py decides whom) and later resumed.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
@@ -24,15 +23,14 @@ from server.config import Settings
 from server.engine import mtmd
 from server.engine.admission import CLIENT_GONE, Inbox, Pending, QueueFullError, Sink
 from server.engine.batch import TokenBatch
-from server.engine.embed_cache import EmbeddingCache
-from server.engine.jobs import PrefillItem, Slot, remaining_work
+from server.engine.encoder import ImageEncoder
+from server.engine.jobs import PrefillItem, Slot, end_job, finish_job, slot_view
 from server.engine.kv import KvBudget
 from server.engine.logprobs import token_logprob
 from server.engine.model import LoadedModel
 from server.engine.sampling import GrammarError
 from server.engine.start import Starter
 from server.engine.types import (
-    DoneEvent,
     EngineEvent,
     ErrorEvent,
     GenerationRequest,
@@ -62,7 +60,7 @@ class Scheduler:
         self.watchdog = watchdog
         self.settings = settings
         self.slots = [Slot(seq_id=i) for i in range(settings.n_parallel)]
-        self.embeddings = EmbeddingCache(settings.image_cache_mb * 1024 * 1024)
+        self.encoder = ImageEncoder(model, settings.image_cache_mb * 1024 * 1024, watchdog)
         self._inbox = Inbox()
         # Once set (shutdown, engine failure), every request, queued or new, gets this event.
         self._refusal: ErrorEvent | None = None
@@ -75,7 +73,6 @@ class Scheduler:
         self._starter = Starter(model, settings, self.kv)
         self._mem = self._starter.mem
         self.preemptions = 0  # read by /metrics from another thread (an int: no lock)
-        self._embd_row_bytes = llama_cpp.llama_model_n_embd_inp(model.model) * 4
 
     # --- any thread -------------------------------------------------------------------
     def submit(self, request: GenerationRequest, prompt: mtmd.TokenizedPrompt, sink: Sink
@@ -104,7 +101,7 @@ class Scheduler:
         self._preencode.append((image, tenant))  # deque.append from another thread: atomic
 
     def is_encoded(self, content_hash: str, tenant: str = "") -> bool:
-        return (tenant, content_hash, 0) in self.embeddings
+        return (tenant, content_hash, 0) in self.encoder.embeddings
 
     @property
     def preencode_backlog(self) -> int:
@@ -119,18 +116,7 @@ class Scheduler:
         return sum(1 for s in self.slots if s.job is not None)
 
     def slot_states(self) -> list[dict[str, object]]:
-        out = []
-        for slot in self.slots:
-            job = slot.job
-            out.append({
-                "id": slot.seq_id,
-                "state": "idle" if job is None else "prefill" if job.work else "generating",
-                "request_id": job.request.request_id if job else None,
-                "client": job.request.client if job else None,
-                "n_past": slot.n_past,
-                "generated_tokens": job.n_generated if job else 0,
-            })
-        return out
+        return [slot_view(slot) for slot in self.slots]
 
     @property
     def kv_cells_used(self) -> int:
@@ -146,7 +132,7 @@ class Scheduler:
             if self.busy_slots:
                 self._step()
             elif self._preencode:
-                self._encode_ahead(*self._preencode.popleft())
+                self.encoder.encode_ahead(*self._preencode.popleft())
         self.refuse_all(ErrorEvent(503, "the server is shutting down",
                                    code="server_shutting_down"))
 
@@ -362,17 +348,9 @@ class Scheduler:
         timer = job.request.timer
         model = self.model
         try:
-            cached = self.embeddings.get(item.embed_key)
-            if cached is None:
-                t0 = time.perf_counter()
-                with self.watchdog.watch("an image encode"):
-                    embd = mtmd.encode_image(model.mtmd, item.chunk)
-                self.embeddings.put(item.embed_key, ctypes.string_at(
-                    embd, self._embd_row_bytes * item.chunk.n_tokens))
-                timer.add("image_encode", time.perf_counter() - t0)
-            else:
-                timer.image_cache_hits += 0 if job.preemptions else 1
-                embd = ctypes.cast(ctypes.c_char_p(cached), ctypes.POINTER(ctypes.c_float))
+            # A resumed job's image was counted (hit or miss) when it was first evaluated.
+            embd = self.encoder.embedding(item.chunk, item.embed_key, timer,
+                                          count_hit=not job.preemptions)
             t1 = time.perf_counter()
             with self.watchdog.watch("an image decode"):
                 slot.n_past = mtmd.decode_image(model.mtmd, model.ctx, item.chunk, embd,
@@ -383,28 +361,6 @@ class Scheduler:
             logger.error("image failed in request %s: %s", job.request.request_id, exc)
             self._forget(slot)
             self._end(slot, ErrorEvent(500, str(exc), code="image_failed"))
-
-    def _encode_ahead(self, image: ImageInput, tenant: str) -> None:
-        """Pre-encode an uploaded image so a later chat skips the vision encoder."""
-        if self.model.mtmd is None:
-            return
-        try:
-            prompt = mtmd.tokenize_parts(self.model.mtmd, [image])
-        except mtmd.MediaError as exc:
-            logger.warning("pre-encoding image %s failed: %s", image.content_hash, exc)
-            return
-        try:
-            for item in remaining_work(prompt.chunks, 0, tenant):
-                if item.embed_key is None or item.embed_key in self.embeddings:
-                    continue
-                with self.watchdog.watch("an image encode (ahead of use)"):
-                    embd = mtmd.encode_image(self.model.mtmd, item.chunk)
-                self.embeddings.put(item.embed_key, ctypes.string_at(
-                    embd, self._embd_row_bytes * item.chunk.n_tokens))
-        except mtmd.MediaError as exc:
-            logger.warning("pre-encoding image %s failed: %s", image.content_hash, exc)
-        finally:
-            prompt.close()
 
     def _sample(self, slot: Slot, ctx: llama_cpp.llama_context_p, batch_index: int) -> None:
         job = slot.job
@@ -464,27 +420,10 @@ class Scheduler:
                 self._end(slot, event)
 
     def _finish(self, slot: Slot, reason: str) -> None:
-        job = slot.job
-        assert job is not None
-        text = job.text.finish()
-        if job.held_text is not None:
-            text = "".join(job.held_text) + text
-        if text:
-            job.sink.put(TokenEvent(text))
-        timer = job.request.timer
-        timer.completion_tokens = job.n_generated
-        if job.prompt_done_at:
-            timer.add("generation", time.perf_counter() - job.prompt_done_at)
-        timer.mark_since_start("total")
-        self._end(slot, DoneEvent(reason, timer))  # type: ignore[arg-type]
+        finish_job(slot, reason)
 
     def _end(self, slot: Slot, event: EngineEvent) -> None:
-        job = slot.job
-        assert job is not None
-        job.sampler.free()
-        job.prompt.close()
-        slot.job = None
-        job.sink.put(event)
+        end_job(slot, event)
 
     def _forget(self, slot: Slot) -> None:
         self._starter.forget(slot)
