@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from conftest import RunningServer, start_server, stop_server
+from helpers import data_url, image_message, photo_bytes
 
 from server.demo_model import DemoModelPaths
 
@@ -131,8 +132,14 @@ def test_a_preempted_stream_equals_its_undisturbed_twin(tight_server: RunningSer
     *_, (tokens, timings, reply_id, reason) = run_parallel([*jobs, late_twin])
     assert timings["preemptions"] >= 1, timings
     assert len(tokens) == timings["completion_tokens"] == WANT and reason == "length"
+    assert_twins(tight_server, alone, tokens, reply_id, timings)
+
+
+def assert_twins(server: RunningServer, alone: list[dict], tokens: list[dict], reply_id: str,
+                 timings: dict) -> None:
+    """Equal greedy tokens up to a near-tie of the lone run, and past a resume point."""
     preempted_at = [int(n) for n in re.findall(
-        rf"request {reply_id} preempted after (\d+) tokens", tight_server.log())]
+        rf"request {reply_id} preempted after (\d+) tokens", server.log())]
     assert len(preempted_at) == timings["preemptions"]
     agreed = 0
     for a, b in zip(alone, tokens, strict=True):
@@ -144,6 +151,31 @@ def test_a_preempted_stream_equals_its_undisturbed_twin(tight_server: RunningSer
         agreed += 1
     # The twins agreed across a resume point: that is what this test is about.
     assert agreed > min(preempted_at), (agreed, preempted_at)
+
+
+def test_a_preempted_image_request_resumes_from_its_cached_embedding(
+        tight_server: RunningServer) -> None:
+    """The image goes back into KV from the embedding cache (the prompt's chunks stay open
+    until the request ends), not through the encoder again."""
+    twin = {**body("x"), "messages": [image_message(
+        "What is it?", data_url(photo_bytes(64, 48, seed=31)))]}
+    alone, alone_timings, _, _ = stream(tight_server, twin)
+    assert alone_timings["preemptions"] == 0 and len(alone) == WANT
+    started = [threading.Event() for _ in range(3)]
+    jobs = [lambda i=i: stream(tight_server, body(f"Count to {i}."), started[i])
+            for i in range(3)]
+
+    def late_twin() -> tuple[list[dict], dict, str, str | None]:
+        for event in started:
+            assert event.wait(120)
+        return stream(tight_server, twin)
+
+    *_, (tokens, timings, reply_id, reason) = run_parallel([*jobs, late_twin])
+    assert timings["preemptions"] >= 1, timings
+    assert timings["image_tokens"] == alone_timings["image_tokens"] > 0
+    assert timings["image_encode"] == 0 and timings["image_cache_hits"] == 1  # cached
+    assert len(tokens) == WANT and reason == "length"
+    assert_twins(tight_server, alone, tokens, reply_id, timings)
 
 
 def test_a_request_that_cannot_fit_even_alone_is_clipped_at_admission(
