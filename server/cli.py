@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,8 +143,9 @@ def _serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, Engine(settings, on_failure=stop_serving,
-                                      on_ready=lambda info: _log_ready(settings, info)))
+    engine = Engine(settings, on_failure=stop_serving,
+                    on_ready=lambda info: _log_ready(settings, info))
+    app = create_app(settings, engine)
     _log_access(settings)
     server = make_server(app, host=settings.host, port=settings.port,
                          log_level=settings.log_level, drain=app.state.vlserve.drain,
@@ -151,7 +153,12 @@ def _serve(args: argparse.Namespace) -> int:
                          limits=connection_limits(settings))
     server.run()
     if engine_failed:
-        logger.error("exiting because the engine failed")
+        logger.error("exiting because the engine %s", "hung" if engine.hung else "failed")
+        if engine.hung:
+            # The engine thread is stuck inside llama.cpp: the interpreter's own exit (and
+            # the libraries' destructors) could wait on it for ever.
+            logging.shutdown()
+            os._exit(1)
         return 1
     return 0
 

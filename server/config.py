@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     max_tokens_cap: int = Field(2048, ge=1)
     max_queue: int = Field(64, ge=1)  # waiting requests beyond the busy slots; then 429
     request_timeout: float = Field(600.0, gt=0)  # seconds from admission to the last token
+    # A decode step or image encode that has not returned after this many seconds means a
+    # hung engine (wedged driver, deadlock): /health turns 503 and the process exits 1 so
+    # its supervisor restarts it. Generous: a CPU-only encode of a big image can take 90 s.
+    # 0 turns the watchdog off.
+    engine_watchdog_s: float = Field(300.0, ge=0)
 
     # Images.
     image_max_side: int = Field(1024, ge=16)  # upper bound; fixed-size projectors use less

@@ -12,7 +12,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from server import __version__
@@ -72,6 +72,7 @@ class Metrics:
             "vlserve_uploads_total", "Files accepted by the upload endpoint", registry=registry)
         self._engine_gauges(settings, engine)
         registry.register(_BuildCollector(settings, engine))
+        registry.register(_EngineCounters(engine))
         ProcessCollector(registry=registry)
         self.gpu = nvml_collector()
         if self.gpu is not None:
@@ -123,6 +124,19 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every collector."""
         return generate_latest(self.registry)
+
+
+class _EngineCounters(Collector):
+    """Counts the engine keeps itself (a request may be preempted and then abandoned, so
+    they cannot be summed from finished requests' timers)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "vlserve_preemptions", "Times a running request stepped aside because the KV "
+            "cache was full (it resumes later, nothing lost)", self._engine.preemptions)
 
 
 class _BuildCollector(Collector):

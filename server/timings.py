@@ -33,6 +33,7 @@ class StageTimer:
     images: int = 0  # images in the request, counted as they are decoded
     image_cache_hits: int = 0  # images whose embedding was reused instead of encoded
     grammar_resamples: int = 0  # tokens drawn again because the grammar refused the first
+    preemptions: int = 0  # times the KV cache was full and this request stepped aside
 
     def add(self, stage: str, seconds: float) -> None:
         self.stages_ms[stage] += seconds * 1000.0
@@ -57,6 +58,7 @@ class StageTimer:
             completion_tokens=self.completion_tokens,
             image_cache_hits=self.image_cache_hits,
             grammar_resamples=self.grammar_resamples,
+            preemptions=self.preemptions,
             tokens_per_second=round(self.tokens_per_second, 2),
         )
         return out

@@ -73,10 +73,12 @@ def glm4v_model(tmp_path_factory: pytest.TempPathFactory) -> DemoModelPaths:
 def start_server(models: DemoModelPaths | Path, log_path: Path, *extra: str,
                  env: dict[str, str] | None = None, family: str = "llava",
                  launcher: tuple[str, ...] = ("-m", "server.cli"),
-                 config: Path = ROOT / "configs" / "default.yaml") -> RunningServer:
+                 config: Path = ROOT / "configs" / "default.yaml",
+                 ready: bool = True) -> RunningServer:
     """`vlserve serve` on a free port, ready; `launcher` runs another entry point instead
     (tests/faulty_server.py). `models` as a Path serves that GGUF alone, named and
-    templated by `config` and the file itself."""
+    templated by `config` and the file itself. `ready=False` returns once the process
+    started, without waiting for /health."""
     port = free_port()
     if isinstance(models, Path):
         model_args = ["--model", str(models)]
@@ -99,6 +101,8 @@ def start_server(models: DemoModelPaths | Path, log_path: Path, *extra: str,
     log = log_path.open("wb")
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, models, family)
+    if not ready:
+        return server
     try:
         wait_ready(server)
     except BaseException:

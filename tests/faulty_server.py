@@ -7,12 +7,17 @@ cause on its own, so that the paths that answer them can be tested for real:
   (llama.cpp's mtmd_encode_chunk returning non-zero, as on a GPU out of memory).
 - VLSERVE_FAULT_CRASH_ON: the engine loop raises once a request with this X-Request-ID is
   in a slot and another request waits in the queue (a bug in the engine thread).
+- VLSERVE_FAULT_HOLD_LOAD: loading the model waits until this file exists (a big model
+  still loading), so a client can meet the real server while it loads.
+- VLSERVE_FAULT_STALL_ON: the decode step never returns once a request with this
+  X-Request-ID is in a slot (a wedged GPU driver); the watchdog must notice.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,33 @@ def plant_faults() -> None:
             step(self)
 
         Scheduler._step = crashing_step  # type: ignore[method-assign]
+
+    hold_load = os.environ.get("VLSERVE_FAULT_HOLD_LOAD")
+    if hold_load:
+        import time
+
+        from server.engine import engine
+
+        load_model = engine.load_model
+
+        def held_load(settings: Any) -> Any:
+            while not Path(hold_load).exists():
+                time.sleep(0.05)
+            return load_model(settings)
+
+        engine.load_model = held_load
+
+    stall_on = os.environ.get("VLSERVE_FAULT_STALL_ON")
+    if stall_on:
+        plain_step = Scheduler._step
+
+        def stalling_step(self: Scheduler) -> None:
+            running = {s.job.request.request_id for s in self.slots if s.job is not None}
+            if stall_on in running:
+                self._batch.decode = lambda ctx: threading.Event().wait()  # type: ignore[method-assign]
+            plain_step(self)
+
+        Scheduler._step = stalling_step  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -162,14 +162,16 @@ def test_no_route_discovery_without_a_key(demo_model: DemoModelPaths) -> None:
 
 
 def test_metrics_needs_a_key_unless_open(demo_model: DemoModelPaths) -> None:
-    # Whether or not /metrics exists on this branch, auth decides before routing:
-    # 401 without a key, and anything but 401 once it is open or the key is sent.
+    # 401 without a key; with the key, or once metrics_open, the metrics themselves (200,
+    # Prometheus text), even while the model loads.
     closed = make_app(demo_model, api_keys=[KEY_A])
-    assert request(closed, "GET", "/metrics").status_code == 401
+    refused = request(closed, "GET", "/metrics")
+    assert refused.status_code == 401 and "vlserve_" not in refused.text
     authed = request(closed, "GET", "/metrics", {"Authorization": f"Bearer {KEY_A}"})
-    assert authed.status_code != 401
+    assert authed.status_code == 200 and "vlserve_model_loaded 0.0" in authed.text
     opened = make_app(demo_model, api_keys=[KEY_A], metrics_open=True)
-    assert request(opened, "GET", "/metrics").status_code != 401
+    answer = request(opened, "GET", "/metrics")
+    assert answer.status_code == 200 and "vlserve_model_loaded 0.0" in answer.text
 
 
 def test_no_keys_means_open(demo_model: DemoModelPaths) -> None:

@@ -135,27 +135,27 @@ def test_stream_ends_with_done(server: RunningServer) -> None:
 def test_max_tokens_enforced(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model="vlserve-demo-llava", messages=[{"role": "user", "content": "Count to ten."}],
-        max_tokens=3, temperature=0,
+        max_tokens=3, temperature=0, extra_body={"ignore_eos": True},
     )
-    assert reply.usage.completion_tokens <= 3
+    assert reply.usage.completion_tokens == 3
     assert reply.choices[0].finish_reason == "length"
 
 
 def test_omitted_max_tokens_uses_config_default(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model="vlserve-demo-llava", messages=[{"role": "user", "content": "Tell a long story."}],
-        temperature=0,
+        temperature=0, extra_body={"ignore_eos": True},
     )
-    assert reply.usage.completion_tokens <= TEST_DEFAULT_MAX_TOKENS
+    assert reply.usage.completion_tokens == TEST_DEFAULT_MAX_TOKENS
     assert reply.choices[0].finish_reason == "length"
 
 
 def test_max_tokens_above_cap_is_clipped(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model="vlserve-demo-llava", messages=[{"role": "user", "content": "Tell a long story."}],
-        max_completion_tokens=100_000, temperature=0,
+        max_completion_tokens=100_000, temperature=0, extra_body={"ignore_eos": True},
     )
-    assert reply.usage.completion_tokens <= TEST_MAX_TOKENS_CAP
+    assert reply.usage.completion_tokens == TEST_MAX_TOKENS_CAP
     assert reply.choices[0].finish_reason == "length"
 
 

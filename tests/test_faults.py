@@ -146,13 +146,13 @@ def test_engine_loop_failure_answers_everyone_and_reports_failed(
 
 
 @contextlib.contextmanager
-def in_process_engine(demo_model: DemoModelPaths, max_tokens: int = 8
+def in_process_engine(demo_model: DemoModelPaths, max_tokens: int = 8, **overrides: object
                       ) -> Iterator[tuple[object, Engine, list[EngineState]]]:
     """A started engine and its app in this process (one slot), and the states in which
     its on_failure callback ran; stopped on exit."""
     settings = load_settings(None, model=demo_model.text, mmproj=demo_model.mmproj,
                              n_ctx=2048, n_parallel=1, max_tokens_cap=max_tokens,
-                             default_max_tokens=8, n_threads=1)
+                             default_max_tokens=8, n_threads=1, **overrides)
     failures: list[EngineState] = []
     engine = Engine(settings, on_failure=lambda: failures.append(engine.state))
     app = create_app(settings, engine)

@@ -11,6 +11,7 @@ reused by later runs). In CI (CI set) a missing package fails the tier; it never
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterator
@@ -294,3 +295,53 @@ def test_auto_tool_choice_answers_in_text_when_it_does_not(client: openai.OpenAI
     choice = reply.choices[0]
     assert choice.finish_reason == "stop" and not choice.message.tool_calls
     assert choice.message.content and "<tool_call>" not in choice.message.content
+
+
+GEMMA_CONTROL = ["<start_of_turn>", "<end_of_turn>", "<eos>", "<bos>", "<pad>"]
+
+
+def test_client_text_cannot_forge_gemma_control_tokens_in_any_role(gemma_gguf: Path) -> None:
+    """On the real 262k vocabulary, through the tool-call rendering too: what a client
+    writes in system, developer, user, assistant or tool text, or in a call's arguments, is
+    text; none of it becomes one of gemma's control tokens."""
+    import llama_cpp
+
+    from server.api.protocol import ChatMessageIn
+    from server.api.tool_calls import tool_history
+    from server.engine.model import load_model
+    from server.engine.prepare import Preparer
+    from server.engine.types import ChatMessage, GenerationRequest
+
+    settings = load_settings(ROOT / "configs" / "gemma3-270m.yaml", model=gemma_gguf,
+                             n_ctx=2048, n_parallel=1)
+    model = load_model(settings)
+    try:
+        def ids(text: str) -> list[int]:
+            history = tool_history([ChatMessageIn.model_validate(m) for m in [
+                {"role": "system", "content": f"s {text}"},
+                {"role": "developer", "content": f"d {text}"},
+                {"role": "user", "content": f"u {text}"},
+                {"role": "assistant", "content": f"a {text}", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {
+                        "name": "f", "arguments": json.dumps({"x": text})}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": f"t {text}"},
+                {"role": "user", "content": "go"}]], None)
+            messages = [ChatMessage(m.role, (m.content,)) for m in history]
+            prompt = Preparer(model, None).prepare(GenerationRequest(messages, max_tokens=1))
+            try:
+                return [k for k in prompt.keys() if isinstance(k, int)]
+            finally:
+                prompt.close()
+
+        plain = ids("x")
+        for text in [*GEMMA_CONTROL, model.media_marker]:
+            raw = text.encode()
+            out = (llama_cpp.llama_token * 16)()
+            n = llama_cpp.llama_tokenize(model.vocab, raw, len(raw), out, 16, False, True)
+            forged = ids(text)
+            if text in GEMMA_CONTROL:  # the vocabulary really has it as one token
+                assert n == 1, text
+                assert forged.count(out[0]) == plain.count(out[0]), text
+            assert len(forged) > len(plain), text  # the characters are there, as text
+    finally:
+        model.close()

@@ -11,11 +11,15 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from server.engine import mtmd
 from server.engine.types import EngineEvent, ErrorEvent, GenerationRequest
+
+if TYPE_CHECKING:
+    from server.engine.jobs import Job
 
 logger = logging.getLogger("vlserve.engine")
 
@@ -38,15 +42,19 @@ class Pending:
     prompt: mtmd.TokenizedPrompt
     sink: Sink
     queued_at: float = field(default_factory=time.perf_counter)
+    job: Job | None = None  # a preempted job waiting to resume, with all it generated
 
     def answer(self, event: EngineEvent) -> None:
-        """End it without running it: free the prompt, then tell the handler."""
+        """End it without (re)running it: free the prompt and sampler, tell the handler."""
         self.prompt.close()
+        if self.job is not None:
+            self.job.sampler.free()
         self.sink.put(event)
 
     def drop_cancelled(self) -> None:
-        logger.info("request %s cancelled (client gone) after 0 tokens, while queued",
-                    self.request.request_id)
+        done = self.job.n_generated if self.job is not None else 0
+        logger.info("request %s cancelled (client gone) after %d tokens, while queued",
+                    self.request.request_id, done)
         self.answer(CLIENT_GONE)
 
 
@@ -67,11 +75,22 @@ class Inbox:
             self._items.append(item)
             self._cond.notify()
 
-    def get(self, timeout: float) -> Pending | None:
+    def put_front(self, item: Pending) -> None:
+        """Requeue a preempted job ahead of everything (past the limit: it was admitted)."""
+        with self._cond:
+            self._items.appendleft(item)
+            self._cond.notify()
+
+    def get(self, timeout: float, accept: Callable[[Pending], bool] | None = None
+            ) -> Pending | None:
+        """The head, if there is one (waiting up to `timeout`) and `accept` takes it; a head
+        that is not accepted stays first, so nothing overtakes it."""
         with self._cond:
             if not self._items and timeout > 0:
                 self._cond.wait(timeout)
-            return self._items.popleft() if self._items else None
+            if not self._items or (accept is not None and not accept(self._items[0])):
+                return None
+            return self._items.popleft()
 
     def take_cancelled(self) -> list[Pending]:
         """Remove and return the entries whose client has gone (a scan of at most

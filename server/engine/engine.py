@@ -28,10 +28,15 @@ from server.engine.types import (
     ImageInput,
     SamplingParams,
 )
+from server.engine.watchdog import Watchdog
 
 logger = logging.getLogger("vlserve.engine")
 
 __all__ = ["Engine", "EngineNotReadyError", "EngineState", "QueueFullError"]
+
+# After a hang is declared, /health answers 503 this long before the listener closes, so a
+# router or probe sees "unhealthy" rather than only connection errors.
+HANG_EXIT_DELAY_S = 2.0
 
 
 class EngineState(enum.Enum):
@@ -72,13 +77,16 @@ class Engine:
         self._preparer: Preparer | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="vlserve-engine", daemon=True)
+        self.watchdog = Watchdog(settings.engine_watchdog_s, self._hung)
+        self.hung = False  # the watchdog fired: the engine thread is stuck for good
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        if self._thread.is_alive():
+        self.watchdog.stop()
+        if self._thread.is_alive() and not self.hung:  # a stuck thread never joins
             self._thread.join(timeout)
 
     @property
@@ -109,6 +117,10 @@ class Engine:
         """Whether `tenant` has the image's embedding cached (from another thread: a dict
         probe)."""
         return self._scheduler is not None and self._scheduler.is_encoded(content_hash, tenant)
+
+    @property
+    def preemptions(self) -> int:
+        return self._scheduler.preemptions if self._scheduler else 0
 
     @property
     def kv_cells_used(self) -> int:
@@ -157,13 +169,16 @@ class Engine:
             started = time.perf_counter()
             self._model = load_model(self.settings)
             self.info = dict(self._model.info, load_seconds=round(time.perf_counter() - started, 3))
-            self._scheduler = Scheduler(self._model, self.settings)
+            self._scheduler = Scheduler(self._model, self.settings, self.watchdog)
             self._preparer = Preparer(self._model, self.settings.system_prompt)
             self._log_startup()
             if self.settings.warmup:
                 self.state = EngineState.WARMING
                 self._warm_up()
             self.state = EngineState.READY
+            # Only from here: a first call's allocations (or a GPU's kernel compilation)
+            # during warm-up may be slow without being hung.
+            self.watchdog.start()
             logger.info("engine ready")
             if self._on_ready is not None:
                 self._on_ready(self.info)
@@ -183,6 +198,21 @@ class Engine:
                 self._preparer.gate.close()  # no tokenizing thread still uses the model
             if self._model is not None:
                 self._model.close()
+
+    def _hung(self, what: str, elapsed: float) -> None:
+        """From the watchdog thread: the engine thread is stuck in `what`. Say so on /health,
+        answer every request, and have the process exit non-zero (a restart is the cure)."""
+        self.hung = True
+        self.error = (f"the engine hung: {what} had not returned after {elapsed:.0f} s "
+                      f"(engine_watchdog_s = {self.settings.engine_watchdog_s:g})")
+        self.state = EngineState.FAILED
+        if self._scheduler is not None:
+            self._scheduler.abandon_all(ErrorEvent(
+                500, "the inference engine hung; the server is restarting, retry shortly",
+                code="engine_hung"))
+        time.sleep(HANG_EXIT_DELAY_S)
+        if self._on_failure is not None:
+            self._on_failure()
 
     def _answer_all_after_failure(self) -> None:
         """Requests running or queued get a 500 now rather than hang until the exit."""

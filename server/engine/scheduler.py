@@ -4,17 +4,18 @@ Each step puts the next token of every generating slot, plus up to a batch's wor
 prompt tokens from slots that are still prefilling, into one llama_batch; decodes once;
 samples each slot. A long prompt is thereby spread over several steps instead of stalling
 the other streams. Images are encoded (or taken from the embedding cache) and written into
-their slot's sequence between steps.
+their slot's sequence between steps. When the shared KV cache cannot hold a step, the job
+admitted last is preempted (server/engine/kv.py decides whom) and later resumed.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import llama_cpp
 
@@ -22,64 +23,27 @@ from server.config import Settings
 from server.engine import mtmd
 from server.engine.admission import CLIENT_GONE, Inbox, Pending, QueueFullError, Sink
 from server.engine.batch import TokenBatch
-from server.engine.detokenize import TextStream
-from server.engine.embed_cache import EmbeddingCache, EmbedKey
+from server.engine.encoder import ImageEncoder
+from server.engine.jobs import PrefillItem, Slot, end_job, finish_job, slot_view
+from server.engine.kv import KvBudget
 from server.engine.logprobs import token_logprob
 from server.engine.model import LoadedModel
-from server.engine.prefix import KvKey, common_prefix_len, n_positions, n_tokens
-from server.engine.sampling import GrammarError, TokenSampler, build_sampler
+from server.engine.sampling import GrammarError
+from server.engine.start import Starter
 from server.engine.types import (
-    DoneEvent,
     EngineEvent,
     ErrorEvent,
     GenerationRequest,
     ImageInput,
     TokenEvent,
 )
+from server.engine.watchdog import Watchdog
 
 logger = logging.getLogger("vlserve.engine")
 
 __all__ = ["QueueFullError", "Scheduler", "Sink"]
 
 PREENCODE_BACKLOG = 16  # uploaded images waiting for an idle engine to encode them
-
-
-@dataclass
-class PrefillItem:
-    """A prompt chunk still to evaluate; for text, `start` is the first token not yet in KV."""
-
-    chunk: mtmd.PromptChunk
-    start: int = 0
-    embed_key: EmbedKey | None = None
-
-
-@dataclass
-class Job:
-    request: GenerationRequest
-    sink: Sink
-    sampler: TokenSampler
-    text: TextStream
-    max_new: int
-    prompt: mtmd.TokenizedPrompt
-    work: deque[PrefillItem]
-    deadline: float
-    prompt_done_at: float = 0.0
-    n_generated: int = 0
-    next_token: int = -1  # sampled, to be fed to the next decode step
-    saw_first_token: bool = False
-    held_text: list[str] | None = None  # non-streaming: the answer, sent whole at the end
-
-
-@dataclass
-class Slot:
-    seq_id: int
-    cached: list[KvKey] = field(default_factory=list)  # what this sequence's KV holds
-    # Whose data `cached` is: only that tenant may reuse it. The warm-up's prefix counts as
-    # the keyless tenant's (""): with keys on, probing it could spell out the operator's
-    # system prompt.
-    tenant: str = ""
-    n_past: int = 0  # KV positions used by this sequence
-    job: Job | None = None
 
 
 @dataclass
@@ -91,11 +55,12 @@ class _Prefilled:
 
 
 class Scheduler:
-    def __init__(self, model: LoadedModel, settings: Settings) -> None:
+    def __init__(self, model: LoadedModel, settings: Settings, watchdog: Watchdog) -> None:
         self.model = model
+        self.watchdog = watchdog
         self.settings = settings
         self.slots = [Slot(seq_id=i) for i in range(settings.n_parallel)]
-        self.embeddings = EmbeddingCache(settings.image_cache_mb * 1024 * 1024)
+        self.encoder = ImageEncoder(model, settings.image_cache_mb * 1024 * 1024, watchdog)
         self._inbox = Inbox()
         # Once set (shutdown, engine failure), every request, queued or new, gets this event.
         self._refusal: ErrorEvent | None = None
@@ -104,8 +69,10 @@ class Scheduler:
         # grow by one decoded image per upload, for as long as the load lasts.
         self._preencode: deque[tuple[ImageInput, str]] = deque(maxlen=PREENCODE_BACKLOG)
         self._batch = TokenBatch(max(model.n_batch, settings.n_parallel))
-        self._mem = llama_cpp.llama_get_memory(model.ctx)
-        self._embd_row_bytes = llama_cpp.llama_model_n_embd_inp(model.model) * 4
+        self.kv = KvBudget(model.n_ctx)
+        self._starter = Starter(model, settings, self.kv)
+        self._mem = self._starter.mem
+        self.preemptions = 0  # read by /metrics from another thread (an int: no lock)
 
     # --- any thread -------------------------------------------------------------------
     def submit(self, request: GenerationRequest, prompt: mtmd.TokenizedPrompt, sink: Sink
@@ -134,7 +101,7 @@ class Scheduler:
         self._preencode.append((image, tenant))  # deque.append from another thread: atomic
 
     def is_encoded(self, content_hash: str, tenant: str = "") -> bool:
-        return (tenant, content_hash, 0) in self.embeddings
+        return (tenant, content_hash, 0) in self.encoder.embeddings
 
     @property
     def preencode_backlog(self) -> int:
@@ -149,18 +116,7 @@ class Scheduler:
         return sum(1 for s in self.slots if s.job is not None)
 
     def slot_states(self) -> list[dict[str, object]]:
-        out = []
-        for slot in self.slots:
-            job = slot.job
-            out.append({
-                "id": slot.seq_id,
-                "state": "idle" if job is None else "prefill" if job.work else "generating",
-                "request_id": job.request.request_id if job else None,
-                "client": job.request.client if job else None,
-                "n_past": slot.n_past,
-                "generated_tokens": job.n_generated if job else 0,
-            })
-        return out
+        return [slot_view(slot) for slot in self.slots]
 
     @property
     def kv_cells_used(self) -> int:
@@ -176,7 +132,7 @@ class Scheduler:
             if self.busy_slots:
                 self._step()
             elif self._preencode:
-                self._encode_ahead(*self._preencode.popleft())
+                self.encoder.encode_ahead(*self._preencode.popleft())
         self.refuse_all(ErrorEvent(503, "the server is shutting down",
                                    code="server_shutting_down"))
 
@@ -189,6 +145,19 @@ class Scheduler:
                 self._end(slot, event)
         for pending in self._inbox.take_all():
             pending.answer(event)
+
+    def abandon_all(self, event: ErrorEvent) -> None:
+        """Answer every request, running or queued, with `event` from another thread while
+        the engine thread is stuck: nothing is freed (the stuck call may be using it; the
+        process is about to exit), only the handlers are told."""
+        with self._submit_lock:
+            self._refusal = event
+        for slot in list(self.slots):
+            job = slot.job
+            if job is not None:
+                job.sink.put(event)
+        for pending in self._inbox.take_all():
+            pending.sink.put(event)
 
     def run_to_completion(self, request: GenerationRequest, prompt: mtmd.TokenizedPrompt,
                           sink: Sink) -> None:
@@ -213,7 +182,7 @@ class Scheduler:
 
     def _admit(self, block: bool) -> None:
         while any(s.job is None for s in self.slots):
-            pending = self._inbox.get(timeout=0.2 if block else 0)
+            pending = self._inbox.get(timeout=0.2 if block else 0, accept=self._fits)
             if pending is None:
                 return
             block = False
@@ -223,11 +192,19 @@ class Scheduler:
             else:
                 self._start_guarded(pending)
 
+    def _fits(self, pending: Pending) -> bool:
+        """The queue's head waits while it would not fit beside the running jobs; a
+        preempted job resumes only then (admitting it sooner would preempt it again)."""
+        need = pending.job.n_pos_needed() if pending.job else pending.prompt.n_pos + 1
+        return self.kv.admits(self.slots, need)
+
     def _start_guarded(self, pending: Pending) -> None:
         """One request's unexpected failure answers that request with a 500; it must never
         take the engine loop (and every other request) down with it."""
         try:
-            self._start(pending)
+            job = pending.job or self._starter.new_job(pending)
+            if job is not None:
+                self._starter.place(job, self.slots)
         except Exception:
             logger.exception("preparing request %s failed", pending.request.request_id)
             for slot in self.slots:
@@ -237,58 +214,36 @@ class Scheduler:
                     return
             pending.answer(ErrorEvent(500, "the engine failed on this request"))
 
-    def _start(self, pending: Pending) -> None:
-        """Pick a slot, keep its reusable KV prefix and queue the rest of the prompt as work."""
-        request, prompt, sink = pending.request, pending.prompt, pending.sink
-        timer = request.timer
-        model = self.model
-        try:
-            sampler = build_sampler(request.sampling, model.vocab, model.utf8, model.eog_tokens,
-                                    timer)
-        except GrammarError as exc:
-            pending.answer(ErrorEvent(400, f"response_format: {exc}", code="invalid_grammar"))
-            return
-        keys = prompt.keys()
-        slot, keep = self._pick_slot(keys, request.tenant)
-        kept = keys[:keep]
-        slot.n_past = n_positions(kept)
-        llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, slot.n_past, -1)
-        del slot.cached[keep:]
-        slot.tenant = request.tenant
-        timer.cached_tokens = n_tokens(kept)
-        # Images already in the slot's KV are reused without the encoder, like cache hits.
-        timer.image_cache_hits += sum(1 for k in kept if not isinstance(k, int))
-        slot.job = Job(
-            request=request,
-            sink=sink,
-            sampler=sampler,
-            # The template's next-turn markers end the answer too, except for benchmarks
-            # that ask to run to max_tokens whatever the model writes.
-            text=TextStream(request.stop + (() if request.sampling.ignore_eos
-                                            else model.stop_strings)),
-            max_new=request.max_tokens,
-            prompt=prompt,
-            work=_remaining_work(prompt, keep, request.tenant),
-            deadline=time.perf_counter() + (request.timeout_s or self.settings.request_timeout),
-            held_text=None if request.stream or request.top_logprobs is not None else [],
-        )
+    def _preempt(self, slot: Slot) -> None:
+        """Free the slot's KV and requeue its job first in line, keeping its sampler (grammar
+        state), its text stream and the tokens it generated; it resumes by re-evaluating
+        prompt and tokens, so its stream goes on with nothing lost or repeated."""
+        job = slot.job
+        assert job is not None
+        self._forget(slot)
+        slot.job = None
+        job.preemptions += 1
+        job.request.timer.preemptions += 1
+        self.preemptions += 1
+        logger.info("request %s preempted after %d tokens (KV cache full, %d cells); it "
+                    "resumes when there is room", job.request.request_id, job.n_generated,
+                    self.kv.n_ctx)
+        self._inbox.put_front(Pending(job.request, job.prompt, job.sink, job=job))
 
-    def _pick_slot(self, keys: list[KvKey], tenant: str) -> tuple[Slot, int]:
-        """The free slot sharing the longest prefix, and how many entries of it to keep;
-        idle caches are dropped if the prompt might not fit beside them. Another tenant's
-        cache is worth nothing: how much of it matched would tell what it holds."""
-        free = [s for s in self.slots if s.job is None]
-        # Ties go to the shorter cache, then to the lower slot (slots[i].seq_id == i).
-        keep, _, neg_seq = max((common_prefix_len(s.cached, keys) if s.tenant == tenant else 0,
-                                -len(s.cached), -s.seq_id)
-                               for s in free)
-        best = self.slots[-neg_seq]
-        used = sum(s.n_past for s in self.slots if s is not best)
-        if used + n_positions(keys) > self.model.n_ctx:
-            for other in free:
-                if other is not best:
-                    self._forget(other)
-        return best, keep
+    def _make_room(self, need: Callable[[], int]) -> bool:
+        """Free cells until `need()` of them are (by the estimate) free: idle slots' prefix
+        caches go first, then the job admitted last. False when nothing more can go."""
+        while self.kv.free(self.slots) < need():
+            idle = [s for s in self.slots if s.job is None and s.n_past]
+            if idle:
+                for slot in idle:
+                    self._forget(slot)
+                continue
+            victim = self.kv.victim(self.slots)
+            if victim is None:
+                return False
+            self._preempt(victim)
+        return True
 
     def _step(self) -> None:
         now = time.perf_counter()
@@ -307,26 +262,24 @@ class Scheduler:
                                            f"({self.settings.request_timeout:g} s)",
                                            code="timeout"))
             elif job.work and job.work[0].chunk.image is not None:
-                self._eval_image(slot, job.work.popleft())
+                self._eval_image(slot, job.work[0])
 
-        batch = self._batch
-        batch.clear()
-        generating = [s for s in self.slots if s.job is not None and s.job.next_token >= 0]
-        for slot in generating:
-            batch.add(slot.job.next_token, slot.n_past, slot.seq_id, True)  # type: ignore[union-attr]
-        prefilled = self._add_prompt_tokens(batch)
-        if batch.n == 0:
-            return
-        t0 = time.perf_counter()
-        ret = batch.decode(self.model.ctx)
-        if ret == 1:  # no room in the KV cache: drop idle slots' caches and retry once
-            for slot in self.slots:
-                if slot.job is None:
-                    self._forget(slot)
-            ret = batch.decode(self.model.ctx)
-        if ret != 0:
-            self._decode_failed(ret, generating, prefilled)
-            return
+        self._make_room(lambda: self.kv.step_need(self.slots))
+        while True:
+            t0 = time.perf_counter()
+            generating, prefilled = self._fill_batch()
+            if self._batch.n == 0:
+                return
+            with self.watchdog.watch("a decode step"):
+                ret = self._batch.decode(self.model.ctx)
+            if ret == 0:
+                break
+            # 1: llama.cpp found no room after all (the estimate is only that); nothing was
+            # decoded, so free room the same way and build the step again.
+            short = self.kv.free(self.slots) + 1
+            if ret != 1 or not self._make_room(lambda short=short: short):
+                self._decode_failed(ret, generating, prefilled)
+                return
         decode_s = time.perf_counter() - t0
         ctx = self.model.ctx
         for i, slot in enumerate(generating):
@@ -338,10 +291,20 @@ class Scheduler:
         for part in prefilled:
             self._prefill_done(part, decode_s)
 
-    def _add_prompt_tokens(self, batch: TokenBatch) -> list[_Prefilled]:
-        """Fill the rest of the batch with prompt text of prefilling slots, oldest first."""
+    def _fill_batch(self) -> tuple[list[Slot], list[_Prefilled]]:
+        """This step's tokens: each generating slot's next one, then prompt text as far as
+        the batch and the free KV cells allow."""
+        batch = self._batch
+        batch.clear()
+        generating = [s for s in self.slots if s.job is not None and s.job.next_token >= 0]
+        for slot in generating:
+            batch.add(slot.job.next_token, slot.n_past, slot.seq_id, True)  # type: ignore[union-attr]
+        room = self.kv.free(self.slots) - len(generating)
+        return generating, self._add_prompt_tokens(batch, min(batch.capacity - batch.n, room))
+
+    def _add_prompt_tokens(self, batch: TokenBatch, budget: int) -> list[_Prefilled]:
+        """Fill `budget` tokens of the batch with prompt text of prefilling slots."""
         prefilled: list[_Prefilled] = []
-        budget = batch.capacity - batch.n
         for slot in self.slots:
             job = slot.job
             if budget <= 0:
@@ -371,56 +334,33 @@ class Scheduler:
         if item.start == len(item.chunk.tokens):
             job.work.popleft()
         if part.last_index >= 0:
-            job.prompt_done_at = time.perf_counter()
-            job.prompt.close()
+            if not job.prompt_done_at:  # a resumed job's generation clock keeps running
+                job.prompt_done_at = time.perf_counter()
             self._sample(slot, self.model.ctx, part.last_index)
 
     def _eval_image(self, slot: Slot, item: PrefillItem) -> None:
         job = slot.job
         assert job is not None and item.chunk.image is not None and item.embed_key is not None
+        n_pos = item.chunk.image.n_pos
+        if not self._make_room(lambda: n_pos if slot.job is job else 0) or slot.job is not job:
+            return  # preempted (it was the newest job): it evaluates the image on resume
+        job.work.popleft()
         timer = job.request.timer
         model = self.model
         try:
-            cached = self.embeddings.get(item.embed_key)
-            if cached is None:
-                t0 = time.perf_counter()
-                embd = mtmd.encode_image(model.mtmd, item.chunk)
-                self.embeddings.put(item.embed_key, ctypes.string_at(
-                    embd, self._embd_row_bytes * item.chunk.n_tokens))
-                timer.add("image_encode", time.perf_counter() - t0)
-            else:
-                timer.image_cache_hits += 1
-                embd = ctypes.cast(ctypes.c_char_p(cached), ctypes.POINTER(ctypes.c_float))
+            # A resumed job's image was counted (hit or miss) when it was first evaluated.
+            embd = self.encoder.embedding(item.chunk, item.embed_key, timer,
+                                          count_hit=not job.preemptions)
             t1 = time.perf_counter()
-            slot.n_past = mtmd.decode_image(model.mtmd, model.ctx, item.chunk, embd,
-                                            slot.n_past, slot.seq_id, model.n_batch)
+            with self.watchdog.watch("an image decode"):
+                slot.n_past = mtmd.decode_image(model.mtmd, model.ctx, item.chunk, embd,
+                                                slot.n_past, slot.seq_id, model.n_batch)
             slot.cached.append(item.chunk.image)
             timer.add("prompt_eval", time.perf_counter() - t1)
         except mtmd.MediaError as exc:
             logger.error("image failed in request %s: %s", job.request.request_id, exc)
             self._forget(slot)
             self._end(slot, ErrorEvent(500, str(exc), code="image_failed"))
-
-    def _encode_ahead(self, image: ImageInput, tenant: str) -> None:
-        """Pre-encode an uploaded image so a later chat skips the vision encoder."""
-        if self.model.mtmd is None:
-            return
-        try:
-            prompt = mtmd.tokenize_parts(self.model.mtmd, [image])
-        except mtmd.MediaError as exc:
-            logger.warning("pre-encoding image %s failed: %s", image.content_hash, exc)
-            return
-        try:
-            for item in _remaining_work(prompt, 0, tenant):
-                if item.embed_key is None or item.embed_key in self.embeddings:
-                    continue
-                embd = mtmd.encode_image(self.model.mtmd, item.chunk)
-                self.embeddings.put(item.embed_key, ctypes.string_at(
-                    embd, self._embd_row_bytes * item.chunk.n_tokens))
-        except mtmd.MediaError as exc:
-            logger.warning("pre-encoding image %s failed: %s", image.content_hash, exc)
-        finally:
-            prompt.close()
 
     def _sample(self, slot: Slot, ctx: llama_cpp.llama_context_p, batch_index: int) -> None:
         job = slot.job
@@ -463,45 +403,30 @@ class Scheduler:
             self._finish(slot, "length")
         else:
             job.next_token = token
+            job.tokens.append(token)
 
     def _decode_failed(self, ret: int, generating: list[Slot], prefilled: list[_Prefilled]
                        ) -> None:
+        """Nothing left to preempt, or llama.cpp failed otherwise: the step's requests end
+        with an error, never with a `length` that their client would take for their own."""
         logger.error("llama_decode failed (%d) with %d generating, %d prefilling sequences",
                      ret, len(generating), len(prefilled))
-        for slot in generating:
-            self._finish(slot, "length")
-        for part in prefilled:
-            self._forget(part.slot)
-            self._end(part.slot, ErrorEvent(503, "the KV cache is full; retry shortly",
-                                            code="kv_cache_full"))
+        event = ErrorEvent(503, "the KV cache is full; retry shortly", code="kv_cache_full") \
+            if ret == 1 else ErrorEvent(500, f"llama_decode failed ({ret})",
+                                        code="decode_failed")
+        for slot in [*generating, *(part.slot for part in prefilled)]:
+            if slot.job is not None:
+                self._forget(slot)
+                self._end(slot, event)
 
     def _finish(self, slot: Slot, reason: str) -> None:
-        job = slot.job
-        assert job is not None
-        text = job.text.finish()
-        if job.held_text is not None:
-            text = "".join(job.held_text) + text
-        if text:
-            job.sink.put(TokenEvent(text))
-        timer = job.request.timer
-        timer.completion_tokens = job.n_generated
-        if job.prompt_done_at:
-            timer.add("generation", time.perf_counter() - job.prompt_done_at)
-        timer.mark_since_start("total")
-        self._end(slot, DoneEvent(reason, timer))  # type: ignore[arg-type]
+        finish_job(slot, reason)
 
     def _end(self, slot: Slot, event: EngineEvent) -> None:
-        job = slot.job
-        assert job is not None
-        job.sampler.free()
-        job.prompt.close()
-        slot.job = None
-        job.sink.put(event)
+        end_job(slot, event)
 
     def _forget(self, slot: Slot) -> None:
-        llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
-        slot.cached.clear()
-        slot.n_past = 0
+        self._starter.forget(slot)
 
     def close(self) -> None:
         for slot in self.slots:
@@ -510,25 +435,3 @@ class Scheduler:
                                            code="server_shutting_down"))
         self._batch.close()
 
-
-def _remaining_work(prompt: mtmd.TokenizedPrompt, keep: int, tenant: str
-                    ) -> deque[PrefillItem]:
-    """The prompt's chunks after the first `keep` KV entries, as prefill work; images are
-    looked up in `tenant`'s part of the embedding cache."""
-    work: deque[PrefillItem] = deque()
-    index = 0
-    seen: dict[str, int] = {}
-    for chunk in prompt.chunks:
-        if chunk.image is None:
-            skip = max(0, keep - index)
-            index += len(chunk.tokens)
-            if skip < len(chunk.tokens):
-                work.append(PrefillItem(chunk, start=skip))
-            continue
-        ordinal = seen.get(chunk.image.content_hash, 0)
-        seen[chunk.image.content_hash] = ordinal + 1
-        index += 1
-        if index > keep:
-            work.append(PrefillItem(chunk, embed_key=(tenant, chunk.image.content_hash,
-                                                      ordinal)))
-    return work

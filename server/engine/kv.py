@@ -1,0 +1,59 @@
+"""KV capacity accounting: whether work fits the shared KV cache, and whom to preempt.
+
+All slots share one pool of n_ctx cells (kv_unified). Counting is by positions per slot,
+so cells that sequences share (a prefix copied from the warm-up slot) are counted once per
+slot: the estimate errs on the full side, which can only preempt early, never overfill.
+llama_decode's own "no room" answer (1) remains the final word; the scheduler then frees
+room the same way and retries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from server.engine.jobs import Job, Slot
+
+
+class KvBudget:
+    def __init__(self, n_ctx: int) -> None:
+        self.n_ctx = n_ctx
+
+    def clip(self, max_tokens: int, prompt_n_pos: int) -> int:
+        """A request that could not finish even alone stops where the context ends
+        (finish_reason `length` there), instead of failing partway."""
+        return max(1, min(max_tokens, self.n_ctx - prompt_n_pos))
+
+    def free(self, slots: Iterable[Slot]) -> int:
+        """Cells no sequence holds, idle slots' reusable prefixes counted as held."""
+        return self.n_ctx - sum(s.n_past for s in slots)
+
+    def admits(self, slots: Iterable[Slot], job_need: int) -> bool:
+        """Whether a job needing `job_need` positions fits beside the running ones (idle
+        caches can be dropped for it). With nothing running, anything admitted fits: its
+        max_tokens was clipped to the context."""
+        active = [s for s in slots if s.job is not None]
+        return not active or sum(s.n_past for s in active) + job_need <= self.n_ctx
+
+    @staticmethod
+    def step_need(slots: Iterable[Slot]) -> int:
+        """Cells the next step needs at least: one per generating slot, and one for prompt
+        text if some slot has text to prefill (more is taken only if free)."""
+        jobs = [s.job for s in slots if s.job is not None]
+        generating = sum(1 for j in jobs if j.next_token >= 0)
+        prefilling = any(j.work and j.work[0].chunk.image is None for j in jobs)
+        return generating + int(prefilling)
+
+    @staticmethod
+    def victim(slots: Iterable[Slot]) -> Slot | None:
+        """The running job admitted last (lower-priority classes would go first, once
+        requests have them); None when no more than one runs: the oldest is never
+        preempted for the others' sake, so it always makes progress."""
+        active = [s for s in slots if s.job is not None]
+        if len(active) < 2:
+            return None
+        return max(active, key=lambda s: _order(s.job))
+
+
+def _order(job: Job | None) -> int:
+    assert job is not None
+    return job.order

@@ -1,0 +1,103 @@
+"""Putting a request in a slot: build its job (or take back a preempted one), keep the
+slot's reusable KV prefix, and queue the rest as prefill work. Engine thread only."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import llama_cpp
+
+from server.config import Settings
+from server.engine.admission import Pending
+from server.engine.detokenize import TextStream
+from server.engine.jobs import Job, Slot, remaining_work, resume_chunks
+from server.engine.kv import KvBudget
+from server.engine.model import LoadedModel
+from server.engine.prefix import KvKey, common_prefix_len, n_positions, n_tokens
+from server.engine.sampling import GrammarError, build_sampler
+from server.engine.types import ErrorEvent
+
+logger = logging.getLogger("vlserve.engine")
+
+
+class Starter:
+    def __init__(self, model: LoadedModel, settings: Settings, kv: KvBudget) -> None:
+        self.model = model
+        self.settings = settings
+        self.kv = kv
+        self.mem = llama_cpp.llama_get_memory(model.ctx)
+        self._order = itertools.count()
+
+    def new_job(self, pending: Pending) -> Job | None:
+        """The job for a newly admitted request, or None once it is answered (bad grammar)."""
+        request, prompt = pending.request, pending.prompt
+        model = self.model
+        try:
+            sampler = build_sampler(request.sampling, model.vocab, model.utf8, model.eog_tokens,
+                                    request.timer)
+        except GrammarError as exc:
+            pending.answer(ErrorEvent(400, f"response_format: {exc}", code="invalid_grammar"))
+            return None
+        max_new = self.kv.clip(request.max_tokens, prompt.n_pos)
+        if max_new < request.max_tokens:
+            logger.info("request %s: max_tokens %d clipped to %d, all the context leaves "
+                        "after its %d prompt positions", request.request_id,
+                        request.max_tokens, max_new, prompt.n_pos)
+        return Job(
+            request=request,
+            sink=pending.sink,
+            sampler=sampler,
+            # The template's next-turn markers end the answer too, except for benchmarks
+            # that ask to run to max_tokens whatever the model writes.
+            text=TextStream(request.stop + (() if request.sampling.ignore_eos
+                                            else model.stop_strings)),
+            max_new=max_new,
+            prompt=prompt,
+            work=remaining_work(prompt.chunks, 0, request.tenant),
+            deadline=time.perf_counter() + (request.timeout_s or self.settings.request_timeout),
+            order=next(self._order),
+            held_text=None if request.stream or request.top_logprobs is not None else [],
+        )
+
+    def place(self, job: Job, slots: list[Slot]) -> None:
+        """Seat `job` in the free slot that already holds most of what it needs; the rest
+        (prompt, then for a resumed job what it generated) becomes its prefill work."""
+        request = job.request
+        keys = job.keys()
+        slot, keep = self._pick_slot(slots, keys, request.tenant)
+        kept = keys[:keep]
+        slot.n_past = n_positions(kept)
+        llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.n_past, -1)
+        del slot.cached[keep:]
+        slot.tenant = request.tenant
+        if not job.preemptions:
+            request.timer.cached_tokens = n_tokens(kept)
+            # Images already in the slot's KV are reused without the encoder, like hits.
+            request.timer.image_cache_hits += sum(1 for k in kept if not isinstance(k, int))
+        job.work = remaining_work(resume_chunks(job), keep, request.tenant)
+        job.next_token = -1  # a resumed job's pending token is the last one re-evaluated
+        slot.job = job
+
+    def _pick_slot(self, slots: list[Slot], keys: list[KvKey], tenant: str
+                   ) -> tuple[Slot, int]:
+        """The free slot sharing the longest prefix, and how many entries of it to keep;
+        idle caches are dropped if the prompt might not fit beside them. Another tenant's
+        cache is worth nothing: how much of it matched would tell what it holds."""
+        free = [s for s in slots if s.job is None]
+        # Ties go to the shorter cache, then to the lower slot (slots[i].seq_id == i).
+        keep, _, neg_seq = max((common_prefix_len(s.cached, keys) if s.tenant == tenant else 0,
+                                -len(s.cached), -s.seq_id)
+                               for s in free)
+        best = slots[-neg_seq]
+        if self.kv.free(s for s in slots if s is not best) < n_positions(keys):
+            for other in free:
+                if other is not best:
+                    self.forget(other)
+        return best, keep
+
+    def forget(self, slot: Slot) -> None:
+        llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+        slot.cached.clear()
+        slot.n_past = 0
