@@ -197,23 +197,32 @@ STORY = {"type": "object", "properties": {"story": {"type": "array", "items": PA
 def test_a_preempted_constrained_request_keeps_its_grammar_state(
         tight_server: RunningServer) -> None:
     """The sampler (with the grammar's position in the document) travels with the job: a
-    rebuilt one would restart the document in the middle of the string."""
-    started = [threading.Event() for _ in range(3)]
-    jobs = [lambda i=i: stream(tight_server, body(f"Count to {i}."), started[i])
-            for i in range(3)]
+    rebuilt one would restart the document in the middle of the string.
 
-    def late_constrained() -> dict:
-        for event in started:
-            assert event.wait(120)
-        request = {"messages": [{"role": "user", "content": "A story, please."}],
-                   "temperature": 1.0, "seed": 5, "max_tokens": WANT,
-                   "response_format": {"type": "json_schema", "json_schema": {
-                       "name": "story", "schema": STORY, "strict": True}}}
-        return httpx.post(f"{tight_server.api}/chat/completions", json=request,
-                          timeout=120).json()
+    Whether the late request is admitted beside the three streams (and then preempted as
+    the newest) or waits for room depends on how far they got meanwhile: the scenario is
+    run until it was preempted (at most 3 times), and every answer must be valid."""
+    preempted = 0
+    for _ in range(3):
+        started = [threading.Event() for _ in range(3)]
+        jobs = [lambda i=i, started=started: stream(tight_server, body(f"Count to {i}."),
+                                                    started[i]) for i in range(3)]
 
-    *_, reply = run_parallel([*jobs, late_constrained])
-    assert reply.get("timings", {}).get("preemptions", 0) >= 1, reply
-    assert reply["choices"][0]["finish_reason"] == "stop", reply
-    story = json.loads(reply["choices"][0]["message"]["content"])["story"]
-    assert len(story) == 2 and all(200 <= len(part) <= 256 for part in story)
+        def late_constrained(started: list[threading.Event] = started) -> dict:
+            for event in started:
+                assert event.wait(120)
+            request = {"messages": [{"role": "user", "content": "A story, please."}],
+                       "temperature": 1.0, "seed": 5, "max_tokens": WANT,
+                       "response_format": {"type": "json_schema", "json_schema": {
+                           "name": "story", "schema": STORY, "strict": True}}}
+            return httpx.post(f"{tight_server.api}/chat/completions", json=request,
+                              timeout=120).json()
+
+        *_, reply = run_parallel([*jobs, late_constrained])
+        assert reply["choices"][0]["finish_reason"] == "stop", reply
+        story = json.loads(reply["choices"][0]["message"]["content"])["story"]
+        assert len(story) == 2 and all(200 <= len(part) <= 256 for part in story)
+        preempted = reply.get("timings", {}).get("preemptions", 0)
+        if preempted:
+            break
+    assert preempted >= 1, "the constrained request was never preempted"
