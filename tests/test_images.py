@@ -12,7 +12,7 @@ import zlib
 
 import numpy as np
 import pytest
-from helpers import IN_CI, skip_unless_ci
+from ci import IN_CI, skip_unless_ci
 from PIL import Image, ImageDraw, ImageOps, features
 
 from bench.images import photo_like  # the benchmark's photo-like content, shared
