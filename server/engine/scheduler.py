@@ -133,8 +133,8 @@ class Scheduler:
         references it encodes it then)."""
         self._preencode.append((image, tenant))  # deque.append from another thread: atomic
 
-    def is_encoded(self, content_hash: str, tenant: str = "") -> bool:
-        return (tenant, content_hash, 0) in self.embeddings
+    def is_encoded(self, cache_id: str, tenant: str = "") -> bool:
+        return (tenant, cache_id, 0) in self.embeddings
 
     @property
     def preencode_backlog(self) -> int:
@@ -283,8 +283,10 @@ class Scheduler:
                                 -len(s.cached), -s.seq_id)
                                for s in free)
         best = self.slots[-neg_seq]
-        used = sum(s.n_past for s in self.slots if s is not best)
-        if used + n_positions(keys) > self.model.n_ctx:
+        # KV cells, not positions: an M-RoPE image (GLM-4V, Qwen) takes a cell per token but
+        # fewer positions (a large `detail: high` image: 782 cells at 46 positions).
+        used = sum(n_tokens(s.cached) for s in self.slots if s is not best)
+        if used + n_tokens(keys) > self.model.n_ctx:
             for other in free:
                 if other is not best:
                     self._forget(other)
