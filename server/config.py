@@ -114,6 +114,14 @@ class Settings(BaseSettings):
     # Image tokens per image for dynamic-resolution projectors (youtuvl); None: the
     # projector's own limit. Passed to mtmd too, so both sides agree.
     image_max_tokens: int | None = Field(None, ge=1)
+    # Per-image `detail` (dynamic-resolution projectors only; fixed-size ones ignore it).
+    # `auto` (or none) uses the two caps above. `low`: a small budget, never above `auto`'s.
+    # `high`: up to image_high_max_side, and image_high_max_tokens (None: the projector's
+    # own maximum, e.g. youtuvl 62,500); 2048 px gives a 1080p photo 2,040 youtuvl tokens.
+    image_low_max_side: int = Field(512, ge=16)
+    image_low_max_tokens: int = Field(64, ge=1)
+    image_high_max_side: int = Field(2048, ge=16)
+    image_high_max_tokens: int | None = Field(None, ge=1)
     image_max_bytes: int = Field(20 * 1024 * 1024, ge=1)  # per image, after base64 decoding
     image_max_pixels: int = Field(8192 * 8192, ge=1)  # from the header, before decoding
     image_min_side: int = Field(2, ge=1)
@@ -207,6 +215,14 @@ class Settings(BaseSettings):
         if self.image_decode_max_mb > self.image_decode_budget_mb:
             raise ValueError(f"image_decode_max_mb ({self.image_decode_max_mb}) exceeds "
                              f"image_decode_budget_mb ({self.image_decode_budget_mb})")
+        if self.image_max_side > self.image_high_max_side:
+            raise ValueError(f"image_max_side ({self.image_max_side}) exceeds "
+                             f"image_high_max_side ({self.image_high_max_side})")
+        high = self.image_high_max_tokens
+        for name in ("image_max_tokens", "image_low_max_tokens"):
+            value = getattr(self, name)
+            if high is not None and value is not None and value > high:
+                raise ValueError(f"{name} ({value}) exceeds image_high_max_tokens ({high})")
         if self.n_ubatch > self.n_batch:
             raise ValueError(f"n_ubatch ({self.n_ubatch}) exceeds n_batch ({self.n_batch})")
         return self

@@ -24,8 +24,9 @@ class StoredFile:
     purpose: str
     bytes: int  # size of the uploaded file
     created_us: int  # microseconds since the epoch: with the id, the listing's total order
-    image: ImageInput  # decoded and downsized at upload time
+    image: ImageInput  # decoded at upload time, at the `high` detail size
     owner: str = ""  # the uploader's client identity: only the same client sees the file
+    source_size: tuple[int, int] | None = None  # the file's own (width, height), oriented
 
     @property
     def created_at(self) -> int:
@@ -71,7 +72,7 @@ class UploadStore:
         self._lock = threading.Lock()
 
     def add(self, filename: str, purpose: str, size: int, image: ImageInput,
-            owner: str = "") -> StoredFile:
+            owner: str = "", source_size: tuple[int, int] | None = None) -> StoredFile:
         """Keep the file, evicting the owner's own least recently used files if needed.
 
         Raises UploadRefused (413) for one file over the owner's byte quota, or (507) when
@@ -79,7 +80,7 @@ class UploadStore:
         """
         # 128 random bits: ids are unguessable, and listings show a client its own files only.
         record = StoredFile(f"file-{secrets.token_hex(16)}", filename, purpose, size,
-                            time.time_ns() // 1000, image, owner)
+                            time.time_ns() // 1000, image, owner, source_size)
         need = record.stored_bytes
         if need > min(self.max_bytes_per_owner, self.max_bytes):
             raise UploadRefused(413, f"the decoded image takes {need:,} bytes; the upload "

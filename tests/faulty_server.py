@@ -31,7 +31,7 @@ def plant_faults() -> None:
         encode = mtmd.encode_image
 
         def failing_encode(mctx: int, chunk: mtmd.PromptChunk) -> Any:
-            if chunk.image is not None and chunk.image.content_hash == bad_hash:
+            if chunk.image is not None and chunk.image.content_hash.split("@")[0] == bad_hash:
                 raise mtmd.MediaError("the vision encoder failed on an image")
             return encode(mctx, chunk)
 

@@ -55,29 +55,41 @@ def image_message(text: str, url: str) -> dict:
 
 # configs/default.yaml's image_max_side, which the test servers run with.
 TEST_IMAGE_MAX_SIDE = 1024
+# (longest side, image tokens) per image `detail` in the test servers: `auto` as above,
+# `low` and `high` server/config.py's defaults (image_low_max_side/_tokens,
+# image_high_max_side; None: the projector's own token limit).
+TEST_DETAIL_CAPS: dict[str, tuple[int, int | None]] = {
+    "auto": (TEST_IMAGE_MAX_SIDE, None), "low": (512, 64), "high": (2048, None)}
 
 
-def expected_image_tokens(family: str, width: int, height: int) -> int:
-    """The image tokens mtmd should produce for a width x height upload, worked out from each
-    projector's published rules (not from the server's own sizing code)."""
+def expected_image_tokens(family: str, width: int, height: int, detail: str = "auto") -> int:
+    """The image tokens mtmd should produce for a width x height upload sent with `detail`,
+    worked out from each projector's published rules (not from the server's own sizing code)."""
     if family == "llava":
         return (112 // 14) ** 2  # the tiny CLIP sees one 112 px square in 14 px patches
+    side, budget = TEST_DETAIL_CAPS[detail]
     if family in ("glm4v", "qwen2vl"):
-        return dynamic_image_tokens(width, height)
-    # youtuvl: the longest side capped at image_max_side, then every side rounded up to whole
-    # 32 px squares (16 px patches merged 2x2), one token per square.
-    scale = min(1.0, TEST_IMAGE_MAX_SIDE / max(width, height))
-    return math.ceil(width * scale / 32) * math.ceil(height * scale / 32)
+        return dynamic_image_tokens(width, height, side, budget or 4096)
+    # youtuvl: the longest side capped at `side`, then every side rounded up to whole 32 px
+    # squares (16 px patches merged 2x2), one token per square; over the budget, the largest
+    # scale whose grid fits it (searched here in small steps of scale).
+    scale = min(1.0, side / max(width, height))
+    while True:
+        tokens = math.ceil(width * scale / 32) * math.ceil(height * scale / 32)
+        if budget is None or tokens <= budget:
+            return tokens
+        scale -= 1e-5
 
 
-def dynamic_image_tokens(width: int, height: int) -> int:
+def dynamic_image_tokens(width: int, height: int, max_side: int = TEST_IMAGE_MAX_SIDE,
+                         max_tokens: int = 4096) -> int:
     """GLM-4V's and Qwen2-VL's processors (Glm4vImageProcessor / Qwen2VLImageProcessor
-    smart_resize, with llama.cpp's 8..4096 token range for glm4v and qwen2vl_merger), after
-    the longest side is capped at image_max_side in whole 28 px cells: each side rounded to
-    the nearest 28 px (14 px patches merged 2x2), the image scaled down into 4096 tokens or
-    up to 8; one token per 28 px square."""
-    cell, low, high = 28, 8 * 28 * 28, 4096 * 28 * 28
-    cap = TEST_IMAGE_MAX_SIDE // cell * cell
+    smart_resize, with llama.cpp's 8..4096 token range for glm4v and qwen2vl_merger, or a
+    smaller maximum), after the longest side is capped at `max_side` in whole 28 px cells:
+    each side rounded to the nearest 28 px (14 px patches merged 2x2), the image scaled down
+    into the token maximum or up to 8; one token per 28 px square."""
+    cell, low, high = 28, 8 * 28 * 28, max_tokens * 28 * 28
+    cap = max_side // cell * cell
     scale = min(1.0, cap / max(width, height))
     width, height = round(width * scale), round(height * scale)
     w, h = max(cell, round(width / cell) * cell), max(cell, round(height / cell) * cell)

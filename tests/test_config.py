@@ -48,6 +48,12 @@ def test_shipped_presets_are_valid(preset: Path) -> None:
     ("port: lots\n", "port"),
     ("no_such_setting: 1\n", "no_such_setting"),
     ("default_max_tokens: 5000\nmax_tokens_cap: 100\n", "exceeds max_tokens_cap"),
+    ("image_max_side: 4096\nimage_high_max_side: 2048\n", "exceeds image_high_max_side"),
+    ("image_high_max_tokens: 100\nimage_low_max_tokens: 200\n",
+     "image_low_max_tokens (200) exceeds image_high_max_tokens (100)"),
+    ("image_high_max_tokens: 100\nimage_max_tokens: 200\n",
+     "image_max_tokens (200) exceeds image_high_max_tokens (100)"),
+    ("image_low_max_tokens: 0\n", "image_low_max_tokens"),
     ("- a\n- b\n", "mapping"),
     ("port: [unclosed\n", "invalid YAML"),
 ])

@@ -223,6 +223,15 @@ def test_exif_orientation_in_other_formats(fmt: str, orientation: int) -> None:
     assert close(pixel(out, 0.25, 0.25), (255, 0, 0)) and close(pixel(out, 0.75, 0.25), (0, 255, 0))
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_oriented_source_size_is_the_upright_size(orientation: int) -> None:
+    # Uploads size a chat's `detail` from it (server/api/image_detail.py): downsized, the
+    # stored pixels no longer say which way round the file was.
+    out = decode_image(oriented("JPEG", orientation, (600, 400)), 90)
+    assert (out.width, out.height) == (90, 60)
+    assert out.oriented_source_size == (600, 400)
+
+
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 def test_broken_exif_is_ignored() -> None:
     data = encode(quadrants(), "JPEG", exif=b"Exif\x00\x00II*\x00\xff\xff\xff\x7f garbage")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from server.config import Settings
 from server.demo_model import DemoModelPaths
+from server.engine.model import detail_geometries
 from server.engine.projector import (
     YOUTUVL_MAX_TOKENS,
     ImageGeometry,
@@ -45,6 +47,8 @@ def test_qwen_style_projectors_size_by_pixels_into_the_token_range() -> None:
         assert info.kind == "dynamic" and info.cell == 28 and info.native_side is None
         assert info.geometry(1024) == ImageGeometry(1008, 28, None, 8 * 784, 4096 * 784)
         assert info.geometry(1024, 256) == ImageGeometry(1008, 28, None, 8 * 784, 256 * 784)
+        # A budget under the projector's minimum (a small `low` detail) stops at it.
+        assert info.geometry(512, 4) == ImageGeometry(504, 28, None, 8 * 784, 8 * 784)
     assert header("glm4v").wraps_images and header("qwen2.5vl_merger").wraps_images
 
 
@@ -64,3 +68,17 @@ def test_fixed_tiled_and_unknown_projectors() -> None:
     assert header("mlp", tiled=True).geometry(1024) == ImageGeometry(1024)
     assert header("idefics3").geometry(1024) == ImageGeometry(1024)  # slices
     assert header("zzz").kind == "other" and header("zzz").geometry(777) == ImageGeometry(777)
+
+
+def test_detail_geometries_from_the_settings(youtu_model: DemoModelPaths,
+                                             demo_model: DemoModelPaths) -> None:
+    youtu = read_projector_info(youtu_model.mmproj)
+    settings = Settings(model=youtu_model.text, image_max_side=400, image_max_tokens=48)
+    sizes = detail_geometries(settings, youtu)
+    assert sizes["auto"] == ImageGeometry(384, 32, 48)
+    # `low` never above `auto` (512 px, 64 tokens by default, here capped at 400 px, 48).
+    assert sizes["low"] == ImageGeometry(384, 32, 48)
+    assert sizes["high"] == ImageGeometry(2048, 32, YOUTUVL_MAX_TOKENS)  # projector's own
+    llava = detail_geometries(Settings(model=demo_model.text), read_projector_info(
+        demo_model.mmproj))
+    assert set(llava.values()) == {ImageGeometry(112)}  # fixed size: detail changes nothing

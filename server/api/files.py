@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from server.api.auth import client_identity
 from server.api.errors import APIError
+from server.api.image_detail import size_rule, upload_at, upload_cache_id
 from server.api.messages import decode_within_budget, image_api_error
 from server.api.multipart import read_upload_form
 from server.api.openapi import responses
@@ -42,18 +43,21 @@ async def upload_file(request: Request) -> JSONResponse:
         raise APIError(400, "the form has no file part", param="file", code="invalid_upload")
     purpose = form.fields.get("purpose", "vision")
     try:
-        decoded = await decode_within_budget(form.file_bytes, state)
+        # Kept at the `high` size; chats asking for less get it resized (image_detail).
+        decoded = await decode_within_budget(form.file_bytes, state, size_rule(state, "high"))
     except ImageError as exc:
         raise image_api_error(exc, "file") from None
     image = ImageInput(decoded.rgb, decoded.width, decoded.height, decoded.content_hash)
     try:
         record = state.uploads.add(form.file_name or "upload", purpose, len(form.file_bytes),
-                                   image, owner=client_identity(request.scope))
+                                   image, owner=client_identity(request.scope),
+                                   source_size=decoded.oriented_source_size)
     except UploadRefused as exc:
         raise APIError(exc.status, str(exc), param="file", code=exc.code) from None
     state.metrics.observe_upload()
-    if state.engine.ready:
-        state.engine.preencode(image, state.cache_tenant(record.owner))
+    if state.engine.ready:  # pre-encoded at the size a chat without `detail` uses
+        state.engine.preencode(await upload_at(record, state, "auto"),
+                               state.cache_tenant(record.owner))
     return JSONResponse(_file_object(record, state))
 
 
@@ -116,7 +120,7 @@ def _not_found(file_id: str) -> APIError:
 
 
 def _file_object(record: StoredFile, state: AppState) -> dict[str, object]:
-    encoded = state.engine.is_encoded(record.image.content_hash,
+    encoded = state.engine.is_encoded(upload_cache_id(record, state, "auto"),
                                       state.cache_tenant(record.owner))
     return {
         "id": record.id,

@@ -8,15 +8,22 @@ from functools import partial
 from starlette.concurrency import run_in_threadpool
 
 from server.api.errors import APIError
+from server.api.image_detail import size_rule, upload_at
 from server.api.protocol import ChatMessageIn, FilePart, ImagePart, TextPart
 from server.api.remote_images import fetch_image_bytes
 from server.api.state import AppState
 from server.engine import ImageInput
 from server.engine.types import ChatMessage
-from server.images import DecodedImage, ImageError, ImageTooLargeError, image_bytes_from_url
+from server.images import (
+    DecodedImage,
+    ImageError,
+    ImageTooLargeError,
+    SizeRule,
+    image_bytes_from_url,
+)
 from server.images.decode import decode_planned, plan_decode
 from server.timings import StageTimer
-from server.uploads import UploadStore
+from server.uploads import StoredFile, UploadStore
 
 
 async def to_engine_messages(
@@ -57,9 +64,10 @@ async def to_engine_messages(
                                param=where)
             if isinstance(part, ImagePart):
                 parts.append(await _decode(part.image_url.url, state, timer,
-                                           f"{where}.image_url"))
+                                           f"{where}.image_url", part.image_url.detail))
             else:
-                parts.append(_uploaded(part, state.uploads, client, f"{where}.file.file_id"))
+                stored = _uploaded(part, state.uploads, client, f"{where}.file.file_id")
+                parts.append(await upload_at(stored, state, part.file.detail, timer))
         out.append(ChatMessage(role, tuple(parts)))
     return out
 
@@ -77,7 +85,8 @@ def _text(text: str, param: str) -> str:
     return text
 
 
-async def _decode(url: str, state: AppState, timer: StageTimer, param: str) -> ImageInput:
+async def _decode(url: str, state: AppState, timer: StageTimer, param: str,
+                  detail: str | None) -> ImageInput:
     try:
         if state.settings.remote_images and url.lstrip()[:8].lower().startswith(
                 ("http://", "https://")):
@@ -85,7 +94,7 @@ async def _decode(url: str, state: AppState, timer: StageTimer, param: str) -> I
         else:
             data = await run_in_threadpool(partial(image_bytes_from_url, url,
                                                    limits=state.image_limits))
-        image = await decode_within_budget(data, state)
+        image = await decode_within_budget(data, state, size_rule(state, detail))
     except ImageError as exc:
         raise image_api_error(exc, param) from None
     timer.images += 1
@@ -94,11 +103,12 @@ async def _decode(url: str, state: AppState, timer: StageTimer, param: str) -> I
     return ImageInput(image.rgb, image.width, image.height, image.content_hash)
 
 
-async def decode_within_budget(data: bytes, state: AppState) -> DecodedImage:
-    """Decode image bytes in a worker thread, chats and uploads alike: the header first,
-    which says what the decode will cost (over the per-image limit: ImageTooLargeError),
-    then the pixels, once that cost fits in the budget shared by all decodes in flight."""
-    plan = await run_in_threadpool(partial(plan_decode, data, state.image_size,
+async def decode_within_budget(data: bytes, state: AppState, rule: SizeRule) -> DecodedImage:
+    """Decode image bytes to `rule`'s size in a worker thread, chats and uploads alike: the
+    header first, which says what the decode will cost (over the per-image limit:
+    ImageTooLargeError), then the pixels, once that cost fits in the budget shared by all
+    decodes in flight."""
+    plan = await run_in_threadpool(partial(plan_decode, data, rule,
                                            limits=state.image_limits))
     return await state.decode_budget.run(plan.cost.total, partial(decode_planned, plan))
 
@@ -109,9 +119,9 @@ def image_api_error(exc: ImageError, param: str) -> APIError:
     return APIError(status, f"{param}: {exc}", param=param, code="invalid_image")
 
 
-def _uploaded(part: FilePart, uploads: UploadStore, client: str, param: str) -> ImageInput:
+def _uploaded(part: FilePart, uploads: UploadStore, client: str, param: str) -> StoredFile:
     record = uploads.get(part.file.file_id, client)
     if record is None:
         raise APIError(400, f"{param}: no uploaded file {part.file.file_id!r} (unknown, "
                        "deleted or expired)", param=param, code="file_not_found")
-    return record.image
+    return record

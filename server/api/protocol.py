@@ -56,6 +56,8 @@ class ImagePart(_Lenient):
 
 class FileRef(_Lenient):
     file_id: str = Field(max_length=128)
+    # vlserve extension (image_url parts carry it in OpenAI's schema): the upload's `detail`.
+    detail: Literal["auto", "low", "high"] | None = None
 
 
 class FilePart(_Lenient):

@@ -92,7 +92,7 @@ def _image(part: InputImage, param: str) -> ImagePart | FilePart:
         raise APIError(400, f"{param}: an input_image needs exactly one of image_url and "
                        "file_id", param=param)
     if part.file_id is not None:
-        return FilePart(type="file", file=FileRef(file_id=part.file_id))
+        return FilePart(type="file", file=FileRef(file_id=part.file_id, detail=part.detail))
     assert part.image_url is not None
     return ImagePart(type="image_url", image_url=ImageURL(url=part.image_url,
                                                            detail=part.detail))

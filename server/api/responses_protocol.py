@@ -35,7 +35,7 @@ class OutputText(_Lenient):
 
 class InputImage(_Lenient):
     """An image by data URL (`image_url`) or by upload (`file_id`, POST /files): one of the
-    two. `detail` is accepted; it does not change the image's token budget yet."""
+    two. `detail` sizes it as in chat completions (server.api.image_detail)."""
 
     type: Literal["input_image"]
     image_url: str | None = None

@@ -9,7 +9,7 @@ from server.api.drain import Drain
 from server.api.response_store import ResponseStore, response_store
 from server.config import Settings
 from server.engine import Engine
-from server.images import ImageLimits, SizeRule
+from server.images import ImageLimits
 from server.images.budget import DecodeBudget
 from server.metrics import Metrics
 from server.uploads import UploadStore
@@ -42,9 +42,3 @@ class AppState:
         return ImageLimits(settings.image_max_bytes, settings.image_max_pixels,
                            settings.image_min_side, frozenset(settings.image_formats),
                            max_decode_bytes=settings.image_decode_max_mb * 1024 * 1024)
-
-    @property
-    def image_size(self) -> SizeRule:
-        """What images are decoded to: the projector's native size or grid, within the caps."""
-        info = self.engine.info
-        return SizeRule.from_info(info, self.settings.image_max_side)

@@ -113,10 +113,10 @@ class Engine:
         if self._scheduler is not None and self._model is not None and self._model.vision:
             self._scheduler.submit_preencode(image, tenant)
 
-    def is_encoded(self, content_hash: str, tenant: str = "") -> bool:
-        """Whether `tenant` has the image's embedding cached (from another thread: a dict
-        probe)."""
-        return self._scheduler is not None and self._scheduler.is_encoded(content_hash, tenant)
+    def is_encoded(self, cache_id: str, tenant: str = "") -> bool:
+        """Whether `tenant` has the image's embedding cached, by ImageInput.cache_id (from
+        another thread: a dict probe)."""
+        return self._scheduler is not None and self._scheduler.is_encoded(cache_id, tenant)
 
     @property
     def preemptions(self) -> int:

@@ -52,9 +52,9 @@ class Job:
         """What this job's sequence holds once its prompt and its tokens are evaluated."""
         return [*self.prompt.keys(), *self.tokens]
 
-    def n_pos_needed(self) -> int:
-        """KV positions the job fills when (re)started, plus one for its next token."""
-        return self.prompt.n_pos + len(self.tokens) + 1
+    def cells_needed(self) -> int:
+        """KV cells the job fills when (re)started, plus one for its next token."""
+        return self.prompt.n_tokens + len(self.tokens) + 1
 
 
 @dataclass

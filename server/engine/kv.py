@@ -1,10 +1,10 @@
 """KV capacity accounting: whether work fits the shared KV cache, and whom to preempt.
 
-All slots share one pool of n_ctx cells (kv_unified). Counting is by positions per slot,
-so cells that sequences share (a prefix copied from the warm-up slot) are counted once per
-slot: the estimate errs on the full side, which can only preempt early, never overfill.
-llama_decode's own "no room" answer (1) remains the final word; the scheduler then frees
-room the same way and retries.
+All slots share one pool of n_ctx cells (kv_unified). Counting is by cells per slot (an
+M-RoPE image takes more cells than positions); cells that sequences share (a prefix copied
+from the warm-up slot) are counted once per slot: the estimate errs on the full side, which
+can only preempt early, never overfill. llama_decode's own "no room" answer (1) remains
+the final word; the scheduler then frees room the same way and retries.
 """
 
 from __future__ import annotations
@@ -12,27 +12,28 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from server.engine.jobs import Job, Slot
+from server.engine.prefix import n_tokens
 
 
 class KvBudget:
     def __init__(self, n_ctx: int) -> None:
         self.n_ctx = n_ctx
 
-    def clip(self, max_tokens: int, prompt_n_pos: int) -> int:
+    def clip(self, max_tokens: int, prompt_cells: int) -> int:
         """A request that could not finish even alone stops where the context ends
         (finish_reason `length` there), instead of failing partway."""
-        return max(1, min(max_tokens, self.n_ctx - prompt_n_pos))
+        return max(1, min(max_tokens, self.n_ctx - prompt_cells))
 
     def free(self, slots: Iterable[Slot]) -> int:
         """Cells no sequence holds, idle slots' reusable prefixes counted as held."""
-        return self.n_ctx - sum(s.n_past for s in slots)
+        return self.n_ctx - sum(n_tokens(s.cached) for s in slots)
 
     def admits(self, slots: Iterable[Slot], job_need: int) -> bool:
-        """Whether a job needing `job_need` positions fits beside the running ones (idle
+        """Whether a job needing `job_need` cells fits beside the running ones (idle
         caches can be dropped for it). With nothing running, anything admitted fits: its
         max_tokens was clipped to the context."""
         active = [s for s in slots if s.job is not None]
-        return not active or sum(s.n_past for s in active) + job_need <= self.n_ctx
+        return not active or sum(n_tokens(s.cached) for s in active) + job_need <= self.n_ctx
 
     @staticmethod
     def step_need(slots: Iterable[Slot]) -> int:

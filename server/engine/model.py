@@ -156,8 +156,7 @@ def _load(settings: Settings) -> LoadedModel:
     special_texts, max_token_bytes = _text_bounds(vocab, n_vocab)
     marker_tokens = {t for s in chosen.stops
                      if (t := single_control_token(vocab, s, pieces)) is not None}
-    geometry = projector.geometry(settings.image_max_side, settings.image_max_tokens) \
-        if projector is not None else None
+    geometries = detail_geometries(settings, projector) if projector is not None else None
     build = read_build_info()
     info = {
         "model_path": str(settings.model),
@@ -178,7 +177,7 @@ def _load(settings: Settings) -> LoadedModel:
         "gpu_build": build.gpu_offload,
         "llama_cpp_python": build.llama_cpp_python,
         "backends": build.backends,
-        **_projector_info(mctx, projector, geometry),
+        **_projector_info(mctx, projector, geometries),
         "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
     }
     return LoadedModel(
@@ -208,8 +207,10 @@ def _load_projector(settings: Settings, model: llama_cpp.llama_model_p,
     mtmd_params.n_threads = n_threads
     mtmd_params.print_timings = False
     mtmd_params.warmup = False  # our own warm-up runs the whole request path instead
-    if settings.image_max_tokens:  # dynamic-resolution projectors only; others ignore it
-        mtmd_params.image_max_tokens = settings.image_max_tokens
+    # Dynamic-resolution projectors only; others ignore it. mtmd gets the largest budget
+    # (`high` detail): smaller ones are met by decoding to their size, which mtmd keeps.
+    if settings.image_high_max_tokens:
+        mtmd_params.image_max_tokens = settings.image_high_max_tokens
     mctx = mtmd_cpp.mtmd_init_from_file(str(settings.mmproj).encode(), model, mtmd_params)
     if not mctx:
         llama_cpp.llama_free(ctx)
@@ -220,9 +221,32 @@ def _load_projector(settings: Settings, model: llama_cpp.llama_model_p,
     return mctx
 
 
+def detail_geometries(settings: Settings, projector: ProjectorInfo
+                      ) -> dict[str, ImageGeometry]:
+    """The decode size for each image `detail`: `auto` within image_max_side/_tokens,
+    `low` within the low caps (never above auto's), `high` within the high ones."""
+    auto_side, auto_tokens = settings.image_max_side, settings.image_max_tokens
+    low_tokens = min(settings.image_low_max_tokens, auto_tokens or settings.image_low_max_tokens)
+    return {
+        "auto": projector.geometry(auto_side, auto_tokens),
+        "low": projector.geometry(min(settings.image_low_max_side, auto_side), low_tokens),
+        "high": projector.geometry(settings.image_high_max_side, settings.image_high_max_tokens),
+    }
+
+
+def _geometry_info(geometry: ImageGeometry) -> dict[str, Any]:
+    return {
+        "image_target_side": geometry.max_side,
+        "image_cell": geometry.cell,
+        "image_max_tokens": geometry.max_cells,
+        "projector_min_pixels": geometry.min_pixels,
+        "projector_max_pixels": geometry.max_pixels,
+    }
+
+
 def _projector_info(mctx: mtmd_cpp.mtmd_context_p | None, projector: ProjectorInfo | None,
-                    geometry: ImageGeometry | None) -> dict[str, Any]:
-    if mctx is None or projector is None or geometry is None:
+                    geometries: dict[str, ImageGeometry] | None) -> dict[str, Any]:
+    if mctx is None or projector is None or geometries is None:
         return {"projector_type": None}
     return {
         "uses_mrope": bool(mtmd_cpp.mtmd_decode_use_mrope(mctx)),
@@ -233,11 +257,9 @@ def _projector_info(mctx: mtmd_cpp.mtmd_context_p | None, projector: ProjectorIn
         # longest side, and for grid and dynamic projectors whole cells of image_cell px,
         # one token each (dynamic: scaled into projector_min/max_pixels, as mtmd does).
         "image_sizing": projector.kind,
-        "image_target_side": geometry.max_side,
-        "image_cell": geometry.cell,
-        "image_max_tokens": geometry.max_cells,
-        "projector_min_pixels": geometry.min_pixels,
-        "projector_max_pixels": geometry.max_pixels,
+        **_geometry_info(geometries["auto"]),
+        # The same for `detail: low` and `detail: high` (identical for fixed-size projectors).
+        "image_detail": {d: _geometry_info(geometries[d]) for d in ("low", "high")},
     }
 
 

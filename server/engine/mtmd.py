@@ -20,7 +20,7 @@ class MediaError(RuntimeError):
 class ImageKey:
     """Stands for a whole image chunk in a slot's KV record."""
 
-    content_hash: str
+    content_hash: str  # the bitmap id: ImageInput.cache_id (content and decoded size)
     n_pos: int
     n_tokens: int
 
@@ -124,7 +124,7 @@ def _bitmap(image: ImageInput) -> int:
     bitmap = mtmd_cpp.mtmd_bitmap_init(image.width, image.height, data)
     if not bitmap:
         raise MediaError("could not create an image bitmap")
-    mtmd_cpp.mtmd_bitmap_set_id(bitmap, image.content_hash.encode())
+    mtmd_cpp.mtmd_bitmap_set_id(bitmap, image.cache_id.encode())
     return bitmap
 
 

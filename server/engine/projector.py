@@ -140,7 +140,8 @@ class ProjectorInfo:
         if sizing.tokens is None:
             return None  # mtmd would refuse this file (its required keys are missing)
         low, high = sizing.tokens
-        return low * cell * cell, (max_tokens or high) * cell * cell
+        # A budget under the projector's minimum (a small `low` detail) stops at the minimum.
+        return low * cell * cell, max(max_tokens or high, low) * cell * cell
 
     def geometry(self, max_side: int, max_tokens: int | None = None) -> ImageGeometry:
         """The decode size within the config's `max_side` (and image_max_tokens, if set)."""

@@ -100,8 +100,8 @@ class Scheduler:
         references it encodes it then)."""
         self._preencode.append((image, tenant))  # deque.append from another thread: atomic
 
-    def is_encoded(self, content_hash: str, tenant: str = "") -> bool:
-        return (tenant, content_hash, 0) in self.encoder.embeddings
+    def is_encoded(self, cache_id: str, tenant: str = "") -> bool:
+        return (tenant, cache_id, 0) in self.encoder.embeddings
 
     @property
     def preencode_backlog(self) -> int:
@@ -195,7 +195,7 @@ class Scheduler:
     def _fits(self, pending: Pending) -> bool:
         """The queue's head waits while it would not fit beside the running jobs; a
         preempted job resumes only then (admitting it sooner would preempt it again)."""
-        need = pending.job.n_pos_needed() if pending.job else pending.prompt.n_pos + 1
+        need = pending.job.cells_needed() if pending.job else pending.prompt.n_tokens + 1
         return self.kv.admits(self.slots, need)
 
     def _start_guarded(self, pending: Pending) -> None:
@@ -341,8 +341,8 @@ class Scheduler:
     def _eval_image(self, slot: Slot, item: PrefillItem) -> None:
         job = slot.job
         assert job is not None and item.chunk.image is not None and item.embed_key is not None
-        n_pos = item.chunk.image.n_pos
-        if not self._make_room(lambda: n_pos if slot.job is job else 0) or slot.job is not job:
+        cells = item.chunk.n_tokens  # an M-RoPE image takes more cells than positions
+        if not self._make_room(lambda: cells if slot.job is job else 0) or slot.job is not job:
             return  # preempted (it was the newest job): it evaluates the image on resume
         job.work.popleft()
         timer = job.request.timer

@@ -40,11 +40,11 @@ class Starter:
         except GrammarError as exc:
             pending.answer(ErrorEvent(400, f"response_format: {exc}", code="invalid_grammar"))
             return None
-        max_new = self.kv.clip(request.max_tokens, prompt.n_pos)
+        max_new = self.kv.clip(request.max_tokens, prompt.n_tokens)
         if max_new < request.max_tokens:
             logger.info("request %s: max_tokens %d clipped to %d, all the context leaves "
-                        "after its %d prompt positions", request.request_id,
-                        request.max_tokens, max_new, prompt.n_pos)
+                        "after its %d prompt cells", request.request_id,
+                        request.max_tokens, max_new, prompt.n_tokens)
         return Job(
             request=request,
             sink=pending.sink,
@@ -91,7 +91,9 @@ class Starter:
                                 -len(s.cached), -s.seq_id)
                                for s in free)
         best = slots[-neg_seq]
-        if self.kv.free(s for s in slots if s is not best) < n_positions(keys):
+        # KV cells, not positions: an M-RoPE image (GLM-4V, Qwen) takes a cell per token but
+        # fewer positions (a large `detail: high` image: 782 cells at 46 positions).
+        if self.kv.free(s for s in slots if s is not best) < n_tokens(keys):
             for other in free:
                 if other is not best:
                     self.forget(other)

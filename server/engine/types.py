@@ -36,6 +36,12 @@ class ImageInput:
     height: int
     content_hash: str
 
+    @property
+    def cache_id(self) -> str:
+        """The identity caches (embeddings, KV prefixes) know it by: the content hash and the
+        size it was decoded to, so one image at two `detail` sizes never shares an entry."""
+        return f"{self.content_hash}@{self.width}x{self.height}"
+
 
 @dataclass(frozen=True)
 class ChatMessage:

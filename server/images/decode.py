@@ -65,6 +65,13 @@ class DecodedImage:
     source_format: str = ""  # Pillow's name: JPEG, MPO, PNG, WEBP, GIF or BMP
     source_width: int = 0  # as stored, before orientation
     source_height: int = 0
+    transposed: bool = False  # EXIF orientation 5-8: the source's sides swap places
+
+    @property
+    def oriented_source_size(self) -> tuple[int, int]:
+        """The source's (width, height) as seen, before any downsizing."""
+        size = (self.source_width, self.source_height)
+        return size[::-1] if self.transposed else size
 
 
 def content_hash(data: bytes) -> str:
@@ -135,7 +142,7 @@ def decode_planned(plan: DecodePlan) -> DecodedImage:
     rgb, out_w, out_h = _finish_image(decoded, box, orientation)
     t2 = time.perf_counter()
     return DecodedImage(rgb, out_w, out_h, digest, plan.open_s + t1 - t0, t2 - t1, fmt,
-                        width, height)
+                        width, height, orientation >= 5)
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:

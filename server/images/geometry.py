@@ -36,8 +36,11 @@ class SizeRule:
             raise ValueError(f"max_pixels must hold at least one cell: {self}")
 
     @classmethod
-    def from_info(cls, info: dict[str, Any], default_side: int) -> SizeRule:
-        """The rule the engine's model info describes (server.engine.model: image_*)."""
+    def from_info(cls, info: dict[str, Any], default_side: int, detail: str = "auto"
+                  ) -> SizeRule:
+        """The rule the engine's model info describes (server.engine.model: image_*), for
+        an image's `detail` (`low`, `high`; anything else: the default)."""
+        info = (info.get("image_detail") or {}).get(detail) or info
         return cls(int(info.get("image_target_side") or default_side),
                    int(info.get("image_cell") or 1), info.get("image_max_tokens"),
                    info.get("projector_min_pixels"), info.get("projector_max_pixels"))
