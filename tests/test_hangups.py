@@ -31,11 +31,15 @@ BODY_BYTES = 4 * 1024 * 1024  # per hang-up, in a field the server ignores: it i
 
 @pytest.fixture
 def hangup_server(demo_model: DemoModelPaths, tmp_path: Path) -> Iterator[RunningServer]:
-    # Room for both busy generations in the KV cache: none is cut short.
+    # Room for both busy generations in the KV cache: none is cut short. Buffers of 1 MiB
+    # and more are mmapped, so a body let go is gone from RSS at once and RSS shows what is
+    # still held (ten leaked bodies: +40 MiB), not glibc's arena high-water marks (the
+    # production configs set MALLOC_ARENA_MAX too).
     running = start_server(demo_model, tmp_path / "server.log", "--n-parallel", "2",
                            "--n-ctx", "8192",
                            env={"VLSERVE_MAX_TOKENS_CAP": str(BUSY_TOKENS),
-                                "VLSERVE_DRAIN_TIMEOUT": "300"})
+                                "VLSERVE_DRAIN_TIMEOUT": "300", "MALLOC_ARENA_MAX": "2",
+                                "MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)})
     yield running
     stop_server(running)
 
@@ -133,6 +137,7 @@ def test_hang_ups_while_queued_end_their_handlers_and_free_their_bodies(
     # HANG_UPS x 4 MiB bodies (+35 % of this RSS) and more.
     hang_ups_behind_busy_slots(server, body, HANG_UPS)
     grown = rss_kib(server) - start_rss
+    print(f"RSS {start_rss} KiB after round 1, {grown:+d} KiB after round 2")
     assert grown < start_rss * 0.10, f"RSS grew {grown} KiB from {start_rss} KiB"
     sigterm_exits_without_waiting(server)
 
