@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter, LlamaFileType
+from gguf import GGUFWriter
 
 from .config import VisionConfig
-from .gguf_file import add_f32_array, write_gguf_atomically
+from .gguf_file import add_vision_header, write_gguf_atomically
 from .weights import linear, normal, ones, zeros
 
 ARCH = "clip"
@@ -35,25 +35,9 @@ def write_clip_projector(
 
 
 def _add_hparams(writer: GGUFWriter, cfg: VisionConfig, text_n_embd: int, name: str) -> None:
-    writer.add_string("general.name", name)
-    writer.add_string("general.description", DESCRIPTION)
-    ftype = LlamaFileType.MOSTLY_F16 if cfg.f16 else LlamaFileType.ALL_F32
-    writer.add_uint32("general.file_type", int(ftype))
-    # clip.cpp builds a vision encoder only when this flag is present and true.
-    writer.add_bool("clip.has_vision_encoder", True)
-    writer.add_string("clip.projector_type", "mlp")
-    writer.add_uint32("clip.vision.image_size", cfg.image_size)
-    writer.add_uint32("clip.vision.patch_size", cfg.patch_size)
-    writer.add_uint32("clip.vision.embedding_length", cfg.n_embd)
-    writer.add_uint32("clip.vision.feed_forward_length", cfg.n_ff)
-    # Required by the loader although the MLP projector takes its output size from mm.2.
-    writer.add_uint32("clip.vision.projection_dim", text_n_embd)
-    writer.add_uint32("clip.vision.block_count", cfg.n_layer)
-    writer.add_uint32("clip.vision.attention.head_count", cfg.n_head)
-    writer.add_float32("clip.vision.attention.layer_norm_epsilon", cfg.eps)
-    # Optional in the loader's code path, but it throws when fewer than 3 values are found.
-    add_f32_array(writer, "clip.vision.image_mean", IMAGE_MEAN)
-    add_f32_array(writer, "clip.vision.image_std", IMAGE_STD)
+    # The MLP projector takes its output size from mm.2; projection_dim is there for the loader.
+    add_vision_header(writer, cfg, name=name, description=DESCRIPTION, projector_type="mlp",
+                      text_n_embd=text_n_embd, image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
     # CLIP uses quick-GELU, which is clip.cpp's default when use_gelu is false.
     writer.add_bool("clip.use_gelu", False)
     # No clip.vision.feature_layer and no image_grid_pinpoints: plain LLaVA-1.5, i.e. a fixed

@@ -8,8 +8,9 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
-from gguf import GGUFValueType, GGUFWriter
+from gguf import GGUFValueType, GGUFWriter, LlamaFileType
 
 
 def write_gguf_atomically(path: Path, arch: str, fill: Callable[[GGUFWriter], None]) -> None:
@@ -51,3 +52,41 @@ def write_gguf_atomically(path: Path, arch: str, fill: Callable[[GGUFWriter], No
 def add_f32_array(writer: GGUFWriter, key: str, values: Sequence[float]) -> None:
     # Explicit sub-type: llama.cpp rejects arrays whose element type is not exactly FLOAT32.
     writer.add_key_value(key, list(values), GGUFValueType.ARRAY, sub_type=GGUFValueType.FLOAT32)
+
+
+class VisionHeader(Protocol):
+    """What every family's vision config gives the projector file's common keys."""
+
+    f16: bool
+    image_size: int
+    patch_size: int
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    eps: float
+
+
+def add_vision_header(writer: GGUFWriter, cfg: VisionHeader, *, name: str, description: str,
+                      projector_type: str, text_n_embd: int, image_mean: Sequence[float],
+                      image_std: Sequence[float]) -> None:
+    """The keys clip.cpp reads from every mmproj; each family adds its own after them."""
+    writer.add_string("general.name", name)
+    writer.add_string("general.description", description)
+    ftype = LlamaFileType.MOSTLY_F16 if cfg.f16 else LlamaFileType.ALL_F32
+    writer.add_uint32("general.file_type", int(ftype))
+    # clip.cpp builds a vision encoder only when this flag is present and true.
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_string("clip.projector_type", projector_type)
+    writer.add_uint32("clip.vision.image_size", cfg.image_size)
+    writer.add_uint32("clip.vision.patch_size", cfg.patch_size)
+    writer.add_uint32("clip.vision.embedding_length", cfg.n_embd)
+    writer.add_uint32("clip.vision.feed_forward_length", cfg.n_ff)
+    # Required by the loader even where a projector takes its output size from its tensors.
+    writer.add_uint32("clip.vision.projection_dim", text_n_embd)
+    writer.add_uint32("clip.vision.block_count", cfg.n_layer)
+    writer.add_uint32("clip.vision.attention.head_count", cfg.n_head)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", cfg.eps)
+    # Optional in the loader's code path, but it throws when fewer than 3 values are found.
+    add_f32_array(writer, "clip.vision.image_mean", image_mean)
+    add_f32_array(writer, "clip.vision.image_std", image_std)

@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter, LlamaFileType
+from gguf import GGUFWriter
 
-from .gguf_file import add_f32_array, write_gguf_atomically
+from .gguf_file import add_vision_header, write_gguf_atomically
 from .glm_config import GlmVisionConfig
 from .weights import linear, normal, ones, zeros
 
@@ -39,23 +39,9 @@ def write_glm_projector(path: Path, cfg: GlmVisionConfig, text_n_embd: int,
 
 def _add_hparams(writer: GGUFWriter, cfg: GlmVisionConfig, text_n_embd: int, name: str
                  ) -> None:
-    writer.add_string("general.name", name)
-    writer.add_string("general.description", DESCRIPTION)
-    ftype = LlamaFileType.MOSTLY_F16 if cfg.f16 else LlamaFileType.ALL_F32
-    writer.add_uint32("general.file_type", int(ftype))
-    writer.add_bool("clip.has_vision_encoder", True)
-    writer.add_string("clip.projector_type", "glm4v")
-    writer.add_uint32("clip.vision.image_size", cfg.image_size)
-    writer.add_uint32("clip.vision.patch_size", cfg.patch_size)
-    writer.add_uint32("clip.vision.embedding_length", cfg.n_embd)
-    writer.add_uint32("clip.vision.feed_forward_length", cfg.n_ff)
-    writer.add_uint32("clip.vision.projection_dim", text_n_embd)
-    writer.add_uint32("clip.vision.block_count", cfg.n_layer)
-    writer.add_uint32("clip.vision.attention.head_count", cfg.n_head)
-    writer.add_float32("clip.vision.attention.layer_norm_epsilon", cfg.eps)
+    add_vision_header(writer, cfg, name=name, description=DESCRIPTION, projector_type="glm4v",
+                      text_n_embd=text_n_embd, image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
     writer.add_uint32("clip.vision.spatial_merge_size", cfg.spatial_merge)
-    add_f32_array(writer, "clip.vision.image_mean", IMAGE_MEAN)
-    add_f32_array(writer, "clip.vision.image_std", IMAGE_STD)
     writer.add_bool("clip.use_silu", True)  # GLM-4.1V's vision hidden_act (the MLPs' gate)
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFValueType, GGUFWriter, LlamaFileType
+from gguf import GGUFValueType, GGUFWriter
 
-from .gguf_file import add_f32_array, write_gguf_atomically
+from .gguf_file import add_vision_header, write_gguf_atomically
 from .weights import linear, ones, zeros
 from .youtu_config import YoutuVisionConfig
 
@@ -38,22 +38,8 @@ def write_youtu_projector(
 def _add_hparams(
     writer: GGUFWriter, cfg: YoutuVisionConfig, text_n_embd: int, name: str
 ) -> None:
-    writer.add_string("general.name", name)
-    writer.add_string("general.description", DESCRIPTION)
-    ftype = LlamaFileType.MOSTLY_F16 if cfg.f16 else LlamaFileType.ALL_F32
-    writer.add_uint32("general.file_type", int(ftype))
-    writer.add_bool("clip.has_vision_encoder", True)
-    writer.add_string("clip.projector_type", "youtuvl")
-    writer.add_uint32("clip.vision.image_size", cfg.image_size)
-    writer.add_uint32("clip.vision.patch_size", cfg.patch_size)
-    writer.add_uint32("clip.vision.embedding_length", cfg.n_embd)
-    writer.add_uint32("clip.vision.feed_forward_length", cfg.n_ff)
-    writer.add_uint32("clip.vision.block_count", cfg.n_layer)
-    writer.add_uint32("clip.vision.attention.head_count", cfg.n_head)
-    writer.add_uint32("clip.vision.projection_dim", text_n_embd)
-    writer.add_float32("clip.vision.attention.layer_norm_epsilon", cfg.eps)
-    add_f32_array(writer, "clip.vision.image_mean", IMAGE_MEAN)
-    add_f32_array(writer, "clip.vision.image_std", IMAGE_STD)
+    add_vision_header(writer, cfg, name=name, description=DESCRIPTION, projector_type="youtuvl",
+                      text_n_embd=text_n_embd, image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
     writer.add_bool("clip.use_gelu", True)  # gelu_pytorch_tanh
     writer.add_uint32("clip.vision.spatial_merge_size", cfg.spatial_merge)
     # Both required for youtuvl: the window side in pixels, and the layers that attend to the
