@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -19,6 +20,8 @@ from conftest import RunningServer, start_server, stop_server
 from helpers import data_url, image_message, photo_bytes
 
 from server.demo_model import DemoModelPaths
+
+T = TypeVar("T")
 
 N_CTX = 512
 WANT = 300
@@ -70,6 +73,21 @@ def preemptions_total(server: RunningServer) -> float:
     return float(match.group(1))
 
 
+def after_three_streams(server: RunningServer, late: Callable[[], T]) -> T:
+    """`late()` once three long streams have started, so its request is admitted last:
+    the one that steps aside when the cache fills. Its result, once all four are done."""
+    started = [threading.Event() for _ in range(3)]
+    jobs = [lambda i=i: stream(server, body(f"Count to {i}."), started[i]) for i in range(3)]
+
+    def after() -> T:
+        for event in started:
+            assert event.wait(120)
+        return late()
+
+    *_, result = run_parallel([*jobs, after])
+    return result
+
+
 def run_parallel(jobs: list) -> list:
     results: list = [None] * len(jobs)
     errors: list[BaseException] = []
@@ -118,18 +136,8 @@ def test_a_preempted_stream_equals_its_undisturbed_twin(tight_server: RunningSer
     alone, alone_timings, _, alone_reason = stream(tight_server, twin)
     assert alone_timings["preemptions"] == 0 and alone_reason == "length"
     assert len(alone) == WANT
-    # Three streams start first, so the twin is the request admitted last: the one that
-    # steps aside when the cache fills.
-    started = [threading.Event() for _ in range(3)]
-    jobs = [lambda i=i: stream(tight_server, body(f"Count to {i}."), started[i])
-            for i in range(3)]
-
-    def late_twin() -> tuple[list[dict], dict, str, str | None]:
-        for event in started:
-            assert event.wait(120)
-        return stream(tight_server, twin)
-
-    *_, (tokens, timings, reply_id, reason) = run_parallel([*jobs, late_twin])
+    tokens, timings, reply_id, reason = after_three_streams(
+        tight_server, lambda: stream(tight_server, twin))
     assert timings["preemptions"] >= 1, timings
     assert len(tokens) == timings["completion_tokens"] == WANT and reason == "length"
     assert_twins(tight_server, alone, tokens, reply_id, timings)
@@ -161,16 +169,8 @@ def test_a_preempted_image_request_resumes_from_its_cached_embedding(
         "What is it?", data_url(photo_bytes(64, 48, seed=31)))]}
     alone, alone_timings, _, _ = stream(tight_server, twin)
     assert alone_timings["preemptions"] == 0 and len(alone) == WANT
-    started = [threading.Event() for _ in range(3)]
-    jobs = [lambda i=i: stream(tight_server, body(f"Count to {i}."), started[i])
-            for i in range(3)]
-
-    def late_twin() -> tuple[list[dict], dict, str, str | None]:
-        for event in started:
-            assert event.wait(120)
-        return stream(tight_server, twin)
-
-    *_, (tokens, timings, reply_id, reason) = run_parallel([*jobs, late_twin])
+    tokens, timings, reply_id, reason = after_three_streams(
+        tight_server, lambda: stream(tight_server, twin))
     assert timings["preemptions"] >= 1, timings
     assert timings["image_tokens"] == alone_timings["image_tokens"] > 0
     assert timings["image_encode"] == 0 and timings["image_cache_hits"] == 1  # cached
@@ -204,21 +204,12 @@ def test_a_preempted_constrained_request_keeps_its_grammar_state(
     run until it was preempted (at most 3 times), and every answer must be valid."""
     preempted = 0
     for _ in range(3):
-        started = [threading.Event() for _ in range(3)]
-        jobs = [lambda i=i, started=started: stream(tight_server, body(f"Count to {i}."),
-                                                    started[i]) for i in range(3)]
-
-        def late_constrained(started: list[threading.Event] = started) -> dict:
-            for event in started:
-                assert event.wait(120)
-            request = {"messages": [{"role": "user", "content": "A story, please."}],
-                       "temperature": 1.0, "seed": 5, "max_tokens": WANT,
-                       "response_format": {"type": "json_schema", "json_schema": {
-                           "name": "story", "schema": STORY, "strict": True}}}
-            return httpx.post(f"{tight_server.api}/chat/completions", json=request,
-                              timeout=120).json()
-
-        *_, reply = run_parallel([*jobs, late_constrained])
+        request = {"messages": [{"role": "user", "content": "A story, please."}],
+                   "temperature": 1.0, "seed": 5, "max_tokens": WANT,
+                   "response_format": {"type": "json_schema", "json_schema": {
+                       "name": "story", "schema": STORY, "strict": True}}}
+        reply = after_three_streams(tight_server, lambda request=request: httpx.post(
+            f"{tight_server.api}/chat/completions", json=request, timeout=120).json())
         assert reply["choices"][0]["finish_reason"] == "stop", reply
         story = json.loads(reply["choices"][0]["message"]["content"])["story"]
         assert len(story) == 2 and all(200 <= len(part) <= 256 for part in story)
