@@ -231,7 +231,7 @@ def test_bad_image_is_400_and_server_keeps_serving(server: RunningServer, url: s
     {"messages": [{"role": "wizard", "content": "hi"}]},
     {"messages": [{"role": "user", "content": [{"type": "audio", "data": "x"}]}]},
     {"messages": [{"role": "user", "content": "hi"}], "temperature": 7},
-    {"messages": [{"role": "user", "content": "hi"}], "n": 2},
+    {"messages": [{"role": "user", "content": "hi"}], "n": 3},  # above n_parallel (2)
     {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
     {"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
     {"messages": "hello"},

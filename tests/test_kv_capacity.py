@@ -217,3 +217,18 @@ def test_a_preempted_constrained_request_keeps_its_grammar_state(
         if preempted:
             break
     assert preempted >= 1, "the constrained request was never preempted"
+
+
+def test_n_choices_whose_copies_overflow_the_cache_each_get_all_their_tokens(
+        tight_server: RunningServer) -> None:
+    """n = 3 x (prompt + 300) cannot share 512 cells: the prompt is evaluated once and
+    copied, then the choice admitted last steps aside and resumes like any other job."""
+    before = preemptions_total(tight_server)
+    reply = httpx.post(f"{tight_server.api}/chat/completions", timeout=300,
+                       json=body("Tell three stories.", n=3)).json()
+    assert [c["finish_reason"] for c in reply["choices"]] == ["length"] * 3, reply
+    assert reply["usage"]["completion_tokens"] == 3 * WANT
+    assert preemptions_total(tight_server) > before
+    log = tight_server.log()
+    assert f"request {reply['id']}: prompt evaluated once for 3 choices" in log
+    assert re.search(rf"request {reply['id']} preempted after \d+ tokens", log)

@@ -6,18 +6,21 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.api.auth import client_identity
+from server.api.choices import merge_choices
 from server.api.errors import APIError, error_response
 from server.api.generation import (
+    Events,
     cancel_on_disconnect,
     max_tokens,
     require_ready,
     sampling_params,
-    start_generation,
+    start_choices,
 )
 from server.api.observe import RequestRecord, request_record
 from server.api.offloop_json import OffLoopJSONRoute
@@ -44,6 +47,8 @@ from server.timings import StageTimer
 
 router = APIRouter(route_class=OffLoopJSONRoute)
 
+Choice = tuple[Events, EngineEvent | ToolDeltaEvent]  # a choice's events and its first
+
 
 _OK = "The completion as JSON or, with `stream: true`, as server-sent events: one " \
     "ChatCompletionChunk per `data:` line (an error object if generation fails midway), " \
@@ -59,6 +64,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     record = request_record(request)
     record.timer = timer = StageTimer()
     record.stream = body.stream
+    n = body.n or 1
+    if n > state.settings.n_parallel:
+        raise APIError(400, f"n: at most {state.settings.n_parallel} choices (the server's "
+                       f"n_parallel slots), not {n}", param="n")
     plan = await plan_tools(body)
     constraint = ("tools", plan.grammar) if plan else await response_grammar(
         body.response_format)
@@ -87,19 +96,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         # Errors name the client's own messages, not a tool prompt's system turn put first.
         names = ["tools"] * (len(messages) - len(body.messages)) + [
             f"messages.{i}" for i in range(len(body.messages))]
-        events, first = await start_generation(state, generation, messages, client=client,
-                                               plan=plan, constraint=constraint, names=names)
-        if isinstance(first, ErrorEvent):
-            return error_response(first.status, first.message, code=first.code)
-        reply = _Reply(record.completion_id, state.settings.model_name)
+        choices = await start_choices(state, generation, messages, n, client=client,
+                                      plan=plan, constraint=constraint, names=names)
+        error = next((first for _, first in choices if isinstance(first, ErrorEvent)), None)
+        if error is not None:
+            generation.cancelled.set()  # the other choices, if any, stop too
+            return error_response(error.status, error.message, code=error.code)
+        reply = _Reply(record.completion_id, state.settings.model_name, n)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _stream(reply, first, events, generation, include_usage, record),
+                _stream(reply, choices, generation, include_usage, record),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        return await _complete(reply, first, events, generation, record, tools=plan is not None)
+        return await _complete(reply, choices, generation, record, tools=plan is not None)
     finally:
         watcher.cancel()
 
@@ -107,22 +118,49 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 class _Reply:
     """Identity of one completion, shared by all of its chunks."""
 
-    def __init__(self, request_id: str, model: str) -> None:
+    def __init__(self, request_id: str, model: str, n: int) -> None:
         self.id = request_id
         self.model = model
         self.created = int(time.time())
         head = {"id": request_id, "object": "chat.completion.chunk", "created": self.created,
                 "model": model}
         # Per-token chunks are formatted from a prebuilt prefix: one json.dumps per token.
-        self.token_prefix = "data: " + json.dumps(head)[:-1] + ', "choices": [{"index": 0, ' \
-            '"delta": {"content": '
+        self.token_prefixes = ["data: " + json.dumps(head)[:-1] + ', "choices": [{"index": '
+                               f'{i}, "delta": {{"content": ' for i in range(n)]
         self.head = head
 
 
-async def _complete(reply: _Reply, event: EngineEvent | ToolDeltaEvent,
-                    events: AsyncIterator[EngineEvent | ToolDeltaEvent],
-                    generation: GenerationRequest, record: RequestRecord, *, tools: bool
-                    ) -> Response:
+async def _complete(reply: _Reply, choices: list[Choice], generation: GenerationRequest,
+                    record: RequestRecord, *, tools: bool) -> Response:
+    answers = await asyncio.gather(*(_answer(first, events, generation, tools)
+                                     for events, first in choices))
+    finished: list[_Answer] = []
+    for answer in answers:
+        if isinstance(answer, ErrorEvent):
+            generation.cancelled.set()
+            return error_response(answer.status, answer.message, code=answer.code)
+        finished.append(answer)
+    timer = generation.timer
+    # Usage counts every choice's tokens; the timings are the first choice's.
+    timer.completion_tokens = sum(a.done.timer.completion_tokens for a in finished)
+    record.finish_reason = finished[0].finish_reason
+    body = {
+        "id": reply.id,
+        "object": "chat.completion",
+        "created": reply.created,
+        "model": reply.model,
+        "choices": [{"index": i, "message": a.message, "finish_reason": a.finish_reason,
+                     "logprobs": a.logprobs} for i, a in enumerate(finished)],
+        "usage": _usage(timer),
+        "timings": timer.as_dict(),
+    }
+    return JSONResponse(body, headers={"Server-Timing": timer.server_timing_header()})
+
+
+async def _answer(event: EngineEvent | ToolDeltaEvent,
+                  events: AsyncIterator[EngineEvent | ToolDeltaEvent],
+                  generation: GenerationRequest, tools: bool) -> _Answer | ErrorEvent:
+    """One choice, whole."""
     pieces: list[str] = []
     logprobs: list[dict[str, object]] = []
     while isinstance(event, TokenEvent):
@@ -131,49 +169,53 @@ async def _complete(reply: _Reply, event: EngineEvent | ToolDeltaEvent,
             logprobs.append(_logprob_entry(event.logprob))
         event = await anext(events)
     if isinstance(event, ErrorEvent):
-        return error_response(event.status, event.message, code=event.code)
+        return event
     assert isinstance(event, DoneEvent)
-    timer = event.timer
     text = "".join(pieces)
     message, finish_reason = answer_message(text, event.finish_reason) if tools else (
         {"role": "assistant", "content": text}, event.finish_reason)
-    record.finish_reason = finish_reason
-    body = {
-        "id": reply.id,
-        "object": "chat.completion",
-        "created": reply.created,
-        "model": reply.model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason,
-                     "logprobs": {"content": logprobs} if generation.top_logprobs is not None
-                     else None}],
-        "usage": _usage(timer),
-        "timings": timer.as_dict(),
-    }
-    return JSONResponse(body, headers={"Server-Timing": timer.server_timing_header()})
+    return _Answer(message, finish_reason, {"content": logprobs}
+                   if generation.top_logprobs is not None else None, event)
 
 
-async def _stream(reply: _Reply, event: EngineEvent | ToolDeltaEvent,
-                  events: AsyncIterator[EngineEvent | ToolDeltaEvent],
-                  generation: GenerationRequest, include_usage: bool, record: RequestRecord
-                  ) -> AsyncIterator[str]:
+@dataclass(frozen=True)
+class _Answer:
+    message: dict[str, object]
+    finish_reason: str
+    logprobs: dict[str, object] | None
+    done: DoneEvent
+
+
+async def _stream(reply: _Reply, choices: list[Choice], generation: GenerationRequest,
+                  include_usage: bool, record: RequestRecord) -> AsyncIterator[str]:
+    completion_tokens = 0
+    running = len(choices)
     try:
-        yield _chunk(reply, {"role": "assistant", "content": ""}, None)
-        while True:
+        for index in range(len(choices)):
+            yield _chunk(reply, {"role": "assistant", "content": ""}, None, index=index)
+        async for index, event in merge_choices(choices):
             if isinstance(event, TokenEvent):
                 if event.logprob is None:
-                    yield f"{reply.token_prefix}{json.dumps(event.text)}}}, " \
+                    yield f"{reply.token_prefixes[index]}{json.dumps(event.text)}}}, " \
                           '"finish_reason": null, "logprobs": null}]}\n\n'
                 else:
-                    yield _chunk(reply, {"content": event.text}, None,
+                    yield _chunk(reply, {"content": event.text}, None, index=index,
                                  logprobs={"content": [_logprob_entry(event.logprob)]})
             elif isinstance(event, ToolDeltaEvent):
-                yield _chunk(reply, event.delta, None)
+                yield _chunk(reply, event.delta, None, index=index)
             elif isinstance(event, DoneEvent):
-                record.finish_reason = event.finish_reason
-                timings = event.timer.as_dict()
-                yield _chunk(reply, {}, event.finish_reason, timings=timings)
+                if index == 0:
+                    record.finish_reason = event.finish_reason
+                completion_tokens += event.timer.completion_tokens
+                yield _chunk(reply, {}, event.finish_reason, index=index,
+                             timings=event.timer.as_dict())
+                running -= 1
+                if running:
+                    continue
+                timer = generation.timer  # usage counts every choice; timings: the first's
+                timer.completion_tokens = completion_tokens
                 if include_usage:
-                    yield _chunk(reply, None, None, usage=_usage(event.timer), timings=timings)
+                    yield _chunk(reply, None, None, usage=_usage(timer), timings=timer.as_dict())
                 yield "data: [DONE]\n\n"
                 return
             else:
@@ -183,18 +225,17 @@ async def _stream(reply: _Reply, event: EngineEvent | ToolDeltaEvent,
                          "code": event.code}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 return
-            event = await anext(events)
     finally:
         # A client that went away must not keep the engine busy: set synchronously, since
         # awaiting inside a cancelled task is not possible.
         generation.cancelled.set()
 
 
-def _chunk(reply: _Reply, delta: dict | None, finish: str | None, *,
+def _chunk(reply: _Reply, delta: dict | None, finish: str | None, *, index: int = 0,
            logprobs: dict | None = None, **extra: object) -> str:
     body: dict[str, object] = dict(reply.head)
     body["choices"] = [] if delta is None else [
-        {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
     ]
     body.update(extra)
     return f"data: {json.dumps(body)}\n\n"

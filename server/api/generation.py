@@ -3,7 +3,9 @@ token limit, the sampler settings, starting a generation and cancelling it on ha
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 from fastapi import Request
@@ -74,10 +76,38 @@ async def start_generation(state: AppState, generation: GenerationRequest,
     return events, await first_event(events)
 
 
+async def start_choices(state: AppState, generation: GenerationRequest,
+                        messages: list[ChatMessageIn], n: int, *, client: str,
+                        plan: ToolPlan | None, constraint: tuple[str, str] | None,
+                        names: Sequence[str] | None = None,
+                        ) -> list[tuple[Events, EngineEvent | ToolDeltaEvent]]:
+    """start_generation for `n` choices of one prompt (evaluated once): each choice's events
+    and first event. A refused prompt gives a single choice carrying the error."""
+    if n == 1:
+        return [await start_generation(state, generation, messages, client=client, plan=plan,
+                                       constraint=constraint, names=names)]
+    generation.messages = await to_engine_messages(messages, state, generation.timer, client,
+                                                   names)
+    with _admission_errors():
+        streams: list[Events] = list(await state.engine.generate_choices(generation, n))
+    if plan is not None and generation.stream:
+        streams = [tool_stream(events) for events in streams]
+    if constraint is not None:
+        state.metrics.constrained_requests.labels(constraint[0]).inc()
+    firsts = await asyncio.gather(*(anext(events) for events in streams))
+    return list(zip(streams, firsts, strict=True))
+
+
 async def first_event(events: AsyncIterator[E]) -> E:
     """The engine's first event, with admission refusals as API errors (429, 503)."""
-    try:
+    with _admission_errors():
         return await anext(events)
+
+
+@contextmanager
+def _admission_errors() -> Iterator[None]:
+    try:
+        yield
     except QueueFullError as exc:
         raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from None
     except EngineNotReadyError as exc:

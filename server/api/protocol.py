@@ -184,7 +184,8 @@ class ChatCompletionRequest(_Lenient):
     seed: Annotated[int, _WHOLE] | None = None
     # At most 4 (checked by the route, which names the field in its error; declared here).
     stop: str | Annotated[list[str], WithJsonSchema(_STOP_LIST)] | None = None
-    n: Annotated[int, Field(ge=1, le=1), _WHOLE] | None = None
+    # At most n_parallel (checked by the route, which knows it; 128 bounds the schema).
+    n: Annotated[int, Field(ge=1, le=128), _WHOLE] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)

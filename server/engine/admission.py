@@ -43,13 +43,23 @@ class Pending:
     sink: Sink
     queued_at: float = field(default_factory=time.perf_counter)
     job: Job | None = None  # a preempted job waiting to resume, with all it generated
+    # The other choices of an `n > 1` request: admitted together, they share its prompt.
+    siblings: list[tuple[GenerationRequest, Sink]] = field(default_factory=list)
+
+    @property
+    def n_slots(self) -> int:
+        return 1 + len(self.siblings)
+
+    def sinks(self) -> list[Sink]:
+        return [self.sink, *(sink for _, sink in self.siblings)]
 
     def answer(self, event: EngineEvent) -> None:
-        """End it without (re)running it: free the prompt and sampler, tell the handler."""
+        """End it without (re)running it: free the prompt and sampler, tell the handlers."""
         self.prompt.close()
         if self.job is not None:
             self.job.sampler.free()
-        self.sink.put(event)
+        for sink in self.sinks():
+            sink.put(event)
 
     def drop_cancelled(self) -> None:
         done = self.job.n_generated if self.job is not None else 0

@@ -9,6 +9,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 from server.config import Settings
@@ -29,6 +30,7 @@ from server.engine.types import (
     SamplingParams,
 )
 from server.engine.watchdog import Watchdog
+from server.timings import StageTimer
 
 logger = logging.getLogger("vlserve.engine")
 
@@ -129,39 +131,60 @@ class Engine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         """Stream events for one request; stopping early cancels its generation."""
-        if self.state is not EngineState.READY or self._scheduler is None \
-                or self._preparer is None:
-            raise EngineNotReadyError(f"the model is {self.state.value}")
-        scheduler = self._scheduler
-        if request.cancelled.is_set():  # gone already (e.g. while its images decoded)
-            yield CLIENT_GONE
-            return
-        try:
-            prompt = await _off_loop(self._preparer.prepare, request)
-        except PromptRefused as refused:
-            yield refused.event
-            return
-        except Exception:
-            # One request's content must not take anything else down with it.
-            logger.exception("request %s failed before it started", request.request_id)
-            yield ErrorEvent(500, "the server could not prepare this request",
-                             code="internal_error")
-            return
-        if request.cancelled.is_set():  # the client left while its prompt was prepared
-            prompt.close()
-            yield CLIENT_GONE
+        scheduler = self._require_ready()
+        prompt = await self._prepare(request)
+        if isinstance(prompt, ErrorEvent):
+            yield prompt
             return
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[EngineEvent] = asyncio.Queue()
         scheduler.submit(request, prompt, EventSink(loop, events))
+        async for event in _drain(events, request):
+            yield event
+
+    async def generate_choices(self, request: GenerationRequest, n: int
+                               ) -> list[AsyncIterator[EngineEvent]]:
+        """`n` completions of one prompt (`n > 1`): one event stream per choice. The prompt
+        is prepared and evaluated once; choice i samples with `seed + i` when a seed is
+        given. They share `request.cancelled`. A refused prompt gives one stream, with its
+        error; a full queue raises QueueFullError."""
+        scheduler = self._require_ready()
+        prompt = await self._prepare(request)
+        if isinstance(prompt, ErrorEvent):
+            return [_once(prompt)]
+        loop = asyncio.get_running_loop()
+        choices = [request, *(_sibling(request, i) for i in range(1, n))]
+        queues: list[asyncio.Queue[EngineEvent]] = [asyncio.Queue() for _ in choices]
+        sinks = [EventSink(loop, queue) for queue in queues]
+        scheduler.submit(request, prompt, sinks[0], siblings=list(zip(choices[1:], sinks[1:],
+                                                                          strict=True)))
+        return [_drain(queue, choice) for queue, choice in zip(queues, choices, strict=True)]
+
+    def _require_ready(self) -> Scheduler:
+        if self.state is not EngineState.READY or self._scheduler is None \
+                or self._preparer is None:
+            raise EngineNotReadyError(f"the model is {self.state.value}")
+        return self._scheduler
+
+    async def _prepare(self, request: GenerationRequest
+                       ) -> mtmd.TokenizedPrompt | ErrorEvent:
+        """The request's tokenized prompt, or the event that answers it instead."""
+        assert self._preparer is not None
+        if request.cancelled.is_set():  # gone already (e.g. while its images decoded)
+            return CLIENT_GONE
         try:
-            while True:
-                event = await events.get()
-                yield event
-                if isinstance(event, DoneEvent | ErrorEvent):
-                    return
-        finally:
-            request.cancelled.set()
+            prompt = await _off_loop(self._preparer.prepare, request)
+        except PromptRefused as refused:
+            return refused.event
+        except Exception:
+            # One request's content must not take anything else down with it.
+            logger.exception("request %s failed before it started", request.request_id)
+            return ErrorEvent(500, "the server could not prepare this request",
+                              code="internal_error")
+        if request.cancelled.is_set():  # the client left while its prompt was prepared
+            prompt.close()
+            return CLIENT_GONE
+        return prompt
 
     # --- engine thread ----------------------------------------------------------------
     def _main(self) -> None:
@@ -288,6 +311,32 @@ async def _off_loop(prepare: Callable[[GenerationRequest], mtmd.TokenizedPrompt]
 def _close_result(future: asyncio.Future[mtmd.TokenizedPrompt]) -> None:
     if not future.cancelled() and future.exception() is None:
         future.result().close()
+
+
+async def _drain(events: asyncio.Queue[EngineEvent], request: GenerationRequest
+                 ) -> AsyncIterator[EngineEvent]:
+    """A request's events up to its last; a consumer that stops early cancels it."""
+    try:
+        while True:
+            event = await events.get()
+            yield event
+            if isinstance(event, DoneEvent | ErrorEvent):
+                return
+    finally:
+        request.cancelled.set()
+
+
+async def _once(event: EngineEvent) -> AsyncIterator[EngineEvent]:
+    yield event
+
+
+def _sibling(request: GenerationRequest, index: int) -> GenerationRequest:
+    """Choice `index` of an `n > 1` request: its own sampler seed and timer; the same
+    prompt, limits and cancellation."""
+    seed = request.sampling.seed
+    sampling = request.sampling if seed is None else replace(request.sampling,
+                                                             seed=seed + index)
+    return replace(request, sampling=sampling, timer=StageTimer(started=request.timer.started))
 
 
 def _warmup_image() -> ImageInput:

@@ -47,6 +47,11 @@ class Job:
     preemptions: int = 0
     saw_first_token: bool = False
     held_text: list[str] | None = None  # non-streaming: the answer, sent whole at the end
+    # `n > 1`: the other choices, seated beside this one, which start from a copy of its
+    # KV once its prompt is evaluated (and sample from the same logits) instead of
+    # evaluating the prompt themselves.
+    siblings: list[Job] = field(default_factory=list)
+    awaits_copy: bool = False  # a sibling still waiting for that copy
 
     def keys(self) -> list[KvKey]:
         """What this job's sequence holds once its prompt and its tokens are evaluated."""

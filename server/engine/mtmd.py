@@ -34,10 +34,12 @@ class PromptChunk:
 
 
 class TokenizedPrompt:
-    """Owns the mtmd chunk list (none for a text-only model's prompt); close() frees it."""
+    """Owns the mtmd chunk list (none for a text-only model's prompt); close() frees it
+    once every holder (share() adds one: the choices of an `n > 1` request) has closed it."""
 
     def __init__(self, handle: int | None, chunks: list[PromptChunk]) -> None:
         self._handle: int | None = handle
+        self._holders = 1
         self.chunks = chunks
         self.n_tokens = sum(c.n_tokens for c in chunks)
         self.image_tokens = sum(c.n_tokens for c in chunks if c.image is not None)
@@ -53,8 +55,14 @@ class TokenizedPrompt:
                 out.append(chunk.image)
         return out
 
+    def share(self) -> TokenizedPrompt:
+        """One more holder (engine thread only): each must close() it."""
+        self._holders += 1
+        return self
+
     def close(self) -> None:
-        if self._handle is not None:
+        self._holders -= 1
+        if self._holders <= 0 and self._handle is not None:
             mtmd_cpp.mtmd_input_chunks_free(self._handle)
             self._handle = None
 

@@ -75,10 +75,11 @@ class Scheduler:
         self.preemptions = 0  # read by /metrics from another thread (an int: no lock)
 
     # --- any thread -------------------------------------------------------------------
-    def submit(self, request: GenerationRequest, prompt: mtmd.TokenizedPrompt, sink: Sink
-               ) -> None:
-        """Queue a prepared request; from here on the engine owns (and frees) `prompt`."""
-        pending = Pending(request, prompt, sink)
+    def submit(self, request: GenerationRequest, prompt: mtmd.TokenizedPrompt, sink: Sink,
+               siblings: list[tuple[GenerationRequest, Sink]] | None = None) -> None:
+        """Queue a prepared request (with `siblings`: the other choices of an `n > 1`
+        request, admitted together); from here on the engine owns (and frees) `prompt`."""
+        pending = Pending(request, prompt, sink, siblings=siblings or [])
         # Requests for free slots pass straight through; beyond them, max_queue may wait.
         # (Reading busy_slots from another thread is racy by at most one admission.)
         with self._submit_lock:  # no request slips into the inbox after refuse_all drained it
@@ -157,7 +158,8 @@ class Scheduler:
             if job is not None:
                 job.sink.put(event)
         for pending in self._inbox.take_all():
-            pending.sink.put(event)
+            for sink in pending.sinks():
+                sink.put(event)
 
     def run_to_completion(self, request: GenerationRequest, prompt: mtmd.TokenizedPrompt,
                           sink: Sink) -> None:
@@ -172,13 +174,8 @@ class Scheduler:
         with a unified KV cache the cells are shared, not copied."""
         origin = self.slots[source]
         for slot in self.slots:
-            if slot is origin or slot.job is not None:
-                continue
-            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
-            llama_cpp.llama_memory_seq_cp(self._mem, origin.seq_id, slot.seq_id, -1, -1)
-            slot.cached = list(origin.cached)
-            slot.n_past = origin.n_past
-            slot.tenant = origin.tenant
+            if slot is not origin and slot.job is None:
+                self._starter.copy_sequence(origin, slot)
 
     def _admit(self, block: bool) -> None:
         while any(s.job is None for s in self.slots):
@@ -193,10 +190,15 @@ class Scheduler:
                 self._start_guarded(pending)
 
     def _fits(self, pending: Pending) -> bool:
-        """The queue's head waits while it would not fit beside the running jobs; a
-        preempted job resumes only then (admitting it sooner would preempt it again)."""
-        need = pending.job.cells_needed() if pending.job else pending.prompt.n_tokens + 1
-        return self.kv.admits(self.slots, need)
+        """The queue's head waits while it would not fit beside the running jobs (an
+        `n > 1` request: until it has a free slot per choice); a preempted job resumes only
+        then (admitting it sooner would preempt it again)."""
+        if pending.job:
+            return self.kv.admits(self.slots, pending.job.cells_needed())
+        if sum(1 for s in self.slots if s.job is None) < pending.n_slots:
+            return False
+        # Shared cells are counted once per sequence (see kv.py), so per choice here too.
+        return self.kv.admits(self.slots, (pending.prompt.n_tokens + 1) * pending.n_slots)
 
     def _start_guarded(self, pending: Pending) -> None:
         """One request's unexpected failure answers that request with a 500; it must never
@@ -205,6 +207,8 @@ class Scheduler:
             job = pending.job or self._starter.new_job(pending)
             if job is not None:
                 self._starter.place(job, self.slots)
+                if pending.job is None:
+                    self._starter.seat_siblings(job, self.slots)
         except Exception:
             logger.exception("preparing request %s failed", pending.request.request_id)
             for slot in self.slots:
@@ -336,6 +340,14 @@ class Scheduler:
         if part.last_index >= 0:
             if not job.prompt_done_at:  # a resumed job's generation clock keeps running
                 job.prompt_done_at = time.perf_counter()
+            # Siblings first: sampling reads the logits, and the copies start from them too.
+            copies = self._starter.start_siblings(job, slot, self.slots)
+            if copies:
+                logger.info("request %s: prompt evaluated once for %d choices (slot %d's KV "
+                            "copied to %s)", job.request.request_id, len(copies) + 1,
+                            slot.seq_id, ", ".join(str(s.seq_id) for s in copies))
+            for target in copies:
+                self._sample(target, self.model.ctx, part.last_index)
             self._sample(slot, self.model.ctx, part.last_index)
 
     def _eval_image(self, slot: Slot, item: PrefillItem) -> None:
@@ -423,7 +435,19 @@ class Scheduler:
         finish_job(slot, reason)
 
     def _end(self, slot: Slot, event: EngineEvent) -> None:
+        """End the slot's job; siblings still waiting for its prompt end with it (nothing
+        else would ever start them)."""
+        job = slot.job
+        waiting = [s for s in job.siblings if s.awaits_copy] if job else []
         end_job(slot, event)
+        for sibling in waiting:
+            seat = next((s for s in self.slots if s.job is sibling), None)
+            if seat is not None:
+                end_job(seat, event)
+            else:  # built but never seated (its leader failed while being placed)
+                sibling.sampler.free()
+                sibling.prompt.close()
+                sibling.sink.put(event)
 
     def _forget(self, slot: Slot) -> None:
         self._starter.forget(slot)

@@ -10,14 +10,15 @@ import time
 import llama_cpp
 
 from server.config import Settings
-from server.engine.admission import Pending
+from server.engine import mtmd
+from server.engine.admission import Pending, Sink
 from server.engine.detokenize import TextStream
 from server.engine.jobs import Job, Slot, remaining_work, resume_chunks
 from server.engine.kv import KvBudget
 from server.engine.model import LoadedModel
 from server.engine.prefix import KvKey, common_prefix_len, n_positions, n_tokens
 from server.engine.sampling import GrammarError, build_sampler
-from server.engine.types import ErrorEvent
+from server.engine.types import ErrorEvent, GenerationRequest
 
 logger = logging.getLogger("vlserve.engine")
 
@@ -31,15 +32,25 @@ class Starter:
         self._order = itertools.count()
 
     def new_job(self, pending: Pending) -> Job | None:
-        """The job for a newly admitted request, or None once it is answered (bad grammar)."""
-        request, prompt = pending.request, pending.prompt
-        model = self.model
+        """The job for a newly admitted request (with its `n > 1` siblings, which share its
+        prompt), or None once it is answered (bad grammar)."""
         try:
-            sampler = build_sampler(request.sampling, model.vocab, model.utf8, model.eog_tokens,
-                                    request.timer)
+            job = self._job(pending.request, pending.sink, pending.prompt)
+            # The siblings' grammar is the same text: if the first parsed, theirs do.
+            job.siblings = [self._job(request, sink, pending.prompt.share())
+                            for request, sink in pending.siblings]
         except GrammarError as exc:
             pending.answer(ErrorEvent(400, f"response_format: {exc}", code="invalid_grammar"))
             return None
+        for sibling in job.siblings:
+            sibling.awaits_copy = True
+        return job
+
+    def _job(self, request: GenerationRequest, sink: Sink, prompt: mtmd.TokenizedPrompt
+             ) -> Job:
+        model = self.model
+        sampler = build_sampler(request.sampling, model.vocab, model.utf8, model.eog_tokens,
+                                request.timer)
         max_new = self.kv.clip(request.max_tokens, prompt.n_tokens)
         if max_new < request.max_tokens:
             logger.info("request %s: max_tokens %d clipped to %d, all the context leaves "
@@ -47,7 +58,7 @@ class Starter:
                         request.max_tokens, max_new, prompt.n_tokens)
         return Job(
             request=request,
-            sink=pending.sink,
+            sink=sink,
             sampler=sampler,
             # The template's next-turn markers end the answer too, except for benchmarks
             # that ask to run to max_tokens whatever the model writes.
@@ -78,7 +89,42 @@ class Starter:
             request.timer.image_cache_hits += sum(1 for k in kept if not isinstance(k, int))
         job.work = remaining_work(resume_chunks(job), keep, request.tenant)
         job.next_token = -1  # a resumed job's pending token is the last one re-evaluated
+        job.awaits_copy = False  # a sibling resumed after a preemption evaluates for itself
         slot.job = job
+
+    def seat_siblings(self, job: Job, slots: list[Slot]) -> None:
+        """Seat `job`'s siblings in free slots (emptiest first; their caches are replaced by
+        the copy anyway), with no work of their own until start_siblings."""
+        for sibling in job.siblings:
+            slot = min((s for s in slots if s.job is None), key=lambda s: len(s.cached))
+            self.forget(slot)
+            slot.tenant = sibling.request.tenant
+            sibling.work.clear()
+            slot.job = sibling
+
+    def start_siblings(self, job: Job, slot: Slot, slots: list[Slot]) -> list[Slot]:
+        """Give the siblings still waiting a copy of `slot`'s sequence (`job`'s prompt, just
+        evaluated); their slots, to sample from the same logits."""
+        started: list[Slot] = []
+        for sibling in job.siblings:
+            target = next((s for s in slots if s.job is sibling), None)
+            if target is None or not sibling.awaits_copy:
+                continue  # ended, or preempted: it evaluates the prompt itself on resume
+            self.copy_sequence(slot, target)
+            sibling.awaits_copy = False
+            sibling.prompt_done_at = job.prompt_done_at
+            started.append(target)
+        job.siblings = []
+        return started
+
+    def copy_sequence(self, source: Slot, target: Slot) -> None:
+        """`target` holds what `source` holds; with a unified KV cache the cells are
+        shared, not copied."""
+        llama_cpp.llama_memory_seq_rm(self.mem, target.seq_id, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self.mem, source.seq_id, target.seq_id, -1, -1)
+        target.cached = list(source.cached)
+        target.n_past = source.n_past
+        target.tenant = source.tenant
 
     def _pick_slot(self, slots: list[Slot], keys: list[KvKey], tenant: str
                    ) -> tuple[Slot, int]:
