@@ -177,7 +177,7 @@ class Settings(BaseSettings):
         """A typo'd URL fails at startup, not on the first upload."""
         scheme = value.split("://", 1)[0] if "://" in value else ""
         if scheme not in ("memory", "redis", "rediss", "unix"):
-            raise ValueError("state_url: memory://, redis://host:port/db, rediss://... or "
+            raise ValueError("expected memory://, redis://host:port/db, rediss://... or "
                              f"unix:///path.sock (got {value!r})")
         return value
 
