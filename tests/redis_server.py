@@ -35,7 +35,8 @@ class RedisServer:
         log = (self.workdir / "redis.log").open("ab")
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir),
+             "--enable-debug-command", "local"],  # DEBUG SLEEP: a Redis that hangs
             stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -49,10 +50,10 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             stop_process(self.process)  # type: ignore[arg-type]
 
-    def command(self, *words: str) -> str | None:
+    def command(self, *words: str, timeout: float = 5) -> str | None:
         """One inline command's first reply line (e.g. ":3" or "+PONG"); None when down."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
                 sock.sendall((" ".join(words) + "\r\n").encode())
                 return sock.makefile("rb").readline().decode().strip()
         except OSError:
