@@ -116,7 +116,7 @@ def launch_nginx(conf: Path, *, stderr: int | None = None) -> subprocess.Popen[b
     SIGQUIT lets in-flight requests finish first (a draining cluster sends that)."""
     binary = nginx_binary()
     if binary is None:
-        raise FileNotFoundError("nginx is not installed (Debian: apt-get install nginx-light)")
+        raise FileNotFoundError("nginx is not installed (Debian: apt-get install nginx)")
     conf = Path(conf).resolve()
     check = subprocess.run([binary, "-t", "-q", "-c", str(conf), "-p", str(conf.parent),
                             "-e", "stderr"], capture_output=True, text=True)

@@ -155,16 +155,22 @@ def test_per_key_quotas_are_enforced_in_redis(keyed: RunningServer, own_redis: R
     mine = [upload(one, seed) for seed in (3, 4, 5)]  # a third: key 1's own oldest goes
     assert [exists(one, f) for f in mine] == [False, True, True]
     assert all(exists(two, f) for f in theirs) and not exists(one, theirs[0])
-    # What Redis holds (db 3): the store's 4 files, not 5.
-    held = subprocess.run(["redis-cli", "-p", str(own_redis.port), "-n", "3", "ZCARD",
-                           "vlserve:files:born"], capture_output=True, text=True)
-    assert held.stdout.strip() == "4", held
+    assert redis_cli(own_redis, "ZCARD", "vlserve:files:born") == "4"  # Redis holds 4, not 5
 
 
-def test_stored_responses_expire_in_redis(keyed: RunningServer) -> None:
+def redis_cli(redis: RedisServer, *words: str) -> str:
+    """A command on the keyed replica's database (3), as redis-cli prints its answer."""
+    done = subprocess.run(["redis-cli", "-p", str(redis.port), "-n", "3", *words],
+                          capture_output=True, text=True, timeout=30)
+    return done.stdout.strip()
+
+
+def test_stored_responses_expire_in_redis(keyed: RunningServer, own_redis: RedisServer
+                                          ) -> None:
     client = sdk(keyed, KEY_1)
     made = client.responses.create(model="m", input="Soon gone.", max_output_tokens=2)
     stored = time.monotonic()
+    assert redis_cli(own_redis, "HEXISTS", "vlserve:responses:owner", made.id) == "1"
     while True:
         try:
             client.responses.retrieve(made.id)
@@ -174,6 +180,7 @@ def test_stored_responses_expire_in_redis(keyed: RunningServer) -> None:
         assert time.monotonic() - stored < RESPONSE_TTL_S + 30, "never expired"
         time.sleep(0.2)
     assert time.monotonic() - stored >= RESPONSE_TTL_S - 1
+    assert redis_cli(own_redis, "HEXISTS", "vlserve:responses:owner", made.id) == "0"
 
 
 def assert_503(answer: httpx.Response) -> None:
@@ -242,7 +249,7 @@ def front(replicas: list[RunningServer], tmp_path_factory: pytest.TempPathFactor
     """nginx with replica B standing in for the router (vllm-router's own tests are the
     cluster's): Files calls go round robin to A and B, the rest to the router."""
     if nginx_binary() is None:
-        skip_unless_ci("nginx is not installed (Debian: apt-get install nginx-light)")
+        skip_unless_ci("nginx is not installed (Debian: apt-get install nginx)")
     port = free_port()
     conf = write_nginx_conf(f"127.0.0.1:{port}", replicas[1].url, [r.url for r in replicas],
                             tmp_path_factory.mktemp("front") / "nginx.conf")
@@ -287,7 +294,7 @@ def test_uploads_and_chats_through_the_front(front: str, replicas: list[RunningS
 def test_the_front_answers_openai_errors_when_nothing_is_up(tmp_path_factory:
                                                             pytest.TempPathFactory) -> None:
     if nginx_binary() is None:
-        skip_unless_ci("nginx is not installed (Debian: apt-get install nginx-light)")
+        skip_unless_ci("nginx is not installed (Debian: apt-get install nginx)")
     port = free_port()
     conf = write_nginx_conf(f"127.0.0.1:{port}", f"http://127.0.0.1:{free_port()}",
                             [f"http://127.0.0.1:{free_port()}"],
