@@ -108,6 +108,16 @@ def test_evict_others_takes_the_oldest_of_all_and_bytes_are_bounded(url: str) ->
     run(url, bounds(max_bytes=100, max_bytes_per_owner=70, evict_others=True), scenario)
 
 
+def test_a_put_on_a_held_key_replaces_it(url: str) -> None:
+    """How a record is updated (a batch job's status): counted once, not twice."""
+    async def scenario(t: Table[str]) -> None:
+        await t.put("a", "k", "v1", 10)
+        await t.put("a", "j", "j", 5)
+        await t.put("a", "k", "v2", 30)
+        assert await t.heads("a") == ["j", "v2"] and await t.owner_usage("a") == (2, 35)
+    run(url, bounds(), scenario)
+
+
 def test_entries_expire_after_the_ttl(url: str) -> None:
     ttl = 2.0
 

@@ -38,10 +38,13 @@ class MemoryTable(Generic[T]):
         self._lock = threading.Lock()
 
     def put(self, owner: str, key: str, value: T, size: int) -> None:
-        """Keep `value`, evicting as Bounds says; raises TableFull when it cannot."""
+        """Keep `value`, evicting as Bounds says; raises TableFull when it cannot. A key
+        already held is replaced (a record updated in place: its TTL starts again)."""
         b = self.bounds
         with self._lock:
             self._expire()
+            if key in self._all:
+                self._remove(self._all[key])
             mine = self._owners.setdefault(owner, OrderedDict())
 
             def full() -> bool:

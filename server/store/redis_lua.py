@@ -41,6 +41,7 @@ local max_count, max_bytes = tonumber(ARGV[5]), tonumber(ARGV[6])
 local own_count, own_bytes = tonumber(ARGV[7]), tonumber(ARGV[8])
 local evict_others = ARGV[10] == '1'
 expire(tonumber(ARGV[4]))
+remove(id)  -- a key already held is replaced (an update: its TTL starts again)
 local own = P .. 'o:' .. owner
 local function full()
   return redis.call('ZCARD', P .. 'born') + 1 > max_count
@@ -89,8 +90,12 @@ return 1
 HEADS = PRELUDE + """
 expire(tonumber(ARGV[2]))
 local ids = redis.call('ZRANGE', P .. 'o:' .. ARGV[1], 0, -1)
-if #ids == 0 then return {} end
-return redis.call('HMGET', P .. 'head', unpack(ids))
+local out = {}
+for i = 1, #ids, 1000 do  -- in slices: unpack() is bounded by Lua's stack
+  local part = redis.call('HMGET', P .. 'head', unpack(ids, i, math.min(i + 999, #ids)))
+  for _, head in ipairs(part) do out[#out + 1] = head end
+end
+return out
 """
 
 # ARGV: owner ttl_ms.  Returns {entries, bytes}.

@@ -26,7 +26,9 @@ class Table(Protocol[T]):
     """A bounded per-owner table (server.store.bounds.Bounds); backends raise TableFull
     when a put is refused and StateUnavailable when the store cannot be reached."""
 
-    async def put(self, owner: str, key: str, value: T, size: int) -> None: ...
+    async def put(self, owner: str, key: str, value: T, size: int) -> None:
+        """Keep `value` under `key`, replacing what the key held (e.g. a batch's status)."""
+        ...
 
     async def get(self, owner: str, key: str) -> T | None: ...
 
