@@ -179,3 +179,11 @@ def test_state_url_is_checked_at_startup() -> None:
     with pytest.raises(ConfigError, match="state_url: expected memory://, redis://"):
         load_settings(None, state_url="redis:/oops")
     assert load_settings(None, state_url="redis://h:6379/2").state_url == "redis://h:6379/2"
+
+
+def test_the_logged_state_url_hides_a_password() -> None:
+    from server.store.backend import redacted
+
+    assert redacted("redis://:s3cret@cache:6379/1") == "redis://:***@cache:6379/1"
+    assert redacted("redis://app:s3cret@cache/0") == "redis://app:***@cache/0"
+    assert redacted("redis://cache:6379/0") == "redis://cache:6379/0"
