@@ -78,6 +78,7 @@ ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         python3 libgomp1 libjpeg-turbo8 zlib1g libwebp7 libwebpdemux2 libwebpmux3 \
+        nginx \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 vlserve \
     && useradd --system --create-home --uid 10001 --gid 10001 vlserve

@@ -28,7 +28,8 @@ from server.engine import Engine
 from server.images.backend import image_backend
 from server.metrics import Metrics
 from server.playground import mount_playground
-from server.uploads import upload_store
+from server.store import open_backend
+from server.store.backend import redacted
 
 API_PREFIXES = ("/api/v1", "/v1")
 
@@ -48,16 +49,18 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         logger.info("images decoded by %s, downsized to at most %d px", image_backend(),
                     settings.image_max_side)
         logger.info("metrics at /metrics (GPU gauges %s)", "on" if metrics.gpu else "off")
+        logger.info("uploads and stored responses kept in %s", redacted(settings.state_url))
         engine.start()
         try:
             yield
         finally:
             engine.stop()
+            await backend.close()
 
     app = FastAPI(title="vlserve", version=__version__, lifespan=lifespan,
                   description=_DESCRIPTION)
-    uploads = upload_store(settings)
-    state = AppState(settings=settings, engine=engine, uploads=uploads, metrics=metrics)
+    backend = open_backend(settings.state_url, settings.state_timeout_s)
+    state = AppState(settings=settings, engine=engine, metrics=metrics, backend=backend)
     app.state.vlserve = state
     install_error_handlers(app)
     # Added innermost first: exact paths (a control character is a 404), body limits, then

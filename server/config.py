@@ -160,9 +160,26 @@ class Settings(BaseSettings):
     responses_store_mb: int = Field(256, ge=1)
     responses_ttl_s: float = Field(3600.0, gt=0)
 
+    # Where uploads and stored responses live (server.store): "memory://" (this process,
+    # the single-box default) or "redis://host:port/db" (shared by every replica pointed at
+    # it: a file uploaded or a response stored on one is usable from all). The bounds above
+    # hold either way. A Redis call over state_timeout_s answers 503, never hangs.
+    state_url: str = "memory://"
+    state_timeout_s: float = Field(5.0, gt=0)
+
     # Warm-up and prompts.
     system_prompt: str | None = None  # used for requests that bring no system message
     warmup: bool = True
+
+    @field_validator("state_url")
+    @classmethod
+    def _state_scheme(cls, value: str) -> str:
+        """A typo'd URL fails at startup, not on the first upload."""
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in ("memory", "redis", "rediss", "unix"):
+            raise ValueError("expected memory://, redis://host:port/db, rediss://... or "
+                             f"unix:///path.sock (got {value!r})")
+        return value
 
     @field_validator("cors_origins", "api_keys", mode="before")
     @classmethod

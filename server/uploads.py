@@ -1,4 +1,5 @@
-"""Uploaded images, kept decoded in memory: bounded per key and in all, expiring after a TTL.
+"""Uploaded images, kept decoded (in memory, or in the shared store: server.store): bounded
+per key and in all, expiring after a TTL.
 
 Each client (API key) has its own quota of files and bytes and its own LRU: a key's upload
 may evict that key's least recently used files, never another key's. When the store as a
@@ -7,14 +8,15 @@ whole is full (quotas that add up to more than the store), an upload is refused 
 
 from __future__ import annotations
 
+import json
 import secrets
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from server.config import Settings
 from server.engine import ImageInput
+from server.store import Bounds, Codec, StateBackend, Table, TableFull
+from server.store.memory import MemoryTable
 
 
 @dataclass(frozen=True)
@@ -51,25 +53,52 @@ class UploadRefused(Exception):
         self.code = code
 
 
+def _new_record(filename: str, purpose: str, size: int, image: ImageInput, owner: str,
+                source_size: tuple[int, int] | None, max_bytes: int) -> StoredFile:
+    """The record an upload becomes; UploadRefused (413) for one file over the quota."""
+    # 128 random bits: ids are unguessable, and listings show a client its own files only.
+    record = StoredFile(f"file-{secrets.token_hex(16)}", filename, purpose, size,
+                        time.time_ns() // 1000, image, owner, source_size)
+    if record.stored_bytes > max_bytes:
+        raise UploadRefused(413, f"the decoded image takes {record.stored_bytes:,} bytes; the "
+                            f"upload quota is {max_bytes:,} bytes", "upload_quota_exceeded")
+    return record
+
+
+def _store_full() -> UploadRefused:
+    return UploadRefused(507, "the upload store is full (other clients' files are never "
+                         "evicted); try again later", "upload_store_full")
+
+
+def _bounds(max_files: int, max_bytes: int, ttl_s: float, max_files_per_owner: int | None,
+            max_bytes_per_owner: int | None) -> Bounds:
+    # LRU by last use; a full store refuses rather than evicting another client's files.
+    return Bounds(max_files, max_bytes, ttl_s, max_files_per_owner or max_files,
+                  max_bytes_per_owner or max_bytes, lru=True, evict_others=False)
+
+
 class UploadStore:
     """Per-owner LRU by last use; `get` refreshes an entry, expired entries vanish on access.
 
     Every call names the client (`owner`); a file of another client is as good as absent.
+    The in-memory store, called synchronously; the routes use `Uploads`, its async face
+    over either backend.
     """
 
     def __init__(self, max_files: int, max_bytes: int, ttl_s: float, *,
                  max_files_per_owner: int | None = None,
                  max_bytes_per_owner: int | None = None) -> None:
-        self.max_files = max_files
-        self.max_bytes = max_bytes
-        self.ttl_s = ttl_s
-        self.max_files_per_owner = max_files_per_owner or max_files
-        self.max_bytes_per_owner = max_bytes_per_owner or max_bytes
-        self._owners: dict[str, OrderedDict[str, StoredFile]] = {}  # each in LRU order
-        self._owner_bytes: dict[str, int] = {}
-        self._count = 0
-        self._used = 0
-        self._lock = threading.Lock()
+        self.bounds = _bounds(max_files, max_bytes, ttl_s, max_files_per_owner,
+                              max_bytes_per_owner)
+        self.table: MemoryTable[StoredFile] = MemoryTable(self.bounds)
+
+    @property
+    def max_files_per_owner(self) -> int:
+        return self.bounds.max_count_per_owner
+
+    @property
+    def max_bytes_per_owner(self) -> int:
+        return self.bounds.max_bytes_per_owner
 
     def add(self, filename: str, purpose: str, size: int, image: ImageInput,
             owner: str = "", source_size: tuple[int, int] | None = None) -> StoredFile:
@@ -78,75 +107,84 @@ class UploadStore:
         Raises UploadRefused (413) for one file over the owner's byte quota, or (507) when
         the whole store is full and the owner has nothing left to evict.
         """
-        # 128 random bits: ids are unguessable, and listings show a client its own files only.
-        record = StoredFile(f"file-{secrets.token_hex(16)}", filename, purpose, size,
-                            time.time_ns() // 1000, image, owner, source_size)
-        need = record.stored_bytes
-        if need > min(self.max_bytes_per_owner, self.max_bytes):
-            raise UploadRefused(413, f"the decoded image takes {need:,} bytes; the upload "
-                                f"quota is {self.max_bytes_per_owner:,} bytes",
-                                "upload_quota_exceeded")
-        with self._lock:
-            self._expire()
-            files = self._owners.setdefault(owner, OrderedDict())
-            while files and (len(files) + 1 > self.max_files_per_owner
-                             or self._owner_bytes.get(owner, 0) + need > self.max_bytes_per_owner
-                             or self._count + 1 > self.max_files
-                             or self._used + need > self.max_bytes):
-                self._remove(next(iter(files.values())))
-            if self._count + 1 > self.max_files or self._used + need > self.max_bytes:
-                raise UploadRefused(507, "the upload store is full (other clients' files are "
-                                    "never evicted); try again later", "upload_store_full")
-            files[record.id] = record
-            self._owner_bytes[owner] = self._owner_bytes.get(owner, 0) + need
-            self._count += 1
-            self._used += need
+        record = _new_record(filename, purpose, size, image, owner, source_size,
+                             _one_file_max(self.bounds))
+        try:
+            self.table.put(owner, record.id, record, record.stored_bytes)
+        except TableFull:
+            raise _store_full() from None
         return record
 
     def get(self, file_id: str, owner: str = "") -> StoredFile | None:
-        with self._lock:
-            self._expire()
-            files = self._owners.get(owner)
-            record = files.get(file_id) if files else None
-            if files is None or record is None:
-                return None
-            files.move_to_end(file_id)
-            return record
+        return self.table.get(owner, file_id)
 
     def delete(self, file_id: str, owner: str = "") -> bool:
-        with self._lock:
-            files = self._owners.get(owner)
-            record = files.get(file_id) if files else None
-            if record is None:
-                return False
-            self._remove(record)
-            return True
+        return self.table.delete(owner, file_id)
 
     def list(self, owner: str = "") -> list[StoredFile]:
         """The owner's files in a total order (creation to the microsecond, then id) that
         no read changes, so cursor pages neither skip nor repeat."""
-        with self._lock:
-            self._expire()
-            return sorted(self._owners.get(owner, {}).values(), key=lambda f: f.order_key)
+        return sorted(self.table.values(owner), key=lambda f: f.order_key)
 
     def owner_usage(self, owner: str = "") -> tuple[int, int]:
         """(files, stored bytes) held for `owner`."""
-        with self._lock:
-            return len(self._owners.get(owner, ())), self._owner_bytes.get(owner, 0)
+        return self.table.owner_usage(owner)
 
-    def _remove(self, record: StoredFile) -> None:
-        files = self._owners[record.owner]
-        del files[record.id]
-        self._owner_bytes[record.owner] -= record.stored_bytes
-        self._count -= 1
-        self._used -= record.stored_bytes  # an emptied owner's entry stays: one per key
 
-    def _expire(self) -> None:
-        cutoff = (time.time() - self.ttl_s) * 1_000_000
-        expired = [f for files in self._owners.values() for f in files.values()
-                   if f.created_us < cutoff]
-        for record in expired:
-            self._remove(record)
+class Uploads:
+    """The upload store as the routes use it: async, in memory or shared (server.store).
+    A shared store carries the decoded pixels; another replica's engine encodes them anew
+    on first use (its own embedding cache misses)."""
+
+    def __init__(self, table: Table[StoredFile], bounds: Bounds) -> None:
+        self.table = table
+        self.bounds = bounds
+
+    async def add(self, filename: str, purpose: str, size: int, image: ImageInput,
+                  owner: str = "", source_size: tuple[int, int] | None = None) -> StoredFile:
+        """As UploadStore.add; StateUnavailable when the shared store is out of reach."""
+        record = _new_record(filename, purpose, size, image, owner, source_size,
+                             _one_file_max(self.bounds))
+        try:
+            await self.table.put(owner, record.id, record, record.stored_bytes)
+        except TableFull:
+            raise _store_full() from None
+        return record
+
+    async def get(self, file_id: str, owner: str = "") -> StoredFile | None:
+        return await self.table.get(owner, file_id)
+
+    async def delete(self, file_id: str, owner: str = "") -> bool:
+        return await self.table.delete(owner, file_id)
+
+    async def list(self, owner: str = "") -> list[StoredFile]:
+        """As UploadStore.list; the records carry no pixels when the store is shared."""
+        return sorted(await self.table.heads(owner), key=lambda f: f.order_key)
+
+
+def _one_file_max(bounds: Bounds) -> int:
+    return min(bounds.max_bytes_per_owner, bounds.max_bytes)
+
+
+def _encode(record: StoredFile) -> tuple[bytes, bytes]:
+    image = record.image
+    head = {"id": record.id, "filename": record.filename, "purpose": record.purpose,
+            "bytes": record.bytes, "created_us": record.created_us, "owner": record.owner,
+            "source_size": record.source_size, "width": image.width, "height": image.height,
+            "content_hash": image.content_hash}
+    return json.dumps(head).encode(), image.rgb
+
+
+def _decode(head: bytes, body: bytes | None) -> StoredFile:
+    """A record from the shared store; a listing (body None) gets empty pixels."""
+    h = json.loads(head)
+    size = tuple(h["source_size"]) if h["source_size"] else None
+    return StoredFile(h["id"], h["filename"], h["purpose"], h["bytes"], h["created_us"],
+                      ImageInput(body or b"", h["width"], h["height"], h["content_hash"]),
+                      h["owner"], size)  # type: ignore[arg-type]
+
+
+UPLOAD_CODEC: Codec[StoredFile] = Codec(_encode, _decode)
 
 
 def upload_store(settings: Settings) -> UploadStore:
@@ -158,3 +196,9 @@ def upload_store(settings: Settings) -> UploadStore:
     return UploadStore(settings.upload_max_files, settings.upload_store_mb * 1024 * 1024,
                        settings.upload_ttl_s, max_files_per_owner=per_key_files,
                        max_bytes_per_owner=per_key_mb * 1024 * 1024)
+
+
+def open_uploads(settings: Settings, backend: StateBackend) -> Uploads:
+    """The routes' upload store, with upload_store's bounds, where `state_url` says."""
+    bounds = upload_store(settings).bounds
+    return Uploads(backend.table("files", bounds, UPLOAD_CODEC), bounds)

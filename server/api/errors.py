@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.routes import RouteInfo, allowed_methods, route_table
+from server.store import StateUnavailable
 
 logger = logging.getLogger("vlserve.api")
 
@@ -52,6 +53,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, param=exc.param, code=exc.code,
                               headers=exc.headers)
+
+    @app.exception_handler(StateUnavailable)
+    async def _state_down(_: Request, exc: StateUnavailable) -> JSONResponse:
+        # The shared store (state_url) is out of reach: the replica itself is fine, so a
+        # retry soon (or on another replica, once Redis is back) can succeed.
+        logger.error("state store unavailable: %s", exc)
+        return error_response(503, "the shared state store (uploads, stored responses) is "
+                              "unavailable; try again shortly", code="state_store_unavailable",
+                              headers={"Retry-After": "2"})
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

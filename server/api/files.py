@@ -49,7 +49,7 @@ async def upload_file(request: Request) -> JSONResponse:
         raise image_api_error(exc, "file") from None
     image = ImageInput(decoded.rgb, decoded.width, decoded.height, decoded.content_hash)
     try:
-        record = state.uploads.add(form.file_name or "upload", purpose, len(form.file_bytes),
+        record = await state.uploads.add(form.file_name or "upload", purpose, len(form.file_bytes),
                                    image, owner=client_identity(request.scope),
                                    source_size=decoded.oriented_source_size)
     except UploadRefused as exc:
@@ -72,7 +72,7 @@ async def list_files(request: Request, after: str | None = None,
     page that would end the listing silently.
     """
     state: AppState = request.app.state.vlserve
-    files = state.uploads.list(client_identity(request.scope))
+    files = await state.uploads.list(client_identity(request.scope))
     if order == "desc":
         files.reverse()
     if after is not None:
@@ -95,20 +95,20 @@ async def list_files(request: Request, after: str | None = None,
 @router.get("/files/{file_id}", responses=responses(FileObject, 404))
 async def get_file(file_id: str, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
-    return JSONResponse(_file_object(_lookup(request, file_id), state))
+    return JSONResponse(_file_object(await _lookup(request, file_id), state))
 
 
 @router.delete("/files/{file_id}", responses=responses(FileDeleted, 404))
 async def delete_file(file_id: str, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
-    if not state.uploads.delete(file_id, client_identity(request.scope)):
+    if not await state.uploads.delete(file_id, client_identity(request.scope)):
         raise _not_found(file_id)
     return JSONResponse({"id": file_id, "object": "file", "deleted": True})
 
 
-def _lookup(request: Request, file_id: str) -> StoredFile:
+async def _lookup(request: Request, file_id: str) -> StoredFile:
     state: AppState = request.app.state.vlserve
-    record = state.uploads.get(file_id, client_identity(request.scope))
+    record = await state.uploads.get(file_id, client_identity(request.scope))
     if record is None:
         raise _not_found(file_id)
     return record

@@ -23,7 +23,7 @@ from server.images import (
 )
 from server.images.decode import decode_planned, plan_decode
 from server.timings import StageTimer
-from server.uploads import StoredFile, UploadStore
+from server.uploads import StoredFile, Uploads
 
 
 async def to_engine_messages(
@@ -66,7 +66,7 @@ async def to_engine_messages(
                 parts.append(await _decode(part.image_url.url, state, timer,
                                            f"{where}.image_url", part.image_url.detail))
             else:
-                stored = _uploaded(part, state.uploads, client, f"{where}.file.file_id")
+                stored = await _uploaded(part, state.uploads, client, f"{where}.file.file_id")
                 parts.append(await upload_at(stored, state, part.file.detail, timer))
         out.append(ChatMessage(role, tuple(parts)))
     return out
@@ -119,8 +119,8 @@ def image_api_error(exc: ImageError, param: str) -> APIError:
     return APIError(status, f"{param}: {exc}", param=param, code="invalid_image")
 
 
-def _uploaded(part: FilePart, uploads: UploadStore, client: str, param: str) -> StoredFile:
-    record = uploads.get(part.file.file_id, client)
+async def _uploaded(part: FilePart, uploads: Uploads, client: str, param: str) -> StoredFile:
+    record = await uploads.get(part.file.file_id, client)
     if record is None:
         raise APIError(400, f"{param}: no uploaded file {part.file.file_id!r} (unknown, "
                        "deleted or expired)", param=param, code="file_not_found")

@@ -1,18 +1,18 @@
-"""Stored responses (`store: true`), kept in memory: bounded in count and bytes, per API key
-and in all, expiring after a TTL. A key sees only its own responses; `previous_response_id`
-reads the conversation back from here."""
+"""Stored responses (`store: true`): bounded in count and bytes, per API key and in all,
+expiring after a TTL, in memory or in the shared store (server.store). A key sees only its
+own responses; `previous_response_id` reads the conversation back from here."""
 
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from server.config import Settings
+from server.store import Bounds, Codec, StateBackend, Table, TableFull
+from server.store.memory import MemoryTable
 
 
 @dataclass(frozen=True)
@@ -34,81 +34,89 @@ def stored_response(response: dict[str, Any], owner: str, input_items: list[dict
     return StoredResponse(response["id"], owner, response, input_items, conversation, size)
 
 
+def _bounds(max_count: int, max_bytes: int, ttl_s: float, max_count_per_owner: int | None,
+            max_bytes_per_owner: int | None) -> Bounds:
+    # Oldest first out, per owner; past the store's own bounds the oldest of all go.
+    return Bounds(max_count, max_bytes, ttl_s,
+                  min(max_count_per_owner or max_count, max_count),
+                  min(max_bytes_per_owner or max_bytes, max_bytes),
+                  lru=False, evict_others=True)
+
+
 class ResponseStore:
     """Per owner, oldest first out: an owner's new response evicts that owner's oldest ones
     when over its share; the store's own bounds, if the shares add up to more, evict the
-    oldest of all. Expired responses vanish on access."""
+    oldest of all. Expired responses vanish on access. The in-memory store, called
+    synchronously; the routes use `Responses`, its async face over either backend."""
 
     def __init__(self, max_count: int, max_bytes: int, ttl_s: float, *,
                  max_count_per_owner: int | None = None, max_bytes_per_owner: int | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        self.max_count = max_count
-        self.max_bytes = max_bytes
-        self.ttl_s = ttl_s
-        self.max_count_per_owner = min(max_count_per_owner or max_count, max_count)
-        self.max_bytes_per_owner = min(max_bytes_per_owner or max_bytes, max_bytes)
-        self._clock = clock
-        self._all: OrderedDict[str, StoredResponse] = OrderedDict()  # oldest first
-        self._owners: dict[str, OrderedDict[str, StoredResponse]] = {}
-        self._owner_bytes: dict[str, int] = {}
-        self._stored_at: dict[str, float] = {}  # by the store's clock, for the TTL
-        self._used = 0
-        self._lock = threading.Lock()
+        self.bounds = _bounds(max_count, max_bytes, ttl_s, max_count_per_owner,
+                              max_bytes_per_owner)
+        self.table: MemoryTable[StoredResponse] = MemoryTable(self.bounds, clock)
+
+    @property
+    def max_count_per_owner(self) -> int:
+        return self.bounds.max_count_per_owner
+
+    @property
+    def max_bytes_per_owner(self) -> int:
+        return self.bounds.max_bytes_per_owner
 
     def add(self, entry: StoredResponse) -> bool:
         """Keep `entry`; False when it alone is over the owner's byte share (not kept)."""
-        if entry.size > self.max_bytes_per_owner:
+        if entry.size > self.bounds.max_bytes_per_owner:
             return False
-        with self._lock:
-            self._expire()
-            mine = self._owners.setdefault(entry.owner, OrderedDict())
-            while mine and (len(mine) + 1 > self.max_count_per_owner or self._owner_bytes.get(
-                    entry.owner, 0) + entry.size > self.max_bytes_per_owner):
-                self._remove(next(iter(mine.values())))
-            while self._all and (len(self._all) + 1 > self.max_count
-                                 or self._used + entry.size > self.max_bytes):
-                self._remove(next(iter(self._all.values())))
-            mine[entry.id] = entry
-            self._all[entry.id] = entry
-            self._stored_at[entry.id] = self._clock()
-            self._owner_bytes[entry.owner] = self._owner_bytes.get(entry.owner, 0) + entry.size
-            self._used += entry.size
+        self.table.put(entry.owner, entry.id, entry, entry.size)  # evicts others: never full
         return True
 
     def get(self, response_id: str, owner: str) -> StoredResponse | None:
-        with self._lock:
-            self._expire()
-            mine = self._owners.get(owner)
-            return mine.get(response_id) if mine else None
+        return self.table.get(owner, response_id)
 
     def delete(self, response_id: str, owner: str) -> bool:
-        with self._lock:
-            mine = self._owners.get(owner)
-            entry = mine.get(response_id) if mine else None
-            if entry is None:
-                return False
-            self._remove(entry)
-            return True
+        return self.table.delete(owner, response_id)
 
     def usage(self) -> tuple[int, int]:
         """(responses, bytes) held."""
-        with self._lock:
-            return len(self._all), self._used
+        return self.table.usage()
 
-    def _remove(self, entry: StoredResponse) -> None:
-        del self._owners[entry.owner][entry.id]
-        del self._all[entry.id]
-        del self._stored_at[entry.id]
-        self._owner_bytes[entry.owner] -= entry.size
-        self._used -= entry.size
 
-    def _expire(self) -> None:
-        cutoff = self._clock() - self.ttl_s
-        while self._all:
-            oldest = next(iter(self._all.values()))  # stored first, so expires first
-            if self._stored_at[oldest.id] >= cutoff:
-                return
-            self._remove(oldest)
+class Responses:
+    """The response store as the routes use it: async, in memory or shared."""
+
+    def __init__(self, table: Table[StoredResponse], bounds: Bounds) -> None:
+        self.table = table
+        self.bounds = bounds
+
+    async def add(self, entry: StoredResponse) -> bool:
+        """As ResponseStore.add; StateUnavailable when the shared store is out of reach."""
+        if entry.size > self.bounds.max_bytes_per_owner:
+            return False
+        try:
+            await self.table.put(entry.owner, entry.id, entry, entry.size)
+        except TableFull:  # only a shared table whose bounds changed under it
+            return False
+        return True
+
+    async def get(self, response_id: str, owner: str) -> StoredResponse | None:
+        return await self.table.get(owner, response_id)
+
+    async def delete(self, response_id: str, owner: str) -> bool:
+        return await self.table.delete(owner, response_id)
+
+
+def _encode(entry: StoredResponse) -> tuple[bytes, bytes]:
+    return json.dumps([entry.id, entry.owner, entry.response, entry.input_items,
+                       entry.conversation, entry.size], separators=(",", ":")).encode(), b""
+
+
+def _decode(head: bytes, _: bytes | None) -> StoredResponse:
+    return StoredResponse(*json.loads(head))
+
+
+# Heavy: a conversation with images inlined is megabytes of JSON, (de)serialised off-loop.
+RESPONSE_CODEC: Codec[StoredResponse] = Codec(_encode, _decode, heavy=True)
 
 
 def response_store(settings: Settings) -> ResponseStore:
@@ -120,3 +128,9 @@ def response_store(settings: Settings) -> ResponseStore:
                          max_count_per_owner=max(1, settings.responses_max_stored // keys),
                          max_bytes_per_owner=max(1, settings.responses_store_mb * 1024 * 1024
                                                  // keys))
+
+
+def open_responses(settings: Settings, backend: StateBackend) -> Responses:
+    """The routes' response store, with response_store's bounds, where `state_url` says."""
+    bounds = response_store(settings).bounds
+    return Responses(backend.table("responses", bounds, RESPONSE_CODEC), bounds)

@@ -67,6 +67,7 @@ from server.api.tool_calls import (
     with_tool_prompt,
 )
 from server.engine import DoneEvent, EngineEvent, ErrorEvent, GenerationRequest, TokenEvent
+from server.store import StateUnavailable
 from server.timings import StageTimer
 
 router = APIRouter(route_class=OffLoopJSONRoute)
@@ -87,7 +88,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     record.timer = timer = StageTimer()
     record.stream = body.stream
     client = client_identity(request.scope)
-    previous = _stored(state, body.previous_response_id, client, "previous_response_id")
+    previous = await _stored(state, body.previous_response_id, client, "previous_response_id")
     plan = await _plan_tools(body)
     constraint = ("tools", plan.grammar) if plan else await response_grammar(
         _chat_format(body), param="text.format.schema")
@@ -131,7 +132,12 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
                 # Off the event loop: sizing a conversation means serialising its images.
                 entry = await asyncio.to_thread(stored_response, end.body, client,
                                                 input_items, conversation + end.output)
-                end.body["store"] = state.responses.add(entry)
+                try:
+                    end.body["store"] = await state.responses.add(entry)
+                except StateUnavailable as exc:  # the answer is (being) sent: say so here
+                    end.body["store"] = False
+                    logger.error("response %s not stored: %s", end.body["id"], exc)
+                    return
                 if not end.body["store"]:
                     logger.warning("response %s not stored: over the per-key byte share",
                                    end.body["id"])
@@ -148,7 +154,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
 @router.get("/responses/{response_id}", responses=responses(ResponseObject, 404))
 async def get_response(response_id: str, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
-    stored = _stored(state, response_id, client_identity(request.scope), "response_id")
+    stored = await _stored(state, response_id, client_identity(request.scope), "response_id")
     assert stored is not None
     return JSONResponse(stored.response)
 
@@ -156,7 +162,7 @@ async def get_response(response_id: str, request: Request) -> JSONResponse:
 @router.delete("/responses/{response_id}", responses=responses(ResponseDeleted, 404))
 async def delete_response(response_id: str, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
-    if not state.responses.delete(response_id, client_identity(request.scope)):
+    if not await state.responses.delete(response_id, client_identity(request.scope)):
         raise _not_found(response_id, "response_id")
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
@@ -169,7 +175,7 @@ async def list_input_items(response_id: str, request: Request, after: str | None
     """The request's own input items (earlier turns are their own responses' items),
     cursor-paginated like OpenAI's (`after`, `limit`, `has_more`)."""
     state: AppState = request.app.state.vlserve
-    stored = _stored(state, response_id, client_identity(request.scope), "response_id")
+    stored = await _stored(state, response_id, client_identity(request.scope), "response_id")
     assert stored is not None
     items = list(stored.input_items) if order == "asc" else stored.input_items[::-1]
     if after is not None:
@@ -195,11 +201,11 @@ def _response_record(request: Request) -> RequestRecord:
     return record
 
 
-def _stored(state: AppState, response_id: str | None, client: str, param: str
+async def _stored(state: AppState, response_id: str | None, client: str, param: str
             ) -> StoredResponse | None:
     if response_id is None:
         return None
-    stored = state.responses.get(response_id, client)
+    stored = await state.responses.get(response_id, client)
     if stored is None:
         raise _not_found(response_id, param)
     return stored

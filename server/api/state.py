@@ -1,4 +1,4 @@
-"""What the routes share: settings, the engine, uploads, metrics and the drain state."""
+"""What the routes share: settings, the engine, the stores, metrics and the drain state."""
 
 from __future__ import annotations
 
@@ -6,30 +6,34 @@ import time
 from dataclasses import dataclass, field
 
 from server.api.drain import Drain
-from server.api.response_store import ResponseStore, response_store
+from server.api.response_store import Responses, open_responses
 from server.config import Settings
 from server.engine import Engine
 from server.images import ImageLimits
 from server.images.budget import DecodeBudget
 from server.metrics import Metrics
-from server.uploads import UploadStore
+from server.store import StateBackend
+from server.uploads import Uploads, open_uploads
 
 
 @dataclass
 class AppState:
     settings: Settings
     engine: Engine
-    uploads: UploadStore
     metrics: Metrics
+    # Where uploads and stored responses live (server.store): this process or Redis.
+    backend: StateBackend
     drain: Drain = field(default_factory=Drain)
     started_at: int = field(default_factory=lambda: int(time.time()))
     # Memory of the image decodes in flight, chats and uploads together.
     decode_budget: DecodeBudget = field(init=False)
-    responses: ResponseStore = field(init=False)  # stored responses (POST /responses)
+    uploads: Uploads = field(init=False)  # POST /files
+    responses: Responses = field(init=False)  # stored responses (POST /responses)
 
     def __post_init__(self) -> None:
         self.decode_budget = DecodeBudget(self.settings.image_decode_budget_mb * 1024 * 1024)
-        self.responses = response_store(self.settings)
+        self.uploads = open_uploads(self.settings, self.backend)
+        self.responses = open_responses(self.settings, self.backend)
 
     def cache_tenant(self, client: str) -> str:
         """Whose engine caches a client (server.api.auth.client_identity) may use: its own,

@@ -1,0 +1,126 @@
+"""The cluster's one address: nginx in front of the router and the replicas.
+
+vllm-router forwards JSON only (a multipart `POST /files` gets "Invalid JSON body"), so
+nginx (Debian's package, a maintained proxy) sends the Files API (`/v1/files`,
+`/api/v1/files` and their `/{id}` paths) straight to any replica, round robin, and
+everything else to the router, which keeps sessions on their replica. Any replica can
+answer a Files call because the files live in the shared store (`state_url: redis://`);
+with `memory://` a file would exist on one replica only, so the front needs shared state.
+
+`vlserve cluster` calls write_nginx_conf and launch_nginx; operators can run the written
+file with their own nginx (`nginx -c FILE -p DIR`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+# Each path with both the /v1 (SDK default) and /api/v1 prefixes the server answers on.
+FILES_PATHS = r"^/(api/)?v1/files(/|$)"
+# nginx's own failures (no replica or router answered) in OpenAI's error shape.
+_UNREACHABLE = ('{"error": {"message": "no vlserve replica or router answered; try again '
+                'shortly", "type": "server_error", "param": null, "code": "upstream_unavailable"}}')
+
+
+def _hostport(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname or not parts.port:
+        raise ValueError(f"expected http://host:port, got {url!r}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{parts.port}"
+
+
+def nginx_conf(listen: str, router_url: str, replica_urls: Sequence[str], workdir: Path) -> str:
+    """The configuration text: `listen` is host:port; runtime files go under `workdir`."""
+    if not replica_urls:
+        raise ValueError("the front needs at least one replica for uploads")
+    replicas = "\n".join(f"        server {_hostport(u)} max_fails=1 fail_timeout=5s;"
+                         for u in replica_urls)
+    return f"""# Written by vlserve (server/cluster_front.py): uploads to any replica, the rest to
+# the router. Regenerate rather than edit: `vlserve cluster` rewrites it at every start.
+daemon off;
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log stderr warn;
+events {{
+    worker_connections 1024;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/body;
+    proxy_temp_path {workdir}/proxy;
+    fastcgi_temp_path {workdir}/fastcgi;
+    uwsgi_temp_path {workdir}/uwsgi;
+    scgi_temp_path {workdir}/scgi;
+    # vlserve answers oversize bodies itself, with an OpenAI-style 413.
+    client_max_body_size 0;
+    # Streamed both ways: uploads reach the replica as they arrive (no temp file), SSE
+    # tokens reach the client as they are generated.
+    proxy_request_buffering off;
+    proxy_buffering off;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host $http_host;
+    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    proxy_read_timeout 3600s;
+    proxy_send_timeout 3600s;
+
+    upstream vlserve_replicas {{
+{replicas}
+    }}
+    upstream vlserve_router {{
+        server {_hostport(router_url)};
+    }}
+
+    server {{
+        listen {listen};
+        error_page 502 504 = @unreachable;
+        location @unreachable {{
+            default_type application/json;
+            return 502 '{_UNREACHABLE}';
+        }}
+        location ~ {FILES_PATHS} {{
+            # A replica that refuses the connection is skipped; a POST already sent is
+            # not replayed (nginx's default for non-idempotent requests).
+            proxy_next_upstream error timeout;
+            proxy_pass http://vlserve_replicas;
+        }}
+        location / {{
+            proxy_pass http://vlserve_router;
+        }}
+    }}
+}}
+"""
+
+
+def write_nginx_conf(listen: str, router_url: str, replica_urls: Sequence[str],
+                     path: Path) -> Path:
+    """Write the front's nginx.conf to `path` (its folder holds nginx's runtime files)."""
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(nginx_conf(listen, router_url, replica_urls, path.parent))
+    return path
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
+
+
+def launch_nginx(conf: Path, *, stderr: int | None = None) -> subprocess.Popen[bytes]:
+    """Check `conf`, then start nginx on it in the foreground. SIGTERM stops it at once;
+    SIGQUIT lets in-flight requests finish first (a draining cluster sends that)."""
+    binary = nginx_binary()
+    if binary is None:
+        raise FileNotFoundError("nginx is not installed (Debian: apt-get install nginx)")
+    conf = Path(conf).resolve()
+    check = subprocess.run([binary, "-t", "-q", "-c", str(conf), "-p", str(conf.parent),
+                            "-e", "stderr"], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise RuntimeError(f"nginx refused {conf}: {check.stderr.strip()}")
+    return subprocess.Popen([binary, "-c", str(conf), "-p", str(conf.parent), "-e", "stderr"],
+                            stdout=subprocess.DEVNULL, stderr=stderr)

@@ -1,0 +1,67 @@
+"""`state_url` → where the tables live: this process (`memory://`) or one Redis."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from server.store.bounds import Bounds
+from server.store.memory import MemoryTable
+from server.store.table import AsyncMemoryTable, Codec, Table
+
+T = TypeVar("T")
+
+SCHEMES = ("memory", "redis", "rediss", "unix")
+
+
+class StateBackend:
+    """Makes the named tables; one Redis connection pool serves them all."""
+
+    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
+        scheme = urlsplit(url).scheme or "memory"
+        if scheme not in SCHEMES:
+            raise ValueError(f"state_url: unknown scheme {scheme!r} (one of {SCHEMES})")
+        self.url = url
+        self.shared = scheme != "memory"
+        self._timeout_s = timeout_s
+        self._client = None
+        if self.shared:
+            import redis.asyncio as aioredis  # only a shared store needs the client
+
+            # Socket timeouts below the per-call limit: a Redis that vanished is a 503 in
+            # seconds, never a request that hangs.
+            self._client = aioredis.Redis.from_url(
+                url, socket_timeout=timeout_s / 2, socket_connect_timeout=timeout_s / 2,
+                health_check_interval=30)
+
+    def table(self, name: str, bounds: Bounds, codec: Codec[T]) -> Table[T]:
+        if self._client is None:
+            return AsyncMemoryTable(MemoryTable(bounds))
+        from server.store.redis_table import RedisTable
+
+        return RedisTable(self._client, name, bounds, codec, self._timeout_s)
+
+    async def ping(self) -> None:
+        """Raise StateUnavailable unless the shared store answers (memory always does)."""
+        if self._client is not None:
+            from server.store.redis_table import guarded
+
+            await guarded(self._client.ping, self._timeout_s)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+
+def open_backend(url: str, timeout_s: float = 5.0) -> StateBackend:
+    return StateBackend(url, timeout_s)
+
+
+def redacted(url: str) -> str:
+    """The URL for logs: a password in it is not printed."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (
+        f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()

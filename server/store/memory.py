@@ -1,0 +1,115 @@
+"""The in-process table: today's single-box store (objects kept as they are, no copies)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from server.store.bounds import Bounds, TableFull
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Entry(Generic[T]):
+    key: str
+    owner: str
+    value: T
+    size: int
+    stored_at: float
+
+
+class MemoryTable(Generic[T]):
+    """Per-owner entries in use order plus one list of all in storing order (expiry and the
+    table-wide eviction walk it). Expired entries vanish on access. Thread-safe: the event
+    loop and worker threads both call it, each call a few dict operations."""
+
+    def __init__(self, bounds: Bounds, clock: Callable[[], float] = time.time) -> None:
+        self.bounds = bounds
+        self._clock = clock
+        self._all: OrderedDict[str, _Entry[T]] = OrderedDict()  # stored first, first
+        self._owners: dict[str, OrderedDict[str, _Entry[T]]] = {}
+        self._owner_bytes: dict[str, int] = {}
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def put(self, owner: str, key: str, value: T, size: int) -> None:
+        """Keep `value`, evicting as Bounds says; raises TableFull when it cannot. A key
+        already held is replaced (a record updated in place: its TTL starts again)."""
+        b = self.bounds
+        with self._lock:
+            self._expire()
+            if key in self._all:
+                self._remove(self._all[key])
+            mine = self._owners.setdefault(owner, OrderedDict())
+
+            def full() -> bool:
+                return len(self._all) + 1 > b.max_count or self._used + size > b.max_bytes
+
+            while mine and (len(mine) + 1 > b.max_count_per_owner
+                            or self._owner_bytes.get(owner, 0) + size > b.max_bytes_per_owner
+                            or (not b.evict_others and full())):
+                self._remove(next(iter(mine.values())))
+            while b.evict_others and self._all and full():
+                self._remove(next(iter(self._all.values())))
+            if full():
+                raise TableFull(f"the table holds {len(self._all)} entries, {self._used} bytes")
+            entry = _Entry(key, owner, value, size, self._clock())
+            mine[key] = entry
+            self._all[key] = entry
+            self._owner_bytes[owner] = self._owner_bytes.get(owner, 0) + size
+            self._used += size
+
+    def get(self, owner: str, key: str) -> T | None:
+        with self._lock:
+            self._expire()
+            mine = self._owners.get(owner)
+            entry = mine.get(key) if mine else None
+            if mine is None or entry is None:
+                return None
+            if self.bounds.lru:
+                mine.move_to_end(key)
+            return entry.value
+
+    def delete(self, owner: str, key: str) -> bool:
+        with self._lock:
+            mine = self._owners.get(owner)
+            entry = mine.get(key) if mine else None
+            if entry is None:
+                return False
+            self._remove(entry)
+            return True
+
+    def values(self, owner: str) -> list[T]:
+        """The owner's entries, least recently used (or oldest) first."""
+        with self._lock:
+            self._expire()
+            return [e.value for e in self._owners.get(owner, {}).values()]
+
+    def owner_usage(self, owner: str) -> tuple[int, int]:
+        """(entries, bytes) held for `owner`."""
+        with self._lock:
+            return len(self._owners.get(owner, ())), self._owner_bytes.get(owner, 0)
+
+    def usage(self) -> tuple[int, int]:
+        """(entries, bytes) held in all."""
+        with self._lock:
+            return len(self._all), self._used
+
+    def _remove(self, entry: _Entry[T]) -> None:
+        del self._owners[entry.owner][entry.key]  # an emptied owner's dict stays: one per key
+        del self._all[entry.key]
+        self._owner_bytes[entry.owner] -= entry.size
+        self._used -= entry.size
+
+    def _expire(self) -> None:
+        cutoff = self._clock() - self.bounds.ttl_s
+        while self._all:
+            oldest = next(iter(self._all.values()))
+            if oldest.stored_at >= cutoff:
+                return
+            self._remove(oldest)

@@ -1,0 +1,64 @@
+"""The async face every backend shows its users (uploads, stored responses, batches)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from server.store.memory import MemoryTable
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Codec(Generic[T]):
+    """How a record crosses the wire to a shared store: a small `head` that listings read
+    and a `body` (large bytes, e.g. decoded pixels) read only by `get`. `decode` gets
+    body=None for a listing. `heavy`: encode/decode off the event loop (big JSON)."""
+
+    encode: Callable[[T], tuple[bytes, bytes]]
+    decode: Callable[[bytes, bytes | None], T]
+    heavy: bool = False
+
+
+class Table(Protocol[T]):
+    """A bounded per-owner table (server.store.bounds.Bounds); backends raise TableFull
+    when a put is refused and StateUnavailable when the store cannot be reached."""
+
+    async def put(self, owner: str, key: str, value: T, size: int) -> None:
+        """Keep `value` under `key`, replacing what the key held (e.g. a batch's status)."""
+        ...
+
+    async def get(self, owner: str, key: str) -> T | None: ...
+
+    async def delete(self, owner: str, key: str) -> bool: ...
+
+    async def heads(self, owner: str) -> list[T]:
+        """The owner's entries, least recently used (or oldest) first, without bodies."""
+        ...
+
+    async def owner_usage(self, owner: str) -> tuple[int, int]: ...
+
+
+class AsyncMemoryTable(Generic[T]):
+    """A MemoryTable behind the async face: each call is a few dict operations under a
+    lock, so it runs on the event loop as the single-box store always has."""
+
+    def __init__(self, table: MemoryTable[T]) -> None:
+        self.table = table
+
+    async def put(self, owner: str, key: str, value: T, size: int) -> None:
+        self.table.put(owner, key, value, size)
+
+    async def get(self, owner: str, key: str) -> T | None:
+        return self.table.get(owner, key)
+
+    async def delete(self, owner: str, key: str) -> bool:
+        return self.table.delete(owner, key)
+
+    async def heads(self, owner: str) -> list[T]:
+        return self.table.values(owner)
+
+    async def owner_usage(self, owner: str) -> tuple[int, int]:
+        return self.table.owner_usage(owner)
