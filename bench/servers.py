@@ -40,11 +40,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(name: str, args: list[str], ready_path: str, log_dir: Path, port: int) -> Server:
+def start(name: str, args: list[str], ready_path: str, log_dir: Path, port: int, *,
+          python: bool = True) -> Server:
+    """Run `args` (a Python module's, unless `python` is False) until `ready_path` answers."""
     log = log_dir / f"{name}.log"
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, *args], stdout=log.open("wb"),
-                               stderr=subprocess.STDOUT)
+    process = subprocess.Popen([sys.executable, *args] if python else args,
+                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
     server = Server(name, f"http://127.0.0.1:{port}/v1", process, log)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -61,12 +63,15 @@ def start(name: str, args: list[str], ready_path: str, log_dir: Path, port: int)
     raise RuntimeError(f"{name} did not become ready")
 
 
-def start_vlserve(model: Path, mmproj: Path, log_dir: Path, *, threads: int,
-                  n_parallel: int) -> Server:
+def start_vlserve(model: Path, mmproj: Path | None, log_dir: Path, *, threads: int,
+                  n_parallel: int, config: Path | None = None, n_ctx: int = 4096) -> Server:
     port = free_port()
-    args = ["-m", "server.cli", "serve", "--model", str(model), "--mmproj", str(mmproj),
-            "--port", str(port), "--n-ctx", "4096", "--n-parallel", str(n_parallel),
-            "--log-level", "warning"]
+    args = ["-m", "server.cli", "serve", "--model", str(model), "--port", str(port),
+            "--n-ctx", str(n_ctx), "--n-parallel", str(n_parallel), "--log-level", "warning"]
+    if mmproj is not None:
+        args += ["--mmproj", str(mmproj)]
+    if config is not None:
+        args += ["--config", str(config)]
     import os
 
     os.environ["VLSERVE_N_THREADS"] = str(threads)
