@@ -57,6 +57,14 @@ class Child:
             out.close()  # type: ignore[union-attr]
         self.started_at = time.monotonic()
 
+    def log_tail(self, lines: int = 5) -> str:
+        """Its log's last lines, for an error message (none when it logs to our stderr)."""
+        if self.log_dir is None:
+            return ""
+        path = self.log_dir / f"{self.name}.log"
+        tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+        return "".join(f"\n  {line}" for line in tail)
+
     @property
     def pid(self) -> int:
         return self.process.pid if self.process else 0

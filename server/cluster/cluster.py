@@ -118,7 +118,7 @@ class Cluster:
                     status = child.exited()
                     if status is not None:
                         raise ClusterError(f"{child.name} exited with status {status} "
-                                           "before the cluster was ready")
+                                           f"before the cluster was ready{child.log_tail()}")
                 if self.stopping.is_set():
                     raise ClusterError("stopped before the cluster was ready")
                 if self._all_healthy(client):
