@@ -322,6 +322,12 @@ def test_kill_9_of_a_replica(cluster: LocalCluster) -> None:
     assert f"{victim} (pid {pid}) exited with signal 9: restarting it" in cluster.log()
     wait_for("both replicas healthy", lambda: all(cluster.workers().values()), cluster)
 
+    def serves_again() -> bool:  # new sessions reach it, not just its health checks
+        return victim in {chat(cluster.url, [{"role": "user", "content": "Hi"}],
+                               f"back-{i}-{time.monotonic()}", 2)[1] for i in range(8)}
+
+    wait_for("the replacement to get sessions", serves_again, cluster, timeout=30)
+
 
 def test_sigterm_drains_then_stops_everything(cluster: LocalCluster) -> None:
     """Last in the module: it stops the cluster. A stream in flight finishes whole."""

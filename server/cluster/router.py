@@ -18,10 +18,12 @@ DEFAULT_POLICY = "consistent_hash"
 
 # Its defaults check workers every 60 s and drop one after 3 failures: a killed replica's
 # sessions would get errors for minutes. Checked every second, dropped after two misses.
+# Its circuit breaker (open after 10 failed requests) stays open 60 s by default: a
+# restarted replica would get no traffic for a minute; 5 s, then it is tried again.
 HEALTH_ARGS = ("--health-check-interval-secs", "1", "--health-check-timeout-secs", "2",
                "--health-failure-threshold", "2", "--health-success-threshold", "1",
                "--retry-max-retries", "3", "--retry-initial-backoff-ms", "100",
-               "--retry-max-backoff-ms", "1000")
+               "--retry-max-backoff-ms", "1000", "--cb-timeout-duration-secs", "5")
 
 
 def router_binary() -> Path:
