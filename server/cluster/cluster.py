@@ -177,6 +177,10 @@ class Cluster:
         self.router.wait(10)
         logger.info("cluster stopped")
 
+    def kill(self) -> None:
+        for child in (*self.replicas, self.router):
+            child.signal(signal.SIGKILL)
+
 
 def free_port(host: str = REPLICA_HOST) -> int:
     with socket.socket() as sock:

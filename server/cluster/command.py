@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 from pathlib import Path
 from types import FrameType
@@ -50,9 +51,15 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
         if not sep or not name:
             raise ConfigError(f"--replica-env wants NAME=VALUE, not {item!r}")
         env[name] = value
-    # One replica's settings, checked here: a bad preset is one line and exit 2, not N
-    # replicas failing in turn.
-    load_settings(args.config, model=args.model, mmproj=args.mmproj)
+    # One replica's settings (its VLSERVE_* variables included), checked here: a bad preset
+    # is one line and exit 2, not N replicas failing in turn.
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("VLSERVE_")})
+    try:
+        load_settings(args.config, model=args.model, mmproj=args.mmproj)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     return ClusterSpec(model=args.model, mmproj=args.mmproj, config=args.config,
                        host=args.host, port=args.port, replicas=args.replicas,
                        policy=args.router_policy, threads_per_replica=args.threads_per_replica,
@@ -69,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
     cluster = Cluster(spec_from_args(args))
 
     def on_signal(signum: int, _: FrameType | None) -> None:
+        if cluster.stopping.is_set():  # a second Ctrl-C: no more waiting
+            logger.warning("signal %d again: killing every replica and the router", signum)
+            cluster.kill()
+            return
         logger.info("signal %d: draining the replicas, then stopping the router", signum)
         cluster.stopping.set()
 
@@ -77,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cluster.start()
     except ClusterError as exc:
+        if cluster.stopping.is_set():  # told to stop while starting: not a failure
+            return 0
         logger.error("cluster did not start: %s", exc)
         return 1
     cluster.supervise()
