@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                                         # a slot per session: routing, not slot count
                                         "VLSERVE_N_PARALLEL": "8"})
         print("policy            header  turn-2/3 prefix hits  cached tokens (mean)  "
-              "sessions split")
+              "sessions kept / moved  sessions per replica")
         with running(_cluster(spec, 2)) as cluster:
             for seed, policy in enumerate(POLICIES):
                 for header in (True, False):
@@ -112,10 +112,12 @@ def report_sessions(policy: str, header: bool, url: str, args: argparse.Namespac
                     seed: int) -> None:
     hits, cached, replicas = run_sessions(url, args.sessions, args.turns, header, seed)
     total = args.sessions * (args.turns - 1)
-    split = Counter(len(r) for r in replicas)
+    kept = sum(1 for r in replicas if len(r) == 1)
+    # Where each session's first turn went: all on one replica is no load balancing.
+    spread = Counter(sorted(r)[0] for r in replicas if len(r) == 1)
     print(f"{policy:<17} {'yes' if header else 'no':<7} {hits:>3}/{total:<18} "
-          f"{statistics.mean(cached):>8.0f}              "
-          f"{split[1]} on one replica, {sum(split.values()) - split[1]} moved")
+          f"{statistics.mean(cached):>8.0f}              {kept:>2} / {len(replicas) - kept:<16}"
+          + (", ".join(f"{name}: {n}" for name, n in sorted(spread.items())) or "-"))
 
 
 def run_sessions(url: str, sessions: int, turns: int, header: bool, seed: int
