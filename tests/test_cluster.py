@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -121,8 +122,9 @@ def run_sessions(url: str, tag: str, sessions: int = 4, turns: int = 3,
     """Each session: an image question, then follow-ups re-sending the whole chat. In step:
     all sessions' first turns together, then their second turns (as concurrent users do);
     else one session after another."""
+    seed = zlib.crc32(tag.encode()) % 1000
     chats = [[image_message(f"Session {tag}-{i}: what is in this picture?",
-                            data_url(photo_bytes(96, 64, seed=hash(tag) % 1000 + i)))]
+                            data_url(photo_bytes(96, 64, seed=seed + i)))]
              for i in range(sessions)]
     record: list[list[Turn]] = [[] for _ in range(sessions)]
 
