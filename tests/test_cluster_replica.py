@@ -4,6 +4,7 @@ counts running requests only; and the cluster command's checks before anything s
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from test_auth import KEY_A, make_app, request
 
 from server.cli import main
+from server.cluster import Cluster, ClusterSpec
 from server.cluster.router import HEALTH_ARGS, router_argv
 from server.config import ConfigError
 from server.demo_model import DemoModelPaths
@@ -92,3 +94,20 @@ def test_cluster_arguments_are_checked_before_anything_starts(
         args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["cluster", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_replicas_get_their_own_gpu_threads_and_id(tmp_path: Path) -> None:
+    """What each replica is started with (nothing is started here)."""
+    cluster = Cluster(ClusterSpec(replicas=3, gpus=("0", "1"), threads_per_replica=2,
+                                  replica_env={"VLSERVE_N_PARALLEL": "8"}, log_dir=tmp_path))
+    envs = [replica.env for replica in cluster.replicas]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "0"]
+    assert [e["VLSERVE_REPLICA_ID"] for e in envs] == ["r0", "r1", "r2"]
+    assert {e["VLSERVE_N_THREADS"] for e in envs} == {e["OMP_NUM_THREADS"] for e in envs} == {"2"}
+    assert all(e["VLSERVE_N_PARALLEL"] == "8" for e in envs)
+    ports = [int(r.argv[r.argv.index("--port") + 1]) for r in cluster.replicas]
+    assert cluster.replica_urls() == [f"http://127.0.0.1:{port}" for port in ports]
+    assert all(r.argv[r.argv.index("--host") + 1] == "127.0.0.1" for r in cluster.replicas)
+    plain = Cluster(ClusterSpec(replicas=1, log_dir=tmp_path))
+    assert plain.replicas[0].env.get("CUDA_VISIBLE_DEVICES") == os.environ.get(
+        "CUDA_VISIBLE_DEVICES")  # inherited, not set

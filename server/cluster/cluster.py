@@ -38,6 +38,10 @@ class ClusterSpec:
     # VLSERVE_* (or any) variables for every replica: the seam for shared settings such as
     # VLSERVE_STATE_URL (a store all replicas use) or VLSERVE_N_PARALLEL.
     replica_env: dict[str, str] = field(default_factory=dict)
+    # GPU ids handed out in turn (replica i gets gpus[i % len]) as CUDA_VISIBLE_DEVICES;
+    # empty: every replica sees what this process sees (llama.cpp would split each
+    # replica's layers over all of them).
+    gpus: tuple[str, ...] = ()
     router_args: tuple[str, ...] = ()  # passed to vllm-router as they are
     log_dir: Path | None = None  # None: children's lines on our stderr, tagged
     ready_timeout: float = 600.0
@@ -80,10 +84,11 @@ class Cluster:
             if value is not None:
                 argv += [flag, str(value)]
         threads = str(spec.threads())
+        gpu = {"CUDA_VISIBLE_DEVICES": spec.gpus[index % len(spec.gpus)]} if spec.gpus else {}
         env = child_env({"VLSERVE_N_THREADS": threads, "OMP_NUM_THREADS": threads,
                          "VLSERVE_REPLICA_ID": f"r{index}",
                          "VLSERVE_DRAIN_TIMEOUT": str(spec.drain_timeout),
-                         **spec.replica_env})
+                         **gpu, **spec.replica_env})
         return Child(f"r{index}", argv, env, spec.log_dir)
 
     # --- lifecycle ---------------------------------------------------------------------

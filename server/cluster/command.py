@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "by the X-Session-ID header)")
     parser.add_argument("--threads-per-replica", type=int, default=0,
                         help="llama.cpp threads per replica (default: the cores shared out)")
+    parser.add_argument("--gpus", default="", metavar="IDS",
+                        help="GPU ids handed out in turn, e.g. 0,1: replica i gets one as "
+                        "CUDA_VISIBLE_DEVICES (default: each sees every GPU)")
     parser.add_argument("--replica-env", action="append", default=[], metavar="NAME=VALUE",
                         help="an environment variable for every replica, e.g. "
                         "VLSERVE_N_PARALLEL=8 or VLSERVE_STATE_URL=redis://... (repeatable)")
@@ -64,6 +67,7 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
                        host=args.host, port=args.port, replicas=args.replicas,
                        policy=args.router_policy, threads_per_replica=args.threads_per_replica,
                        replica_env=env, router_args=tuple(args.router_arg),
+                       gpus=tuple(g.strip() for g in args.gpus.split(",") if g.strip()),
                        log_dir=args.log_dir, ready_timeout=args.ready_timeout,
                        drain_timeout=args.drain_timeout)
 
