@@ -52,12 +52,16 @@ COPY server ./server
 # against the devel image's driver stub (the host's driver is used at run time).
 # GGML_NATIVE=off: the image must run on other CPUs than the build machine's. The check
 # fails the build if the CUDA backend is missing (such a build runs on the CPU silently).
+# The cluster extra adds vllm-router (a 70 MB binary): deploy/kubernetes/ runs the router
+# from this same image. DL3013 takes ".[cluster]" for an unpinned package: it is this
+# project (its pins are in pyproject.toml).
+# hadolint ignore=DL3013
 RUN if [ "$VARIANT" = "cuda" ]; then \
         export CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES} -DGGML_NATIVE=off -DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined"; \
     else \
         export CMAKE_ARGS="-DGGML_CUDA=off -DGGML_NATIVE=off"; \
     fi \
-    && pip install --no-cache-dir . \
+    && pip install --no-cache-dir ".[cluster]" \
     && if [ "$VARIANT" = "cuda" ]; then \
         test -n "$(find /opt/venv -name 'libggml-cuda.so*' -print -quit)"; \
     fi

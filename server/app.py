@@ -20,6 +20,7 @@ from server.api.metrics import metrics_router
 from server.api.observe import RequestObserver
 from server.api.openapi import install_openapi
 from server.api.paths import ExactPaths
+from server.api.replica import REPLICA_HEADER, ReplicaHeader
 from server.api.responses import router as responses_router
 from server.api.state import AppState
 from server.api.status import health_router, models_router
@@ -79,11 +80,15 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     install_openapi(app, lambda path: is_protected(path, metrics_open=settings.metrics_open),
                     keys=bool(keys))
     app.add_middleware(DrainMiddleware, drain=state.drain)
+    if settings.replica_id:  # outermost but CORS: every answer says who gave it, 401s too
+        app.add_middleware(ReplicaHeader, replica_id=settings.replica_id)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type"],
-                           expose_headers=["Server-Timing", "X-Request-ID", "Retry-After"])
+                           # X-Session-ID: the router's affinity key (README "Scaling out").
+                           allow_headers=["Authorization", "Content-Type", "X-Session-ID"],
+                           expose_headers=["Server-Timing", "X-Request-ID", "Retry-After",
+                                           REPLICA_HEADER])
     app.include_router(health_router)
     app.include_router(metrics_router)
     for prefix in API_PREFIXES:

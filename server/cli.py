@@ -1,4 +1,4 @@
-"""`vlserve` command line: serve, doctor, bench, download, models, make-demo-model."""
+"""`vlserve` command line: serve, cluster, doctor, bench, download, models, make-demo-model."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.bench import command as bench_command
 from server.bench.soak import command as soak_command
+from server.cluster import command as cluster_command
 from server.config import ConfigError, Settings, load_settings
 from server.doctor import command as doctor_command
 from server.registry import DEFAULT_MODELS_DIR, RegistryEntry
@@ -61,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-file", type=Path,
                        help="file with accepted API keys, one per line")
     serve.set_defaults(handler=_serve)
+
+    cluster = sub.add_parser("cluster", help="N serve replicas behind vllm-router on one "
+                             "port (pip install 'vlserve[cluster]')")
+    cluster_command.add_arguments(cluster)
+    cluster.set_defaults(handler=cluster_command.run)
 
     doctor = sub.add_parser("doctor", help="check this box: build, GPUs, model files, then "
                             "one text and one image request (exit 0 when all is well)")

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # Origins allowed to call the API from a browser (e.g. "https://app.example"); none: no
     # CORS headers at all.
     cors_origins: Annotated[list[str], NoDecode] = []
+    # Sent as the X-Vlserve-Replica response header when set: which replica behind a router
+    # answered (`vlserve cluster` names its replicas r0, r1, ...). Must be a plain token.
+    replica_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
     # Seconds that in-flight requests get to finish after SIGTERM before the server exits.
     drain_timeout: float = Field(30.0, ge=0)
 

@@ -89,6 +89,17 @@ class Metrics:
               lambda: engine.info.get("n_ctx", settings.n_ctx))
         gauge("vlserve_kv_cells_used", "KV cache cells in use, idle slots' reusable prefixes "
               "included (counted as positions)", lambda: engine.kv_cells_used)
+        # The model-server contract that load-aware routers read (the inference gateway's
+        # endpoint picker, llm-d): one unlabelled series each, KV usage as a 0-1 ratio of the
+        # cells running requests hold (idle prefixes would make an idle server read busy).
+        gauge("vlserve_num_requests_waiting", "Requests waiting for a slot",
+              lambda: engine.queue_depth)
+        gauge("vlserve_num_requests_running", "Requests being generated (busy slots)",
+              lambda: engine.busy_slots)
+        gauge("vlserve_kv_cache_usage_ratio", "Share (0-1) of the KV cache that running "
+              "requests hold; idle slots' reusable prefixes not counted",
+              lambda: min(1.0, engine.kv_cells_running
+                          / max(1, engine.info.get("n_ctx", settings.n_ctx))))
         gauge("vlserve_model_loaded", "1 once the model is loaded",
               lambda: int(engine.state in (EngineState.WARMING, EngineState.READY)))
         gauge("vlserve_model_warm", "1 once warm-up is done and requests are served",

@@ -52,6 +52,10 @@ def make_app(demo_model: DemoModelPaths, **overrides: object) -> object:
     ("/health", False, False),
     ("/health/", False, True),  # exactly /health: nothing hides behind its name
     ("/healthz", False, True),
+    # The router's and the orchestrator's probes: liveness and the load count.
+    ("/livez", False, False),
+    ("/get_load", False, False),
+    ("/get_load/", False, True),
     # The playground page and its files are open (they hold no data; the page's own API
     # calls carry the key its user types in), but nothing else under /playground.
     ("/", False, False),
@@ -134,6 +138,8 @@ def test_no_route_is_reachable_without_a_key(demo_model: DemoModelPaths) -> None
             answer = request(app, method, path)
             if route_path == "/health":
                 assert answer.status_code == 503  # open (loading), for probes
+            elif route_path in ("/livez", "/get_load"):
+                assert answer.status_code == 200  # open probes (README "Scaling out")
             elif route_path in ("/", "/playground"):
                 assert answer.status_code != 401  # the page itself, open by design
             elif route_path == "/playground/static":  # the page's files: open, the rest not

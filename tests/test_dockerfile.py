@@ -88,7 +88,7 @@ def test_build_stage_compiles_cuda_llama_and_pillow_simd() -> None:
     build = next(body for line, body in stages("cuda") if line.endswith(" AS build"))
     runs = " ".join(values(build, "RUN"))
     assert "-DGGML_CUDA=on" in runs and "CMAKE_ARGS" in runs
-    assert "pip install --no-cache-dir ." in runs
+    assert 'pip install --no-cache-dir ".[cluster]"' in runs  # vllm-router for deploy/kubernetes
     assert "libggml-cuda.so" in runs  # the build fails without the CUDA backend
     assert "pip uninstall -y pillow" in runs and "--no-binary pillow-simd" in runs
     assert "libjpeg-turbo8-dev" in runs

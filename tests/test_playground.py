@@ -111,9 +111,22 @@ def chat_bodies(page: Page) -> list[dict]:
     return bodies
 
 
+def chat_sessions(page: Page) -> list[str | None]:
+    """The X-Session-ID header of every chat request the page sends."""
+    sessions: list[str | None] = []
+
+    def record(request: Request) -> None:
+        if request.url.endswith("/chat/completions"):
+            sessions.append(request.headers.get("x-session-id"))
+
+    page.on("request", record)
+    return sessions
+
+
 def test_image_question_streams_an_answer_with_stage_timings(
         page: Page, server: RunningServer, tmp_path: Path) -> None:
     sent = chat_bodies(page)
+    sessions = chat_sessions(page)
     page.goto(f"{server.url}/")
     expect(page.locator("#status")).to_have_attribute("data-state", "ready")
     expect(page.locator("#status-text")).to_contain_text("vlserve-demo-llava")
@@ -159,6 +172,17 @@ def test_image_question_streams_an_answer_with_stage_timings(
     assert sent[1]["messages"][1]["content"][1]["file"]["file_id"] == file_id
     assert sent[1]["messages"][2]["content"] == first.locator(".text").inner_text()
     assert sent[0]["stream"] is True and sent[0]["stream_options"] == {"include_usage": True}
+
+    # One X-Session-ID per conversation (a router keeps it on one replica); a new chat, a
+    # new one.
+    assert sessions[0] and re.fullmatch(r"playground-[0-9a-f]{32}", sessions[0])
+    assert sessions[1] == sessions[0]
+    page.click("#new-chat")
+    page.fill("#prompt", "A new topic.")
+    page.locator("#prompt").press("Enter")
+    expect(page.locator(".msg.assistant").nth(0).locator(".stat-tokens")).to_have_text(
+        re.compile(r"^[1-9]\d* tokens$"), timeout=STREAM_TIMEOUT_MS)
+    assert len(sessions) == 3 and sessions[2] and sessions[2] != sessions[0]
 
 
 def save_screenshot(page: Page, tmp_path: Path) -> None:

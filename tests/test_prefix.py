@@ -24,3 +24,22 @@ def test_positions_and_tokens_count_images_whole() -> None:
     mrope_image = ImageKey("m", n_pos=8, n_tokens=64)
     assert n_positions([1, mrope_image, 2]) == 10
     assert n_tokens([1, mrope_image, 2]) == 66
+
+
+def test_a_new_conversation_takes_an_empty_slot_not_another_conversations_cache() -> None:
+    """Sharing the template's first tokens is no reason to wipe a whole conversation: its
+    next turn would re-read everything (several sessions on one replica behind a router)."""
+    from server.engine.jobs import Slot
+    from server.engine.start import best_slot
+
+    template = [1, 2, 3]
+    chat_a = [*template, IMG_A, *range(10, 60)]
+    slots = [Slot(0, cached=list(chat_a)), Slot(1), Slot(2, cached=list(template))]
+    # A new chat: the slot holding just the template prefix (the warm-up's) gains most.
+    assert best_slot(slots, [*template, IMG_B, 7], "") == (slots[2], 3)
+    # Without that slot, the empty one, not chat A's.
+    assert best_slot(slots[:2], [*template, IMG_B, 7], "") == (slots[1], 0)
+    # Chat A's next turn goes back to its own cache.
+    assert best_slot(slots, [*chat_a, 99, 100], "") == (slots[0], len(chat_a))
+    # Another tenant's cache counts for nothing, matched or not.
+    assert best_slot(slots[:2], [*chat_a, 99], "other") == (slots[1], 0)

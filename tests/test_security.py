@@ -32,6 +32,9 @@ ROUTES = {
     ("/openapi.json", "GET"), ("/openapi.json", "HEAD"), ("/docs", "GET"), ("/docs", "HEAD"),
     ("/docs/oauth2-redirect", "GET"), ("/docs/oauth2-redirect", "HEAD"), ("/redoc", "GET"),
     ("/redoc", "HEAD"), ("/health", "GET"), ("/metrics", "GET"),
+    # Open probes for the router and the orchestrator: a state word and a request count, no
+    # request data (test_cluster_replica.py).
+    ("/livez", "GET"), ("/get_load", "GET"),
     ("/", "GET"), ("/playground", "GET"), ("/playground/static", "GET"),  # the web page
     *((f"{prefix}{path}", method) for prefix in ("/api/v1", "/v1") for path, method in (
         ("/chat/completions", "POST"), ("/files", "POST"), ("/files", "GET"),

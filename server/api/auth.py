@@ -1,8 +1,9 @@
 """Optional bearer-token auth, as a small pure-ASGI middleware.
 
-Default deny: with keys configured every path needs one, except /health (probes carry no
-key), the playground page and its static files (a page holds no data; every API call it
-makes carries the key its user types in), and /metrics when `metrics_open`. So
+Default deny: with keys configured every path needs one, except /health, /livez and
+/get_load (probes carry no key), the playground page and its static files (a page holds no
+data; every API call it makes carries the key its user types in), and /metrics when
+`metrics_open`. So
 /openapi.json, /docs, /redoc and any route added later are covered without anyone having to
 remember them.
 """
@@ -17,7 +18,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import error_response
 
-OPEN_PATHS = frozenset({"/health", "/", "/playground"})
+# The router's and the orchestrator's probes carry no key: /health (readiness), /livez
+# (liveness) and /get_load (a count for load-aware routing) answer without one.
+OPEN_PATHS = frozenset({"/health", "/livez", "/get_load", "/", "/playground"})
 OPEN_PREFIXES = ("/playground/static/",)
 _IDENTITY = "vlserve.client"  # scope key: which key the request came with
 

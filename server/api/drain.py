@@ -20,6 +20,10 @@ from server.logs import printable
 
 logger = logging.getLogger("vlserve.drain")
 
+# Liveness keeps answering while draining: a liveness probe that failed then would get the
+# process killed in the middle of finishing its requests.
+LIVE_PATHS = frozenset({"/livez"})
+
 
 class Drain:
     """Shared between the middleware (counts, refuses) and the server loop (decides to exit)."""
@@ -49,7 +53,7 @@ class DrainMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.drain.draining:
+        if self.drain.draining and scope["path"] not in LIVE_PATHS:
             # Connection: close makes uvicorn drop the keep-alive connection after this answer.
             headers = {"Retry-After": "5", "Connection": "close"}
             if scope["path"] == "/health":

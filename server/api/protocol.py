@@ -365,6 +365,15 @@ class Health(BaseModel):
     error: str | None = None  # why the engine failed or stopped
 
 
+class Live(BaseModel):
+    status: Literal["alive"]
+    engine: str  # loading, warming, ok, draining, failed or stopped
+
+
+class Load(BaseModel):
+    load: int  # requests running plus waiting
+
+
 class SlotState(BaseModel):
     id: int
     state: Literal["idle", "prefill", "generating"]

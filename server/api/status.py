@@ -1,4 +1,4 @@
-"""GET /health (readiness) and GET /models."""
+"""GET /health (readiness), /livez (liveness), /get_load (for the router) and /models."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from server.api.auth import client_identity
 from server.api.errors import error_response
 from server.api.openapi import responses
-from server.api.protocol import Health, ModelCard, ModelList, Slots
+from server.api.protocol import Health, Live, Load, ModelCard, ModelList, Slots
 from server.api.state import AppState
 from server.engine import EngineState
 
@@ -31,6 +31,24 @@ async def health(request: Request) -> JSONResponse:
     if engine.state in (EngineState.FAILED, EngineState.STOPPED):
         body = {"status": engine.state.value, "error": engine.error}
     return JSONResponse(body, status_code=503)
+
+
+@health_router.get("/livez", responses={200: {"model": Live, "description": "The process "
+                  "answers HTTP; `engine` says its state (loading, ready, draining...)"}})
+async def livez(request: Request) -> JSONResponse:
+    """200 while the process serves HTTP, loading and draining included: unlike /health it
+    never gates on readiness, so an orchestrator restarts only a server that stopped
+    answering (a hung engine exits the process through its watchdog)."""
+    state: AppState = request.app.state.vlserve
+    engine = "draining" if state.drain.draining else state.engine.state.value
+    return JSONResponse({"status": "alive", "engine": engine})
+
+
+@health_router.get("/get_load", responses={200: {"model": Load, "description": "Requests "
+                   "running plus waiting: what vllm-router's power_of_two policy compares"}})
+async def get_load(request: Request) -> JSONResponse:
+    engine = request.app.state.vlserve.engine
+    return JSONResponse({"load": engine.busy_slots + engine.queue_depth})
 
 
 @models_router.get("/models", responses=responses(ModelList))

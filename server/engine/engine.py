@@ -129,6 +129,10 @@ class Engine:
         # Read from other threads: a sum of ints the engine thread updates, no lock needed.
         return self._scheduler.kv_cells_used if self._scheduler else 0
 
+    @property
+    def kv_cells_running(self) -> int:
+        return self._scheduler.kv_cells_running if self._scheduler else 0
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         """Stream events for one request; stopping early cancels its generation."""
         scheduler = self._require_ready()

@@ -33,7 +33,13 @@ class KvBudget:
         caches can be dropped for it). With nothing running, anything admitted fits: its
         max_tokens was clipped to the context."""
         active = [s for s in slots if s.job is not None]
-        return not active or sum(n_tokens(s.cached) for s in active) + job_need <= self.n_ctx
+        return not active or self.running_cells(active) + job_need <= self.n_ctx
+
+    @staticmethod
+    def running_cells(slots: Iterable[Slot]) -> int:
+        """Cells that running requests hold. Idle slots' reusable prefixes are left out: they
+        are dropped the moment a request needs room, so they are not load."""
+        return sum(n_tokens(s.cached) for s in slots if s.job is not None)
 
     @staticmethod
     def step_need(slots: Iterable[Slot]) -> int:

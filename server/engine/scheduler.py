@@ -120,6 +120,11 @@ class Scheduler:
         return [slot_view(slot) for slot in self.slots]
 
     @property
+    def kv_cells_running(self) -> int:
+        """KV cells held by running requests (read from other threads: racy by a step)."""
+        return self.kv.running_cells(list(self.slots))
+
+    @property
     def kv_cells_used(self) -> int:
         """KV positions held by all sequences, idle slots' reusable prefixes included."""
         return sum(s.n_past for s in self.slots)

@@ -128,20 +128,14 @@ class Starter:
 
     def _pick_slot(self, slots: list[Slot], keys: list[KvKey], tenant: str
                    ) -> tuple[Slot, int]:
-        """The free slot sharing the longest prefix, and how many entries of it to keep;
-        idle caches are dropped if the prompt might not fit beside them. Another tenant's
-        cache is worth nothing: how much of it matched would tell what it holds."""
-        free = [s for s in slots if s.job is None]
-        # Ties go to the shorter cache, then to the lower slot (slots[i].seq_id == i).
-        keep, _, neg_seq = max((common_prefix_len(s.cached, keys) if s.tenant == tenant else 0,
-                                -len(s.cached), -s.seq_id)
-                               for s in free)
-        best = slots[-neg_seq]
+        """best_slot among the free ones; idle caches are dropped if the prompt might not
+        fit beside them."""
+        best, keep = best_slot([s for s in slots if s.job is None], keys, tenant)
         # KV cells, not positions: an M-RoPE image (GLM-4V, Qwen) takes a cell per token but
         # fewer positions (a large `detail: high` image: 782 cells at 46 positions).
         if self.kv.free(s for s in slots if s is not best) < n_tokens(keys):
-            for other in free:
-                if other is not best:
+            for other in slots:
+                if other.job is None and other is not best:
                     self.forget(other)
         return best, keep
 
@@ -149,3 +143,18 @@ class Starter:
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
         slot.cached.clear()
         slot.n_past = 0
+
+
+def best_slot(free: list[Slot], keys: list[KvKey], tenant: str) -> tuple[Slot, int]:
+    """The free slot where the prompt gains most (entries kept minus cached entries thrown
+    away), and how many entries to keep. So a new conversation that shares only the
+    template's first tokens with another's cache takes an empty slot instead of wiping that
+    conversation, whose next turn would otherwise re-read everything. Another tenant's
+    cache is worth nothing: how much of it matched would tell what it holds."""
+
+    def keeps(slot: Slot) -> int:
+        return common_prefix_len(slot.cached, keys) if slot.tenant == tenant else 0
+
+    # Ties go to the shorter cache, then to the lower slot.
+    best = max(free, key=lambda s: (2 * keeps(s) - len(s.cached), -len(s.cached), -s.seq_id))
+    return best, keeps(best)

@@ -28,6 +28,7 @@ const ui = {
 };
 
 let history = [];       // the conversation so far, re-sent in full each turn
+let session = newSession();  // X-Session-ID: keeps a conversation on one replica's cache
 let pending = [];       // images added for the next question: {file, url, id, upload, chip}
 let modelId = null;     // from GET /models; the server answers any name anyway
 let textOnly = false;   // the model has no vision projector: images would be refused
@@ -40,6 +41,14 @@ function api(path, init = {}) {
   const key = ui.apiKey.value.trim();
   if (key) headers.set("Authorization", `Bearer ${key}`);
   return fetch(new URL(path, API), { ...init, headers });
+}
+
+// A random id per conversation. Behind a router (vlserve cluster) the header keeps every
+// turn on the replica that holds the conversation's KV prefix and image embeddings.
+// getRandomValues, not randomUUID: the latter needs a secure context (https or localhost).
+function newSession() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return "playground-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 class ApiError extends Error {}
@@ -218,6 +227,7 @@ async function sendQuestion() {
   addUserMessage(text, images);
   const answer = addAssistantMessage();
   const conversation = history;  // "New chat" mid-answer must not get this turn
+  const sessionId = session;
   streaming = new AbortController();
   setBusy(true);
   try {
@@ -226,7 +236,8 @@ async function sendQuestion() {
     const parts = ids.map((id) => ({ type: "file", file: { file_id: id } }));
     if (text) parts.unshift({ type: "text", text });
     const user = { role: "user", content: ids.length ? parts : text };
-    const reply = await streamAnswer([...systemMessages(), ...conversation, user], answer);
+    const reply = await streamAnswer([...systemMessages(), ...conversation, user], answer,
+                                     sessionId);
     conversation.push(user, reply);
   } catch (err) {
     answer.body.classList.remove("pending");
@@ -270,7 +281,7 @@ function jsonBox(box, what) {
   }
 }
 
-async function streamAnswer(messages, answer) {
+async function streamAnswer(messages, answer, sessionId) {
   const body = {
     model: modelId || "default",
     messages,
@@ -288,7 +299,7 @@ async function streamAnswer(messages, answer) {
   }
   const response = await api("chat/completions", {
     method: "POST",
-    headers: { "Content-Type": "application/json" },
+    headers: { "Content-Type": "application/json", "X-Session-ID": sessionId },
     body: JSON.stringify(body),
     signal: streaming.signal,
   });
@@ -522,6 +533,7 @@ ui.apiKey.addEventListener("change", () => {
 ui.newChat.addEventListener("click", () => {
   if (streaming) streaming.abort();
   history = [];
+  session = newSession();
   ui.messages.replaceChildren(ui.empty);
   hideNotice();
   updateEmpty();
