@@ -1,7 +1,7 @@
 """Two `vlserve serve` replicas sharing one Redis (state_url): a file uploaded on one and
 a response stored on one are usable from the other; per-key quotas and the TTL hold in
 Redis; a Redis that goes away is a 503 in OpenAI's error shape, never a hang or a crash.
-The nginx front (server/cluster_front.py): uploads and chats through one address."""
+The nginx front (server/cluster/front.py): uploads and chats through one address."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from helpers import data_url, image_message, photo_bytes, skip_unless_ci
 from redis_server import RedisServer, start_redis
 
 from bench.servers import free_port, stop_process
-from server.cluster_front import launch_nginx, nginx_binary, write_nginx_conf
+from server.cluster.front import launch_nginx, nginx_binary, write_nginx_conf
 from server.demo_model import DemoModelPaths
 
 KEY_1, KEY_2 = "sk-shared-one", "sk-shared-two"

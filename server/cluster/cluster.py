@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from server.cluster.child import Child, child_env
+from server.cluster.front import nginx_argv, redis_argv, write_nginx_conf
 from server.cluster.router import DEFAULT_POLICY, router_argv
 
 logger = logging.getLogger("vlserve.cluster")
@@ -44,6 +46,11 @@ class ClusterSpec:
     gpus: tuple[str, ...] = ()
     router_args: tuple[str, ...] = ()  # passed to vllm-router as they are
     log_dir: Path | None = None  # None: children's lines on our stderr, tagged
+    # A store every replica shares (uploads, stored responses); with one, nginx takes the
+    # cluster's port (the router cannot carry multipart uploads) and the router moves behind
+    # it. `local_redis`: a redis-server of the cluster's own, on loopback.
+    state_url: str | None = None
+    local_redis: bool = False
     ready_timeout: float = 600.0
     drain_timeout: float = 30.0  # what each replica gets after SIGTERM (its drain_timeout)
 
@@ -58,19 +65,45 @@ class ClusterError(RuntimeError):
 class Cluster:
     def __init__(self, spec: ClusterSpec) -> None:
         self.spec = spec
+        self.workdir = spec.log_dir or Path(tempfile.mkdtemp(prefix="vlserve-cluster-"))
+        self.redis: Child | None = None
+        self.state_url = spec.state_url
+        if spec.local_redis:
+            redis_port = free_port()
+            self.redis = Child("redis", redis_argv(redis_port, self.workdir), child_env({}),
+                               spec.log_dir)
+            self.state_url = f"redis://{REPLICA_HOST}:{redis_port}/0"
         self.ports = [free_port() for _ in range(spec.replicas)]
         self.replicas = [self._replica(i, port) for i, port in enumerate(self.ports)]
-        workers = [f"http://{REPLICA_HOST}:{port}" for port in self.ports]
+        # With shared state the front takes the cluster's port, the router a loopback one.
+        fronted = self.state_url is not None
+        router_host, router_port = (REPLICA_HOST, free_port()) if fronted else (spec.host,
+                                                                                 spec.port)
+        self.router_url = f"http://{REPLICA_HOST}:{router_port}"
         self.router = Child("router", router_argv(
-            host=spec.host, port=spec.port, workers=workers, policy=spec.policy,
-            prometheus_port=free_port(), startup_timeout=spec.ready_timeout,
-            extra=spec.router_args), child_env({}), spec.log_dir)
+            host=router_host, port=router_port, workers=self.replica_urls(),
+            policy=spec.policy, prometheus_port=free_port(),
+            startup_timeout=spec.ready_timeout, extra=spec.router_args), child_env({}),
+            spec.log_dir)
+        self.front: Child | None = None
+        if fronted:
+            listen = f"[{spec.host}]:{spec.port}" if ":" in spec.host else \
+                f"{spec.host}:{spec.port}"
+            conf = write_nginx_conf(listen, self.router_url, self.replica_urls(),
+                                    self.workdir / "front" / "nginx.conf")
+            self.front = Child("front", nginx_argv(conf), child_env({}), spec.log_dir)
         self.stopping = threading.Event()
 
     @property
     def url(self) -> str:
+        """The cluster's one address (the front's, else the router's)."""
         host = REPLICA_HOST if self.spec.host in ("0.0.0.0", "::") else self.spec.host
         return f"http://{host}:{self.spec.port}"
+
+    def children(self) -> list[Child]:
+        """Everything supervised, in start order."""
+        return [c for c in (self.redis, *self.replicas, self.router, self.front)
+                if c is not None]
 
     def replica_urls(self) -> list[str]:
         return [f"http://{REPLICA_HOST}:{port}" for port in self.ports]
@@ -85,10 +118,11 @@ class Cluster:
                 argv += [flag, str(value)]
         threads = str(spec.threads())
         gpu = {"CUDA_VISIBLE_DEVICES": spec.gpus[index % len(spec.gpus)]} if spec.gpus else {}
+        state = {"VLSERVE_STATE_URL": self.state_url} if self.state_url else {}
         env = child_env({"VLSERVE_N_THREADS": threads, "OMP_NUM_THREADS": threads,
                          "VLSERVE_REPLICA_ID": f"r{index}",
                          "VLSERVE_DRAIN_TIMEOUT": str(spec.drain_timeout),
-                         **gpu, **spec.replica_env})
+                         **gpu, **state, **spec.replica_env})
         return Child(f"r{index}", argv, env, spec.log_dir)
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -96,12 +130,20 @@ class Cluster:
         """Start every replica and the router; return once all are ready."""
         if self.spec.log_dir is not None:
             self.spec.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.redis is not None:
+            self.redis.start()
+            logger.info("redis: pid %d at %s (the replicas' shared state)", self.redis.pid,
+                        self.state_url)
         for replica in self.replicas:
             replica.start()
             self._announce(replica)
         self.router.start()
-        logger.info("router: pid %d on %s, policy %s", self.router.pid, self.url,
+        logger.info("router: pid %d on %s, policy %s", self.router.pid, self.router_url,
                     self.spec.policy)
+        if self.front is not None:
+            self.front.start()
+            logger.info("front (nginx): pid %d on %s, /files to the replicas, the rest to "
+                        "the router", self.front.pid, self.url)
         try:
             self._wait_ready()
         except BaseException:
@@ -119,7 +161,7 @@ class Cluster:
         deadline = time.monotonic() + self.spec.ready_timeout
         with httpx.Client(timeout=2) as client:
             while time.monotonic() < deadline:
-                for child in (*self.replicas, self.router):
+                for child in self.children():
                     status = child.exited()
                     if status is not None:
                         raise ClusterError(f"{child.name} exited with status {status} "
@@ -132,7 +174,8 @@ class Cluster:
         raise ClusterError(f"not ready after {self.spec.ready_timeout:.0f} s")
 
     def _all_healthy(self, client: httpx.Client) -> bool:
-        """Every replica answers /health 200 and the router lists them all as healthy."""
+        """Every replica answers /health 200 and the router lists them all as healthy
+        (asked through the front, when there is one)."""
         try:
             if any(client.get(f"{url}/health").status_code != 200
                    for url in self.replica_urls()):
@@ -146,7 +189,7 @@ class Cluster:
         """Until stop(): restart whichever child exits (a replica on its own port, so the
         router's worker list stays right; the router on the cluster's)."""
         while not self.stopping.wait(0.5):
-            for child in (*self.replicas, self.router):
+            for child in self.children():
                 self._restart_if_exited(child)
 
     def _restart_if_exited(self, child: Child) -> None:
@@ -165,10 +208,10 @@ class Cluster:
         if now >= child.not_before:
             child.not_before = 0.0
             child.start()
-            if child is self.router:
-                logger.info("router: pid %d on %s", child.pid, self.url)
-            else:
+            if child in self.replicas:
                 self._announce(child)
+            else:
+                logger.info("%s: pid %d", child.name, child.pid)
 
     def stop(self) -> None:
         """Drain, then stop: replicas first (SIGTERM: running requests finish, new ones get
@@ -180,10 +223,16 @@ class Cluster:
             replica.wait(self.spec.drain_timeout + 15)
         self.router.signal(signal.SIGTERM)
         self.router.wait(10)
+        if self.front is not None:
+            self.front.signal(signal.SIGQUIT)  # nginx's graceful stop
+            self.front.wait(10)
+        if self.redis is not None:
+            self.redis.signal(signal.SIGTERM)
+            self.redis.wait(10)
         logger.info("cluster stopped")
 
     def kill(self) -> None:
-        for child in (*self.replicas, self.router):
+        for child in self.children():
             child.signal(signal.SIGKILL)
 
 

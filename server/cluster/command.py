@@ -37,6 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router-arg", action="append", default=[], metavar="ARG",
                         help="an extra vllm-router argument, e.g. --router-arg=--log-level "
                         "--router-arg=warning (repeatable)")
+    state = parser.add_mutually_exclusive_group()
+    state.add_argument("--redis", action="store_true",
+                       help="start a loopback redis-server as the replicas' shared state "
+                       "(uploads, stored responses) and nginx on --port in front of the "
+                       "router, so uploads work through the one address")
+    state.add_argument("--state-url", metavar="URL",
+                       help="the replicas' shared store (redis://host:port/db), with the "
+                       "nginx front as for --redis")
     parser.add_argument("--log-dir", type=Path, help="write each child's log to DIR/<name>.log "
                         "(default: on stderr, each line tagged with r0, r1, ..., router)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
@@ -69,7 +77,8 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
                        replica_env=env, router_args=tuple(args.router_arg),
                        gpus=tuple(g.strip() for g in args.gpus.split(",") if g.strip()),
                        log_dir=args.log_dir, ready_timeout=args.ready_timeout,
-                       drain_timeout=args.drain_timeout)
+                       drain_timeout=args.drain_timeout, state_url=args.state_url,
+                       local_redis=args.redis)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +86,11 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging("info")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not every readiness poll
-    cluster = Cluster(spec_from_args(args))
+    try:
+        cluster = Cluster(spec_from_args(args))
+    except (FileNotFoundError, RuntimeError) as exc:  # no nginx / redis-server, a bad conf
+        logger.error("cluster did not start: %s", exc)
+        return 2
 
     def on_signal(signum: int, _: FrameType | None) -> None:
         if cluster.stopping.is_set():  # a second Ctrl-C: no more waiting

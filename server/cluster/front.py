@@ -7,8 +7,9 @@ everything else to the router, which keeps sessions on their replica. Any replic
 answer a Files call because the files live in the shared store (`state_url: redis://`);
 with `memory://` a file would exist on one replica only, so the front needs shared state.
 
-`vlserve cluster` calls write_nginx_conf and launch_nginx; operators can run the written
-file with their own nginx (`nginx -c FILE -p DIR`).
+`vlserve cluster --redis` (or `--state-url`) runs it on the cluster's port, with the router
+behind it on loopback; operators can run the written file with their own nginx
+(`nginx -c FILE -p DIR`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def nginx_conf(listen: str, router_url: str, replica_urls: Sequence[str], workdi
         raise ValueError("the front needs at least one replica for uploads")
     replicas = "\n".join(f"        server {_hostport(u)} max_fails=1 fail_timeout=5s;"
                          for u in replica_urls)
-    return f"""# Written by vlserve (server/cluster_front.py): uploads to any replica, the rest to
+    return f"""# Written by vlserve (server/cluster/front.py): uploads to any replica, the rest to
 # the router. Regenerate rather than edit: `vlserve cluster` rewrites it at every start.
 daemon off;
 worker_processes 1;
@@ -111,16 +112,31 @@ def nginx_binary() -> str | None:
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
 
 
-def launch_nginx(conf: Path, *, stderr: int | None = None) -> subprocess.Popen[bytes]:
-    """Check `conf`, then start nginx on it in the foreground. SIGTERM stops it at once;
-    SIGQUIT lets in-flight requests finish first (a draining cluster sends that)."""
+def nginx_argv(conf: Path) -> list[str]:
+    """The command that runs nginx on `conf` in the foreground, once `nginx -t` accepts it.
+    SIGTERM stops it at once; SIGQUIT lets in-flight requests finish first."""
     binary = nginx_binary()
     if binary is None:
         raise FileNotFoundError("nginx is not installed (Debian: apt-get install nginx)")
     conf = Path(conf).resolve()
-    check = subprocess.run([binary, "-t", "-q", "-c", str(conf), "-p", str(conf.parent),
-                            "-e", "stderr"], capture_output=True, text=True)
+    argv = [binary, "-c", str(conf), "-p", str(conf.parent), "-e", "stderr"]
+    check = subprocess.run([*argv[:1], "-t", "-q", *argv[1:]], capture_output=True, text=True)
     if check.returncode != 0:
         raise RuntimeError(f"nginx refused {conf}: {check.stderr.strip()}")
-    return subprocess.Popen([binary, "-c", str(conf), "-p", str(conf.parent), "-e", "stderr"],
-                            stdout=subprocess.DEVNULL, stderr=stderr)
+    return argv
+
+
+def launch_nginx(conf: Path, *, stderr: int | None = None) -> subprocess.Popen[bytes]:
+    """Check `conf`, then start nginx on it in the foreground."""
+    return subprocess.Popen(nginx_argv(conf), stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def redis_argv(port: int, workdir: Path) -> list[str]:
+    """A loopback redis-server for one box's cluster: nothing saved to disk, and no eviction
+    of its own (vlserve bounds what it stores and evicts by itself)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("redis-server is not installed (Debian: apt-get install "
+                                "redis-server)")
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(workdir), "--maxmemory-policy", "noeviction"]
