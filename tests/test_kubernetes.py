@@ -116,3 +116,13 @@ def test_endpoint_picker_reads_gauges_that_metrics_exports(demo_model: DemoModel
         samples = [line for line in exported.splitlines() if line.split(" ")[0] == name]
         assert len(samples) == 1, (name, samples)  # one unlabelled series
         assert f"# TYPE {name} gauge" in exported
+
+
+def test_the_ingress_sends_uploads_to_the_replicas_and_the_rest_to_the_router() -> None:
+    """vllm-router refuses multipart bodies: /files must bypass it (the shared store lets
+    any replica answer), and every other path must reach it (session affinity)."""
+    rules = find("Ingress", "vlserve")["spec"]["rules"][0]["http"]["paths"]
+    backend = {r["path"]: r["backend"]["service"]["name"] for r in rules}
+    assert backend == {"/v1/files": "vlserve", "/api/v1/files": "vlserve", "/": "vllm-router"}
+    services = {find("Service", name)["metadata"]["name"] for name in set(backend.values())}
+    assert services == {"vlserve", "vllm-router"}
