@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from server.api.drain import Drain
 from server.api.response_store import ResponseStore, response_store
+from server.batches.store import BatchStore
 from server.config import Settings
 from server.engine import Engine
 from server.images import ImageLimits
 from server.images.budget import DecodeBudget
 from server.metrics import Metrics
 from server.uploads import UploadStore
+
+if TYPE_CHECKING:
+    from server.batches.runner import BatchRunner
 
 
 @dataclass
@@ -26,10 +31,13 @@ class AppState:
     # Memory of the image decodes in flight, chats and uploads together.
     decode_budget: DecodeBudget = field(init=False)
     responses: ResponseStore = field(init=False)  # stored responses (POST /responses)
+    batch_store: BatchStore = field(init=False)  # batch files, state and results, on disk
+    batches: BatchRunner | None = None  # set by the app once it exists
 
     def __post_init__(self) -> None:
         self.decode_budget = DecodeBudget(self.settings.image_decode_budget_mb * 1024 * 1024)
         self.responses = response_store(self.settings)
+        self.batch_store = BatchStore(self.settings.batch_dir)
 
     def cache_tenant(self, client: str) -> str:
         """Whose engine caches a client (server.api.auth.client_identity) may use: its own,
