@@ -121,6 +121,19 @@ class UploadStore:
             self._used += need
         return record
 
+    def restore(self, record: StoredFile) -> None:
+        """Put back a file kept on disk by a batch (after a restart), under its own id; it
+        is pinned by that batch, so quotas do not apply to it."""
+        with self._lock:
+            files = self._owners.setdefault(record.owner, OrderedDict())
+            if record.id in files:
+                return
+            files[record.id] = record
+            self._owner_bytes[record.owner] = self._owner_bytes.get(record.owner, 0) + \
+                record.stored_bytes
+            self._count += 1
+            self._used += record.stored_bytes
+
     def get(self, file_id: str, owner: str = "") -> StoredFile | None:
         with self._lock:
             self._expire()

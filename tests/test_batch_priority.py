@@ -73,3 +73,28 @@ def test_interactive_chat_preempts_a_batch_line(one_slot: RunningServer) -> None
 
 def raw_status(server: RunningServer, batch_id: str) -> str:
     return httpx.get(f"{server.api}/batches/{batch_id}", timeout=10).json()["status"]
+
+
+def test_completion_window_expiry(one_slot: RunningServer) -> None:
+    """Lines the window leaves unrun end as OpenAI's `batch_expired` entries; the finished
+    ones stay in the output file, whole."""
+    client = openai.OpenAI(base_url=one_slot.api, api_key="unused", max_retries=0, timeout=60)
+    data = jsonl([request_line(f"r{i}", [{"role": "user", "content": f"Story {i}"}],
+                               max_tokens=TOKENS, ignore_eos=True) for i in range(40)])
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="2s")
+    assert batch.expires_at == batch.created_at + 2
+    done = wait_batch(one_slot, batch.id, {"expired", "completed", "failed"})
+    assert done.status == "expired" and done.expired_at, done
+    counts = done.request_counts
+    assert counts is not None and counts.total == 40
+    assert counts.completed < 40 and counts.completed + counts.failed == 40
+    errors = read_lines(client, done.error_file_id)
+    assert len(errors) == 40 - counts.completed
+    assert all(e["error"]["code"] == "batch_expired" and e["response"] is None
+               for e in errors.values())
+    if counts.completed:
+        finished = read_lines(client, done.output_file_id)
+        assert all(o["response"]["body"]["usage"]["completion_tokens"] == TOKENS
+                   for o in finished.values())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import openai
 from conftest import start_server, stop_server
+from helpers import photo_bytes
 from test_batches import jsonl, read_lines, request_line, wait_batch
 
 from server.demo_model import DemoModelPaths
@@ -36,8 +37,16 @@ def test_kill_9_mid_batch_then_restart(demo_model: DemoModelPaths, tmp_path: Pat
     first = start_server(demo_model, tmp_path / "first.log", *args, env=env)
     try:
         client = openai.OpenAI(base_url=first.api, api_key="unused", max_retries=0, timeout=60)
-        data = jsonl([request_line(f"line-{i}", [{"role": "user", "content": f"Count {i}"}],
-                                   max_tokens=TOKENS, ignore_eos=True) for i in range(LINES)])
+        # The last line names an uploaded image: uploads live in memory, so the batch must
+        # have kept it on disk for the restarted server.
+        image = client.files.create(file=("cat.png", io.BytesIO(photo_bytes(seed=9))),
+                                    purpose="vision")
+        messages = [[{"role": "user", "content": f"Count {i}"}] for i in range(LINES - 1)]
+        messages.append([{"role": "user", "content": [
+            {"type": "text", "text": "What is it?"},
+            {"type": "file", "file": {"file_id": image.id}}]}])
+        data = jsonl([request_line(f"line-{i}", m, max_tokens=TOKENS, ignore_eos=True)
+                      for i, m in enumerate(messages)])
         uploaded = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
         batch = client.batches.create(input_file_id=uploaded.id,
                                       endpoint="/v1/chat/completions", completion_window="24h")
@@ -68,6 +77,9 @@ def test_kill_9_mid_batch_then_restart(demo_model: DemoModelPaths, tmp_path: Pat
                 result["response"]["body"]["id"]
         assert all(o["response"]["body"]["usage"]["completion_tokens"] == TOKENS
                    for o in outputs.values())
+        last = outputs[f"line-{LINES - 1}"]["response"]["body"]
+        assert last["timings"]["image_tokens"] > 0
+        assert not (batch_dir / "batches" / f"{batch.id}.images").exists()  # dropped at the end
         log = second.log()
         assert f"batch {batch.id} resumes (in_progress)" in log
         # The restarted server ran exactly the lines without a result, each once.

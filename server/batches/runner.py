@@ -19,6 +19,7 @@ from typing import Any
 from starlette.types import ASGIApp
 
 from server.api.state import AppState
+from server.batches import images
 from server.batches import lines as batch_lines
 from server.batches.call import call
 from server.batches.job import TERMINAL, BatchJob, public, result_line, set_status, succeeded
@@ -212,7 +213,12 @@ class BatchRunner:
         job.start(lines, await asyncio.to_thread(self.store.read_results, job.id))
         job.pinned = set().union(*(batch_lines.referenced_files(line.body)
                                    for line in lines if line.body is not None))
-        self.state.uploads.pin(job.pinned, job.owner)
+        if job.pinned:
+            if batch["status"] == "validating":
+                await asyncio.to_thread(images.keep, self.store, self.state.uploads, job.id,
+                                        job.owner, job.pinned)
+            await asyncio.to_thread(images.restore, self.store, self.state.uploads, job.id,
+                                    job.owner, job.pinned)
         if batch["status"] == "validating":
             set_status(batch, "in_progress")
             await asyncio.to_thread(self.store.save_batch, batch)
@@ -268,5 +274,7 @@ class BatchRunner:
 
     async def _save_final(self, job: BatchJob) -> None:
         await asyncio.to_thread(self.store.save_batch, job.batch)
-        self.state.uploads.unpin(job.pinned, job.owner)
+        if job.pinned:
+            await asyncio.to_thread(images.release, self.store, self.state.uploads, job.id,
+                                    job.owner, job.pinned)
         self.jobs.pop(job.id, None)

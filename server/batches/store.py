@@ -8,6 +8,7 @@ changing. Layout under the root:
     files/<file id>.data        its bytes, as uploaded or written
     batches/<batch id>.json     the batch record, replaced atomically on every change
     batches/<batch id>.results  one JSON line per finished request, appended and fsync'd
+    batches/<batch id>.images/  the uploaded images its lines name, decoded, until it ends
 
 A results line is written once its request has finished, before anything else learns of
 it; on resume, the lines it names are not run again. A torn last line (a kill mid-write)
@@ -16,6 +17,7 @@ is ignored: that request runs again, and nothing saw its first answer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -105,6 +107,27 @@ class BatchStore:
                 yield json.loads(path.read_bytes())
             except (OSError, ValueError):
                 continue  # a half-written temp file never has the .json name; skip junk
+
+    # --- images a batch references (uploads live in memory: kept here until it ends) ---
+    def save_image(self, batch_id: str, meta: dict[str, Any], rgb: bytes) -> None:
+        folder = self._batches / f"{batch_id}.images"
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomic(folder / f"{meta['id']}.rgb", rgb)
+        _write_atomic(folder / f"{meta['id']}.json", json.dumps(meta).encode())
+
+    def load_images(self, batch_id: str) -> Iterator[tuple[dict[str, Any], bytes]]:
+        for path in sorted((self._batches / f"{batch_id}.images").glob("*.json")):
+            try:
+                yield json.loads(path.read_bytes()), path.with_suffix(".rgb").read_bytes()
+            except (OSError, ValueError):
+                continue
+
+    def drop_images(self, batch_id: str) -> None:
+        folder = self._batches / f"{batch_id}.images"
+        for path in folder.glob("*"):
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            folder.rmdir()
 
     def append_result(self, batch_id: str, result: dict[str, Any]) -> None:
         """Append one finished request durably (flushed and fsync'd before returning)."""
