@@ -5,6 +5,7 @@ which resumes later with nothing lost."""
 from __future__ import annotations
 
 import io
+import re
 import time
 from collections.abc import Iterator
 
@@ -12,8 +13,10 @@ import httpx
 import openai
 import pytest
 from conftest import RunningServer, start_server, stop_server
+from playwright.sync_api import Browser, expect
 from test_batches import jsonl, read_lines, request_line, wait_batch
 from test_kv_capacity import preemptions_total
+from test_playground import browser  # noqa: F401  (Chromium, or why not)
 
 from server.demo_model import DemoModelPaths
 
@@ -98,3 +101,24 @@ def test_completion_window_expiry(one_slot: RunningServer) -> None:
         finished = read_lines(client, done.output_file_id)
         assert all(o["response"]["body"]["usage"]["completion_tokens"] == TOKENS
                    for o in finished.values())
+
+
+def test_playground_status_line_shows_a_running_batch(one_slot: RunningServer,
+                                                      browser: Browser) -> None:  # noqa: F811
+    client = openai.OpenAI(base_url=one_slot.api, api_key="unused", max_retries=0, timeout=60)
+    data = jsonl([request_line(f"r{i}", [{"role": "user", "content": f"Story {i}"}],
+                               max_tokens=TOKENS, ignore_eos=True) for i in range(40)])
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    try:
+        wait_batch(one_slot, batch.id, {"in_progress"})
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(one_slot.url)
+        expect(page.locator("#status-text")).to_contain_text(
+            re.compile(r"batch \d+/40"), timeout=30_000)
+        context.close()
+    finally:
+        client.batches.cancel(batch.id)
+    wait_batch(one_slot, batch.id, {"cancelled"})
