@@ -158,7 +158,8 @@ class Settings(BaseSettings):
     # on disk under batch_dir, so a restarted server resumes its batches. An input file is
     # at most batch_max_bytes (and within max_request_bytes, as every request body) and
     # batch_max_lines requests. batch_in_flight: batch lines handed to the engine at once
-    # (None: n_parallel, one per slot); they run below interactive requests' priority.
+    # (None: n_parallel + 1, one per slot and one waiting); they run below interactive
+    # requests' priority.
     batch_dir: Path = Path("data/batches")
     batch_max_bytes: int = Field(48 * 1024 * 1024, ge=1)
     batch_max_lines: int = Field(50_000, ge=1)

@@ -1,10 +1,11 @@
 """Runs batches: validates them, feeds their lines to the engine, finalizes them.
 
 One asyncio task on the server's event loop. It keeps at most `batch_in_flight` lines
-(one per slot by default) in the engine at batch priority, so batch work fills the slots
-interactive requests leave idle and steps aside when they need one (the engine preempts
-it; see server/engine/admission.py). Each finished line is appended to the batch's results
-log on disk before it counts as done, so a restart runs only what has no result yet.
+(by default one per slot and one waiting) in the engine at batch priority, so batch work
+fills the slots interactive requests leave idle and steps aside when they need one (the
+engine preempts it; see server/engine/admission.py). Each finished line is appended to
+the batch's results log on disk before it counts as done, so a restart runs only what has
+no result yet.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ class BatchRunner:
     @property
     def limit(self) -> int:
         settings = self.state.settings
-        return settings.batch_in_flight or settings.n_parallel
+        # One more than the slots: a line waits in the queue for the next free slot, so no
+        # slot idles while the runner records a finished line and starts the next.
+        return settings.batch_in_flight or settings.n_parallel + 1
 
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
