@@ -109,7 +109,7 @@ def test_pinned_uploads_survive_ttl_and_lru() -> None:
 
 def test_results_log_drops_a_torn_last_line(tmp_path: Path) -> None:
     store = BatchStore(tmp_path)
-    store.save_batch({"id": "batch_1"})
+    store.save_batch("batch_1", b'{"id": "batch_1"}', 1)
     store.append_result("batch_1", {"_i": 0})
     with (tmp_path / "batches" / "batch_1.results").open("ab") as out:
         out.write(b'{"_i": 1, "custom')  # killed mid-write

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
+import json
 import logging
 import time
 from typing import Any
@@ -45,6 +47,7 @@ class BatchRunner:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._lines: set[asyncio.Task[None]] = set()
+        self._version = itertools.count(1)
 
     @property
     def limit(self) -> int:
@@ -76,13 +79,19 @@ class BatchRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    async def _save(self, batch: dict[str, Any]) -> None:
+        """Snapshot on the loop (nothing changes it meanwhile), write on a worker thread;
+        the version keeps a slower older write from replacing a newer one."""
+        data = json.dumps(batch).encode()
+        await asyncio.to_thread(self.store.save_batch, batch["id"], data, next(self._version))
+
     def wake(self) -> None:
         if self._wake is not None:
             self._wake.set()
 
     # --- API -----------------------------------------------------------------------------
     async def add(self, batch: dict[str, Any]) -> dict[str, Any]:
-        await asyncio.to_thread(self.store.save_batch, batch)
+        await self._save(batch)
         self.batches[batch["id"]] = batch
         self.jobs[batch["id"]] = BatchJob(batch)
         logger.info("batch %s created: input %s, window %s", batch["id"],
@@ -104,7 +113,7 @@ class BatchRunner:
         if job is None or batch["status"] not in ("validating", "in_progress"):
             return
         set_status(batch, "cancelling")
-        await asyncio.to_thread(self.store.save_batch, batch)
+        await self._save(batch)
         for cancel in job.running.values():
             cancel.set()
         logger.info("batch %s cancelling (%d lines running)", job.id, len(job.running))
@@ -224,13 +233,13 @@ class BatchRunner:
                                     job.owner, job.pinned)
         if batch["status"] == "validating":
             set_status(batch, "in_progress")
-            await asyncio.to_thread(self.store.save_batch, batch)
+            await self._save(batch)
             logger.info("batch %s in progress: %d requests", job.id, len(lines))
 
     async def _begin_end(self, job: BatchJob, final: str) -> None:
         job.batch["_final"] = final
         set_status(job.batch, "finalizing")
-        await asyncio.to_thread(self.store.save_batch, job.batch)
+        await self._save(job.batch)
         for cancel in job.running.values():
             cancel.set()
 
@@ -276,7 +285,7 @@ class BatchRunner:
         return file_id
 
     async def _save_final(self, job: BatchJob) -> None:
-        await asyncio.to_thread(self.store.save_batch, job.batch)
+        await self._save(job.batch)
         if job.pinned:
             await asyncio.to_thread(images.release, self.store, self.state.uploads, job.id,
                                     job.owner, job.pinned)

@@ -52,13 +52,15 @@ def new_id(prefix: str) -> str:
 
 
 class BatchStore:
-    """Directory-backed; safe to call from several threads (one lock per result log)."""
+    """Directory-backed; safe to call from several threads."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._files = root / "files"
         self._batches = root / "batches"
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # appends to results logs
+        self._record_lock = threading.Lock()  # batch records
+        self._versions: dict[str, int] = {}  # the newest record written, per batch
 
     def _ensure(self) -> None:
         """Created on the first write: a server that never sees a batch leaves no trace."""
@@ -97,9 +99,15 @@ class BatchStore:
         return [f for f in files if f is not None]
 
     # --- batches -----------------------------------------------------------------------
-    def save_batch(self, batch: dict[str, Any]) -> None:
+    def save_batch(self, batch_id: str, data: bytes, version: int) -> None:
+        """Replace the batch's record with `data` (its JSON), unless a newer version (a
+        higher number) was written already: saves may finish out of order."""
         self._ensure()
-        _write_atomic(self._batches / f"{batch['id']}.json", json.dumps(batch).encode())
+        with self._record_lock:  # one writer at a time: they share the temp file's name
+            if self._versions.get(batch_id, 0) > version:
+                return
+            self._versions[batch_id] = version
+            _write_atomic(self._batches / f"{batch_id}.json", data)
 
     def load_batches(self) -> Iterator[dict[str, Any]]:
         for path in sorted(self._batches.glob("*.json")):
