@@ -217,3 +217,43 @@ def test_batch_files_are_kept_on_disk(client: openai.OpenAI, batch_server: Runni
     batch_dir = Path(batch_server.log_path.parent / "batches")
     assert (batch_dir / "files" / f"{uploaded.id}.data").read_bytes() == data
     assert uploaded.id in [f.id for f in client.files.list()]
+
+
+@pytest.fixture(scope="module")
+def keyed_server(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[RunningServer]:
+    running = start_server(demo_model, tmp_path_factory.mktemp("batch-keys") / "server.log",
+                           env={"VLSERVE_API_KEYS": "key-a,key-b"})
+    yield running
+    stop_server(running)
+
+
+def test_batches_run_as_their_owner_and_only_the_owner_sees_them(
+        keyed_server: RunningServer) -> None:
+    """A line runs with its batch owner's identity (so it can name the owner's uploads);
+    another key sees neither the batch nor its files."""
+    owner = openai.OpenAI(base_url=keyed_server.api, api_key="key-a", max_retries=0)
+    other = openai.OpenAI(base_url=keyed_server.api, api_key="key-b", max_retries=0)
+    image = owner.files.create(file=("a.png", io.BytesIO(photo_bytes())), purpose="vision")
+    file_message = {"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                                {"type": "file", "file": {"file_id": image.id}}]}
+    uploaded = upload_batch(owner, jsonl([request_line("mine", [file_message])]))
+    batch = owner.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h")
+    with pytest.raises(openai.NotFoundError):
+        other.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        other.files.content(uploaded.id)
+    with pytest.raises(openai.BadRequestError, match="no batch file"):
+        other.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                             completion_window="24h")
+    assert batch.id not in [b.id for b in other.batches.list().data]
+    deadline = time.monotonic() + 60
+    while (done := owner.batches.retrieve(batch.id)).status != "completed":
+        assert time.monotonic() < deadline, done
+        time.sleep(0.1)
+    answer = read_lines(owner, done.output_file_id)["mine"]["response"]["body"]
+    assert answer["timings"]["image_tokens"] > 0
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=keyed_server.api, api_key="nope",
+                      max_retries=0).batches.list()
