@@ -88,3 +88,44 @@ def test_kill_9_mid_batch_then_restart(demo_model: DemoModelPaths, tmp_path: Pat
         assert len(ran) == LINES - len(before)
     finally:
         stop_server(second)
+
+
+def test_sigterm_hands_running_lines_back(demo_model: DemoModelPaths, tmp_path: Path) -> None:
+    """A graceful stop does not wait for the batch (it could take hours): running lines are
+    stopped, recorded nowhere, and run after the restart."""
+    batch_dir = tmp_path / "batches"
+    tokens = 1500
+    env = {"VLSERVE_BATCH_DIR": str(batch_dir), "VLSERVE_MAX_TOKENS_CAP": str(tokens)}
+    first = start_server(demo_model, tmp_path / "first.log", "--n-parallel", "1", env=env)
+    try:
+        client = openai.OpenAI(base_url=first.api, api_key="unused", max_retries=0, timeout=60)
+        data = jsonl([request_line(f"line-{i}", [{"role": "user", "content": f"Count {i}"}],
+                                   max_tokens=tokens, ignore_eos=True) for i in range(8)])
+        uploaded = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+        batch = client.batches.create(input_file_id=uploaded.id,
+                                      endpoint="/v1/chat/completions", completion_window="24h")
+        deadline = time.monotonic() + 120
+        while not results_on_disk(batch_dir, batch.id):
+            assert time.monotonic() < deadline, "the batch made no progress"
+            time.sleep(0.01)
+        first.process.send_signal(signal.SIGTERM)
+        first.process.wait(timeout=20)  # well inside drain_timeout (30 s)
+    finally:
+        stop_server(first)
+    log = first.log()
+    assert "drained after" in log, log
+    # The runner noticed the drain (within its 1 s tick) and stopped its lines in the
+    # engine instead of letting them finish or starting new ones.
+    assert f"request {batch.id}:" in log and "cancelled (client gone)" in log
+    before = len(results_on_disk(batch_dir, batch.id))
+    assert before < 8
+
+    second = start_server(demo_model, tmp_path / "second.log", "--n-parallel", "1", env=env)
+    try:
+        client = openai.OpenAI(base_url=second.api, api_key="unused", max_retries=0,
+                               timeout=60)
+        done = wait_batch(second, batch.id, {"completed", "failed"})
+        assert done.request_counts is not None and done.request_counts.completed == 8
+        assert len(read_lines(client, done.output_file_id)) == 8
+    finally:
+        stop_server(second)

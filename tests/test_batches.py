@@ -217,6 +217,26 @@ def test_batch_files_are_kept_on_disk(client: openai.OpenAI, batch_server: Runni
     batch_dir = Path(batch_server.log_path.parent / "batches")
     assert (batch_dir / "files" / f"{uploaded.id}.data").read_bytes() == data
     assert uploaded.id in [f.id for f in client.files.list()]
+    assert client.files.delete(uploaded.id).deleted
+    assert not (batch_dir / "files" / f"{uploaded.id}.data").exists()
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)
+
+
+def test_one_image_asked_several_questions_is_encoded_once(
+        client: openai.OpenAI, batch_server: RunningServer) -> None:
+    url = data_url(photo_bytes(180, 140, seed=31))  # an image no other test sends
+    questions = ["What is it?", "What colour is it?", "Where is it?", "Is it big?"]
+    data = jsonl([request_line(f"q{i}", [image_message(q, url)]) for i, q in
+                  enumerate(questions)])
+    batch = client.batches.create(input_file_id=upload_batch(client, data).id,
+                                  endpoint="/v1/chat/completions", completion_window="24h")
+    done = wait_batch(batch_server, batch.id, {"completed", "failed"})
+    timings = [o["response"]["body"]["timings"]
+               for o in read_lines(client, done.output_file_id).values()]
+    assert len(timings) == 4
+    assert sum(1 for t in timings if t["image_cache_hits"] == 0) == 1, timings
+    assert sum(1 for t in timings if t["image_encode"] > 0) == 1, timings
 
 
 @pytest.fixture(scope="module")
