@@ -208,6 +208,7 @@ def test_cancel_keeps_finished_lines(client: openai.OpenAI, batch_server: Runnin
     again = httpx.post(f"{batch_server.api}/batches/{batch.id}/cancel", timeout=10)
     assert again.status_code == 409
     assert again.json()["error"]["code"] == "batch_not_cancellable"
+    assert again.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_batch_files_are_kept_on_disk(client: openai.OpenAI, batch_server: RunningServer

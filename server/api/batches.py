@@ -7,10 +7,11 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.auth import client_identity
+from server.api.batch_protocol import BatchCreateRequest, BatchList, BatchObject
 from server.api.errors import APIError
+from server.api.openapi import responses
 from server.api.state import AppState
 from server.batches.job import new_batch, public, window_seconds
 from server.batches.lines import ENDPOINTS
@@ -19,16 +20,7 @@ from server.batches.runner import BatchRunner
 router = APIRouter()
 
 
-class BatchCreateRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    input_file_id: str = Field(max_length=128)
-    endpoint: str = Field(max_length=128)
-    completion_window: str = Field("24h", max_length=16)
-    # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512.
-    metadata: dict[str, str] | None = Field(None, max_length=16)
-
-
-@router.post("/batches")
+@router.post("/batches", responses=responses(BatchObject, 400))
 async def create_batch(body: BatchCreateRequest, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
     owner = client_identity(request.scope)
@@ -51,7 +43,7 @@ async def create_batch(body: BatchCreateRequest, request: Request) -> JSONRespon
     return JSONResponse(await _runner(state).add(batch))
 
 
-@router.get("/batches")
+@router.get("/batches", responses=responses(BatchList, 400))
 async def list_batches(request: Request, after: str | None = None,
                        limit: int = Query(20, ge=1, le=100)) -> JSONResponse:
     """Newest first, cursor-paginated like OpenAI's (`after`, `limit`, `has_more`)."""
@@ -70,13 +62,13 @@ async def list_batches(request: Request, after: str | None = None,
                          "has_more": len(batches) > limit})
 
 
-@router.get("/batches/{batch_id}")
+@router.get("/batches/{batch_id}", responses=responses(BatchObject, 404))
 async def get_batch(batch_id: str, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
     return JSONResponse(public(_lookup(state, batch_id, request)))
 
 
-@router.post("/batches/{batch_id}/cancel")
+@router.post("/batches/{batch_id}/cancel", responses=responses(BatchObject, 404, 409))
 async def cancel_batch(batch_id: str, request: Request) -> JSONResponse:
     """Lines in the engine are stopped; finished ones stay in the output file."""
     state: AppState = request.app.state.vlserve
