@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,8 @@ from starlette.types import ASGIApp, Message
 
 from server.api.auth import set_identity
 from server.api.internal import INTERNAL_KEY, PRIORITY_KEY
+
+logger = logging.getLogger("vlserve.batches")
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,16 @@ async def call(app: ASGIApp, path: str, body: dict[str, Any], *, owner: str, pri
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
 
-    await app(scope, receive, send)
+    try:
+        await app(scope, receive, send)
+    except Exception:
+        # Starlette re-raises after sending its 500: the line has its answer (a retry
+        # would most likely fail the same way, for ever).
+        logger.exception("batch line %s failed in the server", request_id)
+        if not chunks:
+            status, chunks = 500, [json.dumps({"error": {
+                "message": "the server failed on this request", "type": "server_error",
+                "param": None, "code": None}}).encode()]
     raw = b"".join(chunks)
     try:
         parsed = json.loads(raw) if raw else None

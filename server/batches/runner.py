@@ -68,16 +68,17 @@ class BatchRunner:
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        """Hang up on the lines in the engine (they run again after a restart) and stop."""
+        """Stop launching, then hang up on the lines in the engine (they run again after a
+        restart) and give them a moment to record nothing and end."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         for job in self.jobs.values():
             for cancel in job.running.values():
                 cancel.set()
         if self._lines:
             await asyncio.wait(self._lines, timeout=10)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _save(self, batch: dict[str, Any]) -> None:
         """Snapshot on the loop (nothing changes it meanwhile), write on a worker thread;
