@@ -9,10 +9,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from server.batches.lines import parse, referenced_files
 from server.batches.offline import Progress
 from server.batches.store import BatchStore
-from server.engine.admission import Inbox, Pending, outranked
+from server.engine.admission import Inbox, Pending, QueueFullError, outranked
 from server.engine.types import BATCH_PRIORITY, GenerationRequest, ImageInput
 from server.uploads import UploadStore
 
@@ -71,6 +73,18 @@ def test_inbox_serves_interactive_before_batch_and_fifo_within_each() -> None:
     assert [inbox.get(0) for _ in range(4)] == [chat1, chat2, batch1, batch2]
     inbox.put(batch1, limit=10)
     assert inbox.get(0, accept=lambda p: False) is None and inbox.head() is batch1
+
+
+def test_waiting_batch_lines_do_not_fill_the_queue_for_chats() -> None:
+    inbox = Inbox()
+    for _ in range(3):
+        inbox.put(pending(BATCH_PRIORITY), limit=3)
+    with pytest.raises(QueueFullError):
+        inbox.put(pending(BATCH_PRIORITY), limit=3)
+    for _ in range(3):
+        inbox.put(pending(0), limit=3)
+    with pytest.raises(QueueFullError):
+        inbox.put(pending(0), limit=3)
 
 
 def slot(priority: int | None, order: int = 0) -> Any:

@@ -69,8 +69,12 @@ class Inbox:
         return len(self._items)
 
     def put(self, item: Pending, limit: int) -> None:
+        """Queue `item` unless `limit` entries of its priority or above already wait
+        (batch lines waiting never make an interactive request's queue full)."""
         with self._cond:
-            if len(self._items) >= limit:
+            priority = item.request.priority
+            if len(self._items) >= limit and sum(
+                    1 for p in self._items if p.request.priority >= priority) >= limit:
                 raise QueueFullError("the request queue is full")
             self._items.append(item)
             self._cond.notify()
