@@ -278,3 +278,19 @@ def test_batches_run_as_their_owner_and_only_the_owner_sees_them(
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=keyed_server.api, api_key="nope",
                       max_retries=0).batches.list()
+
+
+def test_listing_pages_newest_first(client: openai.OpenAI, batch_server: RunningServer) -> None:
+    data = jsonl([request_line("one", [{"role": "user", "content": "Hi"}])])
+    made = [client.batches.create(input_file_id=upload_batch(client, data).id,
+                                  endpoint="/v1/chat/completions", completion_window="24h").id
+            for _ in range(3)]
+    everything = httpx.get(f"{batch_server.api}/batches", params={"limit": 100}).json()
+    ids = [b["id"] for b in everything["data"]]
+    assert ids[:3] == made[::-1] and not everything["has_more"]
+    paged = [b.id for b in client.batches.list(limit=1)]  # the SDK follows `after`
+    assert paged == ids
+    bad = httpx.get(f"{batch_server.api}/batches", params={"after": "batch_nope"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_cursor"
+    for batch_id in made:
+        wait_batch(batch_server, batch_id, {"completed"})

@@ -32,7 +32,8 @@ def window_seconds(window: str) -> int | None:
 
 def new_batch(owner: str, input_file_id: str, endpoint: str, window: str,
               metadata: dict[str, str] | None) -> dict[str, Any]:
-    now = int(time.time())
+    now_us = time.time_ns() // 1000
+    now = now_us // 1_000_000
     seconds = window_seconds(window)
     assert seconds is not None
     return {
@@ -43,7 +44,9 @@ def new_batch(owner: str, input_file_id: str, endpoint: str, window: str,
         "finalizing_at": None, "completed_at": None, "failed_at": None, "expired_at": None,
         "cancelling_at": None, "cancelled_at": None,
         "request_counts": {"total": 0, "completed": 0, "failed": 0},
-        "metadata": metadata, "_owner": owner,
+        # Ours, not OpenAI's: the owner, and the creation time to the microsecond that
+        # orders listings (created_at has whole seconds only).
+        "metadata": metadata, "_owner": owner, "_created_us": now_us,
     }
 
 
@@ -128,3 +131,8 @@ class BatchJob:
 
     def all_done(self) -> bool:
         return len(self.done) >= len(self.lines)
+
+
+def order_key(batch: dict[str, Any]) -> tuple[int, str]:
+    """Creation order, to the microsecond, then id: a total order for listings."""
+    return batch.get("_created_us", batch["created_at"] * 1_000_000), batch["id"]

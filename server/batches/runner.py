@@ -25,7 +25,15 @@ from server.api.state import AppState
 from server.batches import images
 from server.batches import lines as batch_lines
 from server.batches.call import call
-from server.batches.job import TERMINAL, BatchJob, public, result_line, set_status, succeeded
+from server.batches.job import (
+    TERMINAL,
+    BatchJob,
+    order_key,
+    public,
+    result_line,
+    set_status,
+    succeeded,
+)
 from server.batches.store import BatchStore
 from server.engine.types import BATCH_PRIORITY
 
@@ -107,7 +115,7 @@ class BatchRunner:
     def list(self, owner: str) -> list[dict[str, Any]]:
         """The owner's batches, newest first (a total order: time, then id)."""
         mine = [b for b in self.batches.values() if b.get("_owner") == owner]
-        return sorted(mine, key=lambda b: (b["created_at"], b["id"]), reverse=True)
+        return sorted(mine, key=order_key, reverse=True)
 
     async def cancel(self, batch: dict[str, Any]) -> None:
         job = self.jobs.get(batch["id"])
@@ -139,7 +147,7 @@ class BatchRunner:
                 await asyncio.wait_for(self._wake.wait(), _TICK_S)
 
     async def _advance(self) -> None:
-        for job in sorted(self.jobs.values(), key=lambda j: j.batch["created_at"]):
+        for job in sorted(self.jobs.values(), key=lambda j: order_key(j.batch)):
             if not job.lines:  # new, or resumed after a restart
                 await self._load(job)
                 if job.id not in self.jobs:
@@ -162,7 +170,7 @@ class BatchRunner:
 
     def _launch(self) -> None:
         now = time.monotonic()
-        for job in sorted(self.jobs.values(), key=lambda j: j.batch["created_at"]):
+        for job in sorted(self.jobs.values(), key=lambda j: order_key(j.batch)):
             if job.batch["status"] != "in_progress":
                 continue
             while self.in_flight < self.limit:
