@@ -25,7 +25,7 @@ from server.demo_model import DemoModelPaths
 def batch_server(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[RunningServer]:
     running = start_server(demo_model, tmp_path_factory.mktemp("batch") / "server.log",
-                           "--n-parallel", "2", env={"VLSERVE_BATCH_MAX_LINES": "50"})
+                           "--n-parallel", "2", env={"VLSERVE_BATCH_MAX_LINES": "500"})
     yield running
     stop_server(running)
 
@@ -150,12 +150,12 @@ def test_batch_with_images_end_to_end(client: openai.OpenAI, batch_server: Runni
 def test_batch_file_limits_and_bad_requests(client: openai.OpenAI,
                                             batch_server: RunningServer) -> None:
     api = batch_server.api
-    too_many = jsonl([request_line(f"r{i}", []) for i in range(51)])
+    too_many = jsonl([request_line(f"r{i}", []) for i in range(501)])
     answer = httpx.post(f"{api}/files", data={"purpose": "batch"},
                         files={"file": ("x.jsonl", too_many)}, timeout=30)
     assert answer.status_code == 400
     assert answer.json()["error"]["code"] == "invalid_batch_file"
-    assert "51 request lines; at most 50" in answer.json()["error"]["message"]
+    assert "501 request lines; at most 500" in answer.json()["error"]["message"]
 
     image = client.files.create(file=("a.png", io.BytesIO(photo_bytes())), purpose="vision")
     for body, param in (
@@ -186,8 +186,9 @@ def test_batch_file_limits_and_bad_requests(client: openai.OpenAI,
 def test_cancel_keeps_finished_lines(client: openai.OpenAI, batch_server: RunningServer
                                      ) -> None:
     long = {"max_tokens": 40, "ignore_eos": True}
+    # Enough lines that the batch is still running when the cancel comes, on a fast box too.
     data = jsonl([request_line(f"r{i}", [{"role": "user", "content": f"Count {i}"}], **long)
-                  for i in range(40)])
+                  for i in range(400)])
     cancelled_before = metric(batch_server, "vlserve_batch_requests_total",
                               'state="cancelled"')
     batch = client.batches.create(input_file_id=upload_batch(client, data).id,
@@ -198,13 +199,13 @@ def test_cancel_keeps_finished_lines(client: openai.OpenAI, batch_server: Runnin
     done = wait_batch(batch_server, batch.id, {"cancelled", "completed"})
     assert done.status == "cancelled" and done.cancelling_at and done.cancelled_at
     counts = done.request_counts
-    assert counts is not None and counts.total == 40 and counts.completed < 40
+    assert counts is not None and counts.total == 400 and counts.completed < 400
     finished = read_lines(client, done.output_file_id) if counts.completed else {}
     assert len(finished) == counts.completed
     assert all(item["response"]["body"]["usage"]["completion_tokens"] == 40
                for item in finished.values())  # nothing cut short is reported as done
     assert metric(batch_server, "vlserve_batch_requests_total", 'state="cancelled"') == \
-        cancelled_before + 40 - counts.completed - counts.failed
+        cancelled_before + 400 - counts.completed - counts.failed
     again = httpx.post(f"{batch_server.api}/batches/{batch.id}/cancel", timeout=10)
     assert again.status_code == 409
     assert again.json()["error"]["code"] == "batch_not_cancellable"
