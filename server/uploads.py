@@ -70,23 +70,6 @@ class UploadStore:
         self._count = 0
         self._used = 0
         self._lock = threading.Lock()
-        # Files an unfinished batch references (id → batches holding it): neither the TTL
-        # nor the owner's LRU removes them until every such batch has ended.
-        self._pins: dict[str, int] = {}
-
-    def pin(self, file_ids: set[str], owner: str = "") -> None:
-        with self._lock:
-            for file_id in file_ids:
-                self._pins[file_id] = self._pins.get(file_id, 0) + 1
-
-    def unpin(self, file_ids: set[str], owner: str = "") -> None:
-        with self._lock:
-            for file_id in file_ids:
-                left = self._pins.get(file_id, 0) - 1
-                if left > 0:
-                    self._pins[file_id] = left
-                else:
-                    self._pins.pop(file_id, None)
 
     def add(self, filename: str, purpose: str, size: int, image: ImageInput,
             owner: str = "", source_size: tuple[int, int] | None = None) -> StoredFile:
@@ -106,12 +89,11 @@ class UploadStore:
         with self._lock:
             self._expire()
             files = self._owners.setdefault(owner, OrderedDict())
-            while (evictable := [f for f in files.values() if f.id not in self._pins]) and (
-                    len(files) + 1 > self.max_files_per_owner
-                    or self._owner_bytes.get(owner, 0) + need > self.max_bytes_per_owner
-                    or self._count + 1 > self.max_files
-                    or self._used + need > self.max_bytes):
-                self._remove(evictable[0])
+            while files and (len(files) + 1 > self.max_files_per_owner
+                             or self._owner_bytes.get(owner, 0) + need > self.max_bytes_per_owner
+                             or self._count + 1 > self.max_files
+                             or self._used + need > self.max_bytes):
+                self._remove(next(iter(files.values())))
             if self._count + 1 > self.max_files or self._used + need > self.max_bytes:
                 raise UploadRefused(507, "the upload store is full (other clients' files are "
                                     "never evicted); try again later", "upload_store_full")
@@ -120,19 +102,6 @@ class UploadStore:
             self._count += 1
             self._used += need
         return record
-
-    def restore(self, record: StoredFile) -> None:
-        """Put back a file kept on disk by a batch (after a restart), under its own id; it
-        is pinned by that batch, so quotas do not apply to it."""
-        with self._lock:
-            files = self._owners.setdefault(record.owner, OrderedDict())
-            if record.id in files:
-                return
-            files[record.id] = record
-            self._owner_bytes[record.owner] = self._owner_bytes.get(record.owner, 0) + \
-                record.stored_bytes
-            self._count += 1
-            self._used += record.stored_bytes
 
     def get(self, file_id: str, owner: str = "") -> StoredFile | None:
         with self._lock:
@@ -175,7 +144,7 @@ class UploadStore:
     def _expire(self) -> None:
         cutoff = (time.time() - self.ttl_s) * 1_000_000
         expired = [f for files in self._owners.values() for f in files.values()
-                   if f.created_us < cutoff and f.id not in self._pins]
+                   if f.created_us < cutoff]
         for record in expired:
             self._remove(record)
 

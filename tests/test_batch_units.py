@@ -1,10 +1,9 @@
-"""Batch jobs' pure logic: input lines, the engine's priority order, pinned uploads, the
-results log. (The server-level behaviour is in test_batches*.py, on the real engine.)"""
+"""Batch jobs' pure logic: input lines, the engine's priority order, the results log.
+(The server-level behaviour is in test_batches*.py, on the real engine.)"""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,8 +14,7 @@ from server.batches.lines import parse, referenced_files
 from server.batches.offline import Progress
 from server.batches.store import BatchStore
 from server.engine.admission import Inbox, Pending, QueueFullError, outranked
-from server.engine.types import BATCH_PRIORITY, GenerationRequest, ImageInput
-from server.uploads import UploadStore
+from server.engine.types import BATCH_PRIORITY, GenerationRequest
 
 ENDPOINT = "/v1/chat/completions"
 
@@ -105,20 +103,6 @@ def test_outranked_picks_the_newest_lowest_priority_job() -> None:
     assert outranked([slot(0, 1), slot(0, 2)], chat, lambda p: False) is None
     assert outranked(busy, pending(BATCH_PRIORITY), lambda p: False) is None
     assert outranked(busy, None, lambda p: False) is None
-
-
-def test_pinned_uploads_survive_ttl_and_lru() -> None:
-    store = UploadStore(max_files=2, max_bytes=10**6, ttl_s=0.05)
-    image = ImageInput(b"\0" * 12, 2, 2, "h")
-    kept = store.add("a.png", "vision", 12, image)
-    other = store.add("b.png", "vision", 12, image)
-    store.pin({kept.id})
-    store.add("c.png", "vision", 12, image)  # evicts the oldest unpinned file: b
-    assert store.get(other.id) is None and store.get(kept.id) is not None
-    time.sleep(0.1)
-    assert store.get(kept.id) is not None  # past its TTL, still pinned
-    store.unpin({kept.id})
-    assert store.get(kept.id) is None
 
 
 def test_results_log_drops_a_torn_last_line(tmp_path: Path) -> None:

@@ -295,3 +295,34 @@ def test_listing_pages_newest_first(client: openai.OpenAI, batch_server: Running
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_cursor"
     for batch_id in made:
         wait_batch(batch_server, batch_id, {"completed"})
+
+
+def test_a_batch_keeps_the_uploads_it_names(client: openai.OpenAI,
+                                            batch_server: RunningServer) -> None:
+    """Deleted (or expired) after the batch was created, an upload its lines name is still
+    there for them: the batch copied it when it was validated."""
+    image = client.files.create(file=("b.png", io.BytesIO(photo_bytes(seed=41))),
+                                purpose="vision")
+    part = {"type": "file", "file": {"file_id": image.id}}
+    # Long text lines first, so the image lines run well after the upload is deleted.
+    filler = [request_line(f"t{i}", [{"role": "user", "content": f"Count {i}"}],
+                           max_tokens=40, ignore_eos=True) for i in range(150)]
+    asks = [request_line(f"q{i}", [{"role": "user", "content": [
+        {"type": "text", "text": f"Question {i}"}, part]}]) for i in range(3)]
+    batch = client.batches.create(input_file_id=upload_batch(client, jsonl(filler + asks)).id,
+                                  endpoint="/v1/chat/completions", completion_window="24h")
+    wait_batch(batch_server, batch.id, {"in_progress", "completed"})
+    assert client.files.delete(image.id).deleted
+    running = raw_batch(batch_server, batch.id)
+    assert running.status == "in_progress" and running.request_counts is not None
+    assert running.request_counts.completed < 150  # the image lines have not run yet
+    done = wait_batch(batch_server, batch.id, {"completed", "failed"})
+    assert done.request_counts is not None and done.request_counts.completed == 153, done
+    outputs = read_lines(client, done.output_file_id)
+    assert all(outputs[f"q{i}"]["response"]["body"]["timings"]["image_tokens"] > 0
+               for i in range(3))
+    images_dir = batch_server.log_path.parent / "batches" / "batches" / f"{batch.id}.images"
+    assert not images_dir.exists()  # dropped when the batch ended
+    chat = httpx.post(f"{batch_server.api}/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": [part]}], "max_tokens": 4})
+    assert chat.status_code == 400 and chat.json()["error"]["code"] == "file_not_found"

@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.types import ASGIApp, Message
 
 from server.api.auth import set_identity
-from server.api.internal import INTERNAL_KEY, PRIORITY_KEY
+from server.api.internal import BATCH_IMAGES, INTERNAL_KEY, PRIORITY_KEY
+from server.uploads import StoredFile
 
 logger = logging.getLogger("vlserve.batches")
 
@@ -29,8 +31,10 @@ class Answer:
 
 
 async def call(app: ASGIApp, path: str, body: dict[str, Any], *, owner: str, priority: int,
-               request_id: str, cancel: asyncio.Event) -> Answer:
-    """POST `body` to `path` as `owner`; setting `cancel` hangs up, as a client can."""
+               request_id: str, cancel: asyncio.Event,
+               images: Mapping[str, StoredFile] | None = None) -> Answer:
+    """POST `body` to `path` as `owner`; setting `cancel` hangs up, as a client can.
+    `images`: the uploads the batch keeps, which its file ids resolve to."""
     payload = json.dumps(body).encode()
     scope: dict[str, Any] = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
@@ -63,6 +67,7 @@ async def call(app: ASGIApp, path: str, body: dict[str, Any], *, owner: str, pri
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
 
+    token = BATCH_IMAGES.set(images)  # seen by this call only (each line is its own task)
     try:
         await app(scope, receive, send)
     except Exception:
@@ -73,6 +78,8 @@ async def call(app: ASGIApp, path: str, body: dict[str, Any], *, owner: str, pri
             status, chunks = 500, [json.dumps({"error": {
                 "message": "the server failed on this request", "type": "server_error",
                 "param": None, "code": None}}).encode()]
+    finally:
+        BATCH_IMAGES.reset(token)
     raw = b"".join(chunks)
     try:
         parsed = json.loads(raw) if raw else None

@@ -1,46 +1,43 @@
-"""Uploaded images a batch names by file id: pinned in the upload store while the batch
-runs, and kept on disk with it, so a restarted server still has them (uploads themselves
-live in memory only)."""
+"""Uploaded images a batch names by file id, kept with the batch until it ends.
+
+Uploads live in memory for a while (or in the shared store); a batch may outlive them, and
+a restart loses them. So when a batch is created, the images its lines name are copied
+beside it on disk and held with it; its lines resolve those ids to these copies
+(server/api/internal.py), whatever became of the uploads since.
+"""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from server.batches.store import BatchStore
 from server.engine import ImageInput
 from server.uploads import StoredFile, UploadStore
 
-logger = logging.getLogger("vlserve.batches")
-
 
 def keep(store: BatchStore, uploads: UploadStore, batch_id: str, owner: str,
-         file_ids: set[str]) -> None:
-    """At validation: write the images beside the batch (on a worker thread; `restore`
-    then pins them). An id the owner has no upload for is left to fail in its line."""
+         file_ids: set[str]) -> dict[str, StoredFile]:
+    """At validation (on a worker thread): copy the owner's images beside the batch. An id
+    the owner has no upload for is left out: its line fails as a chat naming it would."""
+    kept: dict[str, StoredFile] = {}
     for file_id in sorted(file_ids):
         record = uploads.get(file_id, owner)
         if record is not None:
             store.save_image(batch_id, _meta(record), record.image.rgb)
+            kept[file_id] = record
+    return kept
 
 
-def restore(store: BatchStore, uploads: UploadStore, batch_id: str, owner: str,
-            file_ids: set[str]) -> None:
-    """After a restart: put the batch's images back into the upload store, pinned."""
-    uploads.pin(file_ids, owner)
+def restore(store: BatchStore, batch_id: str) -> dict[str, StoredFile]:
+    """After a restart: the copies, as they were kept."""
+    kept: dict[str, StoredFile] = {}
     for meta, rgb in store.load_images(batch_id):
         image = ImageInput(rgb, meta["width"], meta["height"], meta["content_hash"])
         source = meta.get("source_size")
-        uploads.restore(StoredFile(meta["id"], meta["filename"], meta["purpose"],
-                                   meta["bytes"], meta["created_us"], image, meta["owner"],
-                                   tuple(source) if source else None))
-
-
-def release(store: BatchStore, uploads: UploadStore, batch_id: str, owner: str,
-            file_ids: set[str]) -> None:
-    """At the batch's end: unpin (the upload's own TTL applies again), drop the copy."""
-    uploads.unpin(file_ids, owner)
-    store.drop_images(batch_id)
+        kept[meta["id"]] = StoredFile(meta["id"], meta["filename"], meta["purpose"],
+                                      meta["bytes"], meta["created_us"], image, meta["owner"],
+                                      (source[0], source[1]) if source else None)
+    return kept
 
 
 def _meta(record: StoredFile) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.batches.lines import RequestLine
+from server.uploads import StoredFile
 
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "expired",
@@ -88,7 +89,7 @@ class BatchJob:
     done: set[int] = field(default_factory=set)  # indices with a result on disk
     running: dict[int, Any] = field(default_factory=dict)  # index → the line's cancel event
     retry_at: dict[int, float] = field(default_factory=dict)  # index → monotonic time
-    pinned: set[str] = field(default_factory=set)  # uploaded images it references
+    images: dict[str, StoredFile] = field(default_factory=dict)  # uploads its lines name
     queue: deque[int] = field(default_factory=deque)  # line indices still to run
 
     @property

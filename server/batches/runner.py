@@ -193,7 +193,8 @@ class BatchRunner:
             else:
                 answer = await call(self.app, batch_lines.ENDPOINTS[job.batch["endpoint"]],
                                     line.body, owner=job.owner, priority=BATCH_PRIORITY,
-                                    request_id=f"{job.id}:{line.index}", cancel=cancel)
+                                    request_id=f"{job.id}:{line.index}", cancel=cancel,
+                                    images=job.images)
                 if answer.status in _RETRY:
                     job.retry(line, time.monotonic() + _RETRY[answer.status])
                     return
@@ -232,14 +233,13 @@ class BatchRunner:
             logger.warning("batch %s failed validation: %s", job.id, problems[0].message)
             return
         job.start(lines, await asyncio.to_thread(self.store.read_results, job.id))
-        job.pinned = set().union(*(batch_lines.referenced_files(line.body)
-                                   for line in lines if line.body is not None))
-        if job.pinned:
-            if batch["status"] == "validating":
-                await asyncio.to_thread(images.keep, self.store, self.state.uploads, job.id,
-                                        job.owner, job.pinned)
-            await asyncio.to_thread(images.restore, self.store, self.state.uploads, job.id,
-                                    job.owner, job.pinned)
+        named = set().union(*(batch_lines.referenced_files(line.body)
+                              for line in lines if line.body is not None))
+        if named and batch["status"] == "validating":
+            job.images = await asyncio.to_thread(images.keep, self.store, self.state.uploads,
+                                                 job.id, job.owner, named)
+        elif named:
+            job.images = await asyncio.to_thread(images.restore, self.store, job.id)
         if batch["status"] == "validating":
             set_status(batch, "in_progress")
             await self._save(batch)
@@ -295,7 +295,6 @@ class BatchRunner:
 
     async def _save_final(self, job: BatchJob) -> None:
         await self._save(job.batch)
-        if job.pinned:
-            await asyncio.to_thread(images.release, self.store, self.state.uploads, job.id,
-                                    job.owner, job.pinned)
+        if job.images:
+            await asyncio.to_thread(self.store.drop_images, job.id)
         self.jobs.pop(job.id, None)
