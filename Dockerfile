@@ -92,8 +92,9 @@ WORKDIR /app
 COPY configs ./configs
 COPY models/registry.yaml ./registry.yaml
 COPY scripts/healthcheck.py ./scripts/
-# The models volume starts out owned by the server's user (named volumes copy this).
-RUN mkdir -p /app/models && chown vlserve:vlserve /app/models
+# The volumes start out owned by the server's user (named volumes copy this): models, and
+# data/batches (batch_dir: batch files, state and results, resumed after a restart).
+RUN mkdir -p /app/models /app/data/batches && chown -R vlserve:vlserve /app/models /app/data
 
 # Configuration by environment: VLSERVE_CONFIG picks the preset, any VLSERVE_* setting
 # overrides it (e.g. VLSERVE_API_KEY, VLSERVE_N_CTX). 0.0.0.0 on purpose: the container's
@@ -107,7 +108,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     VLSERVE_PORT=7860 \
     VLSERVE_REGISTRY=/app/registry.yaml
 
-VOLUME ["/app/models"]
+VOLUME ["/app/models", "/app/data"]
 # Numeric, so orchestrators can check it is not root without reading /etc/passwd.
 USER 10001:10001
 EXPOSE 7860

@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from server import __version__
 from server.api.auth import APIKeyMiddleware, is_protected
+from server.api.batches import router as batches_router
 from server.api.chat import router as chat_router
 from server.api.drain import DrainMiddleware
 from server.api.errors import install_error_handlers
@@ -24,6 +25,7 @@ from server.api.replica import REPLICA_HEADER, ReplicaHeader
 from server.api.responses import router as responses_router
 from server.api.state import AppState
 from server.api.status import health_router, models_router
+from server.batches.runner import BatchRunner
 from server.config import Settings
 from server.engine import Engine
 from server.images.backend import image_backend
@@ -52,9 +54,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         logger.info("metrics at /metrics (GPU gauges %s)", "on" if metrics.gpu else "off")
         logger.info("uploads and stored responses kept in %s", redacted(settings.state_url))
         engine.start()
+        await batches.start()  # resumes unfinished batches once the engine is ready
         try:
             yield
         finally:
+            await batches.stop()
             engine.stop()
             await backend.close()
 
@@ -63,6 +67,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     backend = open_backend(settings.state_url, settings.state_timeout_s)
     state = AppState(settings=settings, engine=engine, metrics=metrics, backend=backend)
     app.state.vlserve = state
+    state.batches = batches = BatchRunner(app, state, state.batch_store)
+    metrics.batch_statuses = batches.statuses
     install_error_handlers(app)
     # Added innermost first: exact paths (a control character is a 404), body limits, then
     # the request observer (log line, metrics: so 404s and 413s are logged too), inside drain
@@ -93,7 +99,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(metrics_router)
     for prefix in API_PREFIXES:
         documented = prefix == API_PREFIXES[0]  # /v1 is the same API again, for SDK defaults
-        for router in (chat_router, responses_router, files_router, models_router):
+        for router in (chat_router, responses_router, files_router, batches_router,
+                       models_router):
             app.include_router(router, prefix=prefix, include_in_schema=documented)
     if settings.playground:
         mount_playground(app)

@@ -1,4 +1,5 @@
-"""`vlserve` command line: serve, cluster, doctor, bench, download, models, make-demo-model."""
+"""`vlserve` command line: serve, cluster, batch, doctor, bench, download, models,
+make-demo-model."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from server.batches import command as batch_command
 from server.bench import command as bench_command
 from server.bench.soak import command as soak_command
 from server.cluster import command as cluster_command
@@ -67,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
                              "port (pip install 'vlserve[cluster]')")
     cluster_command.add_arguments(cluster)
     cluster.set_defaults(handler=cluster_command.run)
+
+    batch = sub.add_parser("batch", help="run a JSONL file of requests (OpenAI's batch "
+                           "format) to the end: here, or on a running server with --url")
+    batch_command.add_arguments(batch)
+    batch.set_defaults(handler=batch_command.run_command)
 
     doctor = sub.add_parser("doctor", help="check this box: build, GPUs, model files, then "
                             "one text and one image request (exit 0 when all is well)")
@@ -130,9 +137,7 @@ def _serve(args: argparse.Namespace) -> int:
     from server.logs import setup_logging
 
     setup_logging(settings.log_level)
-    _check_chat_template(settings)
-    _ensure_model_files(settings)
-    _check_loadable(settings)
+    ensure_servable(settings)
 
     from server.app import create_app
     from server.engine import Engine
@@ -167,6 +172,13 @@ def _serve(args: argparse.Namespace) -> int:
             os._exit(1)
         return 1
     return 0
+
+
+def ensure_servable(settings: Settings) -> None:
+    """The checks before loading a model (ConfigError: one line, exit 2)."""
+    _check_chat_template(settings)
+    _ensure_model_files(settings)
+    _check_loadable(settings)
 
 
 def _log_access(settings: Settings) -> None:

@@ -157,6 +157,17 @@ class Settings(BaseSettings):
     upload_max_files_per_key: int | None = Field(None, ge=1)
     upload_store_mb_per_key: int | None = Field(None, ge=1)
 
+    # Batch jobs (POST /files purpose=batch, /batches): input files, state and results live
+    # on disk under batch_dir, so a restarted server resumes its batches. An input file is
+    # at most batch_max_bytes (and within max_request_bytes, as every request body) and
+    # batch_max_lines requests. batch_in_flight: batch lines handed to the engine at once
+    # (None: n_parallel + 1, one per slot and one waiting); they run below interactive
+    # requests' priority.
+    batch_dir: Path = Path("data/batches")
+    batch_max_bytes: int = Field(48 * 1024 * 1024, ge=1)
+    batch_max_lines: int = Field(50_000, ge=1)
+    batch_in_flight: int | None = Field(None, ge=1)
+
     # Stored responses (POST /responses with `store`, the default): kept in memory for
     # GET /responses/{id} and `previous_response_id`, each API key an even share of them.
     responses_max_stored: int = Field(1000, ge=1)

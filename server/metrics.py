@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from server import __version__
+from server.batches.job import STATUSES
 from server.config import Settings
 from server.engine import Engine, EngineState
 from server.gpu_metrics import nvml_collector
@@ -70,6 +71,15 @@ class Metrics:
             "refused the first draw", registry=registry)
         self.uploads = Counter(
             "vlserve_uploads_total", "Files accepted by the upload endpoint", registry=registry)
+        self.batch_requests = Counter(
+            "vlserve_batch_requests_total", "Batch lines by how they ended (completed: a 2xx "
+            "answer; failed: an error answer, a bad line or the window expired; cancelled: "
+            "never run because the batch was cancelled)", ["state"], registry=registry)
+        for state in ("completed", "failed", "cancelled"):  # shown at 0 from the start
+            self.batch_requests.labels(state)
+        # Set by the app to the batch runner's counts by status (read at scrape time).
+        self.batch_statuses: Callable[[], dict[str, int]] = dict
+        registry.register(_BatchGauge(self))
         self._engine_gauges(settings, engine)
         registry.register(_BuildCollector(settings, engine))
         registry.register(_EngineCounters(engine))
@@ -135,6 +145,20 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every collector."""
         return generate_latest(self.registry)
+
+
+class _BatchGauge(Collector):
+    """vlserve_batches{status}: every status present, zeros included, so dashboards see it."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("vlserve_batches", "Batches by status", labels=["status"])
+        counts = self._metrics.batch_statuses()
+        for status in STATUSES:
+            family.add_metric([status], counts.get(status, 0))
+        yield family
 
 
 class _EngineCounters(Collector):

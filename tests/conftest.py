@@ -97,7 +97,9 @@ def start_server(models: DemoModelPaths | Path, log_path: Path, *extra: str,
                 # One llama.cpp thread: the tiny model gains nothing from two, and on a
                 # loaded 2-core machine two threads spin in each other's way at every op
                 # (2000 tokens: 0.8 s with one thread vs 36-66 s with two, measured here).
-                "VLSERVE_N_THREADS": "1", **(env or {})}
+                "VLSERVE_N_THREADS": "1",
+                # Each server its own batch directory: batches on disk are resumed on start.
+                "VLSERVE_BATCH_DIR": str(log_path.parent / "batches"), **(env or {})}
     log = log_path.open("wb")
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, models, family)

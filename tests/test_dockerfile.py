@@ -103,7 +103,7 @@ def test_runtime_stage_properties() -> None:
         assert names.index("USER") < names.index("ENTRYPOINT")
         assert "RUN" not in names[names.index("USER"):]  # nothing after it runs as root
         assert values(stage, "EXPOSE") == ["7860"]
-        assert json.loads(values(stage, "VOLUME")[0]) == ["/app/models"]
+        assert json.loads(values(stage, "VOLUME")[0]) == ["/app/models", "/app/data"]
         assert values(stage, "STOPSIGNAL") == ["SIGTERM"]
         assert json.loads(values(stage, "ENTRYPOINT")[0]) == ["vlserve"]
         healthcheck = values(stage, "HEALTHCHECK")[0]

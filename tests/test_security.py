@@ -43,7 +43,12 @@ ROUTES = {
         # The Responses API: images as chat's (no file:// URLs, http(s) only when enabled),
         # stored responses per key (test_key_quotas_and_views.py).
         ("/responses", "POST"), ("/responses/{response_id}", "GET"),
-        ("/responses/{response_id}", "DELETE"), ("/responses/{response_id}/input_items", "GET"))),
+        ("/responses/{response_id}", "DELETE"), ("/responses/{response_id}/input_items", "GET"),
+        # Batch jobs: batch files on disk, named only by ids of our own shape (store.py
+        # _safe_id) and seen only by their owner; lines run as their batch's owner
+        # (test_batches.py, test_batch_units.py).
+        ("/files/{file_id}/content", "GET"), ("/batches", "POST"), ("/batches", "GET"),
+        ("/batches/{batch_id}", "GET"), ("/batches/{batch_id}/cancel", "POST"))),
 }
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import error_response
+from server.api.internal import is_internal
 
 # The router's and the orchestrator's probes carry no key: /health (readiness), /livez
 # (liveness) and /get_load (a count for load-aware routing) answer without one.
@@ -29,6 +30,11 @@ def client_identity(scope: Scope) -> str:
     """Who sent the request, as far as the server can tell: a digest of its API key ("" with
     auth off). Uploads are kept apart by it, so one key's files are invisible to another."""
     return scope.get(_IDENTITY, "")
+
+
+def set_identity(scope: Scope, client: str) -> None:
+    """Run an in-process request (a batch line) as `client`, the batch's owner."""
+    scope[_IDENTITY] = client
 
 
 def is_protected(path: str, *, metrics_open: bool) -> bool:
@@ -59,7 +65,8 @@ class APIKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or not self._keys \
-                or not is_protected(scope["path"], metrics_open=self._metrics_open):
+                or not is_protected(scope["path"], metrics_open=self._metrics_open) \
+                or is_internal(scope):  # a batch line: its identity was set by the server
             # Every method, OPTIONS included: a 405 with its Allow header would tell which
             # paths exist. CORS preflights (which carry no key by design) never get here:
             # the CORS middleware outside answers them for the configured origins.

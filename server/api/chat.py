@@ -22,6 +22,7 @@ from server.api.generation import (
     sampling_params,
     start_choices,
 )
+from server.api.internal import request_priority
 from server.api.observe import RequestRecord, request_record
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import event_stream, responses
@@ -86,6 +87,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         top_logprobs=_top_logprobs(body),
         stream=body.stream,
         tenant=state.cache_tenant(client),
+        priority=request_priority(request.scope),
     )
     # Until a streaming response takes over (Starlette then notices hang-ups itself), a
     # client that goes away must cancel its generation: while its images decode, queued,

@@ -1,4 +1,5 @@
-"""OpenAI Files API for images: upload (returns once validated), list, get, delete.
+"""OpenAI Files API: images (upload returns once validated), batch JSONL files (on disk,
+server/api/batch_files.py), list, get, content, delete.
 
 After answering, the image is queued for vision encoding at low priority, so a chat that
 references it (`{"type": "file", "file": {"file_id": ...}}`) skips the encoder.
@@ -6,19 +7,22 @@ references it (`{"type": "file", "file": {"file_id": ...}}`) skips the encoder.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
+from server.api import batch_files
 from server.api.auth import client_identity
 from server.api.errors import APIError
 from server.api.image_detail import size_rule, upload_at, upload_cache_id
 from server.api.messages import decode_within_budget, image_api_error
-from server.api.multipart import read_upload_form
+from server.api.multipart import read_upload_form, too_large
 from server.api.openapi import responses
 from server.api.protocol import FileDeleted, FileList, FileObject
 from server.api.state import AppState
+from server.batches.store import BatchFile
 from server.engine import ImageInput
 from server.images import ImageError
 from server.uploads import StoredFile, UploadRefused
@@ -38,10 +42,17 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
 async def upload_file(request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
     settings = state.settings
-    form = await read_upload_form(request, settings.upload_max_bytes)
+    # The purpose is a field of the same form: read up to the larger of the two limits,
+    # then hold each kind of file to its own.
+    form = await read_upload_form(request, max(settings.upload_max_bytes,
+                                               settings.batch_max_bytes))
     if form.file_field is None:
         raise APIError(400, "the form has no file part", param="file", code="invalid_upload")
     purpose = form.fields.get("purpose", "vision")
+    if purpose == "batch":
+        return JSONResponse(await batch_files.upload(form, state, client_identity(request.scope)))
+    if len(form.file_bytes) > settings.upload_max_bytes:
+        raise too_large(settings.upload_max_bytes)
     try:
         # Kept at the `high` size; chats asking for less get it resized (image_detail).
         decoded = await decode_within_budget(form.file_bytes, state, size_rule(state, "high"))
@@ -72,7 +83,10 @@ async def list_files(request: Request, after: str | None = None,
     page that would end the listing silently.
     """
     state: AppState = request.app.state.vlserve
-    files = await state.uploads.list(client_identity(request.scope))
+    client = client_identity(request.scope)
+    listed: list[StoredFile | BatchFile] = [*await state.uploads.list(client),
+                                            *await batch_files.listing(state, client)]
+    files = sorted(listed, key=lambda f: f.order_key)
     if order == "desc":
         files.reverse()
     if after is not None:
@@ -85,7 +99,7 @@ async def list_files(request: Request, after: str | None = None,
     page = files[:limit]
     return JSONResponse({
         "object": "list",
-        "data": [_file_object(f, state) for f in page],
+        "data": [_any_file_object(f, state) for f in page],
         "first_id": page[0].id if page else None,
         "last_id": page[-1].id if page else None,
         "has_more": len(files) > limit,
@@ -95,23 +109,49 @@ async def list_files(request: Request, after: str | None = None,
 @router.get("/files/{file_id}", responses=responses(FileObject, 404))
 async def get_file(file_id: str, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
-    return JSONResponse(_file_object(await _lookup(request, file_id), state))
+    return JSONResponse(_any_file_object(await _lookup(request, file_id), state))
+
+
+@router.get("/files/{file_id}/content", response_class=Response,
+            responses={200: {"content": {"application/jsonl": {}},
+                             "description": "the file's bytes (batch files only)"},
+                       **responses(None, 400, 404)})
+async def file_content(file_id: str, request: Request) -> Response:
+    """A batch input, output or error file, byte for byte. Images are kept decoded only,
+    so their upload's bytes are not there to return."""
+    state: AppState = request.app.state.vlserve
+    record = await _lookup(request, file_id)
+    if isinstance(record, StoredFile):
+        raise APIError(400, "image uploads are kept decoded; their original bytes are not "
+                       "stored", param="file_id", code="content_not_available")
+    return Response(await asyncio.to_thread(state.batch_store.file_bytes, record.id),
+                    media_type="application/jsonl")
 
 
 @router.delete("/files/{file_id}", responses=responses(FileDeleted, 404))
 async def delete_file(file_id: str, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
-    if not await state.uploads.delete(file_id, client_identity(request.scope)):
+    client = client_identity(request.scope)
+    if not await state.uploads.delete(file_id, client) and \
+            not await batch_files.delete(state, file_id, client):
         raise _not_found(file_id)
     return JSONResponse({"id": file_id, "object": "file", "deleted": True})
 
 
-async def _lookup(request: Request, file_id: str) -> StoredFile:
+async def _lookup(request: Request, file_id: str) -> StoredFile | BatchFile:
     state: AppState = request.app.state.vlserve
-    record = await state.uploads.get(file_id, client_identity(request.scope))
+    client = client_identity(request.scope)
+    record = await state.uploads.get(file_id, client) or await batch_files.lookup(
+        state, file_id, client)
     if record is None:
         raise _not_found(file_id)
     return record
+
+
+def _any_file_object(record: StoredFile | BatchFile, state: AppState) -> dict[str, object]:
+    if isinstance(record, BatchFile):
+        return batch_files.file_object(record)
+    return _file_object(record, state)
 
 
 def _not_found(file_id: str) -> APIError:

@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.errors import APIError
 from server.api.image_detail import size_rule, upload_at
+from server.api.internal import batch_image
 from server.api.protocol import ChatMessageIn, FilePart, ImagePart, TextPart
 from server.api.remote_images import fetch_image_bytes
 from server.api.state import AppState
@@ -120,6 +121,9 @@ def image_api_error(exc: ImageError, param: str) -> APIError:
 
 
 async def _uploaded(part: FilePart, uploads: Uploads, client: str, param: str) -> StoredFile:
+    kept = batch_image(part.file.file_id)  # a batch line: its batch keeps its images
+    if kept is not None:
+        return kept
     record = await uploads.get(part.file.file_id, client)
     if record is None:
         raise APIError(400, f"{param}: no uploaded file {part.file.file_id!r} (unknown, "

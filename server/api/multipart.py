@@ -41,7 +41,7 @@ async def read_upload_form(request: Request, max_file_bytes: int) -> UploadForm:
     declared = request.headers.get("content-length")
     limit = max_file_bytes + 64 * 1024  # room for part headers and small fields
     if declared and declared.isdigit() and int(declared) > limit:
-        raise _too_large(max_file_bytes)
+        raise too_large(max_file_bytes)
 
     form = UploadForm()
     parts: list[_Part] = []
@@ -65,7 +65,7 @@ async def read_upload_form(request: Request, max_file_bytes: int) -> UploadForm:
     def on_part_data(data: bytes, start: int, end: int) -> None:
         current.data += data[start:end]
         if len(current.data) > max_file_bytes:
-            raise _too_large(max_file_bytes)
+            raise too_large(max_file_bytes)
 
     def on_part_end() -> None:
         parts.append(current)
@@ -85,7 +85,7 @@ async def read_upload_form(request: Request, max_file_bytes: int) -> UploadForm:
         async for chunk in request.stream():
             received += len(chunk)
             if received > limit:
-                raise _too_large(max_file_bytes)
+                raise too_large(max_file_bytes)
             parser.write(chunk)
         parser.finalize()
     except (APIError, HTTPException):  # over a limit: answered as such, not as malformed
@@ -112,5 +112,5 @@ async def read_upload_form(request: Request, max_file_bytes: int) -> UploadForm:
     return form
 
 
-def _too_large(max_file_bytes: int) -> APIError:
+def too_large(max_file_bytes: int) -> APIError:
     return APIError(413, f"upload larger than {max_file_bytes} bytes", code="file_too_large")

@@ -20,6 +20,7 @@ _DESCRIPTIONS = {
     400: "Invalid request (OpenAI error JSON; `param` names the offending field)",
     401: "Missing or invalid API key",
     404: "No such resource",
+    409: "Not in a state that allows this (e.g. cancelling a batch that has ended)",
     413: "Request body, image or upload over its size limit",
     429: "The request queue is full; retry after `Retry-After` seconds",
     431: "Request headers over their size limit",

@@ -342,8 +342,8 @@ class FileObject(BaseModel):
     filename: str
     purpose: str
     status: Literal["uploaded", "processed"]  # processed: the vision encoder has run
-    width: int
-    height: int
+    width: int | None = None  # images only (not batch JSONL files)
+    height: int | None = None
 
 
 class FileList(BaseModel):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from server.api.drain import Drain
 from server.api.response_store import Responses, open_responses
+from server.batches.store import BatchStore
 from server.config import Settings
 from server.engine import Engine
 from server.images import ImageLimits
@@ -14,6 +16,9 @@ from server.images.budget import DecodeBudget
 from server.metrics import Metrics
 from server.store import StateBackend
 from server.uploads import Uploads, open_uploads
+
+if TYPE_CHECKING:
+    from server.batches.runner import BatchRunner
 
 
 @dataclass
@@ -29,11 +34,14 @@ class AppState:
     decode_budget: DecodeBudget = field(init=False)
     uploads: Uploads = field(init=False)  # POST /files
     responses: Responses = field(init=False)  # stored responses (POST /responses)
+    batch_store: BatchStore = field(init=False)  # batch files, state and results, on disk
+    batches: BatchRunner | None = None  # set by the app once it exists
 
     def __post_init__(self) -> None:
         self.decode_budget = DecodeBudget(self.settings.image_decode_budget_mb * 1024 * 1024)
         self.uploads = open_uploads(self.settings, self.backend)
         self.responses = open_responses(self.settings, self.backend)
+        self.batch_store = BatchStore(self.settings.batch_dir)
 
     def cache_tenant(self, client: str) -> str:
         """Whose engine caches a client (server.api.auth.client_identity) may use: its own,

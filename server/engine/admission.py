@@ -19,7 +19,7 @@ from server.engine import mtmd
 from server.engine.types import EngineEvent, ErrorEvent, GenerationRequest
 
 if TYPE_CHECKING:
-    from server.engine.jobs import Job
+    from server.engine.jobs import Job, Slot
 
 logger = logging.getLogger("vlserve.engine")
 
@@ -79,8 +79,12 @@ class Inbox:
         return len(self._items)
 
     def put(self, item: Pending, limit: int) -> None:
+        """Queue `item` unless `limit` entries of its priority or above already wait
+        (batch lines waiting never make an interactive request's queue full)."""
         with self._cond:
-            if len(self._items) >= limit:
+            priority = item.request.priority
+            if len(self._items) >= limit and sum(
+                    1 for p in self._items if p.request.priority >= priority) >= limit:
                 raise QueueFullError("the request queue is full")
             self._items.append(item)
             self._cond.notify()
@@ -94,13 +98,30 @@ class Inbox:
     def get(self, timeout: float, accept: Callable[[Pending], bool] | None = None
             ) -> Pending | None:
         """The head, if there is one (waiting up to `timeout`) and `accept` takes it; a head
-        that is not accepted stays first, so nothing overtakes it."""
+        that is not accepted stays first, so nothing overtakes it. The head is the oldest
+        entry of the highest priority waiting (batch lines never pass interactive ones)."""
         with self._cond:
             if not self._items and timeout > 0:
                 self._cond.wait(timeout)
-            if not self._items or (accept is not None and not accept(self._items[0])):
+            head = self._head()
+            if head is None or (accept is not None and not accept(head)):
                 return None
-            return self._items.popleft()
+            self._items.remove(head)
+            return head
+
+    def head(self) -> Pending | None:
+        """What `get` would take next, left in place."""
+        with self._cond:
+            return self._head()
+
+    def _head(self) -> Pending | None:
+        if not self._items:
+            return None
+        first = self._items[0]
+        top = max(p.request.priority for p in self._items)
+        if first.request.priority == top:  # the usual case: one class, FIFO
+            return first
+        return next(p for p in self._items if p.request.priority == top)
 
     def take_cancelled(self) -> list[Pending]:
         """Remove and return the entries whose client has gone (a scan of at most
@@ -120,3 +141,17 @@ class Inbox:
             items = list(self._items)
             self._items.clear()
             return items
+
+
+def outranked(slots: list[Slot], head: Pending | None, fits: Callable[[Pending], bool]
+              ) -> Slot | None:
+    """The slot to preempt so that `head` (a higher-priority request) can start now: the
+    newest job of the lowest priority running below it, when no slot is free or `head`
+    does not fit the KV cache beside the running jobs. None when nothing ranks below it."""
+    if head is None:
+        return None
+    lower = [s for s in slots if s.job is not None
+             and s.job.request.priority < head.request.priority]
+    if not lower or (any(s.job is None for s in slots) and fits(head)):
+        return None
+    return max(lower, key=lambda s: (-s.job.request.priority, s.job.order))  # type: ignore[union-attr]

@@ -52,15 +52,15 @@ class KvBudget:
 
     @staticmethod
     def victim(slots: Iterable[Slot]) -> Slot | None:
-        """The running job admitted last (lower-priority classes would go first, once
-        requests have them); None when no more than one runs: the oldest is never
-        preempted for the others' sake, so it always makes progress."""
+        """The running job of the lowest priority (batch lines before interactive requests)
+        admitted last; None when no more than one runs: the oldest is never preempted for
+        the others' sake, so it always makes progress."""
         active = [s for s in slots if s.job is not None]
         if len(active) < 2:
             return None
-        return max(active, key=lambda s: _order(s.job))
+        return max(active, key=lambda s: _rank(s.job))
 
 
-def _order(job: Job | None) -> int:
+def _rank(job: Job | None) -> tuple[int, int]:
     assert job is not None
-    return job.order
+    return -job.request.priority, job.order

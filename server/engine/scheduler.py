@@ -21,7 +21,14 @@ import llama_cpp
 
 from server.config import Settings
 from server.engine import mtmd
-from server.engine.admission import CLIENT_GONE, Inbox, Pending, QueueFullError, Sink
+from server.engine.admission import (
+    CLIENT_GONE,
+    Inbox,
+    Pending,
+    QueueFullError,
+    Sink,
+    outranked,
+)
 from server.engine.batch import TokenBatch
 from server.engine.encoder import ImageEncoder
 from server.engine.jobs import PrefillItem, Slot, end_job, finish_job, slot_view
@@ -183,6 +190,10 @@ class Scheduler:
                 self._starter.copy_sequence(origin, slot)
 
     def _admit(self, block: bool) -> None:
+        # A waiting request that outranks running work (a chat while batch lines hold the
+        # slots or the KV cache) takes its place now; the preempted line resumes later.
+        while (slot := outranked(self.slots, self._inbox.head(), self._fits)) is not None:
+            self._preempt(slot, "a higher-priority request is waiting")
         while any(s.job is None for s in self.slots):
             pending = self._inbox.get(timeout=0.2 if block else 0, accept=self._fits)
             if pending is None:
@@ -223,7 +234,7 @@ class Scheduler:
                     return
             pending.answer(ErrorEvent(500, "the engine failed on this request"))
 
-    def _preempt(self, slot: Slot) -> None:
+    def _preempt(self, slot: Slot, why: str = "KV cache full") -> None:
         """Free the slot's KV and requeue its job first in line, keeping its sampler (grammar
         state), its text stream and the tokens it generated; it resumes by re-evaluating
         prompt and tokens, so its stream goes on with nothing lost or repeated."""
@@ -234,8 +245,8 @@ class Scheduler:
         job.preemptions += 1
         job.request.timer.preemptions += 1
         self.preemptions += 1
-        logger.info("request %s preempted after %d tokens (KV cache full, %d cells); it "
-                    "resumes when there is room", job.request.request_id, job.n_generated,
+        logger.info("request %s preempted after %d tokens (%s, %d cells); it resumes "
+                    "when there is room", job.request.request_id, job.n_generated, why,
                     self.kv.n_ctx)
         self._inbox.put_front(Pending(job.request, job.prompt, job.sink, job=job))
 

@@ -69,6 +69,14 @@ class GenerationRequest:
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Whose caches (KV prefix, image embeddings) this request may use; "" when all share.
     tenant: str = ""
+    # Higher goes first: queued work of a higher priority overtakes lower, and takes a slot
+    # from lower-priority running work (preempted, resumed later). Batch jobs run at
+    # BATCH_PRIORITY so they only fill slots interactive requests leave idle.
+    priority: int = 0
+
+
+INTERACTIVE_PRIORITY = 0
+BATCH_PRIORITY = -1
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,21 @@ function placementParts(p, textOnly) {
   return parts;
 }
 
+// Batches still running (this key's): "batch 120/200", counted from request_counts.
+const BATCH_LIVE = ["validating", "in_progress", "finalizing", "cancelling"];
+async function batchPart() {
+  try {
+    const response = await api("batches?limit=100");
+    if (!response.ok) return null;
+    const live = (await response.json()).data.filter((b) => BATCH_LIVE.includes(b.status));
+    if (!live.length) return null;
+    const sum = (f) => live.reduce((n, b) => n + f(b.request_counts), 0);
+    const done = sum((c) => c.completed + c.failed);
+    const label = live.length === 1 ? "batch" : `${live.length} batches`;
+    return `${label} ${done}/${sum((c) => c.total)}`;
+  } catch { return null; }
+}
+
 async function refreshStatus() {
   let health = "unreachable";
   try {
@@ -123,10 +138,13 @@ async function refreshStatus() {
   } else if (modelNote) {
     parts.push(modelNote);
   }
+  const batches = health === "ok" ? await batchPart() : null;
+  if (batches) parts.push(batches);
   ui.status.dataset.state = health === "ok" ? "ready" : health === "loading" ? "warming" : "down";
   ui.statusText.textContent = parts.join(" · ");
   clearTimeout(refreshStatus.timer);
-  refreshStatus.timer = setTimeout(refreshStatus, health === "ok" ? 15000 : 2000);
+  // Sooner while a batch runs, so its count moves.
+  refreshStatus.timer = setTimeout(refreshStatus, health === "ok" && !batches ? 15000 : 2000);
 }
 
 // ---------- uploads ----------

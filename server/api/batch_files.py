@@ -1,0 +1,47 @@
+"""Batch JSONL files in the Files API: kept as bytes on disk (server/batches/store.py),
+with their own limits (batch_max_bytes, batch_max_lines), listed beside image uploads."""
+
+from __future__ import annotations
+
+import asyncio
+
+from server.api.errors import APIError
+from server.api.multipart import UploadForm, too_large
+from server.api.state import AppState
+from server.batches.lines import check_upload
+from server.batches.store import BatchFile
+
+
+async def upload(form: UploadForm, state: AppState, owner: str) -> dict[str, object]:
+    settings = state.settings
+    if len(form.file_bytes) > settings.batch_max_bytes:
+        raise too_large(settings.batch_max_bytes)
+    refusal = check_upload(form.file_bytes, settings.batch_max_lines)
+    if refusal is not None:
+        raise APIError(400, refusal, param="file", code="invalid_batch_file")
+    record = await asyncio.to_thread(state.batch_store.add_file, form.file_name or "batch.jsonl",
+                                     "batch", form.file_bytes, owner)
+    state.metrics.observe_upload()
+    return file_object(record)
+
+
+async def lookup(state: AppState, file_id: str, owner: str) -> BatchFile | None:
+    return await asyncio.to_thread(state.batch_store.get_file, file_id, owner)
+
+
+async def listing(state: AppState, owner: str) -> list[BatchFile]:
+    return await asyncio.to_thread(state.batch_store.list_files, owner)
+
+
+async def delete(state: AppState, file_id: str, owner: str) -> bool:
+    record = await lookup(state, file_id, owner)
+    if record is None:
+        return False
+    await asyncio.to_thread(state.batch_store.delete_file, file_id)
+    return True
+
+
+def file_object(record: BatchFile) -> dict[str, object]:
+    return {"id": record.id, "object": "file", "bytes": record.bytes,
+            "created_at": record.created_at, "filename": record.filename,
+            "purpose": record.purpose, "status": "processed"}

@@ -1,0 +1,183 @@
+"""Batch storage on disk: JSONL files (inputs, outputs, errors), batch records, results.
+
+One directory, one class: everything a batch needs to survive a restart goes through
+`BatchStore`, so it can later sit on a shared store (issue 16) without its callers
+changing. Layout under the root:
+
+    files/<file id>.json        the file object (owner, name, purpose, size, time)
+    files/<file id>.data        its bytes, as uploaded or written
+    batches/<batch id>.json     the batch record, replaced atomically on every change
+    batches/<batch id>.results  one JSON line per finished request, appended and fsync'd
+    batches/<batch id>.images/  the uploaded images its lines name, decoded, until it ends
+
+A results line is written once its request has finished, before anything else learns of
+it; on resume, the lines it names are not run again. A torn last line (a kill mid-write)
+is ignored: that request runs again, and nothing saw its first answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BatchFile:
+    id: str
+    filename: str
+    purpose: str  # batch, batch_output
+    bytes: int
+    created_us: int
+    owner: str = ""
+
+    @property
+    def created_at(self) -> int:
+        return self.created_us // 1_000_000
+
+    @property
+    def order_key(self) -> tuple[int, str]:
+        return self.created_us, self.id
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(16)}"
+
+
+class BatchStore:
+    """Directory-backed; safe to call from several threads."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._files = root / "files"
+        self._batches = root / "batches"
+        self._lock = threading.Lock()  # appends to results logs
+        self._record_lock = threading.Lock()  # batch records
+        self._versions: dict[str, int] = {}  # the newest record written, per batch
+
+    def _ensure(self) -> None:
+        """Created on the first write: a server that never sees a batch leaves no trace."""
+        self._files.mkdir(parents=True, exist_ok=True)
+        self._batches.mkdir(parents=True, exist_ok=True)
+
+    # --- files -------------------------------------------------------------------------
+    def add_file(self, filename: str, purpose: str, data: bytes, owner: str = "",
+                 file_id: str | None = None) -> BatchFile:
+        record = BatchFile(file_id or new_id("file"), filename, purpose, len(data),
+                           time.time_ns() // 1000, owner)
+        self._ensure()
+        _write_atomic(self._files / f"{record.id}.data", data)
+        _write_atomic(self._files / f"{record.id}.json", json.dumps(asdict(record)).encode())
+        return record
+
+    def get_file(self, file_id: str, owner: str | None = None) -> BatchFile | None:
+        """The file, if it exists and (owner given) belongs to `owner`."""
+        if not _safe_id(file_id):
+            return None
+        try:
+            record = BatchFile(**json.loads((self._files / f"{file_id}.json").read_bytes()))
+        except (OSError, ValueError, TypeError):
+            return None
+        return record if owner is None or record.owner == owner else None
+
+    def file_bytes(self, file_id: str) -> bytes:
+        return (self._files / f"{file_id}.data").read_bytes()
+
+    def delete_file(self, file_id: str) -> None:
+        for suffix in (".json", ".data"):  # the record first: a half-deleted file is absent
+            (self._files / f"{file_id}{suffix}").unlink(missing_ok=True)
+
+    def list_files(self, owner: str) -> list[BatchFile]:
+        files = (self.get_file(p.stem, owner) for p in self._files.glob("*.json"))
+        return [f for f in files if f is not None]
+
+    # --- batches -----------------------------------------------------------------------
+    def save_batch(self, batch_id: str, data: bytes, version: int) -> None:
+        """Replace the batch's record with `data` (its JSON), unless a newer version (a
+        higher number) was written already: saves may finish out of order."""
+        self._ensure()
+        with self._record_lock:  # one writer at a time: they share the temp file's name
+            if self._versions.get(batch_id, 0) > version:
+                return
+            self._versions[batch_id] = version
+            _write_atomic(self._batches / f"{batch_id}.json", data)
+
+    def load_batches(self) -> Iterator[dict[str, Any]]:
+        for path in sorted(self._batches.glob("*.json")):
+            try:
+                yield json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                continue  # a half-written temp file never has the .json name; skip junk
+
+    # --- images a batch references (uploads live in memory: kept here until it ends) ---
+    def save_image(self, batch_id: str, meta: dict[str, Any], rgb: bytes) -> None:
+        folder = self._batches / f"{batch_id}.images"
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomic(folder / f"{meta['id']}.rgb", rgb)
+        _write_atomic(folder / f"{meta['id']}.json", json.dumps(meta).encode())
+
+    def load_images(self, batch_id: str) -> Iterator[tuple[dict[str, Any], bytes]]:
+        for path in sorted((self._batches / f"{batch_id}.images").glob("*.json")):
+            try:
+                yield json.loads(path.read_bytes()), path.with_suffix(".rgb").read_bytes()
+            except (OSError, ValueError):
+                continue
+
+    def drop_images(self, batch_id: str) -> None:
+        folder = self._batches / f"{batch_id}.images"
+        for path in folder.glob("*"):
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            folder.rmdir()
+
+    def append_result(self, batch_id: str, result: dict[str, Any]) -> None:
+        """Append one finished request durably (flushed and fsync'd before returning)."""
+        line = (json.dumps(result, separators=(",", ":")) + "\n").encode()
+        with self._lock, (self._batches / f"{batch_id}.results").open("ab") as out:
+            out.write(line)
+            out.flush()
+            os.fsync(out.fileno())
+
+    def read_results(self, batch_id: str) -> list[dict[str, Any]]:
+        """Every complete results line; a torn last one (killed mid-write) is dropped."""
+        path = self._batches / f"{batch_id}.results"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return []
+        results: list[dict[str, Any]] = []
+        for raw in data.split(b"\n"):
+            try:
+                results.append(json.loads(raw))
+            except ValueError:
+                continue
+        return results
+
+
+def _safe_id(file_id: str) -> bool:
+    """Ids become file names: only our own shape (prefix, dash, hex) gets near the disk."""
+    prefix, _, rest = file_id.partition("-")
+    return prefix.isalpha() and 0 < len(rest) <= 64 and all(
+        c in "0123456789abcdef" for c in rest)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write, fsync, rename over: a reader (or a restart) sees the old or the new, whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,121 @@
+"""Batch jobs' pure logic: input lines, the engine's priority order, the results log.
+(The server-level behaviour is in test_batches*.py, on the real engine.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from server.batches.lines import parse, referenced_files
+from server.batches.offline import Progress
+from server.batches.store import BatchStore
+from server.engine.admission import Inbox, Pending, QueueFullError, outranked
+from server.engine.types import BATCH_PRIORITY, GenerationRequest
+
+ENDPOINT = "/v1/chat/completions"
+
+
+def line(custom_id: str, **extra: Any) -> bytes:
+    item = {"custom_id": custom_id, "method": "POST", "url": ENDPOINT,
+            "body": {"messages": []}, **extra}
+    return json.dumps(item).encode()
+
+
+def test_parse_keeps_good_lines_and_says_why_bad_ones_fail() -> None:
+    data = b"\n".join([line("a"), b"", b"[1]", line("b", method="GET"),
+                       line("c", url="/v1/embeddings"), line("d", body="x"),
+                       line("e", body={"stream": True}), b'{"custom_id": 5}'])
+    lines, problems = parse(data, ENDPOINT, 100)
+    assert problems == []
+    assert [(x.index, x.custom_id, x.error) for x in lines] == [
+        (0, "a", None), (1, None, "the line is not a JSON object"),
+        (2, "b", 'method must be "POST"'),
+        (3, "c", "url must be the batch's endpoint '/v1/chat/completions', not "
+                 "'/v1/embeddings'"),
+        (4, "d", "body must be a JSON object"), (5, "e", "stream is not supported in a batch"),
+        (6, None, "custom_id must be a non-empty string")]
+
+
+def test_parse_fails_the_file_for_duplicates_limits_and_encoding() -> None:
+    assert parse(line("a") + b"\n" + line("a"), ENDPOINT, 10)[1][0].code == \
+        "duplicate_custom_id"
+    assert "3 request lines; at most 2" in parse(b"\n".join([line("a"), line("b"),
+                                                             line("c")]), ENDPOINT, 2)[1][0].message
+    assert parse(b"\xff\xfe", ENDPOINT, 10)[1][0].message == "the batch file is not UTF-8 text"
+    assert parse(b"\n \n", ENDPOINT, 10)[1][0].message == "the batch file has no request lines"
+
+
+def test_referenced_files() -> None:
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x"}, {"type": "file", "file": {"file_id": "file-1"}}]},
+        {"role": "user", "content": "plain"}, "junk"]}
+    assert referenced_files(body) == {"file-1"}
+
+
+def pending(priority: int) -> Pending:
+    request = GenerationRequest(messages=[], max_tokens=1, priority=priority)
+    return Pending(request, prompt=None, sink=None)  # type: ignore[arg-type]
+
+
+def test_inbox_serves_interactive_before_batch_and_fifo_within_each() -> None:
+    inbox = Inbox()
+    batch1, batch2, chat1, chat2 = (pending(BATCH_PRIORITY), pending(BATCH_PRIORITY),
+                                    pending(0), pending(0))
+    for item in (batch1, batch2, chat1, chat2):
+        inbox.put(item, limit=10)
+    assert inbox.head() is chat1
+    assert [inbox.get(0) for _ in range(4)] == [chat1, chat2, batch1, batch2]
+    inbox.put(batch1, limit=10)
+    assert inbox.get(0, accept=lambda p: False) is None and inbox.head() is batch1
+
+
+def test_waiting_batch_lines_do_not_fill_the_queue_for_chats() -> None:
+    inbox = Inbox()
+    for _ in range(3):
+        inbox.put(pending(BATCH_PRIORITY), limit=3)
+    with pytest.raises(QueueFullError):
+        inbox.put(pending(BATCH_PRIORITY), limit=3)
+    for _ in range(3):
+        inbox.put(pending(0), limit=3)
+    with pytest.raises(QueueFullError):
+        inbox.put(pending(0), limit=3)
+
+
+def slot(priority: int | None, order: int = 0) -> Any:
+    if priority is None:
+        return SimpleNamespace(job=None)
+    request = SimpleNamespace(priority=priority)
+    return SimpleNamespace(job=SimpleNamespace(request=request, order=order))
+
+
+def test_outranked_picks_the_newest_lowest_priority_job() -> None:
+    chat = pending(0)
+    busy = [slot(0, 1), slot(BATCH_PRIORITY, 2), slot(BATCH_PRIORITY, 3)]
+    assert outranked(busy, chat, lambda p: True) is busy[2]
+    # A free slot and room in the KV cache: nobody needs to step aside.
+    free = [slot(BATCH_PRIORITY, 2), slot(None)]
+    assert outranked(free, chat, lambda p: True) is None
+    assert outranked(free, chat, lambda p: False) is free[0]  # the KV cache is the limit
+    assert outranked([slot(0, 1), slot(0, 2)], chat, lambda p: False) is None
+    assert outranked(busy, pending(BATCH_PRIORITY), lambda p: False) is None
+    assert outranked(busy, None, lambda p: False) is None
+
+
+def test_results_log_drops_a_torn_last_line(tmp_path: Path) -> None:
+    store = BatchStore(tmp_path)
+    store.save_batch("batch_1", b'{"id": "batch_1"}', 1)
+    store.append_result("batch_1", {"_i": 0})
+    with (tmp_path / "batches" / "batch_1.results").open("ab") as out:
+        out.write(b'{"_i": 1, "custom')  # killed mid-write
+    assert store.read_results("batch_1") == [{"_i": 0}]
+    assert store.get_file("file-../../etc/passwd") is None
+
+
+def test_progress_line() -> None:
+    counts = {"total": 200, "completed": 95, "failed": 5}
+    assert Progress.line(counts, 10.0) == \
+        "batch [############............] 100/200 (5 failed) 10.0 req/s ETA 10 s"
