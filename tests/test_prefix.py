@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from server.engine.mtmd import ImageKey
-from server.engine.prefix import common_prefix_len, n_positions, n_tokens
+from server.engine.prefix import KvEntries, common_prefix_len, n_positions, n_tokens
 
 IMG_A = ImageKey("a", n_pos=64, n_tokens=64)
 IMG_B = ImageKey("b", n_pos=64, n_tokens=64)
@@ -43,3 +47,38 @@ def test_a_new_conversation_takes_an_empty_slot_not_another_conversations_cache(
     assert best_slot(slots, [*chat_a, 99, 100], "") == (slots[0], len(chat_a))
     # Another tenant's cache counts for nothing, matched or not.
     assert best_slot(slots[:2], [*chat_a, 99], "other") == (slots[1], 0)
+
+
+_KEYS = st.one_of(st.integers(0, 50), st.sampled_from(
+    [IMG_A, IMG_B, ImageKey("m", n_pos=8, n_tokens=64)]))
+_EDITS = st.lists(st.one_of(
+    st.tuples(st.just("append"), _KEYS),
+    st.tuples(st.just("extend"), st.lists(_KEYS, max_size=5)),
+    st.tuples(st.just("truncate"), st.integers(0, 12)),
+    st.tuples(st.just("clear"), st.none())), max_size=30)
+
+
+@given(st.lists(_KEYS, max_size=10), _EDITS)
+def test_kv_entries_keep_their_cell_count_through_every_edit(start: list, edits: list) -> None:
+    """The scheduler reads `cells` instead of summing the entries every step: it must
+    always equal the sum."""
+    entries = KvEntries(start)
+    for op, arg in edits:
+        if op == "append":
+            entries.append(arg)
+        elif op == "extend":
+            entries.extend(arg)
+        elif op == "truncate":
+            entries.truncate(arg)
+        else:
+            entries.clear()
+        assert entries.cells == n_tokens(entries)
+
+
+def test_kv_entries_refuse_edits_that_would_skip_the_count() -> None:
+    entries = KvEntries([1, IMG_A])
+    for edit in (lambda: entries.pop(), lambda: entries.insert(0, 3),
+                 lambda: entries.__setitem__(0, 5), lambda: entries.__delitem__(0)):
+        with pytest.raises(TypeError):
+            edit()
+    assert entries.cells == 65

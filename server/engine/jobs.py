@@ -11,7 +11,7 @@ from server.engine import mtmd
 from server.engine.admission import Sink
 from server.engine.detokenize import TextStream
 from server.engine.embed_cache import EmbedKey
-from server.engine.prefix import KvKey
+from server.engine.prefix import KvEntries, KvKey
 from server.engine.sampling import TokenSampler
 from server.engine.types import DoneEvent, EngineEvent, GenerationRequest, TokenEvent
 
@@ -65,13 +65,17 @@ class Job:
 @dataclass
 class Slot:
     seq_id: int
-    cached: list[KvKey] = field(default_factory=list)  # what this sequence's KV holds
+    cached: KvEntries = field(default_factory=KvEntries)  # what this sequence's KV holds
     # Whose data `cached` is: only that tenant may reuse it. The warm-up's prefix counts as
     # the keyless tenant's (""): with keys on, probing it could spell out the operator's
     # system prompt.
     tenant: str = ""
     n_past: int = 0  # KV positions used by this sequence
     job: Job | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cached, KvEntries):
+            self.cached = KvEntries(self.cached)
 
 
 def remaining_work(chunks: list[mtmd.PromptChunk], keep: int, tenant: str

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from server.engine.jobs import Job, Slot
-from server.engine.prefix import n_tokens
+from server.engine.prefix import n_cells
 
 
 class KvBudget:
@@ -26,7 +26,7 @@ class KvBudget:
 
     def free(self, slots: Iterable[Slot]) -> int:
         """Cells no sequence holds, idle slots' reusable prefixes counted as held."""
-        return self.n_ctx - sum(n_tokens(s.cached) for s in slots)
+        return self.n_ctx - sum(n_cells(s.cached) for s in slots)
 
     def admits(self, slots: Iterable[Slot], job_need: int) -> bool:
         """Whether a job needing `job_need` cells fits beside the running ones (idle
@@ -39,7 +39,7 @@ class KvBudget:
     def running_cells(slots: Iterable[Slot]) -> int:
         """Cells that running requests hold. Idle slots' reusable prefixes are left out: they
         are dropped the moment a request needs room, so they are not load."""
-        return sum(n_tokens(s.cached) for s in slots if s.job is not None)
+        return sum(n_cells(s.cached) for s in slots if s.job is not None)
 
     @staticmethod
     def step_need(slots: Iterable[Slot]) -> int:

@@ -16,7 +16,7 @@ from server.engine.detokenize import TextStream
 from server.engine.jobs import Job, Slot, remaining_work, resume_chunks
 from server.engine.kv import KvBudget
 from server.engine.model import LoadedModel
-from server.engine.prefix import KvKey, common_prefix_len, n_positions, n_tokens
+from server.engine.prefix import KvEntries, KvKey, common_prefix_len, n_positions, n_tokens
 from server.engine.sampling import GrammarError, build_sampler
 from server.engine.types import ErrorEvent, GenerationRequest
 
@@ -81,7 +81,7 @@ class Starter:
         kept = keys[:keep]
         slot.n_past = n_positions(kept)
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.n_past, -1)
-        del slot.cached[keep:]
+        slot.cached.truncate(keep)
         slot.tenant = request.tenant
         if not job.preemptions:
             request.timer.cached_tokens = n_tokens(kept)
@@ -122,7 +122,7 @@ class Starter:
         shared, not copied."""
         llama_cpp.llama_memory_seq_rm(self.mem, target.seq_id, -1, -1)
         llama_cpp.llama_memory_seq_cp(self.mem, source.seq_id, target.seq_id, -1, -1)
-        target.cached = list(source.cached)
+        target.cached = KvEntries(source.cached)
         target.n_past = source.n_past
         target.tenant = source.tenant
 
