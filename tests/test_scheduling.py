@@ -246,3 +246,29 @@ def test_ignore_eos_runs_to_max_tokens(busy_server: RunningServer) -> None:
                      max_tokens=200, temperature=1.5, seed=seed, ignore_eos=True)
         assert reply["usage"]["completion_tokens"] == 200
         assert reply["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_second_question_about_a_running_requests_image_copies_its_kv(
+        busy_server: RunningServer) -> None:
+    """Two questions about one image at once (a batch, two users): the second request's
+    slot gets the first one's evaluated prefix, image included, as a KV copy instead of
+    evaluating the image again."""
+    wait_idle(busy_server)
+    image = data_url(photo_bytes(80, 60, seed=4242))
+
+    def question(text: str) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                             {"type": "text", "text": text}]}]
+
+    first = {"messages": question("Describe it at length."),
+             "max_tokens": LONG, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as client, client.stream(
+            "POST", f"{busy_server.api}/chat/completions", json=first) as running:
+        for line in running.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                break  # its prompt, image included, is in its slot's KV now
+        second = chat(busy_server, question("What colour is it?"), max_tokens=2)
+    image_tokens = expected_image_tokens("llava", 80, 60)
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= image_tokens + 5
+    assert second["timings"]["image_encode"] == 0  # the embedding was never needed
+    wait_idle(busy_server)

@@ -78,6 +78,7 @@ class Starter:
         request = job.request
         keys = job.keys()
         slot, keep = self._pick_slot(slots, keys, request.tenant)
+        keep = self._borrow_prefix(slot, slots, keys, request.tenant, keep)
         kept = keys[:keep]
         slot.n_past = n_positions(kept)
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.n_past, -1)
@@ -117,13 +118,33 @@ class Starter:
         job.siblings = []
         return started
 
-    def copy_sequence(self, source: Slot, target: Slot) -> None:
-        """`target` holds what `source` holds; with a unified KV cache the cells are
-        shared, not copied."""
+    def _borrow_prefix(self, slot: Slot, slots: list[Slot], keys: list[KvKey], tenant: str,
+                       keep: int) -> int:
+        """How much of `keys` `slot` holds once a longer prefix that another slot of the
+        same tenant holds (running or idle) is copied in: questions about one image asked
+        at once (a batch, several users) then evaluate the image once, not once per slot."""
+        donor, longest = None, keep
+        for other in slots:
+            if other is not slot and other.tenant == tenant and len(other.cached) > longest:
+                n = common_prefix_len(other.cached, keys)
+                if n > longest:
+                    donor, longest = other, n
+        if donor is None:
+            return keep
+        self.copy_sequence(donor, slot, longest)
+        logger.debug("slot %d: %d KV entries copied from slot %d", slot.seq_id, longest,
+                     donor.seq_id)
+        return longest
+
+    def copy_sequence(self, source: Slot, target: Slot, keep: int | None = None) -> None:
+        """`target` holds what `source` holds (its first `keep` entries); with a unified KV
+        cache the cells are shared, not copied."""
+        entries = source.cached if keep is None else source.cached[:keep]
+        n_past = source.n_past if keep is None else n_positions(entries)
         llama_cpp.llama_memory_seq_rm(self.mem, target.seq_id, -1, -1)
-        llama_cpp.llama_memory_seq_cp(self.mem, source.seq_id, target.seq_id, -1, -1)
-        target.cached = KvEntries(source.cached)
-        target.n_past = source.n_past
+        llama_cpp.llama_memory_seq_cp(self.mem, source.seq_id, target.seq_id, 0, n_past)
+        target.cached = KvEntries(entries)
+        target.n_past = n_past
         target.tenant = source.tenant
 
     def _pick_slot(self, slots: list[Slot], keys: list[KvKey], tenant: str
