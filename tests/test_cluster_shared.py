@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 from conftest import ROOT, free_port
 from helpers import photo_bytes, skip_unless_ci
 
+from bench.servers import stop_process
 from server.cluster.front import nginx_binary
 from server.demo_model import DemoModelPaths
 
@@ -51,12 +51,7 @@ def cluster_url(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFac
         assert "front (nginx)" in log_path.read_text()
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)  # SIGTERM: the cluster drains and stops all it started
     assert process.returncode == 0, log_path.read_text(errors="replace")
     # Everything it started stopped with it, the redis-server included.
     assert not _children_alive(tmp / "logs")
