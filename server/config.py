@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     image_decode_budget_mb: int = Field(640, ge=1)
     max_images_per_request: int = Field(8, ge=0)
     image_cache_mb: int = Field(256, ge=0)  # encoded image embeddings kept for reuse
+    # Idle slots' KV moved to host RAM (and back when their conversation continues), so the
+    # running requests attend over their own cells only; 0 keeps idle caches in the KV cache.
+    prompt_cache_ram_mb: int = Field(1024, ge=0)
     # With API keys, each key's requests reuse only their own KV prefixes and image
     # embeddings (a hit would tell one key what another sent). True shares them across keys:
     # faster for a single trusted team using several keys, a side channel otherwise.

@@ -272,3 +272,25 @@ def test_a_second_question_about_a_running_requests_image_copies_its_kv(
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= image_tokens + 5
     assert second["timings"]["image_encode"] == 0  # the embedding was never needed
     wait_idle(busy_server)
+
+
+def test_idle_conversations_wait_in_ram_and_come_back(busy_server: RunningServer) -> None:
+    """When a request starts, the other idle slots' KV goes to host RAM and out of the KV
+    cache (running requests then attend over their own cells only); the conversation that
+    continues later gets its prefix back from RAM, image included, not evaluated again."""
+    wait_idle(busy_server)
+    image = data_url(photo_bytes(90, 70, seed=5151))
+    turn1 = [image_message("What is in this picture?", image)]
+    answer = chat(busy_server, turn1, max_tokens=6)
+    other = chat(busy_server, [{"role": "user", "content": "An unrelated question, please."}],
+                 max_tokens=4)
+    # Only the slot the other request used holds anything now.
+    held = [s["n_past"] for s in slots(busy_server)["slots"]]
+    assert sorted(held)[:-1] == [0] * (len(held) - 1), held
+    assert max(held) >= other["usage"]["prompt_tokens"]
+    turn2 = [*turn1, {"role": "assistant", "content": answer["choices"][0]["message"]["content"]},
+             {"role": "user", "content": "And the colours?"}]
+    again = chat(busy_server, turn2, max_tokens=2)
+    cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= answer["usage"]["prompt_tokens"], (cached, answer["usage"])
+    assert again["timings"]["image_encode"] == 0

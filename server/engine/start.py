@@ -17,6 +17,7 @@ from server.engine.jobs import Job, Slot, remaining_work, resume_chunks
 from server.engine.kv import KvBudget
 from server.engine.model import LoadedModel
 from server.engine.prefix import KvEntries, KvKey, common_prefix_len, n_positions, n_tokens
+from server.engine.ram_cache import RamPrefixCache
 from server.engine.sampling import GrammarError, build_sampler
 from server.engine.types import ErrorEvent, GenerationRequest
 
@@ -29,6 +30,8 @@ class Starter:
         self.settings = settings
         self.kv = kv
         self.mem = llama_cpp.llama_get_memory(model.ctx)
+        budget = settings.prompt_cache_ram_mb * 1024 * 1024
+        self.ram = RamPrefixCache(model.ctx, budget) if budget else None
         self._order = itertools.count()
 
     def new_job(self, pending: Pending) -> Job | None:
@@ -78,7 +81,11 @@ class Starter:
         request = job.request
         keys = job.keys()
         slot, keep = self._pick_slot(slots, keys, request.tenant)
+        if self.ram is not None and len(slot.cached) > keep:
+            self.ram.save(slot)  # what this request is about to replace
         keep = self._borrow_prefix(slot, slots, keys, request.tenant, keep)
+        keep = self._restore_prefix(slot, keys, request.tenant, keep)
+        self._spill_idle(slot, slots)
         kept = keys[:keep]
         slot.n_past = n_positions(kept)
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.n_past, -1)
@@ -135,6 +142,28 @@ class Starter:
         logger.debug("slot %d: %d KV entries copied from slot %d", slot.seq_id, longest,
                      donor.seq_id)
         return longest
+
+    def _restore_prefix(self, slot: Slot, keys: list[KvKey], tenant: str, keep: int) -> int:
+        """A longer prefix saved in RAM is put back into `slot` instead of evaluated."""
+        if self.ram is None:
+            return keep
+        saved, longest = self.ram.best(keys, tenant)
+        if saved is None or longest <= keep:
+            return keep
+        if not self.ram.restore(saved, slot):
+            return 0
+        logger.debug("slot %d: %d KV entries restored from RAM", slot.seq_id, longest)
+        return longest
+
+    def _spill_idle(self, slot: Slot, slots: list[Slot]) -> None:
+        """The other idle slots' sequences go to RAM and out of the KV cache: the running
+        requests then attend over their own cells only."""
+        if self.ram is None:
+            return
+        for other in slots:
+            if other is not slot and other.job is None and other.cached:
+                self.ram.save(other)
+                self.forget(other)
 
     def copy_sequence(self, source: Slot, target: Slot, keep: int | None = None) -> None:
         """`target` holds what `source` holds (its first `keep` entries); with a unified KV
