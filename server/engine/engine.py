@@ -130,6 +130,12 @@ class Engine:
         return self._scheduler.kv_cells_used if self._scheduler else 0
 
     @property
+    def prompt_cache_ram_bytes(self) -> int:
+        """Bytes of idle sequences kept in host RAM (an int the engine thread updates)."""
+        ram = self._scheduler.ram_cache if self._scheduler else None
+        return ram.bytes if ram is not None else 0
+
+    @property
     def kv_cells_running(self) -> int:
         return self._scheduler.kv_cells_running if self._scheduler else 0
 

@@ -79,6 +79,7 @@ class Scheduler:
         self.kv = KvBudget(model.n_ctx)
         self._starter = Starter(model, settings, self.kv)
         self._mem = self._starter.mem
+        self.ram_cache = self._starter.ram
         self.preemptions = 0  # read by /metrics from another thread (an int: no lock)
 
     # --- any thread -------------------------------------------------------------------

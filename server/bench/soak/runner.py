@@ -63,6 +63,9 @@ class SoakRun:
     idle_after: bool = False  # no busy slot, nothing queued, once the clients were gone
     final_status: int = 0  # the chat sent after the run
     notes: list[str] = field(default_factory=list)
+    # Bytes the server's bounded caches hold (vlserve_prompt_cache_ram_bytes) at each RSS
+    # sample: growth into a configured bound is not a leak.
+    cached: list[int] = field(default_factory=list)
 
 
 async def run_soak(plan: SoakPlan, report: Callable[[str], None] = print) -> SoakRun:
@@ -84,7 +87,7 @@ async def run_soak(plan: SoakPlan, report: Callable[[str], None] = print) -> Soa
 
         started = time.monotonic()
         stop = asyncio.Event()
-        sampler = asyncio.create_task(_sample_rss(pid, started, run.rss, stop))
+        sampler = asyncio.create_task(_sample_rss(pid, started, run, stop, admin))
         ticker = asyncio.create_task(_progress(run, started, stop, report))
         await _load(plan, run.outcomes, auth, started + plan.duration_s)
         run.load_s = time.monotonic() - started
@@ -121,19 +124,36 @@ async def _load(plan: SoakPlan, outcomes: list[Outcome], auth: dict[str, str],
         await asyncio.gather(*(http.aclose() for http in clients))
 
 
-async def _sample_rss(pid: int | None, started: float, samples: list[tuple[float, int]],
-                      stop: asyncio.Event) -> None:
+async def _sample_rss(pid: int | None, started: float, run: SoakRun, stop: asyncio.Event,
+                      admin: httpx.AsyncClient) -> None:
+    async def sample() -> None:
+        rss = probe.rss_bytes(pid)  # type: ignore[arg-type]
+        run.rss.append((time.monotonic() - started, rss))
+        run.cached.append(await _bounded_cache_bytes(admin))
+
     while pid is not None:
         try:
-            samples.append((time.monotonic() - started, probe.rss_bytes(pid)))
+            await sample()
         except OSError:
             return  # the server is gone: the outcomes will say so
         try:
             await asyncio.wait_for(stop.wait(), SAMPLE_EVERY_S)
-            samples.append((time.monotonic() - started, probe.rss_bytes(pid)))
+            await sample()
             return
         except TimeoutError:
             continue
+
+
+async def _bounded_cache_bytes(admin: httpx.AsyncClient) -> int:
+    """vlserve_prompt_cache_ram_bytes, or 0 when /metrics does not say."""
+    try:
+        answer = await admin.get("/metrics")
+    except httpx.HTTPError:
+        return 0
+    for line in answer.text.splitlines() if answer.status_code == 200 else ():
+        if line.startswith("vlserve_prompt_cache_ram_bytes "):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
 
 
 async def _progress(run: SoakRun, started: float, stop: asyncio.Event,
