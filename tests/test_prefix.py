@@ -7,7 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.engine.mtmd import ImageKey
-from server.engine.prefix import KvEntries, common_prefix_len, n_positions, n_tokens
+from server.engine.prefix import (
+    KvEntries,
+    common_prefix_len,
+    longest_match,
+    n_positions,
+    n_tokens,
+)
 
 IMG_A = ImageKey("a", n_pos=64, n_tokens=64)
 IMG_B = ImageKey("b", n_pos=64, n_tokens=64)
@@ -82,3 +88,11 @@ def test_kv_entries_refuse_edits_that_would_skip_the_count() -> None:
         with pytest.raises(TypeError):
             edit()
     assert entries.cells == 65
+
+
+def test_longest_match_picks_the_longest_shared_prefix_above_the_floor() -> None:
+    keys = [1, IMG_A, 5, 6, 7]
+    candidates = [("short", [1, IMG_A, 9]), ("long", [1, IMG_A, 5, 6, 8]), ("other", [2])]
+    assert longest_match(candidates, keys) == ("long", 4)
+    assert longest_match(candidates, keys, floor=4) == (None, 4)  # nothing beats the floor
+    assert longest_match([], keys) == (None, 0)

@@ -66,14 +66,9 @@ async def start_generation(state: AppState, generation: GenerationRequest,
                            ) -> tuple[Events, EngineEvent | ToolDeltaEvent]:
     """Decode the messages' images, submit, and wait for the first event: the events (call
     markup already turned into tool-call pieces when streaming) and that first one."""
-    generation.messages = await to_engine_messages(messages, state, generation.timer, client,
-                                                   names)
-    events: Events = state.engine.generate(generation)
-    if plan is not None and generation.stream:
-        events = tool_stream(events)
-    if constraint is not None:
-        state.metrics.constrained_requests.labels(constraint[0]).inc()
-    return events, await first_event(events)
+    [choice] = await start_choices(state, generation, messages, 1, client=client, plan=plan,
+                                   constraint=constraint, names=names)
+    return choice
 
 
 async def start_choices(state: AppState, generation: GenerationRequest,
@@ -83,18 +78,17 @@ async def start_choices(state: AppState, generation: GenerationRequest,
                         ) -> list[tuple[Events, EngineEvent | ToolDeltaEvent]]:
     """start_generation for `n` choices of one prompt (evaluated once): each choice's events
     and first event. A refused prompt gives a single choice carrying the error."""
-    if n == 1:
-        return [await start_generation(state, generation, messages, client=client, plan=plan,
-                                       constraint=constraint, names=names)]
     generation.messages = await to_engine_messages(messages, state, generation.timer, client,
                                                    names)
-    with _admission_errors():
-        streams: list[Events] = list(await state.engine.generate_choices(generation, n))
+    with _admission_errors():  # n > 1 is refused here, a single request at its first event
+        streams: list[Events] = [state.engine.generate(generation)] if n == 1 else list(
+            await state.engine.generate_choices(generation, n))
     if plan is not None and generation.stream:
         streams = [tool_stream(events) for events in streams]
     if constraint is not None:
         state.metrics.constrained_requests.labels(constraint[0]).inc()
-    firsts = await asyncio.gather(*(anext(events) for events in streams))
+    firsts = [await first_event(streams[0])] if n == 1 else await asyncio.gather(
+        *(first_event(events) for events in streams))
     return list(zip(streams, firsts, strict=True))
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from server.engine.mtmd import ImageKey
 
 KvKey = int | ImageKey  # a text token id, or a whole image
+T = TypeVar("T")
 
 
 class KvEntries(list[KvKey]):
@@ -61,6 +62,20 @@ def common_prefix_len(cached: Sequence[KvKey], prompt: Sequence[KvKey]) -> int:
     while n < limit and cached[n] == prompt[n]:
         n += 1
     return max(n, 0)
+
+
+def longest_match(candidates: Iterable[tuple[T, Sequence[KvKey]]], keys: Sequence[KvKey],
+                  floor: int = 0) -> tuple[T | None, int]:
+    """The candidate whose entries share the longest prefix with `keys` (more than `floor`
+    entries), and that length; (None, floor) when none beats it."""
+    found: T | None = None
+    longest = floor
+    for candidate, entries in candidates:
+        if len(entries) > longest:
+            n = common_prefix_len(entries, keys)
+            if n > longest:
+                found, longest = candidate, n
+    return found, longest
 
 
 def n_positions(keys: Sequence[KvKey]) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import llama_cpp
 
 from server.engine.jobs import Slot
-from server.engine.prefix import KvEntries, KvKey, common_prefix_len
+from server.engine.prefix import KvEntries, KvKey, longest_match
 
 logger = logging.getLogger("vlserve.engine")
 
@@ -70,13 +70,8 @@ class RamPrefixCache:
 
     def best(self, keys: list[KvKey], tenant: str) -> tuple[SavedSequence | None, int]:
         """The saved sequence of `tenant` sharing the longest prefix with `keys`."""
-        found, longest = None, 0
-        for saved in self._entries.values():
-            if saved.tenant == tenant and len(saved.keys) > longest:
-                n = common_prefix_len(saved.keys, keys)
-                if n > longest:
-                    found, longest = saved, n
-        return found, longest
+        return longest_match(((saved, saved.keys) for saved in self._entries.values()
+                              if saved.tenant == tenant), keys)
 
     def restore(self, saved: SavedSequence, slot: Slot) -> bool:
         """Put `saved` back as `slot`'s sequence (the slot's own cells go first)."""

@@ -16,7 +16,14 @@ from server.engine.detokenize import TextStream
 from server.engine.jobs import Job, Slot, remaining_work, resume_chunks
 from server.engine.kv import KvBudget
 from server.engine.model import LoadedModel
-from server.engine.prefix import KvEntries, KvKey, common_prefix_len, n_positions, n_tokens
+from server.engine.prefix import (
+    KvEntries,
+    KvKey,
+    common_prefix_len,
+    longest_match,
+    n_positions,
+    n_tokens,
+)
 from server.engine.ram_cache import RamPrefixCache
 from server.engine.sampling import GrammarError, build_sampler
 from server.engine.types import ErrorEvent, GenerationRequest
@@ -130,12 +137,9 @@ class Starter:
         """How much of `keys` `slot` holds once a longer prefix that another slot of the
         same tenant holds (running or idle) is copied in: questions about one image asked
         at once (a batch, several users) then evaluate the image once, not once per slot."""
-        donor, longest = None, keep
-        for other in slots:
-            if other is not slot and other.tenant == tenant and len(other.cached) > longest:
-                n = common_prefix_len(other.cached, keys)
-                if n > longest:
-                    donor, longest = other, n
+        donor, longest = longest_match(((other, other.cached) for other in slots
+                                        if other is not slot and other.tenant == tenant),
+                                       keys, keep)
         if donor is None:
             return keep
         self.copy_sequence(donor, slot, longest)
