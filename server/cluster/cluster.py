@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from server.cluster.child import Child, child_env
+from server.cluster.failover import RouterWorkers
 from server.cluster.front import nginx_argv, redis_argv, write_nginx_conf
 from server.cluster.router import DEFAULT_POLICY, router_argv
 
@@ -25,6 +26,8 @@ REPLICA_HOST = "127.0.0.1"  # replicas are reached through the router only
 # A replica that dies sooner than this after its start is restarted after a growing pause
 # (1, 2, 4 ... 30 s), so a model that cannot load does not spin the CPU.
 STABLE_AFTER_S = 15.0
+# How often the children are polled: a dead replica leaves the router's list within this.
+POLL_S = 0.1
 
 
 @dataclass
@@ -92,6 +95,8 @@ class Cluster:
             conf = write_nginx_conf(listen, self.router_url, self.replica_urls(),
                                     self.workdir / "front" / "nginx.conf")
             self.front = Child("front", nginx_argv(conf), child_env({}), spec.log_dir)
+        # The router's admin calls go to the router itself, never through the front.
+        self.workers = RouterWorkers(self.router_url if fronted else self.url)
         self.stopping = threading.Event()
 
     @property
@@ -187,10 +192,14 @@ class Cluster:
 
     def supervise(self) -> None:
         """Until stop(): restart whichever child exits (a replica on its own port, so the
-        router's worker list stays right; the router on the cluster's)."""
-        while not self.stopping.wait(0.5):
+        router's worker list stays right; the router on the cluster's). A dead replica is
+        out of the router's list at once, and back once its replacement is ready."""
+        while not self.stopping.wait(POLL_S):
             for child in self.children():
                 self._restart_if_exited(child)
+            for url in self.workers.restore_ready():
+                logger.info("replica %s: back in the router's list (/health 200)",
+                            self.replicas[self.replica_urls().index(url)].name)
 
     def _restart_if_exited(self, child: Child) -> None:
         status = child.exited()
@@ -205,6 +214,7 @@ class Cluster:
             how = f"signal {-status}" if status < 0 else f"status {status}"
             logger.warning("%s (pid %d) exited with %s: restarting it%s", child.name,
                            child.pid, how, f" in {pause:.0f} s" if pause else "")
+            self._on_death(child)
         if now >= child.not_before:
             child.not_before = 0.0
             child.start()
@@ -212,6 +222,17 @@ class Cluster:
                 self._announce(child)
             else:
                 logger.info("%s: pid %d", child.name, child.pid)
+
+    def _on_death(self, child: Child) -> None:
+        """Keep the router's list in step: a dead replica leaves it before its restart;
+        a restarted router lists every replica again."""
+        if child in self.replicas:
+            url = self.replica_urls()[self.replicas.index(child)]
+            if self.workers.remove(url):
+                logger.info("replica %s: out of the router's list until its replacement "
+                            "is ready", child.name)
+        elif child is self.router:
+            self.workers.forget()
 
     def stop(self) -> None:
         """Drain, then stop: replicas first (SIGTERM: running requests finish, new ones get
@@ -229,6 +250,7 @@ class Cluster:
         if self.redis is not None:
             self.redis.signal(signal.SIGTERM)
             self.redis.wait(10)
+        self.workers.close()
         logger.info("cluster stopped")
 
     def kill(self) -> None:
