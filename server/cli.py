@@ -1,5 +1,5 @@
-"""`vlserve` command line: serve, cluster, batch, doctor, bench, download, models,
-make-demo-model."""
+"""`vlserve` command line: serve, cluster, cluster-front, batch, doctor, bench, download,
+models, make-demo-model."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from server.batches import command as batch_command
 from server.bench import command as bench_command
 from server.bench.soak import command as soak_command
 from server.cluster import command as cluster_command
+from server.cluster import front as cluster_front
 from server.config import ConfigError, Settings, load_settings
 from server.doctor import command as doctor_command
 from server.registry import DEFAULT_MODELS_DIR, RegistryEntry
@@ -69,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
                              "port (pip install 'vlserve[cluster]')")
     cluster_command.add_arguments(cluster)
     cluster.set_defaults(handler=cluster_command.run)
+
+    front = sub.add_parser("cluster-front", help="write the nginx.conf of a cluster's front "
+                           "(uploads to the replicas, the rest to the router)")
+    cluster_front.add_arguments(front)
+    front.set_defaults(handler=cluster_front.run)
 
     batch = sub.add_parser("batch", help="run a JSONL file of requests (OpenAI's batch "
                            "format) to the end: here, or on a running server with --url")

@@ -6,6 +6,7 @@ response stored on one replica is continued on the other (X-Vlserve-Replica says
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import subprocess
 import sys
@@ -16,11 +17,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import redis
 from conftest import ROOT, free_port
 from helpers import photo_bytes, skip_unless_ci
 
 from bench.servers import stop_process
 from server.cluster.front import nginx_binary
+from server.cluster.state import maxmemory_mb
+from server.config import load_settings
 from server.demo_model import DemoModelPaths
 
 READY_S = 120.0
@@ -49,12 +53,29 @@ def cluster_url(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFac
             assert time.monotonic() < deadline, log_path.read_text(errors="replace")
             time.sleep(0.2)
         assert "front (nginx)" in log_path.read_text()
+        _check_redis_bounds(log_path.read_text())
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_process(process)  # SIGTERM: the cluster drains and stops all it started
     assert process.returncode == 0, log_path.read_text(errors="replace")
     # Everything it started stopped with it, the redis-server included.
     assert not _children_alive(tmp / "logs")
+
+
+def _check_redis_bounds(log: str) -> None:
+    """The cluster's Redis has vlserve's bounds plus headroom as maxmemory, and noeviction
+    (the supervisord group runs it with the same flags: tests/test_cluster_supervisor.py)."""
+    url = re.search(r"redis: pid \d+ at (redis://\S+)", log)
+    assert url is not None, log
+    client = redis.Redis.from_url(url.group(1))
+    try:
+        settings = load_settings(ROOT / "configs" / "default.yaml")
+        assert client.config_get("maxmemory")["maxmemory"] == str(
+            maxmemory_mb(settings) * 1024 * 1024)
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        assert client.config_get("save")["save"] == ""
+    finally:
+        client.close()
 
 
 def _children_alive(log_dir: Path) -> bool:

@@ -17,8 +17,9 @@ import httpx
 
 from server.cluster.child import Child, child_env
 from server.cluster.failover import RouterWorkers
-from server.cluster.front import nginx_argv, redis_argv, write_nginx_conf
+from server.cluster.front import nginx_argv, write_nginx_conf
 from server.cluster.router import DEFAULT_POLICY, router_argv
+from server.cluster.state import redis_argv
 
 logger = logging.getLogger("vlserve.cluster")
 
@@ -54,6 +55,7 @@ class ClusterSpec:
     # it. `local_redis`: a redis-server of the cluster's own, on loopback.
     state_url: str | None = None
     local_redis: bool = False
+    redis_maxmemory_mb: int = 1024  # state.maxmemory_mb of the replicas' settings
     ready_timeout: float = 600.0
     drain_timeout: float = 30.0  # what each replica gets after SIGTERM (its drain_timeout)
 
@@ -73,8 +75,9 @@ class Cluster:
         self.state_url = spec.state_url
         if spec.local_redis:
             redis_port = free_port()
-            self.redis = Child("redis", redis_argv(redis_port, self.workdir), child_env({}),
-                               spec.log_dir)
+            self.redis = Child("redis", redis_argv(redis_port, self.workdir,
+                                                   spec.redis_maxmemory_mb),
+                               child_env({}), spec.log_dir)
             self.state_url = f"redis://{REPLICA_HOST}:{redis_port}/0"
         self.ports = [free_port() for _ in range(spec.replicas)]
         self.replicas = [self._replica(i, port) for i, port in enumerate(self.ports)]

@@ -11,6 +11,7 @@ from types import FrameType
 
 from server.cluster.cluster import Cluster, ClusterError, ClusterSpec
 from server.cluster.router import DEFAULT_POLICY, POLICIES
+from server.cluster.state import maxmemory_mb
 from server.config import ConfigError, load_settings
 
 logger = logging.getLogger("vlserve.cluster")
@@ -67,7 +68,7 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
     saved = dict(os.environ)
     os.environ.update({k: v for k, v in env.items() if k.startswith("VLSERVE_")})
     try:
-        load_settings(args.config, model=args.model, mmproj=args.mmproj)
+        settings = load_settings(args.config, model=args.model, mmproj=args.mmproj)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -78,7 +79,7 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
                        gpus=tuple(g.strip() for g in args.gpus.split(",") if g.strip()),
                        log_dir=args.log_dir, ready_timeout=args.ready_timeout,
                        drain_timeout=args.drain_timeout, state_url=args.state_url,
-                       local_redis=args.redis)
+                       local_redis=args.redis, redis_maxmemory_mb=maxmemory_mb(settings))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,14 +8,17 @@ answer a Files call because the files live in the shared store (`state_url: redi
 with `memory://` a file would exist on one replica only, so the front needs shared state.
 
 `vlserve cluster --redis` (or `--state-url`) runs it on the cluster's port, with the router
-behind it on loopback; operators can run the written file with their own nginx
-(`nginx -c FILE -p DIR`).
+behind it on loopback; `vlserve cluster-front` (or `python -m server.cluster.front`) writes
+the file for operators who run nginx themselves (`nginx -c FILE -p DIR`), as the
+supervisord group does with supervisor/vlserve-front.nginx.conf.
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -42,7 +45,8 @@ def nginx_conf(listen: str, router_url: str, replica_urls: Sequence[str], workdi
     replicas = "\n".join(f"        server {_hostport(u)} max_fails=1 fail_timeout=5s;"
                          for u in replica_urls)
     return f"""# Written by vlserve (server/cluster/front.py): uploads to any replica, the rest to
-# the router. Regenerate rather than edit: `vlserve cluster` rewrites it at every start.
+# the router. Regenerate rather than edit: `vlserve cluster` rewrites it at every start,
+# `vlserve cluster-front` writes it for your own nginx.
 daemon off;
 worker_processes 1;
 pid {workdir}/nginx.pid;
@@ -99,11 +103,13 @@ http {{
 
 
 def write_nginx_conf(listen: str, router_url: str, replica_urls: Sequence[str],
-                     path: Path) -> Path:
-    """Write the front's nginx.conf to `path` (its folder holds nginx's runtime files)."""
+                     path: Path, workdir: Path | None = None) -> Path:
+    """Write the front's nginx.conf to `path`; nginx's runtime files go under `workdir`
+    (default: the file's folder)."""
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(nginx_conf(listen, router_url, replica_urls, path.parent))
+    runtime = Path(workdir).absolute() if workdir is not None else path.parent
+    path.write_text(nginx_conf(listen, router_url, replica_urls, runtime))
     return path
 
 
@@ -131,12 +137,39 @@ def launch_nginx(conf: Path, *, stderr: int | None = None) -> subprocess.Popen[b
     return subprocess.Popen(nginx_argv(conf), stdout=subprocess.DEVNULL, stderr=stderr)
 
 
-def redis_argv(port: int, workdir: Path) -> list[str]:
-    """A loopback redis-server for one box's cluster: nothing saved to disk, and no eviction
-    of its own (vlserve bounds what it stores and evicts by itself)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise FileNotFoundError("redis-server is not installed (Debian: apt-get install "
-                                "redis-server)")
-    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(workdir), "--maxmemory-policy", "noeviction"]
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--replicas", nargs="+", required=True, metavar="URL",
+                        help="the replicas' URLs (http://host:port): uploads go to these")
+    parser.add_argument("--router", required=True, metavar="URL",
+                        help="vllm-router's URL: everything else goes there")
+    parser.add_argument("--listen", required=True, metavar="HOST:PORT",
+                        help="where nginx listens (the cluster's one address)")
+    parser.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
+                        help="the nginx.conf to write")
+    parser.add_argument("--workdir", type=Path, metavar="DIR",
+                        help="nginx's pid and temp files (default: FILE's folder); run "
+                        "nginx with -p DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`vlserve cluster-front`: write the front's nginx.conf, then say how to run it."""
+    try:
+        path = write_nginx_conf(args.listen, args.router, args.replicas, args.output,
+                                args.workdir)
+    except ValueError as exc:
+        print(f"vlserve cluster-front: {exc}", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir).absolute() if args.workdir else path.parent
+    print(f"wrote {path}; run: nginx -c {path} -p {workdir} -e stderr", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.cluster.front",
+                                     description=run.__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
