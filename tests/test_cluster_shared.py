@@ -83,7 +83,7 @@ def _children_alive(log_dir: Path) -> bool:
     return str(log_dir) in ps
 
 
-def _session_per_replica(url: str) -> dict[str, str]:
+def session_per_replica(url: str) -> dict[str, str]:
     """A session id that the router sends to each replica (found by asking)."""
     found: dict[str, str] = {}
     for i in range(40):
@@ -105,7 +105,7 @@ def test_an_upload_through_the_one_address_serves_sessions_on_both_replicas(
     uploaded = client.files.create(file=("cat.png", io.BytesIO(photo_bytes(64, 48, seed=3))),
                                    purpose="vision")
     answered_by = set()
-    for replica, session in _session_per_replica(cluster_url).items():
+    for replica, session in session_per_replica(cluster_url).items():
         raw = client.chat.completions.with_raw_response.create(
             model="m", max_tokens=2, extra_headers={"X-Session-ID": session},
             messages=[{"role": "user", "content": [  # type: ignore[list-item, misc]
@@ -120,7 +120,7 @@ def test_an_upload_through_the_one_address_serves_sessions_on_both_replicas(
 
 def test_a_response_stored_on_one_replica_is_continued_on_the_other(cluster_url: str) -> None:
     client = openai.OpenAI(base_url=f"{cluster_url}/v1", api_key="unused", max_retries=0)
-    (first_replica, first), (second_replica, second) = _session_per_replica(
+    (first_replica, first), (second_replica, second) = session_per_replica(
         cluster_url).items()
     turn1 = client.responses.with_raw_response.create(
         model="m", input="Remember the word lighthouse.", max_output_tokens=4,

@@ -27,7 +27,7 @@ import pytest
 from ci import skip_unless_ci
 from helpers import photo_bytes
 from test_cluster import LongStream
-from test_cluster_shared import _session_per_replica
+from test_cluster_shared import session_per_replica
 from test_supervisor import BIN, SUPERVISOR, read_ini, servers_started_with
 
 from server.cluster.front import nginx_binary, nginx_conf, write_nginx_conf
@@ -349,7 +349,7 @@ def test_group_serves_uploads_through_the_front_restarts_one_and_stops_in_order(
     uploaded = client.files.create(file=("cat.png", io.BytesIO(photo_bytes(64, 48, seed=5))),
                                    purpose="vision")
     answered_by = set()
-    for replica, session in _session_per_replica(group.url).items():
+    for replica, session in session_per_replica(group.url).items():
         raw = client.chat.completions.with_raw_response.create(
             model="m", max_tokens=2, extra_headers={"X-Session-ID": session},
             messages=[{"role": "user", "content": [  # type: ignore[list-item, misc]
