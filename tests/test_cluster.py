@@ -367,7 +367,7 @@ def test_kill_9_of_a_replica(cluster: LocalCluster) -> None:
           f"{[(round(p.started - killed_at, 2), round(p.took, 2)) for p in failed]}")
     assert noticed_at - killed_at < 5, noticed_at - killed_at
     assert not late, [(round(p.started - killed_at, 2), p.status, p.text) for p in late]
-    assert len(probes) >= 10  # the probe did run through the failover
+    assert sum(p.started > noticed_at for p in probes) >= 2  # the check had requests
 
     wait_for("the replacement", lambda: cluster.replicas()[victim][0] != pid, cluster)
     assert cluster.replicas()[victim][1] == url  # same port: the router's list stays right
