@@ -8,9 +8,9 @@ answer a Files call because the files live in the shared store (`state_url: redi
 with `memory://` a file would exist on one replica only, so the front needs shared state.
 
 `vlserve cluster --redis` (or `--state-url`) runs it on the cluster's port, with the router
-behind it on loopback; `vlserve cluster-front` (or `python -m server.cluster.front`) writes
-the file for operators who run nginx themselves (`nginx -c FILE -p DIR`), as the
-supervisord group does with supervisor/vlserve-front.nginx.conf.
+behind it on loopback; `vlserve cluster-front` writes the file for operators who run nginx
+themselves (`nginx -c FILE -p DIR`), as the supervisord group does with
+supervisor/vlserve-front.nginx.conf.
 """
 
 from __future__ import annotations
@@ -163,13 +163,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {path}; run: nginx -c {path} -p {workdir} -e stderr", file=sys.stderr)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.cluster.front",
-                                     description=run.__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
