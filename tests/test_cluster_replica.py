@@ -4,6 +4,7 @@ counts running requests only; and the cluster command's checks before anything s
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ from test_auth import KEY_A, make_app, request
 
 from server.cli import main
 from server.cluster import Cluster, ClusterSpec
+from server.cluster.command import add_arguments, spec_from_args
 from server.cluster.router import HEALTH_ARGS, router_argv
+from server.cluster.state import redis_argv
 from server.config import ConfigError
 from server.demo_model import DemoModelPaths
 from server.engine.jobs import Slot
@@ -88,6 +91,7 @@ def test_missing_router_is_a_config_error(monkeypatch: pytest.MonkeyPatch, tmp_p
 @pytest.mark.parametrize("args, message", [
     (["--replica-env", "NOEQUALS"], "--replica-env wants NAME=VALUE"),
     (["--replicas", "0"], "--replicas must be at least 1"),
+    (["--redis", "--redis-maxmemory", "0"], "--redis-maxmemory must be at least 1"),
     (["--config", "/no/such.yaml"], "config file not found"),
 ])
 def test_cluster_arguments_are_checked_before_anything_starts(
@@ -111,3 +115,18 @@ def test_replicas_get_their_own_gpu_threads_and_id(tmp_path: Path) -> None:
     plain = Cluster(ClusterSpec(replicas=1, log_dir=tmp_path))
     assert plain.replicas[0].env.get("CUDA_VISIBLE_DEVICES") == os.environ.get(
         "CUDA_VISIBLE_DEVICES")  # inherited, not set
+
+
+@pytest.mark.parametrize("args, maxmemory", [
+    ([], 512 + 256 + 256),  # the default bounds: uploads + stored responses + headroom
+    (["--replica-env", "VLSERVE_UPLOAD_STORE_MB=2048"], 2048 + 256 + 256),
+    (["--redis-maxmemory", "4096"], 4096),
+])
+def test_the_cluster_redis_is_sized_from_the_replicas_bounds(args: list[str],
+                                                               maxmemory: int) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    spec = spec_from_args(parser.parse_args(["--redis", *args]))
+    assert spec.redis_maxmemory_mb == maxmemory
+    assert redis_argv(1, Path("/w"), spec.redis_maxmemory_mb, binary="redis-server")[-4:] == [
+        "--maxmemory", f"{maxmemory}mb", "--maxmemory-policy", "noeviction"]

@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     state.add_argument("--state-url", metavar="URL",
                        help="the replicas' shared store (redis://host:port/db), with the "
                        "nginx front as for --redis")
+    parser.add_argument("--redis-maxmemory", type=int, metavar="MB",
+                        help="--redis's memory bound (default: upload_store_mb + "
+                        "responses_store_mb + 256; raise it for the batch files you keep)")
     parser.add_argument("--log-dir", type=Path, help="write each child's log to DIR/<name>.log "
                         "(default: on stderr, each line tagged with r0, r1, ..., router)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
@@ -57,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
     if args.replicas < 1:
         raise ConfigError("--replicas must be at least 1")
+    if args.redis_maxmemory is not None and args.redis_maxmemory < 1:
+        raise ConfigError("--redis-maxmemory must be at least 1 (MB)")
     env: dict[str, str] = {}
     for item in args.replica_env:
         name, sep, value = item.partition("=")
@@ -79,7 +84,8 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
                        gpus=tuple(g.strip() for g in args.gpus.split(",") if g.strip()),
                        log_dir=args.log_dir, ready_timeout=args.ready_timeout,
                        drain_timeout=args.drain_timeout, state_url=args.state_url,
-                       local_redis=args.redis, redis_maxmemory_mb=maxmemory_mb(settings))
+                       local_redis=args.redis,
+                       redis_maxmemory_mb=args.redis_maxmemory or maxmemory_mb(settings))
 
 
 def run(args: argparse.Namespace) -> int:
