@@ -140,6 +140,10 @@ class Settings(BaseSettings):
     # Idle slots' KV moved to host RAM (and back when their conversation continues), so the
     # running requests attend over their own cells only; 0 keeps idle caches in the KV cache.
     prompt_cache_ram_mb: int = Field(1024, ge=0)
+    # After an answer, an idle engine evaluates what the conversation's next turn starts
+    # with (the answer's end-of-turn and next-user markup), so that turn evaluates only
+    # its new text (server/engine/next_turn.py).
+    next_turn_prefill: bool = True
     # With API keys, each key's requests reuse only their own KV prefixes and image
     # embeddings (a hit would tell one key what another sent). True shares them across keys:
     # faster for a single trusted team using several keys, a side channel otherwise.
