@@ -90,7 +90,7 @@ class Starter:
         for idle in slots:  # guesses of a next turn wait for an idle engine; that is over
             idle.next_turn = []
         slot, keep = self._pick_slot(slots, keys, request.tenant)
-        if self.ram is not None and len(slot.cached) > keep:
+        if self.ram is not None and self.ram.worth_saving(slot, keep):
             self.ram.save(slot)  # what this request is about to replace
         keep = self._borrow_prefix(slot, slots, keys, request.tenant, keep)
         keep = self._restore_prefix(slot, keys, request.tenant, keep)
