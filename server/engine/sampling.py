@@ -49,13 +49,14 @@ class ArgmaxSampler(TokenSampler):
     Ties go to the lower id, as in llama.cpp's greedy sampler."""
 
     def __init__(self, n_vocab: int, banned: frozenset[int] = frozenset()) -> None:
-        self._n_vocab = n_vocab
+        self._logits_type = ctypes.c_float * n_vocab  # built once: as_array's is per call
         self._banned = banned  # ignore_eos: end-of-generation tokens are never picked
         self._banned_ids = np.fromiter(sorted(banned), dtype=np.int64, count=len(banned))
 
     def sample(self, ctx: llama_cpp.llama_context_p, index: int) -> int:
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index),
-                                       shape=(self._n_vocab,))
+        row = llama_cpp.llama_get_logits_ith(ctx, index)
+        logits = np.frombuffer(self._logits_type.from_address(ctypes.addressof(row.contents)),
+                               dtype=np.float32)
         token = int(logits.argmax())
         if token in self._banned:  # rare: only then is the vocabulary copied
             masked = logits.copy()
