@@ -30,12 +30,11 @@ from server.engine.admission import (
     outranked,
 )
 from server.engine.batch import TokenBatch
+from server.engine.emit import take_token
 from server.engine.encoder import ImageEncoder
-from server.engine.jobs import PrefillItem, Slot, end_job, finish_job, slot_view
+from server.engine.jobs import PrefillItem, Slot, end_job, slot_view
 from server.engine.kv import KvBudget
-from server.engine.logprobs import token_logprob
 from server.engine.model import LoadedModel
-from server.engine.next_turn import guess
 from server.engine.sampling import GrammarError
 from server.engine.start import Starter
 from server.engine.types import (
@@ -43,7 +42,6 @@ from server.engine.types import (
     ErrorEvent,
     GenerationRequest,
     ImageInput,
-    TokenEvent,
 )
 from server.engine.watchdog import Watchdog
 
@@ -409,38 +407,7 @@ class Scheduler:
             self._end(slot, ErrorEvent(500, f"constrained sampling failed: {exc}",
                                        code="grammar_dead_end"))
             return
-        self._on_token(slot, token, batch_index)
-
-    def _on_token(self, slot: Slot, token: int, batch_index: int) -> None:
-        job = slot.job
-        assert job is not None
-        if not job.saw_first_token:
-            job.saw_first_token = True
-            job.request.timer.mark_since_start("first_token")
-        if token in self.model.eog_tokens:
-            self._finish(slot, "stop", next_turn=guess(self._next_turn, None))
-            return
-        piece = self.model.pieces[token]
-        if job.n_generated == 0 and self.model.strip_first_space and piece.startswith(b" "):
-            piece = piece[1:]
-        job.n_generated += 1
-        text = job.text.push(piece)
-        top_k = job.request.top_logprobs
-        if top_k is not None:
-            model = self.model
-            job.sink.put(TokenEvent(text, token_logprob(model.ctx, batch_index, model.n_vocab,
-                                                        token, top_k, model.pieces)))
-        elif job.held_text is not None:
-            job.held_text.append(text)
-        elif text:
-            job.sink.put(TokenEvent(text))
-        if job.text.stopped:
-            self._finish(slot, "stop")
-        elif job.n_generated >= job.max_new or slot.n_past >= self.model.n_ctx:
-            self._finish(slot, "length", next_turn=guess(self._next_turn, token))
-        else:
-            job.next_token = token
-            job.tokens.append(token)
+        take_token(slot, token, batch_index, self.model, self._next_turn)
 
     def _decode_failed(self, ret: int, generating: list[Slot], prefilled: list[_Prefilled]
                        ) -> None:
@@ -455,16 +422,6 @@ class Scheduler:
             if slot.job is not None:
                 self._forget(slot)
                 self._end(slot, event)
-
-    def _finish(self, slot: Slot, reason: str, next_turn: list[int] | None = None) -> None:
-        """`next_turn`: what the conversation's next turn starts with, if it goes on (an
-        answer cut by a stop string has text the client never sees: no guess)."""
-        job = slot.job
-        assert job is not None
-        finish_job(slot, reason)
-        # Chats only: a batch line has no next turn.
-        if next_turn and job.request.priority >= 0:
-            slot.next_turn = next_turn
 
     def _end(self, slot: Slot, event: EngineEvent) -> None:
         """End the slot's job; siblings still waiting for its prompt end with it (nothing
