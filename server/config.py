@@ -170,6 +170,10 @@ class Settings(BaseSettings):
     batch_max_bytes: int = Field(48 * 1024 * 1024, ge=1)
     batch_max_lines: int = Field(50_000, ge=1)
     batch_in_flight: int | None = Field(None, ge=1)
+    # With a shared state_url: the lease a replica holds on each batch it runs, renewed
+    # every third of this. A replica that dies loses its batches after this many seconds,
+    # and another replica resumes them.
+    batch_lease_s: float = Field(15.0, ge=0.5)
 
     # Stored responses (POST /responses with `store`, the default): kept in memory for
     # GET /responses/{id} and `previous_response_id`, each API key an even share of them.
