@@ -181,10 +181,12 @@ class Settings(BaseSettings):
     responses_store_mb: int = Field(256, ge=1)
     responses_ttl_s: float = Field(3600.0, gt=0)
 
-    # Where uploads and stored responses live (server.store): "memory://" (this process,
-    # the single-box default) or "redis://host:port/db" (shared by every replica pointed at
-    # it: a file uploaded or a response stored on one is usable from all). The bounds above
-    # hold either way. A Redis call over state_timeout_s answers 503, never hangs.
+    # Where uploads, stored responses and batch jobs live (server.store, server.batches):
+    # "memory://" (this process, batches on disk under batch_dir: the single-box default) or
+    # "redis://host:port/db" (shared by every replica pointed at it: a file uploaded, a
+    # response stored or a batch created on one is usable from all; each batch runs on the
+    # replica holding its lease, batch_lease_s). The bounds above hold either way. A Redis
+    # call over state_timeout_s answers 503, never hangs.
     state_url: str = "memory://"
     state_timeout_s: float = Field(5.0, gt=0)
 

@@ -13,6 +13,7 @@ from server.api.batch_protocol import BatchCreateRequest, BatchList, BatchObject
 from server.api.errors import APIError
 from server.api.openapi import responses
 from server.api.state import AppState
+from server.batches import views
 from server.batches.job import new_batch, public, window_seconds
 from server.batches.lines import ENDPOINTS
 from server.batches.runner import BatchRunner
@@ -48,7 +49,7 @@ async def list_batches(request: Request, after: str | None = None,
                        limit: int = Query(20, ge=1, le=100)) -> JSONResponse:
     """Newest first, cursor-paginated like OpenAI's (`after`, `limit`, `has_more`)."""
     state: AppState = request.app.state.vlserve
-    batches = await _runner(state).owned(client_identity(request.scope))
+    batches = await views.owned(_runner(state), client_identity(request.scope))
     if after is not None:
         ids = [b["id"] for b in batches]
         if after not in ids:
@@ -86,7 +87,7 @@ def _runner(state: AppState) -> BatchRunner:
 
 
 async def _lookup(state: AppState, batch_id: str, request: Request) -> dict[str, Any]:
-    batch = await _runner(state).find(batch_id, client_identity(request.scope))
+    batch = await views.find(_runner(state), batch_id, client_identity(request.scope))
     if batch is None:
         raise APIError(404, f"no batch with id {batch_id!r}", param="batch_id",
                        code="batch_not_found")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,7 @@ class Leases:
         self.held: set[str] = set()
         self._on_lost = on_lost
         self._task: asyncio.Task[None] | None = None
+        self._next_scan = 0.0  # monotonic: the runner wakes per finished line, scans per tick
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._renew_loop())
@@ -46,8 +48,12 @@ class Leases:
                 await asyncio.to_thread(self.store.release, batch_id)
         self.held.clear()
 
-    async def claim(self, running: set[str]) -> list[dict[str, Any]]:
-        """Claim every unfinished batch that no replica holds; their records, claimed."""
+    async def claim(self, running: set[str], every_s: float) -> list[dict[str, Any]]:
+        """Claim every unfinished batch that no replica holds (at most once per `every_s`);
+        their records, claimed."""
+        if time.monotonic() < self._next_scan:
+            return []
+        self._next_scan = time.monotonic() + every_s
         claimed = []
         for batch in await asyncio.to_thread(lambda: list(self.store.load_batches())):
             batch_id = batch["id"]

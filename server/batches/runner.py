@@ -41,6 +41,7 @@ from server.batches.job import (
 from server.batches.leases import Leases
 from server.batches.redis_store import BatchStorage, LeaseLost, RedisBatchStore
 from server.engine.types import BATCH_PRIORITY
+from server.store import StateUnavailable
 
 logger = logging.getLogger("vlserve.batches")
 
@@ -65,6 +66,7 @@ class BatchRunner:
         self.leases = (Leases(store, state.settings.batch_lease_s, self._lost)
                        if isinstance(store, RedisBatchStore) else None)
         self._published: dict[str, dict[str, int]] = {}  # request_counts last saved
+        self._next_publish = 0.0  # monotonic; at most once a tick
 
     @property
     def limit(self) -> int:
@@ -139,24 +141,6 @@ class BatchRunner:
         mine = [b for b in self.batches.values() if b.get("_owner") == owner]
         return sorted(mine, key=order_key, reverse=True)
 
-    async def find(self, batch_id: str, owner: str) -> dict[str, Any] | None:
-        """As get; on a shared store, a batch another replica runs (or none yet) is read
-        from the store."""
-        if not isinstance(self.store, RedisBatchStore) or batch_id in self.jobs:
-            return self.get(batch_id, owner)
-        batch = await asyncio.to_thread(self.store.load_batch, batch_id)
-        return batch if batch is not None and batch.get("_owner") == owner else None
-
-    async def owned(self, owner: str) -> list[dict[str, Any]]:
-        """As list; on a shared store, every replica's batches (this one's own copies of
-        those it runs: their counts are the freshest)."""
-        if not isinstance(self.store, RedisBatchStore):
-            return self.list(owner)
-        stored = await asyncio.to_thread(self.store.list_batches, owner)
-        mine = {b["id"]: b for b in stored}
-        mine.update((job.id, job.batch) for job in self.jobs.values() if job.owner == owner)
-        return sorted(mine.values(), key=order_key, reverse=True)
-
     async def cancel(self, batch: dict[str, Any]) -> None:
         job = self.jobs.get(batch["id"])
         if job is None and isinstance(self.store, RedisBatchStore):
@@ -188,6 +172,8 @@ class BatchRunner:
             self._wake.clear()
             try:
                 await self._advance()
+            except StateUnavailable as exc:  # Redis away: say so once a tick, no traceback
+                logger.warning("the batch runner cannot reach the shared store: %s", exc)
             except Exception:  # one bad batch must not stop the others for good
                 logger.exception("the batch runner failed; retrying shortly")
             with contextlib.suppress(TimeoutError):
@@ -230,7 +216,7 @@ class BatchRunner:
         publish progress (request_counts) for GETs elsewhere."""
         assert self.leases is not None and isinstance(self.store, RedisBatchStore)
         if self.state.engine.ready and not self.state.drain.draining:
-            for batch in await self.leases.claim(set(self.jobs)):
+            for batch in await self.leases.claim(set(self.jobs), _TICK_S):
                 self.batches[batch["id"]] = batch
                 self.jobs[batch["id"]] = BatchJob(batch)
                 logger.info("batch %s claimed by %s (%s)", batch["id"], self.store.token,
@@ -239,6 +225,9 @@ class BatchRunner:
         for job in [self.jobs[i] for i in sorted(asked) if i in self.jobs]:
             with contextlib.suppress(LeaseLost):
                 await self.cancel(job.batch)
+        if time.monotonic() < self._next_publish:
+            return
+        self._next_publish = time.monotonic() + _TICK_S
         for job in list(self.jobs.values()):
             counts = job.batch["request_counts"]
             if job.batch["status"] == "in_progress" and self._published.get(job.id) != counts:
