@@ -2,7 +2,8 @@
 (state_url). A batch created on one is read, listed and downloaded on the other; a cancel
 sent to the replica that does not run it stops it; a replica killed with -9 loses its
 lease after batch_lease_s and the other resumes the batch from the results log in Redis,
-each line answered exactly once; a replica whose lease is taken stops its lines there."""
+each line answered exactly once; one stopped with SIGTERM hands it over at once; a replica
+whose lease is taken stops its lines there."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 
 
 def start_pair(demo_model: DemoModelPaths, redis: RedisServer, db: int, logs: str,
-               tmp_path_factory: pytest.TempPathFactory, tokens: int) -> list[RunningServer]:
+               tmp_path_factory: pytest.TempPathFactory, tokens: int,
+               lease_s: float = LEASE_S) -> list[RunningServer]:
     """Replicas a and b on Redis database `db`, one slot and one batch line at a time each
     (so a batch is mid-way for a while)."""
     folder = tmp_path_factory.mktemp(logs)
@@ -48,7 +50,7 @@ def start_pair(demo_model: DemoModelPaths, redis: RedisServer, db: int, logs: st
     try:
         for name in ("a", "b"):
             env = {"VLSERVE_STATE_URL": redis.url(db), "VLSERVE_REPLICA_ID": name,
-                   "VLSERVE_BATCH_LEASE_S": str(LEASE_S), "VLSERVE_BATCH_IN_FLIGHT": "1",
+                   "VLSERVE_BATCH_LEASE_S": str(lease_s), "VLSERVE_BATCH_IN_FLIGHT": "1",
                    "VLSERVE_MAX_TOKENS_CAP": str(tokens),
                    # Each its own disk folder: were anything still on disk, B could not see it.
                    "VLSERVE_BATCH_DIR": str(folder / f"{name}-batches")}
@@ -245,6 +247,33 @@ def test_kill_9_of_the_running_replica_hands_the_batch_to_the_other(
             survivor.log()
         assert ran_here(survivor, batch_id) == lines - len(before)
         assert not r.exists(f"{PREFIX}images:{batch_id}", f"{PREFIX}results:{batch_id}")
+    finally:
+        for server in pair:
+            stop_server(server)
+
+
+def test_a_replica_stopped_gracefully_hands_its_batch_over_at_once(
+        demo_model: DemoModelPaths, redis: RedisServer,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """SIGTERM: the holder hands its lease back as it stops, so the other replica claims the
+    batch on its next tick, not after the TTL (long here: 120 s)."""
+    lines = 12
+    pair = start_pair(demo_model, redis, 3, "batch-handover", tmp_path_factory, TOKENS,
+                      lease_s=120)
+    by_name = {"a": pair[0], "b": pair[1]}
+    try:
+        batch_id = create(sdk(pair[1]), long_lines(lines, TOKENS))
+        r = db(redis, 3)
+        running = holder_of(r, batch_id)
+        stopping, survivor = by_name[running], by_name["b" if running == "a" else "a"]
+        stopping.process.send_signal(signal.SIGTERM)
+        stopping.process.wait(timeout=30)
+        lease = r.get(f"{PREFIX}lease:{batch_id}")  # released, or the survivor's already
+        assert lease is None or not lease.decode().startswith(f"{running}-")
+        done = wait_batch(survivor, batch_id, {"completed", "failed"}, timeout=60)
+        assert done.status == "completed", done
+        assert len(read_lines(sdk(survivor), done.output_file_id)) == lines
+        assert f"batch {batch_id} claimed by {survivor.log_path.stem}-" in survivor.log()
     finally:
         for server in pair:
             stop_server(server)
