@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Iterator
 
+import httpx
 import openai
 import pytest
 import redis as redis_client
@@ -332,3 +333,45 @@ def test_a_cancel_asked_elsewhere_shows_at_once_and_ends_with_the_batch(
     assert list(two.load_batches()) == []  # nothing left to claim
     assert not two.request_cancel("batch_y")  # too late: it ended
     assert two.load_batch("batch_y")["status"] == "cancelled"  # type: ignore[index]
+
+
+# ---------- Redis going away ----------
+
+def test_batch_routes_answer_503_while_redis_is_away_then_recover(
+        demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory) -> None:
+    own = start_redis(tmp_path_factory.mktemp("redis-batches-away"))
+    server = start_server(demo_model, tmp_path_factory.mktemp("away") / "server.log",
+                          env={"VLSERVE_STATE_URL": own.url(0), "VLSERVE_STATE_TIMEOUT_S": "2",
+                               "VLSERVE_BATCH_LEASE_S": str(LEASE_S)})
+    try:
+        client = sdk(server)
+        batch_id = create(client, [request_line("one", [{"role": "user", "content": "Hi"}])])
+        assert wait_batch(server, batch_id, {"completed"}).status == "completed"
+        own.stop()
+        data = jsonl([request_line("x", [{"role": "user", "content": "Hi"}])])
+        for method, path, kw in [
+                ("GET", f"/batches/{batch_id}", {}), ("GET", "/batches", {}),
+                ("POST", f"/batches/{batch_id}/cancel", {}),
+                ("POST", "/batches", {"json": {"input_file_id": "file-00",
+                                               "endpoint": "/v1/chat/completions",
+                                               "completion_window": "24h"}}),
+                ("POST", "/files", {"files": {"file": ("in.jsonl", data)},
+                                    "data": {"purpose": "batch"}})]:
+            started = time.monotonic()
+            answer = httpx.request(method, f"{server.api}{path}", timeout=60, **kw)
+            assert answer.status_code == 503, (path, answer.text)
+            error = answer.json()["error"]
+            assert error["code"] == "state_store_unavailable" and "batches" in error["message"]
+            assert "redis" not in error["message"].lower()
+            assert time.monotonic() - started < 15, f"{method} {path} waited too long"
+        # The replica itself is fine; its runner says why it is idle, once a tick.
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+        wait_log(server, "the batch runner cannot reach the shared store")
+    finally:
+        own.start()  # empty, same port: the clients reconnect by themselves
+    try:
+        batch_id = create(sdk(server), [request_line("two", [{"role": "user", "content": "Hi"}])])
+        assert wait_batch(server, batch_id, {"completed"}).status == "completed"
+    finally:
+        stop_server(server)
+        own.stop()

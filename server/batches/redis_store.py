@@ -30,7 +30,9 @@ from dataclasses import asdict
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from server.batches.store import BatchFile, BatchStore, new_id
 from server.store import StateUnavailable
@@ -90,9 +92,12 @@ class RedisBatchStore:
 
     def __init__(self, url: str, token: str, timeout_s: float = 5.0) -> None:
         self.token = token
-        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s,
-                                            socket_connect_timeout=timeout_s,
-                                            health_check_interval=30)
+        # As the async store's client: half the limit per try and one retry, so a Redis
+        # that vanished or hangs is a 503 within about timeout_s (the client's default
+        # retries ten times, with backoff, which would hold a request far longer).
+        self._client = redis.Redis.from_url(
+            url, socket_timeout=timeout_s / 2, socket_connect_timeout=timeout_s / 2,
+            retry=Retry(NoBackoff(), 1), health_check_interval=30)
         self._scripts = {name: self._client.register_script(text) for name, text in (
             ("append", _APPEND), ("save", _SAVE), ("renew", _RENEW),
             ("release", _RELEASE), ("cancel", _CANCEL))}
