@@ -231,8 +231,6 @@ def test_kill_9_of_the_running_replica_hands_the_batch_to_the_other(
         before = {json.loads(x)["custom_id"]: json.loads(x)
                   for x in r.lrange(f"{PREFIX}results:{batch_id}", 0, -1)}
         assert 3 <= len(before) < lines, "the batch finished before the kill: longer lines"
-        # The dead replica's lease is still there: only its TTL frees the batch.
-        assert r.get(f"{PREFIX}lease:{batch_id}").decode().startswith(f"{running}-")
         done = wait_batch(survivor, batch_id, {"completed", "failed"}, timeout=180)
         assert done.status == "completed", done
         assert done.request_counts is not None
