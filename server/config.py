@@ -140,6 +140,10 @@ class Settings(BaseSettings):
     # Idle slots' KV moved to host RAM (and back when their conversation continues), so the
     # running requests attend over their own cells only; 0 keeps idle caches in the KV cache.
     prompt_cache_ram_mb: int = Field(1024, ge=0)
+    # After an answer, an idle engine evaluates what the conversation's next turn starts
+    # with (the answer's end-of-turn and next-user markup), so that turn evaluates only
+    # its new text (server/engine/next_turn.py).
+    next_turn_prefill: bool = True
     # With API keys, each key's requests reuse only their own KV prefixes and image
     # embeddings (a hit would tell one key what another sent). True shares them across keys:
     # faster for a single trusted team using several keys, a side channel otherwise.
@@ -170,6 +174,10 @@ class Settings(BaseSettings):
     batch_max_bytes: int = Field(48 * 1024 * 1024, ge=1)
     batch_max_lines: int = Field(50_000, ge=1)
     batch_in_flight: int | None = Field(None, ge=1)
+    # With a shared state_url: the lease a replica holds on each batch it runs, renewed
+    # every third of this. A replica that dies loses its batches after this many seconds,
+    # and another replica resumes them.
+    batch_lease_s: float = Field(15.0, ge=0.5)
 
     # Stored responses (POST /responses with `store`, the default): kept in memory for
     # GET /responses/{id} and `previous_response_id`, each API key an even share of them.
@@ -177,10 +185,12 @@ class Settings(BaseSettings):
     responses_store_mb: int = Field(256, ge=1)
     responses_ttl_s: float = Field(3600.0, gt=0)
 
-    # Where uploads and stored responses live (server.store): "memory://" (this process,
-    # the single-box default) or "redis://host:port/db" (shared by every replica pointed at
-    # it: a file uploaded or a response stored on one is usable from all). The bounds above
-    # hold either way. A Redis call over state_timeout_s answers 503, never hangs.
+    # Where uploads, stored responses and batch jobs live (server.store, server.batches):
+    # "memory://" (this process, batches on disk under batch_dir: the single-box default) or
+    # "redis://host:port/db" (shared by every replica pointed at it: a file uploaded, a
+    # response stored or a batch created on one is usable from all; each batch runs on the
+    # replica holding its lease, batch_lease_s). The bounds above hold either way. A Redis
+    # call over state_timeout_s answers 503, never hangs.
     state_url: str = "memory://"
     state_timeout_s: float = Field(5.0, gt=0)
 

@@ -174,6 +174,9 @@ class _EngineCounters(Collector):
         yield CounterMetricFamily(
             "vlserve_preemptions", "Times a running request stepped aside because the KV "
             "cache was full (it resumes later, nothing lost)", self._engine.preemptions)
+        yield CounterMetricFamily(
+            "vlserve_next_turn_tokens", "Tokens an idle engine evaluated ahead of a "
+            "conversation's next turn (its end-of-turn markup)", self._engine.next_turn_tokens)
 
 
 class _BuildCollector(Collector):

@@ -125,3 +125,45 @@ def test_check_then_resample_draws_what_a_full_grammar_mask_draws(demo_model) ->
                 len(run.utf8.pieces), params.penalty_last_n, params.repeat_penalty, 0.0, 0.0))
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         assert ours == answer(TokenSampler(chain))
+
+
+def test_greedy_without_penalties_reads_the_argmax_and_picks_what_the_chain_picks(
+        demo_model) -> None:
+    """Plain greedy skips llama.cpp's chain (it copies every logit first) and takes the
+    largest logit; the tokens are the chain's, with ignore_eos's banned tokens too."""
+    from bench.constrained import Run
+    from server.engine.sampling import ArgmaxSampler, TokenSampler, build_sampler
+    from server.engine.types import SamplingParams
+    from server.timings import StageTimer
+
+    run = Run(demo_model.text, threads=1)
+
+    def answer(sampler: TokenSampler, n: int = 40) -> list[int]:
+        tokens: list[int] = []
+        run.decode(lambda: tokens.append(sampler.sample(run.ctx, -1)) or tokens[-1], n)
+        sampler.free()
+        return tokens
+
+    def chain(banned: frozenset[int] = frozenset()) -> TokenSampler:
+        sampler = llama_cpp.llama_sampler_chain_init(
+            llama_cpp.llama_sampler_chain_default_params())
+        if banned:
+            biases = (llama_cpp.llama_logit_bias * len(banned))(
+                *(llama_cpp.llama_logit_bias(t, float("-inf")) for t in sorted(banned)))
+            llama_cpp.llama_sampler_chain_add(sampler, llama_cpp.llama_sampler_init_logit_bias(
+                len(run.utf8.pieces), len(banned), biases))
+        llama_cpp.llama_sampler_chain_add(sampler, llama_cpp.llama_sampler_init_greedy())
+        return TokenSampler(sampler)
+
+    greedy = build_sampler(SamplingParams(temperature=0.0), run.vocab, run.utf8, run.eog,
+                           StageTimer())
+    assert isinstance(greedy, ArgmaxSampler)
+    plain = answer(greedy)
+    assert plain == answer(chain())
+    # Ban the tokens it chose most: the masked path must then agree with the chain's bias.
+    banned = frozenset(sorted(set(plain), key=plain.count)[-3:])
+    assert answer(ArgmaxSampler(len(run.utf8.pieces), banned)) == answer(chain(banned))
+    # Penalties and grammars keep llama.cpp's chain.
+    assert not isinstance(build_sampler(SamplingParams(temperature=0.0, repeat_penalty=1.2),
+                                        run.vocab, run.utf8, run.eog, StageTimer()),
+                          ArgmaxSampler)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,6 +127,34 @@ def test_second_turn_reuses_the_first(client: openai.OpenAI) -> None:
     # The whole first prompt, and the answer as generated, are still in the KV cache.
     assert details.cached_tokens >= first.usage.prompt_tokens
     assert second.choices[0].finish_reason == "stop"
+
+
+def _next_turn_tokens(gemma: RunningServer) -> float:
+    metrics = httpx.get(f"{gemma.url}/metrics", timeout=10).text
+    match = re.search(r"^vlserve_next_turn_tokens_total (\S+)$", metrics, re.M)
+    assert match, "vlserve_next_turn_tokens_total missing from /metrics"
+    return float(match.group(1))
+
+
+def test_an_idle_engine_evaluates_the_next_turns_start(client: openai.OpenAI,
+                                                       gemma: RunningServer) -> None:
+    """An answer cut by max_tokens: while the engine idles, its last token (sampled, never
+    decoded) and what the template writes after an answer (`<eos>`, "\nUSER:": 4 tokens)
+    go into the slot's KV, so turn 2 finds the whole answer and that markup cached."""
+    question = [{"role": "user", "content": "List three colours."}]
+    before = _next_turn_tokens(gemma)
+    first = ask(client, question, max_tokens=4)
+    assert first.choices[0].finish_reason == "length" and first.usage is not None
+    deadline = time.monotonic() + 30
+    while _next_turn_tokens(gemma) < before + 1 + 4:
+        assert time.monotonic() < deadline, "the next turn's start was never evaluated"
+        time.sleep(0.05)
+    second = ask(client, [*question,
+                          {"role": "assistant", "content": first.choices[0].message.content},
+                          {"role": "user", "content": "One more?"}], max_tokens=2)
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    assert second.usage.prompt_tokens_details.cached_tokens == \
+        first.usage.prompt_tokens + first.usage.completion_tokens + 4
 
 
 def test_responses_answer_and_continue_from_the_slot(client: openai.OpenAI) -> None:

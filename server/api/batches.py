@@ -13,6 +13,7 @@ from server.api.batch_protocol import BatchCreateRequest, BatchList, BatchObject
 from server.api.errors import APIError
 from server.api.openapi import responses
 from server.api.state import AppState
+from server.batches import views
 from server.batches.job import new_batch, public, window_seconds
 from server.batches.lines import ENDPOINTS
 from server.batches.runner import BatchRunner
@@ -48,7 +49,7 @@ async def list_batches(request: Request, after: str | None = None,
                        limit: int = Query(20, ge=1, le=100)) -> JSONResponse:
     """Newest first, cursor-paginated like OpenAI's (`after`, `limit`, `has_more`)."""
     state: AppState = request.app.state.vlserve
-    batches = _runner(state).list(client_identity(request.scope))
+    batches = await views.owned(_runner(state), client_identity(request.scope))
     if after is not None:
         ids = [b["id"] for b in batches]
         if after not in ids:
@@ -65,14 +66,14 @@ async def list_batches(request: Request, after: str | None = None,
 @router.get("/batches/{batch_id}", responses=responses(BatchObject, 404))
 async def get_batch(batch_id: str, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
-    return JSONResponse(public(_lookup(state, batch_id, request)))
+    return JSONResponse(public(await _lookup(state, batch_id, request)))
 
 
 @router.post("/batches/{batch_id}/cancel", responses=responses(BatchObject, 404, 409))
 async def cancel_batch(batch_id: str, request: Request) -> JSONResponse:
     """Lines in the engine are stopped; finished ones stay in the output file."""
     state: AppState = request.app.state.vlserve
-    batch = _lookup(state, batch_id, request)
+    batch = await _lookup(state, batch_id, request)
     if batch["status"] not in ("validating", "in_progress", "cancelling"):
         raise APIError(409, f"a batch that is {batch['status']} cannot be cancelled",
                        param="batch_id", code="batch_not_cancellable")
@@ -85,8 +86,8 @@ def _runner(state: AppState) -> BatchRunner:
     return state.batches
 
 
-def _lookup(state: AppState, batch_id: str, request: Request) -> dict[str, Any]:
-    batch = _runner(state).get(batch_id, client_identity(request.scope))
+async def _lookup(state: AppState, batch_id: str, request: Request) -> dict[str, Any]:
+    batch = await views.find(_runner(state), batch_id, client_identity(request.scope))
     if batch is None:
         raise APIError(404, f"no batch with id {batch_id!r}", param="batch_id",
                        code="batch_not_found")

@@ -60,9 +60,9 @@ def install_error_handlers(app: FastAPI) -> None:
         # The shared store (state_url) is out of reach: the replica itself is fine, so a
         # retry soon (or on another replica, once Redis is back) can succeed.
         logger.error("state store unavailable: %s", exc)
-        return error_response(503, "the shared state store (uploads, stored responses) is "
-                              "unavailable; try again shortly", code="state_store_unavailable",
-                              headers={"Retry-After": "2"})
+        return error_response(503, "the shared state store (uploads, stored responses, "
+                              "batches) is unavailable; try again shortly",
+                              code="state_store_unavailable", headers={"Retry-After": "2"})
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from server.api.drain import Drain
 from server.api.response_store import Responses, open_responses
+from server.batches.redis_store import BatchStorage, RedisBatchStore
 from server.batches.store import BatchStore
 from server.config import Settings
 from server.engine import Engine
@@ -34,14 +38,15 @@ class AppState:
     decode_budget: DecodeBudget = field(init=False)
     uploads: Uploads = field(init=False)  # POST /files
     responses: Responses = field(init=False)  # stored responses (POST /responses)
-    batch_store: BatchStore = field(init=False)  # batch files, state and results, on disk
+    # Batch files, state and results: on disk, or in Redis when the state is shared.
+    batch_store: BatchStorage = field(init=False)
     batches: BatchRunner | None = None  # set by the app once it exists
 
     def __post_init__(self) -> None:
         self.decode_budget = DecodeBudget(self.settings.image_decode_budget_mb * 1024 * 1024)
         self.uploads = open_uploads(self.settings, self.backend)
         self.responses = open_responses(self.settings, self.backend)
-        self.batch_store = BatchStore(self.settings.batch_dir)
+        self.batch_store = _batch_store(self.settings, self.backend)
 
     def cache_tenant(self, client: str) -> str:
         """Whose engine caches a client (server.api.auth.client_identity) may use: its own,
@@ -54,3 +59,12 @@ class AppState:
         return ImageLimits(settings.image_max_bytes, settings.image_max_pixels,
                            settings.image_min_side, frozenset(settings.image_formats),
                            max_decode_bytes=settings.image_decode_max_mb * 1024 * 1024)
+
+
+def _batch_store(settings: Settings, backend: StateBackend) -> BatchStorage:
+    if not backend.shared:
+        return BatchStore(settings.batch_dir)
+    # This process's name in batch leases: readable (the replica id) and unique (a
+    # restarted replica must not mistake its predecessor's leases for its own).
+    token = f"{settings.replica_id or socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    return RedisBatchStore(settings.state_url, token, settings.state_timeout_s)

@@ -109,12 +109,14 @@ def _run_local(args: argparse.Namespace) -> int:
     from server.logs import setup_logging
 
     with tempfile.TemporaryDirectory(prefix="vlserve-batch-") as state_dir:
-        # Its own state directory: a server's batches on disk are not this run's business.
+        # Its own state directory, and never a shared store: a server's batches are not
+        # this run's business (on Redis it would claim the cluster's batches).
         settings = load_settings(
             args.config, model=args.model, mmproj=args.mmproj, model_name=args.model_name,
             chat_template=args.chat_template, n_ctx=args.n_ctx,
             n_gpu_layers=args.n_gpu_layers, n_parallel=args.n_parallel,
-            log_level=args.log_level, batch_dir=Path(state_dir), playground=False)
+            log_level=args.log_level, batch_dir=Path(state_dir), playground=False,
+            state_url="memory://")
         setup_logging(settings.log_level)
         ensure_servable(settings)
         return asyncio.run(_serve_batch(settings, args))

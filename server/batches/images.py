@@ -2,7 +2,8 @@
 
 Uploads live in memory for a while (or in the shared store); a batch may outlive them, and
 a restart loses them. So when a batch is created, the images its lines name are copied
-beside it on disk and held with it; its lines resolve those ids to these copies
+beside it (on disk, or in Redis where any replica that takes the batch over reads them)
+and held with it; its lines resolve those ids to these copies
 (server/api/internal.py), whatever became of the uploads since.
 """
 
@@ -11,12 +12,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from server.batches.store import BatchStore
+from server.batches.redis_store import BatchStorage
 from server.engine import ImageInput
 from server.uploads import StoredFile, Uploads
 
 
-async def keep(store: BatchStore, uploads: Uploads, batch_id: str, owner: str,
+async def keep(store: BatchStorage, uploads: Uploads, batch_id: str, owner: str,
                file_ids: set[str]) -> dict[str, StoredFile]:
     """At validation: copy the owner's images beside the batch (the disk writes on a worker
     thread). An id the owner has no upload for is left out: its line fails as a chat naming
@@ -30,7 +31,7 @@ async def keep(store: BatchStore, uploads: Uploads, batch_id: str, owner: str,
     return kept
 
 
-def restore(store: BatchStore, batch_id: str) -> dict[str, StoredFile]:
+def restore(store: BatchStorage, batch_id: str) -> dict[str, StoredFile]:
     """After a restart: the copies, as they were kept."""
     kept: dict[str, StoredFile] = {}
     for meta, rgb in store.load_images(batch_id):

@@ -6,6 +6,10 @@ fills the slots interactive requests leave idle and steps aside when they need o
 engine preempts it; see server/engine/admission.py). Each finished line is appended to
 the batch's results log on disk before it counts as done, so a restart runs only what has
 no result yet.
+
+On a shared store (Redis, server/batches/redis_store.py) every replica's runner claims the
+unfinished batches nobody holds (server/batches/leases.py) and runs only those; reads of
+other batches and cancels of them go through the store.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ from server.batches.job import (
     set_status,
     succeeded,
 )
-from server.batches.store import BatchStore
+from server.batches.leases import Leases
+from server.batches.redis_store import BatchStorage, LeaseLost, RedisBatchStore
 from server.engine.types import BATCH_PRIORITY
+from server.store import StateUnavailable
 
 logger = logging.getLogger("vlserve.batches")
 
@@ -45,7 +51,7 @@ _TICK_S = 1.0  # how often expiry and drain are checked while nothing else happe
 
 
 class BatchRunner:
-    def __init__(self, app: ASGIApp, state: AppState, store: BatchStore) -> None:
+    def __init__(self, app: ASGIApp, state: AppState, store: BatchStorage) -> None:
         self.app = app
         self.state = state
         self.store = store
@@ -56,6 +62,11 @@ class BatchRunner:
         self._task: asyncio.Task[None] | None = None
         self._lines: set[asyncio.Task[None]] = set()
         self._version = itertools.count(1)
+        # Shared store: the batches this replica runs are the ones it holds a lease on.
+        self.leases = (Leases(store, state.settings.batch_lease_s, self._lost)
+                       if isinstance(store, RedisBatchStore) else None)
+        self._published: dict[str, dict[str, int]] = {}  # request_counts last saved
+        self._next_publish = 0.0  # monotonic; at most once a tick
 
     @property
     def limit(self) -> int:
@@ -66,8 +77,13 @@ class BatchRunner:
 
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        """Load every batch on disk; unfinished ones carry on where they stopped."""
-        for batch in await asyncio.to_thread(lambda: list(self.store.load_batches())):
+        """Load every batch on disk; unfinished ones carry on where they stopped. On a
+        shared store the loop claims them instead, tick by tick."""
+        if self.leases is not None:
+            self.leases.start()
+        on_disk = [] if self.leases is not None else await asyncio.to_thread(
+            lambda: list(self.store.load_batches()))
+        for batch in on_disk:
             self.batches[batch["id"]] = batch
             if batch["status"] not in TERMINAL:
                 self.jobs[batch["id"]] = BatchJob(batch)
@@ -87,12 +103,19 @@ class BatchRunner:
                 cancel.set()
         if self._lines:
             await asyncio.wait(self._lines, timeout=10)
+        if self.leases is not None:
+            await self.leases.stop()
 
     async def _save(self, batch: dict[str, Any]) -> None:
         """Snapshot on the loop (nothing changes it meanwhile), write on a worker thread;
         the version keeps a slower older write from replacing a newer one."""
         data = json.dumps(batch).encode()
-        await asyncio.to_thread(self.store.save_batch, batch["id"], data, next(self._version))
+        try:
+            await asyncio.to_thread(self.store.save_batch, batch["id"], data,
+                                    next(self._version))
+        except LeaseLost:
+            self._lost(batch["id"])
+            raise
 
     def wake(self) -> None:
         if self._wake is not None:
@@ -101,8 +124,9 @@ class BatchRunner:
     # --- API -----------------------------------------------------------------------------
     async def add(self, batch: dict[str, Any]) -> dict[str, Any]:
         await self._save(batch)
-        self.batches[batch["id"]] = batch
-        self.jobs[batch["id"]] = BatchJob(batch)
+        if self.leases is None:  # shared: the first replica to claim it runs it
+            self.batches[batch["id"]] = batch
+            self.jobs[batch["id"]] = BatchJob(batch)
         logger.info("batch %s created: input %s, window %s", batch["id"],
                     batch["input_file_id"], batch["completion_window"])
         self.wake()
@@ -119,6 +143,13 @@ class BatchRunner:
 
     async def cancel(self, batch: dict[str, Any]) -> None:
         job = self.jobs.get(batch["id"])
+        if job is None and isinstance(self.store, RedisBatchStore):
+            # Run elsewhere (or not claimed yet): the holder sees the request on its tick.
+            if batch["status"] in ("validating", "in_progress") and await asyncio.to_thread(
+                    self.store.request_cancel, batch["id"]):
+                set_status(batch, "cancelling")
+                logger.info("batch %s: cancel asked; its holder stops it", batch["id"])
+            return
         if job is None or batch["status"] not in ("validating", "in_progress"):
             return
         set_status(batch, "cancelling")
@@ -141,24 +172,23 @@ class BatchRunner:
             self._wake.clear()
             try:
                 await self._advance()
+            except StateUnavailable as exc:  # Redis away: say so once a tick, no traceback
+                logger.warning("the batch runner cannot reach the shared store: %s", exc)
             except Exception:  # one bad batch must not stop the others for good
                 logger.exception("the batch runner failed; retrying shortly")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), _TICK_S)
 
     async def _advance(self) -> None:
+        if self.leases is not None:
+            await self._shared_tick()
         for job in sorted(self.jobs.values(), key=lambda j: order_key(j.batch)):
-            if not job.lines:  # new, or resumed after a restart
-                await self._load(job)
-                if job.id not in self.jobs:
-                    continue  # failed validation
-            status = job.batch["status"]
-            if status == "in_progress" and time.time() >= job.batch["expires_at"]:
-                await self._begin_end(job, "expired")
-            elif status == "in_progress" and job.all_done() and not job.running:
-                await self._begin_end(job, "completed")
-            if job.batch["status"] in ("cancelling", "finalizing") and not job.running:
-                await self._finalize(job)
+            if job.id not in self.jobs:
+                continue  # lost to another replica during this pass
+            try:
+                await self._step(job)
+            except LeaseLost:
+                continue  # another replica runs it now; _lost stopped it here
         if self.state.drain.draining:
             for job in self.jobs.values():  # they run again after the restart
                 for cancel in job.running.values():
@@ -167,6 +197,56 @@ class BatchRunner:
         if not self.state.engine.ready:
             return
         self._launch()
+
+    async def _step(self, job: BatchJob) -> None:
+        if not job.lines:  # new, resumed after a restart, or claimed from another replica
+            await self._load(job)
+            if job.id not in self.jobs:
+                return  # failed validation
+        status = job.batch["status"]
+        if status == "in_progress" and time.time() >= job.batch["expires_at"]:
+            await self._begin_end(job, "expired")
+        elif status == "in_progress" and job.all_done() and not job.running:
+            await self._begin_end(job, "completed")
+        if job.batch["status"] in ("cancelling", "finalizing") and not job.running:
+            await self._finalize(job)
+
+    async def _shared_tick(self) -> None:
+        """Claim the batches nobody runs, act on cancels asked on other replicas, and
+        publish progress (request_counts) for GETs elsewhere."""
+        assert self.leases is not None and isinstance(self.store, RedisBatchStore)
+        if self.state.engine.ready and not self.state.drain.draining:
+            for batch in await self.leases.claim(set(self.jobs), _TICK_S):
+                self.batches[batch["id"]] = batch
+                self.jobs[batch["id"]] = BatchJob(batch)
+                logger.info("batch %s claimed by %s (%s)", batch["id"], self.store.token,
+                            batch["status"])
+        asked = await asyncio.to_thread(self.store.cancels_requested, sorted(self.jobs))
+        for job in [self.jobs[i] for i in sorted(asked) if i in self.jobs]:
+            with contextlib.suppress(LeaseLost):
+                await self.cancel(job.batch)
+        if time.monotonic() < self._next_publish:
+            return
+        self._next_publish = time.monotonic() + _TICK_S
+        for job in list(self.jobs.values()):
+            counts = job.batch["request_counts"]
+            if job.batch["status"] == "in_progress" and self._published.get(job.id) != counts:
+                self._published[job.id] = dict(counts)
+                with contextlib.suppress(LeaseLost):
+                    await self._save(job.batch)
+
+    def _lost(self, batch_id: str) -> None:
+        """Another replica holds the batch now: stop its lines here, forget it."""
+        job = self.jobs.pop(batch_id, None)
+        self.batches.pop(batch_id, None)
+        self._published.pop(batch_id, None)
+        if self.leases is not None:
+            self.leases.held.discard(batch_id)
+        if job is not None:
+            for cancel in job.running.values():
+                cancel.set()
+            logger.warning("batch %s: its lease is held by another replica now; its %d "
+                           "lines here stop", batch_id, len(job.running))
 
     def _launch(self) -> None:
         now = time.monotonic()
@@ -203,6 +283,10 @@ class BatchRunner:
             job.record(result)
             self.state.metrics.batch_requests.labels(
                 "completed" if succeeded(result) else "failed").inc()
+        except LeaseLost:  # the store refused the answer: the new holder runs the line
+            logger.info("batch %s line %d: answer dropped, another replica runs the batch",
+                        job.id, line.index)
+            self._lost(job.id)
         except Exception:
             logger.exception("batch %s line %d failed to run; it runs again", job.id,
                              line.index)
@@ -298,3 +382,10 @@ class BatchRunner:
         if job.images:
             await asyncio.to_thread(self.store.drop_images, job.id)
         self.jobs.pop(job.id, None)
+        if self.leases is not None and isinstance(self.store, RedisBatchStore):
+            # The output and error files hold the results now; other replicas read the
+            # record from the store, so this one keeps no copy.
+            await asyncio.to_thread(self.store.drop_results, job.id)
+            await self.leases.release(job.id)
+            self.batches.pop(job.id, None)
+            self._published.pop(job.id, None)

@@ -125,6 +125,10 @@ class Engine:
         return self._scheduler.preemptions if self._scheduler else 0
 
     @property
+    def next_turn_tokens(self) -> int:
+        return self._scheduler.next_turn_tokens if self._scheduler else 0
+
+    @property
     def kv_cells_used(self) -> int:
         # Read from other threads: a sum of ints the engine thread updates, no lock needed.
         return self._scheduler.kv_cells_used if self._scheduler else 0

@@ -72,6 +72,10 @@ class Slot:
     tenant: str = ""
     n_past: int = 0  # KV positions used by this sequence
     job: Job | None = None
+    # Tokens to evaluate into this idle slot when the engine has nothing else to do: the
+    # start of its conversation's next turn (server/engine/next_turn.py). Any change to
+    # the slot's KV drops them.
+    next_turn: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.cached, KvEntries):

@@ -16,10 +16,12 @@ from llama_cpp import mtmd_cpp
 from server.config import Settings
 from server.engine import llama_log
 from server.engine.build_info import read_build_info
+from server.engine.next_turn import turn_markup
 from server.engine.placement import Placement, placement_warnings, read_placement
 from server.engine.projector import ImageGeometry, ProjectorInfo, read_projector_info
 from server.engine.prompt import ChatTemplate
 from server.engine.templates import ResolvedTemplate, TemplateConfigError, template_for
+from server.engine.textparts import MarkupSplitter
 from server.engine.tokens import single_control_token
 from server.engine.utf8_guard import Utf8Vocab
 
@@ -64,6 +66,8 @@ class LoadedModel:
     special_texts: tuple[str, ...] = ()
     # No token stands for more bytes of text than this (None: a normalizing vocab, no bound).
     max_token_bytes: int | None = None
+    # What every next turn starts with after an answer (server/engine/next_turn.py).
+    next_turn_markup: tuple[int, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
     load_log: list[str] = field(default_factory=list)  # llama.cpp's lines while loading
 
@@ -205,6 +209,7 @@ def _load(settings: Settings) -> LoadedModel:
         stop_strings=chosen.stops,
         special_texts=special_texts,
         max_token_bytes=max_token_bytes,
+        next_turn_markup=turn_markup(template, MarkupSplitter(special_texts, marker), vocab),
         info=info,
     )
 

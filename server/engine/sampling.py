@@ -41,6 +41,33 @@ class TokenSampler:
         llama_cpp.llama_sampler_free(self.chain)
 
 
+class ArgmaxSampler(TokenSampler):
+    """Greedy decoding when nothing changes the logits (no grammar, no penalties): the
+    largest logit read straight from llama.cpp's output, ~0.03 ms on a 262k vocabulary.
+    llama.cpp's chain first copies every logit into a candidate array (~0.3 ms a token
+    there, per stream: a few percent of a step on a small model with a large vocabulary).
+    Ties go to the lower id, as in llama.cpp's greedy sampler."""
+
+    def __init__(self, n_vocab: int, banned: frozenset[int] = frozenset()) -> None:
+        self._logits_type = ctypes.c_float * n_vocab  # built once: as_array's is per call
+        self._banned = banned  # ignore_eos: end-of-generation tokens are never picked
+        self._banned_ids = np.fromiter(sorted(banned), dtype=np.int64, count=len(banned))
+
+    def sample(self, ctx: llama_cpp.llama_context_p, index: int) -> int:
+        row = llama_cpp.llama_get_logits_ith(ctx, index)
+        logits = np.frombuffer(self._logits_type.from_address(ctypes.addressof(row.contents)),
+                               dtype=np.float32)
+        token = int(logits.argmax())
+        if token in self._banned:  # rare: only then is the vocabulary copied
+            masked = logits.copy()
+            masked[self._banned_ids] = -np.inf
+            token = int(masked.argmax())
+        return token
+
+    def free(self) -> None:
+        pass  # nothing native
+
+
 class GrammarSampler(TokenSampler):
     """Samples with the normal chain, then checks only the chosen token against the grammar
     (as llama.cpp's common sampler does); a grammar-first chain would decode every piece of
@@ -144,11 +171,15 @@ class GrammarSampler(TokenSampler):
             llama_cpp.llama_sampler_free(top)
 
 
+def _penalized(params: SamplingParams) -> bool:
+    return (params.repeat_penalty != 1.0 or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0)
+
+
 def _window_needs(params: SamplingParams) -> int:
     """How many allowed tokens the resample window must hold for its draw to be exact
     (0: never exact, mask the whole vocabulary)."""
-    if (params.repeat_penalty != 1.0 or params.presence_penalty != 0.0
-            or params.frequency_penalty != 0.0):
+    if _penalized(params):
         return 0
     if params.temperature <= 0.0:
         return 1
@@ -172,6 +203,8 @@ def build_sampler(params: SamplingParams, model_vocab: llama_cpp.llama_vocab_p,
                   utf8: Utf8Vocab, eog_tokens: frozenset[int], timer: StageTimer
                   ) -> TokenSampler:
     """The request's sampler; GrammarError when llama.cpp rejects its grammar."""
+    if params.grammar is None and params.temperature <= 0.0 and not _penalized(params):
+        return ArgmaxSampler(len(utf8.pieces), eog_tokens if params.ignore_eos else frozenset())
     chain = build_sampler_chain(params, len(utf8.pieces), eog_tokens)
     if params.grammar is None:
         return TokenSampler(chain)
@@ -192,11 +225,7 @@ def build_sampler_chain(params: SamplingParams, n_vocab: int,
         biases = (llama_cpp.llama_logit_bias * len(eog_tokens))(
             *(llama_cpp.llama_logit_bias(t, float("-inf")) for t in sorted(eog_tokens)))
         add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(eog_tokens), biases))
-    if (
-        params.repeat_penalty != 1.0
-        or params.presence_penalty != 0.0
-        or params.frequency_penalty != 0.0
-    ):
+    if _penalized(params):
         add(
             chain,
             llama_cpp.llama_sampler_init_penalties(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import llama_cpp
 
 from server.config import Settings
-from server.engine import mtmd
+from server.engine import mtmd, next_turn
 from server.engine.admission import (
     CLIENT_GONE,
     Inbox,
@@ -30,10 +30,10 @@ from server.engine.admission import (
     outranked,
 )
 from server.engine.batch import TokenBatch
+from server.engine.emit import take_token
 from server.engine.encoder import ImageEncoder
-from server.engine.jobs import PrefillItem, Slot, end_job, finish_job, slot_view
+from server.engine.jobs import PrefillItem, Slot, end_job, slot_view
 from server.engine.kv import KvBudget
-from server.engine.logprobs import token_logprob
 from server.engine.model import LoadedModel
 from server.engine.sampling import GrammarError
 from server.engine.start import Starter
@@ -42,7 +42,6 @@ from server.engine.types import (
     ErrorEvent,
     GenerationRequest,
     ImageInput,
-    TokenEvent,
 )
 from server.engine.watchdog import Watchdog
 
@@ -81,6 +80,8 @@ class Scheduler:
         self._mem = self._starter.mem
         self.ram_cache = self._starter.ram
         self.preemptions = 0  # read by /metrics from another thread (an int: no lock)
+        self._next_turn = model.next_turn_markup if settings.next_turn_prefill else ()
+        self.next_turn_tokens = 0  # evaluated ahead of a next turn (the same)
 
     # --- any thread -------------------------------------------------------------------
     def submit(self, request: GenerationRequest, prompt: mtmd.TokenizedPrompt, sink: Sink,
@@ -142,9 +143,12 @@ class Scheduler:
         while not stop.is_set():
             for pending in self._inbox.take_cancelled():
                 pending.drop_cancelled()
-            self._admit(block=not self.busy_slots and not self._preencode)
+            next_turns = any(s.next_turn for s in self.slots)
+            self._admit(block=not self.busy_slots and not self._preencode and not next_turns)
             if self.busy_slots:
                 self._step()
+            elif next_turns:  # idle work, like encoding ahead: requests always go first
+                self._prefill_next_turns()
             elif self._preencode:
                 self.encoder.encode_ahead(*self._preencode.popleft())
         self.refuse_all(ErrorEvent(503, "the server is shutting down",
@@ -181,6 +185,8 @@ class Scheduler:
         self._admit(block=False)
         while self.busy_slots:
             self._step()
+        for slot in self.slots:
+            slot.next_turn = []  # nobody continues the warm-up
 
     def share_prefix_of_slot(self, source: int = 0) -> None:
         """Let every slot start from `source`'s KV (e.g. the warmed-up system prompt);
@@ -401,38 +407,7 @@ class Scheduler:
             self._end(slot, ErrorEvent(500, f"constrained sampling failed: {exc}",
                                        code="grammar_dead_end"))
             return
-        self._on_token(slot, token, batch_index)
-
-    def _on_token(self, slot: Slot, token: int, batch_index: int) -> None:
-        job = slot.job
-        assert job is not None
-        if not job.saw_first_token:
-            job.saw_first_token = True
-            job.request.timer.mark_since_start("first_token")
-        if token in self.model.eog_tokens:
-            self._finish(slot, "stop")
-            return
-        piece = self.model.pieces[token]
-        if job.n_generated == 0 and self.model.strip_first_space and piece.startswith(b" "):
-            piece = piece[1:]
-        job.n_generated += 1
-        text = job.text.push(piece)
-        top_k = job.request.top_logprobs
-        if top_k is not None:
-            model = self.model
-            job.sink.put(TokenEvent(text, token_logprob(model.ctx, batch_index, model.n_vocab,
-                                                        token, top_k, model.pieces)))
-        elif job.held_text is not None:
-            job.held_text.append(text)
-        elif text:
-            job.sink.put(TokenEvent(text))
-        if job.text.stopped:
-            self._finish(slot, "stop")
-        elif job.n_generated >= job.max_new or slot.n_past >= self.model.n_ctx:
-            self._finish(slot, "length")
-        else:
-            job.next_token = token
-            job.tokens.append(token)
+        take_token(slot, token, batch_index, self.model, self._next_turn)
 
     def _decode_failed(self, ret: int, generating: list[Slot], prefilled: list[_Prefilled]
                        ) -> None:
@@ -448,9 +423,6 @@ class Scheduler:
                 self._forget(slot)
                 self._end(slot, event)
 
-    def _finish(self, slot: Slot, reason: str) -> None:
-        finish_job(slot, reason)
-
     def _end(self, slot: Slot, event: EngineEvent) -> None:
         """End the slot's job; siblings still waiting for its prompt end with it (nothing
         else would ever start them)."""
@@ -465,6 +437,13 @@ class Scheduler:
                 sibling.sampler.free()
                 sibling.prompt.close()
                 sibling.sink.put(event)
+
+    def _prefill_next_turns(self) -> None:
+        with self.watchdog.watch("a decode step"):
+            n = next_turn.prefill(self.slots, self._batch, self.model.ctx,
+                                  self.kv.free(self.slots), self.model.n_ctx,
+                                  interrupted=lambda: len(self._inbox) > 0)
+        self.next_turn_tokens += n
 
     def _forget(self, slot: Slot) -> None:
         self._starter.forget(slot)

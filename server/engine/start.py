@@ -87,8 +87,10 @@ class Starter:
         (prompt, then for a resumed job what it generated) becomes its prefill work."""
         request = job.request
         keys = job.keys()
+        for idle in slots:  # guesses of a next turn wait for an idle engine; that is over
+            idle.next_turn = []
         slot, keep = self._pick_slot(slots, keys, request.tenant)
-        if self.ram is not None and len(slot.cached) > keep:
+        if self.ram is not None and self.ram.worth_saving(slot, keep):
             self.ram.save(slot)  # what this request is about to replace
         keep = self._borrow_prefix(slot, slots, keys, request.tenant, keep)
         keep = self._restore_prefix(slot, keys, request.tenant, keep)
@@ -176,6 +178,7 @@ class Starter:
         n_past = source.n_past if keep is None else n_positions(entries)
         llama_cpp.llama_memory_seq_rm(self.mem, target.seq_id, -1, -1)
         llama_cpp.llama_memory_seq_cp(self.mem, source.seq_id, target.seq_id, 0, n_past)
+        target.next_turn = []
         target.cached = KvEntries(entries)
         target.n_past = n_past
         target.tenant = source.tenant
@@ -195,6 +198,7 @@ class Starter:
 
     def forget(self, slot: Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+        slot.next_turn = []
         slot.cached.clear()
         slot.n_past = 0
 

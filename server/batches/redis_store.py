@@ -1,0 +1,299 @@
+"""Batch storage in Redis (`state_url: redis://...`): BatchStore's interface, shared by every
+replica, plus what sharing needs: per-batch leases and cancel requests.
+
+The methods are sync, as the disk store's, and callers run them off the event loop
+(asyncio.to_thread) exactly as they do today: one interface, two stores, no caller that
+knows which it has. A sync client's pool is thread-safe. Keys, under `vlserve:batches:`:
+
+    file:<id>            hash: head (the BatchFile's JSON), data (its bytes)
+    files:<owner>        zset id -> created_us: the owner's files
+    rec:<id>             the batch record (JSON)
+    owner:<owner>        zset id -> created_us: the owner's batches
+    open                 set of ids not yet completed/failed/expired/cancelled
+    results:<id>         list: one JSON line per finished request (RPUSH, fenced by lease)
+    images:<id>          hash: <file id> -> meta JSON, <file id>.rgb -> pixels
+    lease:<id>           the replica token running the batch (SET NX PX, renewed)
+    cancel:<id>          a cancel asked on a replica that does not run it (epoch seconds)
+
+Fencing: a results append and a record save succeed only while this replica holds the
+batch's lease (a save also while nobody does: the creator's first one), in one Lua script
+each, so a replica that lost its lease can never add a second answer for a line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from server.batches.store import BatchFile, BatchStore, new_id
+from server.store import StateUnavailable
+
+PREFIX = "vlserve:batches:"
+_OPEN = PREFIX + "open"
+_TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+# KEYS: lease results. ARGV: token line.  1 appended, 0 not the holder.
+_APPEND = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+return 1
+"""
+# KEYS: lease rec owner open cancel. ARGV: token data id created_us terminal.
+# 1 saved, 0 another replica holds the batch.
+_SAVE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+if ARGV[5] == '1' then
+  redis.call('SREM', KEYS[4], ARGV[3])
+  redis.call('DEL', KEYS[5])
+else
+  redis.call('SADD', KEYS[4], ARGV[3])
+end
+return 1
+"""
+# KEYS: lease. ARGV: token ttl_ms.  1 renewed, 0 lost.
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+# KEYS: lease. ARGV: token.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+# KEYS: open cancel. ARGV: id now.  1 flagged, 0 the batch already ended.
+_CANCEL = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'NX')
+return 1
+"""
+
+
+class LeaseLost(Exception):
+    """Another replica holds the batch now: this one must not write for it."""
+
+
+class RedisBatchStore:
+    """One Redis, every replica; `token` names this replica in the leases it takes."""
+
+    shared = True
+
+    def __init__(self, url: str, token: str, timeout_s: float = 5.0) -> None:
+        self.token = token
+        # As the async store's client: half the limit per try and one retry, so a Redis
+        # that vanished or hangs is a 503 within about timeout_s (the client's default
+        # retries ten times, with backoff, which would hold a request far longer).
+        self._client = redis.Redis.from_url(
+            url, socket_timeout=timeout_s / 2, socket_connect_timeout=timeout_s / 2,
+            retry=Retry(NoBackoff(), 1), health_check_interval=30)
+        self._scripts = {name: self._client.register_script(text) for name, text in (
+            ("append", _APPEND), ("save", _SAVE), ("renew", _RENEW),
+            ("release", _RELEASE), ("cancel", _CANCEL))}
+
+    def close(self) -> None:
+        self._client.close()
+
+    # --- files -------------------------------------------------------------------------
+    def add_file(self, filename: str, purpose: str, data: bytes, owner: str = "",
+                 file_id: str | None = None) -> BatchFile:
+        record = BatchFile(file_id or new_id("file"), filename, purpose, len(data),
+                           time.time_ns() // 1000, owner)
+        with _guard():
+            pipe = self._client.pipeline()  # MULTI: the head and the bytes appear together
+            pipe.hset(_k("file", record.id), mapping={
+                "head": json.dumps(asdict(record)), "data": data})
+            pipe.zadd(_k("files", owner), {record.id: record.created_us})
+            pipe.execute()
+        return record
+
+    def get_file(self, file_id: str, owner: str | None = None) -> BatchFile | None:
+        with _guard():
+            head = self._client.hget(_k("file", file_id), "head")
+        if head is None:
+            return None
+        record = BatchFile(**json.loads(head))
+        return record if owner is None or record.owner == owner else None
+
+    def file_bytes(self, file_id: str) -> bytes:
+        with _guard():
+            data = self._client.hget(_k("file", file_id), "data")
+        if data is None:
+            raise FileNotFoundError(file_id)  # as the disk store's read of a deleted file
+        return bytes(data)
+
+    def delete_file(self, file_id: str) -> None:
+        record = self.get_file(file_id)
+        with _guard():
+            pipe = self._client.pipeline()
+            pipe.delete(_k("file", file_id))
+            if record is not None:
+                pipe.zrem(_k("files", record.owner), file_id)
+            pipe.execute()
+
+    def list_files(self, owner: str) -> list[BatchFile]:
+        with _guard():
+            ids = self._client.zrange(_k("files", owner), 0, -1)
+            if not ids:
+                return []
+            pipe = self._client.pipeline(transaction=False)
+            for file_id in ids:
+                pipe.hget(_k("file", file_id.decode()), "head")
+            heads = pipe.execute()
+        return [BatchFile(**json.loads(h)) for h in heads if h is not None]
+
+    # --- batches -----------------------------------------------------------------------
+    def save_batch(self, batch_id: str, data: bytes, version: int) -> None:
+        """Replace the record unless another replica holds the batch (LeaseLost: this one
+        lost it, its snapshot is stale). `version` orders one process's saves on disk; here
+        every save of a holder runs in order on its own, and only the holder saves."""
+        batch = json.loads(data)
+        with _guard():
+            saved = self._scripts["save"](
+                keys=[_k("lease", batch_id), _k("rec", batch_id),
+                      _k("owner", batch.get("_owner", "")), _OPEN,
+                      _k("cancel", batch_id)],
+                args=[self.token, data, batch_id, _created_us(batch),
+                      int(batch["status"] in _TERMINAL)])
+        if not saved:
+            raise LeaseLost(batch_id)
+
+    def load_batches(self) -> Iterator[dict[str, Any]]:
+        """The unfinished batches (the ones a runner may claim)."""
+        with _guard():
+            ids = sorted(i.decode() for i in self._client.smembers(_OPEN))
+        for batch_id in ids:
+            batch = self.load_batch(batch_id)
+            if batch is not None:
+                yield batch
+
+    def load_batch(self, batch_id: str) -> dict[str, Any] | None:
+        """The record as the API shows it: cancelling already if a cancel was asked on a
+        replica that does not run it (the holder sees the request on its next tick)."""
+        with _guard():
+            pipe = self._client.pipeline(transaction=False)
+            pipe.get(_k("rec", batch_id))
+            pipe.get(_k("cancel", batch_id))
+            raw, asked = pipe.execute()
+        if raw is None:
+            return None
+        batch: dict[str, Any] = json.loads(raw)
+        if asked is not None and batch["status"] in ("validating", "in_progress"):
+            batch["status"] = "cancelling"
+            batch["cancelling_at"] = int(asked)
+        return batch
+
+    def list_batches(self, owner: str) -> list[dict[str, Any]]:
+        with _guard():
+            ids = [i.decode() for i in self._client.zrange(_k("owner", owner), 0, -1)]
+        found = (self.load_batch(batch_id) for batch_id in ids)
+        return [b for b in found if b is not None]
+
+    # --- images a batch references -------------------------------------------------------
+    def save_image(self, batch_id: str, meta: dict[str, Any], rgb: bytes) -> None:
+        with _guard():
+            self._client.hset(_k("images", batch_id), mapping={
+                meta["id"]: json.dumps(meta), f"{meta['id']}.rgb": rgb})
+
+    def load_images(self, batch_id: str) -> Iterator[tuple[dict[str, Any], bytes]]:
+        with _guard():
+            fields = self._client.hgetall(_k("images", batch_id))
+        for name, value in sorted(fields.items()):
+            if not name.endswith(b".rgb") and name + b".rgb" in fields:
+                yield json.loads(value), bytes(fields[name + b".rgb"])
+
+    def drop_images(self, batch_id: str) -> None:
+        with _guard():
+            self._client.delete(_k("images", batch_id))
+
+    # --- results -------------------------------------------------------------------------
+    def append_result(self, batch_id: str, result: dict[str, Any]) -> None:
+        """Append one finished request, atomically with the check that this replica still
+        holds the batch; LeaseLost otherwise (the line's answer is dropped, never doubled)."""
+        line = json.dumps(result, separators=(",", ":"))
+        with _guard():
+            kept = self._scripts["append"](
+                keys=[_k("lease", batch_id), _k("results", batch_id)],
+                args=[self.token, line])
+        if not kept:
+            raise LeaseLost(batch_id)
+
+    def read_results(self, batch_id: str) -> list[dict[str, Any]]:
+        with _guard():
+            raw = self._client.lrange(_k("results", batch_id), 0, -1)
+        return [json.loads(line) for line in raw]
+
+    def drop_results(self, batch_id: str) -> None:
+        """Once the output and error files hold them (the final status is saved)."""
+        with _guard():
+            self._client.delete(_k("results", batch_id))
+
+    # --- leases and cancel requests ------------------------------------------------------
+    def claim(self, batch_id: str, ttl_s: float) -> bool:
+        with _guard():
+            return bool(self._client.set(_k("lease", batch_id), self.token, nx=True,
+                                         px=int(ttl_s * 1000)))
+
+    def renew(self, batch_ids: list[str], ttl_s: float) -> list[str]:
+        """Extend this replica's leases; the ids whose lease another replica holds now."""
+        lost = []
+        with _guard():
+            for batch_id in batch_ids:
+                if not self._scripts["renew"](keys=[_k("lease", batch_id)],
+                                              args=[self.token, int(ttl_s * 1000)]):
+                    lost.append(batch_id)
+        return lost
+
+    def release(self, batch_id: str) -> None:
+        with _guard():
+            self._scripts["release"](keys=[_k("lease", batch_id)], args=[self.token])
+
+    def holder(self, batch_id: str) -> str | None:
+        with _guard():
+            value = self._client.get(_k("lease", batch_id))
+        return value.decode() if value is not None else None
+
+    def request_cancel(self, batch_id: str) -> bool:
+        """Ask whichever replica runs the batch to cancel it; False if it already ended."""
+        with _guard():
+            return bool(self._scripts["cancel"](keys=[_OPEN, _k("cancel", batch_id)],
+                                                args=[batch_id, int(time.time())]))
+
+    def cancels_requested(self, batch_ids: list[str]) -> set[str]:
+        if not batch_ids:
+            return set()
+        with _guard():
+            flags = self._client.mget([_k("cancel", b) for b in batch_ids])
+        return {b for b, flag in zip(batch_ids, flags, strict=True) if flag is not None}
+
+
+@contextlib.contextmanager
+def _guard() -> Iterator[None]:
+    """A Redis that cannot be reached is StateUnavailable (the API answers 503)."""
+    try:
+        yield
+    except RedisError as exc:
+        raise StateUnavailable(f"the shared state store did not answer "
+                               f"({type(exc).__name__}: {exc})") from None
+
+
+def _k(kind: str, name: str) -> str:
+    return f"{PREFIX}{kind}:{name}"
+
+
+def _created_us(batch: dict[str, Any]) -> int:
+    return int(batch.get("_created_us", batch["created_at"] * 1_000_000))
+
+
+BatchStorage = BatchStore | RedisBatchStore

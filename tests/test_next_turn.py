@@ -1,0 +1,84 @@
+"""What an idle engine evaluates ahead of a conversation's next turn (server/engine/next_turn.py):
+the template's markup after an answer, checked against each family's real tokenization
+path (mtmd for the vision models), so a guess is a prefix of every next turn's prompt."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from conftest import FAMILIES, MODEL_FIXTURES
+from helpers import photo_bytes
+
+from server.config import load_settings
+from server.engine.model import LoadedModel, _piece, load_model
+from server.engine.prepare import Preparer
+from server.engine.types import ChatMessage, GenerationRequest, ImageInput
+from server.images.decode import decode_image
+
+# What follows an answer in each demo family's template, up to the next user's text.
+EXPECTED = {
+    "llava": ("</s>", "USER:"),
+    "youtu-vl": ("<|end_of_text|>", "<|begin_of_text|>user"),
+    "glm4v": ("<|user|>", "<|user|>"),
+}
+ANSWER = "The sky is blue today."
+NEXT = ["What about tomorrow?", "1, 2, 3", "\nnew line first", "?", "éclair", " spaced"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def loaded(request: pytest.FixtureRequest) -> Iterator[tuple[str, LoadedModel]]:
+    paths = request.getfixturevalue(MODEL_FIXTURES[request.param])
+    model = load_model(load_settings(None, model=paths.text, mmproj=paths.mmproj,
+                                     n_ctx=1024, n_parallel=1))
+    try:
+        yield request.param, model
+    finally:
+        model.close()
+
+
+def _keys(model: LoadedModel, messages: list[ChatMessage]) -> list[object]:
+    prompt = Preparer(model, None).prepare(GenerationRequest(messages, max_tokens=1))
+    try:
+        return list(prompt.keys())
+    finally:
+        prompt.close()
+
+
+def _contains(keys: list[object], run: tuple[int, ...]) -> bool:
+    return any(tuple(keys[i:i + len(run)]) == run for i in range(len(keys) - len(run) + 1))
+
+
+def test_markup_is_the_templates_end_of_turn(loaded: tuple[str, LoadedModel]) -> None:
+    family, model = loaded
+    markup = model.next_turn_markup
+    assert markup, f"{family}: no next-turn markup found"
+    text = b"".join(_piece(model.vocab, t, special=True) for t in markup).decode()
+    first, last = EXPECTED[family]
+    assert text.startswith(first) and text.rstrip(" ").endswith(last), text
+
+
+def test_every_next_turn_starts_with_the_markup(loaded: tuple[str, LoadedModel]) -> None:
+    """Whatever the next user sends (text of any first character, or an image first), the
+    prompt has the markup right after the answer: the guess is never wrong for a client
+    that sends the answer back as it got it."""
+    family, model = loaded
+    markup = model.next_turn_markup
+    history = [ChatMessage("user", ("Describe the sky.",)), ChatMessage("assistant", (ANSWER,))]
+    nexts: list[tuple[str | ImageInput, ...]] = [(text,) for text in NEXT]
+    if model.vision:
+        decoded = decode_image(photo_bytes(64, 48), 64)
+        image = ImageInput(rgb=decoded.rgb, width=decoded.width, height=decoded.height,
+                           content_hash="next-turn-test")
+        nexts.append((image, "What is this?"))
+    for parts in nexts:
+        keys = _keys(model, [*history, ChatMessage("user", parts)])
+        assert _contains(keys, markup), f"{family}: markup missing before {parts[0]!r}"
+
+
+def test_no_guess_without_markup() -> None:
+    from server.engine.next_turn import guess
+
+    assert guess((), 7) == []  # off (or unknown): not even the answer's last token
+    assert guess((2, 3), 7) == [7, 2, 3]
+    assert guess((2, 3), None) == [2, 3]
