@@ -117,6 +117,21 @@ def test_replicas_get_their_own_gpu_threads_and_id(tmp_path: Path) -> None:
         "CUDA_VISIBLE_DEVICES")  # inherited, not set
 
 
+def test_replicas_without_a_shared_store_keep_their_batches_apart(tmp_path: Path) -> None:
+    """One batch_dir for all would have every replica run every batch: without shared
+    state each gets its own folder under the configured one; with Redis they share the
+    store (the lease picks who runs a batch) and keep the configured setting."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    spec = spec_from_args(parser.parse_args(
+        ["--replicas", "2", "--replica-env", f"VLSERVE_BATCH_DIR={tmp_path}/b"]))
+    envs = [replica.env for replica in Cluster(spec).replicas]
+    assert [e["VLSERVE_BATCH_DIR"] for e in envs] == [f"{tmp_path}/b/r0", f"{tmp_path}/b/r1"]
+    shared = Cluster(ClusterSpec(replicas=2, state_url="redis://127.0.0.1:1/0",
+                                 replica_env={"VLSERVE_BATCH_DIR": f"{tmp_path}/b"}))
+    assert {r.env["VLSERVE_BATCH_DIR"] for r in shared.replicas} == {f"{tmp_path}/b"}
+
+
 @pytest.mark.parametrize("args, maxmemory", [
     ([], 512 + 256 + 256),  # the default bounds: uploads + stored responses + headroom
     (["--replica-env", "VLSERVE_UPLOAD_STORE_MB=2048"], 2048 + 256 + 256),

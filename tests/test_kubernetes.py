@@ -120,9 +120,19 @@ def test_endpoint_picker_reads_gauges_that_metrics_exports(demo_model: DemoModel
 
 def test_the_ingress_sends_uploads_to_the_replicas_and_the_rest_to_the_router() -> None:
     """vllm-router refuses multipart bodies: /files must bypass it (the shared store lets
-    any replica answer), and every other path must reach it (session affinity)."""
+    any replica answer), and every other path must reach it (session affinity) except
+    the router's own administration, which must not be reachable from outside: those
+    paths go to the replicas, which do not have them (404)."""
+    import re
+
+    from server.cluster.front import ROUTER_ADMIN_PATHS
+
     rules = find("Ingress", "vlserve")["spec"]["rules"][0]["http"]["paths"]
     backend = {r["path"]: r["backend"]["service"]["name"] for r in rules}
+    admin = {path for path in backend if re.match(ROUTER_ADMIN_PATHS, path)}
+    assert admin == {"/add_worker", "/remove_worker", "/workers", "/list_workers",
+                     "/flush_cache", "/start_profile", "/stop_profile"}
+    assert {path: backend.pop(path) for path in admin} == dict.fromkeys(admin, "vlserve")
     assert backend == {"/v1/files": "vlserve", "/api/v1/files": "vlserve", "/": "vllm-router"}
     services = {find("Service", name)["metadata"]["name"] for name in set(backend.values())}
     assert services == {"vlserve", "vllm-router"}

@@ -291,6 +291,19 @@ def test_uploads_and_chats_through_the_front(front: str, replicas: list[RunningS
     assert sdk(f"{front}/api/v1").files.retrieve(ids[0]).id == ids[0]
 
 
+def test_the_front_keeps_the_routers_administration_to_itself(front: str) -> None:
+    """vllm-router's /remove_worker, /workers, ... would let any client empty its list:
+    the front answers 404 for them, in OpenAI's error shape, and never forwards them."""
+    for method, path in (("POST", "/remove_worker?url=http://127.0.0.1:1"), ("GET", "/workers"),
+                         ("POST", "/add_worker?url=http://10.0.0.1:80"), ("POST", "/flush_cache"),
+                         ("GET", "/list_workers"), ("POST", "/start_profile")):
+        answer = httpx.request(method, f"{front}{path}", timeout=10)
+        assert answer.status_code == 404, (path, answer.text)
+        assert answer.json()["error"]["code"] == "not_found", path  # the front's, not a replica's
+    # A path that only starts alike is not the router's: it goes on to the router side.
+    assert httpx.get(f"{front}/health", timeout=10).status_code == 200
+
+
 def test_the_front_answers_openai_errors_when_nothing_is_up(tmp_path_factory:
                                                             pytest.TempPathFactory) -> None:
     if nginx_binary() is None:

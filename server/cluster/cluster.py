@@ -56,6 +56,10 @@ class ClusterSpec:
     state_url: str | None = None
     local_redis: bool = False
     redis_maxmemory_mb: int = 1024  # state.maxmemory_mb of the replicas' settings
+    # The replicas' batch_dir: without a shared store each replica keeps and runs its own
+    # batches, so each gets a folder of its own under it (one folder would have every
+    # replica run every batch).
+    batch_dir: Path = Path("data/batches")
     ready_timeout: float = 600.0
     drain_timeout: float = 30.0  # what each replica gets after SIGTERM (its drain_timeout)
 
@@ -127,10 +131,11 @@ class Cluster:
         threads = str(spec.threads())
         gpu = {"CUDA_VISIBLE_DEVICES": spec.gpus[index % len(spec.gpus)]} if spec.gpus else {}
         state = {"VLSERVE_STATE_URL": self.state_url} if self.state_url else {}
+        own = {} if self.state_url else {"VLSERVE_BATCH_DIR": str(spec.batch_dir / f"r{index}")}
         env = child_env({"VLSERVE_N_THREADS": threads, "OMP_NUM_THREADS": threads,
                          "VLSERVE_REPLICA_ID": f"r{index}",
                          "VLSERVE_DRAIN_TIMEOUT": str(spec.drain_timeout),
-                         **gpu, **state, **spec.replica_env})
+                         **gpu, **state, **spec.replica_env, **own})
         return Child(f"r{index}", argv, env, spec.log_dir)
 
     # --- lifecycle ---------------------------------------------------------------------

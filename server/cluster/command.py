@@ -85,7 +85,8 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
                        log_dir=args.log_dir, ready_timeout=args.ready_timeout,
                        drain_timeout=args.drain_timeout, state_url=args.state_url,
                        local_redis=args.redis,
-                       redis_maxmemory_mb=args.redis_maxmemory or maxmemory_mb(settings))
+                       redis_maxmemory_mb=args.redis_maxmemory or maxmemory_mb(settings),
+                       batch_dir=settings.batch_dir)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,6 +25,12 @@ from urllib.parse import urlsplit
 
 # Each path with both the /v1 (SDK default) and /api/v1 prefixes the server answers on.
 FILES_PATHS = r"^/(api/)?v1/files(/|$)"
+# vllm-router's administration (its worker list, cache, profiler): never for clients. Through
+# the front anyone could otherwise take every replica out of the router's list.
+ROUTER_ADMIN_PATHS = (r"^/(add_worker|remove_worker|workers|list_workers|flush_cache|"
+                      r"start_profile|stop_profile)(/|$)")
+_NOT_FOUND = ('{"error": {"message": "not found", "type": "invalid_request_error", '
+              '"param": null, "code": "not_found"}}')
 # nginx's own failures (no replica or router answered) in OpenAI's error shape.
 _UNREACHABLE = ('{"error": {"message": "no vlserve replica or router answered; try again '
                 'shortly", "type": "server_error", "param": null, "code": "upstream_unavailable"}}')
@@ -93,6 +99,10 @@ http {{
             # not replayed (nginx's default for non-idempotent requests).
             proxy_next_upstream error timeout;
             proxy_pass http://vlserve_replicas;
+        }}
+        location ~ {ROUTER_ADMIN_PATHS} {{
+            default_type application/json;
+            return 404 '{_NOT_FOUND}';
         }}
         location / {{
             proxy_pass http://vlserve_router;
