@@ -4,10 +4,14 @@ path (mtmd for the vision models), so a guess is a prefix of every next turn's p
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterator
 
+import httpx
+import openai
 import pytest
-from conftest import FAMILIES, MODEL_FIXTURES
+from conftest import FAMILIES, MODEL_FIXTURES, RunningServer
 from helpers import photo_bytes
 
 from server.config import load_settings
@@ -82,3 +86,41 @@ def test_no_guess_without_markup() -> None:
     assert guess((), 7) == []  # off (or unknown): not even the answer's last token
     assert guess((2, 3), 7) == [7, 2, 3]
     assert guess((2, 3), None) == [2, 3]
+
+
+def _counter(url: str, name: str) -> float:
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    match = re.search(rf"^{name} (\S+)$", metrics, re.M)
+    assert match, f"{name} missing from /metrics"
+    return float(match.group(1))
+
+
+def test_turn_two_evaluates_only_its_new_text(server: RunningServer) -> None:
+    """Random weights write splits the tokenizer would not (and stray bytes that come back
+    as U+FFFD): while the engine idles, the slot's answer is re-tokenized as the next prompt
+    will have it, and the markup follows. Turn 2 then evaluates only its own new text, the
+    same number of tokens in every conversation, and answers as a cold server would
+    (tests/test_scheduling.py checks that)."""
+    client = openai.OpenAI(base_url=server.api, api_key="unused", max_retries=0, timeout=120)
+    uncached: dict[str, int] = {}
+    for n, topic in enumerate(["a lighthouse", "the sea", "a red kite", "bread", "snow",
+                               "a violin", "maps", "tea"]):
+        question = [{"role": "user", "content": f"Tell me about {topic}."}]
+        before = _counter(server.url, "vlserve_next_turn_tokens_total")
+        first = client.chat.completions.create(
+            model=server.model_name, messages=question, max_tokens=12 + n, temperature=0,
+            extra_body={"ignore_eos": True})
+        assert first.choices[0].finish_reason == "length"
+        deadline = time.monotonic() + 30
+        while _counter(server.url, "vlserve_next_turn_tokens_total") == before:
+            assert time.monotonic() < deadline, "the next turn's start was never evaluated"
+            time.sleep(0.05)
+        second = client.chat.completions.create(
+            model=server.model_name, max_tokens=1, temperature=0, messages=[
+                *question, {"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "Go on."}])
+        assert second.usage is not None and second.usage.prompt_tokens_details is not None
+        cached = second.usage.prompt_tokens_details.cached_tokens or 0
+        uncached[topic] = second.usage.prompt_tokens - cached
+    # "Go on." and the generation prompt: the same few tokens after every answer.
+    assert len(set(uncached.values())) == 1 and next(iter(uncached.values())) < 16, uncached

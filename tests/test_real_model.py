@@ -155,6 +155,24 @@ def test_an_idle_engine_evaluates_the_next_turns_start(client: openai.OpenAI,
     assert second.usage is not None and second.usage.prompt_tokens_details is not None
     assert second.usage.prompt_tokens_details.cached_tokens == \
         first.usage.prompt_tokens + first.usage.completion_tokens + 4
+    new_text = second.usage.prompt_tokens - second.usage.prompt_tokens_details.cached_tokens
+
+    # Ended by the template's stop string ("\nUSER:", which the base model writes itself):
+    # the slot holds tokens of that text, which no next prompt has. They go, the markup
+    # comes in their place, and turn 2 again evaluates only its new text.
+    before = _next_turn_tokens(gemma)
+    paris = ask(client, FRANCE, max_tokens=MAX_TOKENS)
+    assert paris.choices[0].finish_reason == "stop"
+    deadline = time.monotonic() + 30
+    while _next_turn_tokens(gemma) == before:
+        assert time.monotonic() < deadline, "the next turn's start was never evaluated"
+        time.sleep(0.05)
+    again = ask(client, [*FRANCE,
+                         {"role": "assistant", "content": paris.choices[0].message.content},
+                         {"role": "user", "content": "One more?"}], max_tokens=2)
+    assert again.usage is not None and again.usage.prompt_tokens_details is not None
+    assert again.usage.prompt_tokens - again.usage.prompt_tokens_details.cached_tokens == \
+        new_text
 
 
 def test_responses_answer_and_continue_from_the_slot(client: openai.OpenAI) -> None:

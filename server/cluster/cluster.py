@@ -102,8 +102,10 @@ class Cluster:
             conf = write_nginx_conf(listen, self.router_url, self.replica_urls(),
                                     self.workdir / "front" / "nginx.conf")
             self.front = Child("front", nginx_argv(conf), child_env({}), spec.log_dir)
-        # The router's admin calls go to the router itself, never through the front.
-        self.workers = RouterWorkers(self.router_url if fronted else self.url)
+        # The router's admin calls go to the router itself, never through the front (which
+        # refuses them: they are not for clients).
+        self.admin_url = self.router_url if fronted else self.url
+        self.workers = RouterWorkers(self.admin_url)
         self.stopping = threading.Event()
 
     @property
@@ -187,13 +189,12 @@ class Cluster:
         raise ClusterError(f"not ready after {self.spec.ready_timeout:.0f} s")
 
     def _all_healthy(self, client: httpx.Client) -> bool:
-        """Every replica answers /health 200 and the router lists them all as healthy
-        (asked through the front, when there is one)."""
+        """Every replica answers /health 200 and the router lists them all as healthy."""
         try:
             if any(client.get(f"{url}/health").status_code != 200
                    for url in self.replica_urls()):
                 return False
-            workers = client.get(f"{self.url}/workers").json()["workers"]
+            workers = client.get(f"{self.admin_url}/workers").json()["workers"]
         except (httpx.HTTPError, ValueError, KeyError):
             return False
         return len(workers) == len(self.replicas) and all(w["is_healthy"] for w in workers)

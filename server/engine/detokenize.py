@@ -21,6 +21,10 @@ class TextStream:
         self._held = ""
         self.stopped = False
 
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return self._stops
+
     def push(self, piece: bytes) -> str:
         text = self._decoder.decode(piece)
         if not self._stops:
@@ -41,7 +45,7 @@ class TextStream:
     def _scan(self, text: str) -> str:
         if self.stopped:
             return ""
-        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
+        cut = _first_stop(text, self._stops)
         if cut >= 0:
             self.stopped = True
             self._held = ""
@@ -49,6 +53,16 @@ class TextStream:
         keep = _longest_stop_prefix_suffix(text, self._stops, self._max_stop)
         self._held = text[len(text) - keep:] if keep else ""
         return text[: len(text) - keep]
+
+
+def before_stop(text: str, stops: tuple[str, ...]) -> str:
+    """`text` up to its first stop string (all of it without one)."""
+    cut = _first_stop(text, stops)
+    return text if cut < 0 else text[:cut]
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int:
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
 
 
 def _longest_stop_prefix_suffix(text: str, stops: tuple[str, ...], max_len: int) -> int:

@@ -4,7 +4,8 @@ Engine thread only."""
 
 from __future__ import annotations
 
-from server.engine.jobs import Slot, finish_job
+from server.engine.detokenize import before_stop
+from server.engine.jobs import NextTurn, Slot, finish_job
 from server.engine.logprobs import token_logprob
 from server.engine.model import LoadedModel
 from server.engine.next_turn import guess
@@ -20,7 +21,7 @@ def take_token(slot: Slot, token: int, batch_index: int, model: LoadedModel,
         job.saw_first_token = True
         job.request.timer.mark_since_start("first_token")
     if token in model.eog_tokens:
-        finish(slot, "stop", guess(next_turn_markup, None))
+        finish(slot, "stop", model, next_turn_markup, last=None)
         return
     piece = model.pieces[token]
     if job.n_generated == 0 and model.strip_first_space and piece.startswith(b" "):
@@ -36,19 +37,32 @@ def take_token(slot: Slot, token: int, batch_index: int, model: LoadedModel,
     elif text:
         job.sink.put(TokenEvent(text))
     if job.text.stopped:
-        finish(slot, "stop", [])  # cut by a stop string: text the client never sees follows
+        finish(slot, "stop", model, next_turn_markup, last=token, cut_by_stop=True)
     elif job.n_generated >= job.max_new or slot.n_past >= model.n_ctx:
-        finish(slot, "length", guess(next_turn_markup, token))
+        finish(slot, "length", model, next_turn_markup, last=token)
     else:
         job.next_token = token
         job.tokens.append(token)
 
 
-def finish(slot: Slot, reason: str, next_turn: list[int]) -> None:
-    """End the job for its own reason; `next_turn`: what the conversation's next turn
-    starts with, to evaluate while the engine idles (server/engine/next_turn.py)."""
+def finish(slot: Slot, reason: str, model: LoadedModel, markup: tuple[int, ...], *,
+           last: int | None, cut_by_stop: bool = False) -> None:
+    """End the job for its own reason; with `markup` (the feature on), leave the slot what
+    the conversation's next turn may start with (server/engine/next_turn.py). `last`: the
+    final sampled token, never decoded (None: the end-of-turn token)."""
     job = slot.job
     assert job is not None
     finish_job(slot, reason)
-    if next_turn and job.request.priority >= 0:  # chats only: a batch line has no next turn
-        slot.next_turn = next_turn
+    if not markup or job.request.priority < 0:  # chats only: a batch line has no next turn
+        return
+    ids = [*job.tokens, *(() if last is None else (last,))]
+    raw = b"".join(model.pieces[t] for t in ids)
+    if model.strip_first_space and raw.startswith(b" "):
+        raw = raw[1:]
+    answer = raw.decode("utf-8", errors="replace")  # as the client's TextStream decoded it
+    if cut_by_stop:
+        answer = before_stop(answer, job.text.stops)
+    slot.next_turn = NextTurn(
+        # Cut by a stop string, the slot holds stop text no prompt will: no plain guess.
+        guess=[] if cut_by_stop else guess(markup, last),
+        messages=job.request.messages, answer=answer, generated=len(job.tokens))

@@ -13,7 +13,13 @@ from server.engine.detokenize import TextStream
 from server.engine.embed_cache import EmbedKey
 from server.engine.prefix import KvEntries, KvKey
 from server.engine.sampling import TokenSampler
-from server.engine.types import DoneEvent, EngineEvent, GenerationRequest, TokenEvent
+from server.engine.types import (
+    ChatMessage,
+    DoneEvent,
+    EngineEvent,
+    GenerationRequest,
+    TokenEvent,
+)
 
 
 @dataclass
@@ -63,6 +69,16 @@ class Job:
 
 
 @dataclass
+class NextTurn:
+    """What an answer's idle slot may evaluate for the conversation's next turn."""
+
+    guess: list[int]  # the plain guess: undecoded last token and markup (may be empty)
+    messages: list[ChatMessage]  # the conversation the answer replied to
+    answer: str  # the answer as its client got it
+    generated: int  # the answer's tokens in the slot's KV
+
+
+@dataclass
 class Slot:
     seq_id: int
     cached: KvEntries = field(default_factory=KvEntries)  # what this sequence's KV holds
@@ -75,7 +91,7 @@ class Slot:
     # Tokens to evaluate into this idle slot when the engine has nothing else to do: the
     # start of its conversation's next turn (server/engine/next_turn.py). Any change to
     # the slot's KV drops them.
-    next_turn: list[int] = field(default_factory=list)
+    next_turn: NextTurn | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.cached, KvEntries):

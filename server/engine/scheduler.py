@@ -37,6 +37,7 @@ from server.engine.kv import KvBudget
 from server.engine.model import LoadedModel
 from server.engine.sampling import GrammarError
 from server.engine.start import Starter
+from server.engine.textparts import MarkupSplitter
 from server.engine.types import (
     EngineEvent,
     ErrorEvent,
@@ -81,6 +82,9 @@ class Scheduler:
         self.ram_cache = self._starter.ram
         self.preemptions = 0  # read by /metrics from another thread (an int: no lock)
         self._next_turn = model.next_turn_markup if settings.next_turn_prefill else ()
+        self._tail = next_turn.TailTokenizer(
+            model.template, MarkupSplitter(model.special_texts, model.media_marker),
+            model.vocab, settings.system_prompt)
         self.next_turn_tokens = 0  # evaluated ahead of a next turn (the same)
 
     # --- any thread -------------------------------------------------------------------
@@ -143,7 +147,7 @@ class Scheduler:
         while not stop.is_set():
             for pending in self._inbox.take_cancelled():
                 pending.drop_cancelled()
-            next_turns = any(s.next_turn for s in self.slots)
+            next_turns = any(s.next_turn is not None for s in self.slots)
             self._admit(block=not self.busy_slots and not self._preencode and not next_turns)
             if self.busy_slots:
                 self._step()
@@ -186,7 +190,7 @@ class Scheduler:
         while self.busy_slots:
             self._step()
         for slot in self.slots:
-            slot.next_turn = []  # nobody continues the warm-up
+            slot.next_turn = None  # nobody continues the warm-up
 
     def share_prefix_of_slot(self, source: int = 0) -> None:
         """Let every slot start from `source`'s KV (e.g. the warmed-up system prompt);
@@ -442,7 +446,8 @@ class Scheduler:
         with self.watchdog.watch("a decode step"):
             n = next_turn.prefill(self.slots, self._batch, self.model.ctx,
                                   self.kv.free(self.slots), self.model.n_ctx,
-                                  interrupted=lambda: len(self._inbox) > 0)
+                                  interrupted=lambda: len(self._inbox) > 0,
+                                  markup=self._next_turn, tail=self._tail)
         self.next_turn_tokens += n
 
     def _forget(self, slot: Slot) -> None:

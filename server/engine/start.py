@@ -88,7 +88,7 @@ class Starter:
         request = job.request
         keys = job.keys()
         for idle in slots:  # guesses of a next turn wait for an idle engine; that is over
-            idle.next_turn = []
+            idle.next_turn = None
         slot, keep = self._pick_slot(slots, keys, request.tenant)
         if self.ram is not None and self.ram.worth_saving(slot, keep):
             self.ram.save(slot)  # what this request is about to replace
@@ -178,7 +178,7 @@ class Starter:
         n_past = source.n_past if keep is None else n_positions(entries)
         llama_cpp.llama_memory_seq_rm(self.mem, target.seq_id, -1, -1)
         llama_cpp.llama_memory_seq_cp(self.mem, source.seq_id, target.seq_id, 0, n_past)
-        target.next_turn = []
+        target.next_turn = None
         target.cached = KvEntries(entries)
         target.n_past = n_past
         target.tenant = source.tenant
@@ -198,7 +198,7 @@ class Starter:
 
     def forget(self, slot: Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
-        slot.next_turn = []
+        slot.next_turn = None
         slot.cached.clear()
         slot.n_past = 0
 
