@@ -72,6 +72,12 @@ class LoadedModel:
     load_log: list[str] = field(default_factory=list)  # llama.cpp's lines while loading
 
     @cached_property
+    def splitter(self) -> MarkupSplitter:
+        """Where the template's markup may yield special tokens (one per model: it caches
+        each distinct markup string's split)."""
+        return MarkupSplitter(self.special_texts, self.media_marker)
+
+    @cached_property
     def utf8(self) -> Utf8Vocab:
         """UTF-8 facts about the pieces, for constrained answers (built on first use)."""
         return Utf8Vocab(self.pieces, self.eog_tokens)

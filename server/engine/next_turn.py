@@ -32,7 +32,7 @@ from server.engine.jobs import NextTurn, Slot
 from server.engine.prefix import n_positions
 from server.engine.prompt import ChatTemplate, PromptError, RenderedPrompt, Segment
 from server.engine.textparts import MarkupSplitter, Special
-from server.engine.tokens import text_prompt, tokenize_text
+from server.engine.tokens import part_tokens, text_prompt, tokenize_text
 from server.engine.types import ChatMessage, ImageInput
 
 logger = logging.getLogger("vlserve.engine")
@@ -59,10 +59,10 @@ def turn_markup(template: ChatTemplate, splitter: MarkupSplitter,
         return ()
     tokens: list[int] = []
     for part in parts[:-1]:
-        tokens += _tokens(vocab, part)
+        tokens += part_tokens(vocab, part)
     last = parts[-1]
     if isinstance(last, Special):
-        tokens += _tokens(vocab, last)
+        tokens += part_tokens(vocab, last)
     elif isinstance(last, str):
         # Joined with the user's text into one part when tokenized: only the tokens that
         # every continuation leaves alone are certain.
@@ -94,7 +94,7 @@ class TailTokenizer:
         tokens: list[int] = []
         for part in parts[images[-1] + 1:]:
             assert not isinstance(part, ImageInput)
-            tokens += _tokens(self._vocab, part)
+            tokens += part_tokens(self._vocab, part)
         return tokens
 
 
@@ -209,12 +209,6 @@ def _markup_after_answers(template: ChatTemplate) -> str | None:
             return None
         found.append(markup.text)
     return found[0] if found[0] == found[1] else None
-
-
-def _tokens(vocab: llama_cpp.llama_vocab_p, part: str | Special) -> list[int]:
-    if isinstance(part, Special):
-        return tokenize_text(vocab, part.text, add_special=False, parse_special=True)
-    return tokenize_text(vocab, part, add_special=False, parse_special=False)
 
 
 def _common_prefix(lists: list[list[int]]) -> list[int]:

@@ -13,7 +13,6 @@ import time
 from server.engine import mtmd
 from server.engine.model import LoadedModel
 from server.engine.prompt import PromptError, RenderedPrompt
-from server.engine.textparts import MarkupSplitter
 from server.engine.tokens import text_prompt
 from server.engine.types import ErrorEvent, GenerationRequest
 
@@ -56,7 +55,6 @@ class Preparer:
     def __init__(self, model: LoadedModel, system_prompt: str | None) -> None:
         self.model = model
         self._system_prompt = system_prompt
-        self._splitter = MarkupSplitter(model.special_texts, model.media_marker)
         self.gate = ModelGate()
 
     def prepare(self, request: GenerationRequest) -> mtmd.TokenizedPrompt:
@@ -71,7 +69,7 @@ class Preparer:
         t0 = time.perf_counter()
         with self.gate:
             try:
-                parts = self._splitter.parts(rendered)
+                parts = model.splitter.parts(rendered)
                 prompt = mtmd.tokenize_parts(model.mtmd, parts) if model.mtmd is not None \
                     else text_prompt(model.vocab, parts)
             except mtmd.MediaError as exc:

@@ -37,7 +37,6 @@ from server.engine.kv import KvBudget
 from server.engine.model import LoadedModel
 from server.engine.sampling import GrammarError
 from server.engine.start import Starter
-from server.engine.textparts import MarkupSplitter
 from server.engine.types import (
     EngineEvent,
     ErrorEvent,
@@ -82,9 +81,8 @@ class Scheduler:
         self.ram_cache = self._starter.ram
         self.preemptions = 0  # read by /metrics from another thread (an int: no lock)
         self._next_turn = model.next_turn_markup if settings.next_turn_prefill else ()
-        self._tail = next_turn.TailTokenizer(
-            model.template, MarkupSplitter(model.special_texts, model.media_marker),
-            model.vocab, settings.system_prompt)
+        self._tail = next_turn.TailTokenizer(model.template, model.splitter, model.vocab,
+                                             settings.system_prompt)
         self.next_turn_tokens = 0  # evaluated ahead of a next turn (the same)
 
     # --- any thread -------------------------------------------------------------------

@@ -27,6 +27,14 @@ def tokenize_text(vocab: llama_cpp.llama_vocab_p, text: str, *, add_special: boo
     return list(buf[:n])
 
 
+def part_tokens(vocab: llama_cpp.llama_vocab_p, part: str | Special) -> list[int]:
+    """One text part alone, as mtmd_tokenize_from_parts tokenizes it: special parsing only
+    for the template's own special tokens, no BOS/EOS."""
+    if isinstance(part, Special):
+        return tokenize_text(vocab, part.text, add_special=False, parse_special=True)
+    return tokenize_text(vocab, part, add_special=False, parse_special=False)
+
+
 def text_prompt(vocab: llama_cpp.llama_vocab_p, parts: Sequence[Part]) -> TokenizedPrompt:
     """The prompt's parts as one text chunk, tokenized as mtmd_tokenize_from_parts does
     (each part alone, special parsing only for the template's own special tokens, the
@@ -35,9 +43,7 @@ def text_prompt(vocab: llama_cpp.llama_vocab_p, parts: Sequence[Part]) -> Tokeni
     for part in parts:
         if isinstance(part, ImageInput):
             raise MediaError("this model has no vision projector; it reads text only")
-        special = isinstance(part, Special)
-        tokens += tokenize_text(vocab, part.text if isinstance(part, Special) else part,
-                                add_special=False, parse_special=special)
+        tokens += part_tokens(vocab, part)
     if llama_cpp.llama_vocab_get_add_bos(vocab):
         tokens.insert(0, llama_cpp.llama_vocab_bos(vocab))
     if llama_cpp.llama_vocab_get_add_eos(vocab):
