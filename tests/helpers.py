@@ -6,11 +6,16 @@ import base64
 import io
 import json
 import math
+import re
+import subprocess
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 from ci import IN_CI, skip_unless_ci  # noqa: F401  (re-exported for the tests)
 from openai.types.responses import Response, ResponseStreamEvent
 from PIL import Image
@@ -171,3 +176,25 @@ def response_events(url: str, body: dict) -> list[dict]:
                 events.append(data)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     return events
+
+
+def wait_until(what: str, check: Callable[[], bool], process: subprocess.Popen[bytes],
+               logs: Callable[[], str], name: str, timeout: float, poll: float = 0.1) -> None:
+    """Poll `check` until it holds; fail at once (with `logs`) if `process` exits, or when
+    `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        assert process.poll() is None, f"{name} exited:\n{logs()}"
+        time.sleep(poll)
+    pytest.fail(f"timed out waiting for {what}:\n{logs()}")
+
+
+def metric_value(url: str, name: str, labels: str = "") -> float:
+    """One sample from the server's /metrics (`labels` as exported, e.g. 'status="x"')."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    series = f"{name}{{{labels}}}" if labels else name
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+    assert match, f"{series} missing from /metrics"
+    return float(match.group(1))

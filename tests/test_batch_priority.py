@@ -4,7 +4,6 @@ which resumes later with nothing lost."""
 
 from __future__ import annotations
 
-import io
 import re
 import time
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ import openai
 import pytest
 from conftest import RunningServer, start_server, stop_server
 from playwright.sync_api import Browser, expect
-from test_batches import jsonl, read_lines, request_line, wait_batch
+from test_batches import create_batch, read_lines, request_line, wait_batch
 from test_kv_capacity import preemptions_total
 from test_playground import browser  # noqa: F401  (Chromium, or why not)
 
@@ -47,11 +46,7 @@ def batch_line_running(server: RunningServer, batch_id: str, timeout: float = 60
 
 def test_interactive_chat_preempts_a_batch_line(one_slot: RunningServer) -> None:
     client = openai.OpenAI(base_url=one_slot.api, api_key="unused", max_retries=0, timeout=60)
-    data = jsonl([request_line(f"r{i}", [{"role": "user", "content": f"Story {i}"}],
-                               max_tokens=TOKENS, ignore_eos=True) for i in range(3)])
-    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                  completion_window="24h")
+    batch = create_batch(client, stories(3))
     preempted_before = preemptions_total(one_slot)
     batch_line_running(one_slot, batch.id)
 
@@ -74,6 +69,12 @@ def test_interactive_chat_preempts_a_batch_line(one_slot: RunningServer) -> None
     assert chat.model_extra["timings"]["preemptions"] == 0
 
 
+def stories(n: int) -> list[dict]:
+    """`n` batch lines that each run to TOKENS tokens."""
+    return [request_line(f"r{i}", [{"role": "user", "content": f"Story {i}"}],
+                         max_tokens=TOKENS, ignore_eos=True) for i in range(n)]
+
+
 def raw_status(server: RunningServer, batch_id: str) -> str:
     return httpx.get(f"{server.api}/batches/{batch_id}", timeout=10).json()["status"]
 
@@ -82,11 +83,7 @@ def test_completion_window_expiry(one_slot: RunningServer) -> None:
     """Lines the window leaves unrun end as OpenAI's `batch_expired` entries; the finished
     ones stay in the output file, whole."""
     client = openai.OpenAI(base_url=one_slot.api, api_key="unused", max_retries=0, timeout=60)
-    data = jsonl([request_line(f"r{i}", [{"role": "user", "content": f"Story {i}"}],
-                               max_tokens=TOKENS, ignore_eos=True) for i in range(40)])
-    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                  completion_window="2s")
+    batch = create_batch(client, stories(40), "2s")
     assert batch.expires_at == batch.created_at + 2
     done = wait_batch(one_slot, batch.id, {"expired", "completed", "failed"})
     assert done.status == "expired" and done.expired_at, done
@@ -106,11 +103,7 @@ def test_completion_window_expiry(one_slot: RunningServer) -> None:
 def test_playground_status_line_shows_a_running_batch(one_slot: RunningServer,
                                                       browser: Browser) -> None:  # noqa: F811
     client = openai.OpenAI(base_url=one_slot.api, api_key="unused", max_retries=0, timeout=60)
-    data = jsonl([request_line(f"r{i}", [{"role": "user", "content": f"Story {i}"}],
-                               max_tokens=TOKENS, ignore_eos=True) for i in range(40)])
-    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                  completion_window="24h")
+    batch = create_batch(client, stories(40))
     try:
         wait_batch(one_slot, batch.id, {"in_progress"})
         context = browser.new_context()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import httpx
 import openai
 import pytest
 from conftest import RunningServer, start_server, stop_server
-from helpers import data_url, image_message, photo_bytes
+from helpers import data_url, image_message, metric_value, photo_bytes
 from openai.types import Batch, FileObject
 from openai.types.chat import ChatCompletion
 
@@ -50,6 +49,13 @@ def upload_batch(client: openai.OpenAI, data: bytes) -> FileObject:
     return client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
 
 
+def create_batch(client: openai.OpenAI, lines: list[dict], window: str = "24h") -> Batch:
+    """Upload `lines` as a batch input file and start a chat-completions batch on it."""
+    uploaded = upload_batch(client, jsonl(lines))
+    return client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                 completion_window=window)  # type: ignore[arg-type]
+
+
 def raw_batch(server: RunningServer, batch_id: str) -> Batch:
     """GET /batches/{id} as the SDK's Batch type, validated (the SDK itself does not)."""
     answer = httpx.get(f"{server.api}/batches/{batch_id}", timeout=10)
@@ -78,10 +84,7 @@ def read_lines(client: openai.OpenAI, file_id: str | None) -> dict[str, dict]:
 
 
 def metric(server: RunningServer, name: str, labels: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    match = re.search(rf"^{name}\{{{re.escape(labels)}\}} (\S+)$", text, re.M)
-    assert match, f"{name}{{{labels}}} missing from /metrics"
-    return float(match.group(1))
+    return metric_value(server.url, name, labels)
 
 
 def test_batch_with_images_end_to_end(client: openai.OpenAI, batch_server: RunningServer

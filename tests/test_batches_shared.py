@@ -22,7 +22,14 @@ import redis as redis_client
 from conftest import RunningServer, start_server, stop_server
 from helpers import photo_bytes
 from redis_server import RedisServer, start_redis
-from test_batches import jsonl, raw_batch, read_lines, request_line, wait_batch
+from test_batches import (
+    create_batch,
+    jsonl,
+    raw_batch,
+    read_lines,
+    request_line,
+    wait_batch,
+)
 
 from server.batches.redis_store import LeaseLost, RedisBatchStore
 from server.demo_model import DemoModelPaths
@@ -79,13 +86,6 @@ def sdk(server: RunningServer) -> openai.OpenAI:
 
 def db(redis: RedisServer, number: int = 0) -> redis_client.Redis:
     return redis_client.Redis(port=redis.port, db=number)
-
-
-def create(client: openai.OpenAI, lines: list[dict]) -> str:
-    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))),
-                                   purpose="batch")
-    return client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                 completion_window="24h").id
 
 
 def long_lines(n: int, tokens: int) -> list[dict]:
@@ -162,7 +162,7 @@ def test_a_batch_made_on_one_replica_is_read_listed_and_downloaded_on_the_other(
 def test_a_cancel_sent_to_the_other_replica_stops_the_batch(
         replicas: list[RunningServer], redis: RedisServer) -> None:
     by_name = {"a": replicas[0], "b": replicas[1]}
-    batch_id = create(sdk(replicas[0]), long_lines(40, TOKENS))
+    batch_id = create_batch(sdk(replicas[0]), long_lines(40, TOKENS)).id
     running = holder_of(db(redis), batch_id)
     holder = by_name[running]
     other = by_name["b" if running == "a" else "a"]
@@ -184,7 +184,7 @@ def test_a_replica_whose_lease_is_taken_stops_its_lines_there(
     by_name = {"a": replicas[0], "b": replicas[1]}
     r = db(redis)
     lines = 12
-    batch_id = create(sdk(replicas[1]), long_lines(lines, TOKENS))
+    batch_id = create_batch(sdk(replicas[1]), long_lines(lines, TOKENS)).id
     holder = by_name[holder_of(r, batch_id)]
     lease = f"{PREFIX}lease:{batch_id}"
     r.set(lease, "intruder", px=600_000)  # as if another replica had claimed it
@@ -222,7 +222,7 @@ def test_kill_9_of_the_running_replica_hands_the_batch_to_the_other(
             {"type": "file", "file": {"file_id": image.id}}]}]
         items = [*long_lines(lines - 1, tokens), request_line(
             f"line-{lines - 1}", picture, max_tokens=8)]
-        batch_id = create(client, items)
+        batch_id = create_batch(client, items).id
         r = db(redis, 1)
         running = holder_of(r, batch_id, results=3)
         dead, survivor = by_name[running], by_name["b" if running == "a" else "a"]
@@ -261,7 +261,7 @@ def test_a_replica_stopped_gracefully_hands_its_batch_over_at_once(
                       lease_s=120)
     by_name = {"a": pair[0], "b": pair[1]}
     try:
-        batch_id = create(sdk(pair[1]), long_lines(lines, TOKENS))
+        batch_id = create_batch(sdk(pair[1]), long_lines(lines, TOKENS)).id
         r = db(redis, 3)
         running = holder_of(r, batch_id)
         stopping, survivor = by_name[running], by_name["b" if running == "a" else "a"]
@@ -343,7 +343,8 @@ def test_batch_routes_answer_503_while_redis_is_away_then_recover(
                                "VLSERVE_BATCH_LEASE_S": str(LEASE_S)})
     try:
         client = sdk(server)
-        batch_id = create(client, [request_line("one", [{"role": "user", "content": "Hi"}])])
+        hello = request_line("one", [{"role": "user", "content": "Hi"}])
+        batch_id = create_batch(client, [hello]).id
         assert wait_batch(server, batch_id, {"completed"}).status == "completed"
         own.stop()
         data = jsonl([request_line("x", [{"role": "user", "content": "Hi"}])])
@@ -368,7 +369,8 @@ def test_batch_routes_answer_503_while_redis_is_away_then_recover(
     finally:
         own.start()  # empty, same port: the clients reconnect by themselves
     try:
-        batch_id = create(sdk(server), [request_line("two", [{"role": "user", "content": "Hi"}])])
+        hello = request_line("two", [{"role": "user", "content": "Hi"}])
+        batch_id = create_batch(sdk(server), [hello]).id
         assert wait_batch(server, batch_id, {"completed"}).status == "completed"
     finally:
         stop_server(server)

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import ROOT, free_port
-from helpers import data_url, image_message, photo_bytes
+from helpers import data_url, image_message, photo_bytes, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.cluster.child import Child, child_env
@@ -63,13 +63,7 @@ class LocalCluster:
 
 def wait_for(what: str, check: Callable[[], bool], cluster: LocalCluster,
              timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        assert cluster.process.poll() is None, f"the cluster exited:\n{cluster.log()}"
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}:\n{cluster.log()}")
+    wait_until(what, check, cluster.process, cluster.log, "the cluster", timeout)
 
 
 @pytest.fixture(scope="module")

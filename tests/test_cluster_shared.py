@@ -101,21 +101,28 @@ def session_per_replica(url: str) -> dict[str, str]:
 
 def test_an_upload_through_the_one_address_serves_sessions_on_both_replicas(
         cluster_url: str) -> None:
-    client = openai.OpenAI(base_url=f"{cluster_url}/v1", api_key="unused", max_retries=0)
-    uploaded = client.files.create(file=("cat.png", io.BytesIO(photo_bytes(64, 48, seed=3))),
+    assert_one_upload_serves_both_replicas(cluster_url, seed=3)
+
+
+def assert_one_upload_serves_both_replicas(url: str, seed: int) -> str:
+    """An image uploaded through the cluster's one address (nginx sends it to a replica;
+    it lands in the shared store) is used by a session on each replica; its file id."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    uploaded = client.files.create(file=("cat.png", io.BytesIO(photo_bytes(64, 48, seed=seed))),
                                    purpose="vision")
     answered_by = set()
-    for replica, session in session_per_replica(cluster_url).items():
+    for replica, session in session_per_replica(url).items():
         raw = client.chat.completions.with_raw_response.create(
             model="m", max_tokens=2, extra_headers={"X-Session-ID": session},
             messages=[{"role": "user", "content": [  # type: ignore[list-item, misc]
                 {"type": "text", "text": "What is this?"},
                 {"type": "file", "file": {"file_id": uploaded.id}}]}])
         assert raw.headers["x-vlserve-replica"] == replica
-        reply = raw.parse()
-        assert reply.usage is not None and reply.usage.prompt_tokens > 40  # the image's
+        usage = raw.parse().usage
+        assert usage is not None and usage.prompt_tokens > 40  # the image's tokens
         answered_by.add(replica)
     assert answered_by == {"r0", "r1"}
+    return uploaded.id
 
 
 def test_a_response_stored_on_one_replica_is_continued_on_the_other(cluster_url: str) -> None:

@@ -7,7 +7,6 @@ missing one skips here and fails under CI."""
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import re
@@ -16,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from configparser import RawConfigParser
 from pathlib import Path
@@ -25,10 +23,16 @@ import httpx
 import openai
 import pytest
 from ci import skip_unless_ci
-from helpers import photo_bytes
+from helpers import wait_until
 from test_cluster import LongStream
-from test_cluster_shared import session_per_replica
-from test_supervisor import BIN, SUPERVISOR, read_ini, servers_started_with
+from test_cluster_shared import assert_one_upload_serves_both_replicas
+from test_supervisor import (
+    BIN,
+    SUPERVISOR,
+    read_ini,
+    servers_started_with,
+    write_supervisord_conf,
+)
 
 from server.cluster.front import nginx_binary, nginx_conf, write_nginx_conf
 from server.cluster.router import DEFAULT_POLICY, HEALTH_ARGS
@@ -223,18 +227,7 @@ def render(tmp: Path, demo_model: DemoModelPaths) -> tuple[Path, Ports, Path]:
     with group.open("w") as f:
         conf.write(f)
 
-    main = read_ini(SUPERVISOR / "supervisord.conf")
-    sock = tmp / "supervisor.sock"
-    main.set("unix_http_server", "file", str(sock))
-    main.set("supervisord", "logfile", str(tmp / "supervisord.log"))
-    main.set("supervisord", "pidfile", str(tmp / "supervisord.pid"))
-    main.set("supervisord", "childlogdir", str(tmp))
-    main.set("supervisorctl", "serverurl", f"unix://{sock}")
-    main.set("include", "files", str(group))
-    path = tmp / "supervisord.conf"
-    with path.open("w") as f:
-        main.write(f)
-    return path, ports, preset
+    return write_supervisord_conf(tmp, group), ports, preset
 
 
 def free_port() -> int:
@@ -262,13 +255,7 @@ class Group:
                          for p in sorted(self.tmp.glob("*.log")))
 
     def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if check():
-                return
-            assert self.process.poll() is None, f"supervisord exited:\n{self.logs()}"
-            time.sleep(0.2)
-        pytest.fail(f"timed out waiting for {what}:\n{self.logs()}")
+        wait_until(what, check, self.process, self.logs, "supervisord", timeout, poll=0.2)
 
 
 @pytest.fixture
@@ -343,23 +330,7 @@ def test_group_serves_uploads_through_the_front_restarts_one_and_stops_in_order(
     status = group.ctl("status", "vlserve-cluster:*", "vlserve-state:*").stdout
     assert len(re.findall(r"RUNNING", status)) == 5, status
 
-    # An upload through the one address (nginx sends it to a replica; it lands in Redis),
-    # used by a session on each replica.
-    client = openai.OpenAI(base_url=f"{group.url}/v1", api_key="unused", max_retries=0)
-    uploaded = client.files.create(file=("cat.png", io.BytesIO(photo_bytes(64, 48, seed=5))),
-                                   purpose="vision")
-    answered_by = set()
-    for replica, session in session_per_replica(group.url).items():
-        raw = client.chat.completions.with_raw_response.create(
-            model="m", max_tokens=2, extra_headers={"X-Session-ID": session},
-            messages=[{"role": "user", "content": [  # type: ignore[list-item, misc]
-                {"type": "text", "text": "What is this?"},
-                {"type": "file", "file": {"file_id": uploaded.id}}]}])
-        assert raw.headers["x-vlserve-replica"] == replica
-        usage = raw.parse().usage
-        assert usage is not None and usage.prompt_tokens > 40  # the image's tokens
-        answered_by.add(replica)
-    assert answered_by == {"r0", "r1"}
+    file_id = assert_one_upload_serves_both_replicas(group.url, seed=5)
 
     pid = group.pid("vlserve-cluster:vlserve-replica-1")
     os.kill(pid, signal.SIGKILL)
@@ -368,7 +339,8 @@ def test_group_serves_uploads_through_the_front_restarts_one_and_stops_in_order(
     group.wait_for("both replicas answering again",
                    lambda: {routed(group.url, f"s{i}") for i in range(24)} == {"r0", "r1"})
     # The upload outlived the replica that took it: it is in Redis.
-    assert client.files.retrieve(uploaded.id).id == uploaded.id
+    client = openai.OpenAI(base_url=f"{group.url}/v1", api_key="unused", max_retries=0)
+    assert client.files.retrieve(file_id).id == file_id
 
     names = ["vlserve-state:vlserve-redis", "vlserve-cluster:vllm-router",
              "vlserve-cluster:vlserve-front", "vlserve-cluster:vlserve-replica-0",

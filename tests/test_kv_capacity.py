@@ -17,7 +17,7 @@ from typing import TypeVar
 import httpx
 import pytest
 from conftest import RunningServer, start_server, stop_server
-from helpers import data_url, image_message, photo_bytes
+from helpers import data_url, image_message, metric_value, photo_bytes
 
 from server.demo_model import DemoModelPaths
 
@@ -67,10 +67,7 @@ def stream(server: RunningServer, request: dict, first: threading.Event | None =
 
 
 def preemptions_total(server: RunningServer) -> float:
-    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
-    match = re.search(r"^vlserve_preemptions_total (\S+)$", metrics, re.M)
-    assert match, "vlserve_preemptions_total missing from /metrics"
-    return float(match.group(1))
+    return metric_value(server.url, "vlserve_preemptions_total")
 
 
 def after_three_streams(server: RunningServer, late: Callable[[], T]) -> T:

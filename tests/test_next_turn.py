@@ -4,15 +4,13 @@ path (mtmd for the vision models), so a guess is a prefix of every next turn's p
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 
-import httpx
 import openai
 import pytest
 from conftest import FAMILIES, MODEL_FIXTURES, RunningServer
-from helpers import photo_bytes
+from helpers import metric_value, photo_bytes
 
 from server.config import load_settings
 from server.engine.model import LoadedModel, _piece, load_model
@@ -88,11 +86,16 @@ def test_no_guess_without_markup() -> None:
     assert guess((2, 3), None) == [2, 3]
 
 
-def _counter(url: str, name: str) -> float:
-    metrics = httpx.get(f"{url}/metrics", timeout=10).text
-    match = re.search(rf"^{name} (\S+)$", metrics, re.M)
-    assert match, f"{name} missing from /metrics"
-    return float(match.group(1))
+def next_turn_tokens(url: str) -> float:
+    return metric_value(url, "vlserve_next_turn_tokens_total")
+
+
+def wait_next_turn(url: str, before: float, at_least: int = 1) -> None:
+    """Until the idle engine has evaluated `at_least` tokens ahead since `before`."""
+    deadline = time.monotonic() + 30
+    while next_turn_tokens(url) < before + at_least:
+        assert time.monotonic() < deadline, "the next turn's start was never evaluated"
+        time.sleep(0.05)
 
 
 def test_turn_two_evaluates_only_its_new_text(server: RunningServer) -> None:
@@ -106,15 +109,12 @@ def test_turn_two_evaluates_only_its_new_text(server: RunningServer) -> None:
     for n, topic in enumerate(["a lighthouse", "the sea", "a red kite", "bread", "snow",
                                "a violin", "maps", "tea"]):
         question = [{"role": "user", "content": f"Tell me about {topic}."}]
-        before = _counter(server.url, "vlserve_next_turn_tokens_total")
+        before = next_turn_tokens(server.url)
         first = client.chat.completions.create(
             model=server.model_name, messages=question, max_tokens=12 + n, temperature=0,
             extra_body={"ignore_eos": True})
         assert first.choices[0].finish_reason == "length"
-        deadline = time.monotonic() + 30
-        while _counter(server.url, "vlserve_next_turn_tokens_total") == before:
-            assert time.monotonic() < deadline, "the next turn's start was never evaluated"
-            time.sleep(0.05)
+        wait_next_turn(server.url, before)
         second = client.chat.completions.create(
             model=server.model_name, max_tokens=1, temperature=0, messages=[
                 *question, {"role": "assistant", "content": first.choices[0].message.content},

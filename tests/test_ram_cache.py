@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 import httpx
 from conftest import RunningServer
+from helpers import metric_value
 
 from server.engine.jobs import Slot
 from server.engine.ram_cache import MIN_ENTRIES, RamPrefixCache
@@ -22,10 +21,7 @@ def chat(server: RunningServer, content: str, max_tokens: int,
 
 
 def ram_bytes(server: RunningServer) -> float:
-    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
-    match = re.search(r"^vlserve_prompt_cache_ram_bytes (\S+)$", metrics, re.M)
-    assert match, "vlserve_prompt_cache_ram_bytes missing from /metrics"
-    return float(match.group(1))
+    return metric_value(server.url, "vlserve_prompt_cache_ram_bytes")
 
 
 def test_a_conversation_comes_back_from_ram_after_its_slot_was_taken(

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import pytest
 from conftest import ROOT, RunningServer, start_server, stop_server
 from helpers import data_url, image_message, photo_bytes
 from playwright.sync_api import Browser, expect
+from test_next_turn import next_turn_tokens, wait_next_turn
 from test_playground import browser  # noqa: F401  (Chromium, or a skip saying why)
 
 from server.config import load_settings
@@ -129,26 +128,16 @@ def test_second_turn_reuses_the_first(client: openai.OpenAI) -> None:
     assert second.choices[0].finish_reason == "stop"
 
 
-def _next_turn_tokens(gemma: RunningServer) -> float:
-    metrics = httpx.get(f"{gemma.url}/metrics", timeout=10).text
-    match = re.search(r"^vlserve_next_turn_tokens_total (\S+)$", metrics, re.M)
-    assert match, "vlserve_next_turn_tokens_total missing from /metrics"
-    return float(match.group(1))
-
-
 def test_an_idle_engine_evaluates_the_next_turns_start(client: openai.OpenAI,
                                                        gemma: RunningServer) -> None:
     """An answer cut by max_tokens: while the engine idles, its last token (sampled, never
     decoded) and what the template writes after an answer (`<eos>`, "\nUSER:": 4 tokens)
     go into the slot's KV, so turn 2 finds the whole answer and that markup cached."""
     question = [{"role": "user", "content": "List three colours."}]
-    before = _next_turn_tokens(gemma)
+    before = next_turn_tokens(gemma.url)
     first = ask(client, question, max_tokens=4)
     assert first.choices[0].finish_reason == "length" and first.usage is not None
-    deadline = time.monotonic() + 30
-    while _next_turn_tokens(gemma) < before + 1 + 4:
-        assert time.monotonic() < deadline, "the next turn's start was never evaluated"
-        time.sleep(0.05)
+    wait_next_turn(gemma.url, before, 1 + 4)
     second = ask(client, [*question,
                           {"role": "assistant", "content": first.choices[0].message.content},
                           {"role": "user", "content": "One more?"}], max_tokens=2)
@@ -160,13 +149,10 @@ def test_an_idle_engine_evaluates_the_next_turns_start(client: openai.OpenAI,
     # Ended by the template's stop string ("\nUSER:", which the base model writes itself):
     # the slot holds tokens of that text, which no next prompt has. They go, the markup
     # comes in their place, and turn 2 again evaluates only its new text.
-    before = _next_turn_tokens(gemma)
+    before = next_turn_tokens(gemma.url)
     paris = ask(client, FRANCE, max_tokens=MAX_TOKENS)
     assert paris.choices[0].finish_reason == "stop"
-    deadline = time.monotonic() + 30
-    while _next_turn_tokens(gemma) == before:
-        assert time.monotonic() < deadline, "the next turn's start was never evaluated"
-        time.sleep(0.05)
+    wait_next_turn(gemma.url, before)
     again = ask(client, [*FRANCE,
                          {"role": "assistant", "content": paris.choices[0].message.content},
                          {"role": "user", "content": "One more?"}], max_tokens=2)

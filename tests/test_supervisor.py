@@ -18,7 +18,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port
-from helpers import Stream
+from helpers import Stream, wait_until
 from supervisor.datatypes import dict_of_key_value_pairs
 
 from server.config import load_settings
@@ -122,6 +121,12 @@ def render(tmp: Path, demo_model: DemoModelPaths, port: int, n_ctx: int = 1024) 
     with program_conf.open("w") as f:
         program.write(f)
 
+    return write_supervisord_conf(tmp, program_conf)
+
+
+def write_supervisord_conf(tmp: Path, include: Path) -> Path:
+    """The shipped supervisord.conf with its socket, log, pid file and children's logs
+    under `tmp`, including `include` (the programs under test)."""
     main = read_ini(SUPERVISOR / "supervisord.conf")
     sock = tmp / "supervisor.sock"
     main.set("unix_http_server", "file", str(sock))
@@ -129,7 +134,7 @@ def render(tmp: Path, demo_model: DemoModelPaths, port: int, n_ctx: int = 1024) 
     main.set("supervisord", "pidfile", str(tmp / "supervisord.pid"))
     main.set("supervisord", "childlogdir", str(tmp))
     main.set("supervisorctl", "serverurl", f"unix://{sock}")
-    main.set("include", "files", str(program_conf))
+    main.set("include", "files", str(include))
     conf = tmp / "supervisord.conf"
     with conf.open("w") as f:
         main.write(f)
@@ -160,13 +165,7 @@ def servers_started_with(preset: Path) -> list[int]:
 
 def wait_for(what: str, check: Callable[[], bool], sup: Supervisord, timeout: float = 90.0
              ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        assert sup.process.poll() is None, f"supervisord exited:\n{sup.logs()}"
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}:\n{sup.logs()}")
+    wait_until(what, check, sup.process, sup.logs, "supervisord", timeout)
 
 
 def healthy(url: str) -> bool:
