@@ -6,11 +6,13 @@
 llama-server comes from the exact llama.cpp that llama-cpp-python 0.3.36 vendors
 (`../shared/tools/build-llama-server.sh` builds it, about 10 minutes once; or give --llama-bin
 / VLSERVE_LLAMA_BIN). Both servers run at once with 4 slots and one shared 4096-cell KV
-cache; they idle while the other is measured, and the order alternates every repetition so
-background load hits both alike. Cases: the real gemma-3-270m Q4_K_M (262k vocabulary), the
-bench-size demo model (with its projector: turn-2 image TTFT) and the tiny demo model, where
-the model costs almost nothing and the servers' own per-token work shows. Prints medians and
-vlserve/llama-server ratios against the goals of issue 17.
+cache. Each measurement starts once neither works in the background (vlserve evaluates a
+next turn ahead after answering: on shared cores that would slow whichever comes next), and
+the order alternates every repetition so background load hits both alike. Cases: the real
+gemma-3-270m Q4_K_M (262k vocabulary), the bench-size demo model (with its projector:
+turn-2 image TTFT) and the tiny demo model, where the model costs almost nothing and the
+servers' own per-token work shows. Prints medians and vlserve/llama-server ratios against
+the goals of issue 17.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 import httpx
 
 from bench.client import image_turn, photo_data_url
-from bench.servers import Server, free_port, start, start_vlserve
+from bench.servers import Server, free_port, start, start_vlserve, wait_quiet
 from server.demo_model import demo_model_paths, make_demo_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,6 +157,7 @@ def measure_alternating(case: Case, servers: list[Server], reps: int
         for rep in range(reps):
             for server in servers if rep % 2 == 0 else servers[::-1]:
                 for metric in case.metrics:
+                    wait_quiet(servers)
                     value = METRICS[metric](client, server, rep)
                     samples[server.name].setdefault(metric, []).append(value)
     return {name: {m: statistics.median(v) for m, v in per.items()}

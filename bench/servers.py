@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -22,6 +23,29 @@ class Server:
 
     def stop(self) -> None:
         stop_process(self.process)
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server's process has used so far (Linux /proc; 0 elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(servers: list[Server], window_s: float = 0.1, busy_below: float = 0.1,
+               limit_s: float = 10.0) -> None:
+    """Wait until none of `servers` works in the background (under `busy_below` of a core
+    over `window_s`): work a server does after answering (e.g. vlserve evaluating a next
+    turn ahead) must not land in the other server's measurement on shared cores."""
+    deadline = time.monotonic() + limit_s
+    before = [s.cpu_seconds() for s in servers]
+    while time.monotonic() < deadline:
+        time.sleep(window_s)
+        after = [s.cpu_seconds() for s in servers]
+        if all(b - a < busy_below * window_s for a, b in zip(before, after, strict=True)):
+            return
+        before = after
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:
@@ -72,8 +96,6 @@ def start_vlserve(model: Path, mmproj: Path | None, log_dir: Path, *, threads: i
         args += ["--mmproj", str(mmproj)]
     if config is not None:
         args += ["--config", str(config)]
-    import os
-
     os.environ["VLSERVE_N_THREADS"] = str(threads)
     os.environ["VLSERVE_MAX_TOKENS_CAP"] = "4096"
     return start("vlserve", args, "/health", log_dir, port)
