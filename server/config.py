@@ -137,6 +137,8 @@ class Settings(BaseSettings):
     image_decode_budget_mb: int = Field(640, ge=1)
     max_images_per_request: int = Field(8, ge=0)
     image_cache_mb: int = Field(256, ge=0)  # encoded image embeddings kept for reuse
+    # Decoded pixels kept for reuse: each turn of an image chat sends the image again.
+    image_pixel_cache_mb: int = Field(128, ge=0)
     # Idle slots' KV moved to host RAM (and back when their conversation continues), so the
     # running requests attend over their own cells only; 0 keeps idle caches in the KV cache.
     prompt_cache_ram_mb: int = Field(1024, ge=0)

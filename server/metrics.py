@@ -20,6 +20,7 @@ from server.batches.job import STATUSES
 from server.config import Settings
 from server.engine import Engine, EngineState
 from server.gpu_metrics import nvml_collector
+from server.images.pixel_cache import PixelCache
 from server.timings import SEQUENTIAL_STAGES, StageTimer
 
 # From a cached-prefix millisecond to a two-minute CPU generation.
@@ -141,6 +142,9 @@ class Metrics:
         self.grammar_resamples.inc(timer.grammar_resamples)
         self.image_cache_misses.inc(max(0, timer.images - timer.image_cache_hits))
 
+    def watch_pixel_cache(self, cache: PixelCache) -> None:
+        self.registry.register(_PixelCacheCollector(cache))
+
     def observe_upload(self) -> None:
         self.uploads.inc()
 
@@ -177,6 +181,23 @@ class _EngineCounters(Collector):
         yield CounterMetricFamily(
             "vlserve_next_turn_tokens", "Tokens an idle engine evaluated ahead of a "
             "conversation's next turn (its end-of-turn markup)", self._engine.next_turn_tokens)
+
+
+class _PixelCacheCollector(Collector):
+    """The decoded-pixel cache (server/images/pixel_cache.py), read at scrape time."""
+
+    def __init__(self, cache: PixelCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        cache = self._cache
+        yield CounterMetricFamily(
+            "vlserve_image_pixel_cache_hits", "Images whose decoded pixels were reused (the "
+            "same bytes sent again, e.g. by the next turn of a chat)", cache.hits)
+        yield CounterMetricFamily(
+            "vlserve_image_pixel_cache_misses", "Images decoded from their bytes", cache.misses)
+        yield GaugeMetricFamily("vlserve_image_pixel_cache_bytes", "Decoded pixels kept for "
+                                "reuse (bounded by image_pixel_cache_mb)", cache.bytes)
 
 
 class _BuildCollector(Collector):

@@ -191,9 +191,11 @@ def wait_until(what: str, check: Callable[[], bool], process: subprocess.Popen[b
     pytest.fail(f"timed out waiting for {what}:\n{logs()}")
 
 
-def metric_value(url: str, name: str, labels: str = "") -> float:
-    """One sample from the server's /metrics (`labels` as exported, e.g. 'status="x"')."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+def metric_value(url: str, name: str, labels: str = "", key: str | None = None) -> float:
+    """One sample from the server's /metrics (`labels` as exported, e.g. 'status="x"'),
+    with `key` as the bearer token when the server has API keys."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    text = httpx.get(f"{url}/metrics", timeout=10, headers=headers).text
     series = f"{name}{{{labels}}}" if labels else name
     match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
     assert match, f"{series} missing from /metrics"

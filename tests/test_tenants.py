@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from conftest import RunningServer, start_server, stop_server
-from helpers import data_url, image_message, photo_bytes
+from helpers import data_url, image_message, metric_value, photo_bytes
 
 from server.demo_model import DemoModelPaths
 
@@ -111,3 +111,23 @@ def test_image_probe_learns_nothing_across_keys(keyed: RunningServer) -> None:
             "processed":
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def pixel_cache_hits(server: RunningServer) -> float:
+    return metric_value(server.url, "vlserve_image_pixel_cache_hits_total", key=KEY_A)
+
+
+def test_decoded_pixels_are_reused_within_a_key_only(keyed: RunningServer) -> None:
+    """An image sent again (each turn of a chat does) skips its decode, for the key that
+    sent it: another key decodes its own copy, so timing tells it nothing."""
+    z = photo_bytes(640, 480, seed=23)
+    before = pixel_cache_hits(keyed)
+    first = chat(keyed, KEY_A, [image_message("What is it?", data_url(z))])
+    assert first["timings"]["image_decode"] > 0
+    assert pixel_cache_hits(keyed) == before
+    again = chat(keyed, KEY_A, [image_message("And now?", data_url(z))])
+    assert again["timings"]["image_decode"] == 0  # (image_resize holds mtmd's preprocessing)
+    assert pixel_cache_hits(keyed) == before + 1
+    other = chat(keyed, KEY_B, [image_message("What is it?", data_url(z))])
+    assert other["timings"]["image_decode"] > 0
+    assert pixel_cache_hits(keyed) == before + 1

@@ -17,6 +17,7 @@ from server.config import Settings
 from server.engine import Engine
 from server.images import ImageLimits
 from server.images.budget import DecodeBudget
+from server.images.pixel_cache import PixelCache
 from server.metrics import Metrics
 from server.store import StateBackend
 from server.uploads import Uploads, open_uploads
@@ -36,6 +37,8 @@ class AppState:
     started_at: int = field(default_factory=lambda: int(time.time()))
     # Memory of the image decodes in flight, chats and uploads together.
     decode_budget: DecodeBudget = field(init=False)
+    # Decoded pixels of images seen lately: the next turn of an image chat skips the decode.
+    pixel_cache: PixelCache = field(init=False)
     uploads: Uploads = field(init=False)  # POST /files
     responses: Responses = field(init=False)  # stored responses (POST /responses)
     # Batch files, state and results: on disk, or in Redis when the state is shared.
@@ -44,6 +47,8 @@ class AppState:
 
     def __post_init__(self) -> None:
         self.decode_budget = DecodeBudget(self.settings.image_decode_budget_mb * 1024 * 1024)
+        self.pixel_cache = PixelCache(self.settings.image_pixel_cache_mb * 1024 * 1024)
+        self.metrics.watch_pixel_cache(self.pixel_cache)
         self.uploads = open_uploads(self.settings, self.backend)
         self.responses = open_responses(self.settings, self.backend)
         self.batch_store = _batch_store(self.settings, self.backend)
