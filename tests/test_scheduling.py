@@ -14,6 +14,7 @@ from conftest import RunningServer, start_server, stop_server
 from helpers import data_url, expected_image_tokens, image_message, photo_bytes
 
 from server.demo_model import DemoModelPaths
+from server.engine.scheduler import SPILL_AFTER_TOKENS
 
 LONG = 3000  # tokens: long enough (a few hundred ms on the tiny model) to keep a slot busy
 
@@ -275,19 +276,24 @@ def test_a_second_question_about_a_running_requests_image_copies_its_kv(
 
 
 def test_idle_conversations_wait_in_ram_and_come_back(busy_server: RunningServer) -> None:
-    """When a request starts, the other idle slots' KV goes to host RAM and out of the KV
-    cache (running requests then attend over their own cells only); the conversation that
-    continues later gets its prefix back from RAM, image included, not evaluated again."""
+    """Once a request has run SPILL_AFTER_TOKENS into an answer that may run as long again,
+    the idle slots' KV goes to host RAM and out of the KV cache (the rest of the answer
+    attends over its own cells only); a short answer leaves them in place (the copy stalls
+    every stream). The conversation that continues later gets its prefix back from RAM,
+    image included, not evaluated again."""
     wait_idle(busy_server)
     image = data_url(photo_bytes(90, 70, seed=5151))
     turn1 = [image_message("What is in this picture?", image)]
     answer = chat(busy_server, turn1, max_tokens=6)
-    other = chat(busy_server, [{"role": "user", "content": "An unrelated question, please."}],
-                 max_tokens=4)
-    # Only the slot the other request used holds anything now.
+    chat(busy_server, [{"role": "user", "content": "A short one, please."}], max_tokens=4)
+    held = [s["n_past"] for s in slots(busy_server)["slots"]]
+    assert all(n > 0 for n in held), held
+    long = chat(busy_server, [{"role": "user", "content": "An unrelated question, please."}],
+                max_tokens=2 * SPILL_AFTER_TOKENS, ignore_eos=True)
+    # Only the slot the long request used holds anything now.
     held = [s["n_past"] for s in slots(busy_server)["slots"]]
     assert sorted(held)[:-1] == [0] * (len(held) - 1), held
-    assert max(held) >= other["usage"]["prompt_tokens"]
+    assert max(held) >= long["usage"]["total_tokens"]
     turn2 = [*turn1, {"role": "assistant", "content": answer["choices"][0]["message"]["content"]},
              {"role": "user", "content": "And the colours?"}]
     again = chat(busy_server, turn2, max_tokens=2)

@@ -50,6 +50,9 @@ logger = logging.getLogger("vlserve.engine")
 __all__ = ["QueueFullError", "Scheduler", "Sink"]
 
 PREENCODE_BACKLOG = 16  # uploaded images waiting for an idle engine to encode them
+# A request this far into an answer that may run as long again moves the idle slots' KV to
+# RAM (Starter.spill_idle): long answers get narrow attention, short ones no copy.
+SPILL_AFTER_TOKENS = 64
 
 
 @dataclass
@@ -311,12 +314,17 @@ class Scheduler:
                 return
         decode_s = time.perf_counter() - t0
         ctx = self.model.ctx
+        spill = False
         for i, slot in enumerate(generating):
             job = slot.job
             assert job is not None
             slot.cached.append(job.next_token)
             slot.n_past += 1
             self._sample(slot, ctx, i)
+            spill = spill or (job.n_generated == SPILL_AFTER_TOKENS
+                              and job.max_new >= 2 * SPILL_AFTER_TOKENS)
+        if spill:
+            self._starter.spill_idle(self.slots)
         for part in prefilled:
             self._prefill_done(part, decode_s)
 
