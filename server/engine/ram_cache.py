@@ -3,8 +3,9 @@ and --cache-idle-slots do the same). Every cell any sequence holds widens the sp
 decode step attends over (masked or not): four idle 900-token conversations slowed a single
 stream from about 130 to 100 tok/s on the bench model. So once a request runs long
 (Starter.spill_idle), the idle slots' sequences are saved here (llama_state_seq_get_data)
-and removed from the KV cache; a later request that continues one of them gets it back (llama_state_seq_set_data)
-instead of evaluating its prefix, images included, again. Engine thread only."""
+and removed from the KV cache; a later request that continues one of them gets it back
+(llama_state_seq_set_data) instead of evaluating its prefix, images included, again.
+Engine thread only."""
 
 from __future__ import annotations
 

@@ -202,6 +202,8 @@ class Scheduler:
                 self._starter.copy_sequence(origin, slot)
 
     def _admit(self, block: bool) -> None:
+        if not block and not len(self._inbox):
+            return  # the usual step: nothing waits (a request put meanwhile waits one step)
         # A waiting request that outranks running work (a chat while batch lines hold the
         # slots or the KV cache) takes its place now; the preempted line resumes later.
         while (slot := outranked(self.slots, self._inbox.head(), self._fits)) is not None:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 logger = logging.getLogger("vlserve.engine")
 
@@ -36,13 +35,10 @@ class Watchdog:
     def stop(self) -> None:
         self._stop.set()
 
-    @contextmanager
-    def watch(self, what: str) -> Iterator[None]:
-        self._current = (what, time.monotonic())
-        try:
-            yield
-        finally:
-            self._current = None
+    def watch(self, what: str) -> _Watch:
+        """`with watchdog.watch("a decode step"): ...` (a plain class, not a generator
+        context manager: it wraps every engine step)."""
+        return _Watch(self, what)
 
     def _run(self) -> None:
         poll = min(1.0, self.limit_s / 4)
@@ -57,3 +53,17 @@ class Watchdog:
                                 "(engine_watchdog_s = %g)", what, elapsed, self.limit_s)
                 self._on_hang(what, elapsed)
                 return
+
+
+class _Watch:
+    __slots__ = ("_dog", "_what")
+
+    def __init__(self, dog: Watchdog, what: str) -> None:
+        self._dog = dog
+        self._what = what
+
+    def __enter__(self) -> None:
+        self._dog._current = (self._what, time.monotonic())
+
+    def __exit__(self, *exc: object) -> None:
+        self._dog._current = None
