@@ -16,7 +16,7 @@ from conftest import RunningServer, start_server, stop_server
 from helpers import Stream, photo_bytes
 
 from server.bench.soak.report import checks, table, verdict_counts
-from server.bench.soak.runner import SoakPlan, run_soak
+from server.bench.soak.runner import SoakPlan, _bounded_cache_bytes, run_soak
 from server.demo_model import DemoModelPaths
 from server.engine.scheduler import PREENCODE_BACKLOG
 
@@ -68,3 +68,19 @@ def test_soak_16_clients_30_s(soak_server: RunningServer) -> None:
     failed = [c for c in checks(run) if not c.passed]
     assert not failed, text
     assert {c.name for c in checks(run)} >= {"RSS growth", "open fds", "server counted"}, text
+
+
+def test_the_rss_check_leaves_out_every_bounded_cache() -> None:
+    """Filling the RAM prompt cache or the decoded-pixel cache is not a leak: the soak
+    subtracts what /metrics says both hold."""
+    metrics = ("# HELP vlserve_prompt_cache_ram_bytes ...\n"
+               "vlserve_prompt_cache_ram_bytes 1000.0\n"
+               "vlserve_image_pixel_cache_bytes 234.0\n"
+               "vlserve_image_pixel_cache_hits_total 7.0\n")
+
+    async def scrape() -> int:
+        transport = httpx.MockTransport(lambda _: httpx.Response(200, text=metrics))
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as admin:
+            return await _bounded_cache_bytes(admin)
+
+    assert asyncio.run(scrape()) == 1234
