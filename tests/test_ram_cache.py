@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import httpx
-from conftest import RunningServer
+import pytest
+from conftest import RunningServer, start_server, stop_server
 from helpers import metric_value
+
+from server.demo_model import DemoModelPaths
 
 from server.engine.jobs import Slot
 from server.engine.ram_cache import MIN_ENTRIES, RamPrefixCache
@@ -53,3 +58,28 @@ def test_a_regenerated_answer_does_not_copy_its_conversation_out() -> None:
     assert RamPrefixCache.worth_saving(slot, 0)  # another conversation takes the slot
     short = Slot(1, cached=list(range(MIN_ENTRIES + 2)))
     assert not RamPrefixCache.worth_saving(short, 3)  # under MIN_ENTRIES lost
+
+
+@pytest.fixture(scope="module")
+def small_kv(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[RunningServer]:
+    """Two slots sharing 512 KV cells: one long prompt needs the other slot's cells."""
+    running = start_server(demo_model, tmp_path_factory.mktemp("small-kv") / "server.log",
+                           "--n-parallel", "2", "--n-ctx", "512")
+    yield running
+    stop_server(running)
+
+
+def test_a_conversation_dropped_for_room_comes_back_from_ram(small_kv: RunningServer) -> None:
+    """An idle conversation whose cells a long prompt needs leaves the KV cache through the
+    RAM cache, not into nothing: its next turn finds its prefix."""
+    a = "Tell me a short story about a lighthouse keeper and the ships at night."
+    first = chat(small_kv, a, 4)
+    long_prompt = " ".join(f"word{i}" for i in range(150))
+    big = chat(small_kv, long_prompt, 2)
+    assert big["usage"]["prompt_tokens"] + first["usage"]["total_tokens"] > 512  # no room
+    second = chat(small_kv, "Go on.", 2, history=[
+        {"role": "user", "content": a},
+        {"role": "assistant", "content": first["choices"][0]["message"]["content"]}])
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= first["usage"]["prompt_tokens"], (cached, first["usage"])

@@ -268,10 +268,8 @@ class Scheduler:
         """Free cells until `need()` of them are (by the estimate) free: idle slots' prefix
         caches go first, then the job admitted last. False when nothing more can go."""
         while self.kv.free(self.slots) < need():
-            idle = [s for s in self.slots if s.job is None and s.n_past]
-            if idle:
-                for slot in idle:
-                    self._forget(slot)
+            if any(s.job is None and s.n_past for s in self.slots):
+                self._starter.drop_idle(self.slots)  # to RAM first, when that is on
                 continue
             victim = self.kv.victim(self.slots)
             if victim is None:

@@ -167,11 +167,16 @@ class Starter:
         ~0.1 ms per idle token (bench model), which a short answer never earns back (an idle
         cell costs a step ~0.6 µs), and a request arriving meanwhile finds its
         conversation still in place instead of copying it back."""
-        if self.ram is None:
-            return
+        if self.ram is not None:
+            self.drop_idle(slots)
+
+    def drop_idle(self, slots: list[Slot], but: Slot | None = None) -> None:
+        """Idle slots' sequences (`but`'s aside) leave the KV cache, kept in RAM when the
+        RAM cache is on: room for a prompt or a step, or narrower attention."""
         for other in slots:
-            if other.job is None and other.cached:
-                self.ram.save(other)
+            if other.job is None and other is not but and (other.cached or other.n_past):
+                if self.ram is not None:
+                    self.ram.save(other)
                 self.forget(other)
 
     def copy_sequence(self, source: Slot, target: Slot, keep: int | None = None) -> None:
@@ -194,9 +199,7 @@ class Starter:
         # KV cells, not positions: an M-RoPE image (GLM-4V, Qwen) takes a cell per token but
         # fewer positions (a large `detail: high` image: 782 cells at 46 positions).
         if self.kv.free(s for s in slots if s is not best) < n_tokens(keys):
-            for other in slots:
-                if other.job is None and other is not best:
-                    self.forget(other)
+            self.drop_idle(slots, but=best)
         return best, keep
 
     def forget(self, slot: Slot) -> None:
