@@ -10,7 +10,6 @@ from conftest import RunningServer, start_server, stop_server
 from helpers import metric_value
 
 from server.demo_model import DemoModelPaths
-
 from server.engine.jobs import Slot
 from server.engine.ram_cache import MIN_ENTRIES, RamPrefixCache
 
