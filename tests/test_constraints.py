@@ -167,3 +167,42 @@ def test_greedy_without_penalties_reads_the_argmax_and_picks_what_the_chain_pick
     assert not isinstance(build_sampler(SamplingParams(temperature=0.0, repeat_penalty=1.2),
                                         run.vocab, run.utf8, run.eog, StageTimer()),
                           ArgmaxSampler)
+
+
+def test_a_stop_marker_ends_a_json_answer_only_where_the_json_is_complete(glm4v_model) -> None:
+    """GLM's <|observation|> stops an answer but is no end-of-generation token to the
+    vocabulary: llama.cpp's grammar reads it as its text, which fits inside a JSON string,
+    so an answer could stop there unfinished (seen: 3 json_object answers in 800 ended
+    mid-string with finish_reason "stop"). It is drawn only once the object is complete."""
+    from bench.constrained import Run
+    from server.engine.sampling import GrammarSampler, build_sampler
+    from server.engine.types import SamplingParams
+    from server.timings import StageTimer
+
+    run = Run(glm4v_model.text, threads=1)
+    ids = (llama_cpp.llama_token * 8)()
+    text = b"<|observation|>"
+    assert llama_cpp.llama_tokenize(run.vocab, text, len(text), ids, 8, False, True) == 1
+    marker = ids[0]
+    assert not llama_cpp.llama_vocab_is_eog(run.vocab, marker)
+    sampler = build_sampler(SamplingParams(temperature=0.0, grammar=json_object_grammar()),
+                            run.vocab, run.utf8, run.eog | {marker}, StageTimer())
+    assert isinstance(sampler, GrammarSampler)
+    pieces = run.utf8.pieces
+
+    def favour(*ranked: int) -> np.ndarray:
+        logits = np.zeros(len(pieces), dtype=np.float32)
+        for rank, token in enumerate(ranked):
+            logits[token] = 10.0 - rank
+        return logits
+
+    for char in (b"{", b'"'):
+        token = pieces.index(char)
+        assert sampler.choose(favour(marker, token)) == token  # never the marker inside
+    letter = pieces.index(b"a")
+    assert sampler.choose(favour(marker, letter)) == letter  # inside the string
+    for char in (b'"', b":", b"1", b"}"):
+        token = pieces.index(char)
+        assert sampler.choose(favour(token)) == token
+    assert sampler.choose(favour(marker, letter)) == marker  # complete: it may end here
+    sampler.free()

@@ -79,11 +79,20 @@ class GrammarSampler(TokenSampler):
 
     def __init__(self, chain: llama_cpp.llama_sampler_p, grammar: llama_cpp.llama_sampler_p,
                  utf8: Utf8Vocab, params: SamplingParams, eog_tokens: frozenset[int],
-                 timer: StageTimer) -> None:
+                 timer: StageTimer, markers: frozenset[int] = frozenset(),
+                 end_probe: int | None = None) -> None:
         super().__init__(chain)
         self.grammar = grammar
         self._utf8 = Utf8Guard(utf8)
         self._eog = eog_tokens
+        # Stop markers the vocabulary does not call end-of-generation (GLM's
+        # <|observation|>): the grammar reads such a token as its text, which fits inside a
+        # JSON string, yet it ends the answer. It may only where the grammar could end, as
+        # asked with `end_probe`, a token the vocabulary does call end-of-generation.
+        self._markers = markers
+        self._marker_ids = np.fromiter(sorted(markers), dtype=np.int32, count=len(markers))
+        self._end_probe = end_probe
+        self._probe = np.zeros(1, dtype=_TOKEN_DATA)
         self._timer = timer
         n_vocab = len(utf8.pieces)
         self._ids = np.arange(n_vocab, dtype=np.int32)
@@ -94,15 +103,22 @@ class GrammarSampler(TokenSampler):
         self._window_needs = _window_needs(params)
 
     def sample(self, ctx: llama_cpp.llama_context_p, index: int) -> int:
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index),
-                                       shape=(len(self._ids),))
+        return self.choose(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index),
+                                                 shape=(len(self._ids),)))
+
+    def choose(self, logits: np.ndarray) -> int:
+        """The token for these logits (the vocabulary's), accepted into the grammar."""
         selected, kept = _apply(self.chain, self._fill(logits), len(self._ids))
         token = int(kept[selected]["id"])
         t0 = time.perf_counter()
-        one = self._one
-        one["id"], one["logit"], one["p"] = token, logits[token], 0.0
-        _apply(self.grammar, one, 1)
-        if not np.isfinite(one["logit"][0]) or not self._utf8.allows(token):
+        if token in self._markers:  # an end of the answer, not text
+            refused = not self._may_end()
+        else:
+            one = self._one
+            one["id"], one["logit"], one["p"] = token, logits[token], 0.0
+            _apply(self.grammar, one, 1)
+            refused = not np.isfinite(one["logit"][0]) or not self._utf8.allows(token)
+        if refused:
             self._timer.grammar_resamples += 1
             token = self._resample(logits)
         if token not in self._eog:  # an end-of-generation token ends the request here
@@ -138,6 +154,10 @@ class GrammarSampler(TokenSampler):
         character says which those are, and a piece whose first character is refused is
         refused whole; that spares decoding most of a large vocabulary."""
         logits = cands["logit"]
+        markers = np.isin(cands["id"], self._marker_ids) if len(self._marker_ids) else None
+        # Stop markers end the answer: allowed where the grammar may end, whatever it makes
+        # of their text.
+        ending = logits[markers].copy() if markers is not None and self._may_end() else None
         self._utf8.mask(cands["id"], logits)
         if len(cands) > PREFILTER_FROM:
             first = self._utf8.vocab.first_ascii[cands["id"]]
@@ -146,6 +166,17 @@ class GrammarSampler(TokenSampler):
         subset = cands[live]  # a copy, contiguous for llama.cpp
         _apply(self.grammar, subset, len(subset))
         logits[live] = subset["logit"]
+        if markers is not None:
+            logits[markers] = -np.inf if ending is None else ending
+
+    def _may_end(self) -> bool:
+        """Whether the grammar would accept the end of the answer now."""
+        if self._end_probe is None:
+            return False  # nothing to ask with: a marker never ends a constrained answer
+        probe = self._probe
+        probe["id"], probe["logit"], probe["p"] = self._end_probe, 0.0, 0.0
+        _apply(self.grammar, probe, 1)
+        return bool(np.isfinite(probe["logit"][0]))
 
     def _refused_first_chars(self) -> np.ndarray:
         """By first byte (index 128: not ASCII, never refused here): whether the grammar
@@ -212,7 +243,10 @@ def build_sampler(params: SamplingParams, model_vocab: llama_cpp.llama_vocab_p,
     if not grammar:
         llama_cpp.llama_sampler_free(chain)
         raise GrammarError("llama.cpp could not parse the grammar made from this schema")
-    return GrammarSampler(chain, grammar, utf8, params, eog_tokens, timer)
+    vocab_eog = sorted(t for t in eog_tokens if llama_cpp.llama_vocab_is_eog(model_vocab, t))
+    return GrammarSampler(chain, grammar, utf8, params, eog_tokens, timer,
+                          markers=eog_tokens.difference(vocab_eog),
+                          end_probe=vocab_eog[0] if vocab_eog else None)
 
 
 def build_sampler_chain(params: SamplingParams, n_vocab: int,
