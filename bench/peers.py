@@ -56,6 +56,7 @@ class Goal:
     label: str
     higher_is_better: bool
     bound: float  # the ratio vlserve / llama-server must reach (≥) or stay under (≤)
+    info: bool = False  # a reading that explains the others, not one of issue 17's goals
 
     def met(self, ratio: float) -> bool:
         return ratio >= self.bound if self.higher_is_better else ratio <= self.bound
@@ -65,6 +66,9 @@ GOALS = {
     "decode_tps": Goal("single-stream decode, tok/s", True, 1.0),
     "aggregate_tps_4": Goal("aggregate, 4 clients, tok/s", True, 1.05),
     "ms_per_token": Goal("server time per generated token, ms", False, 0.6),
+    # Each server's own account of a 256-token answer: decode speed without the request
+    # overhead, prompt evaluation or one-off work (a RAM spill) the client-side rate holds.
+    "decode_ms_server": Goal("server time per generated token, ms", False, 1.0, info=True),
     "turn2_ttft_s": Goal("2-turn image chat, turn-2 TTFT (0.5 s later), s", False, 0.5),
     "turn2_at_once_ttft_s": Goal("2-turn image chat, turn-2 TTFT (at once), s", False, 0.5),
 }
@@ -121,14 +125,14 @@ def cases(names: list[str], bench_dir: Path) -> list[Case]:
                 raise SystemExit(f"{GEMMA} is missing: `vlserve download gemma3-270m` (or "
                                  "`make test`, which assembles it) writes it")
             out.append(Case("gemma-3-270m", GEMMA, None, ROOT / "configs" / "gemma3-270m.yaml",
-                            ("decode_tps", "aggregate_tps_4")))
+                            ("decode_tps", "decode_ms_server", "aggregate_tps_4")))
         elif name in ("bench", "tiny"):
             folder = bench_dir if name == "bench" else bench_dir.parent / "tiny"
             size = "bench" if name == "bench" else "tiny"
             paths = demo_model_paths(folder, size, "llava")
             if not (paths.text.is_file() and paths.mmproj.is_file()):
                 paths = make_demo_model(folder, size=size)
-            metrics = ("decode_tps", "aggregate_tps_4", "turn2_ttft_s",
+            metrics = ("decode_tps", "decode_ms_server", "aggregate_tps_4", "turn2_ttft_s",
                        "turn2_at_once_ttft_s") if name == "bench" \
                 else ("ms_per_token",)
             out.append(Case(f"{name} demo", paths.text, paths.mmproj, None, metrics))
@@ -230,7 +234,7 @@ def turn2_at_once_ttft_s(client: httpx.Client, server: Server, rep: int) -> floa
 
 METRICS: dict[str, Callable[[httpx.Client, Server, int], float]] = {
     "decode_tps": decode_tps, "aggregate_tps_4": aggregate_tps_4,
-    "ms_per_token": ms_per_token, "turn2_ttft_s": turn2_ttft_s,
+    "ms_per_token": ms_per_token, "decode_ms_server": ms_per_token, "turn2_ttft_s": turn2_ttft_s,
     "turn2_at_once_ttft_s": turn2_at_once_ttft_s}
 
 
@@ -242,8 +246,9 @@ def print_table(rows: list[tuple[str, str, float, float]]) -> None:
     for name, ours, theirs, ratio, goal in lines:
         sign = "≥" if goal.higher_is_better else "≤"
         verdict = "met" if goal.met(ratio) else "NOT met"
-        print(f"{name:<{width}}  {ours:9.3f}  {theirs:9.3f}  {ratio:6.2f}  "
-              f"{sign} {goal.bound:g} ({verdict})")
+        target = "(for reading the rows above)" if goal.info \
+            else f"{sign} {goal.bound:g} ({verdict})"
+        print(f"{name:<{width}}  {ours:9.3f}  {theirs:9.3f}  {ratio:6.2f}  {target}")
 
 
 if __name__ == "__main__":
