@@ -197,7 +197,7 @@ class _PixelCacheCollector(Collector):
         yield CounterMetricFamily(
             "vlserve_image_pixel_cache_misses", "Images decoded from their bytes", cache.misses)
         yield GaugeMetricFamily("vlserve_image_pixel_cache_bytes", "Decoded pixels kept for "
-                                "reuse (bounded by image_pixel_cache_mb)", cache.bytes)
+                                "reuse (bounded by image_pixel_cache_mb)", cache.used_bytes)
 
 
 class _BuildCollector(Collector):

@@ -40,7 +40,7 @@ def test_decoded_pixels_weigh_their_rgb_bytes_and_zero_turns_the_cache_off() -> 
     assert cache.get("a") is not None  # a is now the most recent
     cache.put("d", image(99))
     assert cache.get("b") is None
-    assert cache.bytes == 297 and len(cache) == 3 and (cache.hits, cache.misses) == (1, 1)
+    assert cache.used_bytes == 297 and len(cache) == 3 and (cache.hits, cache.misses) == (1, 1)
     off = PixelCache(max_bytes=0)
     off.put("a", image(3))
-    assert off.get("a") is None and off.bytes == 0
+    assert off.get("a") is None and off.used_bytes == 0

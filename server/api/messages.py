@@ -133,8 +133,8 @@ async def decode_within_budget(data: bytes, state: AppState, rule: SizeRule, dig
     ImageTooLargeError), then the pixels, once that cost fits in the budget shared by all
     decodes in flight."""
     plan = await run_in_threadpool(partial(plan_decode, data, rule,
-                                           limits=state.image_limits, digest=digest))
-    return await state.decode_budget.run(plan.cost.total, partial(decode_planned, plan))
+                                           limits=state.image_limits))
+    return await state.decode_budget.run(plan.cost.total, partial(decode_planned, plan, digest))
 
 
 def image_api_error(exc: ImageError, param: str) -> APIError:

@@ -93,7 +93,6 @@ class DecodePlan:
     scaled_jpeg: bool  # simplejpeg at n/8 scale (else Pillow)
     cost: DecodeCost
     open_s: float  # reading the header
-    digest: str = ""  # content_hash(data) when the caller has it already
 
 
 def decode_image(
@@ -109,8 +108,7 @@ def decode_image(
 
 
 def plan_decode(
-    data: bytes, size: int | SizeRule, *, limits: ImageLimits = DEFAULT_LIMITS,
-    digest: str = "",
+    data: bytes, size: int | SizeRule, *, limits: ImageLimits = DEFAULT_LIMITS
 ) -> DecodePlan:
     """Read and check the header, and work out the decode's peak memory; refuse (413) an
     image whose decode would take more than `limits.max_decode_bytes`."""
@@ -124,14 +122,15 @@ def plan_decode(
               and backend.simplejpeg is not None)
     cost = decode_cost(image, box, scaled_jpeg=scaled)
     limits.check_decode_bytes(cost.total, f"{width}x{height} {format_name(fmt)}")
-    return DecodePlan(data, image, box, scaled, cost, time.perf_counter() - t0, digest)
+    return DecodePlan(data, image, box, scaled, cost, time.perf_counter() - t0)
 
 
-def decode_planned(plan: DecodePlan) -> DecodedImage:
-    """Decode what `plan_decode` checked: orient, convert to RGB, resize to its box."""
+def decode_planned(plan: DecodePlan, digest: str = "") -> DecodedImage:
+    """Decode what `plan_decode` checked: orient, convert to RGB, resize to its box.
+    `digest`: content_hash of the data, when the caller has it already."""
     image, box = plan.image, plan.box
     fmt, (width, height) = image.format or "", image.size  # as stored: draft() changes size
-    digest = plan.digest or content_hash(plan.data)
+    digest = digest or content_hash(plan.data)
     t0 = time.perf_counter()
     decoded = None
     if plan.scaled_jpeg:

@@ -18,31 +18,17 @@ from server.images.decode import DecodedImage
 __all__ = ["PixelCache"]
 
 
-class PixelCache:
+class PixelCache(ByteLRU[Hashable, DecodedImage]):
+    """A byte-bounded LRU whose reads and writes take a lock (worker threads share it)."""
+
     def __init__(self, max_bytes: int) -> None:
-        self._lru: ByteLRU[Hashable, DecodedImage] = ByteLRU(max_bytes,
-                                                             lambda image: len(image.rgb))
+        super().__init__(max_bytes, lambda image: len(image.rgb))
         self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._lru)
-
-    @property
-    def bytes(self) -> int:
-        return self._lru.used_bytes
-
-    @property
-    def hits(self) -> int:
-        return self._lru.hits
-
-    @property
-    def misses(self) -> int:
-        return self._lru.misses
 
     def get(self, key: Hashable) -> DecodedImage | None:
         with self._lock:
-            return self._lru.get(key)
+            return super().get(key)
 
     def put(self, key: Hashable, image: DecodedImage) -> None:
         with self._lock:
-            self._lru.put(key, image)
+            super().put(key, image)
