@@ -180,6 +180,12 @@ class Settings(BaseSettings):
     # every third of this. A replica that dies loses its batches after this many seconds,
     # and another replica resumes them.
     batch_lease_s: float = Field(15.0, ge=0.5)
+    # Nothing is kept forever. Batch input files and the output and error files batches
+    # write expire this long after they are created (OpenAI's default: 30 days) unless the
+    # upload's `expires_after` (or the batch's `output_expires_after`) says otherwise; a
+    # finished batch is forgotten batch_retention_s after it ended. None: kept until deleted.
+    batch_file_ttl_s: int | None = Field(30 * 86400, ge=1)
+    batch_retention_s: int | None = Field(30 * 86400, ge=1)
 
     # Stored responses (POST /responses with `store`, the default): kept in memory for
     # GET /responses/{id} and `previous_response_id`, each API key an even share of them.

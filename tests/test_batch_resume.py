@@ -92,18 +92,21 @@ def test_kill_9_mid_batch_then_restart(demo_model: DemoModelPaths, tmp_path: Pat
 
 def test_sigterm_hands_running_lines_back(demo_model: DemoModelPaths, tmp_path: Path) -> None:
     """A graceful stop does not wait for the batch (it could take hours): running lines are
-    stopped, recorded nowhere, and run after the restart."""
+    stopped, recorded nowhere, and run after the restart. Its input file expires meanwhile
+    (after 1 s here), yet stays until the batch no longer needs it."""
     batch_dir = tmp_path / "batches"
     tokens = 1500
-    env = {"VLSERVE_BATCH_DIR": str(batch_dir), "VLSERVE_MAX_TOKENS_CAP": str(tokens)}
+    env = {"VLSERVE_BATCH_DIR": str(batch_dir), "VLSERVE_MAX_TOKENS_CAP": str(tokens),
+           "VLSERVE_BATCH_FILE_TTL_S": "1"}
     first = start_server(demo_model, tmp_path / "first.log", "--n-parallel", "1", env=env)
     try:
         client = openai.OpenAI(base_url=first.api, api_key="unused", max_retries=0, timeout=60)
         data = jsonl([request_line(f"line-{i}", [{"role": "user", "content": f"Count {i}"}],
                                    max_tokens=tokens, ignore_eos=True) for i in range(8)])
         uploaded = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
-        batch = client.batches.create(input_file_id=uploaded.id,
-                                      endpoint="/v1/chat/completions", completion_window="24h")
+        batch = client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+            output_expires_after={"anchor": "created_at", "seconds": 3600})
         deadline = time.monotonic() + 120
         while not results_on_disk(batch_dir, batch.id):
             assert time.monotonic() < deadline, "the batch made no progress"
@@ -125,7 +128,13 @@ def test_sigterm_hands_running_lines_back(demo_model: DemoModelPaths, tmp_path: 
         client = openai.OpenAI(base_url=second.api, api_key="unused", max_retries=0,
                                timeout=60)
         done = wait_batch(second, batch.id, {"completed", "failed"})
+        assert done.status == "completed", done  # its expired input was still there
         assert done.request_counts is not None and done.request_counts.completed == 8
         assert len(read_lines(client, done.output_file_id)) == 8
+        input_data = batch_dir / "files" / f"{uploaded.id}.data"
+        deadline = time.monotonic() + 30
+        while input_data.exists():  # no longer needed: the sweep takes it
+            assert time.monotonic() < deadline, "the expired input file stayed"
+            time.sleep(0.1)
     finally:
         stop_server(second)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from server.api.errors import APIError
+from server.api.expiry import form_expiry
 from server.api.multipart import UploadForm, too_large
 from server.api.state import AppState
 from server.batches.lines import check_upload
@@ -19,8 +20,9 @@ async def upload(form: UploadForm, state: AppState, owner: str) -> dict[str, obj
     refusal = check_upload(form.file_bytes, settings.batch_max_lines)
     if refusal is not None:
         raise APIError(400, refusal, param="file", code="invalid_batch_file")
+    ttl_s = form_expiry(form.fields) or settings.batch_file_ttl_s
     record = await asyncio.to_thread(state.batch_store.add_file, form.file_name or "batch.jsonl",
-                                     "batch", form.file_bytes, owner)
+                                     "batch", form.file_bytes, owner, ttl_s=ttl_s)
     state.metrics.observe_upload()
     return file_object(record)
 
@@ -44,4 +46,4 @@ async def delete(state: AppState, file_id: str, owner: str) -> bool:
 def file_object(record: BatchFile) -> dict[str, object]:
     return {"id": record.id, "object": "file", "bytes": record.bytes,
             "created_at": record.created_at, "filename": record.filename,
-            "purpose": record.purpose, "status": "processed"}
+            "purpose": record.purpose, "status": "processed", "expires_at": record.expires_at}

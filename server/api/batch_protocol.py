@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.api.expiry import ExpiresAfter
+
 BatchStatus = Literal["validating", "in_progress", "finalizing", "completed", "failed",
                       "expired", "cancelling", "cancelled"]
 
@@ -18,6 +20,7 @@ class BatchCreateRequest(BaseModel):
     completion_window: str = Field("24h", max_length=16)
     # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512.
     metadata: dict[str, str] | None = Field(None, max_length=16)
+    output_expires_after: ExpiresAfter | None = None  # the output and error files'
 
 
 class BatchRequestCounts(BaseModel):

@@ -41,6 +41,8 @@ async def create_batch(body: BatchCreateRequest, request: Request) -> JSONRespon
                        "with purpose \"batch\")", param="input_file_id",
                        code="invalid_input_file")
     batch = new_batch(owner, file.id, body.endpoint, body.completion_window, body.metadata)
+    if body.output_expires_after is not None:
+        batch["_output_expires_s"] = body.output_expires_after.seconds
     return JSONResponse(await _runner(state).add(batch))
 
 

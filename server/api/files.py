@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from server.api import batch_files
 from server.api.auth import client_identity
 from server.api.errors import APIError
+from server.api.expiry import form_expiry
 from server.api.image_detail import size_rule, upload_at, upload_cache_id
 from server.api.messages import decode_within_budget, image_api_error
 from server.api.multipart import read_upload_form, too_large
@@ -35,7 +36,11 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
     "type": "object", "required": ["file"],
     "properties": {"file": {"type": "string", "format": "binary",
                             "description": "a JPEG, PNG, WebP, GIF or BMP image"},
-                   "purpose": {"type": "string", "default": "vision"}}}}}}}
+                   "purpose": {"type": "string", "default": "vision"},
+                   "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                   "expires_after[seconds]": {
+                       "type": "integer", "minimum": 3600, "maximum": 2592000,
+                       "description": "batch files only (default: batch_file_ttl_s)"}}}}}}}
 
 
 @router.post("/files", responses=responses(FileObject, 400, 413, 507), openapi_extra=_UPLOAD_FORM)
@@ -51,6 +56,11 @@ async def upload_file(request: Request) -> JSONResponse:
     purpose = form.fields.get("purpose", "vision")
     if purpose == "batch":
         return JSONResponse(await batch_files.upload(form, state, client_identity(request.scope)))
+    if form_expiry(form.fields) is not None:
+        raise APIError(400, f"image uploads are kept {settings.upload_ttl_s:g} s at most (the "
+                       "server's upload_ttl_s; each file object's expires_at says when it "
+                       "goes); expires_after applies to batch files", param="expires_after",
+                       code="unsupported_parameter")
     if len(form.file_bytes) > settings.upload_max_bytes:
         raise too_large(settings.upload_max_bytes)
     try:
@@ -173,4 +183,6 @@ def _file_object(record: StoredFile, state: AppState) -> dict[str, object]:
         "status": "processed" if encoded else "uploaded",
         "width": record.image.width,
         "height": record.image.height,
+        # At the latest: a key over its quota evicts its least recently used files first.
+        "expires_at": record.created_at + int(state.settings.upload_ttl_s),
     }

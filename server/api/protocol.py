@@ -344,6 +344,7 @@ class FileObject(BaseModel):
     status: Literal["uploaded", "processed"]  # processed: the vision encoder has run
     width: int | None = None  # images only (not batch JSONL files)
     height: int | None = None
+    expires_at: int | None = None  # None: kept until deleted
 
 
 class FileList(BaseModel):

@@ -134,6 +134,12 @@ class BatchJob:
         return len(self.done) >= len(self.lines)
 
 
+def ended_at(batch: dict[str, Any]) -> int:
+    """When a finished batch reached its final status (seconds since the epoch)."""
+    stamps = (batch.get(k) for k in ("completed_at", "failed_at", "expired_at", "cancelled_at"))
+    return max((s for s in stamps if s is not None), default=batch["created_at"])
+
+
 def order_key(batch: dict[str, Any]) -> tuple[int, str]:
     """Creation order, to the microsecond, then id: a total order for listings."""
     return batch.get("_created_us", batch["created_at"] * 1_000_000), batch["id"]

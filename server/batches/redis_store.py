@@ -10,6 +10,8 @@ knows which it has. A sync client's pool is thread-safe. Keys, under `vlserve:ba
     rec:<id>             the batch record (JSON)
     owner:<owner>        zset id -> created_us: the owner's batches
     open                 set of ids not yet completed/failed/expired/cancelled
+    ended                zset id -> when it ended: finished batches, for the sweep
+    expiry               zset file id -> expires_at: files that expire, for the sweep
     results:<id>         list: one JSON line per finished request (RPUSH, fenced by lease)
     images:<id>          hash: <file id> -> meta JSON, <file id>.rgb -> pixels
     lease:<id>           the replica token running the batch (SET NX PX, renewed)
@@ -34,12 +36,14 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from server.batches.store import BatchFile, BatchStore, new_id
+from server.batches.job import TERMINAL, ended_at
+from server.batches.store import BatchFile, BatchStore, Swept, new_file
 from server.store import StateUnavailable
 
 PREFIX = "vlserve:batches:"
 _OPEN = PREFIX + "open"
-_TERMINAL = ("completed", "failed", "expired", "cancelled")
+_ENDED = PREFIX + "ended"
+_EXPIRY = PREFIX + "expiry"
 
 # KEYS: lease results. ARGV: token line.  1 appended, 0 not the holder.
 _APPEND = """
@@ -47,16 +51,17 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 return 1
 """
-# KEYS: lease rec owner open cancel. ARGV: token data id created_us terminal.
-# 1 saved, 0 another replica holds the batch.
+# KEYS: lease rec owner open cancel ended. ARGV: token data id created_us ended_at
+# (empty: not finished).  1 saved, 0 another replica holds the batch.
 _SAVE = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
-if ARGV[5] == '1' then
+if ARGV[5] ~= '' then
   redis.call('SREM', KEYS[4], ARGV[3])
   redis.call('DEL', KEYS[5])
+  redis.call('ZADD', KEYS[6], ARGV[5], ARGV[3])
 else
   redis.call('SADD', KEYS[4], ARGV[3])
 end
@@ -107,23 +112,27 @@ class RedisBatchStore:
 
     # --- files -------------------------------------------------------------------------
     def add_file(self, filename: str, purpose: str, data: bytes, owner: str = "",
-                 file_id: str | None = None) -> BatchFile:
-        record = BatchFile(file_id or new_id("file"), filename, purpose, len(data),
-                           time.time_ns() // 1000, owner)
+                 file_id: str | None = None, ttl_s: int | None = None) -> BatchFile:
+        record = new_file(filename, purpose, len(data), owner, file_id, ttl_s)
         with _guard():
             pipe = self._client.pipeline()  # MULTI: the head and the bytes appear together
             pipe.hset(_k("file", record.id), mapping={
                 "head": json.dumps(asdict(record)), "data": data})
             pipe.zadd(_k("files", owner), {record.id: record.created_us})
+            if record.expires_at is not None:
+                pipe.zadd(_EXPIRY, {record.id: record.expires_at})
             pipe.execute()
         return record
 
     def get_file(self, file_id: str, owner: str | None = None) -> BatchFile | None:
+        """The file, if it exists, has not expired and (owner given) belongs to `owner`."""
         with _guard():
             head = self._client.hget(_k("file", file_id), "head")
         if head is None:
             return None
         record = BatchFile(**json.loads(head))
+        if record.expired(time.time()):
+            return None
         return record if owner is None or record.owner == owner else None
 
     def file_bytes(self, file_id: str) -> bytes:
@@ -134,12 +143,13 @@ class RedisBatchStore:
         return bytes(data)
 
     def delete_file(self, file_id: str) -> None:
-        record = self.get_file(file_id)
         with _guard():
+            head = self._client.hget(_k("file", file_id), "head")
             pipe = self._client.pipeline()
             pipe.delete(_k("file", file_id))
-            if record is not None:
-                pipe.zrem(_k("files", record.owner), file_id)
+            pipe.zrem(_EXPIRY, file_id)
+            if head is not None:
+                pipe.zrem(_k("files", json.loads(head)["owner"]), file_id)
             pipe.execute()
 
     def list_files(self, owner: str) -> list[BatchFile]:
@@ -151,7 +161,24 @@ class RedisBatchStore:
             for file_id in ids:
                 pipe.hget(_k("file", file_id.decode()), "head")
             heads = pipe.execute()
-        return [BatchFile(**json.loads(h)) for h in heads if h is not None]
+        now = time.time()
+        files = (BatchFile(**json.loads(h)) for h in heads if h is not None)
+        return [f for f in files if not f.expired(now)]
+
+    def sweep(self, now: float, retention_s: int | None, keep: set[str]) -> Swept:
+        """As the disk store's: files expired by `now` but those in `keep`, and batches
+        that ended `retention_s` or more before it. Any replica may sweep; deleting twice
+        is harmless."""
+        with _guard():
+            due = [i.decode() for i in self._client.zrangebyscore(_EXPIRY, "-inf", now)]
+            old = [] if retention_s is None else [i.decode() for i in self._client.zrangebyscore(
+                _ENDED, "-inf", now - retention_s)]
+        files = [f for f in due if f not in keep]
+        for file_id in files:
+            self.delete_file(file_id)
+        for batch_id in old:
+            self.delete_batch(batch_id)
+        return Swept(files, old)
 
     # --- batches -----------------------------------------------------------------------
     def save_batch(self, batch_id: str, data: bytes, version: int) -> None:
@@ -163,9 +190,9 @@ class RedisBatchStore:
             saved = self._scripts["save"](
                 keys=[_k("lease", batch_id), _k("rec", batch_id),
                       _k("owner", batch.get("_owner", "")), _OPEN,
-                      _k("cancel", batch_id)],
+                      _k("cancel", batch_id), _ENDED],
                 args=[self.token, data, batch_id, _created_us(batch),
-                      int(batch["status"] in _TERMINAL)])
+                      ended_at(batch) if batch["status"] in TERMINAL else ""])
         if not saved:
             raise LeaseLost(batch_id)
 
@@ -193,6 +220,18 @@ class RedisBatchStore:
             batch["status"] = "cancelling"
             batch["cancelling_at"] = int(asked)
         return batch
+
+    def delete_batch(self, batch_id: str) -> None:
+        """Forget a finished batch: its record, results, image copies and cancel flag."""
+        with _guard():
+            raw = self._client.get(_k("rec", batch_id))
+            pipe = self._client.pipeline()
+            pipe.delete(_k("rec", batch_id), _k("results", batch_id), _k("images", batch_id),
+                        _k("cancel", batch_id))
+            pipe.zrem(_ENDED, batch_id)
+            if raw is not None:
+                pipe.zrem(_k("owner", json.loads(raw).get("_owner", "")), batch_id)
+            pipe.execute()
 
     def list_batches(self, owner: str) -> list[dict[str, Any]]:
         with _guard():

@@ -48,6 +48,7 @@ logger = logging.getLogger("vlserve.batches")
 # Answers that say "not now" rather than "no": the line runs again later, nothing recorded.
 _RETRY = {429: 1.0, 499: 0.0, 503: 2.0}
 _TICK_S = 1.0  # how often expiry and drain are checked while nothing else happens
+_SWEEP_MAX_S = 300.0  # expired files and old batches are deleted at least this often
 
 
 class BatchRunner:
@@ -67,6 +68,7 @@ class BatchRunner:
                        if isinstance(store, RedisBatchStore) else None)
         self._published: dict[str, dict[str, int]] = {}  # request_counts last saved
         self._next_publish = 0.0  # monotonic; at most once a tick
+        self._next_sweep = 0.0  # monotonic
 
     @property
     def limit(self) -> int:
@@ -182,6 +184,8 @@ class BatchRunner:
     async def _advance(self) -> None:
         if self.leases is not None:
             await self._shared_tick()
+        if time.monotonic() >= self._next_sweep:
+            await self._sweep()
         for job in sorted(self.jobs.values(), key=lambda j: order_key(j.batch)):
             if job.id not in self.jobs:
                 continue  # lost to another replica during this pass
@@ -234,6 +238,26 @@ class BatchRunner:
                 self._published[job.id] = dict(counts)
                 with contextlib.suppress(LeaseLost):
                     await self._save(job.batch)
+
+    async def _sweep(self) -> None:
+        """Delete expired files and batches past their retention (a GET already misses an
+        expired file; this frees its space). Inputs of unfinished batches are spared: a
+        batch that outlives its input file's expiry must still resume after a restart."""
+        settings = self.state.settings
+        ttls = [t for t in (settings.batch_file_ttl_s, settings.batch_retention_s) if t]
+        self._next_sweep = time.monotonic() + min([_SWEEP_MAX_S, *(t / 10 for t in ttls)])
+        if self.leases is None:
+            in_use = {job.batch["input_file_id"] for job in self.jobs.values()}
+        else:  # every replica's unfinished batches
+            in_use = {b["input_file_id"] for b in await asyncio.to_thread(
+                lambda: list(self.store.load_batches()))}
+        swept = await asyncio.to_thread(self.store.sweep, time.time(),
+                                        settings.batch_retention_s, in_use)
+        for batch_id in swept.batches:
+            self.batches.pop(batch_id, None)
+        if swept.files or swept.batches:
+            logger.info("deleted %d expired batch files and %d batches past their retention",
+                        len(swept.files), len(swept.batches))
 
     def _lost(self, batch_id: str) -> None:
         """Another replica holds the batch now: stop its lines here, forget it."""
@@ -373,8 +397,9 @@ class BatchRunner:
         file_id = "file-" + hashlib.sha256(f"{job.id}:{kind}".encode()).hexdigest()[:32]
         text = "".join(batch_lines.dump_line({k: v for k, v in r.items() if k != "_i"})
                        for r in results)
+        ttl_s = job.batch.get("_output_expires_s", self.state.settings.batch_file_ttl_s)
         self.store.add_file(f"{job.id}_{kind}.jsonl", "batch_output", text.encode(),
-                            job.owner, file_id=file_id)
+                            job.owner, file_id=file_id, ttl_s=ttl_s)
         return file_id
 
     async def _save_final(self, job: BatchJob) -> None:
@@ -382,10 +407,10 @@ class BatchRunner:
         if job.images:
             await asyncio.to_thread(self.store.drop_images, job.id)
         self.jobs.pop(job.id, None)
-        if self.leases is not None and isinstance(self.store, RedisBatchStore):
-            # The output and error files hold the results now; other replicas read the
-            # record from the store, so this one keeps no copy.
-            await asyncio.to_thread(self.store.drop_results, job.id)
+        # The output and error files hold the results now.
+        await asyncio.to_thread(self.store.drop_results, job.id)
+        if self.leases is not None:
+            # Other replicas read the record from the store, so this one keeps no copy.
             await self.leases.release(job.id)
             self.batches.pop(job.id, None)
             self._published.pop(job.id, None)

@@ -10,6 +10,10 @@ changing. Layout under the root:
     batches/<batch id>.results  one JSON line per finished request, appended and fsync'd
     batches/<batch id>.images/  the uploaded images its lines name, decoded, until it ends
 
+Nothing stays forever (`sweep`): a file goes once its `expires_at` has passed (OpenAI's
+default for batch files: 30 days), a finished batch `batch_retention_s` after it ended.
+A results log goes as soon as its batch has written its output and error files.
+
 A results line is written once its request has finished, before anything else learns of
 it; on resume, the lines it names are not run again. A torn last line (a kill mid-write)
 is ignored: that request runs again, and nothing saw its first answer.
@@ -28,6 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from server.batches.job import TERMINAL, ended_at
+
 
 @dataclass(frozen=True)
 class BatchFile:
@@ -37,10 +43,14 @@ class BatchFile:
     bytes: int
     created_us: int
     owner: str = ""
+    expires_at: int | None = None  # seconds since the epoch; None: kept until deleted
 
     @property
     def created_at(self) -> int:
         return self.created_us // 1_000_000
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
 
     @property
     def order_key(self) -> tuple[int, str]:
@@ -49,6 +59,23 @@ class BatchFile:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(16)}"
+
+
+def new_file(filename: str, purpose: str, size: int, owner: str, file_id: str | None,
+             ttl_s: int | None) -> BatchFile:
+    """A file's record, expiring `ttl_s` after its creation (OpenAI's `created_at` anchor)."""
+    created_us = time.time_ns() // 1000
+    expires_at = None if ttl_s is None else created_us // 1_000_000 + ttl_s
+    return BatchFile(file_id or new_id("file"), filename, purpose, size, created_us, owner,
+                     expires_at)
+
+
+@dataclass(frozen=True)
+class Swept:
+    """What one sweep deleted."""
+
+    files: list[str]
+    batches: list[str]
 
 
 class BatchStore:
@@ -69,25 +96,31 @@ class BatchStore:
 
     # --- files -------------------------------------------------------------------------
     def add_file(self, filename: str, purpose: str, data: bytes, owner: str = "",
-                 file_id: str | None = None) -> BatchFile:
-        record = BatchFile(file_id or new_id("file"), filename, purpose, len(data),
-                           time.time_ns() // 1000, owner)
+                 file_id: str | None = None, ttl_s: int | None = None) -> BatchFile:
+        record = new_file(filename, purpose, len(data), owner, file_id, ttl_s)
         self._ensure()
         _write_atomic(self._files / f"{record.id}.data", data)
         _write_atomic(self._files / f"{record.id}.json", json.dumps(asdict(record)).encode())
         return record
 
     def get_file(self, file_id: str, owner: str | None = None) -> BatchFile | None:
-        """The file, if it exists and (owner given) belongs to `owner`."""
-        if not _safe_id(file_id):
-            return None
-        try:
-            record = BatchFile(**json.loads((self._files / f"{file_id}.json").read_bytes()))
-        except (OSError, ValueError, TypeError):
+        """The file, if it exists, has not expired and (owner given) belongs to `owner`."""
+        record = self._read_file(file_id)
+        if record is None or record.expired(time.time()):
             return None
         return record if owner is None or record.owner == owner else None
 
+    def _read_file(self, file_id: str) -> BatchFile | None:
+        if not _safe_id(file_id):
+            return None
+        try:
+            return BatchFile(**json.loads((self._files / f"{file_id}.json").read_bytes()))
+        except (OSError, ValueError, TypeError):
+            return None
+
     def file_bytes(self, file_id: str) -> bytes:
+        """The bytes, expired or not: a running batch reads its input until the sweep,
+        which spares the inputs of unfinished batches, deletes it."""
         return (self._files / f"{file_id}.data").read_bytes()
 
     def delete_file(self, file_id: str) -> None:
@@ -108,6 +141,30 @@ class BatchStore:
                 return
             self._versions[batch_id] = version
             _write_atomic(self._batches / f"{batch_id}.json", data)
+
+    def delete_batch(self, batch_id: str) -> None:
+        """Forget a finished batch: its record, results log and image copies."""
+        self.drop_images(batch_id)
+        self.drop_results(batch_id)
+        (self._batches / f"{batch_id}.json").unlink(missing_ok=True)
+        with self._record_lock:
+            self._versions.pop(batch_id, None)
+
+    def sweep(self, now: float, retention_s: int | None, keep: set[str]) -> Swept:
+        """Delete the files expired by `now` (but those in `keep`: inputs of unfinished
+        batches) and the batches that ended `retention_s` or more before it."""
+        files = [p.stem for p in self._files.glob("*.json")]
+        expired = [f for f in files if f not in keep and (record := self._read_file(f))
+                   is not None and record.expired(now)]
+        for file_id in expired:
+            self.delete_file(file_id)
+        old: list[str] = []
+        if retention_s is not None:
+            old = [b["id"] for b in self.load_batches() if b["status"] in TERMINAL
+                   and ended_at(b) + retention_s <= now]
+        for batch_id in old:
+            self.delete_batch(batch_id)
+        return Swept(expired, old)
 
     def load_batches(self) -> Iterator[dict[str, Any]]:
         for path in sorted(self._batches.glob("*.json")):
@@ -144,6 +201,10 @@ class BatchStore:
             out.write(line)
             out.flush()
             os.fsync(out.fileno())
+
+    def drop_results(self, batch_id: str) -> None:
+        """Once the output and error files hold them (the final status is saved)."""
+        (self._batches / f"{batch_id}.results").unlink(missing_ok=True)
 
     def read_results(self, batch_id: str) -> list[dict[str, Any]]:
         """Every complete results line; a torn last one (killed mid-write) is dropped."""
