@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     n_ctx: int = Field(4096, ge=64)
     n_batch: int = Field(512, ge=1)
     n_ubatch: int = Field(512, ge=1)
-    n_threads: int = Field(0, ge=0)  # 0: one fewer than the cores (default_threads)
+    n_threads: int = Field(0, ge=0)  # 0: one fewer than the usable cores (server/cpus.py)
     n_gpu_layers: int = 0  # -1: all layers
     mmproj_use_gpu: bool = True  # only matters in a GPU build
     n_parallel: int = Field(4, ge=1, le=64)  # slots decoded together in one batch

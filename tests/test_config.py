@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -199,12 +198,13 @@ def test_a_bad_chat_template_is_a_config_error(tmp_path: Path, value: str, fragm
 
 def test_default_threads_leave_a_core_free(demo_model) -> None:
     from server.config import load_settings
-    from server.engine.model import default_threads, load_model
+    from server.cpus import default_threads, usable_cores
+    from server.engine.model import load_model
 
     assert [default_threads(c) for c in (1, 2, 4, 16)] == [1, 1, 3, 15]
     loaded = load_model(load_settings(None, model=demo_model.text, mmproj=demo_model.mmproj,
                                       n_threads=0, n_parallel=1))
     try:
-        assert loaded.info["n_threads"] == default_threads(os.cpu_count() or 1)
+        assert loaded.info["n_threads"] == default_threads(usable_cores().usable)
     finally:
         loaded.close()

@@ -19,7 +19,7 @@ from gguf import GGUFReader
 
 from server.demo_model import DemoModelPaths
 
-CHECKS = ["build", "gpus", "files", "sha256", "gguf", "template", "engine"]
+CHECKS = ["build", "gpus", "threads", "files", "sha256", "gguf", "template", "engine"]
 
 
 def doctor(models: DemoModelPaths, registry: Path, *extra: str,
@@ -68,6 +68,7 @@ def test_doctor_passes_on_the_demo_model(demo_model: DemoModelPaths, tmp_path: P
     assert checks["build"]["summary"].startswith(
         f"llama-cpp-python 0.3.36 (llama.cpp {build['llama_cpp']}); backends CPU; no GPU device")
     assert build["gpu_offload"] is False and build["features"]["CPU"]  # CPU feature flags
+    assert checks["threads"]["details"]["n_threads"] == 1  # VLSERVE_N_THREADS
     assert checks["sha256"]["summary"] == "files match registry entry demo (mmproj not " \
         "pinned in the registry)"
     assert checks["sha256"]["details"]["model"]["sha256"] == sha256(demo_model.text)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import sys
@@ -20,6 +19,7 @@ from server.cluster.failover import RouterWorkers
 from server.cluster.front import nginx_argv, write_nginx_conf
 from server.cluster.router import DEFAULT_POLICY, router_argv
 from server.cluster.state import redis_argv
+from server.cpus import usable_cores
 
 logger = logging.getLogger("vlserve.cluster")
 
@@ -64,7 +64,7 @@ class ClusterSpec:
     drain_timeout: float = 30.0  # what each replica gets after SIGTERM (its drain_timeout)
 
     def threads(self) -> int:
-        return self.threads_per_replica or max(1, (os.cpu_count() or 1) // self.replicas)
+        return self.threads_per_replica or max(1, usable_cores().usable // self.replicas)
 
 
 class ClusterError(RuntimeError):

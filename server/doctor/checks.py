@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from server.config import ConfigError, Settings
+from server.cpus import Cores, default_threads, oversubscribed
 from server.doctor.report import Check
 from server.engine.build_info import BuildInfo
 from server.engine.placement import rebuild_hint
@@ -37,6 +38,18 @@ def check_gpus(build: BuildInfo) -> Check:
         return Check("gpus", "fail", f"NVML sees {len(nvml)} GPU(s) ({names}) but this "
                      f"llama-cpp-python has no GPU backend: {rebuild_hint()}", {"nvml": nvml})
     return Check("gpus", "ok", f"NVML sees {len(nvml)} GPU(s): {names}", {"nvml": nvml})
+
+
+def check_threads(settings: Settings, cores: Cores) -> Check:
+    """llama.cpp's threads against the cores this process may use (quota, affinity)."""
+    chosen = settings.n_threads or default_threads(cores.usable)
+    details = {"n_threads": chosen, "usable_cores": cores.usable,
+               "machine_cores": cores.machine}
+    problem = oversubscribed(settings.n_threads, cores)
+    if problem is not None:
+        return Check("threads", "fail", problem, details)
+    return Check("threads", "ok", f"{chosen} llama.cpp thread(s) on {cores.describe()}",
+                 details)
 
 
 def nvml_gpus() -> list[dict[str, Any]] | str:

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
 def diagnose(settings: Settings, registry: Path, *, engine: bool = True,
              timeout_s: float = 600.0) -> Report:
     """Every check in order; a check whose input is missing is skipped and says why."""
+    from server.cpus import usable_cores
     from server.doctor.checks import (
         check_build,
         check_files,
@@ -57,6 +58,7 @@ def diagnose(settings: Settings, registry: Path, *, engine: bool = True,
         check_gpus,
         check_sha256,
         check_template,
+        check_threads,
     )
     from server.engine.build_info import read_build_info
     from server.engine.supported import read_gguf_kinds
@@ -65,6 +67,7 @@ def diagnose(settings: Settings, registry: Path, *, engine: bool = True,
     build = read_build_info()
     report.add(check_build(build))
     report.add(check_gpus(build))
+    report.add(check_threads(settings, usable_cores()))
     if report.add(check_files(settings, registry)).failed:
         return _skip(report, "sha256", "gguf", "template", "engine", why="model files missing")
     report.add(check_sha256(settings, registry))

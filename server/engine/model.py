@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -14,6 +13,7 @@ import llama_cpp
 from llama_cpp import mtmd_cpp
 
 from server.config import Settings
+from server.cpus import default_threads, oversubscribed, usable_cores
 from server.engine import llama_log
 from server.engine.build_info import read_build_info
 from server.engine.next_turn import turn_markup
@@ -104,14 +104,6 @@ def load_model(settings: Settings) -> LoadedModel:
     return loaded
 
 
-def default_threads(cores: int) -> int:
-    """One core left free: llama.cpp's threads meet at a barrier after every operation, so a
-    core taken by anything else (our own image decoding and HTTP work included) stalls them
-    all. Gemma 3 270M on 2 cores: 57 tok/s with 2 threads and 32 with 1 when alone, but 22
-    with 2 and 44 with 1 beside one busy process (README, CPU threads)."""
-    return max(1, cores - 1)
-
-
 def update_placement(loaded: LoadedModel, settings: Settings, log: list[str]) -> Placement:
     """Read placement back from llama.cpp's log into `info` (again after the first encode,
     which is when clip.cpp reports the encoder's flash attention and unsupported ops)."""
@@ -130,7 +122,11 @@ def update_placement(loaded: LoadedModel, settings: Settings, log: list[str]) ->
 
 def _load(settings: Settings) -> LoadedModel:
     llama_cpp.llama_backend_init()
-    n_threads = settings.n_threads or default_threads(os.cpu_count() or 1)
+    cores = usable_cores()
+    n_threads = settings.n_threads or default_threads(cores.usable)
+    problem = oversubscribed(settings.n_threads, cores)
+    if problem is not None:
+        logger.warning("%s", problem)
 
     model_params = llama_cpp.llama_model_default_params()
     model_params.n_gpu_layers = settings.n_gpu_layers
