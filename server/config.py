@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     # server/engine/templates.py), a path to a .jinja file, or inline Jinja text. None: the
     # GGUF's own tokenizer.chat_template, else its architecture's entry, else vicuna.
     chat_template: str | None = None
+    # A thinking model's answers (a chat template that knows <think> ... </think>): "auto"
+    # returns the reasoning as `reasoning_content` beside the answer's `content` (as
+    # llama-server and vLLM do); "none" leaves it in `content` as the model wrote it.
+    reasoning_format: Literal["auto", "none"] = "auto"
     # Extra stop strings for every request, beside the template's next-turn markers.
     stop: list[str] = Field(default_factory=list)
 

@@ -15,6 +15,7 @@ from server.api.auth import client_identity
 from server.api.choices import merge_choices
 from server.api.errors import APIError, error_response
 from server.api.generation import (
+    Event,
     Events,
     cancel_on_disconnect,
     max_tokens,
@@ -27,8 +28,10 @@ from server.api.observe import RequestRecord, request_record
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import event_stream, responses
 from server.api.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from server.api.reasoning import ReasoningEvent, plan_reasoning
 from server.api.response_format import response_grammar
 from server.api.state import AppState
+from server.api.template_kwargs import template_kwargs
 from server.api.tool_calls import (
     ToolDeltaEvent,
     answer_message,
@@ -37,7 +40,6 @@ from server.api.tool_calls import (
 )
 from server.engine import (
     DoneEvent,
-    EngineEvent,
     ErrorEvent,
     GenerationRequest,
     SamplingParams,
@@ -48,7 +50,7 @@ from server.timings import StageTimer
 
 router = APIRouter(route_class=OffLoopJSONRoute)
 
-Choice = tuple[Events, EngineEvent | ToolDeltaEvent]  # a choice's events and its first
+Choice = tuple[Events, Event]  # a choice's events and its first
 
 
 _OK = "The completion as JSON or, with `stream: true`, as server-sent events: one " \
@@ -76,6 +78,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         raise APIError(400, "ignore_eos cannot be combined with a JSON response_format (the "
                        "answer must end where the JSON does)", param="ignore_eos")
     client = client_identity(request.scope)
+    kwargs = template_kwargs(body.chat_template_kwargs)
+    reasoning = plan_reasoning(state, kwargs, constrained=constraint is not None)
     generation = GenerationRequest(
         messages=[],
         max_tokens=max_tokens(body.max_completion_tokens or body.max_tokens, state.settings),
@@ -88,6 +92,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         stream=body.stream,
         tenant=state.cache_tenant(client),
         priority=request_priority(request.scope),
+        template_kwargs=kwargs,
     )
     # Until a streaming response takes over (Starlette then notices hang-ups itself), a
     # client that goes away must cancel its generation: while its images decode, queued,
@@ -99,7 +104,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         names = ["tools"] * (len(messages) - len(body.messages)) + [
             f"messages.{i}" for i in range(len(body.messages))]
         choices = await start_choices(state, generation, messages, n, client=client,
-                                      plan=plan, constraint=constraint, names=names)
+                                      plan=plan, constraint=constraint, names=names,
+                                      reasoning=reasoning)
         error = next((first for _, first in choices if isinstance(first, ErrorEvent)), None)
         if error is not None:
             generation.cancelled.set()  # the other choices, if any, stop too
@@ -159,16 +165,19 @@ async def _complete(reply: _Reply, choices: list[Choice], generation: Generation
     return JSONResponse(body, headers={"Server-Timing": timer.server_timing_header()})
 
 
-async def _answer(event: EngineEvent | ToolDeltaEvent,
-                  events: AsyncIterator[EngineEvent | ToolDeltaEvent],
-                  generation: GenerationRequest, tools: bool) -> _Answer | ErrorEvent:
+async def _answer(event: Event, events: Events, generation: GenerationRequest, tools: bool
+                  ) -> _Answer | ErrorEvent:
     """One choice, whole."""
     pieces: list[str] = []
+    thoughts: list[str] = []
     logprobs: list[dict[str, object]] = []
-    while isinstance(event, TokenEvent):
-        pieces.append(event.text)
-        if event.logprob is not None:
-            logprobs.append(_logprob_entry(event.logprob))
+    while isinstance(event, TokenEvent | ReasoningEvent):
+        if isinstance(event, ReasoningEvent):
+            thoughts.append(event.text)
+        else:
+            pieces.append(event.text)
+            if event.logprob is not None:
+                logprobs.append(_logprob_entry(event.logprob))
         event = await anext(events)
     if isinstance(event, ErrorEvent):
         return event
@@ -176,6 +185,8 @@ async def _answer(event: EngineEvent | ToolDeltaEvent,
     text = "".join(pieces)
     message, finish_reason = answer_message(text, event.finish_reason) if tools else (
         {"role": "assistant", "content": text}, event.finish_reason)
+    if thoughts:
+        message["reasoning_content"] = "".join(thoughts)
     return _Answer(message, finish_reason, {"content": logprobs}
                    if generation.top_logprobs is not None else None, event)
 
@@ -205,6 +216,8 @@ async def _stream(reply: _Reply, choices: list[Choice], generation: GenerationRe
                                  logprobs={"content": [_logprob_entry(event.logprob)]})
             elif isinstance(event, ToolDeltaEvent):
                 yield _chunk(reply, event.delta, None, index=index)
+            elif isinstance(event, ReasoningEvent):
+                yield _chunk(reply, {"reasoning_content": event.text}, None, index=index)
             elif isinstance(event, DoneEvent):
                 if index == 0:
                     record.finish_reason = event.finish_reason

@@ -4,7 +4,7 @@ token limit, the sampler settings, starting a generation and cancelling it on ha
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -13,6 +13,7 @@ from fastapi import Request
 from server.api.errors import APIError
 from server.api.messages import to_engine_messages
 from server.api.protocol import ChatMessageIn
+from server.api.reasoning import ReasoningEvent, ReasoningSplitter, reasoning_stream
 from server.api.state import AppState
 from server.api.tool_calls import ToolDeltaEvent, ToolPlan, tool_stream
 from server.config import Settings
@@ -56,18 +57,20 @@ def sampling_params(*, temperature: float | None = None, top_p: float | None = N
     )
 
 
-Events = AsyncIterator[EngineEvent | ToolDeltaEvent]
+Event = EngineEvent | ToolDeltaEvent | ReasoningEvent
+Events = AsyncIterator[Event]
 
 
 async def start_generation(state: AppState, generation: GenerationRequest,
                            messages: list[ChatMessageIn], *, client: str,
                            plan: ToolPlan | None, constraint: tuple[str, str] | None,
                            names: Sequence[str] | None = None,
-                           ) -> tuple[Events, EngineEvent | ToolDeltaEvent]:
+                           reasoning: Callable[[], ReasoningSplitter] | None = None,
+                           ) -> tuple[Events, Event]:
     """Decode the messages' images, submit, and wait for the first event: the events (call
     markup already turned into tool-call pieces when streaming) and that first one."""
     [choice] = await start_choices(state, generation, messages, 1, client=client, plan=plan,
-                                   constraint=constraint, names=names)
+                                   constraint=constraint, names=names, reasoning=reasoning)
     return choice
 
 
@@ -75,14 +78,18 @@ async def start_choices(state: AppState, generation: GenerationRequest,
                         messages: list[ChatMessageIn], n: int, *, client: str,
                         plan: ToolPlan | None, constraint: tuple[str, str] | None,
                         names: Sequence[str] | None = None,
-                        ) -> list[tuple[Events, EngineEvent | ToolDeltaEvent]]:
+                        reasoning: Callable[[], ReasoningSplitter] | None = None,
+                        ) -> list[tuple[Events, Event]]:
     """start_generation for `n` choices of one prompt (evaluated once): each choice's events
-    and first event. A refused prompt gives a single choice carrying the error."""
+    and first event. A refused prompt gives a single choice carrying the error. `reasoning`:
+    a thinking model's answers come with their reasoning split off (server/api/reasoning)."""
     generation.messages = await to_engine_messages(messages, state, generation.timer, client,
                                                    names)
     with _admission_errors():  # n > 1 is refused here, a single request at its first event
         streams: list[Events] = [state.engine.generate(generation)] if n == 1 else list(
             await state.engine.generate_choices(generation, n))
+    if reasoning is not None:
+        streams = [reasoning_stream(events, reasoning()) for events in streams]
     if plan is not None and generation.stream:
         streams = [tool_stream(events) for events in streams]
     if constraint is not None:

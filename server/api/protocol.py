@@ -198,6 +198,9 @@ class ChatCompletionRequest(_Lenient):
     tools: list[ToolDef] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # Extension (as in vLLM and llama-server): variables for the chat template, such as
+    # {"enable_thinking": false} for a thinking model's template.
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -265,6 +268,8 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None  # null when the answer is only tool calls
     tool_calls: list[ToolCallOut] | None = None
+    # A thinking model's reasoning (between its think markers), apart from the answer.
+    reasoning_content: str | None = None
 
 
 class FunctionCallDelta(BaseModel):
@@ -300,6 +305,7 @@ class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    reasoning_content: str | None = None
 
 
 class ChunkChoice(BaseModel):

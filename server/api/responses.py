@@ -15,6 +15,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from server.api.auth import client_identity
 from server.api.errors import APIError, error_response
 from server.api.generation import (
+    Event,
+    Events,
     cancel_on_disconnect,
     max_tokens,
     require_ready,
@@ -33,6 +35,7 @@ from server.api.protocol import (
     NamedToolChoice,
     ToolDef,
 )
+from server.api.reasoning import ReasoningEvent, plan_reasoning
 from server.api.response_format import response_grammar
 from server.api.response_store import StoredResponse, stored_response
 from server.api.responses_input import (
@@ -45,6 +48,7 @@ from server.api.responses_output import (
     Finished,
     ResponseDraft,
     answer_items,
+    reasoning_item,
     status_of,
     stream_events,
 )
@@ -59,14 +63,13 @@ from server.api.responses_protocol import (
 )
 from server.api.state import AppState
 from server.api.tool_calls import (
-    ToolDeltaEvent,
     ToolPlan,
     answer_message,
     calls_as_text,
     plan_functions,
     with_tool_prompt,
 )
-from server.engine import DoneEvent, EngineEvent, ErrorEvent, GenerationRequest, TokenEvent
+from server.engine import DoneEvent, ErrorEvent, GenerationRequest, TokenEvent
 from server.store import StateUnavailable
 from server.timings import StageTimer
 
@@ -114,8 +117,10 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         tenant=state.cache_tenant(client))
     watcher = asyncio.create_task(cancel_on_disconnect(request, generation))
     try:
+        reasoning = plan_reasoning(state, None, constrained=constraint is not None)
         events, first = await start_generation(state, generation, prompted, client=client,
-                                               plan=plan, constraint=constraint, names=where)
+                                               plan=plan, constraint=constraint, names=where,
+                                               reasoning=reasoning)
         if isinstance(first, ErrorEvent):
             return error_response(first.status, first.message, code=first.code)
         draft = ResponseDraft(record.completion_id, state.settings.model_name,
@@ -277,14 +282,14 @@ def _finish_reason(body: dict[str, Any]) -> str:
     return "tool_calls" if calls else "stop"
 
 
-async def _complete(draft: ResponseDraft, event: EngineEvent | ToolDeltaEvent,
-                    events: AsyncIterator[EngineEvent | ToolDeltaEvent],
+async def _complete(draft: ResponseDraft, event: Event, events: Events,
                     plan: ToolPlan | None,
                     finished: Callable[[Finished], Awaitable[None]]
                     ) -> Response:
     pieces: list[str] = []
-    while isinstance(event, TokenEvent):
-        pieces.append(event.text)
+    thoughts: list[str] = []
+    while isinstance(event, TokenEvent | ReasoningEvent):
+        (thoughts if isinstance(event, ReasoningEvent) else pieces).append(event.text)
         event = await anext(events)
     if isinstance(event, ErrorEvent):
         return error_response(event.status, event.message, code=event.code)
@@ -298,13 +303,14 @@ async def _complete(draft: ResponseDraft, event: EngineEvent | ToolDeltaEvent,
         calls = message.get("tool_calls", [])  # type: ignore[assignment]
     status = status_of(event.finish_reason)
     output = answer_items(content, calls, status)
+    if thoughts:
+        output.insert(0, reasoning_item("".join(thoughts), status))
     body = draft.body(status, output, timer=event.timer, finish_reason=event.finish_reason)
     await finished(Finished(body, output))
     return JSONResponse(body, headers={"Server-Timing": event.timer.server_timing_header()})
 
 
-async def _stream(draft: ResponseDraft, first: EngineEvent | ToolDeltaEvent,
-                  events: AsyncIterator[EngineEvent | ToolDeltaEvent],
+async def _stream(draft: ResponseDraft, first: Event, events: Events,
                   generation: GenerationRequest,
                   finished: Callable[[Finished], Awaitable[None]]
                   ) -> AsyncIterator[str]:

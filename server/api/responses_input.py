@@ -29,6 +29,7 @@ from server.api.responses_protocol import (
     InputText,
     MessageItem,
     OutputText,
+    ReasoningItem,
     ResponsesRequest,
 )
 
@@ -54,6 +55,8 @@ def to_chat_messages(items: list[InputItem], names: list[str]
     messages: list[ChatMessageIn] = []
     where: list[str] = []
     for item, name in zip(items, names, strict=True):
+        if isinstance(item, ReasoningItem):
+            continue  # not shown again: templates drop earlier reasoning as well
         if isinstance(item, FunctionCallOutputItem):
             messages.append(ChatMessageIn(role="tool", tool_call_id=item.call_id,
                                           content=item.output))
@@ -116,6 +119,10 @@ def item_dicts(items: list[InputItem]) -> list[dict[str, Any]]:
             out.append({"id": item.id or new_id("fc"), "type": "function_call",
                         "call_id": item.call_id, "name": item.name,
                         "arguments": item.arguments, "status": "completed"})
+        elif isinstance(item, ReasoningItem):
+            out.append({"id": item.id or new_id("rs"), "type": "reasoning",
+                        "summary": item.summary, "status": "completed",
+                        "content": [p.model_dump() for p in item.content or []]})
         else:
             out.append({"id": item.id or new_id("fco"), "type": "function_call_output",
                         "call_id": item.call_id, "output": item.output,

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.api.generation import Event
+from server.api.reasoning import ReasoningEvent
 from server.api.responses_input import new_id
 from server.api.tool_calls import ToolDeltaEvent
-from server.engine import DoneEvent, EngineEvent, ErrorEvent, TokenEvent
+from server.engine import DoneEvent, ErrorEvent, TokenEvent
 from server.timings import StageTimer
 
 
@@ -55,6 +57,11 @@ def message_item(text: str, status: str, item_id: str | None = None) -> dict[str
             "status": status, "content": [text_part(text)]}
 
 
+def reasoning_item(text: str, status: str, item_id: str | None = None) -> dict[str, Any]:
+    return {"type": "reasoning", "id": item_id or new_id("rs"), "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}], "status": status}
+
+
 def text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
@@ -96,8 +103,7 @@ class Finished:
     error_status: int | None = None  # the engine's HTTP status for a failure
 
 
-async def stream_events(draft: ResponseDraft, first: EngineEvent | ToolDeltaEvent,
-                        events: AsyncIterator[EngineEvent | ToolDeltaEvent],
+async def stream_events(draft: ResponseDraft, first: Event, events: AsyncIterator[Event],
                         on_done: Callable[[Finished], Awaitable[None]]
                         ) -> AsyncIterator[str]:
     """The event sequence of one response; `on_done` gets its end (to store it, log it)."""
@@ -107,11 +113,21 @@ async def stream_events(draft: ResponseDraft, first: EngineEvent | ToolDeltaEven
     yield out.event("response.in_progress", response=draft.body("in_progress", []))
     text: dict[str, Any] | None = None  # the message item being written
     call: dict[str, Any] | None = None  # the function call being written
+    thought: dict[str, Any] | None = None  # the reasoning item being written
 
     def close_open(status: str = "completed") -> list[str]:
-        nonlocal text, call
+        nonlocal text, call, thought
         lines: list[str] = []
         index = len(output)
+        if thought is not None:
+            body = thought["content"][0]["text"]
+            lines.append(out.event("response.reasoning_text.done", item_id=thought["id"],
+                                   output_index=index, content_index=0, text=body))
+            thought["status"] = status
+            lines.append(out.event("response.output_item.done", output_index=index,
+                                   item=thought))
+            output.append(thought)
+            thought = None
         if text is not None:
             item_id, body = text["id"], text["content"][0]["text"]
             lines.append(out.event("response.output_text.done", item_id=item_id,
@@ -142,7 +158,17 @@ async def stream_events(draft: ResponseDraft, first: EngineEvent | ToolDeltaEven
 
     event = first
     while True:
-        if isinstance(event, TokenEvent):
+        if isinstance(event, ReasoningEvent):
+            if thought is None:
+                for line in close_open():
+                    yield line
+                thought = reasoning_item("", "in_progress")
+                yield out.event("response.output_item.added", output_index=len(output),
+                                item={**thought, "content": []})
+            thought["content"][0]["text"] += event.text
+            yield out.event("response.reasoning_text.delta", item_id=thought["id"],
+                            output_index=len(output), content_index=0, delta=event.text)
+        elif isinstance(event, TokenEvent):
             if text is None:
                 for line in close_open() + open_text():
                     yield line
@@ -165,8 +191,9 @@ async def stream_events(draft: ResponseDraft, first: EngineEvent | ToolDeltaEven
                 yield out.event("response.function_call_arguments.delta", item_id=call["id"],
                                 output_index=len(output), delta=function["arguments"])
         elif isinstance(event, DoneEvent):
-            if text is None and call is None and not output:
-                for line in open_text():  # an empty answer is still one (empty) message
+            if text is None and call is None and not any(
+                    item["type"] != "reasoning" for item in output):
+                for line in close_open() + open_text():  # an empty answer: an empty message
                     yield line
             status = status_of(event.finish_reason)
             for line in close_open(status):

@@ -70,6 +70,24 @@ class FunctionCallOutputItem(_Lenient):
     id: str | None = None
 
 
+class ReasoningTextPart(_Lenient):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+class ReasoningItem(_Lenient):
+    """A thinking model's reasoning from an earlier answer (apps send the output items back
+    as input). Accepted and left out of the prompt: chat templates drop earlier turns'
+    reasoning too."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[dict[str, Any]] = Field(default_factory=list)
+    content: list[ReasoningTextPart] | None = None
+    encrypted_content: str | None = None
+    status: str | None = None
+
+
 def _item_type(value: Any) -> str | None:
     """Message items may leave out `type` (the SDK's EasyInputMessage)."""
     if isinstance(value, dict):
@@ -79,7 +97,8 @@ def _item_type(value: Any) -> str | None:
 
 InputItem = Annotated[
     Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(_item_type)]
 
 
@@ -168,7 +187,19 @@ class FunctionCallOut(BaseModel):
     status: Literal["in_progress", "completed", "incomplete"]
 
 
-OutputItem = Annotated[OutputMessage | FunctionCallOut, Field(discriminator="type")]
+class ReasoningOut(BaseModel):
+    """A thinking model's reasoning (its text between the think markers), before the
+    answer's message."""
+
+    type: Literal["reasoning"]
+    id: str
+    summary: list[Any]
+    content: list[ReasoningTextPart]
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
+OutputItem = Annotated[OutputMessage | FunctionCallOut | ReasoningOut,
+                       Field(discriminator="type")]
 
 
 class InputTokensDetails(BaseModel):

@@ -11,6 +11,7 @@ from typing import Literal
 
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, ChatMessageIn, NamedToolChoice, ToolDef
+from server.api.reasoning import ReasoningEvent
 from server.engine import DoneEvent, EngineEvent, TokenEvent
 from server.engine.constraints import ConstraintError
 from server.engine.tools import (
@@ -152,9 +153,10 @@ def answer_message(text: str, finish_reason: str) -> tuple[dict[str, object], st
     return message, "tool_calls" if finish_reason == "stop" else finish_reason
 
 
-async def tool_stream(events: AsyncIterator[EngineEvent]) -> AsyncIterator[
-        EngineEvent | ToolDeltaEvent]:
-    """The engine's events with call markup turned into `delta.tool_calls` pieces."""
+async def tool_stream(events: AsyncIterator[EngineEvent | ReasoningEvent]) -> AsyncIterator[
+        EngineEvent | ToolDeltaEvent | ReasoningEvent]:
+    """The engine's events with call markup turned into `delta.tool_calls` pieces (the
+    answer's text only: reasoning passes through)."""
     parser = ToolCallParser()
     async for event in events:
         if isinstance(event, TokenEvent):

@@ -18,6 +18,7 @@ from server.engine.admission import CLIENT_GONE
 from server.engine.model import LoadedModel, load_model, update_placement
 from server.engine.placement import Placement
 from server.engine.prepare import Preparer, PromptRefused
+from server.engine.prompt import ChatTemplate
 from server.engine.scheduler import QueueFullError, Scheduler
 from server.engine.types import (
     ChatMessage,
@@ -94,6 +95,11 @@ class Engine:
     @property
     def ready(self) -> bool:
         return self.state is EngineState.READY
+
+    @property
+    def template(self) -> ChatTemplate | None:
+        """The model's chat template, once loaded (the API asks it how answers begin)."""
+        return self._model.template if self._model is not None else None
 
     @property
     def queue_depth(self) -> int:

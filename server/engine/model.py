@@ -179,6 +179,8 @@ def _load(settings: Settings) -> LoadedModel:
         "vision": projector is not None,
         "input": "text and images" if projector is not None else "text only",
         "chat_template": chosen.meta(),
+        # Answers split into reasoning_content and content (server/api/reasoning.py).
+        "reasoning": template.thinks and settings.reasoning_format == "auto",
         "description": _meta(model, "general.description") or "",
         "n_ctx": llama_cpp.llama_n_ctx(ctx),
         "n_ctx_train": llama_cpp.llama_model_n_ctx_train(model),

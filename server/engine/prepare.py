@@ -62,7 +62,8 @@ class Preparer:
         model = self.model
         timer = request.timer
         try:
-            rendered = model.template.render(request.messages, self._system_prompt)
+            rendered = model.template.render(request.messages, self._system_prompt,
+                                             template_kwargs=request.template_kwargs)
         except PromptError as exc:
             raise PromptRefused(ErrorEvent(400, str(exc))) from None
         self._check_size(rendered)

@@ -6,6 +6,7 @@ as plain text, so a user who types `</s>` or the media marker gets those charact
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,6 +16,9 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from server.engine.types import ChatMessage, ImageInput
+
+# A thinking model's reasoning markers (DeepSeek-R1, Qwen3, GLM-4.1V/4.5V/4.6V, ...).
+THINK = ("<think>", "</think>")
 
 
 class PromptError(ValueError):
@@ -56,13 +60,17 @@ class ChatTemplate:
         self._marker = media_marker
         self._strip_bos = strip_bos
         self._separator = part_separator
+        self._opens: dict[tuple[str, str], bool] = {}  # opens_block's answers
 
     def render(
         self, messages: list[ChatMessage], system_prompt: str | None = None,
         tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> RenderedPrompt:
         """`tools`: the request's tool definitions (OpenAI shape), for templates that show
-        them; None when the request has none, as HF's apply_chat_template passes them."""
+        them; None when the request has none, as HF's apply_chat_template passes them.
+        `template_kwargs`: the request's own template variables (enable_thinking: False),
+        never one of RESERVED (server/api/template_kwargs.py checks)."""
         # Client text goes in between two sentinels no client can guess (a fresh nonce each
         # time), so the rendered text says where it is, whatever the template wraps around it.
         # Digits and ASCII control characters: case filters and trim leave them as they are,
@@ -89,6 +97,7 @@ class ChatTemplate:
                                       "content": self._separator.join(texts)})
         try:
             text = self._template.render(
+                **(template_kwargs or {}),
                 messages=rendered_messages,
                 add_generation_prompt=True,
                 tools=tools,
@@ -110,6 +119,36 @@ class ChatTemplate:
         if markers != len(images):
             raise PromptError("the chat template did not place every image of the messages")
         return RenderedPrompt(segments, tuple(images))
+
+
+    @property
+    def thinks(self) -> bool:
+        """A thinking model's template: it knows the reasoning markers (to drop earlier
+        turns' reasoning, or to open or close the block in the generation prompt)."""
+        return all(marker in self.source for marker in THINK)
+
+    def opens_block(self, start: str, end: str, template_kwargs: dict[str, Any] | None
+                    ) -> bool:
+        """Whether the generation prompt leaves `start` open (a thinking template that
+        begins the answer inside <think>), with these template variables."""
+        key = json.dumps(template_kwargs or {}, sort_keys=True)
+        known = self._opens.get((start, key))
+        if known is not None:
+            return known
+        try:
+            text = self.render([ChatMessage("user", ("?",))],
+                               template_kwargs=template_kwargs).segments[-1].text
+        except PromptError:
+            text = ""
+        opened = text.rfind(start) > text.rfind(end)
+        if len(self._opens) >= 256:  # a few distinct kwargs in practice; never unbounded
+            self._opens.clear()
+        self._opens[(start, key)] = opened
+        return opened
+
+
+RESERVED = frozenset({"messages", "add_generation_prompt", "tools", "bos_token", "eos_token",
+                      "raise_exception", "strftime_now"})
 
 
 def split_segments(text: str, sentinels: tuple[str, str]) -> tuple[Segment, ...]:

@@ -6,7 +6,7 @@ import asyncio
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from server.engine.logprobs import TokenLogprob
 from server.timings import StageTimer
@@ -73,6 +73,8 @@ class GenerationRequest:
     # from lower-priority running work (preempted, resumed later). Batch jobs run at
     # BATCH_PRIORITY so they only fill slots interactive requests leave idle.
     priority: int = 0
+    # The request's chat template variables (chat_template_kwargs), checked by the API.
+    template_kwargs: dict[str, Any] | None = None
 
 
 INTERACTIVE_PRIORITY = 0

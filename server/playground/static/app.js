@@ -324,6 +324,7 @@ async function streamAnswer(messages, answer, sessionId) {
   if (!response.ok) throw await apiError(response);
 
   let reply = "";
+  let thinking = "";  // a thinking model's reasoning: shown above the answer, never sent back
   const calls = [];  // by index: {id, name, arguments}, as the stream's tool_calls pieces build them
   let timings = null;
   let finish = null;
@@ -333,6 +334,12 @@ async function streamAnswer(messages, answer, sessionId) {
       const chunk = JSON.parse(data);
       if (chunk.error) throw new ApiError(`The server stopped the answer: ${chunk.error.message}`);
       const choice = chunk.choices?.[0];
+      if (choice?.delta?.reasoning_content) {
+        thinking += choice.delta.reasoning_content;
+        answer.thinking ||= answer.body.insertBefore(el("div", "thinking"), answer.text);
+        answer.thinking.textContent = thinking;
+        scrollDown();
+      }
       if (choice?.delta?.content) {
         reply += choice.delta.content;
         answer.text.textContent = reply;
@@ -351,7 +358,7 @@ async function streamAnswer(messages, answer, sessionId) {
     answer.body.append(el("div", "note", "stopped"));  // keep what came, in the history too
   }
   answer.body.classList.remove("pending");
-  if (!reply && !calls.length) answer.text.textContent = "(empty answer)";
+  if (!reply && !calls.length) answer.text.textContent = thinking ? "" : "(empty answer)";
   if (timings) answer.body.append(timingView(timings, finish));
   scrollDown();
   const message = { role: "assistant", content: reply || (calls.length ? null : "") };
