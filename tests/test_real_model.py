@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -379,3 +381,22 @@ def test_client_text_cannot_forge_gemma_control_tokens_in_any_role(gemma_gguf: P
             assert len(forged) > len(plain), text  # the characters are there, as text
     finally:
         model.close()
+
+
+def test_bench_on_a_text_only_model_measures_text(gemma: RunningServer, tmp_path: Path
+                                                  ) -> None:
+    """`vlserve bench` asks /models whether the model reads images; on a text-only one its
+    concurrency levels send text (before: every image request was a 400)."""
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.cli", "bench", "--url", gemma.url, "-n", "2",
+         "--concurrency", "1,2", "--max-tokens", "4", "--out", str(out), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "text only" in proc.stdout.splitlines()[0]
+    data = json.loads((out / "bench.json").read_text())
+    assert [(s["name"], s["kind"]) for s in data["scenarios"]] == [
+        ("text", "text"), ("c=1", "text"), ("c=2", "text")]
+    for scenario in data["scenarios"]:
+        assert scenario["summary"]["errors"] == 0, scenario["summary"]
+        assert all(s["timings"]["image_tokens"] == 0 for s in scenario["samples"])

@@ -23,11 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--requests", type=_positive, default=10,
                         help="requests per scenario (default 10)")
     parser.add_argument("--concurrency", type=_levels, default=(1, 2, 4, 8),
-                        help="concurrency levels for image requests, e.g. 1,2,4,8 ('' skips)")
+                        help="concurrency levels for image requests (text ones on a "
+                        "text-only model), e.g. 1,2,4,8 ('' skips)")
     parser.add_argument("--image-size", type=_size, default=(1920, 1080), metavar="WxH",
                         help="size of the synthetic JPEG (default 1920x1080)")
     parser.add_argument("--image", type=Path, help="use this picture instead (sent as JPEG)")
-    parser.add_argument("--prompt", default="Describe this image in one sentence.")
+    parser.add_argument("--prompt", help="default: a question about the image (a sentence "
+                        "about the sea on a text-only model)")
     parser.add_argument("--max-tokens", type=_positive, default=64)
     parser.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
     parser.add_argument("--out", type=Path,

@@ -20,6 +20,12 @@ class Progress:
         self._bar = tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True,
                          leave=False)
 
+    def total(self, requests: int) -> None:
+        """The number of requests, once the server says which scenarios apply."""
+        if self._bar is not None:
+            self._bar.total = requests
+            self._bar.refresh()
+
     def stage(self, name: str) -> None:
         if self._bar is not None:
             self._bar.set_description(name)

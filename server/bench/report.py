@@ -76,8 +76,9 @@ def to_json(run: BenchRun, verdict: Verdict) -> dict[str, Any]:
 
 def _header(run: BenchRun) -> str:
     plan = run.plan
-    return (f"vlserve bench: {run.server.model} at {run.server.url}, "
-            f"{plan.image.describe()} ({run.image_bytes / 1024:.0f} kB), "
+    images = (f"{plan.image.describe()} ({run.image_bytes / 1024:.0f} kB)"
+              if run.image_bytes else "text only")
+    return (f"vlserve bench: {run.server.model} at {run.server.url}, {images}, "
             f"max_tokens {plan.max_tokens}, {run.duration_s:.0f} s")
 
 

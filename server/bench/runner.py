@@ -20,6 +20,10 @@ class BenchError(RuntimeError):
     """The bench cannot run (server unreachable, not ready); the message says why."""
 
 
+IMAGE_PROMPT = "Describe this image in one sentence."
+TEXT_PROMPT = "Write one sentence about the sea."
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -35,15 +39,19 @@ class BenchPlan:
     requests: int = 10
     concurrency: tuple[int, ...] = (1, 2, 4, 8)
     image: ImageSpec = field(default_factory=ImageSpec)
-    prompt: str = "Describe this image in one sentence."
+    prompt: str | None = None  # None: IMAGE_PROMPT, or TEXT_PROMPT for a text-only model
     max_tokens: int = 64
     timeout_s: float = 300.0
 
-    def scenarios(self) -> list[Scenario]:
-        base = [Scenario("text", "text", 1, self.requests),
-                Scenario("image", "image", 1, self.requests)]
+    def scenarios(self, vision: bool = True) -> list[Scenario]:
+        """Text and image one at a time, then image requests at each concurrency level; a
+        text-only model (`vision` False) gets text requests at every level instead."""
+        kind = "image" if vision else "text"
+        base = [Scenario("text", "text", 1, self.requests)]
+        if vision:
+            base.append(Scenario("image", "image", 1, self.requests))
         # At least two rounds per worker, so each level sees the server full, not ramping.
-        return base + [Scenario(f"c={c}", "image", c, max(self.requests, 2 * c))
+        return base + [Scenario(f"c={c}", kind, c, max(self.requests, 2 * c))
                        for c in self.concurrency]
 
 
@@ -68,17 +76,21 @@ def server_root(url: str) -> str:
 
 async def run_bench(plan: BenchPlan, progress: Progress) -> BenchRun:
     root = server_root(plan.url)
-    scenarios = plan.scenarios()
+    scenarios = plan.scenarios()  # the most connections either way
     limits = httpx.Limits(max_connections=max((s.concurrency for s in scenarios), default=1) + 2)
     async with httpx.AsyncClient(headers=auth_headers(plan.api_key), limits=limits,
                                  timeout=httpx.Timeout(plan.timeout_s, connect=10.0)) as client:
         server = await _server_info(client, root)
+        vision = server.meta.get("vision") is not False  # /models says "text only" so
+        scenarios = plan.scenarios(vision)
+        progress.total(sum(s.requests for s in scenarios))
         chat_url = f"{root}/api/v1/chat/completions"
-        bodies = BodyFactory(server.model, plan.prompt, plan.max_tokens, plan.image)
+        prompt = plan.prompt or (IMAGE_PROMPT if vision else TEXT_PROMPT)
+        bodies = BodyFactory(server.model, prompt, plan.max_tokens, plan.image)
         started = time.time()
         progress.stage("warm-up")
         # One of each first, so connection set-up and first-call costs stay out of the stats.
-        for kind in ("text", "image"):
+        for kind in ("text", "image") if vision else ("text",):
             warm = await send_chat(client, chat_url, bodies.make(kind))
             if not warm.ok:
                 raise BenchError(f"the warm-up {kind} request failed: {warm.error}")
