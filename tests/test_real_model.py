@@ -220,6 +220,16 @@ def test_an_image_part_is_refused_by_name(gemma: RunningServer) -> None:
     assert response.status_code == 400
     assert "messages.0.content.0: this model has no vision projector" in \
         response.json()["error"]["message"]
+    # An image upload is refused up front too (nothing could use it); batch files are not.
+    client = openai.OpenAI(base_url=gemma.api, api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.files.create(file=("p.png", photo_bytes(32, 32)), purpose="vision")
+    assert refused.value.body["code"] == "images_not_supported"  # type: ignore[index]
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": "Hi"}]}}
+    batch_file = client.files.create(file=("in.jsonl", json.dumps(line).encode()),
+                                     purpose="batch")
+    assert batch_file.purpose == "batch"
     # Still serving.
     ok = httpx.post(f"{gemma.api}/chat/completions", timeout=60,
                     json={"model": "gemma-3-270m", "messages": FRANCE, "max_tokens": 2})

@@ -56,6 +56,10 @@ async def upload_file(request: Request) -> JSONResponse:
     purpose = form.fields.get("purpose", "vision")
     if purpose == "batch":
         return JSONResponse(await batch_files.upload(form, state, client_identity(request.scope)))
+    if settings.mmproj is None:  # nothing could use it: refused before decoding
+        raise APIError(400, "this model has no vision projector; it reads text only, so an "
+                       "uploaded image could not be used in its chats (purpose \"batch\" "
+                       "files are taken)", param="file", code="images_not_supported")
     if form_expiry(form.fields) is not None:
         raise APIError(400, f"image uploads are kept {settings.upload_ttl_s:g} s at most (the "
                        "server's upload_ttl_s; each file object's expires_at says when it "
