@@ -34,6 +34,7 @@ class StageTimer:
     image_cache_hits: int = 0  # images whose embedding was reused instead of encoded
     grammar_resamples: int = 0  # tokens drawn again because the grammar refused the first
     preemptions: int = 0  # times the KV cache was full and this request stepped aside
+    reasoning_tokens: int = 0  # of completion_tokens, a thinking model's (server/api/reasoning)
 
     def add(self, stage: str, seconds: float) -> None:
         self.stages_ms[stage] += seconds * 1000.0
@@ -59,6 +60,7 @@ class StageTimer:
             image_cache_hits=self.image_cache_hits,
             grammar_resamples=self.grammar_resamples,
             preemptions=self.preemptions,
+            reasoning_tokens=self.reasoning_tokens,
             tokens_per_second=round(self.tokens_per_second, 2),
         )
         return out

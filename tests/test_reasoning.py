@@ -73,13 +73,20 @@ def test_the_opened_think_block_is_reasoning_not_content(client: openai.OpenAI) 
     # it wrote is reasoning, none is answer.
     assert reasoning_of(message), message
     assert message.content == ""
+    assert answer.usage is not None and answer.usage.completion_tokens_details is not None
+    assert answer.usage.completion_tokens_details.reasoning_tokens == \
+        answer.usage.completion_tokens > 0
 
-    streamed = client.chat.completions.create(model="m", messages=ASK,  # type: ignore[arg-type]
-                                              max_tokens=12, temperature=0, stream=True)
+    streamed = list(client.chat.completions.create(
+        model="m", messages=ASK, max_tokens=12, temperature=0,  # type: ignore[arg-type]
+        stream=True, stream_options={"include_usage": True}))
     pieces = [(reasoning_of(c.choices[0].delta), c.choices[0].delta.content)
               for c in streamed if c.choices]
     assert "".join(r for r, _ in pieces if r) == reasoning_of(message)
     assert "".join(c for _, c in pieces if c) == ""
+    usage = streamed[-1].usage
+    assert usage is not None and usage.completion_tokens_details is not None
+    assert usage.completion_tokens_details.reasoning_tokens == usage.completion_tokens
 
 
 def test_enable_thinking_false_reaches_the_template(client: openai.OpenAI) -> None:
@@ -91,6 +98,8 @@ def test_enable_thinking_false_reaches_the_template(client: openai.OpenAI) -> No
     assert plain.usage.prompt_tokens > thinking.usage.prompt_tokens
     assert plain.choices[0].message.content
     assert reasoning_of(plain.choices[0].message) is None
+    assert plain.usage.completion_tokens_details is not None
+    assert plain.usage.completion_tokens_details.reasoning_tokens == 0
 
 
 def test_bad_template_kwargs_are_a_400(server: RunningServer) -> None:
@@ -145,6 +154,9 @@ def test_responses_give_the_reasoning_its_own_item(client: openai.OpenAI,
     assert thought.content[0].text == reasoning
     assert isinstance(message, ResponseOutputMessage)
     assert response.output_text == ""
+    assert response.usage is not None
+    assert response.usage.output_tokens_details.reasoning_tokens == \
+        response.usage.output_tokens > 0
 
     events = list(client.responses.create(model="m", input=ASK[0]["content"],
                                           max_output_tokens=12, temperature=0, stream=True))

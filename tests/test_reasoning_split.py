@@ -60,3 +60,22 @@ def test_events_keep_order_and_the_answer_keeps_its_logprobs() -> None:
 
     assert asyncio.run(collect()) == [ReasoningEvent("hm"), ReasoningEvent("m"),
                                       TokenEvent("Yes", lp), done]
+
+
+def test_reasoning_tokens_are_those_up_to_the_end_of_the_block() -> None:
+    async def engine(texts: list[str]) -> AsyncIterator[TokenEvent | DoneEvent]:
+        for text in texts:
+            yield TokenEvent(text)
+        yield DoneEvent("stop", StageTimer())
+
+    async def count(texts: list[str], opened: bool) -> int:
+        events = [e async for e in reasoning_stream(engine(texts),
+                                                    ReasoningSplitter(THINK, opened))]
+        done = events[-1]
+        assert isinstance(done, DoneEvent)
+        return done.timer.reasoning_tokens
+
+    # The opening token, two inside, the closing one; then two answer tokens.
+    assert asyncio.run(count(["<think>", "a", "b", "</think>", "Yes", "."], False)) == 4
+    assert asyncio.run(count(["a", "</think>", "Yes"], True)) == 2
+    assert asyncio.run(count(["Yes", " <think>"], False)) == 0

@@ -89,7 +89,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         request_id=record.request_id,
         client=client,
         top_logprobs=_top_logprobs(body),
-        stream=body.stream,
+        # Reasoning is counted token by token, so a thinking model's tokens come one by one.
+        stream=body.stream or reasoning is not None,
         tenant=state.cache_tenant(client),
         priority=request_priority(request.scope),
         template_kwargs=kwargs,
@@ -151,6 +152,7 @@ async def _complete(reply: _Reply, choices: list[Choice], generation: Generation
     timer = generation.timer
     # Usage counts every choice's tokens; the timings are the first choice's.
     timer.completion_tokens = sum(a.done.timer.completion_tokens for a in finished)
+    timer.reasoning_tokens = sum(a.done.timer.reasoning_tokens for a in finished)
     record.finish_reason = finished[0].finish_reason
     body = {
         "id": reply.id,
@@ -201,7 +203,7 @@ class _Answer:
 
 async def _stream(reply: _Reply, choices: list[Choice], generation: GenerationRequest,
                   include_usage: bool, record: RequestRecord) -> AsyncIterator[str]:
-    completion_tokens = 0
+    completion_tokens = reasoning_tokens = 0
     running = len(choices)
     try:
         for index in range(len(choices)):
@@ -222,6 +224,7 @@ async def _stream(reply: _Reply, choices: list[Choice], generation: GenerationRe
                 if index == 0:
                     record.finish_reason = event.finish_reason
                 completion_tokens += event.timer.completion_tokens
+                reasoning_tokens += event.timer.reasoning_tokens
                 yield _chunk(reply, {}, event.finish_reason, index=index,
                              timings=event.timer.as_dict())
                 running -= 1
@@ -229,6 +232,7 @@ async def _stream(reply: _Reply, choices: list[Choice], generation: GenerationRe
                     continue
                 timer = generation.timer  # usage counts every choice; timings: the first's
                 timer.completion_tokens = completion_tokens
+                timer.reasoning_tokens = reasoning_tokens
                 if include_usage:
                     yield _chunk(reply, None, None, usage=_usage(timer), timings=timer.as_dict())
                 yield "data: [DONE]\n\n"
@@ -278,6 +282,7 @@ def _usage(timer: StageTimer) -> dict[str, object]:
         "completion_tokens": timer.completion_tokens,
         "total_tokens": timer.prompt_tokens + timer.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": timer.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": timer.reasoning_tokens},
     }
 
 

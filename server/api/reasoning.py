@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.api.state import AppState
-from server.engine import EngineEvent, TokenEvent
+from server.engine import DoneEvent, EngineEvent, TokenEvent
 from server.engine.prompt import THINK
 
 
@@ -55,6 +55,10 @@ class ReasoningSplitter:
         self._state = "inside" if opened else "before"
         self._held = ""  # text that may be the start of a marker
         self._strip = False  # whitespace right after the end marker is not answer text
+
+    @property
+    def inside(self) -> bool:
+        return self._state == "inside"
 
     def feed(self, text: str) -> list[tuple[bool, str]]:
         out: list[tuple[bool, str]] = []
@@ -115,11 +119,20 @@ def _partial_suffix(text: str, marker: str) -> int:
 async def reasoning_stream(events: AsyncIterator[EngineEvent], splitter: ReasoningSplitter
                            ) -> AsyncIterator[EngineEvent | ReasoningEvent]:
     """The engine's events with the reasoning split off. A token's logprob goes with the
-    last answer text it produced; reasoning carries none."""
+    last answer text it produced; reasoning carries none. The tokens that opened, were
+    inside or closed the block are counted as the answer's `reasoning_tokens` (one event
+    per token: the caller asks the engine for a stream)."""
+    reasoning_tokens = 0
     async for event in events:
         token = isinstance(event, TokenEvent)
-        pieces = splitter.feed(event.text) if isinstance(event, TokenEvent) else \
-            splitter.finish()  # Done or Error: nothing more will complete a marker
+        if isinstance(event, TokenEvent):
+            was_inside = splitter.inside
+            pieces = splitter.feed(event.text)
+            reasoning_tokens += was_inside or splitter.inside
+        else:  # Done or Error: nothing more will complete a marker
+            pieces = splitter.finish()
+            if isinstance(event, DoneEvent):
+                event.timer.reasoning_tokens = reasoning_tokens
         last_answer = max((i for i, (reasoning, _) in enumerate(pieces) if not reasoning),
                           default=-1)
         for i, (reasoning, text) in enumerate(pieces):

@@ -109,15 +109,16 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     messages = calls_as_text(messages)
     prompted = with_tool_prompt(messages, plan)
     where = ["tools"] * (len(prompted) - len(messages)) + where
+    reasoning = plan_reasoning(state, None, constrained=constraint is not None)
     generation = GenerationRequest(
         messages=[], max_tokens=max_tokens(body.max_output_tokens, state.settings),
         sampling=sampling_params(temperature=body.temperature, top_p=body.top_p,
                                  grammar=constraint[1] if constraint else None),
-        timer=timer, request_id=record.request_id, client=client, stream=body.stream,
+        timer=timer, request_id=record.request_id, client=client,
+        stream=body.stream or reasoning is not None,  # reasoning is counted token by token
         tenant=state.cache_tenant(client))
     watcher = asyncio.create_task(cancel_on_disconnect(request, generation))
     try:
-        reasoning = plan_reasoning(state, None, constrained=constraint is not None)
         events, first = await start_generation(state, generation, prompted, client=client,
                                                plan=plan, constraint=constraint, names=where,
                                                reasoning=reasoning)

@@ -44,7 +44,7 @@ def usage(timer: StageTimer) -> dict[str, Any]:
                                      "cache_write_tokens": timer.prompt_tokens
                                      - timer.cached_tokens},
             "output_tokens": timer.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": timer.reasoning_tokens},
             "total_tokens": timer.prompt_tokens + timer.completion_tokens}
 
 
