@@ -410,3 +410,47 @@ def test_bench_on_a_text_only_model_measures_text(gemma: RunningServer, tmp_path
     for scenario in data["scenarios"]:
         assert scenario["summary"]["errors"] == 0, scenario["summary"]
         assert all(s["timings"]["image_tokens"] == 0 for s in scenario["samples"])
+
+
+def vocab_pieces(gguf: Path) -> list[bytes]:
+    """Each token id's text in this GGUF's vocabulary (read with llama.cpp, vocab only)."""
+    import llama_cpp
+
+    from server.engine.model import _piece
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), params)
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        return [_piece(vocab, t, special=False)
+                for t in range(llama_cpp.llama_vocab_n_tokens(vocab))]
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def test_logit_bias_bans_and_forces_tokens(client: openai.OpenAI, gemma_gguf: Path,
+                                           gemma: RunningServer) -> None:
+    """OpenAI's logit_bias, by this vocabulary's token ids: -100 bans a token (the next best
+    takes its place), 100 makes one win; before, the field was ignored."""
+    pieces = vocab_pieces(gemma_gguf)
+    prompt = [{"role": "user", "content": "The capital of France is"}]
+
+    def first_token(**extra: object) -> tuple[bytes, bytes]:
+        answer = ask(client, prompt, max_tokens=1, logprobs=True, top_logprobs=2, **extra)
+        assert answer.choices[0].logprobs is not None
+        entry = answer.choices[0].logprobs.content[0]
+        return bytes(entry.bytes or []), bytes(entry.top_logprobs[1].bytes or [])
+
+    best, runner_up = first_token()
+    banned = {str(i): -100 for i, piece in enumerate(pieces) if piece == best}
+    assert banned, best
+    assert first_token(logit_bias=banned)[0] == runner_up
+    forced = pieces.index(b"banana")
+    assert first_token(logit_bias={str(forced): 100})[0] == b"banana"
+    for bias, param in (({"x": 1}, "logit_bias.x"), ({str(len(pieces)): 1},
+                        f"logit_bias.{len(pieces)}"), ({"5": 101}, "logit_bias.5")):
+        response = httpx.post(f"{gemma.api}/chat/completions", timeout=60, json={
+            "messages": prompt, "max_tokens": 1, "logit_bias": bias})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param

@@ -83,7 +83,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     generation = GenerationRequest(
         messages=[],
         max_tokens=max_tokens(body.max_completion_tokens or body.max_tokens, state.settings),
-        sampling=_sampling(body, constraint[1] if constraint else None),
+        sampling=_sampling(body, constraint[1] if constraint else None,
+                           logit_biases(body.logit_bias, state.engine.info.get("n_vocab", 0))),
         stop=_stops(body.stop),
         timer=timer,
         request_id=record.request_id,
@@ -286,12 +287,36 @@ def _usage(timer: StageTimer) -> dict[str, object]:
     }
 
 
-def _sampling(body: ChatCompletionRequest, grammar: str | None) -> SamplingParams:
+def _sampling(body: ChatCompletionRequest, grammar: str | None,
+              biases: tuple[tuple[int, float], ...]) -> SamplingParams:
     return sampling_params(
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
         seed=body.seed, repeat_penalty=body.repeat_penalty,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        ignore_eos=body.ignore_eos, grammar=grammar)
+        ignore_eos=body.ignore_eos, grammar=grammar, logit_bias=biases)
+
+
+MAX_LOGIT_BIAS = 1024  # entries; OpenAI's own cap is lower
+
+
+def logit_biases(raw: dict[str, float] | None, n_vocab: int
+                 ) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as (token id, bias) pairs; -100 bans the token outright, as OpenAI
+    documents it (a finite -100 could still lose to a flat distribution's others)."""
+    if not raw:
+        return ()
+    if len(raw) > MAX_LOGIT_BIAS:
+        raise APIError(400, f"logit_bias: at most {MAX_LOGIT_BIAS} tokens", param="logit_bias")
+    out = []
+    for key, bias in raw.items():
+        param = f"logit_bias.{key}"
+        if not key.isdigit() or int(key) >= n_vocab:
+            raise APIError(400, f"{param}: not a token id of this model (0 to {n_vocab - 1})",
+                           param=param)
+        if not -100 <= bias <= 100:
+            raise APIError(400, f"{param}: a bias is from -100 to 100", param=param)
+        out.append((int(key), float("-inf") if bias <= -100 else float(bias)))
+    return tuple(out)
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:

@@ -40,7 +40,8 @@ def sampling_params(*, temperature: float | None = None, top_p: float | None = N
                     seed: int | None = None, repeat_penalty: float | None = None,
                     presence_penalty: float | None = None,
                     frequency_penalty: float | None = None, ignore_eos: bool | None = None,
-                    grammar: str | None = None) -> SamplingParams:
+                    grammar: str | None = None,
+                    logit_bias: tuple[tuple[int, float], ...] = ()) -> SamplingParams:
     """The sampler settings a request asked for, the engine's defaults for the rest."""
     defaults = SamplingParams()
     return SamplingParams(
@@ -54,6 +55,7 @@ def sampling_params(*, temperature: float | None = None, top_p: float | None = N
         frequency_penalty=frequency_penalty or 0.0,
         ignore_eos=bool(ignore_eos),
         grammar=grammar,
+        logit_bias=logit_bias,
     )
 
 

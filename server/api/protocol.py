@@ -198,6 +198,10 @@ class ChatCompletionRequest(_Lenient):
     tools: list[ToolDef] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # Token id (of this model's vocabulary, as llama-server and vLLM read it) → a bias
+    # from -100 (never) to 100 added to its logit; checked by the route, which knows the
+    # vocabulary's size.
+    logit_bias: dict[str, float] | None = None
     # Extension (as in vLLM and llama-server): variables for the chat template, such as
     # {"enable_thinking": false} for a thinking model's template.
     chat_template_kwargs: dict[str, Any] | None = None

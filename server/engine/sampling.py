@@ -209,8 +209,9 @@ def _penalized(params: SamplingParams) -> bool:
 
 def _window_needs(params: SamplingParams) -> int:
     """How many allowed tokens the resample window must hold for its draw to be exact
-    (0: never exact, mask the whole vocabulary)."""
-    if _penalized(params):
+    (0: never exact, mask the whole vocabulary). Penalties and biases change the order the
+    window is cut from."""
+    if _penalized(params) or params.logit_bias:
         return 0
     if params.temperature <= 0.0:
         return 1
@@ -234,7 +235,8 @@ def build_sampler(params: SamplingParams, model_vocab: llama_cpp.llama_vocab_p,
                   utf8: Utf8Vocab, eog_tokens: frozenset[int], timer: StageTimer
                   ) -> TokenSampler:
     """The request's sampler; GrammarError when llama.cpp rejects its grammar."""
-    if params.grammar is None and params.temperature <= 0.0 and not _penalized(params):
+    if params.grammar is None and params.temperature <= 0.0 and not _penalized(params) \
+            and not params.logit_bias:
         return ArgmaxSampler(len(utf8.pieces), eog_tokens if params.ignore_eos else frozenset())
     chain = build_sampler_chain(params, len(utf8.pieces), eog_tokens)
     if params.grammar is None:
@@ -254,11 +256,14 @@ def build_sampler_chain(params: SamplingParams, n_vocab: int,
     """A chain the caller owns (free with llama_sampler_free)."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     add = llama_cpp.llama_sampler_chain_add
-    if params.ignore_eos and eog_tokens:
+    biases = list(params.logit_bias)
+    if params.ignore_eos:
         # End-of-generation tokens can never be drawn: the answer runs to max_tokens.
-        biases = (llama_cpp.llama_logit_bias * len(eog_tokens))(
-            *(llama_cpp.llama_logit_bias(t, float("-inf")) for t in sorted(eog_tokens)))
-        add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(eog_tokens), biases))
+        biases += [(t, float("-inf")) for t in sorted(eog_tokens)]
+    if biases:
+        array = (llama_cpp.llama_logit_bias * len(biases))(
+            *(llama_cpp.llama_logit_bias(t, b) for t, b in biases))
+        add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), array))
     if _penalized(params):
         add(
             chain,

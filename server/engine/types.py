@@ -25,6 +25,8 @@ class SamplingParams:
     penalty_last_n: int = 64
     ignore_eos: bool = False  # benchmarks and load tests: always run to max_tokens
     grammar: str | None = None  # GBNF the answer must match (server/engine/constraints.py)
+    # (token id, bias added to its logit): OpenAI's logit_bias, checked by the API.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
