@@ -13,6 +13,7 @@ from server import __version__
 from server.api.auth import APIKeyMiddleware, is_protected
 from server.api.batches import router as batches_router
 from server.api.chat import router as chat_router
+from server.api.completions import router as completions_router
 from server.api.drain import DrainMiddleware
 from server.api.errors import install_error_handlers
 from server.api.files import router as files_router
@@ -79,7 +80,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                        max_json_depth=settings.max_json_depth)
     app.add_middleware(RequestObserver, metrics=metrics, model=settings.model_name,
                        paths=frozenset(f"{prefix}{path}" for prefix in API_PREFIXES
-                                      for path in ("/chat/completions", "/responses")),
+                                      for path in ("/chat/completions", "/completions",
+                                                   "/responses")),
                        write_timeout=settings.write_timeout)
     keys = [key.get_secret_value() for key in settings.api_keys]
     app.add_middleware(APIKeyMiddleware, keys=keys, metrics_open=settings.metrics_open)
@@ -99,8 +101,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(metrics_router)
     for prefix in API_PREFIXES:
         documented = prefix == API_PREFIXES[0]  # /v1 is the same API again, for SDK defaults
-        for router in (chat_router, responses_router, files_router, batches_router,
-                       models_router):
+        for router in (chat_router, completions_router, responses_router, files_router,
+                       batches_router, models_router):
             app.include_router(router, prefix=prefix, include_in_schema=documented)
     if settings.playground:
         mount_playground(app)

@@ -48,7 +48,10 @@ ROUTES = {
         # _safe_id) and seen only by their owner; lines run as their batch's owner
         # (test_batches.py, test_batch_units.py).
         ("/files/{file_id}/content", "GET"), ("/batches", "POST"), ("/batches", "GET"),
-        ("/batches/{batch_id}", "GET"), ("/batches/{batch_id}/cancel", "POST"))),
+        ("/batches/{batch_id}", "GET"), ("/batches/{batch_id}/cancel", "POST"),
+        # Text completions: a text prompt only (no images, files or URLs), the chat
+        # path's engine and limits (test_completions.py).
+        ("/completions", "POST"))),
 }
 
 

@@ -85,7 +85,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         max_tokens=max_tokens(body.max_completion_tokens or body.max_tokens, state.settings),
         sampling=_sampling(body, constraint[1] if constraint else None,
                            logit_biases(body.logit_bias, state.engine.info.get("n_vocab", 0))),
-        stop=_stops(body.stop),
+        stop=stop_strings(body.stop),
         timer=timer,
         request_id=record.request_id,
         client=client,
@@ -162,7 +162,7 @@ async def _complete(reply: _Reply, choices: list[Choice], generation: Generation
         "model": reply.model,
         "choices": [{"index": i, "message": a.message, "finish_reason": a.finish_reason,
                      "logprobs": a.logprobs} for i, a in enumerate(finished)],
-        "usage": _usage(timer),
+        "usage": usage_of(timer),
         "timings": timer.as_dict(),
     }
     return JSONResponse(body, headers={"Server-Timing": timer.server_timing_header()})
@@ -235,7 +235,7 @@ async def _stream(reply: _Reply, choices: list[Choice], generation: GenerationRe
                 timer.completion_tokens = completion_tokens
                 timer.reasoning_tokens = reasoning_tokens
                 if include_usage:
-                    yield _chunk(reply, None, None, usage=_usage(timer), timings=timer.as_dict())
+                    yield _chunk(reply, None, None, usage=usage_of(timer), timings=timer.as_dict())
                 yield "data: [DONE]\n\n"
                 return
             else:
@@ -277,7 +277,7 @@ def _top_logprobs(body: ChatCompletionRequest) -> int | None:
     return (body.top_logprobs or 0) if body.logprobs else None
 
 
-def _usage(timer: StageTimer) -> dict[str, object]:
+def usage_of(timer: StageTimer) -> dict[str, object]:
     return {
         "prompt_tokens": timer.prompt_tokens,
         "completion_tokens": timer.completion_tokens,
@@ -319,7 +319,7 @@ def logit_biases(raw: dict[str, float] | None, n_vocab: int
     return tuple(out)
 
 
-def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     if stop is None:
         return ()
     stops = (stop,) if isinstance(stop, str) else tuple(stop)

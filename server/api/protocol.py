@@ -213,6 +213,34 @@ class ChatCompletionRequest(_Lenient):
         return few_enough_parts(data, "messages")
 
 
+class CompletionRequest(_Lenient):
+    """OpenAI's (legacy) text completions: one prompt, no chat template."""
+
+    model: str | None = None
+    # One prompt: a string, or a list holding one (token-id prompts and several prompts
+    # are refused by the route, which names the field).
+    prompt: str | list[Any]
+    max_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: Annotated[int, Field(ge=0), _WHOLE] | None = None
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    seed: Annotated[int, _WHOLE] | None = None
+    stop: str | Annotated[list[str], WithJsonSchema(_STOP_LIST)] | None = None
+    n: Annotated[int, Field(ge=1, le=128), _WHOLE] | None = None
+    best_of: Annotated[int, Field(ge=1, le=128), _WHOLE] | None = None  # = n only
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    logprobs: Annotated[int, Field(ge=0, le=20), _WHOLE] | None = None
+    echo: bool = False
+    suffix: str | None = None  # refused unless empty: no fill-in-the-middle here
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool | None = None
+
+
 def few_enough_parts(data: Any, field: str) -> Any:
     """At most MAX_CONTENT_PARTS list-content parts over the messages (or items) in
     `data[field]`, counted on the raw JSON."""
@@ -414,3 +442,29 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: CompletionLogprobs | None
+
+
+class Completion(BaseModel):
+    """The answer, or (`stream: true`) one `data:` event of it."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    timings: Timings | None = None

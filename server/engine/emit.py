@@ -53,8 +53,8 @@ def finish(slot: Slot, reason: str, model: LoadedModel, markup: tuple[int, ...],
     job = slot.job
     assert job is not None
     finish_job(slot, reason)
-    if not markup or job.request.priority < 0:  # chats only: a batch line has no next turn
-        return
+    if not markup or job.request.priority < 0 or job.request.prompt is not None:
+        return  # chats only: a batch line or a raw completion has no next turn
     ids = [*job.tokens, *(() if last is None else (last,))]
     raw = b"".join(model.pieces[t] for t in ids)
     if model.strip_first_space and raw.startswith(b" "):

@@ -12,7 +12,7 @@ import time
 
 from server.engine import mtmd
 from server.engine.model import LoadedModel
-from server.engine.prompt import PromptError, RenderedPrompt
+from server.engine.prompt import PromptError, RenderedPrompt, Segment
 from server.engine.tokens import text_prompt
 from server.engine.types import ErrorEvent, GenerationRequest
 
@@ -62,8 +62,10 @@ class Preparer:
         model = self.model
         timer = request.timer
         try:
-            rendered = model.template.render(request.messages, self._system_prompt,
-                                             template_kwargs=request.template_kwargs)
+            rendered = RenderedPrompt((Segment(request.prompt, user=False),), ()) \
+                if request.prompt is not None else model.template.render(
+                    request.messages, self._system_prompt,
+                    template_kwargs=request.template_kwargs)
         except PromptError as exc:
             raise PromptRefused(ErrorEvent(400, str(exc))) from None
         self._check_size(rendered)

@@ -77,6 +77,10 @@ class GenerationRequest:
     priority: int = 0
     # The request's chat template variables (chat_template_kwargs), checked by the API.
     template_kwargs: dict[str, Any] | None = None
+    # A raw text prompt (POST /completions) instead of `messages`: no chat template, none
+    # of its stop strings, no next turn. Its special-token texts are read as such: the
+    # whole prompt is the client's own markup.
+    prompt: str | None = None
 
 
 INTERACTIVE_PRIORITY = 0

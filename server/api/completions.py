@@ -1,0 +1,213 @@
+"""POST /completions: OpenAI's (legacy) text completions, as llama-server and vLLM serve them.
+
+The prompt goes to the model as written, without the chat template (a base model such as
+Gemma 3 270M base continues text; tools that complete code or run evaluations send raw
+prompts), and the answer stops at the client's `stop` strings and the vocabulary's end of
+generation only. Sampling, limits, KV prefix reuse, timings and the engine are the chat
+path's; the shapes are OpenAI's `text_completion`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from server.api.auth import client_identity
+from server.api.chat import logit_biases, stop_strings, usage_of
+from server.api.choices import merge_choices
+from server.api.errors import APIError, error_response
+from server.api.generation import (
+    Events,
+    cancel_on_disconnect,
+    max_tokens,
+    require_ready,
+    sampling_params,
+    start_choices,
+)
+from server.api.internal import request_priority
+from server.api.observe import RequestRecord, request_record
+from server.api.offloop_json import OffLoopJSONRoute
+from server.api.openapi import event_stream, responses
+from server.api.protocol import Completion, CompletionRequest
+from server.api.state import AppState
+from server.engine import DoneEvent, ErrorEvent, GenerationRequest, TokenEvent
+from server.engine.logprobs import TokenLogprob
+from server.timings import StageTimer
+
+router = APIRouter(route_class=OffLoopJSONRoute)
+
+
+@router.post("/completions", response_model=None,
+             responses=responses(Completion, 400, 413, 429, 500, 503, 504,
+                                 content=event_stream(Completion)))
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    state: AppState = request.app.state.vlserve
+    require_ready(state)
+    record = request_record(request)
+    record.completion_id = "cmpl-" + record.completion_id.removeprefix("chatcmpl-")
+    record.timer = timer = StageTimer()
+    record.stream = body.stream
+    prompt = _prompt(body)
+    n = body.n or 1
+    if n > state.settings.n_parallel:
+        raise APIError(400, f"n: at most {state.settings.n_parallel} choices (the server's "
+                       f"n_parallel slots), not {n}", param="n")
+    if body.best_of is not None and body.best_of != n:
+        raise APIError(400, "best_of: only equal to n (every choice generated is returned)",
+                       param="best_of")
+    if body.suffix:
+        raise APIError(400, "suffix: fill-in-the-middle is not supported", param="suffix")
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo with logprobs would need the prompt's logprobs, which are "
+                       "not computed", param="echo")
+    client = client_identity(request.scope)
+    generation = GenerationRequest(
+        messages=[], prompt=prompt,
+        max_tokens=max_tokens(body.max_tokens, state.settings),
+        sampling=sampling_params(
+            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+            min_p=body.min_p, seed=body.seed, repeat_penalty=body.repeat_penalty,
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            ignore_eos=body.ignore_eos,
+            logit_bias=logit_biases(body.logit_bias, state.engine.info.get("n_vocab", 0))),
+        stop=stop_strings(body.stop), timer=timer, request_id=record.request_id,
+        client=client, top_logprobs=body.logprobs, stream=body.stream,
+        tenant=state.cache_tenant(client), priority=request_priority(request.scope))
+    watcher = asyncio.create_task(cancel_on_disconnect(request, generation))
+    try:
+        choices = await start_choices(state, generation, [], n, client=client, plan=None,
+                                      constraint=None)
+        error = next((first for _, first in choices if isinstance(first, ErrorEvent)), None)
+        if error is not None:
+            generation.cancelled.set()
+            return error_response(error.status, error.message, code=error.code)
+        head = {"id": record.completion_id, "object": "text_completion",
+                "created": int(time.time()), "model": state.settings.model_name}
+        echo = prompt if body.echo else ""
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream(head, choices, generation, echo, include_usage,
+                                             record),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await _complete(head, choices, generation, echo, record)
+    finally:
+        watcher.cancel()
+
+
+def _prompt(body: CompletionRequest) -> str:
+    prompt = body.prompt[0] if isinstance(body.prompt, list) and len(body.prompt) == 1 \
+        else body.prompt
+    if not isinstance(prompt, str):
+        raise APIError(400, "prompt: one string (or a list of one string); token-id prompts "
+                       "and several prompts in one request are not supported", param="prompt")
+    if not prompt:
+        raise APIError(400, "prompt: empty", param="prompt")
+    return prompt
+
+
+class _Logprobs:
+    """OpenAI's completion logprobs: parallel lists, offsets into the choice's text."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float] = []
+        self.top_logprobs: list[dict[str, float]] = []
+        self.text_offset: list[int] = []
+
+    def add(self, lp: TokenLogprob, text: str) -> None:
+        self.tokens.append(lp.token.decode("utf-8", errors="replace"))
+        self.token_logprobs.append(lp.logprob)
+        self.top_logprobs.append({t.decode("utf-8", errors="replace"): p for t, p in lp.top})
+        self.text_offset.append(self.offset)
+        self.offset += len(text)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs,
+                "top_logprobs": self.top_logprobs, "text_offset": self.text_offset}
+
+
+async def _complete(head: dict[str, object], choices: list[tuple[Events, object]],
+                    generation: GenerationRequest, echo: str, record: RequestRecord
+                    ) -> Response:
+    out = []
+    completion_tokens = 0
+    for index, (events, event) in enumerate(choices):
+        pieces = [echo]
+        logprobs = _Logprobs(len(echo)) if generation.top_logprobs is not None else None
+        while isinstance(event, TokenEvent):
+            pieces.append(event.text)
+            if logprobs is not None and event.logprob is not None:
+                logprobs.add(event.logprob, event.text)
+            event = await anext(events)
+        if isinstance(event, ErrorEvent):
+            generation.cancelled.set()
+            return error_response(event.status, event.message, code=event.code)
+        assert isinstance(event, DoneEvent)
+        completion_tokens += event.timer.completion_tokens
+        if index == 0:
+            record.finish_reason = event.finish_reason
+        out.append({"index": index, "text": "".join(pieces),
+                    "finish_reason": event.finish_reason,
+                    "logprobs": logprobs.as_dict() if logprobs is not None else None})
+    timer = generation.timer
+    timer.completion_tokens = completion_tokens
+    body = {**head, "choices": out, "usage": usage_of(timer), "timings": timer.as_dict()}
+    return JSONResponse(body, headers={"Server-Timing": timer.server_timing_header()})
+
+
+async def _stream(head: dict[str, object], choices: list[tuple[Events, object]],
+                  generation: GenerationRequest, echo: str, include_usage: bool,
+                  record: RequestRecord) -> AsyncIterator[str]:
+    def chunk(choice: dict[str, object] | None, **extra: object) -> str:
+        body = {**head, "choices": [] if choice is None else [choice], **extra}
+        return f"data: {json.dumps(body)}\n\n"
+
+    completion_tokens = 0
+    running = len(choices)
+    offsets = [len(echo)] * len(choices)
+    try:
+        if echo:
+            for index in range(len(choices)):
+                yield chunk({"index": index, "text": echo, "finish_reason": None,
+                             "logprobs": None})
+        async for index, event in merge_choices(choices):  # type: ignore[arg-type]
+            if isinstance(event, TokenEvent):
+                logprobs = None
+                if event.logprob is not None:
+                    one = _Logprobs(offsets[index])
+                    one.add(event.logprob, event.text)
+                    logprobs = one.as_dict()
+                offsets[index] += len(event.text)
+                yield chunk({"index": index, "text": event.text, "finish_reason": None,
+                             "logprobs": logprobs})
+            elif isinstance(event, DoneEvent):
+                if index == 0:
+                    record.finish_reason = event.finish_reason
+                completion_tokens += event.timer.completion_tokens
+                yield chunk({"index": index, "text": "", "finish_reason": event.finish_reason,
+                             "logprobs": None}, timings=event.timer.as_dict())
+                running -= 1
+                if running:
+                    continue
+                timer = generation.timer
+                timer.completion_tokens = completion_tokens
+                if include_usage:
+                    yield chunk(None, usage=usage_of(timer), timings=timer.as_dict())
+                yield "data: [DONE]\n\n"
+                return
+            else:
+                assert isinstance(event, ErrorEvent)
+                record.status = event.status
+                error = {"message": event.message, "type": "server_error", "param": None,
+                         "code": event.code}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                return
+    finally:
+        generation.cancelled.set()

@@ -1,0 +1,89 @@
+"""POST /completions (OpenAI's legacy text completions) on the real Gemma 3 270M base GGUF,
+a model that continues text: the prompt as written (no chat template), the client's stop
+strings, logprobs, echo, streaming, with the openai SDK and its types."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from conftest import RunningServer
+from openai.types import Completion
+from test_real_model import client, gemma, gemma_gguf  # noqa: F401  (the real-model server)
+
+PROMPT = "The capital of France is"
+
+
+def complete(client: openai.OpenAI, **extra: object) -> Completion:  # noqa: F811
+    raw = client.completions.with_raw_response.create(
+        model="gemma-3-270m", prompt=extra.pop("prompt", PROMPT),  # type: ignore[arg-type]
+        max_tokens=extra.pop("max_tokens", 16), temperature=extra.pop("temperature", 0),
+        **extra)  # type: ignore[arg-type]
+    return Completion.model_validate_json(raw.text)
+
+
+def test_the_prompt_is_continued_as_written(client: openai.OpenAI) -> None:  # noqa: F811
+    answer = complete(client)
+    assert answer.object == "text_completion" and answer.id.startswith("cmpl-")
+    (choice,) = answer.choices
+    assert choice.text.strip() and choice.finish_reason == "length"
+    assert answer.usage is not None and answer.usage.completion_tokens == 16
+    # No chat template around it: the prompt is BOS and its own six tokens.
+    assert answer.usage.prompt_tokens <= 8
+    chat = client.chat.completions.create(model="gemma-3-270m", max_tokens=1,
+                                          messages=[{"role": "user", "content": PROMPT}])
+    assert chat.usage is not None and chat.usage.prompt_tokens > answer.usage.prompt_tokens
+
+    # The chat template's stop strings are the chat's: a raw dialogue runs past "\nUSER:"
+    # (where the Gemma preset's chat answers end).
+    dialogue = "USER: Hello!\nASSISTANT: Hi, how can I help?\nUSER: What is 2+2?\nASSISTANT:"
+    assert "\nUSER:" in complete(client, prompt=dialogue, max_tokens=48).choices[0].text
+
+    # Special-token texts in a raw prompt are the client's own markup: one token each.
+    turn = "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    marked = complete(client, prompt=turn, max_tokens=1)
+    assert marked.usage is not None and marked.usage.prompt_tokens <= 10
+
+
+def test_stop_logprobs_echo_and_streaming(client: openai.OpenAI) -> None:  # noqa: F811
+    text = complete(client, max_tokens=24).choices[0].text
+    stop = text[6:9]
+    cut = complete(client, max_tokens=24, stop=[stop]).choices[0]
+    assert (cut.text, cut.finish_reason) == (text[:text.index(stop)], "stop")
+
+    with_lp = complete(client, logprobs=2).choices[0]
+    lp = with_lp.logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs
+    assert "".join(lp.tokens).lstrip() == with_lp.text.lstrip()
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 16
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+    echoed = complete(client, echo=True).choices[0].text
+    assert echoed.startswith(PROMPT) and echoed[len(PROMPT):] == complete(client).choices[0].text
+
+    chunks = list(client.completions.create(model="gemma-3-270m", prompt=PROMPT,
+                                            max_tokens=16, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == \
+        complete(client).choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 16
+
+    two = complete(client, n=2, temperature=0.9, seed=3)
+    assert [c.index for c in two.choices] == [0, 1]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": [1, 2, 3]}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": PROMPT, "suffix": "end"}, "suffix"),
+    ({"prompt": PROMPT, "best_of": 3}, "best_of"),
+    ({"prompt": PROMPT, "echo": True, "logprobs": 1}, "echo"),
+    ({"prompt": PROMPT, "n": 99}, "n"),
+])
+def test_what_is_not_served_is_a_400(gemma: RunningServer, body: dict, param: str  # noqa: F811
+                                     ) -> None:
+    response = httpx.post(f"{gemma.api}/completions", json={"max_tokens": 2, **body},
+                          timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
