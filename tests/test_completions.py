@@ -9,6 +9,7 @@ import openai
 import pytest
 from conftest import RunningServer
 from openai.types import Completion
+from test_batches import jsonl, read_lines, wait_batch
 from test_real_model import client, gemma, gemma_gguf  # noqa: F401  (the real-model server)
 
 PROMPT = "The capital of France is"
@@ -87,3 +88,27 @@ def test_what_is_not_served_is_a_400(gemma: RunningServer, body: dict, param: st
                           timeout=60)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_a_batch_of_text_completions(client: openai.OpenAI, gemma: RunningServer  # noqa: F811
+                                     ) -> None:
+    """OpenAI's Batch API on /v1/completions: each line a text completion."""
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": f"{i} + {i} =", "max_tokens": 4, "temperature": 0}}
+             for i in range(3)]
+    uploaded = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
+                                  completion_window="24h")
+    done = wait_batch(gemma, batch.id, {"completed", "failed"})
+    assert done.status == "completed", done
+    outputs = read_lines(client, done.output_file_id)
+    assert set(outputs) == {"c0", "c1", "c2"}
+    for output in outputs.values():
+        body = Completion.model_validate(output["response"]["body"])
+        assert body.object == "text_completion" and body.choices[0].text
+    chat_line = {**lines[0], "url": "/v1/chat/completions"}  # not this batch's endpoint
+    mixed = client.files.create(file=("in.jsonl", jsonl([chat_line])), purpose="batch")
+    wrong = client.batches.create(input_file_id=mixed.id, endpoint="/v1/completions",
+                                  completion_window="24h")
+    ended = wait_batch(gemma, wrong.id, {"completed", "failed"})
+    assert ended.request_counts is not None and ended.request_counts.failed == 1

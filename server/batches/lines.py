@@ -13,8 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 # The endpoints a batch may target, as OpenAI spells them, and the route each runs on.
-ENDPOINTS = {"/v1/chat/completions": "/api/v1/chat/completions"}
-_SPELLINGS = {"/v1/chat/completions", "/api/v1/chat/completions", "/chat/completions"}
+ENDPOINTS = {"/v1/chat/completions": "/api/v1/chat/completions",
+             "/v1/completions": "/api/v1/completions"}
+
+
+def _spellings(endpoint: str) -> set[str]:
+    """How a line may name the batch's endpoint: /v1/x, /api/v1/x or /x."""
+    tail = endpoint.removeprefix("/v1")
+    return {endpoint, f"/api/v1{tail}", tail}
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,7 @@ def _parse_line(index: int, raw: bytes, endpoint: str) -> RequestLine:
     if item.get("method") != "POST":
         return RequestLine(index, custom_id, None, "method must be \"POST\"")
     url = item.get("url")
-    if url not in _SPELLINGS or endpoint not in ENDPOINTS:
+    if endpoint not in ENDPOINTS or url not in _spellings(endpoint):
         return RequestLine(index, custom_id, None,
                            f"url must be the batch's endpoint {endpoint!r}, not {url!r}")
     body = item.get("body")
