@@ -22,6 +22,7 @@ from server.api.chat import logit_biases, stop_strings, usage_of
 from server.api.choices import merge_choices
 from server.api.errors import APIError, error_response
 from server.api.generation import (
+    Event,
     Events,
     cancel_on_disconnect,
     max_tokens,
@@ -133,7 +134,7 @@ class _Logprobs:
                 "top_logprobs": self.top_logprobs, "text_offset": self.text_offset}
 
 
-async def _complete(head: dict[str, object], choices: list[tuple[Events, object]],
+async def _complete(head: dict[str, object], choices: list[tuple[Events, Event]],
                     generation: GenerationRequest, echo: str, record: RequestRecord
                     ) -> Response:
     out = []
@@ -162,7 +163,7 @@ async def _complete(head: dict[str, object], choices: list[tuple[Events, object]
     return JSONResponse(body, headers={"Server-Timing": timer.server_timing_header()})
 
 
-async def _stream(head: dict[str, object], choices: list[tuple[Events, object]],
+async def _stream(head: dict[str, object], choices: list[tuple[Events, Event]],
                   generation: GenerationRequest, echo: str, include_usage: bool,
                   record: RequestRecord) -> AsyncIterator[str]:
     def chunk(choice: dict[str, object] | None, **extra: object) -> str:
@@ -177,7 +178,7 @@ async def _stream(head: dict[str, object], choices: list[tuple[Events, object]],
             for index in range(len(choices)):
                 yield chunk({"index": index, "text": echo, "finish_reason": None,
                              "logprobs": None})
-        async for index, event in merge_choices(choices):  # type: ignore[arg-type]
+        async for index, event in merge_choices(choices):
             if isinstance(event, TokenEvent):
                 logprobs = None
                 if event.logprob is not None:
