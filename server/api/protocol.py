@@ -165,18 +165,11 @@ ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponseFor
                            Field(discriminator="type")]
 
 
-class ChatCompletionRequest(_Lenient):
-    # top_logprobs needs logprobs: true (checked by the route; declared here).
-    model_config = ConfigDict(**_REQUEST_CONFIG, json_schema_extra={
-        "if": {"required": ["top_logprobs"],
-               "properties": {"top_logprobs": {"type": "integer"}}},
-        "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
-    })
+class GenerationFields(_Lenient):
+    """What chat and text completions both ask of the sampler and the answer."""
 
     model: str | None = None
-    messages: list[ChatMessageIn] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: Annotated[int, Field(ge=0), _WHOLE] | None = None
@@ -191,17 +184,29 @@ class ChatCompletionRequest(_Lenient):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    logprobs: bool | None = None
     ignore_eos: bool | None = None  # extension (as in vLLM / llama.cpp): run to max_tokens
+    # Token id (of this model's vocabulary, as llama-server and vLLM read it) → a bias
+    # from -100 (never) to 100 added to its logit; checked by the route, which knows the
+    # vocabulary's size.
+    logit_bias: dict[str, float] | None = None
+
+
+class ChatCompletionRequest(GenerationFields):
+    # top_logprobs needs logprobs: true (checked by the route; declared here).
+    model_config = ConfigDict(**_REQUEST_CONFIG, json_schema_extra={
+        "if": {"required": ["top_logprobs"],
+               "properties": {"top_logprobs": {"type": "integer"}}},
+        "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+    })
+
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
+    logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20), _WHOLE] | None = None
     response_format: ResponseFormat | None = None
     tools: list[ToolDef] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    # Token id (of this model's vocabulary, as llama-server and vLLM read it) → a bias
-    # from -100 (never) to 100 added to its logit; checked by the route, which knows the
-    # vocabulary's size.
-    logit_bias: dict[str, float] | None = None
     # Extension (as in vLLM and llama-server): variables for the chat template, such as
     # {"enable_thinking": false} for a thinking model's template.
     chat_template_kwargs: dict[str, Any] | None = None
@@ -211,34 +216,6 @@ class ChatCompletionRequest(_Lenient):
     def _few_enough_parts(cls, data: Any) -> Any:
         """Count content parts on the raw JSON, before pydantic builds a model for each."""
         return few_enough_parts(data, "messages")
-
-
-class CompletionRequest(_Lenient):
-    """OpenAI's (legacy) text completions: one prompt, no chat template."""
-
-    model: str | None = None
-    # One prompt: a string, or a list holding one (token-id prompts and several prompts
-    # are refused by the route, which names the field).
-    prompt: str | list[Any]
-    max_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: Annotated[int, Field(ge=0), _WHOLE] | None = None
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: Annotated[int, _WHOLE] | None = None
-    stop: str | Annotated[list[str], WithJsonSchema(_STOP_LIST)] | None = None
-    n: Annotated[int, Field(ge=1, le=128), _WHOLE] | None = None
-    best_of: Annotated[int, Field(ge=1, le=128), _WHOLE] | None = None  # = n only
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    logprobs: Annotated[int, Field(ge=0, le=20), _WHOLE] | None = None
-    echo: bool = False
-    suffix: str | None = None  # refused unless empty: no fill-in-the-middle here
-    logit_bias: dict[str, float] | None = None
-    ignore_eos: bool | None = None
 
 
 def few_enough_parts(data: Any, field: str) -> Any:
@@ -253,6 +230,18 @@ def few_enough_parts(data: Any, field: str) -> Any:
                 "too_long", "{field}: at most {limit} content parts in all, not {n}",
                 {"field": field, "limit": MAX_CONTENT_PARTS, "n": parts})
     return data
+
+
+class CompletionRequest(GenerationFields):
+    """OpenAI's (legacy) text completions: one prompt, no chat template."""
+
+    # One prompt: a string, or a list holding one (token-id prompts and several prompts
+    # are refused by the route, which names the field).
+    prompt: str | list[Any]
+    best_of: Annotated[int, Field(ge=1, le=128), _WHOLE] | None = None  # = n only
+    logprobs: Annotated[int, Field(ge=0, le=20), _WHOLE] | None = None
+    echo: bool = False
+    suffix: str | None = None  # refused unless empty: no fill-in-the-middle here
 
 
 class PromptTokensDetails(BaseModel):
