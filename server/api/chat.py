@@ -18,10 +18,13 @@ from server.api.generation import (
     Event,
     Events,
     cancel_on_disconnect,
+    check_choices,
     max_tokens,
+    request_sampling,
     require_ready,
-    sampling_params,
     start_choices,
+    stop_strings,
+    usage_of,
 )
 from server.api.internal import request_priority
 from server.api.observe import RequestRecord, request_record
@@ -42,7 +45,6 @@ from server.engine import (
     DoneEvent,
     ErrorEvent,
     GenerationRequest,
-    SamplingParams,
     TokenEvent,
 )
 from server.engine.logprobs import TokenLogprob
@@ -68,9 +70,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     record.timer = timer = StageTimer()
     record.stream = body.stream
     n = body.n or 1
-    if n > state.settings.n_parallel:
-        raise APIError(400, f"n: at most {state.settings.n_parallel} choices (the server's "
-                       f"n_parallel slots), not {n}", param="n")
+    check_choices(n, state)
     plan = await plan_tools(body)
     constraint = ("tools", plan.grammar) if plan else await response_grammar(
         body.response_format)
@@ -83,8 +83,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     generation = GenerationRequest(
         messages=[],
         max_tokens=max_tokens(body.max_completion_tokens or body.max_tokens, state.settings),
-        sampling=_sampling(body, constraint[1] if constraint else None,
-                           logit_biases(body.logit_bias, state.engine.info.get("n_vocab", 0))),
+        sampling=request_sampling(body, state, constraint[1] if constraint else None),
         stop=stop_strings(body.stop),
         timer=timer,
         request_id=record.request_id,
@@ -275,54 +274,3 @@ def _top_logprobs(body: ChatCompletionRequest) -> int | None:
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
     return (body.top_logprobs or 0) if body.logprobs else None
-
-
-def usage_of(timer: StageTimer) -> dict[str, object]:
-    return {
-        "prompt_tokens": timer.prompt_tokens,
-        "completion_tokens": timer.completion_tokens,
-        "total_tokens": timer.prompt_tokens + timer.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": timer.cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": timer.reasoning_tokens},
-    }
-
-
-def _sampling(body: ChatCompletionRequest, grammar: str | None,
-              biases: tuple[tuple[int, float], ...]) -> SamplingParams:
-    return sampling_params(
-        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-        seed=body.seed, repeat_penalty=body.repeat_penalty,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        ignore_eos=body.ignore_eos, grammar=grammar, logit_bias=biases)
-
-
-MAX_LOGIT_BIAS = 1024  # entries; OpenAI's own cap is lower
-
-
-def logit_biases(raw: dict[str, float] | None, n_vocab: int
-                 ) -> tuple[tuple[int, float], ...]:
-    """`logit_bias` as (token id, bias) pairs; -100 bans the token outright, as OpenAI
-    documents it (a finite -100 could still lose to a flat distribution's others)."""
-    if not raw:
-        return ()
-    if len(raw) > MAX_LOGIT_BIAS:
-        raise APIError(400, f"logit_bias: at most {MAX_LOGIT_BIAS} tokens", param="logit_bias")
-    out = []
-    for key, bias in raw.items():
-        param = f"logit_bias.{key}"
-        if not key.isdigit() or int(key) >= n_vocab:
-            raise APIError(400, f"{param}: not a token id of this model (0 to {n_vocab - 1})",
-                           param=param)
-        if not -100 <= bias <= 100:
-            raise APIError(400, f"{param}: a bias is from -100 to 100", param=param)
-        out.append((int(key), float("-inf") if bias <= -100 else float(bias)))
-    return tuple(out)
-
-
-def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    if len(stops) > 4:
-        raise APIError(400, "stop: at most 4 stop sequences are allowed", param="stop")
-    return tuple(s for s in stops if s)

@@ -18,17 +18,19 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.api.auth import client_identity
-from server.api.chat import logit_biases, stop_strings, usage_of
 from server.api.choices import merge_choices
 from server.api.errors import APIError, error_response
 from server.api.generation import (
     Event,
     Events,
     cancel_on_disconnect,
+    check_choices,
     max_tokens,
+    request_sampling,
     require_ready,
-    sampling_params,
     start_choices,
+    stop_strings,
+    usage_of,
 )
 from server.api.internal import request_priority
 from server.api.observe import RequestRecord, request_record
@@ -55,9 +57,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     record.stream = body.stream
     prompt = _prompt(body)
     n = body.n or 1
-    if n > state.settings.n_parallel:
-        raise APIError(400, f"n: at most {state.settings.n_parallel} choices (the server's "
-                       f"n_parallel slots), not {n}", param="n")
+    check_choices(n, state)
     if body.best_of is not None and body.best_of != n:
         raise APIError(400, "best_of: only equal to n (every choice generated is returned)",
                        param="best_of")
@@ -70,12 +70,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     generation = GenerationRequest(
         messages=[], prompt=prompt,
         max_tokens=max_tokens(body.max_tokens, state.settings),
-        sampling=sampling_params(
-            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-            min_p=body.min_p, seed=body.seed, repeat_penalty=body.repeat_penalty,
-            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-            ignore_eos=body.ignore_eos,
-            logit_bias=logit_biases(body.logit_bias, state.engine.info.get("n_vocab", 0))),
+        sampling=request_sampling(body, state),
         stop=stop_strings(body.stop), timer=timer, request_id=record.request_id,
         client=client, top_logprobs=body.logprobs, stream=body.stream,
         tenant=state.cache_tenant(client), priority=request_priority(request.scope))

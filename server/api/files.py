@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from server.api import batch_files
 from server.api.auth import client_identity
 from server.api.errors import APIError
-from server.api.expiry import form_expiry
+from server.api.expiry import MAX_S, MIN_S, form_expiry
 from server.api.image_detail import size_rule, upload_at, upload_cache_id
 from server.api.messages import decode_within_budget, image_api_error
 from server.api.multipart import read_upload_form, too_large
@@ -39,7 +39,7 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
                    "purpose": {"type": "string", "default": "vision"},
                    "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
                    "expires_after[seconds]": {
-                       "type": "integer", "minimum": 3600, "maximum": 2592000,
+                       "type": "integer", "minimum": MIN_S, "maximum": MAX_S,
                        "description": "batch files only (default: batch_file_ttl_s)"}}}}}}}
 
 

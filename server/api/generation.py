@@ -1,5 +1,6 @@
-"""What chat completions and responses share between the request and the engine: the
-token limit, the sampler settings, starting a generation and cancelling it on hang-up."""
+"""What chat completions, text completions and responses share between the request and the
+engine: the token limit, the sampler settings, stop strings and usage, starting a generation
+and cancelling it on hang-up."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from fastapi import Request
 
 from server.api.errors import APIError
 from server.api.messages import to_engine_messages
-from server.api.protocol import ChatMessageIn
+from server.api.protocol import ChatMessageIn, GenerationFields
 from server.api.reasoning import ReasoningEvent, ReasoningSplitter, reasoning_stream
 from server.api.state import AppState
 from server.api.tool_calls import ToolDeltaEvent, ToolPlan, tool_stream
 from server.config import Settings
 from server.engine import EngineEvent, GenerationRequest, SamplingParams
 from server.engine.engine import EngineNotReadyError, QueueFullError
+from server.timings import StageTimer
 
 E = TypeVar("E")
 
@@ -57,6 +59,66 @@ def sampling_params(*, temperature: float | None = None, top_p: float | None = N
         grammar=grammar,
         logit_bias=logit_bias,
     )
+
+
+def request_sampling(body: GenerationFields, state: AppState, grammar: str | None = None
+                     ) -> SamplingParams:
+    """The sampler settings of a chat or text completion request."""
+    return sampling_params(
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+        seed=body.seed, repeat_penalty=body.repeat_penalty,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        ignore_eos=body.ignore_eos, grammar=grammar,
+        logit_bias=logit_biases(body.logit_bias, state.engine.info.get("n_vocab", 0)))
+
+
+def check_choices(n: int, state: AppState) -> None:
+    """`n` choices run in as many slots at once: at most n_parallel."""
+    if n > state.settings.n_parallel:
+        raise APIError(400, f"n: at most {state.settings.n_parallel} choices (the server's "
+                       f"n_parallel slots), not {n}", param="n")
+
+
+MAX_LOGIT_BIAS = 1024  # entries; OpenAI's own cap is lower
+
+
+def logit_biases(raw: dict[str, float] | None, n_vocab: int
+                 ) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as (token id, bias) pairs; -100 bans the token outright, as OpenAI
+    documents it (a finite -100 could still lose to a flat distribution's others)."""
+    if not raw:
+        return ()
+    if len(raw) > MAX_LOGIT_BIAS:
+        raise APIError(400, f"logit_bias: at most {MAX_LOGIT_BIAS} tokens", param="logit_bias")
+    out = []
+    for key, bias in raw.items():
+        param = f"logit_bias.{key}"
+        if not key.isdigit() or int(key) >= n_vocab:
+            raise APIError(400, f"{param}: not a token id of this model (0 to {n_vocab - 1})",
+                           param=param)
+        if not -100 <= bias <= 100:
+            raise APIError(400, f"{param}: a bias is from -100 to 100", param=param)
+        out.append((int(key), float("-inf") if bias <= -100 else float(bias)))
+    return tuple(out)
+
+
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stops) > 4:
+        raise APIError(400, "stop: at most 4 stop sequences are allowed", param="stop")
+    return tuple(s for s in stops if s)
+
+
+def usage_of(timer: StageTimer) -> dict[str, object]:
+    return {
+        "prompt_tokens": timer.prompt_tokens,
+        "completion_tokens": timer.completion_tokens,
+        "total_tokens": timer.prompt_tokens + timer.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": timer.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": timer.reasoning_tokens},
+    }
 
 
 Event = EngineEvent | ToolDeltaEvent | ReasoningEvent

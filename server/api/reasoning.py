@@ -42,7 +42,7 @@ def plan_reasoning(state: AppState, template_kwargs: dict[str, Any] | None,
     if constrained or template is None or not state.engine.info.get("reasoning"):
         return None
     markers = Markers(*THINK)
-    opened = template.opens_block(markers.start, markers.end, template_kwargs)
+    opened = template.opens_thinking(template_kwargs)
     return lambda: ReasoningSplitter(markers, opened)
 
 

@@ -60,7 +60,7 @@ class ChatTemplate:
         self._marker = media_marker
         self._strip_bos = strip_bos
         self._separator = part_separator
-        self._opens: dict[tuple[str, str], bool] = {}  # opens_block's answers
+        self._opens: dict[str, bool] = {}  # opens_thinking's answers, by kwargs
 
     def render(
         self, messages: list[ChatMessage], system_prompt: str | None = None,
@@ -120,19 +120,17 @@ class ChatTemplate:
             raise PromptError("the chat template did not place every image of the messages")
         return RenderedPrompt(segments, tuple(images))
 
-
     @property
     def thinks(self) -> bool:
         """A thinking model's template: it knows the reasoning markers (to drop earlier
         turns' reasoning, or to open or close the block in the generation prompt)."""
         return all(marker in self.source for marker in THINK)
 
-    def opens_block(self, start: str, end: str, template_kwargs: dict[str, Any] | None
-                    ) -> bool:
-        """Whether the generation prompt leaves `start` open (a thinking template that
-        begins the answer inside <think>), with these template variables."""
+    def opens_thinking(self, template_kwargs: dict[str, Any] | None) -> bool:
+        """Whether the generation prompt leaves <think> open (the answer begins inside the
+        reasoning), with these template variables."""
         key = json.dumps(template_kwargs or {}, sort_keys=True)
-        known = self._opens.get((start, key))
+        known = self._opens.get(key)
         if known is not None:
             return known
         try:
@@ -140,10 +138,11 @@ class ChatTemplate:
                                template_kwargs=template_kwargs).segments[-1].text
         except PromptError:
             text = ""
+        start, end = THINK
         opened = text.rfind(start) > text.rfind(end)
         if len(self._opens) >= 256:  # a few distinct kwargs in practice; never unbounded
             self._opens.clear()
-        self._opens[(start, key)] = opened
+        self._opens[key] = opened
         return opened
 
 
