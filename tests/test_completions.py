@@ -28,6 +28,9 @@ def test_the_prompt_is_continued_as_written(client: openai.OpenAI) -> None:  # n
     assert answer.object == "text_completion" and answer.id.startswith("cmpl-")
     (choice,) = answer.choices
     assert choice.text.strip() and choice.finish_reason == "length"
+    timings = (answer.model_extra or {})["timings"]  # the chat path's stages, filled
+    assert timings["prompt_eval"] > 0 and timings["generation"] > 0
+    assert timings["first_token"] > 0 and timings["total"] >= timings["first_token"]
     assert answer.usage is not None and answer.usage.completion_tokens == 16
     # No chat template around it: the prompt is BOS and its own six tokens.
     assert answer.usage.prompt_tokens <= 8
