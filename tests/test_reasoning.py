@@ -165,6 +165,8 @@ def test_responses_give_the_reasoning_its_own_item(client: openai.OpenAI,
     assert deltas == reasoning and [e.text for e in done] == [reasoning]
     final = events[-1].response  # type: ignore[union-attr]
     assert [item.type for item in final.output] == ["reasoning", "message"]
+    # Cut by max_output_tokens mid-thought: streamed or not, the reasoning is incomplete.
+    assert final.output[0].status == thought.status == "incomplete"
 
     # Apps send the output back as input (context they manage) or name the response: the
     # reasoning item is taken, not refused.

@@ -191,11 +191,12 @@ async def stream_events(draft: ResponseDraft, first: Event, events: AsyncIterato
                 yield out.event("response.function_call_arguments.delta", item_id=call["id"],
                                 output_index=len(output), delta=function["arguments"])
         elif isinstance(event, DoneEvent):
+            status = status_of(event.finish_reason)
             if text is None and call is None and not any(
                     item["type"] != "reasoning" for item in output):
-                for line in close_open() + open_text():  # an empty answer: an empty message
+                # An empty answer is an empty message; reasoning still open ends as it did.
+                for line in close_open(status) + open_text():
                     yield line
-            status = status_of(event.finish_reason)
             for line in close_open(status):
                 yield line
             body = draft.body(status, output, timer=event.timer,
