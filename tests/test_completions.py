@@ -28,6 +28,9 @@ def test_the_prompt_is_continued_as_written(client: openai.OpenAI) -> None:  # n
     assert answer.object == "text_completion" and answer.id.startswith("cmpl-")
     (choice,) = answer.choices
     assert choice.text.strip() and choice.finish_reason == "length"
+    # The text goes on from the prompt's: its first word keeps the space SentencePiece
+    # marks it with (a chat answer's first space is dropped, a continuation's is not).
+    assert choice.text.startswith(" ") and not choice.text.startswith("  ")
     timings = (answer.model_extra or {})["timings"]  # the chat path's stages, filled
     assert timings["prompt_eval"] > 0 and timings["generation"] > 0
     assert timings["first_token"] > 0 and timings["total"] >= timings["first_token"]

@@ -24,7 +24,9 @@ def take_token(slot: Slot, token: int, batch_index: int, model: LoadedModel,
         finish(slot, "stop", model, next_turn_markup, last=None)
         return
     piece = model.pieces[token]
-    if job.n_generated == 0 and model.strip_first_space and piece.startswith(b" "):
+    # A raw completion continues its prompt's text: its first word keeps its space.
+    if job.n_generated == 0 and model.strip_first_space and piece.startswith(b" ") \
+            and job.request.prompt is None:
         piece = piece[1:]
     job.n_generated += 1
     text = job.text.push(piece)
