@@ -13,8 +13,9 @@ from conftest import FAMILIES, MODEL_FIXTURES, RunningServer
 from helpers import metric_value, photo_bytes
 
 from server.config import load_settings
-from server.engine.model import LoadedModel, _piece, load_model
+from server.engine.model import LoadedModel, load_model
 from server.engine.prepare import Preparer
+from server.engine.tokens import token_piece
 from server.engine.types import ChatMessage, GenerationRequest, ImageInput
 from server.images.decode import decode_image
 
@@ -55,7 +56,7 @@ def test_markup_is_the_templates_end_of_turn(loaded: tuple[str, LoadedModel]) ->
     family, model = loaded
     markup = model.next_turn_markup
     assert markup, f"{family}: no next-turn markup found"
-    text = b"".join(_piece(model.vocab, t, special=True) for t in markup).decode()
+    text = b"".join(token_piece(model.vocab, t, special=True) for t in markup).decode()
     first, last = EXPECTED[family]
     assert text.startswith(first) and text.rstrip(" ").endswith(last), text
 

@@ -275,19 +275,18 @@ def test_turn_markers_that_are_special_tokens_stop_by_id(gemma_gguf: Path) -> No
     """<start_of_turn> detokenizes to no text, so only its id can end generation."""
     import llama_cpp
 
-    from server.engine.model import _piece
-    from server.engine.tokens import single_control_token
+    from server.engine.tokens import single_control_token, token_piece
 
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     model = llama_cpp.llama_model_load_from_file(str(gemma_gguf).encode(), params)
     try:
         vocab = llama_cpp.llama_model_get_vocab(model)
-        pieces = [_piece(vocab, t, special=False)
+        pieces = [token_piece(vocab, t, special=False)
                   for t in range(llama_cpp.llama_vocab_n_tokens(vocab))]
         start = single_control_token(vocab, "<start_of_turn>", pieces)
         assert start is not None and pieces[start] == b""
-        assert _piece(vocab, start, special=True) == b"<start_of_turn>"
+        assert token_piece(vocab, start, special=True) == b"<start_of_turn>"
         assert single_control_token(vocab, "\nUSER:", pieces) is None  # plain text
     finally:
         llama_cpp.llama_model_free(model)
@@ -416,14 +415,14 @@ def vocab_pieces(gguf: Path) -> list[bytes]:
     """Each token id's text in this GGUF's vocabulary (read with llama.cpp, vocab only)."""
     import llama_cpp
 
-    from server.engine.model import _piece
+    from server.engine.tokens import token_piece
 
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), params)
     try:
         vocab = llama_cpp.llama_model_get_vocab(model)
-        return [_piece(vocab, t, special=False)
+        return [token_piece(vocab, t, special=False)
                 for t in range(llama_cpp.llama_vocab_n_tokens(vocab))]
     finally:
         llama_cpp.llama_model_free(model)

@@ -51,7 +51,11 @@ ROUTES = {
         ("/batches/{batch_id}", "GET"), ("/batches/{batch_id}/cancel", "POST"),
         # Text completions: a text prompt only (no images, files or URLs), the chat
         # path's engine and limits (test_completions.py).
-        ("/completions", "POST"))),
+        ("/completions", "POST"),
+        # Token counts and ids: text, or a chat's messages read as chat reads them
+        # (test_tokenize.py).
+        ("/tokenize", "POST"), ("/detokenize", "POST"))),
+    ("/tokenize", "POST"), ("/detokenize", "POST"),  # the same, where vLLM serves them
 }
 
 

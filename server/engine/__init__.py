@@ -7,6 +7,7 @@ from server.engine.types import (
     ErrorEvent,
     GenerationRequest,
     ImageInput,
+    PromptTokens,
     SamplingParams,
     TokenEvent,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "ErrorEvent",
     "GenerationRequest",
     "ImageInput",
+    "PromptTokens",
     "SamplingParams",
     "TokenEvent",
 ]

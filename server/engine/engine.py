@@ -8,8 +8,9 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from server.config import Settings
@@ -28,6 +29,7 @@ from server.engine.types import (
     EventSink,
     GenerationRequest,
     ImageInput,
+    PromptTokens,
     SamplingParams,
 )
 from server.engine.watchdog import Watchdog
@@ -179,6 +181,26 @@ class Engine:
         scheduler.submit(request, prompt, sinks[0], siblings=list(zip(choices[1:], sinks[1:],
                                                                           strict=True)))
         return [_drain(queue, choice) for queue, choice in zip(queues, choices, strict=True)]
+
+    async def tokenize(self, request: GenerationRequest, *, add_special: bool = True,
+                       pieces: bool = False) -> PromptTokens | ErrorEvent:
+        """The request's prompt as the model would read it (POST /tokenize), counted in a
+        worker thread: the engine thread and its slots are not involved."""
+        self._require_ready()
+        assert self._preparer is not None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, partial(self._preparer.count, request, add_special=add_special,
+                              pieces=pieces))
+        except PromptRefused as refused:
+            return refused.event
+
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of token ids (each checked to be in the vocabulary by the caller)."""
+        self._require_ready()
+        assert self._preparer is not None
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self._preparer.detokenize, tokens)
 
     def _require_ready(self) -> Scheduler:
         if self.state is not EngineState.READY or self._scheduler is None \

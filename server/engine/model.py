@@ -22,7 +22,7 @@ from server.engine.projector import ImageGeometry, ProjectorInfo, read_projector
 from server.engine.prompt import ChatTemplate
 from server.engine.templates import ResolvedTemplate, TemplateConfigError, template_for
 from server.engine.textparts import MarkupSplitter
-from server.engine.tokens import single_control_token
+from server.engine.tokens import single_control_token, token_piece
 from server.engine.utf8_guard import Utf8Vocab
 
 logger = logging.getLogger("vlserve.engine")
@@ -153,7 +153,7 @@ def _load(settings: Settings) -> LoadedModel:
 
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-    pieces = [_piece(vocab, t, special=False) for t in range(n_vocab)]
+    pieces = [token_piece(vocab, t, special=False) for t in range(n_vocab)]
     marker = (mtmd_cpp.mtmd_default_marker() or b"<__media__>").decode()
     projector = read_projector_info(Path(settings.mmproj)) if settings.mmproj else None
     chosen = _choose_template(settings, model)
@@ -320,19 +320,10 @@ def _text_bounds(vocab: llama_cpp.llama_vocab_p, n_vocab: int
     return tuple(special), longest if bounded else None
 
 
-def _piece(vocab: llama_cpp.llama_vocab_p, token: int, *, special: bool) -> bytes:
-    buf = ctypes.create_string_buffer(64)
-    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
-    if n < 0:
-        buf = ctypes.create_string_buffer(-n)
-        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
-    return buf.raw[:n]
-
-
 def _special_text(vocab: llama_cpp.llama_vocab_p, token: int) -> str:
     if token < 0:
         return ""
-    return _piece(vocab, token, special=True).decode("utf-8", errors="replace")
+    return token_piece(vocab, token, special=True).decode("utf-8", errors="replace")
 
 
 def _meta(model: llama_cpp.llama_model_p, key: str) -> str | None:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
+
+import llama_cpp
 
 from server.engine import mtmd
 from server.engine.model import LoadedModel
 from server.engine.prompt import PromptError, RenderedPrompt, Segment
-from server.engine.tokens import text_prompt
-from server.engine.types import ErrorEvent, GenerationRequest
+from server.engine.tokens import detokenize, text_prompt, token_piece
+from server.engine.types import ErrorEvent, GenerationRequest, PromptTokens
 
 
 class PromptRefused(Exception):
@@ -57,8 +60,39 @@ class Preparer:
         self._system_prompt = system_prompt
         self.gate = ModelGate()
 
-    def prepare(self, request: GenerationRequest) -> mtmd.TokenizedPrompt:
-        """Raises PromptRefused with the answer for what cannot be served."""
+    def count(self, request: GenerationRequest, *, add_special: bool, pieces: bool
+              ) -> PromptTokens:
+        """The request's prompt as the model would read it, whether or not it fits the
+        context. add_special: with the BOS/EOS the tokenizer adds around it."""
+        prompt = self.prepare(request, fit=False)
+        try:
+            tokens = [t for chunk in prompt.chunks for t in chunk.tokens]
+        finally:
+            prompt.close()
+        vocab = self.model.vocab
+        if not add_special:
+            if tokens and llama_cpp.llama_vocab_get_add_bos(vocab) \
+                    and tokens[0] == llama_cpp.llama_vocab_bos(vocab):
+                del tokens[0]
+            if tokens and llama_cpp.llama_vocab_get_add_eos(vocab) \
+                    and tokens[-1] == llama_cpp.llama_vocab_eos(vocab):
+                del tokens[-1]
+        texts = None
+        if pieces:
+            with self.gate:
+                texts = tuple(token_piece(vocab, t, special=True).decode("utf-8", "replace")
+                              for t in tokens)
+        return PromptTokens(tuple(tokens), prompt.image_tokens, texts)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        with self.gate:
+            return detokenize(self.model.vocab, tokens)
+
+    def prepare(self, request: GenerationRequest, *, fit: bool = True
+                ) -> mtmd.TokenizedPrompt:
+        """Raises PromptRefused with the answer for what cannot be served. fit=False: only
+        a prompt that certainly could not fit (from its size alone) is refused, untokenized;
+        any other is tokenized whole, however long."""
         model = self.model
         timer = request.timer
         try:
@@ -83,7 +117,7 @@ class Preparer:
         timer.add("image_resize" if rendered.images else "prompt_eval", time.perf_counter() - t0)
         timer.prompt_tokens = prompt.n_tokens
         timer.image_tokens = prompt.image_tokens
-        error = self._check_tokens(prompt)
+        error = self._check_tokens(prompt) if fit else None
         if error is not None:
             prompt.close()
             raise PromptRefused(error)

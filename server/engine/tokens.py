@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 
 import llama_cpp
@@ -25,6 +26,30 @@ def tokenize_text(vocab: llama_cpp.llama_vocab_p, text: str, *, add_special: boo
         n = llama_cpp.llama_tokenize(vocab, raw, len(raw), buf, capacity, add_special,
                                      parse_special)
     return list(buf[:n])
+
+
+def token_piece(vocab: llama_cpp.llama_vocab_p, token: int, *, special: bool) -> bytes:
+    """The bytes of one token's text; special: control tokens as their text (else none)."""
+    buf = ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    return buf.raw[:n]
+
+
+def detokenize(vocab: llama_cpp.llama_vocab_p, tokens: Sequence[int]) -> str:
+    """The text of `tokens` as the vocab joins them (its own rules for word-start spaces),
+    control tokens written out, so that tokenizing it again gives the same ids."""
+    ids = (llama_cpp.llama_token * len(tokens))(*tokens)
+    capacity = 16 * len(tokens) + 16
+    for _ in range(2):
+        buf = ctypes.create_string_buffer(capacity)
+        n = llama_cpp.llama_detokenize(vocab, ids, len(tokens), buf, capacity, False, True)
+        if n >= 0:
+            return buf.raw[:n].decode("utf-8", errors="replace")
+        capacity = -n
+    raise RuntimeError("llama_detokenize kept asking for more room")
 
 
 def part_tokens(vocab: llama_cpp.llama_vocab_p, part: str | Special) -> list[int]:

@@ -83,6 +83,21 @@ class GenerationRequest:
     prompt: str | None = None
 
 
+@dataclass(frozen=True)
+class PromptTokens:
+    """A prompt as the model would read it (POST /tokenize): its text tokens in order, and
+    the positions its images take, which have embeddings but no token ids."""
+
+    tokens: tuple[int, ...]
+    image_tokens: int
+    pieces: tuple[str, ...] | None = None  # each text token's own text, when asked for
+
+    @property
+    def count(self) -> int:
+        """What the prompt takes of the context: `usage.prompt_tokens` of the same request."""
+        return len(self.tokens) + self.image_tokens
+
+
 INTERACTIVE_PRIORITY = 0
 BATCH_PRIORITY = -1
 

@@ -1,0 +1,78 @@
+"""POST /tokenize and /detokenize (vLLM's extension, also served at the root as vLLM and
+llama-server do): what a prompt costs before sending it, and the ids `logit_bias` and
+`logprobs` speak in.
+
+A chat is rendered exactly as POST /chat/completions renders it (template, the server's
+system prompt, the tool prompt, images), so `count` is the `usage.prompt_tokens` the same
+request would report. Tokenizing runs in a worker thread; the engine's slots are untouched.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from server.api.auth import client_identity
+from server.api.errors import APIError, error_response
+from server.api.generation import require_ready
+from server.api.messages import to_engine_messages
+from server.api.offloop_json import OffLoopJSONRoute
+from server.api.openapi import responses
+from server.api.state import AppState
+from server.api.template_kwargs import template_kwargs
+from server.api.tokenize_protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from server.api.tool_calls import plan_functions, tool_history
+from server.engine import ErrorEvent, GenerationRequest
+from server.timings import StageTimer
+
+router = APIRouter(route_class=OffLoopJSONRoute)
+
+
+@router.post("/tokenize", response_model=TokenizeResponse,
+             responses=responses(None, 400, 413, 503))
+async def tokenize(body: TokenizeRequest, request: Request) -> object:
+    state: AppState = request.app.state.vlserve
+    require_ready(state)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give either prompt (a text completion's) or messages (a "
+                       "chat's)", param="prompt")
+    client = client_identity(request.scope)
+    timer = StageTimer()
+    generation = GenerationRequest(messages=[], max_tokens=1, prompt=body.prompt, timer=timer,
+                                   client=client,
+                                   template_kwargs=template_kwargs(body.chat_template_kwargs))
+    if body.messages is not None:
+        plan = await plan_functions(body.tools, body.tool_choice, None,
+                                    constrained_format=False, format_param="tools")
+        messages = tool_history(body.messages, plan)
+        names = ["tools"] * (len(messages) - len(body.messages)) + [
+            f"messages.{i}" for i in range(len(body.messages))]
+        generation.messages = await to_engine_messages(messages, state, timer, client, names)
+    elif body.tools or body.chat_template_kwargs:
+        raise APIError(400, "tools and chat_template_kwargs shape a chat: send messages",
+                       param="tools" if body.tools else "chat_template_kwargs")
+    counted = await state.engine.tokenize(generation, add_special=body.add_special_tokens,
+                                          pieces=body.return_token_strs)
+    if isinstance(counted, ErrorEvent):
+        return error_response(counted.status, counted.message, code=counted.code)
+    return TokenizeResponse(count=counted.count, max_model_len=state.engine.info["n_ctx"],
+                            tokens=list(counted.tokens),
+                            token_strs=None if counted.pieces is None else list(counted.pieces),
+                            image_tokens=counted.image_tokens)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse,
+             responses=responses(None, 400, 413, 503))
+async def detokenize(body: DetokenizeRequest, request: Request) -> object:
+    state: AppState = request.app.state.vlserve
+    require_ready(state)
+    n_vocab = state.engine.info["n_vocab"]
+    for i, token in enumerate(body.tokens):
+        if not 0 <= token < n_vocab:
+            raise APIError(400, f"tokens.{i}: {token} is not a token id of this model (0 to "
+                           f"{n_vocab - 1})", param=f"tokens.{i}")
+    return DetokenizeResponse(prompt=await state.engine.detokenize(body.tokens))
