@@ -27,6 +27,7 @@ from server.api.generation import (
     usage_of,
 )
 from server.api.internal import request_priority
+from server.api.legacy_functions import as_tools, legacy_delta, legacy_finish, legacy_message
 from server.api.observe import RequestRecord, request_record
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import event_stream, responses
@@ -71,6 +72,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     record.stream = body.stream
     n = body.n or 1
     check_choices(n, state)
+    legacy = body.functions is not None
+    body = as_tools(body)
     plan = await plan_tools(body)
     constraint = ("tools", plan.grammar) if plan else await response_grammar(
         body.response_format)
@@ -115,11 +118,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _stream(reply, choices, generation, include_usage, record),
+                _stream(reply, choices, generation, include_usage, record, legacy=legacy),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        return await _complete(reply, choices, generation, record, tools=plan is not None)
+        return await _complete(reply, choices, generation, record, tools=plan is not None,
+                               legacy=legacy)
     finally:
         watcher.cancel()
 
@@ -140,8 +144,8 @@ class _Reply:
 
 
 async def _complete(reply: _Reply, choices: list[Choice], generation: GenerationRequest,
-                    record: RequestRecord, *, tools: bool) -> Response:
-    answers = await asyncio.gather(*(_answer(first, events, generation, tools)
+                    record: RequestRecord, *, tools: bool, legacy: bool) -> Response:
+    answers = await asyncio.gather(*(_answer(first, events, generation, tools, legacy)
                                      for events, first in choices))
     finished: list[_Answer] = []
     for answer in answers:
@@ -167,8 +171,8 @@ async def _complete(reply: _Reply, choices: list[Choice], generation: Generation
     return JSONResponse(body, headers={"Server-Timing": timer.server_timing_header()})
 
 
-async def _answer(event: Event, events: Events, generation: GenerationRequest, tools: bool
-                  ) -> _Answer | ErrorEvent:
+async def _answer(event: Event, events: Events, generation: GenerationRequest, tools: bool,
+                  legacy: bool) -> _Answer | ErrorEvent:
     """One choice, whole."""
     pieces: list[str] = []
     thoughts: list[str] = []
@@ -187,6 +191,8 @@ async def _answer(event: Event, events: Events, generation: GenerationRequest, t
     text = "".join(pieces)
     message, finish_reason = answer_message(text, event.finish_reason) if tools else (
         {"role": "assistant", "content": text}, event.finish_reason)
+    if legacy:
+        message, finish_reason = legacy_message(message, finish_reason)
     if thoughts:
         message["reasoning_content"] = "".join(thoughts)
     return _Answer(message, finish_reason, {"content": logprobs}
@@ -202,7 +208,8 @@ class _Answer:
 
 
 async def _stream(reply: _Reply, choices: list[Choice], generation: GenerationRequest,
-                  include_usage: bool, record: RequestRecord) -> AsyncIterator[str]:
+                  include_usage: bool, record: RequestRecord, *, legacy: bool
+                  ) -> AsyncIterator[str]:
     completion_tokens = reasoning_tokens = 0
     running = len(choices)
     try:
@@ -217,16 +224,18 @@ async def _stream(reply: _Reply, choices: list[Choice], generation: GenerationRe
                     yield _chunk(reply, {"content": event.text}, None, index=index,
                                  logprobs={"content": [_logprob_entry(event.logprob)]})
             elif isinstance(event, ToolDeltaEvent):
-                yield _chunk(reply, event.delta, None, index=index)
+                delta = legacy_delta(event.delta) if legacy else event.delta
+                if delta is not None:
+                    yield _chunk(reply, delta, None, index=index)
             elif isinstance(event, ReasoningEvent):
                 yield _chunk(reply, {"reasoning_content": event.text}, None, index=index)
             elif isinstance(event, DoneEvent):
+                finish = legacy_finish(event.finish_reason) if legacy else event.finish_reason
                 if index == 0:
-                    record.finish_reason = event.finish_reason
+                    record.finish_reason = finish
                 completion_tokens += event.timer.completion_tokens
                 reasoning_tokens += event.timer.reasoning_tokens
-                yield _chunk(reply, {}, event.finish_reason, index=index,
-                             timings=event.timer.as_dict())
+                yield _chunk(reply, {}, finish, index=index, timings=event.timer.as_dict())
                 running -= 1
                 if running:
                     continue

@@ -102,11 +102,13 @@ class ChatMessageIn(_Lenient):
         "if": {"properties": {"role": {"not": {"const": "user"}}}},
         "then": {"properties": {"content": _TEXT_ONLY}},
     })
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # "function": a deprecated function's result (read as a tool turn).
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None  # assistant turns only
     tool_call_id: str | None = None  # tool turns: the call this result answers
+    function_call: FunctionCallIn | None = None  # the deprecated form of one tool call
 
 
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
@@ -207,6 +209,10 @@ class ChatCompletionRequest(GenerationFields):
     tools: list[ToolDef] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # The deprecated form of tools (server/api/legacy_functions.py): one call, answered as
+    # `message.function_call`.
+    functions: list[FunctionDef] | None = Field(None, min_length=1, max_length=128)
+    function_call: Literal["none", "auto"] | FunctionName | None = None
     # Extension (as in vLLM and llama-server): variables for the chat template, such as
     # {"enable_thinking": false} for a thinking model's template.
     chat_template_kwargs: dict[str, Any] | None = None
@@ -276,7 +282,7 @@ class ChoiceLogprobs(BaseModel):
 
 # Per-stage timings in ms plus token counts (see the README): queue, image_decode, ...
 Timings = dict[str, float]
-FinishReason = Literal["stop", "length", "tool_calls"]
+FinishReason = Literal["stop", "length", "tool_calls", "function_call"]
 
 
 class FunctionCallOut(BaseModel):
@@ -294,6 +300,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None  # null when the answer is only tool calls
     tool_calls: list[ToolCallOut] | None = None
+    function_call: FunctionCallOut | None = None  # instead of tool_calls, for `functions`
     # A thinking model's reasoning (between its think markers), apart from the answer.
     reasoning_content: str | None = None
 
@@ -331,6 +338,7 @@ class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    function_call: FunctionCallDelta | None = None  # instead of tool_calls, for `functions`
     reasoning_content: str | None = None
 
 

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from server.api.errors import APIError
-from server.api.protocol import ChatCompletionRequest, ChatMessageIn, NamedToolChoice, ToolDef
+from server.api.protocol import (
+    ChatCompletionRequest,
+    ChatMessageIn,
+    NamedToolChoice,
+    ToolCallIn,
+    ToolDef,
+)
 from server.api.reasoning import ReasoningEvent
 from server.engine import DoneEvent, EngineEvent, TokenEvent
 from server.engine.constraints import ConstraintError
@@ -101,6 +107,15 @@ def calls_as_text(messages: list[ChatMessageIn]) -> list[ChatMessageIn]:
     """tool_history without the tool prompt: one message out for each message in."""
     out: list[ChatMessageIn] = []
     for i, message in enumerate(messages):
+        if message.role == "function":  # the deprecated form: named by the function
+            message = ChatMessageIn(role="tool", content=message.content,
+                                    tool_call_id=message.name or "function")
+        elif message.function_call is not None:
+            if message.role != "assistant":
+                raise APIError(400, f"messages.{i}.function_call: only assistant messages make "
+                               "calls", param=f"messages.{i}.function_call")
+            message = ChatMessageIn(role=message.role, content=message.content, tool_calls=[
+                ToolCallIn(id="function", type="function", function=message.function_call)])
         if message.role == "tool":
             if message.tool_call_id is None:
                 raise APIError(400, f"messages.{i}.tool_call_id: a tool message must name the "
