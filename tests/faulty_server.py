@@ -11,10 +11,15 @@ cause on its own, so that the paths that answer them can be tested for real:
   still loading), so a client can meet the real server while it loads.
 - VLSERVE_FAULT_STALL_ON: the decode step never returns once a request with this
   X-Request-ID is in a slot (a wedged GPU driver); the watchdog must notice.
+- VLSERVE_FAULT_DISK_FULL: while a file at this path exists, the disk under batch_dir has
+  as many bytes free as the file says (none when it is empty): writes there use them up,
+  and the one that runs out puts down what fits, then fails with ENOSPC, as a real disk
+  fills partway through a file.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import threading
@@ -75,6 +80,49 @@ def plant_faults() -> None:
             plain_step(self)
 
         Scheduler._step = stalling_step  # type: ignore[method-assign]
+
+    disk_full = os.environ.get("VLSERVE_FAULT_DISK_FULL")
+    if disk_full:
+        fill_disk(Path(disk_full), Path(os.environ["VLSERVE_BATCH_DIR"]).resolve())
+
+
+class _FullDisk:
+    """A file opened for writing on a disk that is nearly full."""
+
+    def __init__(self, handle: Any, free: Path) -> None:
+        self._handle = handle
+        self._free = free
+
+    def write(self, data: bytes) -> int:
+        room = int(self._free.read_text() or 0) if self._free.exists() else len(data)
+        fits = data[:room]
+        self._handle.write(fits)
+        if self._free.exists():
+            self._free.write_text(str(room - len(fits)))
+        if len(fits) < len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return len(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.close()
+
+
+def fill_disk(free: Path, folder: Path) -> None:
+    real_open = Path.open
+
+    def open_on_a_full_disk(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        handle = real_open(self, mode, *args, **kwargs)
+        if ("w" in mode or "a" in mode) and self.resolve().is_relative_to(folder):
+            return _FullDisk(handle, free)
+        return handle
+
+    Path.open = open_on_a_full_disk  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

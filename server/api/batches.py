@@ -21,7 +21,7 @@ from server.batches.runner import BatchRunner
 router = APIRouter()
 
 
-@router.post("/batches", responses=responses(BatchObject, 400))
+@router.post("/batches", responses=responses(BatchObject, 400, 507))
 async def create_batch(body: BatchCreateRequest, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
     owner = client_identity(request.scope)

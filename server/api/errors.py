@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from fastapi import FastAPI, Request
@@ -92,5 +93,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, OSError) and exc.errno in _STORAGE_FULL:
+            # The operator's problem, not the request's: one line that says what to do,
+            # and an answer the client can retry later (nothing half-written is kept).
+            logger.error("%s %s: the disk is full (%s); free space, or shorten "
+                         "batch_file_ttl_s / batch_retention_s", request.method,
+                         request.url.path, exc)
+            return error_response(507, "the server's storage is full; try again later",
+                                  code="insufficient_storage", headers={"Retry-After": "60"})
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal server error")
+
+
+_STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})

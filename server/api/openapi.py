@@ -27,7 +27,8 @@ _DESCRIPTIONS = {
     500: "The engine failed on this request; the server keeps serving",
     503: "Not ready (loading) or shutting down; retry after `Retry-After` seconds",
     504: "The request took longer than `request_timeout`",
-    507: "The upload store is full (per-key quotas add up to more than the store)",
+    507: "Storage is full (the upload store, whose per-key quotas add up to more than it "
+         "holds, or the server's disk); retry after `Retry-After` seconds",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying",
                                 "schema": {"type": "string"}}}

@@ -99,8 +99,14 @@ class BatchStore:
                  file_id: str | None = None, ttl_s: int | None = None) -> BatchFile:
         record = new_file(filename, purpose, len(data), owner, file_id, ttl_s)
         self._ensure()
-        _write_atomic(self._files / f"{record.id}.data", data)
-        _write_atomic(self._files / f"{record.id}.json", json.dumps(asdict(record)).encode())
+        data_path = self._files / f"{record.id}.data"
+        _write_atomic(data_path, data)
+        try:
+            _write_atomic(self._files / f"{record.id}.json",
+                          json.dumps(asdict(record)).encode())
+        except BaseException:
+            data_path.unlink(missing_ok=True)  # no record, nothing would ever sweep it
+            raise
         return record
 
     def get_file(self, file_id: str, owner: str | None = None) -> BatchFile | None:
@@ -197,10 +203,19 @@ class BatchStore:
     def append_result(self, batch_id: str, result: dict[str, Any]) -> None:
         """Append one finished request durably (flushed and fsync'd before returning)."""
         line = (json.dumps(result, separators=(",", ":")) + "\n").encode()
-        with self._lock, (self._batches / f"{batch_id}.results").open("ab") as out:
-            out.write(line)
-            out.flush()
-            os.fsync(out.fileno())
+        # Unbuffered: a failed write is this call's, not a later flush's.
+        with self._lock, (self._batches / f"{batch_id}.results").open("ab", buffering=0) as out:
+            end = out.tell()
+            try:
+                view = memoryview(line)
+                while view:  # a write may put down part of the line and say so
+                    view = view[out.write(view):]
+                os.fsync(out.fileno())
+            except OSError:
+                # A full disk wrote part of the line: cut it off, or the retried line would
+                # be glued to it and both lost to the reader.
+                out.truncate(end)
+                raise
 
     def drop_results(self, batch_id: str) -> None:
         """Once the output and error files hold them (the final status is saved)."""
@@ -232,11 +247,15 @@ def _safe_id(file_id: str) -> bool:
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write, fsync, rename over: a reader (or a restart) sees the old or the new, whole."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not stay full of half-written files
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
