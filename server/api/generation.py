@@ -18,7 +18,7 @@ from server.api.reasoning import ReasoningEvent, ReasoningSplitter, reasoning_st
 from server.api.state import AppState
 from server.api.tool_calls import ToolDeltaEvent, ToolPlan, tool_stream
 from server.config import Settings
-from server.engine import EngineEvent, GenerationRequest, SamplingParams
+from server.engine import ChatMessage, EngineEvent, GenerationRequest, SamplingParams
 from server.engine.engine import EngineNotReadyError, QueueFullError
 from server.timings import StageTimer
 
@@ -130,11 +130,14 @@ async def start_generation(state: AppState, generation: GenerationRequest,
                            plan: ToolPlan | None, constraint: tuple[str, str] | None,
                            names: Sequence[str] | None = None,
                            reasoning: Callable[[], ReasoningSplitter] | None = None,
+                           converted: list[ChatMessage] | None = None,
                            ) -> tuple[Events, Event]:
     """Decode the messages' images, submit, and wait for the first event: the events (call
-    markup already turned into tool-call pieces when streaming) and that first one."""
+    markup already turned into tool-call pieces when streaming) and that first one.
+    `converted`: the messages with their images decoded already (then `messages` is [])."""
     [choice] = await start_choices(state, generation, messages, 1, client=client, plan=plan,
-                                   constraint=constraint, names=names, reasoning=reasoning)
+                                   constraint=constraint, names=names, reasoning=reasoning,
+                                   converted=converted)
     return choice
 
 
@@ -143,12 +146,13 @@ async def start_choices(state: AppState, generation: GenerationRequest,
                         plan: ToolPlan | None, constraint: tuple[str, str] | None,
                         names: Sequence[str] | None = None,
                         reasoning: Callable[[], ReasoningSplitter] | None = None,
+                        converted: list[ChatMessage] | None = None,
                         ) -> list[tuple[Events, Event]]:
     """start_generation for `n` choices of one prompt (evaluated once): each choice's events
     and first event. A refused prompt gives a single choice carrying the error. `reasoning`:
     a thinking model's answers come with their reasoning split off (server/api/reasoning)."""
-    generation.messages = await to_engine_messages(messages, state, generation.timer, client,
-                                                   names)
+    generation.messages = converted if converted is not None else await to_engine_messages(
+        messages, state, generation.timer, client, names)
     with _admission_errors():  # n > 1 is refused here, a single request at its first event
         streams: list[Events] = [state.engine.generate(generation)] if n == 1 else list(
             await state.engine.generate_choices(generation, n))

@@ -23,6 +23,7 @@ from server.api.generation import (
     sampling_params,
     start_generation,
 )
+from server.api.messages import to_engine_messages
 from server.api.observe import RequestRecord, request_record
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import event_stream, responses
@@ -69,6 +70,7 @@ from server.api.tool_calls import (
     plan_functions,
     with_tool_prompt,
 )
+from server.api.truncation import fit_conversation
 from server.engine import DoneEvent, ErrorEvent, GenerationRequest, TokenEvent
 from server.store import StateUnavailable
 from server.timings import StageTimer
@@ -106,9 +108,12 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     if body.instructions is not None:
         messages.insert(0, ChatMessageIn(role="system", content=body.instructions))
         where.insert(0, "instructions")
+    user_turns = [m.role == "user" for m in messages]  # before tool results become user turns
     messages = calls_as_text(messages)
     prompted = with_tool_prompt(messages, plan)
-    where = ["tools"] * (len(prompted) - len(messages)) + where
+    added = len(prompted) - len(messages)
+    where = ["tools"] * added + where
+    user_turns = [False] * added + user_turns
     reasoning = plan_reasoning(state, None, constrained=constraint is not None)
     generation = GenerationRequest(
         messages=[], max_tokens=max_tokens(body.max_output_tokens, state.settings),
@@ -119,15 +124,26 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         tenant=state.cache_tenant(client))
     watcher = asyncio.create_task(cancel_on_disconnect(request, generation))
     try:
-        events, first = await start_generation(state, generation, prompted, client=client,
-                                               plan=plan, constraint=constraint, names=where,
-                                               reasoning=reasoning)
+        input_items = item_dicts(items)
+        conversation = (previous.conversation if previous else []) + input_items
+        converted = None
+        if body.truncation == "auto":
+            fitted = await fit_conversation(
+                state, await to_engine_messages(prompted, state, timer, client, where),
+                user_turns, generation)
+            converted = fitted.messages
+            if fitted.first_kept is not None:  # what the next turn continues from, too
+                conversation = conversation[_item_index(where[fitted.first_kept],
+                                                        len(earlier)):]
+        events, first = await start_generation(state, generation,
+                                               prompted if converted is None else [],
+                                               client=client, plan=plan, constraint=constraint,
+                                               names=where, reasoning=reasoning,
+                                               converted=converted)
         if isinstance(first, ErrorEvent):
             return error_response(first.status, first.message, code=first.code)
         draft = ResponseDraft(record.completion_id, state.settings.model_name,
                               _echo(body, generation))
-        input_items = item_dicts(items)
-        conversation = (previous.conversation if previous else []) + input_items
 
         async def finished(end: Finished) -> None:
             if end.body is None:
@@ -272,7 +288,15 @@ def _echo(body: ResponsesRequest, generation: GenerationRequest) -> dict[str, An
         "store": body.store,
         "previous_response_id": body.previous_response_id,
         "metadata": body.metadata,
+        "truncation": body.truncation or "disabled",
     }
+
+
+def _item_index(name: str, n_earlier: int) -> int:
+    """The conversation index of the item a message came from ("input.3" → after the
+    earlier turns' items)."""
+    origin, _, index = name.partition(".")
+    return int(index) + (n_earlier if origin == "input" else 0)
 
 
 def _finish_reason(body: dict[str, Any]) -> str:

@@ -152,6 +152,9 @@ class ResponsesRequest(_Lenient):
     store: bool = True
     previous_response_id: str | None = Field(None, max_length=128)
     metadata: dict[str, str] | None = Field(None, max_length=16)
+    # "auto": a conversation longer than the context loses its oldest turns
+    # (server/api/truncation.py); "disabled" (the default): it is a 400.
+    truncation: Literal["auto", "disabled"] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -248,6 +251,7 @@ class ResponseObject(BaseModel):
     store: bool
     previous_response_id: str | None
     metadata: dict[str, str] | None
+    truncation: Literal["auto", "disabled"]
     error: ResponseError | None
     incomplete_details: IncompleteDetails | None
     usage: ResponseUsage | None

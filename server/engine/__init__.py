@@ -2,6 +2,7 @@
 
 from server.engine.engine import Engine, EngineState
 from server.engine.types import (
+    ChatMessage,
     DoneEvent,
     EngineEvent,
     ErrorEvent,
@@ -13,6 +14,7 @@ from server.engine.types import (
 )
 
 __all__ = [
+    "ChatMessage",
     "DoneEvent",
     "Engine",
     "EngineEvent",
