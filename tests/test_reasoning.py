@@ -21,6 +21,9 @@ from test_playground import STREAM_TIMEOUT_MS, browser, chat_bodies, page  # noq
 from server.demo_model import DemoModelPaths
 
 THINKING_TEMPLATE = """\
+{%- if reasoning_effort is defined -%}<|im_start|>system
+Reasoning: {{ reasoning_effort }}<|im_end|>
+{% endif -%}
 {%- for m in messages -%}<|im_start|>{{ m.role }}
 {{ m.content }}<|im_end|>
 {% endfor -%}
@@ -102,13 +105,48 @@ def test_enable_thinking_false_reaches_the_template(client: openai.OpenAI) -> No
     assert plain.usage.completion_tokens_details.reasoning_tokens == 0
 
 
+def test_reasoning_effort_reaches_the_templates_switches(client: openai.OpenAI,
+                                                         server: RunningServer) -> None:
+    thinking = ask(client)
+    # "none" is the template's enable_thinking: false (and its reasoning_effort), as if the
+    # client had sent both.
+    off = ask(client, reasoning_effort="none")
+    plain = ask(client, extra_body={"chat_template_kwargs": {
+        "enable_thinking": False, "reasoning_effort": "none"}})
+    assert off.usage is not None and plain.usage is not None and thinking.usage is not None
+    assert off.usage.prompt_tokens == plain.usage.prompt_tokens > thinking.usage.prompt_tokens
+    assert reasoning_of(off.choices[0].message) is None and off.choices[0].message.content
+    # A template that reads reasoning_effort gets it (its system line), still thinking.
+    high = ask(client, reasoning_effort="high")
+    assert high.usage is not None and high.usage.prompt_tokens > thinking.usage.prompt_tokens
+    assert reasoning_of(high.choices[0].message)
+    text = httpx.post(f"{server.api}/detokenize", timeout=30, json={"tokens": httpx.post(
+        f"{server.api}/tokenize", timeout=30, json={"messages": ASK, "reasoning_effort": "high"}
+    ).json()["tokens"]}).json()["prompt"]
+    assert "Reasoning: high" in text and text.endswith("<think>\n")
+    # The client's own template variables win.
+    own = ask(client, reasoning_effort="none",
+              extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert reasoning_of(own.choices[0].message)
+    # The Responses API's reasoning.effort is the same switch.
+    response = client.responses.create(model="m", input=ASK[0]["content"], temperature=0,
+                                       max_output_tokens=12, reasoning={"effort": "none"})
+    assert [item.type for item in response.output] == ["message"] and response.output_text
+    assert response.reasoning is not None and response.reasoning.effort == "none"
+
+
 def test_bad_template_kwargs_are_a_400(server: RunningServer) -> None:
-    for kwargs, param in (({"messages": []}, "chat_template_kwargs.messages"),
-                          ([1], "chat_template_kwargs")):
-        body = {"model": "m", "messages": ASK, "max_tokens": 2, "chat_template_kwargs": kwargs}
+    for extra, param in (({"chat_template_kwargs": {"messages": []}},
+                          "chat_template_kwargs.messages"),
+                         ({"chat_template_kwargs": [1]}, "chat_template_kwargs"),
+                         ({"reasoning_effort": "extreme"}, "reasoning_effort")):
+        body = {"model": "m", "messages": ASK, "max_tokens": 2, **extra}
         answer = httpx.post(f"{server.api}/chat/completions", json=body, timeout=30)
         assert answer.status_code == 400, answer.text
         assert answer.json()["error"]["param"] == param, answer.text
+    answer = httpx.post(f"{server.api}/responses", timeout=30, json={
+        "model": "m", "input": "Hi", "reasoning": {"effort": "extreme"}})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "reasoning.effort"
 
 
 def test_reasoning_format_none_leaves_the_text_as_the_model_wrote_it(

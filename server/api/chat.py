@@ -35,7 +35,7 @@ from server.api.protocol import ChatCompletion, ChatCompletionChunk, ChatComplet
 from server.api.reasoning import ReasoningEvent, plan_reasoning
 from server.api.response_format import response_grammar
 from server.api.state import AppState
-from server.api.template_kwargs import template_kwargs
+from server.api.template_kwargs import template_kwargs, with_reasoning_effort
 from server.api.tool_calls import (
     ToolDeltaEvent,
     answer_message,
@@ -81,7 +81,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         raise APIError(400, "ignore_eos cannot be combined with a JSON response_format (the "
                        "answer must end where the JSON does)", param="ignore_eos")
     client = client_identity(request.scope)
-    kwargs = template_kwargs(body.chat_template_kwargs)
+    kwargs = with_reasoning_effort(template_kwargs(body.chat_template_kwargs),
+                                   body.reasoning_effort, state.engine.template)
     reasoning = plan_reasoning(state, kwargs, constrained=constraint is not None)
     generation = GenerationRequest(
         messages=[],

@@ -167,6 +167,9 @@ ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponseFor
                            Field(discriminator="type")]
 
 
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
+
+
 class GenerationFields(_Lenient):
     """What chat and text completions both ask of the sampler and the answer."""
 
@@ -216,6 +219,8 @@ class ChatCompletionRequest(GenerationFields):
     # Extension (as in vLLM and llama-server): variables for the chat template, such as
     # {"enable_thinking": false} for a thinking model's template.
     chat_template_kwargs: dict[str, Any] | None = None
+    # OpenAI's values; reaches a thinking model's template (server/api/template_kwargs.py).
+    reasoning_effort: ReasoningEffort | None = None
 
     @model_validator(mode="before")
     @classmethod

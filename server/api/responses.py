@@ -63,6 +63,7 @@ from server.api.responses_protocol import (
     TextFormatJSONSchema,
 )
 from server.api.state import AppState
+from server.api.template_kwargs import with_reasoning_effort
 from server.api.tool_calls import (
     ToolPlan,
     answer_message,
@@ -114,14 +115,16 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     added = len(prompted) - len(messages)
     where = ["tools"] * added + where
     user_turns = [False] * added + user_turns
-    reasoning = plan_reasoning(state, None, constrained=constraint is not None)
+    kwargs = with_reasoning_effort(None, body.reasoning.effort if body.reasoning else None,
+                                   state.engine.template)
+    reasoning = plan_reasoning(state, kwargs, constrained=constraint is not None)
     generation = GenerationRequest(
         messages=[], max_tokens=max_tokens(body.max_output_tokens, state.settings),
         sampling=sampling_params(temperature=body.temperature, top_p=body.top_p,
                                  grammar=constraint[1] if constraint else None),
         timer=timer, request_id=record.request_id, client=client,
         stream=body.stream or reasoning is not None,  # reasoning is counted token by token
-        tenant=state.cache_tenant(client))
+        tenant=state.cache_tenant(client), template_kwargs=kwargs)
     watcher = asyncio.create_task(cancel_on_disconnect(request, generation))
     try:
         input_items = item_dicts(items)
@@ -289,6 +292,7 @@ def _echo(body: ResponsesRequest, generation: GenerationRequest) -> dict[str, An
         "previous_response_id": body.previous_response_id,
         "metadata": body.metadata,
         "truncation": body.truncation or "disabled",
+        "reasoning": body.reasoning.model_dump() if body.reasoning else None,
     }
 
 

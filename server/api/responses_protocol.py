@@ -13,6 +13,7 @@ from server.api.protocol import (
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
     JSONSchemaFormat,
+    ReasoningEffort,
     Timings,
     _Lenient,
     few_enough_parts,
@@ -137,6 +138,12 @@ class TextConfig(_Lenient):
     format: TextFormat | None = None
 
 
+class ReasoningConfig(_Lenient):
+    effort: ReasoningEffort | None = None  # as chat's reasoning_effort
+    # Summaries are not written: the reasoning comes back whole, as reasoning_text.
+    summary: Literal["auto", "concise", "detailed"] | None = None
+
+
 class ResponsesRequest(_Lenient):
     model: str | None = None
     input: str | Annotated[list[InputItem], Field(max_length=MAX_MESSAGES)]
@@ -155,6 +162,7 @@ class ResponsesRequest(_Lenient):
     # "auto": a conversation longer than the context loses its oldest turns
     # (server/api/truncation.py); "disabled" (the default): it is a 400.
     truncation: Literal["auto", "disabled"] | None = None
+    reasoning: ReasoningConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -252,6 +260,7 @@ class ResponseObject(BaseModel):
     previous_response_id: str | None
     metadata: dict[str, str] | None
     truncation: Literal["auto", "disabled"]
+    reasoning: dict[str, Any] | None  # the request's, repeated
     error: ResponseError | None
     incomplete_details: IncompleteDetails | None
     usage: ResponseUsage | None

@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from server.api.errors import APIError
-from server.engine.prompt import RESERVED
+from server.engine.prompt import RESERVED, ChatTemplate
 
 _WORD = re.compile(r"^[A-Za-z0-9_.:/ -]{0,64}$")
 MAX_KWARGS = 16
@@ -36,3 +36,19 @@ def template_kwargs(raw: dict[str, Any] | None) -> dict[str, Any] | None:
             raise APIError(400, f"{param}: a boolean, a number, null or a short word "
                            "(letters, digits, _ . : / - and spaces, at most 64)", param=param)
     return raw
+
+
+def with_reasoning_effort(kwargs: dict[str, Any] | None, effort: str | None,
+                          template: ChatTemplate | None) -> dict[str, Any] | None:
+    """OpenAI's `reasoning_effort` as the template's own switches, where it has them (the
+    client's chat_template_kwargs win): `reasoning_effort` itself (gpt-oss style
+    templates read it, as vLLM passes it), and "none" as `enable_thinking: false`
+    (Qwen3, GLM-4.5V/4.6V style). A template with neither ignores it, as vLLM does."""
+    if effort is None or template is None:
+        return kwargs
+    out = dict(kwargs or {})
+    if "reasoning_effort" in template.variables:
+        out.setdefault("reasoning_effort", effort)
+    if effort == "none" and "enable_thinking" in template.variables:
+        out.setdefault("enable_thinking", False)
+    return out or None

@@ -18,7 +18,7 @@ from server.api.messages import to_engine_messages
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import responses
 from server.api.state import AppState
-from server.api.template_kwargs import template_kwargs
+from server.api.template_kwargs import template_kwargs, with_reasoning_effort
 from server.api.tokenize_protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -44,7 +44,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> object:
     timer = StageTimer()
     generation = GenerationRequest(messages=[], max_tokens=1, prompt=body.prompt, timer=timer,
                                    client=client,
-                                   template_kwargs=template_kwargs(body.chat_template_kwargs))
+                                   template_kwargs=with_reasoning_effort(
+                                       template_kwargs(body.chat_template_kwargs),
+                                       body.reasoning_effort, state.engine.template))
     if body.messages is not None:
         plan = await plan_functions(body.tools, body.tool_choice, None,
                                     constrained_format=False, format_param="tools")
@@ -52,9 +54,10 @@ async def tokenize(body: TokenizeRequest, request: Request) -> object:
         names = ["tools"] * (len(messages) - len(body.messages)) + [
             f"messages.{i}" for i in range(len(body.messages))]
         generation.messages = await to_engine_messages(messages, state, timer, client, names)
-    elif body.tools or body.chat_template_kwargs:
-        raise APIError(400, "tools and chat_template_kwargs shape a chat: send messages",
-                       param="tools" if body.tools else "chat_template_kwargs")
+    elif body.tools or body.chat_template_kwargs or body.reasoning_effort:
+        param = next(name for name in ("tools", "chat_template_kwargs", "reasoning_effort")
+                     if getattr(body, name))
+        raise APIError(400, f"{param} shapes a chat: send messages", param=param)
     counted = await state.engine.tokenize(generation, add_special=body.add_special_tokens,
                                           pieces=body.return_token_strs)
     if isinstance(counted, ErrorEvent):

@@ -11,6 +11,7 @@ from server.api.protocol import (
     MAX_MESSAGES,
     ChatMessageIn,
     NamedToolChoice,
+    ReasoningEffort,
     ToolDef,
     few_enough_parts,
 )
@@ -34,6 +35,7 @@ class TokenizeRequest(BaseModel):
     tools: list[ToolDef] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: ReasoningEffort | None = None  # as chat's: it may change the prompt
 
     @model_validator(mode="before")
     @classmethod

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from server.engine.types import ChatMessage, ImageInput
@@ -52,6 +52,9 @@ class ChatTemplate:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
             self._template = env.from_string(source)
+            # The variables it reads: request options that map onto a template's own
+            # switches (reasoning_effort) are passed only to templates that have them.
+            self.variables = frozenset(meta.find_undeclared_variables(env.parse(source)))
         except TemplateError as exc:
             raise PromptError(f"chat template does not compile: {exc}") from None
         self.source = source
