@@ -9,6 +9,7 @@ and client text is tokenized without special-token parsing (linear).
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import subprocess
@@ -43,6 +44,10 @@ class Watch:
         self.streams: list[list[float]] = []
         self._stop = threading.Event()
         self.started = threading.Event()
+        # The arrivals are timed in this process: a full collection of its heap (late in
+        # the suite, millions of objects: 0.6 s measured) would pass for a server stall.
+        gc.collect()
+        gc.disable()
         self._thread = threading.Thread(target=self._run, args=(server,), daemon=True)
         self._thread.start()
 
@@ -64,6 +69,7 @@ class Watch:
     def largest_gap(self) -> float:
         self._stop.set()
         self._thread.join(120)
+        gc.enable()
         # From the second token on: the first waits for the prompt, not for others.
         return max((b - a for s in self.streams for a, b in itertools.pairwise(s[1:])),
                    default=0.0)

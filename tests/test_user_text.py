@@ -126,6 +126,10 @@ def test_text_that_cannot_fit_is_refused_from_its_size_before_tokenizing(
     calls: list[int] = []
     real = mtmd.tokenize_parts
     monkeypatch.setattr(mtmd, "tokenize_parts", lambda m, parts: calls.append(1) or real(m, parts))
+    renders: list[int] = []
+    render = model.template.render
+    monkeypatch.setattr(model.template, "render",
+                        lambda *args, **kwargs: renders.append(1) or render(*args, **kwargs))
     assert model.max_token_bytes is not None
     text = "x" * (N_CTX * model.max_token_bytes)
     started = time.perf_counter()
@@ -134,14 +138,24 @@ def test_text_that_cannot_fit_is_refused_from_its_size_before_tokenizing(
             messages=[ChatMessage("user", (text,))], max_tokens=1))
     assert refused.value.event.code == "context_length_exceeded"
     assert "at least" in refused.value.event.message
-    assert calls == []  # never reached the tokenizer
+    # Never reached the tokenizer, nor the template: rendering copies the text several
+    # times, holding the GIL (and so every other stream) for tens of ms at 45 MB.
+    assert calls == [] and renders == []
     assert time.perf_counter() - started < 5
+    # An assistant turn may be rendered in part (templates drop earlier reasoning): only
+    # the rendered prompt tells, so it is rendered, then refused from its size.
+    with pytest.raises(PromptRefused) as rendered:
+        Preparer(model, None).prepare(GenerationRequest(
+            messages=[ChatMessage("assistant", (text,)), ChatMessage("user", ("Hi",))],
+            max_tokens=1))
+    assert "at least" in rendered.value.event.message
+    assert calls == [] and renders == [1]
     # Just under the bound: tokenized, then refused on its real count.
     with pytest.raises(PromptRefused) as counted:
         Preparer(model, None).prepare(GenerationRequest(
             messages=[ChatMessage("user", ("x" * (N_CTX + 10),))], max_tokens=1))
     assert counted.value.event.code == "context_length_exceeded"
-    assert calls == [1]
+    assert calls == [1] and renders == [1, 1]
 
 
 def test_the_size_bound_holds_for_the_vocab(model: LoadedModel) -> None:

@@ -95,6 +95,7 @@ class Preparer:
         any other is tokenized whole, however long."""
         model = self.model
         timer = request.timer
+        self._check_client_size(request)
         try:
             rendered = RenderedPrompt((Segment(request.prompt, user=False),), ()) \
                 if request.prompt is not None else model.template.render(
@@ -123,17 +124,28 @@ class Preparer:
             raise PromptRefused(error)
         return prompt
 
+    def _check_client_size(self, request: GenerationRequest) -> None:
+        """_check_size on the users' own text, before rendering: rendering copies the text
+        several times (tens of ms a 45 MB text, holding the GIL, so every stream waits),
+        and the template only adds to it. (Other turns may be rendered in part: templates
+        drop earlier reasoning from assistant turns.)"""
+        texts = [request.prompt] if request.prompt is not None else [
+            part for message in request.messages if message.role == "user"
+            for part in message.parts if isinstance(part, str)]
+        self._check_bytes(sum(_utf8_size(text) for text in texts))
+
     def _check_size(self, rendered: RenderedPrompt) -> None:
         """Refuse text that is certainly over the context: no token of this vocab stands for
         more than `max_token_bytes` bytes of text, so fewer tokens than bytes / that bound
         is impossible."""
+        marker_bytes = len(self.model.media_marker.encode()) * len(rendered.images)
+        self._check_bytes(sum(_utf8_size(s.text) for s in rendered.segments) - marker_bytes)
+
+    def _check_bytes(self, n_bytes: int) -> None:
         bound = self.model.max_token_bytes
         if bound is None:
             return  # a normalizing vocab (may drop characters): no sound bound
-        marker_bytes = len(self.model.media_marker.encode()) * len(rendered.images)
-        n_bytes = sum(len(s.text) if s.text.isascii() else  # no copy of ASCII text
-                      len(s.text.encode("utf-8", "surrogatepass")) for s in rendered.segments)
-        at_least = -(-(n_bytes - marker_bytes) // bound)
+        at_least = -(-n_bytes // bound)
         limit = self.model.n_ctx - 1
         if at_least > limit:
             raise PromptRefused(_too_long(f"at least {at_least} tokens", limit))
@@ -148,6 +160,10 @@ class Preparer:
         if prompt.chunks[-1].image is not None:
             return ErrorEvent(400, "the prompt must not end with an image")
         return None
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def _too_long(size: str, limit: int) -> ErrorEvent:
