@@ -91,3 +91,27 @@ def test_not_a_gguf_file(tmp_path: Path) -> None:
     model.write_bytes(b"<html>404 Not Found</html>")  # what a bad download URL leaves
     line = assert_refused(serve(model, None))
     assert line == f"vlserve: cannot read the model's GGUF header: {model}: not a GGUF file"
+
+
+def test_a_load_that_fails_after_the_model_frees_it(demo_model: DemoModelPaths,
+                                                    tmp_path: Path) -> None:
+    """A template that does not compile fails the load after llama.cpp mapped the model and
+    made its context (and mtmd its projector): none of them may stay behind (a supervisor
+    restarting a bad config, `vlserve doctor` probing, would pile them up)."""
+    import pytest
+
+    from server.config import load_settings
+    from server.engine.model import load_model
+    from server.engine.prompt import PromptError
+
+    model = tmp_path / "copy.gguf"
+    mmproj = tmp_path / "copy-mmproj.gguf"
+    model.write_bytes(demo_model.text.read_bytes())
+    mmproj.write_bytes(demo_model.mmproj.read_bytes())
+    settings = load_settings(None, model=model, mmproj=mmproj, n_ctx=256, n_parallel=1,
+                             n_threads=1, chat_template="{% if %}")
+    with pytest.raises(PromptError, match="does not compile"):
+        load_model(settings)
+    # llama.cpp maps the GGUF while the model lives (mtmd reads its file instead: freeing
+    # it is exercised here, not observable this way).
+    assert str(model) not in Path("/proc/self/maps").read_text()

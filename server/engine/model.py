@@ -149,8 +149,22 @@ def _load(settings: Settings) -> LoadedModel:
         llama_cpp.llama_model_free(model)
         raise ModelLoadError("llama.cpp could not create a context (n_ctx too large?)")
 
-    mctx = _load_projector(settings, model, ctx, n_threads) if settings.mmproj else None
+    mctx = None
+    try:  # whatever fails from here (projector, template, vocab), nothing stays loaded
+        if settings.mmproj:
+            mctx = _load_projector(settings, model, n_threads)
+        return _loaded(settings, model, ctx, mctx, n_threads)
+    except BaseException:
+        if mctx is not None:
+            mtmd_cpp.mtmd_free(mctx)
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+        raise
 
+
+def _loaded(settings: Settings, model: llama_cpp.llama_model_p, ctx: llama_cpp.llama_context_p,
+            mctx: mtmd_cpp.mtmd_context_p | None, n_threads: int) -> LoadedModel:
+    """What the scheduler needs per token, read once from the loaded model."""
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
     pieces = [token_piece(vocab, t, special=False) for t in range(n_vocab)]
@@ -218,8 +232,8 @@ def _load(settings: Settings) -> LoadedModel:
     )
 
 
-def _load_projector(settings: Settings, model: llama_cpp.llama_model_p,
-                    ctx: llama_cpp.llama_context_p, n_threads: int) -> mtmd_cpp.mtmd_context_p:
+def _load_projector(settings: Settings, model: llama_cpp.llama_model_p, n_threads: int
+                    ) -> mtmd_cpp.mtmd_context_p:
     mtmd_params = mtmd_cpp.mtmd_context_params_default()
     mtmd_params.use_gpu = settings.mmproj_use_gpu
     mtmd_params.n_threads = n_threads
@@ -231,10 +245,9 @@ def _load_projector(settings: Settings, model: llama_cpp.llama_model_p,
         mtmd_params.image_max_tokens = settings.image_high_max_tokens
     mctx = mtmd_cpp.mtmd_init_from_file(str(settings.mmproj).encode(), model, mtmd_params)
     if not mctx:
-        llama_cpp.llama_free(ctx)
-        llama_cpp.llama_model_free(model)
         raise ModelLoadError(f"mtmd could not load the projector {settings.mmproj}")
     if not mtmd_cpp.mtmd_support_vision(mctx):
+        mtmd_cpp.mtmd_free(mctx)
         raise ModelLoadError(f"{settings.mmproj} has no vision encoder")
     return mctx
 
