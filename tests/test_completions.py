@@ -80,8 +80,45 @@ def test_stop_logprobs_echo_and_streaming(client: openai.OpenAI) -> None:  # noq
     assert [c.index for c in two.choices] == [0, 1]
 
 
+def test_several_prompts_and_token_ids(client: openai.OpenAI,  # noqa: F811
+                                       gemma: RunningServer) -> None:  # noqa: F811
+    """OpenAI's other prompt forms (evaluation tools send batches of token-id prompts):
+    each prompt answers as it would alone, choices in prompt order."""
+    italy = "The capital of Italy is"
+    alone = [complete(client, prompt=p, max_tokens=8) for p in (PROMPT, italy)]
+    both = complete(client, prompt=[PROMPT, italy], max_tokens=8)
+    assert [c.index for c in both.choices] == [0, 1]
+    assert [c.text for c in both.choices] == [a.choices[0].text for a in alone]
+    assert both.usage is not None and all(a.usage for a in alone)
+    assert both.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)  # type: ignore[union-attr]
+    assert both.usage.completion_tokens == 16
+
+    ids = httpx.post(f"{gemma.api}/tokenize", json={"prompt": PROMPT}, timeout=30
+                     ).json()["tokens"]
+    by_ids = complete(client, prompt=ids, max_tokens=8, echo=True)
+    assert by_ids.usage is not None and by_ids.usage.prompt_tokens == len(ids)
+    # The ids as they are (BOS included), echoed as their text.
+    assert by_ids.choices[0].text == "<bos>" + PROMPT + alone[0].choices[0].text
+    two_by_ids = complete(client, prompt=[ids, ids[1:]], max_tokens=8, n=2, temperature=0)
+    assert [c.index for c in two_by_ids.choices] == [0, 1, 2, 3]
+    assert {c.text for c in two_by_ids.choices[:2]} == {alone[0].choices[0].text}
+
+    chunks = list(client.completions.create(model="gemma-3-270m", prompt=[PROMPT, italy],
+                                            max_tokens=8, temperature=0, stream=True))
+    texts = ["", ""]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [c.text for c in both.choices]
+
+
 @pytest.mark.parametrize(("body", "param"), [
-    ({"prompt": [1, 2, 3]}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [[]]}, "prompt.0"),
+    ({"prompt": [PROMPT, 7]}, "prompt.1"),
+    ({"prompt": [2, 262144]}, "prompt.1"),
+    ({"prompt": [[2, 3], [2, -1]]}, "prompt.1.1"),
+    ({"prompt": ["a"] * 65}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": PROMPT, "suffix": "end"}, "suffix"),
     ({"prompt": PROMPT, "best_of": 3}, "best_of"),

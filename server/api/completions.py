@@ -4,15 +4,19 @@ The prompt goes to the model as written, without the chat template (a base model
 Gemma 3 270M base continues text; tools that complete code or run evaluations send raw
 prompts), and the answer stops at the client's `stop` strings and the vocabulary's end of
 generation only. Sampling, limits, KV prefix reuse, timings and the engine are the chat
-path's; the shapes are OpenAI's `text_completion`.
+path's; the shapes are OpenAI's `text_completion`. A prompt may be token ids, and one
+request may carry several prompts (evaluation tools batch them so): each runs as a request
+of its own, its choices after the previous prompt's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
+from typing import Any, TypeGuard
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -55,7 +59,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     record.completion_id = "cmpl-" + record.completion_id.removeprefix("chatcmpl-")
     record.timer = timer = StageTimer()
     record.stream = body.stream
-    prompt = _prompt(body)
+    prompts = _prompts(body, state.engine.info.get("n_vocab", 0))
     n = body.n or 1
     check_choices(n, state)
     if body.best_of is not None and body.best_of != n:
@@ -67,44 +71,98 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         raise APIError(400, "echo with logprobs would need the prompt's logprobs, which are "
                        "not computed", param="echo")
     client = client_identity(request.scope)
-    generation = GenerationRequest(
-        messages=[], prompt=prompt,
+    cancelled = threading.Event()  # one hang-up stops every prompt's generation
+    # Each prompt is a request of its own (queued, scheduled and cached as one); the first
+    # carries the request's id and timer.
+    generations = [GenerationRequest(
+        messages=[], prompt=prompt if isinstance(prompt, str) else None,
+        prompt_tokens=None if isinstance(prompt, str) else prompt,
         max_tokens=max_tokens(body.max_tokens, state.settings),
-        sampling=request_sampling(body, state),
-        stop=stop_strings(body.stop), timer=timer, request_id=record.request_id,
+        sampling=request_sampling(body, state), stop=stop_strings(body.stop),
+        timer=timer if i == 0 else StageTimer(),
+        request_id=record.request_id if i == 0 else f"{record.request_id}.{i}",
         client=client, top_logprobs=body.logprobs, stream=body.stream,
-        tenant=state.cache_tenant(client), priority=request_priority(request.scope))
-    watcher = asyncio.create_task(cancel_on_disconnect(request, generation))
+        tenant=state.cache_tenant(client), priority=request_priority(request.scope),
+        cancelled=cancelled) for i, prompt in enumerate(prompts)]
+    watcher = asyncio.create_task(cancel_on_disconnect(request, generations[0]))
     try:
-        choices = await start_choices(state, generation, [], n, client=client, plan=None,
-                                      constraint=None)
+        started = await asyncio.gather(*(
+            start_choices(state, generation, [], n, client=client, plan=None, constraint=None)
+            for generation in generations), return_exceptions=True)
+        refused = next((r for r in started if isinstance(r, BaseException)), None)
+        if refused is not None:
+            cancelled.set()  # the prompts that did start stop too
+            raise refused
+        choices = [choice for per_prompt in started
+                   if not isinstance(per_prompt, BaseException) for choice in per_prompt]
         error = next((first for _, first in choices if isinstance(first, ErrorEvent)), None)
         if error is not None:
-            generation.cancelled.set()
+            cancelled.set()
             return error_response(error.status, error.message, code=error.code)
         head = {"id": record.completion_id, "object": "text_completion",
                 "created": int(time.time()), "model": state.settings.model_name}
-        echo = prompt if body.echo else ""
+        echoes = [await _text_of(state, prompt) if body.echo else "" for prompt in prompts
+                  for _ in range(n)]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(head, choices, generation, echo, include_usage,
+            return StreamingResponse(_stream(head, choices, generations, echoes, include_usage,
                                              record),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await _complete(head, choices, generation, echo, record)
+        return await _complete(head, choices, generations, echoes, record)
     finally:
         watcher.cancel()
 
 
-def _prompt(body: CompletionRequest) -> str:
-    prompt = body.prompt[0] if isinstance(body.prompt, list) and len(body.prompt) == 1 \
-        else body.prompt
-    if not isinstance(prompt, str):
-        raise APIError(400, "prompt: one string (or a list of one string); token-id prompts "
-                       "and several prompts in one request are not supported", param="prompt")
-    if not prompt:
+MAX_PROMPTS = 64  # in one request; each is queued as a request of its own
+Prompt = str | tuple[int, ...]
+
+
+def _prompts(body: CompletionRequest, n_vocab: int) -> list[Prompt]:
+    """The request's prompts: a string, token ids, or a list of either (OpenAI's forms)."""
+    raw = body.prompt
+    single = isinstance(raw, str) or _token_ids(raw)
+    items: list[Any] = [raw] if single else raw
+    names = ["prompt"] if single else [f"prompt.{i}" for i in range(len(items))]
+    if not items:
         raise APIError(400, "prompt: empty", param="prompt")
-    return prompt
+    if len(items) > MAX_PROMPTS:
+        raise APIError(400, f"prompt: at most {MAX_PROMPTS} prompts in one request",
+                       param="prompt")
+    out: list[Prompt] = []
+    for item, name in zip(items, names, strict=True):
+        if isinstance(item, str) and item:
+            out.append(item)
+        elif _token_ids(item):
+            for j, token in enumerate(item):
+                if not 0 <= token < n_vocab:
+                    raise APIError(400, f"{name}.{j}: {token} is not a token id of this model "
+                                   f"(0 to {n_vocab - 1})", param=f"{name}.{j}")
+            out.append(tuple(item))
+        else:
+            raise APIError(400, f"{name}: a non-empty string or list of token ids",
+                           param=name)
+    return out
+
+
+def _token_ids(value: object) -> TypeGuard[list[int]]:
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
+async def _text_of(state: AppState, prompt: Prompt) -> str:
+    """What `echo` repeats: the prompt's text (token ids written out)."""
+    return prompt if isinstance(prompt, str) else await state.engine.detokenize(prompt)
+
+
+def _usage_timer(generations: list[GenerationRequest], completion_tokens: int) -> StageTimer:
+    """The first prompt's timer (its timings are the response's), counting every prompt's
+    tokens for `usage`, as every choice's completion tokens."""
+    timer = generations[0].timer
+    if len(generations) > 1:
+        timer.prompt_tokens = sum(g.timer.prompt_tokens for g in generations)
+        timer.cached_tokens = sum(g.timer.cached_tokens for g in generations)
+    timer.completion_tokens = completion_tokens
+    return timer
 
 
 class _Logprobs:
@@ -130,20 +188,21 @@ class _Logprobs:
 
 
 async def _complete(head: dict[str, object], choices: list[tuple[Events, Event]],
-                    generation: GenerationRequest, echo: str, record: RequestRecord
-                    ) -> Response:
+                    generations: list[GenerationRequest], echoes: list[str],
+                    record: RequestRecord) -> Response:
     out = []
     completion_tokens = 0
+    top_logprobs = generations[0].top_logprobs
     for index, (events, event) in enumerate(choices):
-        pieces = [echo]
-        logprobs = _Logprobs(len(echo)) if generation.top_logprobs is not None else None
+        pieces = [echoes[index]]
+        logprobs = _Logprobs(len(echoes[index])) if top_logprobs is not None else None
         while isinstance(event, TokenEvent):
             pieces.append(event.text)
             if logprobs is not None and event.logprob is not None:
                 logprobs.add(event.logprob, event.text)
             event = await anext(events)
         if isinstance(event, ErrorEvent):
-            generation.cancelled.set()
+            generations[0].cancelled.set()
             return error_response(event.status, event.message, code=event.code)
         assert isinstance(event, DoneEvent)
         completion_tokens += event.timer.completion_tokens
@@ -152,25 +211,24 @@ async def _complete(head: dict[str, object], choices: list[tuple[Events, Event]]
         out.append({"index": index, "text": "".join(pieces),
                     "finish_reason": event.finish_reason,
                     "logprobs": logprobs.as_dict() if logprobs is not None else None})
-    timer = generation.timer
-    timer.completion_tokens = completion_tokens
+    timer = _usage_timer(generations, completion_tokens)
     body = {**head, "choices": out, "usage": usage_of(timer), "timings": timer.as_dict()}
     return JSONResponse(body, headers={"Server-Timing": timer.server_timing_header()})
 
 
 async def _stream(head: dict[str, object], choices: list[tuple[Events, Event]],
-                  generation: GenerationRequest, echo: str, include_usage: bool,
-                  record: RequestRecord) -> AsyncIterator[str]:
+                  generations: list[GenerationRequest], echoes: list[str],
+                  include_usage: bool, record: RequestRecord) -> AsyncIterator[str]:
     def chunk(choice: dict[str, object] | None, **extra: object) -> str:
         body = {**head, "choices": [] if choice is None else [choice], **extra}
         return f"data: {json.dumps(body)}\n\n"
 
     completion_tokens = 0
     running = len(choices)
-    offsets = [len(echo)] * len(choices)
+    offsets = [len(echo) for echo in echoes]
     try:
-        if echo:
-            for index in range(len(choices)):
+        for index, echo in enumerate(echoes):
+            if echo:
                 yield chunk({"index": index, "text": echo, "finish_reason": None,
                              "logprobs": None})
         async for index, event in merge_choices(choices):
@@ -192,8 +250,7 @@ async def _stream(head: dict[str, object], choices: list[tuple[Events, Event]],
                 running -= 1
                 if running:
                     continue
-                timer = generation.timer
-                timer.completion_tokens = completion_tokens
+                timer = _usage_timer(generations, completion_tokens)
                 if include_usage:
                     yield chunk(None, usage=usage_of(timer), timings=timer.as_dict())
                 yield "data: [DONE]\n\n"
@@ -206,4 +263,4 @@ async def _stream(head: dict[str, object], choices: list[tuple[Events, Event]],
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 return
     finally:
-        generation.cancelled.set()
+        generations[0].cancelled.set()  # shared by every prompt's generation

@@ -246,8 +246,8 @@ def few_enough_parts(data: Any, field: str) -> Any:
 class CompletionRequest(GenerationFields):
     """OpenAI's (legacy) text completions: one prompt, no chat template."""
 
-    # One prompt: a string, or a list holding one (token-id prompts and several prompts
-    # are refused by the route, which names the field).
+    # A string, token ids, or a list of either (checked by the route, which names the
+    # offending item).
     prompt: str | list[Any]
     best_of: Annotated[int, Field(ge=1, le=128), _WHOLE] | None = None  # = n only
     logprobs: Annotated[int, Field(ge=0, le=20), _WHOLE] | None = None

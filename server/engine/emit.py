@@ -26,7 +26,7 @@ def take_token(slot: Slot, token: int, batch_index: int, model: LoadedModel,
     piece = model.pieces[token]
     # A raw completion continues its prompt's text: its first word keeps its space.
     if job.n_generated == 0 and model.strip_first_space and piece.startswith(b" ") \
-            and job.request.prompt is None:
+            and not job.request.raw:
         piece = piece[1:]
     job.n_generated += 1
     text = job.text.push(piece)
@@ -55,7 +55,7 @@ def finish(slot: Slot, reason: str, model: LoadedModel, markup: tuple[int, ...],
     job = slot.job
     assert job is not None
     finish_job(slot, reason)
-    if not markup or job.request.priority < 0 or job.request.prompt is not None:
+    if not markup or job.request.priority < 0 or job.request.raw:
         return  # chats only: a batch line or a raw completion has no next turn
     ids = [*job.tokens, *(() if last is None else (last,))]
     raw = b"".join(model.pieces[t] for t in ids)

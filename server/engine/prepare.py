@@ -15,6 +15,7 @@ import llama_cpp
 
 from server.engine import mtmd
 from server.engine.model import LoadedModel
+from server.engine.mtmd import PromptChunk, TokenizedPrompt
 from server.engine.prompt import PromptError, RenderedPrompt, Segment
 from server.engine.tokens import detokenize, text_prompt, token_piece
 from server.engine.types import ErrorEvent, GenerationRequest, PromptTokens
@@ -95,6 +96,10 @@ class Preparer:
         any other is tokenized whole, however long."""
         model = self.model
         timer = request.timer
+        if request.prompt_tokens is not None:
+            return self._checked(request, TokenizedPrompt(None, [PromptChunk(
+                tokens=request.prompt_tokens, image=None,
+                n_tokens=len(request.prompt_tokens), handle=0)]), fit)
         self._check_client_size(request)
         try:
             rendered = RenderedPrompt((Segment(request.prompt, user=False),), ()) \
@@ -116,8 +121,12 @@ class Preparer:
         # when images are present: it is booked as resizing, so `image_encode` is the vision
         # encoder alone and reads 0 when the embedding cache answers.
         timer.add("image_resize" if rendered.images else "prompt_eval", time.perf_counter() - t0)
-        timer.prompt_tokens = prompt.n_tokens
-        timer.image_tokens = prompt.image_tokens
+        return self._checked(request, prompt, fit)
+
+    def _checked(self, request: GenerationRequest, prompt: mtmd.TokenizedPrompt, fit: bool
+                 ) -> mtmd.TokenizedPrompt:
+        request.timer.prompt_tokens = prompt.n_tokens
+        request.timer.image_tokens = prompt.image_tokens
         error = self._check_tokens(prompt) if fit else None
         if error is not None:
             prompt.close()

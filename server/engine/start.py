@@ -73,7 +73,7 @@ class Starter:
             # The template's next-turn markers end the answer too, except for benchmarks
             # that ask to run to max_tokens whatever the model writes.
             text=TextStream(request.stop + (() if request.sampling.ignore_eos
-                                            or request.prompt is not None
+                                            or request.raw
                                             else model.stop_strings)),
             max_new=max_new,
             prompt=prompt,

@@ -81,6 +81,13 @@ class GenerationRequest:
     # of its stop strings, no next turn. Its special-token texts are read as such: the
     # whole prompt is the client's own markup.
     prompt: str | None = None
+    # The same as token ids (checked by the API), read as they are: nothing added.
+    prompt_tokens: tuple[int, ...] | None = None
+
+    @property
+    def raw(self) -> bool:
+        """A text completion's prompt, not a chat's messages."""
+        return self.prompt is not None or self.prompt_tokens is not None
 
 
 @dataclass(frozen=True)
