@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 from conftest import RunningServer
-from openai.types import Completion
+from openai.types import Completion, CompletionChoice
 from test_batches import jsonl, read_lines, wait_batch
 from test_real_model import client, gemma, gemma_gguf  # noqa: F401  (the real-model server)
 
@@ -97,8 +97,9 @@ def test_several_prompts_and_token_ids(client: openai.OpenAI,  # noqa: F811
                      ).json()["tokens"]
     by_ids = complete(client, prompt=ids, max_tokens=8, echo=True)
     assert by_ids.usage is not None and by_ids.usage.prompt_tokens == len(ids)
-    # The ids as they are (BOS included), echoed as their text.
-    assert by_ids.choices[0].text == "<bos>" + PROMPT + alone[0].choices[0].text
+    # The ids as they are (BOS included), echoed as the model reads them (BOS shows no
+    # text, as in logprobs.tokens).
+    assert by_ids.choices[0].text == PROMPT + alone[0].choices[0].text
     two_by_ids = complete(client, prompt=[ids, ids[1:]], max_tokens=8, n=2, temperature=0)
     assert [c.index for c in two_by_ids.choices] == [0, 1, 2, 3]
     assert {c.text for c in two_by_ids.choices[:2]} == {alone[0].choices[0].text}
@@ -112,6 +113,64 @@ def test_several_prompts_and_token_ids(client: openai.OpenAI,  # noqa: F811
     assert texts == [c.text for c in both.choices]
 
 
+def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI,  # noqa: F811
+                                              gemma: RunningServer) -> None:  # noqa: F811
+    """What evaluation tools ask (lm-eval's loglikelihood: echo, logprobs, max_tokens 1):
+    the log-probability of every prompt token given the ones before it."""
+    ids = httpx.post(f"{gemma.api}/tokenize", json={"prompt": PROMPT}, timeout=30
+                     ).json()["tokens"]
+    n = len(ids)
+
+    def scored(prompt: str, top: int) -> CompletionChoice:
+        """The prompt's first token has null logprobs, as OpenAI's legacy API answers (the
+        SDK's type says float there): validated field by field, not as a whole."""
+        raw = httpx.post(f"{gemma.api}/completions", timeout=60, json={
+            "prompt": prompt, "echo": True, "logprobs": top, "max_tokens": 1,
+            "temperature": 0}).json()
+        (choice,) = raw["choices"]
+        first = {k: v.pop(0) for k, v in choice["logprobs"].items()}
+        assert first["token_logprobs"] is None and first["top_logprobs"] is None
+        assert first["text_offset"] == 0
+        return CompletionChoice.model_validate(choice)
+
+    one = scored(PROMPT, 2)
+    lp = one.logprobs
+    # After the first (BOS, no text): every other prompt token, then the generated one.
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n
+    assert all(x <= 0 for x in lp.token_logprobs)
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+    assert "".join(lp.tokens[:n - 1]) == PROMPT and one.text.startswith(PROMPT)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[n - 1] == len(PROMPT)
+    # Teacher forcing agrees with generation: the prompt's tokens that the model itself
+    # wrote score as they did when it wrote them (to a batch's rounding: evaluated 1 or
+    # 10 tokens at a time, Q4_K's kernels differ by up to ~0.13 here).
+    written = complete(client, logprobs=0, max_tokens=4).choices[0]
+    assert written.logprobs is not None
+    forced = scored(PROMPT + written.text, 0).logprobs
+    assert forced is not None and forced.tokens and forced.token_logprobs
+    assert forced.tokens[n - 1:n + 3] == written.logprobs.tokens
+    assert forced.token_logprobs[n - 1:n + 3] == pytest.approx(
+        written.logprobs.token_logprobs, abs=0.25)
+    # A real model knows its capitals: Paris scores far above a banana.
+    paris = scored(PROMPT + " Paris", 0).logprobs
+    banana = scored(PROMPT + " banana", 0).logprobs
+    assert paris and paris.token_logprobs and banana and banana.token_logprobs
+    assert paris.token_logprobs[n - 1] > banana.token_logprobs[n - 1] + 3
+    # The slot's cached prefix is no excuse to skip scoring it: asked again, the same.
+    again = scored(PROMPT, 2).logprobs
+    assert again is not None and again.token_logprobs == pytest.approx(lp.token_logprobs)
+    # Several prompts, several choices each: every choice carries its own prompt's scores
+    # (the choices after the first start from a copy of its evaluated prompt).
+    many = httpx.post(f"{gemma.api}/completions", timeout=60, json={
+        "prompt": [PROMPT, PROMPT + " Paris"], "n": 2, "echo": True, "logprobs": 0,
+        "max_tokens": 1, "temperature": 1.0, "seed": 5}).json()["choices"]
+    prompt_parts = [c["logprobs"]["token_logprobs"][:n + (c["index"] // 2)] for c in many]
+    assert prompt_parts[0] == pytest.approx([None, *lp.token_logprobs[:n - 1]])
+    assert prompt_parts[1] == prompt_parts[0] and prompt_parts[3] == prompt_parts[2]
+    assert prompt_parts[2][n] == pytest.approx(paris.token_logprobs[n - 1])
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"prompt": []}, "prompt"),
     ({"prompt": [[]]}, "prompt.0"),
@@ -122,7 +181,7 @@ def test_several_prompts_and_token_ids(client: openai.OpenAI,  # noqa: F811
     ({"prompt": ""}, "prompt"),
     ({"prompt": PROMPT, "suffix": "end"}, "suffix"),
     ({"prompt": PROMPT, "best_of": 3}, "best_of"),
-    ({"prompt": PROMPT, "echo": True, "logprobs": 1}, "echo"),
+    ({"prompt": PROMPT, "echo": True, "logprobs": 1, "stream": True}, "stream"),
     ({"prompt": PROMPT, "n": 99}, "n"),
 ])
 def test_what_is_not_served_is_a_400(gemma: RunningServer, body: dict, param: str  # noqa: F811

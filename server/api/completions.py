@@ -43,7 +43,7 @@ from server.api.openapi import event_stream, responses
 from server.api.protocol import Completion, CompletionRequest
 from server.api.state import AppState
 from server.engine import DoneEvent, ErrorEvent, GenerationRequest, TokenEvent
-from server.engine.logprobs import TokenLogprob
+from server.engine.logprobs import PromptLogprobs, TokenLogprob
 from server.timings import StageTimer
 
 router = APIRouter(route_class=OffLoopJSONRoute)
@@ -67,9 +67,10 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                        param="best_of")
     if body.suffix:
         raise APIError(400, "suffix: fill-in-the-middle is not supported", param="suffix")
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo with logprobs would need the prompt's logprobs, which are "
-                       "not computed", param="echo")
+    scored = body.echo and body.logprobs is not None  # the prompt's own tokens too
+    if scored and body.stream:
+        raise APIError(400, "stream: echo with logprobs is answered whole, not streamed",
+                       param="stream")
     client = client_identity(request.scope)
     cancelled = threading.Event()  # one hang-up stops every prompt's generation
     # Each prompt is a request of its own (queued, scheduled and cached as one); the first
@@ -83,7 +84,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         request_id=record.request_id if i == 0 else f"{record.request_id}.{i}",
         client=client, top_logprobs=body.logprobs, stream=body.stream,
         tenant=state.cache_tenant(client), priority=request_priority(request.scope),
-        cancelled=cancelled) for i, prompt in enumerate(prompts)]
+        cancelled=cancelled, prompt_logprobs=scored) for i, prompt in enumerate(prompts)]
     watcher = asyncio.create_task(cancel_on_disconnect(request, generations[0]))
     try:
         started = await asyncio.gather(*(
@@ -109,7 +110,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                                              record),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await _complete(head, choices, generations, echoes, record)
+        return await _complete(head, choices, generations, echoes, record, n)
     finally:
         watcher.cancel()
 
@@ -150,8 +151,10 @@ def _token_ids(value: object) -> TypeGuard[list[int]]:
 
 
 async def _text_of(state: AppState, prompt: Prompt) -> str:
-    """What `echo` repeats: the prompt's text (token ids written out)."""
-    return prompt if isinstance(prompt, str) else await state.engine.detokenize(prompt)
+    """What `echo` repeats: the prompt's text (token ids as the model reads them: control
+    tokens, such as BOS, show no text, as in generated text and in `logprobs.tokens`)."""
+    return prompt if isinstance(prompt, str) else await state.engine.detokenize(
+        prompt, special=False)
 
 
 def _usage_timer(generations: list[GenerationRequest], completion_tokens: int) -> StageTimer:
@@ -171,9 +174,29 @@ class _Logprobs:
     def __init__(self, offset: int) -> None:
         self.offset = offset
         self.tokens: list[str] = []
-        self.token_logprobs: list[float] = []
-        self.top_logprobs: list[dict[str, float]] = []
+        self.token_logprobs: list[float | None] = []
+        self.top_logprobs: list[dict[str, float] | None] = []
         self.text_offset: list[int] = []
+
+    @classmethod
+    def of_prompt(cls, scores: PromptLogprobs) -> _Logprobs:
+        """The prompt's tokens, the first with no log-probability (nothing predicts it)."""
+        out = cls(0)
+        first = scores.first.decode("utf-8", errors="replace")
+        out.tokens.append(first)
+        out.token_logprobs.append(None)
+        out.top_logprobs.append(None)
+        out.text_offset.append(0)
+        out.offset = len(first)
+        for lp in scores.scored[1:]:
+            assert lp is not None
+            out.add(lp, lp.token.decode("utf-8", errors="replace"))
+        return out
+
+    def then(self, generated: _Logprobs) -> _Logprobs:
+        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            getattr(self, name).extend(getattr(generated, name))
+        return self
 
     def add(self, lp: TokenLogprob, text: str) -> None:
         self.tokens.append(lp.token.decode("utf-8", errors="replace"))
@@ -189,10 +212,11 @@ class _Logprobs:
 
 async def _complete(head: dict[str, object], choices: list[tuple[Events, Event]],
                     generations: list[GenerationRequest], echoes: list[str],
-                    record: RequestRecord) -> Response:
+                    record: RequestRecord, n: int) -> Response:
     out = []
     completion_tokens = 0
     top_logprobs = generations[0].top_logprobs
+    prompt_scores: PromptLogprobs | None = None
     for index, (events, event) in enumerate(choices):
         pieces = [echoes[index]]
         logprobs = _Logprobs(len(echoes[index])) if top_logprobs is not None else None
@@ -205,6 +229,10 @@ async def _complete(head: dict[str, object], choices: list[tuple[Events, Event]]
             generations[0].cancelled.set()
             return error_response(event.status, event.message, code=event.code)
         assert isinstance(event, DoneEvent)
+        if index % n == 0:  # the prompt's first choice evaluated (and scored) it
+            prompt_scores = event.prompt_logprobs
+        if prompt_scores is not None and logprobs is not None:
+            logprobs = _Logprobs.of_prompt(prompt_scores).then(logprobs)
         completion_tokens += event.timer.completion_tokens
         if index == 0:
             record.finish_reason = event.finish_reason

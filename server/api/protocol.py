@@ -448,8 +448,10 @@ class ErrorResponse(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    # null for a prompt's first token with `echo` (nothing predicts it), as OpenAI's legacy
+    # API and vLLM answer (the SDK's type says float there).
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

@@ -195,12 +195,13 @@ class Engine:
         except PromptRefused as refused:
             return refused.event
 
-    async def detokenize(self, tokens: Sequence[int]) -> str:
-        """The text of token ids (each checked to be in the vocabulary by the caller)."""
+    async def detokenize(self, tokens: Sequence[int], *, special: bool = True) -> str:
+        """The text of token ids (each checked to be in the vocabulary by the caller);
+        special: control tokens written out (else, as generated text shows them: not)."""
         self._require_ready()
         assert self._preparer is not None
         return await asyncio.get_running_loop().run_in_executor(
-            None, self._preparer.detokenize, tokens)
+            None, partial(self._preparer.detokenize, tokens, special=special))
 
     def _require_ready(self) -> Scheduler:
         if self.state is not EngineState.READY or self._scheduler is None \

@@ -11,6 +11,7 @@ from server.engine import mtmd
 from server.engine.admission import Sink
 from server.engine.detokenize import TextStream
 from server.engine.embed_cache import EmbedKey
+from server.engine.logprobs import PromptLogprobs
 from server.engine.prefix import KvEntries, KvKey
 from server.engine.sampling import TokenSampler
 from server.engine.types import (
@@ -58,6 +59,7 @@ class Job:
     # evaluating the prompt themselves.
     siblings: list[Job] = field(default_factory=list)
     awaits_copy: bool = False  # a sibling still waiting for that copy
+    prompt_logprobs: PromptLogprobs | None = None  # server/engine/prompt_scores.py
 
     def keys(self) -> list[KvKey]:
         """What this job's sequence holds once its prompt and its tokens are evaluated."""
@@ -145,7 +147,7 @@ def finish_job(slot: Slot, reason: str) -> None:
     if job.prompt_done_at:
         timer.add("generation", time.perf_counter() - job.prompt_done_at)
     timer.mark_since_start("total")
-    end_job(slot, DoneEvent(reason, timer))  # type: ignore[arg-type]
+    end_job(slot, DoneEvent(reason, timer, job.prompt_logprobs))  # type: ignore[arg-type]
 
 
 def end_job(slot: Slot, event: EngineEvent) -> None:

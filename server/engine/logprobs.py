@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import llama_cpp
 import numpy as np
@@ -13,6 +13,16 @@ class TokenLogprob:
     token: bytes
     logprob: float
     top: tuple[tuple[bytes, float], ...]  # the k most likely tokens, most likely first
+
+
+@dataclass
+class PromptLogprobs:
+    """Each prompt token's log-probability given the ones before it (server/engine/
+    prompt_scores.py): `scored[p]` for position p ≥ 1; nothing predicts the first."""
+
+    first: bytes  # the first token's text
+    scored: list[TokenLogprob | None]
+    upto: int = field(default=0, repr=False)  # positions 0 … upto - 1 have had their logits
 
 
 def token_logprob(ctx: int, batch_index: int, n_vocab: int, token: int, top_k: int,

@@ -85,9 +85,9 @@ class Preparer:
                               for t in tokens)
         return PromptTokens(tuple(tokens), prompt.image_tokens, texts)
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
+    def detokenize(self, tokens: Sequence[int], *, special: bool = True) -> str:
         with self.gate:
-            return detokenize(self.model.vocab, tokens)
+            return detokenize(self.model.vocab, tokens, special=special)
 
     def prepare(self, request: GenerationRequest, *, fit: bool = True
                 ) -> mtmd.TokenizedPrompt:

@@ -35,6 +35,7 @@ from server.engine.encoder import ImageEncoder
 from server.engine.jobs import PrefillItem, Slot, end_job, slot_view
 from server.engine.kv import KvBudget
 from server.engine.model import LoadedModel
+from server.engine.prompt_scores import ROWS_PER_STEP, score
 from server.engine.sampling import GrammarError
 from server.engine.start import Starter
 from server.engine.types import (
@@ -61,6 +62,7 @@ class _Prefilled:
     item: PrefillItem
     n: int
     last_index: int  # batch index of the prompt's last token, or -1
+    first_index: int  # batch index of the first of the `n` tokens
 
 
 class Scheduler:
@@ -351,11 +353,16 @@ class Scheduler:
             item = job.work[0]
             tokens = item.chunk.tokens
             n = min(budget, len(tokens) - item.start)
+            scoring = job.prompt_logprobs is not None  # every token's logits kept
+            if scoring:
+                n = min(n, ROWS_PER_STEP)
             ends_prompt = item.start + n == len(tokens) and len(job.work) == 1
+            first = batch.n
             for j in range(n):
                 batch.add(tokens[item.start + j], slot.n_past + j, slot.seq_id,
-                          ends_prompt and j == n - 1)
-            prefilled.append(_Prefilled(slot, item, n, batch.n - 1 if ends_prompt else -1))
+                          scoring or (ends_prompt and j == n - 1))
+            prefilled.append(_Prefilled(slot, item, n, batch.n - 1 if ends_prompt else -1,
+                                        first))
             budget -= n
         return prefilled
 
@@ -364,6 +371,8 @@ class Scheduler:
         job = slot.job
         if job is None:
             return
+        if job.prompt_logprobs is not None:
+            score(job, item, part.first_index, part.n, self.model)
         slot.cached.extend(item.chunk.tokens[item.start:item.start + part.n])
         slot.n_past += part.n
         item.start += part.n

@@ -24,6 +24,7 @@ from server.engine.prefix import (
     n_positions,
     n_tokens,
 )
+from server.engine.prompt_scores import new_scores
 from server.engine.ram_cache import RamPrefixCache
 from server.engine.sampling import GrammarError, build_sampler
 from server.engine.types import ErrorEvent, GenerationRequest
@@ -81,6 +82,7 @@ class Starter:
             deadline=time.perf_counter() + (request.timeout_s or self.settings.request_timeout),
             order=next(self._order),
             held_text=None if request.stream or request.top_logprobs is not None else [],
+            prompt_logprobs=new_scores(request, prompt, model),
         )
 
     def place(self, job: Job, slots: list[Slot]) -> None:
@@ -95,6 +97,8 @@ class Starter:
             self.ram.save(slot)  # what this request is about to replace
         keep = self._borrow_prefix(slot, slots, keys, request.tenant, keep)
         keep = self._restore_prefix(slot, keys, request.tenant, keep)
+        if job.prompt_logprobs is not None:  # a cached prefix was never scored by this job
+            keep = min(keep, job.prompt_logprobs.upto)
         kept = keys[:keep]
         slot.n_past = n_positions(kept)
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.n_past, -1)

@@ -38,14 +38,15 @@ def token_piece(vocab: llama_cpp.llama_vocab_p, token: int, *, special: bool) ->
     return buf.raw[:n]
 
 
-def detokenize(vocab: llama_cpp.llama_vocab_p, tokens: Sequence[int]) -> str:
-    """The text of `tokens` as the vocab joins them (its own rules for word-start spaces),
-    control tokens written out, so that tokenizing it again gives the same ids."""
+def detokenize(vocab: llama_cpp.llama_vocab_p, tokens: Sequence[int], *,
+               special: bool = True) -> str:
+    """The text of `tokens` as the vocab joins them (its own rules for word-start spaces);
+    special: control tokens written out (so that tokenizing it again reads them back)."""
     ids = (llama_cpp.llama_token * len(tokens))(*tokens)
     capacity = 16 * len(tokens) + 16
     for _ in range(2):
         buf = ctypes.create_string_buffer(capacity)
-        n = llama_cpp.llama_detokenize(vocab, ids, len(tokens), buf, capacity, False, True)
+        n = llama_cpp.llama_detokenize(vocab, ids, len(tokens), buf, capacity, False, special)
         if n >= 0:
             return buf.raw[:n].decode("utf-8", errors="replace")
         capacity = -n

@@ -8,7 +8,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from server.engine.logprobs import TokenLogprob
+from server.engine.logprobs import PromptLogprobs, TokenLogprob
 from server.timings import StageTimer
 
 
@@ -83,6 +83,9 @@ class GenerationRequest:
     prompt: str | None = None
     # The same as token ids (checked by the API), read as they are: nothing added.
     prompt_tokens: tuple[int, ...] | None = None
+    # A raw prompt's own tokens scored (echo with logprobs: server/engine/prompt_scores.py),
+    # with `top_logprobs` alternatives each.
+    prompt_logprobs: bool = False
 
     @property
     def raw(self) -> bool:
@@ -119,6 +122,7 @@ class TokenEvent:
 class DoneEvent:
     finish_reason: Literal["stop", "length", "tool_calls"]
     timer: StageTimer
+    prompt_logprobs: PromptLogprobs | None = None  # when the request asked for them
 
 
 @dataclass(frozen=True)
