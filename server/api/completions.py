@@ -135,10 +135,10 @@ def _prompts(body: CompletionRequest, n_vocab: int) -> list[Prompt]:
         if isinstance(item, str) and item:
             out.append(item)
         elif _token_ids(item):
-            for j, token in enumerate(item):
-                if not 0 <= token < n_vocab:
-                    raise APIError(400, f"{name}.{j}: {token} is not a token id of this model "
-                                   f"(0 to {n_vocab - 1})", param=f"{name}.{j}")
+            if not (min(item) >= 0 and max(item) < n_vocab):
+                j = next(j for j, token in enumerate(item) if not 0 <= token < n_vocab)
+                raise APIError(400, f"{name}.{j}: {item[j]} is not a token id of this model "
+                               f"(0 to {n_vocab - 1})", param=f"{name}.{j}")
             out.append(tuple(item))
         else:
             raise APIError(400, f"{name}: a non-empty string or list of token ids",

@@ -74,8 +74,9 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> object:
     state: AppState = request.app.state.vlserve
     require_ready(state)
     n_vocab = state.engine.info["n_vocab"]
-    for i, token in enumerate(body.tokens):
-        if not 0 <= token < n_vocab:
-            raise APIError(400, f"tokens.{i}: {token} is not a token id of this model (0 to "
-                           f"{n_vocab - 1})", param=f"tokens.{i}")
+    tokens = body.tokens
+    if tokens and not (min(tokens) >= 0 and max(tokens) < n_vocab):  # C loops, on the loop
+        i = next(i for i, token in enumerate(tokens) if not 0 <= token < n_vocab)
+        raise APIError(400, f"tokens.{i}: {tokens[i]} is not a token id of this model (0 to "
+                       f"{n_vocab - 1})", param=f"tokens.{i}")
     return DetokenizeResponse(prompt=await state.engine.detokenize(body.tokens))
