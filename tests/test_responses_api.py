@@ -79,6 +79,35 @@ def test_the_stream_is_the_full_event_sequence(server: RunningServer) -> None:
     assert whole.output_text == final.output_text
 
 
+def test_logprobs_of_the_answer_as_chat_gives_them(server: RunningServer,
+                                                  client: openai.OpenAI) -> None:
+    asked = {"input": "Say something.", "max_output_tokens": 5, "temperature": 0,
+             "include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    whole = create(server, **asked)
+    assert whole.top_logprobs == 2
+    part = whole.output[0].content[0]  # type: ignore[union-attr]
+    assert len(part.logprobs) == 5 and all(len(lp.top_logprobs) == 2 for lp in part.logprobs)
+    assert "".join(lp.token for lp in part.logprobs).lstrip() == part.text.lstrip()
+    # The same prompt as a chat: the same tokens, the same log-probabilities.
+    chat = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Say something."}], max_tokens=5,
+        temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None
+    assert [(lp.token, lp.logprob) for lp in part.logprobs] == \
+        [(lp.token, pytest.approx(lp.logprob)) for lp in content]
+    # Streamed: each delta carries its tokens' logprobs; the done events all of them.
+    events = response_events(server.api, {"model": "m", **asked})
+    streamed = [lp for e in events if e["type"] == "response.output_text.delta"
+                for lp in e["logprobs"]]
+    done = next(e for e in events if e["type"] == "response.output_text.done")
+    assert streamed == done["logprobs"] == events[-1]["response"]["output"][0]["content"][0][
+        "logprobs"] == [lp.model_dump() for lp in part.logprobs]
+    # Not asked for: none.
+    plain = create(server, input="Say something.", max_output_tokens=2)
+    assert plain.output[0].content[0].logprobs == []  # type: ignore[union-attr]
+
+
 def test_the_sdk_reads_the_stream(client: openai.OpenAI) -> None:
     with client.responses.stream(model="m", input="Say something.", max_output_tokens=4,
                                  temperature=0) as stream:
@@ -191,6 +220,7 @@ def test_store_false_keeps_nothing(server: RunningServer) -> None:
      "no stored response with id 'resp_unknown'"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "greater than or equal to 1"),
     ({"input": []}, "input", "at least one item"),
+    ({"input": "x", "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
     ({"input": [{"role": "user", "content": [{"type": "input_text", "text": ""}] * 3000}] * 2},
      None, "input: at most 4096 content parts in all, not 6000"),
 ])

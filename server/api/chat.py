@@ -19,6 +19,7 @@ from server.api.generation import (
     Events,
     cancel_on_disconnect,
     check_choices,
+    logprob_entry,
     max_tokens,
     request_sampling,
     require_ready,
@@ -48,7 +49,6 @@ from server.engine import (
     GenerationRequest,
     TokenEvent,
 )
-from server.engine.logprobs import TokenLogprob
 from server.timings import StageTimer
 
 router = APIRouter(route_class=OffLoopJSONRoute)
@@ -184,7 +184,7 @@ async def _answer(event: Event, events: Events, generation: GenerationRequest, t
         else:
             pieces.append(event.text)
             if event.logprob is not None:
-                logprobs.append(_logprob_entry(event.logprob))
+                logprobs.append(logprob_entry(event.logprob))
         event = await anext(events)
     if isinstance(event, ErrorEvent):
         return event
@@ -223,7 +223,7 @@ async def _stream(reply: _Reply, choices: list[Choice], generation: GenerationRe
                           '"finish_reason": null, "logprobs": null}]}\n\n'
                 else:
                     yield _chunk(reply, {"content": event.text}, None, index=index,
-                                 logprobs={"content": [_logprob_entry(event.logprob)]})
+                                 logprobs={"content": [logprob_entry(event.logprob)]})
             elif isinstance(event, ToolDeltaEvent):
                 delta = legacy_delta(event.delta) if legacy else event.delta
                 if delta is not None:
@@ -268,16 +268,6 @@ def _chunk(reply: _Reply, delta: dict | None, finish: str | None, *, index: int 
     ]
     body.update(extra)
     return f"data: {json.dumps(body)}\n\n"
-
-
-def _logprob_entry(lp: TokenLogprob) -> dict[str, object]:
-    return {
-        "token": lp.token.decode("utf-8", errors="replace"),
-        "logprob": lp.logprob,
-        "bytes": list(lp.token),
-        "top_logprobs": [{"token": t.decode("utf-8", errors="replace"), "logprob": p,
-                          "bytes": list(t)} for t, p in lp.top],
-    }
 
 
 def _top_logprobs(body: ChatCompletionRequest) -> int | None:

@@ -20,6 +20,7 @@ from server.api.tool_calls import ToolDeltaEvent, ToolPlan, tool_stream
 from server.config import Settings
 from server.engine import ChatMessage, EngineEvent, GenerationRequest, SamplingParams
 from server.engine.engine import EngineNotReadyError, QueueFullError
+from server.engine.logprobs import TokenLogprob
 from server.timings import StageTimer
 
 E = TypeVar("E")
@@ -100,6 +101,17 @@ def logit_biases(raw: dict[str, float] | None, n_vocab: int
             raise APIError(400, f"{param}: a bias is from -100 to 100", param=param)
         out.append((int(key), float("-inf") if bias <= -100 else float(bias)))
     return tuple(out)
+
+
+def logprob_entry(lp: TokenLogprob) -> dict[str, object]:
+    """One token's logprobs as chat (`logprobs.content`) and Responses (`logprobs`) show it."""
+    return {
+        "token": lp.token.decode("utf-8", errors="replace"),
+        "logprob": lp.logprob,
+        "bytes": list(lp.token),
+        "top_logprobs": [{"token": t.decode("utf-8", errors="replace"), "logprob": p,
+                          "bytes": list(t)} for t, p in lp.top],
+    }
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from server.api.generation import (
     Event,
     Events,
     cancel_on_disconnect,
+    logprob_entry,
     max_tokens,
     require_ready,
     sampling_params,
@@ -124,7 +125,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
                                  grammar=constraint[1] if constraint else None),
         timer=timer, request_id=record.request_id, client=client,
         stream=body.stream or reasoning is not None,  # reasoning is counted token by token
-        tenant=state.cache_tenant(client), template_kwargs=kwargs)
+        tenant=state.cache_tenant(client), template_kwargs=kwargs,
+        top_logprobs=_top_logprobs(body))
     watcher = asyncio.create_task(cancel_on_disconnect(request, generation))
     try:
         input_items = item_dicts(items)
@@ -292,8 +294,15 @@ def _echo(body: ResponsesRequest, generation: GenerationRequest) -> dict[str, An
         "previous_response_id": body.previous_response_id,
         "metadata": body.metadata,
         "truncation": body.truncation or "disabled",
+        "top_logprobs": body.top_logprobs,
         "reasoning": body.reasoning.model_dump() if body.reasoning else None,
     }
+
+
+def _top_logprobs(body: ResponsesRequest) -> int | None:
+    """How many alternatives each answer token's logprobs show; None: no logprobs."""
+    asked = body.include is not None and "message.output_text.logprobs" in body.include
+    return (body.top_logprobs or 0) if asked or body.top_logprobs is not None else None
 
 
 def _item_index(name: str, n_earlier: int) -> int:
@@ -317,8 +326,14 @@ async def _complete(draft: ResponseDraft, event: Event, events: Events,
                     ) -> Response:
     pieces: list[str] = []
     thoughts: list[str] = []
+    logprobs: list[dict[str, Any]] = []
     while isinstance(event, TokenEvent | ReasoningEvent):
-        (thoughts if isinstance(event, ReasoningEvent) else pieces).append(event.text)
+        if isinstance(event, ReasoningEvent):
+            thoughts.append(event.text)
+        else:
+            pieces.append(event.text)
+            if event.logprob is not None:
+                logprobs.append(logprob_entry(event.logprob))
         event = await anext(events)
     if isinstance(event, ErrorEvent):
         return error_response(event.status, event.message, code=event.code)
@@ -331,7 +346,9 @@ async def _complete(draft: ResponseDraft, event: Event, events: Events,
         content = message["content"]  # type: ignore[assignment]
         calls = message.get("tool_calls", [])  # type: ignore[assignment]
     status = status_of(event.finish_reason)
-    output = answer_items(content, calls, status)
+    # The tokens' logprobs are the whole text's: with calls parsed out of it they are not
+    # the message's own.
+    output = answer_items(content, calls, status, logprobs=None if calls else logprobs)
     if thoughts:
         output.insert(0, reasoning_item("".join(thoughts), status))
     body = draft.body(status, output, timer=event.timer, finish_reason=event.finish_reason)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.api.generation import Event
+from server.api.generation import Event, logprob_entry
 from server.api.reasoning import ReasoningEvent
 from server.api.responses_input import new_id
 from server.api.tool_calls import ToolDeltaEvent
@@ -52,9 +52,10 @@ def status_of(finish_reason: str) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
 
-def message_item(text: str, status: str, item_id: str | None = None) -> dict[str, Any]:
+def message_item(text: str, status: str, item_id: str | None = None,
+                 logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"type": "message", "id": item_id or new_id("msg"), "role": "assistant",
-            "status": status, "content": [text_part(text)]}
+            "status": status, "content": [text_part(text, logprobs)]}
 
 
 def reasoning_item(text: str, status: str, item_id: str | None = None) -> dict[str, Any]:
@@ -62,8 +63,9 @@ def reasoning_item(text: str, status: str, item_id: str | None = None) -> dict[s
             "content": [{"type": "reasoning_text", "text": text}], "status": status}
 
 
-def text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [],
+            "logprobs": logprobs or []}
 
 
 def call_item(call_id: str, name: str, arguments: str, status: str,
@@ -72,11 +74,12 @@ def call_item(call_id: str, name: str, arguments: str, status: str,
             "name": name, "arguments": arguments, "status": status}
 
 
-def answer_items(content: str | None, calls: list[dict[str, Any]], status: str
-                 ) -> list[dict[str, Any]]:
+def answer_items(content: str | None, calls: list[dict[str, Any]], status: str,
+                 logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Output items of a finished answer: its text (if any, or if there are no calls), then
     each call (chat-style tool_calls, from server.api.tool_calls.answer_message)."""
-    items = [message_item(content or "", status)] if content or not calls else []
+    items = [message_item(content or "", status, logprobs=logprobs)] \
+        if content or not calls else []
     items += [call_item(c["id"], c["function"]["name"], c["function"]["arguments"], status)
               for c in calls]
     return items
@@ -129,11 +132,13 @@ async def stream_events(draft: ResponseDraft, first: Event, events: AsyncIterato
             output.append(thought)
             thought = None
         if text is not None:
-            item_id, body = text["id"], text["content"][0]["text"]
+            part = text["content"][0]
+            item_id, body, logprobs = text["id"], part["text"], part["logprobs"]
             lines.append(out.event("response.output_text.done", item_id=item_id,
-                                   output_index=index, content_index=0, text=body, logprobs=[]))
+                                   output_index=index, content_index=0, text=body,
+                                   logprobs=logprobs))
             lines.append(out.event("response.content_part.done", item_id=item_id,
-                                   output_index=index, content_index=0, part=text_part(body)))
+                                   output_index=index, content_index=0, part=part))
             text["status"] = status
             lines.append(out.event("response.output_item.done", output_index=index, item=text))
             output.append(text)
@@ -173,10 +178,13 @@ async def stream_events(draft: ResponseDraft, first: Event, events: AsyncIterato
                 for line in close_open() + open_text():
                     yield line
             assert text is not None
-            text["content"][0]["text"] += event.text
+            part = text["content"][0]
+            part["text"] += event.text
+            logprobs = [logprob_entry(event.logprob)] if event.logprob is not None else []
+            part["logprobs"] += logprobs
             yield out.event("response.output_text.delta", item_id=text["id"],
                             output_index=len(output), content_index=0, delta=event.text,
-                            logprobs=[])
+                            logprobs=logprobs)
         elif isinstance(event, ToolDeltaEvent):
             piece = event.delta["tool_calls"][0]  # type: ignore[index]
             function = piece["function"]

@@ -163,6 +163,10 @@ class ResponsesRequest(_Lenient):
     # (server/api/truncation.py); "disabled" (the default): it is a 400.
     truncation: Literal["auto", "disabled"] | None = None
     reasoning: ReasoningConfig | None = None
+    # Logprobs of the answer's text: `include: ["message.output_text.logprobs"]` (or a
+    # `top_logprobs`, which says how many alternatives each token shows).
+    include: list[str] | None = Field(None, max_length=16)
+    top_logprobs: Annotated[int, Field(ge=0, le=20), _WHOLE] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -261,6 +265,7 @@ class ResponseObject(BaseModel):
     metadata: dict[str, str] | None
     truncation: Literal["auto", "disabled"]
     reasoning: dict[str, Any] | None  # the request's, repeated
+    top_logprobs: int | None
     error: ResponseError | None
     incomplete_details: IncompleteDetails | None
     usage: ResponseUsage | None
