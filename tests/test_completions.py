@@ -4,10 +4,12 @@ strings, logprobs, echo, streaming, with the openai SDK and its types."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
-from conftest import RunningServer
+from conftest import ROOT, RunningServer, start_server, stop_server
 from openai.types import Completion, CompletionChoice
 from test_batches import jsonl, read_lines, wait_batch
 from test_real_model import client, gemma, gemma_gguf  # noqa: F401  (the real-model server)
@@ -152,6 +154,12 @@ def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI,  # noqa: F8
     assert forced.tokens[n - 1:n + 3] == written.logprobs.tokens
     assert forced.token_logprobs[n - 1:n + 3] == pytest.approx(
         written.logprobs.token_logprobs, abs=0.25)
+    # Characters split over byte tokens: offsets count each once, as the echoed text does.
+    odd = "Tokyo ꙮ 東京 is"  # ꙮ: three byte tokens in this vocabulary
+    split = scored(odd, 0).logprobs
+    assert split is not None and split.text_offset
+    assert split.text_offset == sorted(split.text_offset) and split.text_offset[-1] == len(odd)
+    assert split.tokens[-2] == " is" and split.text_offset[-2] == len(odd) - len(" is")
     # A real model knows its capitals: Paris scores far above a banana.
     paris = scored(PROMPT + " Paris", 0).logprobs
     banana = scored(PROMPT + " banana", 0).logprobs
@@ -171,6 +179,39 @@ def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI,  # noqa: F8
     assert prompt_parts[2][n] == pytest.approx(paris.token_logprobs[n - 1])
 
 
+def test_a_scored_prompt_leaves_a_conversations_cache_alone(
+        gemma_gguf: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A scored prompt evaluates everything itself: it must not take (and wipe) the slot
+    that holds a conversation it happens to match, when another slot spoils less. (No RAM
+    cache here: it would keep a copy of the wiped conversation, at a cost.)"""
+    server = start_server(gemma_gguf, tmp_path / "server.log", "--n-parallel", "2",
+                         family="gemma", config=ROOT / "configs" / "gemma3-270m.yaml",
+                         env={"VLSERVE_PROMPT_CACHE_RAM_MB": "0"})
+    try:
+        _scored_beside_a_conversation(server)
+    finally:
+        stop_server(server)
+
+
+def _scored_beside_a_conversation(gemma: RunningServer) -> None:  # noqa: F811
+    client = openai.OpenAI(base_url=gemma.api, api_key="unused", max_retries=0)  # noqa: F811
+    # Both fit the tests' 1024-token context together (else the cache must go for room).
+    story = [{"role": "user", "content": "Once upon a time, " * 55 + "what happened?"}]
+    first = client.chat.completions.create(model="gemma-3-270m", messages=story,  # type: ignore[arg-type]
+                                           max_tokens=1)
+    assert first.usage is not None and 250 < first.usage.prompt_tokens < 400
+    ids = httpx.post(f"{gemma.api}/tokenize", json={"messages": story}, timeout=30
+                     ).json()["tokens"]
+    # The same long start (a few-shot prefix, say), then something else.
+    scored = httpx.post(f"{gemma.api}/completions", timeout=60, json={
+        "prompt": ids[:240] + ids[1:40], "echo": True, "logprobs": 0, "max_tokens": 1})
+    assert scored.status_code == 200, scored.text
+    again = client.chat.completions.create(model="gemma-3-270m", messages=story,  # type: ignore[arg-type]
+                                           max_tokens=1)
+    assert again.usage is not None and again.usage.prompt_tokens_details is not None
+    assert again.usage.prompt_tokens_details.cached_tokens >= len(ids) - 1
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"prompt": []}, "prompt"),
     ({"prompt": [[]]}, "prompt.0"),
@@ -178,6 +219,9 @@ def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI,  # noqa: F8
     ({"prompt": [2, 262144]}, "prompt.1"),
     ({"prompt": [[2, 3], [2, -1]]}, "prompt.1.1"),
     ({"prompt": ["a"] * 65}, "prompt"),
+    ({"prompt": ["a"] * 64, "n": 2}, "prompt"),  # more than the server queues and runs
+    ({"prompt": [PROMPT, "word " * 2000]}, "prompt.1"),  # over the context: which prompt
+    ({"prompt": [[2] * 5000]}, "prompt.0"),  # refused by its length, ids unread
     ({"prompt": ""}, "prompt"),
     ({"prompt": PROMPT, "suffix": "end"}, "suffix"),
     ({"prompt": PROMPT, "best_of": 3}, "best_of"),
@@ -190,6 +234,17 @@ def test_what_is_not_served_is_a_400(gemma: RunningServer, body: dict, param: st
                           timeout=60)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_a_lone_surrogate_in_a_prompt_is_a_400(gemma: RunningServer) -> None:  # noqa: F811
+    """JSON can carry "\ud800", which is not Unicode text: named, not a 500."""
+    for path in ("completions", "tokenize"):
+        response = httpx.post(f"{gemma.api}/{path}", timeout=30,
+                              headers={"Content-Type": "application/json"},
+                              content=b'{"prompt": "caf\\ud800", "max_tokens": 2}')
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "prompt"
+        assert response.json()["error"]["code"] == "invalid_text"
 
 
 def test_a_batch_of_text_completions(client: openai.OpenAI, gemma: RunningServer  # noqa: F811

@@ -82,3 +82,20 @@ def test_truncation_takes_auto_or_disabled(server: RunningServer, value: object)
     answer = httpx.post(f"{server.api}/responses", timeout=60,
                         json={"model": "m", "input": "Hi", "truncation": value})
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "truncation"
+
+
+def test_a_leading_system_message_stays_with_the_kept_turns(server: RunningServer) -> None:
+    """A system (developer) message the input starts with is kept in the prompt, and so in
+    the stored conversation the next turn continues from."""
+    conversation = turns(12)
+    first = create(server, input=[{"role": "developer", "content": INSTRUCTIONS},
+                                  *conversation], truncation="auto")
+    assert first.usage is not None
+    starts = [i for i, m in enumerate(conversation) if m["role"] == "user"]
+    (cut,) = [i for i in starts if count(server, conversation[i:]) == first.usage.input_tokens]
+    second = create(server, input="One more thing.", previous_response_id=first.id)
+    assert second.usage is not None
+    # count() puts the system message first, as the stored conversation must.
+    assert second.usage.input_tokens == count(server, [
+        *conversation[cut:], {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "One more thing."}])

@@ -57,7 +57,8 @@ def test_a_prompt_counts_as_its_completion_does(gemma: RunningServer,  # noqa: F
 
 def test_a_chat_counts_as_the_chat_completion_does(gemma: RunningServer,  # noqa: F811
                                                    client: openai.OpenAI) -> None:  # noqa: F811
-    for extra in ({}, {"tools": WEATHER}):
+    legacy = {"functions": [tool["function"] for tool in WEATHER]}
+    for extra in ({}, {"tools": WEATHER}, legacy):
         counted = tokenize(gemma, messages=FRANCE, **extra)
         chat = client.chat.completions.create(model="gemma-3-270m", messages=FRANCE,
                                               max_tokens=1, **extra)  # type: ignore[arg-type]
@@ -97,7 +98,8 @@ def test_bad_requests_name_the_field(gemma: RunningServer, path: str,  # noqa: F
 
 
 def test_images_count_as_the_positions_they_take(server: RunningServer) -> None:
-    messages = [image_message("What is in this picture?", data_url(photo_bytes()))]
+    # An image of its own: a shared one would be in the embedding cache for later tests.
+    messages = [image_message("What is in this picture?", data_url(photo_bytes(seed=4242)))]
     counted = tokenize(server, messages=messages)
     assert counted["image_tokens"] > 0
     assert counted["count"] == len(counted["tokens"]) + counted["image_tokens"]
@@ -117,3 +119,18 @@ def test_images_count_as_the_positions_they_take(server: RunningServer) -> None:
         "model": server.model_name, "prompt": long, "max_tokens": 1})
     assert refused.status_code == 400
     assert refused.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_the_media_marker_in_a_raw_prompt_is_text(gemma: RunningServer,  # noqa: F811
+                                                  server: RunningServer) -> None:
+    """mtmd's image marker spelled in a raw prompt is text, not an image slot (it hung the
+    request: a slot with no image to fill it)."""
+    prompt = "See <__media__> here."
+    for running in (gemma, server):
+        counted = tokenize(running, prompt=prompt, return_token_strs=True)
+        assert counted["image_tokens"] == 0
+        assert "".join(counted["token_strs"]).replace("▁", " ").endswith(prompt)
+        answer = httpx.post(f"{running.api}/completions", timeout=30, json={
+            "prompt": prompt, "max_tokens": 2})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["prompt_tokens"] == counted["count"]

@@ -12,6 +12,7 @@ of its own, its choices after the previous prompt's.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import threading
 import time
@@ -37,6 +38,7 @@ from server.api.generation import (
     usage_of,
 )
 from server.api.internal import request_priority
+from server.api.messages import checked_text
 from server.api.observe import RequestRecord, request_record
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import event_stream, responses
@@ -59,9 +61,14 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     record.completion_id = "cmpl-" + record.completion_id.removeprefix("chatcmpl-")
     record.timer = timer = StageTimer()
     record.stream = body.stream
-    prompts = _prompts(body, state.engine.info.get("n_vocab", 0))
+    prompts = _prompts(body, state.engine.info.get("n_vocab", 0), state.engine.info["n_ctx"])
     n = body.n or 1
     check_choices(n, state)
+    at_once = state.settings.max_queue + state.settings.n_parallel
+    if len(prompts) * n > at_once:
+        raise APIError(400, f"prompt: {len(prompts)} prompts x n={n} choices are more than "
+                       f"this server queues and runs at once ({at_once}); send fewer per "
+                       "request", param="prompt")
     if body.best_of is not None and body.best_of != n:
         raise APIError(400, "best_of: only equal to n (every choice generated is returned)",
                        param="best_of")
@@ -72,6 +79,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         raise APIError(400, "stream: echo with logprobs is answered whole, not streamed",
                        param="stream")
     client = client_identity(request.scope)
+    # Before anything starts: a failure here leaves no generation running.
+    echoes = [await _text_of(state, prompt) if body.echo else "" for prompt in prompts
+              for _ in range(n)]
     cancelled = threading.Event()  # one hang-up stops every prompt's generation
     # Each prompt is a request of its own (queued, scheduled and cached as one); the first
     # carries the request's id and timer.
@@ -96,14 +106,18 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             raise refused
         choices = [choice for per_prompt in started
                    if not isinstance(per_prompt, BaseException) for choice in per_prompt]
-        error = next((first for _, first in choices if isinstance(first, ErrorEvent)), None)
-        if error is not None:
+        refused = next((i for i, (_, first) in enumerate(choices)
+                        if isinstance(first, ErrorEvent)), None)
+        if refused is not None:
             cancelled.set()
-            return error_response(error.status, error.message, code=error.code)
+            error = choices[refused][1]
+            assert isinstance(error, ErrorEvent)
+            where = f"prompt.{refused // n}" if len(prompts) > 1 else "prompt"
+            return error_response(error.status, f"{where}: {error.message}"
+                                  if len(prompts) > 1 else error.message, code=error.code,
+                                  param=where if error.status == 400 else None)
         head = {"id": record.completion_id, "object": "text_completion",
                 "created": int(time.time()), "model": state.settings.model_name}
-        echoes = [await _text_of(state, prompt) if body.echo else "" for prompt in prompts
-                  for _ in range(n)]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_stream(head, choices, generations, echoes, include_usage,
@@ -119,10 +133,10 @@ MAX_PROMPTS = 64  # in one request; each is queued as a request of its own
 Prompt = str | tuple[int, ...]
 
 
-def _prompts(body: CompletionRequest, n_vocab: int) -> list[Prompt]:
+def _prompts(body: CompletionRequest, n_vocab: int, n_ctx: int) -> list[Prompt]:
     """The request's prompts: a string, token ids, or a list of either (OpenAI's forms)."""
     raw = body.prompt
-    single = isinstance(raw, str) or _token_ids(raw)
+    single = isinstance(raw, str) or (bool(raw) and type(raw[0]) is int)
     items: list[Any] = [raw] if single else raw
     names = ["prompt"] if single else [f"prompt.{i}" for i in range(len(items))]
     if not items:
@@ -133,7 +147,10 @@ def _prompts(body: CompletionRequest, n_vocab: int) -> list[Prompt]:
     out: list[Prompt] = []
     for item, name in zip(items, names, strict=True):
         if isinstance(item, str) and item:
-            out.append(item)
+            out.append(checked_text(item, name))
+        elif isinstance(item, list) and len(item) >= n_ctx:  # before walking the ids
+            raise APIError(400, f"{name}: {len(item)} tokens but the context holds "
+                           f"{n_ctx - 1}", param=name, code="context_length_exceeded")
         elif _token_ids(item):
             if not (min(item) >= 0 and max(item) < n_vocab):
                 j = next(j for j, token in enumerate(item) if not 0 <= token < n_vocab)
@@ -180,17 +197,20 @@ class _Logprobs:
 
     @classmethod
     def of_prompt(cls, scores: PromptLogprobs) -> _Logprobs:
-        """The prompt's tokens, the first with no log-probability (nothing predicts it)."""
+        """The prompt's tokens, the first with no log-probability (nothing predicts it).
+        Offsets advance by the text each token completes (a character split over several
+        byte tokens counts once, at its last), as the echoed text has it."""
         out = cls(0)
-        first = scores.first.decode("utf-8", errors="replace")
-        out.tokens.append(first)
+        text = codecs.getincrementaldecoder("utf-8")("replace")
+        first = text.decode(scores.first)
+        out.tokens.append(scores.first.decode("utf-8", errors="replace"))
         out.token_logprobs.append(None)
         out.top_logprobs.append(None)
         out.text_offset.append(0)
         out.offset = len(first)
         for lp in scores.scored[1:]:
             assert lp is not None
-            out.add(lp, lp.token.decode("utf-8", errors="replace"))
+            out.add(lp, text.decode(lp.token))
         return out
 
     def then(self, generated: _Logprobs) -> _Logprobs:

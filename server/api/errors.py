@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.routes import RouteInfo, allowed_methods, route_table
+from server.engine.engine import EngineNotReadyError
 from server.store import StateUnavailable
 
 logger = logging.getLogger("vlserve.api")
@@ -91,9 +92,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, str(exc.detail), code=getattr(exc, "code", None),
                               headers=headers or None)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, OSError) and exc.errno in _STORAGE_FULL:
+    @app.exception_handler(EngineNotReadyError)
+    async def _not_ready(_: Request, exc: EngineNotReadyError) -> JSONResponse:
+        return error_response(503, str(exc), code="model_not_ready",
+                              headers={"Retry-After": "5"})
+
+    # OSError's own handler (Exception's runs in Starlette's outermost middleware, which
+    # re-raises after answering: the request log would say 500 with a traceback).
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        if exc.errno in _STORAGE_FULL:
             # The operator's problem, not the request's: one line that says what to do,
             # and an answer the client can retry later (nothing half-written is kept).
             logger.error("%s %s: the disk is full (%s); free space, or shorten "
@@ -101,6 +109,10 @@ def install_error_handlers(app: FastAPI) -> None:
                          request.url.path, exc)
             return error_response(507, "the server's storage is full; try again later",
                                   code="insufficient_storage", headers={"Retry-After": "60"})
+        return await _unexpected(request, exc)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal server error")
 

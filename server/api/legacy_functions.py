@@ -10,37 +10,53 @@ turns are (server/api/tool_calls.calls_as_text).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from server.api.errors import APIError
 from server.api.protocol import (
     ChatCompletionRequest,
+    FunctionDef,
     FunctionName,
     NamedToolChoice,
     ToolDef,
 )
 
+LegacyChoice = Literal["none", "auto"] | FunctionName
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
 
 def as_tools(body: ChatCompletionRequest) -> ChatCompletionRequest:
     """The request with `functions` / `function_call` as `tools` / `tool_choice`; as sent
     when it has none."""
-    if body.functions is None:
-        if body.function_call is not None:
-            raise APIError(400, "function_call needs functions", param="function_call")
+    if body.functions is None and body.function_call is None:
         return body
-    if body.tools is not None or body.tool_choice is not None:
-        raise APIError(400, "functions (deprecated) and tools cannot be combined; send tools",
-                       param="functions")
-    choice = body.function_call
-    if not (choice is None or isinstance(choice, str)) \
-            and choice.name not in {f.name for f in body.functions}:
-        raise APIError(400, f"function_call: no function named {choice.name!r} in functions",
-                       param="function_call.name")
+    tools, tool_choice = legacy_tools(body.functions, body.function_call, body.tools,
+                                      body.tool_choice)
     return body.model_copy(update={
-        "tools": [ToolDef(type="function", function=f) for f in body.functions],
-        "tool_choice": choice if choice is None or isinstance(choice, str) else
-        NamedToolChoice(type="function", function=FunctionName(name=choice.name)),
+        "tools": tools, "tool_choice": tool_choice,
         "parallel_tool_calls": False,  # the old shape holds one call
         "functions": None, "function_call": None,
     })
+
+
+def legacy_tools(functions: list[FunctionDef] | None, function_call: LegacyChoice | None,
+                 tools: list[ToolDef] | None, tool_choice: ToolChoice | None
+                 ) -> tuple[list[ToolDef] | None, ToolChoice | None]:
+    """`tools` and `tool_choice` for a request that may use the deprecated fields."""
+    if functions is None:
+        if function_call is not None:
+            raise APIError(400, "function_call needs functions", param="function_call")
+        return tools, tool_choice
+    if tools is not None or tool_choice is not None:
+        raise APIError(400, "functions (deprecated) and tools cannot be combined; send tools",
+                       param="functions")
+    if not (function_call is None or isinstance(function_call, str)) \
+            and function_call.name not in {f.name for f in functions}:
+        raise APIError(400, f"function_call: no function named {function_call.name!r} in "
+                       "functions", param="function_call.name")
+    return ([ToolDef(type="function", function=f) for f in functions],
+            function_call if function_call is None or isinstance(function_call, str) else
+            NamedToolChoice(type="function", function=FunctionName(name=function_call.name)))
 
 
 def legacy_message(message: dict[str, object], finish_reason: str

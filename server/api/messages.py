@@ -44,13 +44,13 @@ async def to_engine_messages(
             out.append(ChatMessage(role, ("",)))
             continue
         if isinstance(message.content, str):
-            out.append(ChatMessage(role, (_text(message.content,
+            out.append(ChatMessage(role, (checked_text(message.content,
                                                 f"{name}.content"),)))
             continue
         parts: list[str | ImageInput] = []
         for p_index, part in enumerate(message.content):
             if isinstance(part, TextPart):
-                parts.append(_text(part.text, f"{name}.content.{p_index}.text"))
+                parts.append(checked_text(part.text, f"{name}.content.{p_index}.text"))
                 continue
             where = f"{name}.content.{p_index}"
             if settings.mmproj is None:  # checked before any decoding: nothing to spend
@@ -75,7 +75,7 @@ async def to_engine_messages(
     return out
 
 
-def _text(text: str, param: str) -> str:
+def checked_text(text: str, param: str) -> str:
     """Text the tokenizer can take. JSON can carry lone surrogates ("\\ud800"), which are
     not Unicode text: refused here, where the answer can name the field."""
     if not text.isascii():

@@ -138,8 +138,11 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
                 user_turns, generation)
             converted = fitted.messages
             if fitted.first_kept is not None:  # what the next turn continues from, too
-                conversation = conversation[_item_index(where[fitted.first_kept],
-                                                        len(earlier)):]
+                kept_system = [conversation[_item_index(name, len(earlier))]
+                               for name in where[:fitted.fixed]
+                               if name not in ("instructions", "tools")]
+                conversation = kept_system + conversation[
+                    _item_index(where[fitted.first_kept], len(earlier)):]
         events, first = await start_generation(state, generation,
                                                prompted if converted is None else [],
                                                client=client, plan=plan, constraint=constraint,

@@ -14,7 +14,8 @@ from fastapi import APIRouter, Request
 from server.api.auth import client_identity
 from server.api.errors import APIError, error_response
 from server.api.generation import require_ready
-from server.api.messages import to_engine_messages
+from server.api.legacy_functions import legacy_tools
+from server.api.messages import checked_text, to_engine_messages
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import responses
 from server.api.state import AppState
@@ -42,21 +43,25 @@ async def tokenize(body: TokenizeRequest, request: Request) -> object:
                        "chat's)", param="prompt")
     client = client_identity(request.scope)
     timer = StageTimer()
-    generation = GenerationRequest(messages=[], max_tokens=1, prompt=body.prompt, timer=timer,
+    prompt = None if body.prompt is None else checked_text(body.prompt, "prompt")
+    generation = GenerationRequest(messages=[], max_tokens=1, prompt=prompt, timer=timer,
                                    client=client,
                                    template_kwargs=with_reasoning_effort(
                                        template_kwargs(body.chat_template_kwargs),
                                        body.reasoning_effort, state.engine.template))
     if body.messages is not None:
-        plan = await plan_functions(body.tools, body.tool_choice, None,
-                                    constrained_format=False, format_param="tools")
+        tools, tool_choice = legacy_tools(body.functions, body.function_call, body.tools,
+                                          body.tool_choice)
+        plan = await plan_functions(tools, tool_choice, None if body.functions is None
+                                    else False, constrained_format=False,
+                                    format_param="tools")
         messages = tool_history(body.messages, plan)
         names = ["tools"] * (len(messages) - len(body.messages)) + [
             f"messages.{i}" for i in range(len(body.messages))]
         generation.messages = await to_engine_messages(messages, state, timer, client, names)
-    elif body.tools or body.chat_template_kwargs or body.reasoning_effort:
-        param = next(name for name in ("tools", "chat_template_kwargs", "reasoning_effort")
-                     if getattr(body, name))
+    elif body.tools or body.functions or body.chat_template_kwargs or body.reasoning_effort:
+        param = next(name for name in ("tools", "functions", "chat_template_kwargs",
+                                       "reasoning_effort") if getattr(body, name))
         raise APIError(400, f"{param} shapes a chat: send messages", param=param)
     counted = await state.engine.tokenize(generation, add_special=body.add_special_tokens,
                                           pieces=body.return_token_strs)

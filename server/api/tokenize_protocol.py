@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from server.api.protocol import (
     MAX_MESSAGES,
     ChatMessageIn,
+    FunctionDef,
+    FunctionName,
     NamedToolChoice,
     ReasoningEffort,
     ToolDef,
@@ -34,6 +36,8 @@ class TokenizeRequest(BaseModel):
     return_token_strs: bool = False
     tools: list[ToolDef] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    functions: list[FunctionDef] | None = Field(None, min_length=1, max_length=128)
+    function_call: Literal["none", "auto"] | FunctionName | None = None  # as chat's
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: ReasoningEffort | None = None  # as chat's: it may change the prompt
 

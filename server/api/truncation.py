@@ -23,6 +23,7 @@ from server.engine import ChatMessage, ErrorEvent, GenerationRequest
 class Fitted:
     messages: list[ChatMessage]
     first_kept: int | None  # index of the first message kept after the cut; None: no cut
+    fixed: int = 0  # the leading system messages, kept whatever was cut
 
 
 async def fit_conversation(state: AppState, messages: list[ChatMessage],
@@ -61,4 +62,4 @@ async def fit_conversation(state: AppState, messages: list[ChatMessage],
         else:
             low = middle + 1
     cut = cuts[low]
-    return Fitted(messages[:fixed] + messages[cut:], cut)
+    return Fitted(messages[:fixed] + messages[cut:], cut, fixed)

@@ -100,12 +100,14 @@ class BatchStore:
         record = new_file(filename, purpose, len(data), owner, file_id, ttl_s)
         self._ensure()
         data_path = self._files / f"{record.id}.data"
+        record_path = self._files / f"{record.id}.json"
+        rewrite = record_path.exists()  # a batch's output written again, same id and bytes
         _write_atomic(data_path, data)
         try:
-            _write_atomic(self._files / f"{record.id}.json",
-                          json.dumps(asdict(record)).encode())
+            _write_atomic(record_path, json.dumps(asdict(record)).encode())
         except BaseException:
-            data_path.unlink(missing_ok=True)  # no record, nothing would ever sweep it
+            if not rewrite:
+                data_path.unlink(missing_ok=True)  # no record: nothing would ever sweep it
             raise
         return record
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from server.config import Settings
 from server.engine import llama_log, mtmd
@@ -36,6 +36,7 @@ from server.engine.watchdog import Watchdog
 from server.timings import StageTimer
 
 logger = logging.getLogger("vlserve.engine")
+T = TypeVar("T")
 
 __all__ = ["Engine", "EngineNotReadyError", "EngineState", "QueueFullError"]
 
@@ -189,19 +190,25 @@ class Engine:
         self._require_ready()
         assert self._preparer is not None
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                None, partial(self._preparer.count, request, add_special=add_special,
-                              pieces=pieces))
+            return await _in_thread(partial(self._preparer.count, request,
+                                            add_special=add_special, pieces=pieces))
         except PromptRefused as refused:
             return refused.event
+        except Exception:
+            logger.exception("request %s could not be tokenized", request.request_id)
+            return ErrorEvent(500, "the server could not tokenize this request",
+                              code="internal_error")
 
     async def detokenize(self, tokens: Sequence[int], *, special: bool = True) -> str:
         """The text of token ids (each checked to be in the vocabulary by the caller);
         special: control tokens written out (else, as generated text shows them: not)."""
         self._require_ready()
         assert self._preparer is not None
-        return await asyncio.get_running_loop().run_in_executor(
-            None, partial(self._preparer.detokenize, tokens, special=special))
+        try:
+            return await _in_thread(partial(self._preparer.detokenize, tokens,
+                                            special=special))
+        except PromptRefused as refused:  # closing: the model is about to be freed
+            raise EngineNotReadyError(refused.event.message) from None
 
     def _require_ready(self) -> Scheduler:
         if self.state is not EngineState.READY or self._scheduler is None \
@@ -343,12 +350,25 @@ async def _off_loop(prepare: Callable[[GenerationRequest], mtmd.TokenizedPrompt]
                     request: GenerationRequest) -> mtmd.TokenizedPrompt:
     """Run `prepare` in a worker thread. If the caller is cancelled meanwhile, the thread
     still finishes: its prompt is then freed here rather than leaked."""
-    future = asyncio.get_running_loop().run_in_executor(None, prepare, request)
+    future = _in_thread(partial(prepare, request))
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
         future.add_done_callback(_close_result)
         raise
+
+
+def _in_thread(call: Callable[[], T]) -> asyncio.Future[T]:
+    """`call()` in a worker thread. A StopIteration escaping it (a stray next()) becomes a
+    RuntimeError: raised into an asyncio future it would leave the future, and so the
+    request, waiting forever."""
+    def guarded() -> T:
+        try:
+            return call()
+        except StopIteration as exc:
+            raise RuntimeError(f"StopIteration escaped {call!r}") from exc
+
+    return asyncio.get_running_loop().run_in_executor(None, guarded)
 
 
 def _close_result(future: asyncio.Future[mtmd.TokenizedPrompt]) -> None:

@@ -344,6 +344,7 @@ class Scheduler:
     def _add_prompt_tokens(self, batch: TokenBatch, budget: int) -> list[_Prefilled]:
         """Fill `budget` tokens of the batch with prompt text of prefilling slots."""
         prefilled: list[_Prefilled] = []
+        rows = ROWS_PER_STEP  # logit rows for prompts being scored, all of them together
         for slot in self.slots:
             job = slot.job
             if budget <= 0:
@@ -355,7 +356,10 @@ class Scheduler:
             n = min(budget, len(tokens) - item.start)
             scoring = job.prompt_logprobs is not None  # every token's logits kept
             if scoring:
-                n = min(n, ROWS_PER_STEP)
+                n = min(n, rows)
+                rows -= n
+                if n == 0:
+                    continue
             ends_prompt = item.start + n == len(tokens) and len(job.work) == 1
             first = batch.n
             for j in range(n):

@@ -92,13 +92,14 @@ class Starter:
         keys = job.keys()
         for idle in slots:  # guesses of a next turn wait for an idle engine; that is over
             idle.next_turn = None
-        slot, keep = self._pick_slot(slots, keys, request.tenant)
+        # A scored prompt may reuse only what it scored itself: it picks, borrows and
+        # restores by that alone, so it takes the slot whose cache it spoils least.
+        reusable = keys if job.prompt_logprobs is None else keys[:job.prompt_logprobs.upto]
+        slot, keep = self._pick_slot(slots, reusable, request.tenant, n_tokens(keys))
         if self.ram is not None and self.ram.worth_saving(slot, keep):
             self.ram.save(slot)  # what this request is about to replace
-        keep = self._borrow_prefix(slot, slots, keys, request.tenant, keep)
-        keep = self._restore_prefix(slot, keys, request.tenant, keep)
-        if job.prompt_logprobs is not None:  # a cached prefix was never scored by this job
-            keep = min(keep, job.prompt_logprobs.upto)
+        keep = self._borrow_prefix(slot, slots, reusable, request.tenant, keep)
+        keep = self._restore_prefix(slot, reusable, request.tenant, keep)
         kept = keys[:keep]
         slot.n_past = n_positions(kept)
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.n_past, -1)
@@ -196,14 +197,14 @@ class Starter:
         target.n_past = n_past
         target.tenant = source.tenant
 
-    def _pick_slot(self, slots: list[Slot], keys: list[KvKey], tenant: str
+    def _pick_slot(self, slots: list[Slot], keys: list[KvKey], tenant: str, cells: int
                    ) -> tuple[Slot, int]:
-        """best_slot among the free ones; idle caches are dropped if the prompt might not
-        fit beside them."""
+        """best_slot among the free ones; idle caches are dropped if the prompt (`cells`
+        KV cells) might not fit beside them."""
         best, keep = best_slot([s for s in slots if s.job is None], keys, tenant)
         # KV cells, not positions: an M-RoPE image (GLM-4V, Qwen) takes a cell per token but
         # fewer positions (a large `detail: high` image: 782 cells at 46 positions).
-        if self.kv.free(s for s in slots if s is not best) < n_tokens(keys):
+        if self.kv.free(s for s in slots if s is not best) < cells:
             self.drop_idle(slots, but=best)
         return best, keep
 

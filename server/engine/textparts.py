@@ -47,13 +47,16 @@ class MarkupSplitter:
                 plain.append(segment.text)
                 continue
             for piece in self._split_markup(segment.text):
-                if isinstance(piece, str):
-                    plain.append(piece)
+                part = next(images, None) if isinstance(piece, Special) \
+                    and piece.text == self._marker else piece
+                if part is None or isinstance(part, str):
+                    # A marker with no image left: text a raw prompt spelled, not a slot.
+                    plain.append(piece if isinstance(piece, str) else piece.text)
                     continue
                 if plain:
                     out.append("".join(plain))
                     plain = []
-                out.append(next(images) if piece.text == self._marker else piece)
+                out.append(part)
         if plain:
             out.append("".join(plain))
         return out
