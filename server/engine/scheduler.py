@@ -15,7 +15,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import llama_cpp
 
@@ -35,9 +34,10 @@ from server.engine.encoder import ImageEncoder
 from server.engine.jobs import PrefillItem, Slot, end_job, slot_view
 from server.engine.kv import KvBudget
 from server.engine.model import LoadedModel
-from server.engine.prompt_scores import ROWS_PER_STEP, score
+from server.engine.prompt_scores import score
 from server.engine.sampling import GrammarError
 from server.engine.start import Starter
+from server.engine.step_batch import Prefilled, fill_step
 from server.engine.types import (
     EngineEvent,
     ErrorEvent,
@@ -54,15 +54,6 @@ PREENCODE_BACKLOG = 16  # uploaded images waiting for an idle engine to encode t
 # A request this far into an answer that may run as long again moves the idle slots' KV to
 # RAM (Starter.spill_idle): long answers get narrow attention, short ones no copy.
 SPILL_AFTER_TOKENS = 64
-
-
-@dataclass
-class _Prefilled:
-    slot: Slot
-    item: PrefillItem
-    n: int
-    last_index: int  # batch index of the prompt's last token, or -1
-    first_index: int  # batch index of the first of the `n` tokens
 
 
 class Scheduler:
@@ -330,47 +321,10 @@ class Scheduler:
         for part in prefilled:
             self._prefill_done(part, decode_s)
 
-    def _fill_batch(self) -> tuple[list[Slot], list[_Prefilled]]:
-        """This step's tokens: each generating slot's next one, then prompt text as far as
-        the batch and the free KV cells allow."""
-        batch = self._batch
-        batch.clear()
-        generating = [s for s in self.slots if s.job is not None and s.job.next_token >= 0]
-        for slot in generating:
-            batch.add(slot.job.next_token, slot.n_past, slot.seq_id, True)  # type: ignore[union-attr]
-        room = self.kv.free(self.slots) - len(generating)
-        return generating, self._add_prompt_tokens(batch, min(batch.capacity - batch.n, room))
+    def _fill_batch(self) -> tuple[list[Slot], list[Prefilled]]:
+        return fill_step(self._batch, self.slots, self.kv.free(self.slots))
 
-    def _add_prompt_tokens(self, batch: TokenBatch, budget: int) -> list[_Prefilled]:
-        """Fill `budget` tokens of the batch with prompt text of prefilling slots."""
-        prefilled: list[_Prefilled] = []
-        rows = ROWS_PER_STEP  # logit rows for prompts being scored, all of them together
-        for slot in self.slots:
-            job = slot.job
-            if budget <= 0:
-                break
-            if job is None or not job.work or job.work[0].chunk.image is not None:
-                continue
-            item = job.work[0]
-            tokens = item.chunk.tokens
-            n = min(budget, len(tokens) - item.start)
-            scoring = job.prompt_logprobs is not None  # every token's logits kept
-            if scoring:
-                n = min(n, rows)
-                rows -= n
-                if n == 0:
-                    continue
-            ends_prompt = item.start + n == len(tokens) and len(job.work) == 1
-            first = batch.n
-            for j in range(n):
-                batch.add(tokens[item.start + j], slot.n_past + j, slot.seq_id,
-                          scoring or (ends_prompt and j == n - 1))
-            prefilled.append(_Prefilled(slot, item, n, batch.n - 1 if ends_prompt else -1,
-                                        first))
-            budget -= n
-        return prefilled
-
-    def _prefill_done(self, part: _Prefilled, decode_s: float) -> None:
+    def _prefill_done(self, part: Prefilled, decode_s: float) -> None:
         slot, item = part.slot, part.item
         job = slot.job
         if job is None:
@@ -432,7 +386,7 @@ class Scheduler:
             return
         take_token(slot, token, batch_index, self.model, self._next_turn)
 
-    def _decode_failed(self, ret: int, generating: list[Slot], prefilled: list[_Prefilled]
+    def _decode_failed(self, ret: int, generating: list[Slot], prefilled: list[Prefilled]
                        ) -> None:
         """Nothing left to preempt, or llama.cpp failed otherwise: the step's requests end
         with an error, never with a `length` that their client would take for their own."""
