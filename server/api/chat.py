@@ -26,6 +26,7 @@ from server.api.generation import (
     start_choices,
     stop_strings,
     usage_of,
+    whole_answer,
 )
 from server.api.internal import request_priority
 from server.api.legacy_functions import as_tools, legacy_delta, legacy_finish, legacy_message
@@ -175,29 +176,18 @@ async def _complete(reply: _Reply, choices: list[Choice], generation: Generation
 async def _answer(event: Event, events: Events, generation: GenerationRequest, tools: bool,
                   legacy: bool) -> _Answer | ErrorEvent:
     """One choice, whole."""
-    pieces: list[str] = []
-    thoughts: list[str] = []
-    logprobs: list[dict[str, object]] = []
-    while isinstance(event, TokenEvent | ReasoningEvent):
-        if isinstance(event, ReasoningEvent):
-            thoughts.append(event.text)
-        else:
-            pieces.append(event.text)
-            if event.logprob is not None:
-                logprobs.append(logprob_entry(event.logprob))
-        event = await anext(events)
-    if isinstance(event, ErrorEvent):
-        return event
-    assert isinstance(event, DoneEvent)
-    text = "".join(pieces)
-    message, finish_reason = answer_message(text, event.finish_reason) if tools else (
-        {"role": "assistant", "content": text}, event.finish_reason)
+    whole = await whole_answer(event, events)
+    if isinstance(whole, ErrorEvent):
+        return whole
+    done = whole.done
+    message, finish_reason = answer_message(whole.text, done.finish_reason) if tools else (
+        {"role": "assistant", "content": whole.text}, done.finish_reason)
     if legacy:
         message, finish_reason = legacy_message(message, finish_reason)
-    if thoughts:
-        message["reasoning_content"] = "".join(thoughts)
-    return _Answer(message, finish_reason, {"content": logprobs}
-                   if generation.top_logprobs is not None else None, event)
+    if whole.reasoning:
+        message["reasoning_content"] = whole.reasoning
+    return _Answer(message, finish_reason, {"content": whole.logprobs}
+                   if generation.top_logprobs is not None else None, done)
 
 
 @dataclass(frozen=True)

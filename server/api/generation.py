@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi import Request
@@ -18,7 +19,15 @@ from server.api.reasoning import ReasoningEvent, ReasoningSplitter, reasoning_st
 from server.api.state import AppState
 from server.api.tool_calls import ToolDeltaEvent, ToolPlan, tool_stream
 from server.config import Settings
-from server.engine import ChatMessage, EngineEvent, GenerationRequest, SamplingParams
+from server.engine import (
+    ChatMessage,
+    DoneEvent,
+    EngineEvent,
+    ErrorEvent,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+)
 from server.engine.engine import EngineNotReadyError, QueueFullError
 from server.engine.logprobs import TokenLogprob
 from server.timings import StageTimer
@@ -135,6 +144,35 @@ def usage_of(timer: StageTimer) -> dict[str, object]:
 
 Event = EngineEvent | ToolDeltaEvent | ReasoningEvent
 Events = AsyncIterator[Event]
+
+
+@dataclass(frozen=True)
+class WholeAnswer:
+    """A choice's answer, not streamed: its text, reasoning and token logprobs."""
+
+    text: str
+    reasoning: str
+    logprobs: list[dict[str, object]]
+    done: DoneEvent
+
+
+async def whole_answer(event: Event, events: Events) -> WholeAnswer | ErrorEvent:
+    """Read a choice's events (from its first, `event`) to its end."""
+    pieces: list[str] = []
+    thoughts: list[str] = []
+    logprobs: list[dict[str, object]] = []
+    while isinstance(event, TokenEvent | ReasoningEvent):
+        if isinstance(event, ReasoningEvent):
+            thoughts.append(event.text)
+        else:
+            pieces.append(event.text)
+            if event.logprob is not None:
+                logprobs.append(logprob_entry(event.logprob))
+        event = await anext(events)
+    if isinstance(event, ErrorEvent):
+        return event
+    assert isinstance(event, DoneEvent)
+    return WholeAnswer("".join(pieces), "".join(thoughts), logprobs, event)
 
 
 async def start_generation(state: AppState, generation: GenerationRequest,

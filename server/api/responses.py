@@ -18,11 +18,11 @@ from server.api.generation import (
     Event,
     Events,
     cancel_on_disconnect,
-    logprob_entry,
     max_tokens,
     require_ready,
     sampling_params,
     start_generation,
+    whole_answer,
 )
 from server.api.messages import to_engine_messages
 from server.api.observe import RequestRecord, request_record
@@ -37,7 +37,7 @@ from server.api.protocol import (
     NamedToolChoice,
     ToolDef,
 )
-from server.api.reasoning import ReasoningEvent, plan_reasoning
+from server.api.reasoning import plan_reasoning
 from server.api.response_format import response_grammar
 from server.api.response_store import StoredResponse, stored_response
 from server.api.responses_input import (
@@ -73,7 +73,7 @@ from server.api.tool_calls import (
     with_tool_prompt,
 )
 from server.api.truncation import fit_conversation
-from server.engine import DoneEvent, ErrorEvent, GenerationRequest, TokenEvent
+from server.engine import ErrorEvent, GenerationRequest
 from server.store import StateUnavailable
 from server.timings import StageTimer
 
@@ -327,36 +327,26 @@ async def _complete(draft: ResponseDraft, event: Event, events: Events,
                     plan: ToolPlan | None,
                     finished: Callable[[Finished], Awaitable[None]]
                     ) -> Response:
-    pieces: list[str] = []
-    thoughts: list[str] = []
-    logprobs: list[dict[str, Any]] = []
-    while isinstance(event, TokenEvent | ReasoningEvent):
-        if isinstance(event, ReasoningEvent):
-            thoughts.append(event.text)
-        else:
-            pieces.append(event.text)
-            if event.logprob is not None:
-                logprobs.append(logprob_entry(event.logprob))
-        event = await anext(events)
-    if isinstance(event, ErrorEvent):
-        return error_response(event.status, event.message, code=event.code)
-    assert isinstance(event, DoneEvent)
-    text = "".join(pieces)
+    whole = await whole_answer(event, events)
+    if isinstance(whole, ErrorEvent):
+        return error_response(whole.status, whole.message, code=whole.code)
+    done, text = whole.done, whole.text
     content: str | None = text
     calls: list[dict[str, Any]] = []
     if plan is not None:
-        message, _ = answer_message(text, event.finish_reason)
+        message, _ = answer_message(text, done.finish_reason)
         content = message["content"]  # type: ignore[assignment]
         calls = message.get("tool_calls", [])  # type: ignore[assignment]
-    status = status_of(event.finish_reason)
+    status = status_of(done.finish_reason)
     # The tokens' logprobs are the whole text's: with calls parsed out of it they are not
     # the message's own.
-    output = answer_items(content, calls, status, logprobs=None if calls else logprobs)
-    if thoughts:
-        output.insert(0, reasoning_item("".join(thoughts), status))
-    body = draft.body(status, output, timer=event.timer, finish_reason=event.finish_reason)
+    output = answer_items(content, calls, status,
+                          logprobs=None if calls else whole.logprobs)
+    if whole.reasoning:
+        output.insert(0, reasoning_item(whole.reasoning, status))
+    body = draft.body(status, output, timer=done.timer, finish_reason=done.finish_reason)
     await finished(Finished(body, output))
-    return JSONResponse(body, headers={"Server-Timing": event.timer.server_timing_header()})
+    return JSONResponse(body, headers={"Server-Timing": done.timer.server_timing_header()})
 
 
 async def _stream(draft: ResponseDraft, first: Event, events: Events,
