@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
-import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any, TypeGuard
 
 from fastapi import APIRouter, Request
@@ -80,21 +80,24 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                        param="stream")
     client = client_identity(request.scope)
     # Before anything starts: a failure here leaves no generation running.
-    echoes = [await _text_of(state, prompt) if body.echo else "" for prompt in prompts
-              for _ in range(n)]
-    cancelled = threading.Event()  # one hang-up stops every prompt's generation
+    texts = [await _text_of(state, prompt) if body.echo else "" for prompt in prompts]
+    echoes = [text for text in texts for _ in range(n)]  # each choice's
     # Each prompt is a request of its own (queued, scheduled and cached as one); the first
-    # carries the request's id and timer.
-    generations = [GenerationRequest(
-        messages=[], prompt=prompt if isinstance(prompt, str) else None,
-        prompt_tokens=None if isinstance(prompt, str) else prompt,
-        max_tokens=max_tokens(body.max_tokens, state.settings),
-        sampling=request_sampling(body, state), stop=stop_strings(body.stop),
-        timer=timer if i == 0 else StageTimer(),
-        request_id=record.request_id if i == 0 else f"{record.request_id}.{i}",
-        client=client, top_logprobs=body.logprobs, stream=body.stream,
-        tenant=state.cache_tenant(client), priority=request_priority(request.scope),
-        cancelled=cancelled, prompt_logprobs=scored) for i, prompt in enumerate(prompts)]
+    # carries the request's id and timer, the others copy its settings and its `cancelled`
+    # (one hang-up stops them all).
+    first = GenerationRequest(
+        messages=[], max_tokens=max_tokens(body.max_tokens, state.settings),
+        sampling=request_sampling(body, state), stop=stop_strings(body.stop), timer=timer,
+        request_id=record.request_id, client=client, top_logprobs=body.logprobs,
+        stream=body.stream, tenant=state.cache_tenant(client),
+        priority=request_priority(request.scope), prompt_logprobs=scored)
+    generations = [replace(first, prompt=prompt if isinstance(prompt, str) else None,
+                           prompt_tokens=None if isinstance(prompt, str) else prompt,
+                           timer=timer if i == 0 else StageTimer(),
+                           request_id=record.request_id if i == 0
+                           else f"{record.request_id}.{i}")
+                   for i, prompt in enumerate(prompts)]
+    cancelled = first.cancelled
     watcher = asyncio.create_task(cancel_on_disconnect(request, generations[0]))
     try:
         started = await asyncio.gather(*(
@@ -112,9 +115,10 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             cancelled.set()
             error = choices[refused][1]
             assert isinstance(error, ErrorEvent)
-            where = f"prompt.{refused // n}" if len(prompts) > 1 else "prompt"
-            return error_response(error.status, f"{where}: {error.message}"
-                                  if len(prompts) > 1 else error.message, code=error.code,
+            several = len(prompts) > 1
+            where = f"prompt.{refused // n}" if several else "prompt"
+            message = f"{where}: {error.message}" if several else error.message
+            return error_response(error.status, message, code=error.code,
                                   param=where if error.status == 400 else None)
         head = {"id": record.completion_id, "object": "text_completion",
                 "created": int(time.time()), "model": state.settings.model_name}

@@ -108,7 +108,8 @@ class Preparer:
                     template_kwargs=request.template_kwargs)
         except PromptError as exc:
             raise PromptRefused(ErrorEvent(400, str(exc))) from None
-        self._check_size(rendered)
+        if request.prompt is None:  # a raw prompt is its own text: checked just above
+            self._check_size(rendered)
         t0 = time.perf_counter()
         with self.gate:
             try:
