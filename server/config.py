@@ -196,6 +196,12 @@ class Settings(BaseSettings):
     responses_max_stored: int = Field(1000, ge=1)
     responses_store_mb: int = Field(256, ge=1)
     responses_ttl_s: float = Field(3600.0, gt=0)
+    # Conversations (POST /conversations, `conversation` on /responses): each API key an even
+    # share; one not written for conversations_ttl_s goes, and a key over its share loses
+    # its least recently used one first.
+    conversations_max_stored: int = Field(1000, ge=1)
+    conversations_store_mb: int = Field(256, ge=1)
+    conversations_ttl_s: float = Field(30 * 86400.0, gt=0)
 
     # Where uploads, stored responses and batch jobs live (server.store, server.batches):
     # "memory://" (this process, batches on disk under batch_dir: the single-box default) or

@@ -185,6 +185,41 @@ def test_stored_responses_belong_to_their_key(two_keys: RunningServer) -> None:
     assert again.usage.input_tokens_details.cached_tokens >= made.usage.input_tokens
 
 
+def test_conversations_belong_to_their_key(two_keys: RunningServer) -> None:
+    """Another key's conversation is a 404 everywhere, exactly as an unknown one: it can be
+    neither read, listed, changed, deleted nor continued."""
+    k1, k2 = sdk(two_keys, K1), sdk(two_keys, K2)
+    mine = k1.conversations.create(items=[{"role": "user", "content": "Mine."}])
+    item = k1.conversations.items.list(mine.id).data[0]
+    for attempt in (lambda: k2.conversations.retrieve(mine.id),
+                    lambda: k2.conversations.update(mine.id, metadata={"a": "b"}),
+                    lambda: k2.conversations.items.list(mine.id),
+                    lambda: k2.conversations.items.retrieve(item.id, conversation_id=mine.id),
+                    lambda: k2.conversations.items.create(mine.id, items=[
+                        {"role": "user", "content": "Yours?"}]),
+                    lambda: k2.conversations.items.delete(item.id, conversation_id=mine.id),
+                    lambda: k2.conversations.delete(mine.id),
+                    lambda: k2.responses.create(model="m", input="Yours?", max_output_tokens=1,
+                                                conversation=mine.id)):
+        with pytest.raises(openai.NotFoundError) as refused:
+            attempt()
+        assert refused.value.body["code"] == "conversation_not_found"  # type: ignore[index]
+    assert [i.id for i in k1.conversations.items.list(mine.id).data] == [item.id]
+    assert k1.responses.create(model="m", input="More.", max_output_tokens=1,
+                               conversation=mine.id).usage is not None
+
+
+def test_conversation_store_defaults_split_among_the_keys() -> None:
+    from server.api.conversation_store import conversation_bounds
+    from server.config import load_settings
+
+    one = conversation_bounds(load_settings(None))
+    assert one.max_count_per_owner == 1000 and one.max_bytes_per_owner == 256 * 1024 * 1024
+    keyed = conversation_bounds(load_settings(None, api_keys=["k1", "k2", "k3", "k4"]))
+    assert keyed.max_count_per_owner == 250 and keyed.max_bytes_per_owner == 64 * 1024 * 1024
+    assert keyed.ttl_s == 30 * 86400 and keyed.lru
+
+
 def test_response_store_defaults_split_among_the_keys() -> None:
     from server.api.response_store import response_store
     from server.config import load_settings

@@ -44,6 +44,15 @@ ROUTES = {
         # stored responses per key (test_key_quotas_and_views.py).
         ("/responses", "POST"), ("/responses/{response_id}", "GET"),
         ("/responses/{response_id}", "DELETE"), ("/responses/{response_id}/input_items", "GET"),
+        # Conversations: items kept as given (images fetched or decoded only when a response
+        # reads them, by chat's rules), seen only by their key (test_key_quotas_and_views.py).
+        ("/conversations", "POST"), ("/conversations/{conversation_id}", "GET"),
+        ("/conversations/{conversation_id}", "POST"),
+        ("/conversations/{conversation_id}", "DELETE"),
+        ("/conversations/{conversation_id}/items", "GET"),
+        ("/conversations/{conversation_id}/items", "POST"),
+        ("/conversations/{conversation_id}/items/{item_id}", "GET"),
+        ("/conversations/{conversation_id}/items/{item_id}", "DELETE"),
         # Batch jobs: batch files on disk, named only by ids of our own shape (store.py
         # _safe_id) and seen only by their owner; lines run as their batch's owner
         # (test_batches.py, test_batch_units.py).

@@ -110,6 +110,27 @@ def test_a_response_stored_on_one_replica_is_continued_read_and_deleted_on_the_o
         assert refused.value.body["code"] == "response_not_found"  # type: ignore[index]
 
 
+def test_a_conversation_made_on_one_replica_is_continued_on_the_other(
+        replicas: list[RunningServer]) -> None:
+    a, b = (sdk(r) for r in replicas)
+    made = a.conversations.create(items=[{"role": "user", "content": "Remember tulip."}],
+                                  metadata={"from": "a"})
+    first = b.responses.create(model="m", conversation=made.id, input="Which word?",
+                               max_output_tokens=3)
+    second = a.responses.create(model="m", conversation=made.id, input="Again?",
+                                max_output_tokens=3)
+    assert first.usage is not None and second.usage is not None
+    assert second.usage.input_tokens > first.usage.input_tokens  # A read B's turn from Redis
+    listed = b.conversations.items.list(made.id, order="asc")
+    assert [i.role for i in listed.data] == ["user", "user", "assistant", "user",  # type: ignore[union-attr]
+                                             "assistant"]
+    assert listed.data[-1].id == second.output[0].id
+    assert b.conversations.retrieve(made.id).metadata == {"from": "a"}
+    b.conversations.delete(made.id)
+    with pytest.raises(openai.NotFoundError):
+        a.conversations.retrieve(made.id)
+
+
 # ---------- bounds in Redis, and Redis going away ----------
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,10 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from server.api.auth import client_identity
+from server.api.conversation_turns import ConversationTurn
 from server.api.errors import APIError, error_response
 from server.api.generation import (
     Event,
@@ -24,6 +26,7 @@ from server.api.generation import (
     start_generation,
     whole_answer,
 )
+from server.api.item_pages import item_page
 from server.api.messages import to_engine_messages
 from server.api.observe import RequestRecord, request_record
 from server.api.offloop_json import OffLoopJSONRoute
@@ -55,6 +58,7 @@ from server.api.responses_output import (
     stream_events,
 )
 from server.api.responses_protocol import (
+    InputItem,
     InputItemList,
     ResponseDeleted,
     ResponseObject,
@@ -92,19 +96,48 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     state: AppState = request.app.state.vlserve
     require_ready(state)
     record = _response_record(request)
-    record.timer = timer = StageTimer()
+    record.timer = StageTimer()
     record.stream = body.stream
     client = client_identity(request.scope)
+    if body.conversation is not None and body.previous_response_id is not None:
+        raise APIError(400, "conversation: not with previous_response_id (a conversation "
+                       "holds its own earlier turns)", param="conversation")
     previous = await _stored(state, body.previous_response_id, client, "previous_response_id")
     plan = await _plan_tools(body)
     constraint = ("tools", plan.grammar) if plan else await response_grammar(
         _chat_format(body), param="text.format.schema")
     items = request_items(body)
-    if not items and previous is None:
-        raise APIError(400, "input: at least one item (or a previous_response_id to "
-                       "continue)", param="input")
-    earlier = items_from_store(previous.conversation) if previous else []
-    names = [f"previous_response_id.{i}" for i in range(len(earlier))]
+    if not items and previous is None and body.conversation is None:
+        raise APIError(400, "input: at least one item (or a previous_response_id or "
+                       "conversation to continue)", param="input")
+    turn = None
+    if body.conversation is not None:
+        turn = await ConversationTurn.start(state, body.conversation, client)
+    try:
+        answer = await _respond(state, request, body, record, client, previous, turn, plan,
+                                constraint, items)
+    except BaseException:
+        if turn is not None:
+            turn.release()
+        raise
+    if turn is not None and not isinstance(answer, StreamingResponse):
+        turn.release()  # a stream releases it at its end
+    return answer
+
+
+async def _respond(state: AppState, request: Request, body: ResponsesRequest,
+                   record: RequestRecord, client: str, previous: StoredResponse | None,
+                   turn: ConversationTurn | None, plan: ToolPlan | None,
+                   constraint: tuple[str, str] | None, items: list[InputItem]) -> Response:
+    timer = record.timer
+    assert timer is not None
+    stored = previous.conversation if previous else turn.conversation.items if turn else []
+    origin = "previous_response_id" if previous else "conversation"
+    earlier = items_from_store(stored)
+    if not earlier and not items:
+        raise APIError(400, "input: at least one item (the conversation has none)",
+                       param="input")
+    names = [f"{origin}.{i}" for i in range(len(earlier))]
     messages, where = to_chat_messages(earlier + items,
                                        names + [f"input.{i}" for i in range(len(items))])
     if body.instructions is not None:
@@ -130,7 +163,9 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     watcher = asyncio.create_task(cancel_on_disconnect(request, generation))
     try:
         input_items = item_dicts(items)
-        conversation = (previous.conversation if previous else []) + input_items
+        if turn is not None:
+            await turn.check_room(input_items)
+        conversation = stored + input_items
         converted = None
         if body.truncation == "auto":
             fitted = await fit_conversation(
@@ -151,13 +186,15 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         if isinstance(first, ErrorEvent):
             return error_response(first.status, first.message, code=first.code)
         draft = ResponseDraft(record.completion_id, state.settings.model_name,
-                              _echo(body, generation))
+                              _echo(body, generation, turn))
 
         async def finished(end: Finished) -> None:
             if end.body is None:
                 record.status = end.error_status  # the stream's 200 went out already
                 return
             record.finish_reason = _finish_reason(end.body)
+            if turn is not None:
+                await turn.record(input_items + end.output)
             if body.store:
                 # Off the event loop: sizing a conversation means serialising its images.
                 entry = await asyncio.to_thread(stored_response, end.body, client,
@@ -173,9 +210,14 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
                                    end.body["id"])
 
         if body.stream:
-            return StreamingResponse(_stream(draft, first, events, generation, finished),
+            # The turn is released at the stream's end, or after the answer when the
+            # stream never started (its generator's `finally` never runs then).
+            release = turn.release if turn is not None else None
+            return StreamingResponse(_stream(draft, first, events, generation, finished,
+                                             release),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+                                     headers={"Cache-Control": "no-cache"},
+                                     background=BackgroundTask(release) if release else None)
         return await _complete(draft, first, events, plan, finished)
     finally:
         watcher.cancel()
@@ -207,18 +249,8 @@ async def list_input_items(response_id: str, request: Request, after: str | None
     state: AppState = request.app.state.vlserve
     stored = await _stored(state, response_id, client_identity(request.scope), "response_id")
     assert stored is not None
-    items = list(stored.input_items) if order == "asc" else stored.input_items[::-1]
-    if after is not None:
-        ids = [item["id"] for item in items]
-        if after not in ids:
-            raise APIError(400, f"after: no input item with id {after!r} in this response",
-                           param="after", code="invalid_cursor")
-        items = items[ids.index(after) + 1:]
-    page = items[:limit]
-    return JSONResponse({"object": "list", "data": page,
-                         "first_id": page[0]["id"] if page else None,
-                         "last_id": page[-1]["id"] if page else None,
-                         "has_more": len(items) > limit})
+    return JSONResponse(item_page(stored.input_items, order=order, after=after, limit=limit,
+                                  holder="response"))
 
 
 def _response_record(request: Request) -> RequestRecord:
@@ -278,7 +310,8 @@ def _chat_format(body: ResponsesRequest) -> JSONObjectFormat | JSONSchemaRespons
     return None
 
 
-def _echo(body: ResponsesRequest, generation: GenerationRequest) -> dict[str, Any]:
+def _echo(body: ResponsesRequest, generation: GenerationRequest,
+          turn: ConversationTurn | None) -> dict[str, Any]:
     """The request's settings as the response object repeats them (sampling as applied)."""
     fmt = body.text.format if body.text is not None and body.text.format is not None else None
     return {
@@ -296,6 +329,7 @@ def _echo(body: ResponsesRequest, generation: GenerationRequest) -> dict[str, An
         "store": body.store,
         "previous_response_id": body.previous_response_id,
         "metadata": body.metadata,
+        "conversation": {"id": turn.id} if turn is not None else None,
         "truncation": body.truncation or "disabled",
         "top_logprobs": body.top_logprobs,
         "reasoning": body.reasoning.model_dump() if body.reasoning else None,
@@ -351,8 +385,8 @@ async def _complete(draft: ResponseDraft, event: Event, events: Events,
 
 async def _stream(draft: ResponseDraft, first: Event, events: Events,
                   generation: GenerationRequest,
-                  finished: Callable[[Finished], Awaitable[None]]
-                  ) -> AsyncIterator[str]:
+                  finished: Callable[[Finished], Awaitable[None]],
+                  release: Callable[[], None] | None) -> AsyncIterator[str]:
     try:
         async for line in stream_events(draft, first, events, finished):
             yield line
@@ -360,3 +394,5 @@ async def _stream(draft: ResponseDraft, first: Event, events: Events,
         # A client that went away must not keep the engine busy (set synchronously: a
         # cancelled task cannot await).
         generation.cancelled.set()
+        if release is not None:
+            release()

@@ -38,6 +38,8 @@ _ITEMS: TypeAdapter[list[InputItem]] = TypeAdapter(list[InputItem])
 
 def request_items(body: ResponsesRequest) -> list[InputItem]:
     """`input` as items: a string is one user message."""
+    if body.input is None:
+        return []
     if isinstance(body.input, str):
         return [MessageItem(role="user", content=body.input)]
     return list(body.input)
@@ -110,9 +112,11 @@ def item_dicts(items: list[InputItem]) -> list[dict[str, Any]]:
             kind = "output_text" if item.role == "assistant" else "input_text"
             content = [{"type": kind, "text": item.content}] if isinstance(item.content, str) \
                 else [p.model_dump(exclude_none=True) for p in item.content]
-            if item.role == "assistant":
-                for part in content:
+            for part in content:  # fields OpenAI's item types require
+                if item.role == "assistant":
                     part.setdefault("annotations", [])
+                if part["type"] == "input_image":
+                    part.setdefault("detail", "auto")
             out.append({"id": new_id("msg"), "type": "message", "role": item.role,
                         "status": "completed", "content": content})
         elif isinstance(item, FunctionCallItem):

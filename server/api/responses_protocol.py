@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, Discriminator, Field, StringConstraints, Tag, model_validator
 
 from server.api.protocol import (
     _WHOLE,
@@ -103,6 +103,18 @@ InputItem = Annotated[
     Discriminator(_item_type)]
 
 
+# OpenAI's: at most 16 pairs, keys up to 64 characters, values up to 512.
+Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=64)],
+                          Annotated[str, StringConstraints(max_length=512)]],
+                     Field(max_length=16)]
+
+
+class ConversationRef(_Lenient):
+    """`conversation` on /responses as an object: `{"id": "conv_..."}`."""
+
+    id: Annotated[str, StringConstraints(max_length=128)]
+
+
 class FunctionTool(_Lenient):
     """A function the model may call (Responses spell it flat: no `function` wrapper)."""
 
@@ -146,7 +158,8 @@ class ReasoningConfig(_Lenient):
 
 class ResponsesRequest(_Lenient):
     model: str | None = None
-    input: str | Annotated[list[InputItem], Field(max_length=MAX_MESSAGES)]
+    # Optional with previous_response_id or conversation: their turns alone are the prompt.
+    input: str | Annotated[list[InputItem], Field(max_length=MAX_MESSAGES)] | None = None
     instructions: str | None = None
     max_output_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -158,7 +171,10 @@ class ResponsesRequest(_Lenient):
     stream: bool = False
     store: bool = True
     previous_response_id: str | None = Field(None, max_length=128)
-    metadata: dict[str, str] | None = Field(None, max_length=16)
+    metadata: Metadata | None = None
+    # Continue (and extend) a stored conversation (POST /conversations); not with
+    # previous_response_id.
+    conversation: Annotated[str, StringConstraints(max_length=128)] | ConversationRef | None = None
     # "auto": a conversation longer than the context loses its oldest turns
     # (server/api/truncation.py); "disabled" (the default): it is a 400.
     truncation: Literal["auto", "disabled"] | None = None
@@ -263,6 +279,7 @@ class ResponseObject(BaseModel):
     store: bool
     previous_response_id: str | None
     metadata: dict[str, str] | None
+    conversation: dict[str, str] | None  # {"id": ...}: the conversation it continued
     truncation: Literal["auto", "disabled"]
     reasoning: dict[str, Any] | None  # the request's, repeated
     top_logprobs: int | None

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from server.api.conversation_locks import ConversationLocks
+from server.api.conversation_store import Conversations, open_conversations
 from server.api.drain import Drain
 from server.api.response_store import Responses, open_responses
 from server.batches.redis_store import BatchStorage, RedisBatchStore
@@ -41,6 +43,9 @@ class AppState:
     pixel_cache: PixelCache = field(init=False)
     uploads: Uploads = field(init=False)  # POST /files
     responses: Responses = field(init=False)  # stored responses (POST /responses)
+    conversations: Conversations = field(init=False)  # POST /conversations
+    # The conversations a response is running on, in this process (one at a time each).
+    conversation_locks: ConversationLocks = field(init=False)
     # Batch files, state and results: on disk, or in Redis when the state is shared.
     batch_store: BatchStorage = field(init=False)
     batches: BatchRunner | None = None  # set by the app once it exists
@@ -51,6 +56,10 @@ class AppState:
         self.metrics.watch_pixel_cache(self.pixel_cache)
         self.uploads = open_uploads(self.settings, self.backend)
         self.responses = open_responses(self.settings, self.backend)
+        self.conversations = open_conversations(self.settings, self.backend)
+        # A lease its request failed to give back (a stream never started) lapses once no
+        # request could still be running.
+        self.conversation_locks = ConversationLocks(self.settings.request_timeout + 60)
         self.batch_store = _batch_store(self.settings, self.backend)
 
     def cache_tenant(self, client: str) -> str:

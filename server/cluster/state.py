@@ -8,15 +8,17 @@ from pathlib import Path
 
 from server.config import Settings
 
-# Above what vlserve itself bounds (uploads + stored responses): Redis's own overhead per key,
-# its allocator's slack and the Lua scripts' working memory (README "Shared state").
+# Above what vlserve itself bounds (uploads, stored responses, conversations): Redis's own
+# overhead per key, its allocator's slack and the Lua scripts' working memory (README
+# "Shared state").
 HEADROOM_MB = 256
 
 
 def maxmemory_mb(settings: Settings) -> int:
     """Redis's memory bound for these settings: vlserve's store bounds plus headroom, so
     Redis refuses a write (503 from the replica) only if vlserve's own bounds failed."""
-    return settings.upload_store_mb + settings.responses_store_mb + HEADROOM_MB
+    return (settings.upload_store_mb + settings.responses_store_mb
+            + settings.conversations_store_mb + HEADROOM_MB)
 
 
 def redis_argv(port: int, workdir: Path, maxmemory: int, binary: str | None = None

@@ -1,0 +1,51 @@
+"""One response at a time per conversation (in this process), as OpenAI's: a second one
+while the first runs is a 400 `conversation_locked` (it would answer without the first's
+turn, and both would append to the same history)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from server.api.errors import APIError
+
+
+class ConversationLease:
+    """A held conversation; `release` is idempotent (the stream's end, the request's end
+    and a background task may each call it)."""
+
+    def __init__(self, locks: ConversationLocks, conversation_id: str) -> None:
+        self._locks = locks
+        self.conversation_id = conversation_id
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._locks.release(self)
+
+
+class ConversationLocks:
+    def __init__(self, lapse_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.lapse_s = lapse_s  # a lease never given back stops counting after this
+        self._clock = clock
+        self._held: dict[str, tuple[ConversationLease, float]] = {}
+
+    def acquire(self, conversation_id: str) -> ConversationLease:
+        held = self._held.get(conversation_id)
+        now = self._clock()
+        if held is not None and now - held[1] < self.lapse_s:
+            raise APIError(400, "conversation: another response is running on this "
+                           "conversation; retry once it has finished", param="conversation",
+                           code="conversation_locked")
+        lease = ConversationLease(self, conversation_id)
+        self._held[conversation_id] = (lease, now)
+        return lease
+
+    def release(self, lease: ConversationLease) -> None:
+        held = self._held.get(lease.conversation_id)
+        if held is not None and held[0] is lease:  # not a lapsed lease's successor
+            del self._held[lease.conversation_id]
+
+    def __len__(self) -> int:
+        return len(self._held)

@@ -1,0 +1,78 @@
+"""A response on a conversation (`conversation` on POST /responses): the conversation held
+for the response's run, its items read as the earlier turns, the response's input and
+output appended when it has answered."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from server.api.conversation_locks import ConversationLease
+from server.api.conversation_store import ConversationFull, StoredConversation, items_size
+from server.api.conversations import not_found
+from server.api.errors import APIError
+from server.api.responses_protocol import ConversationRef
+from server.api.state import AppState
+from server.store import StateUnavailable
+
+logger = logging.getLogger("vlserve.api")
+
+
+class ConversationTurn:
+    def __init__(self, state: AppState, conversation: StoredConversation,
+                 lease: ConversationLease) -> None:
+        self.state = state
+        self.conversation = conversation
+        self.lease = lease
+
+    @classmethod
+    async def start(cls, state: AppState, ref: str | ConversationRef, owner: str,
+                    ) -> ConversationTurn:
+        """The conversation, held until `release` (400 conversation_locked while another
+        response runs on it, 404 when the owner has no such conversation)."""
+        conversation_id = ref if isinstance(ref, str) else ref.id
+        lease = state.conversation_locks.acquire(conversation_id)
+        try:  # read once held: the turn before this one has been appended by now
+            conversation = await state.conversations.get(conversation_id, owner)
+        except BaseException:
+            lease.release()
+            raise
+        if conversation is None:
+            lease.release()
+            raise not_found(conversation_id, "conversation")
+        return cls(state, conversation, lease)
+
+    @property
+    def id(self) -> str:
+        return self.conversation.id
+
+    async def check_room(self, input_items: list[dict[str, Any]]) -> int:
+        """Refuse a turn whose input alone takes the conversation over its owner's byte
+        share (it could not be kept); answers the input's size."""
+        size = await asyncio.to_thread(items_size, input_items)  # images serialised
+        share = self.state.conversations.bounds.max_bytes_per_owner
+        if self.conversation.size + size > share:
+            raise APIError(400, f"conversation: this input would take it to "
+                           f"{self.conversation.size + size} bytes, over the {share} bytes "
+                           "kept per key; start a new conversation or delete items",
+                           param="conversation", code="conversation_too_large")
+        return size
+
+    async def record(self, items: list[dict[str, Any]]) -> None:
+        """Append the turn's items (its input, then its output). The answer is out (or on
+        its way) by now: a failure is the operator's to read in the log."""
+        size = await asyncio.to_thread(items_size, items)
+        try:
+            kept = await self.state.conversations.append(self.id, self.conversation.owner,
+                                                         items, size)
+        except ConversationFull as exc:
+            logger.warning("conversation %s: turn not kept: %s", self.id, exc)
+        except StateUnavailable as exc:
+            logger.error("conversation %s: turn not kept: %s", self.id, exc)
+        else:
+            if kept is None:
+                logger.info("conversation %s was deleted while a response ran on it", self.id)
+
+    def release(self) -> None:
+        self.lease.release()
