@@ -179,6 +179,55 @@ def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI,  # noqa: F8
     assert prompt_parts[2][n] == pytest.approx(paris.token_logprobs[n - 1])
 
 
+
+def _scored_echo(running: RunningServer, prompt: str | list[int]) -> tuple[dict, int]:
+    """A greedy echo with logprobs (raw JSON: the first token's logprobs are null), and how
+    many tokens the model read the prompt as."""
+    ids = prompt if isinstance(prompt, list) else httpx.post(
+        f"{running.api}/tokenize", json={"prompt": prompt}, timeout=30).json()["tokens"]
+    answer = httpx.post(f"{running.api}/completions", timeout=60, json={
+        "prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 3, "temperature": 0})
+    assert answer.status_code == 200, answer.text
+    (choice,) = answer.json()["choices"]
+    return choice, len(ids)
+
+
+def _assert_tokens_spell_the_text(choice: dict, n_prompt: int, echo: str) -> None:
+    """OpenAI's promise: the prompt's tokens join to the echo, each found at its offset;
+    one entry per prompt token, then the generated ones from the end of the echo on."""
+    text, lp = choice["text"], choice["logprobs"]
+    assert text.startswith(echo)
+    assert len(lp["tokens"]) == n_prompt + 3
+    assert "".join(lp["tokens"][:n_prompt]) == echo
+    assert all(text[at:].startswith(token) for token, at in
+               zip(lp["tokens"][:n_prompt], lp["text_offset"][:n_prompt], strict=True))
+    assert lp["text_offset"][n_prompt] == len(echo)
+
+
+def test_echoed_tokens_spell_the_echoed_text(llava_server: RunningServer,
+                                             gemma: RunningServer) -> None:  # noqa: F811
+    """A vocab that puts a space before the text it reads (the LLaVA demo model's, Llama's
+    SentencePiece) reads "Hello" as " Hello": that space is the tokenizer's, so the token's
+    text leaves it out and the tokens join to the prompt as the client wrote it. Special
+    tokens in a raw prompt show the text the client wrote; token ids echo the text their
+    tokens join to. Gemma's vocab adds no space: the same holds there."""
+    llava = llava_server
+    for prompt in ("Hello world", " Hello world", "Hi</s>There was"):
+        choice, n_prompt = _scored_echo(llava, prompt)
+        _assert_tokens_spell_the_text(choice, n_prompt, prompt)
+    (bos, *ids) = httpx.post(f"{llava.api}/tokenize", json={"prompt": "Hello world"},
+                             timeout=30).json()["tokens"]
+    for prompt_ids in ([bos, *ids], ids):  # with the BOS or without: the same text
+        choice, n_prompt = _scored_echo(llava, prompt_ids)
+        _assert_tokens_spell_the_text(choice, n_prompt, "Hello world")
+    # The same ids echo the same text without logprobs.
+    plain = httpx.post(f"{llava.api}/completions", timeout=60, json={
+        "prompt": [bos, *ids], "echo": True, "max_tokens": 1}).json()["choices"][0]["text"]
+    assert plain.startswith("Hello world") and not plain.startswith(" ")
+    for prompt in (PROMPT, "<start_of_turn>user\nHi<end_of_turn>\n"):
+        choice, n_prompt = _scored_echo(gemma, prompt)
+        _assert_tokens_spell_the_text(choice, n_prompt, prompt)
+
 def test_a_scored_prompt_leaves_a_conversations_cache_alone(
         gemma_gguf: Path, tmp_path: Path) -> None:  # noqa: F811
     """A scored prompt evaluates everything itself: it must not take (and wipe) the slot

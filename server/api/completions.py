@@ -172,10 +172,10 @@ def _token_ids(value: object) -> TypeGuard[list[int]]:
 
 
 async def _text_of(state: AppState, prompt: Prompt) -> str:
-    """What `echo` repeats: the prompt's text (token ids as the model reads them: control
-    tokens, such as BOS, show no text, as in generated text and in `logprobs.tokens`)."""
-    return prompt if isinstance(prompt, str) else await state.engine.detokenize(
-        prompt, special=False)
+    """What `echo` repeats: the prompt's text (token ids as the model reads them, the text
+    `logprobs.tokens` join to: control tokens, such as BOS, show no text, as in generated
+    text, and the tokenizer's word-start space before the first word is left out)."""
+    return prompt if isinstance(prompt, str) else await state.engine.echo(prompt)
 
 
 def _usage_timer(generations: list[GenerationRequest], completion_tokens: int) -> StageTimer:
@@ -206,8 +206,8 @@ class _Logprobs:
         byte tokens counts once, at its last), as the echoed text has it."""
         out = cls(0)
         text = codecs.getincrementaldecoder("utf-8")("replace")
-        first = text.decode(scores.first)
-        out.tokens.append(scores.first.decode("utf-8", errors="replace"))
+        first = text.decode(scores.texts[0])
+        out.tokens.append(scores.texts[0].decode("utf-8", errors="replace"))
         out.token_logprobs.append(None)
         out.top_logprobs.append(None)
         out.text_offset.append(0)

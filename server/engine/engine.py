@@ -210,6 +210,16 @@ class Engine:
         except PromptRefused as refused:  # closing: the model is about to be freed
             raise EngineNotReadyError(refused.event.message) from None
 
+    async def echo(self, tokens: Sequence[int]) -> str:
+        """What a text completion's `echo` repeats of a token-id prompt: the text its
+        `logprobs.tokens` join to (server/engine/prompt_text.py)."""
+        self._require_ready()
+        assert self._preparer is not None
+        try:
+            return await _in_thread(partial(self._preparer.echo, tokens))
+        except PromptRefused as refused:  # closing: the model is about to be freed
+            raise EngineNotReadyError(refused.event.message) from None
+
     def _require_ready(self) -> Scheduler:
         if self.state is not EngineState.READY or self._scheduler is None \
                 or self._preparer is None:

@@ -20,7 +20,7 @@ class PromptLogprobs:
     """Each prompt token's log-probability given the ones before it (server/engine/
     prompt_scores.py): `scored[p]` for position p ≥ 1; nothing predicts the first."""
 
-    first: bytes  # the first token's text
+    texts: list[bytes]  # each token's text, joining to the echoed prompt (prompt_text.py)
     scored: list[TokenLogprob | None]
     upto: int = field(default=0, repr=False)  # positions 0 … upto - 1 have had their logits
 

@@ -22,7 +22,7 @@ from server.engine.projector import ImageGeometry, ProjectorInfo, read_projector
 from server.engine.prompt import ChatTemplate
 from server.engine.templates import ResolvedTemplate, TemplateConfigError, template_for
 from server.engine.textparts import MarkupSplitter
-from server.engine.tokens import single_control_token, token_piece
+from server.engine.tokens import single_control_token, token_piece, tokenize_text
 from server.engine.utf8_guard import Utf8Vocab
 
 logger = logging.getLogger("vlserve.engine")
@@ -57,6 +57,9 @@ class LoadedModel:
     # with one; like HF's decode, it is dropped. The answer sent back in the next turn then
     # tokenizes to the very tokens that were generated, and their KV is reused.
     strip_first_space: bool
+    # The tokenizer puts a space before text (SentencePiece's add_space_prefix: Llama's
+    # vocab, not Gemma's): a raw prompt's echo leaves it out (server/engine/prompt_text.py).
+    space_prefix: bool
     template: ChatTemplate
     media_marker: str
     # Text that opens the next turn (the template's, plus the preset's `stop`): generation
@@ -222,6 +225,7 @@ def _loaded(settings: Settings, model: llama_cpp.llama_model_p, ctx: llama_cpp.l
         pieces=pieces,
         eog_tokens=frozenset(eog | marker_tokens),
         strip_first_space=llama_cpp.llama_vocab_type(vocab) == llama_cpp.LLAMA_VOCAB_TYPE_SPM,
+        space_prefix=_space_prefix(vocab, pieces),
         template=template,
         media_marker=marker,
         stop_strings=chosen.stops,
@@ -331,6 +335,13 @@ def _text_bounds(vocab: llama_cpp.llama_vocab_p, n_vocab: int
     bounded = llama_cpp.llama_vocab_type(vocab) in (llama_cpp.LLAMA_VOCAB_TYPE_SPM,
                                                     llama_cpp.LLAMA_VOCAB_TYPE_BPE)
     return tuple(special), longest if bounded else None
+
+
+def _space_prefix(vocab: llama_cpp.llama_vocab_p, pieces: list[bytes]) -> bool:
+    """Whether the tokenizer puts a space before text, read from what it does (llama.cpp's
+    C API does not say): a lone letter comes out as a word-start piece."""
+    ids = tokenize_text(vocab, "a", add_special=False, parse_special=False)
+    return bool(ids) and pieces[ids[0]].startswith(b" ")
 
 
 def _special_text(vocab: llama_cpp.llama_vocab_p, token: int) -> str:

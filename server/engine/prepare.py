@@ -17,6 +17,7 @@ from server.engine import mtmd
 from server.engine.model import LoadedModel
 from server.engine.mtmd import PromptChunk, TokenizedPrompt
 from server.engine.prompt import PromptError, RenderedPrompt, Segment
+from server.engine.prompt_text import prompt_texts
 from server.engine.tokens import detokenize, text_prompt, token_piece
 from server.engine.types import ErrorEvent, GenerationRequest, PromptTokens
 
@@ -88,6 +89,11 @@ class Preparer:
     def detokenize(self, tokens: Sequence[int], *, special: bool = True) -> str:
         with self.gate:
             return detokenize(self.model.vocab, tokens, special=special)
+
+    def echo(self, tokens: Sequence[int]) -> str:
+        with self.gate:
+            texts = prompt_texts(self.model, tokens, written=False)
+        return b"".join(texts).decode("utf-8", errors="replace")
 
     def prepare(self, request: GenerationRequest, *, fit: bool = True
                 ) -> mtmd.TokenizedPrompt:

@@ -20,6 +20,7 @@ from server.engine.jobs import Job, PrefillItem
 from server.engine.logprobs import PromptLogprobs, TokenLogprob
 from server.engine.model import LoadedModel
 from server.engine.mtmd import TokenizedPrompt
+from server.engine.prompt_text import prompt_texts
 from server.engine.types import GenerationRequest
 
 ROWS_PER_STEP = 16
@@ -31,7 +32,7 @@ def new_scores(request: GenerationRequest, prompt: TokenizedPrompt, model: Loade
     if not request.prompt_logprobs:
         return None
     tokens = prompt.chunks[0].tokens
-    return PromptLogprobs(model.pieces[tokens[0]] if tokens else b"",
+    return PromptLogprobs(prompt_texts(model, tokens, written=request.prompt is not None),
                           [None] * len(tokens))
 
 
@@ -56,8 +57,7 @@ def score(job: Job, item: PrefillItem, first_index: int, n: int, model: LoadedMo
     pieces = model.pieces
     for row, position in enumerate(targets):
         top = tuple((pieces[int(t)], float(shifted[row, t] - logsum[row])) for t in best[row])
-        scores.scored[position] = TokenLogprob(pieces[tokens[position]],
-                                               float(chosen[row]), top)
+        scores.scored[position] = TokenLogprob(scores.texts[position], float(chosen[row]), top)
 
 
 def _rows(model: LoadedModel, first_index: int, m: int) -> np.ndarray:
