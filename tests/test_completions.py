@@ -4,6 +4,7 @@ strings, logprobs, echo, streaming, with the openai SDK and its types."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -228,6 +229,66 @@ def test_echoed_tokens_spell_the_echoed_text(llava_server: RunningServer,
         choice, n_prompt = _scored_echo(gemma, prompt)
         _assert_tokens_spell_the_text(choice, n_prompt, prompt)
 
+
+LOGPROBS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+
+
+def _streamed(running: RunningServer, body: dict) -> tuple[dict[int, dict], list[dict]]:
+    """Each choice as its chunks add up (text, finish_reason, logprobs' lists joined), and
+    the chunks themselves."""
+    with httpx.stream("POST", f"{running.api}/completions", timeout=60,
+                      json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        lines = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(line) for line in lines[:-1]]
+    choices: dict[int, dict] = {}
+    for chunk in chunks:
+        for part in chunk["choices"]:
+            into = choices.setdefault(part["index"], {
+                "text": "", "finish_reason": None, "logprobs": {k: [] for k in LOGPROBS}})
+            into["text"] += part["text"]
+            into["finish_reason"] = part["finish_reason"] or into["finish_reason"]
+            for key in LOGPROBS if part["logprobs"] else ():
+                into["logprobs"][key] += part["logprobs"][key]
+    return choices, chunks
+
+
+def test_echo_with_logprobs_streams(llava_server: RunningServer,
+                                    gemma: RunningServer) -> None:  # noqa: F811
+    """Streamed, a scored prompt's echo comes first with its prompt's logprobs (they are
+    known once the prompt is evaluated), then the generated tokens with offsets after it:
+    the chunks add up to the whole answer, for every choice of every prompt."""
+    italy = "The capital of Italy is"
+    for running, body in (
+            (gemma, {"prompt": PROMPT, "logprobs": 2, "max_tokens": 5}),
+            (gemma, {"prompt": [PROMPT, italy], "n": 2, "logprobs": 1, "max_tokens": 4,
+                     "stream_options": {"include_usage": True}}),
+            (llava_server, {"prompt": "Hello world", "logprobs": 1, "max_tokens": 4})):
+        body = {**body, "echo": True, "temperature": 0}
+        whole = httpx.post(f"{running.api}/completions", json=body, timeout=60).json()
+        streamed, chunks = _streamed(running, body)
+        assert sorted(streamed) == [c["index"] for c in whole["choices"]]
+        for choice in whole["choices"]:
+            got = streamed[choice["index"]]
+            assert (got["text"], got["finish_reason"]) == (choice["text"],
+                                                           choice["finish_reason"])
+            assert got["logprobs"] == choice["logprobs"]
+        # Each choice's first chunk: its prompt echoed, with every prompt token scored.
+        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        n = body.get("n", 1)
+        firsts = {}
+        for chunk in chunks:
+            for part in chunk["choices"]:
+                firsts.setdefault(part["index"], part)
+        for index, first in firsts.items():
+            assert first["text"] == prompts[index // n]
+            assert first["logprobs"]["token_logprobs"][0] is None
+            assert "".join(first["logprobs"]["tokens"]) == first["text"]
+        if "stream_options" in body:
+            assert chunks[-1]["choices"] == []
+            assert chunks[-1]["usage"] == whole["usage"]
+
 def test_a_scored_prompt_leaves_a_conversations_cache_alone(
         gemma_gguf: Path, tmp_path: Path) -> None:  # noqa: F811
     """A scored prompt evaluates everything itself: it must not take (and wipe) the slot
@@ -274,7 +335,6 @@ def _scored_beside_a_conversation(gemma: RunningServer) -> None:  # noqa: F811
     ({"prompt": ""}, "prompt"),
     ({"prompt": PROMPT, "suffix": "end"}, "suffix"),
     ({"prompt": PROMPT, "best_of": 3}, "best_of"),
-    ({"prompt": PROMPT, "echo": True, "logprobs": 1, "stream": True}, "stream"),
     ({"prompt": PROMPT, "n": 99}, "n"),
 ])
 def test_what_is_not_served_is_a_400(gemma: RunningServer, body: dict, param: str  # noqa: F811

@@ -75,9 +75,6 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     if body.suffix:
         raise APIError(400, "suffix: fill-in-the-middle is not supported", param="suffix")
     scored = body.echo and body.logprobs is not None  # the prompt's own tokens too
-    if scored and body.stream:
-        raise APIError(400, "stream: echo with logprobs is answered whole, not streamed",
-                       param="stream")
     client = client_identity(request.scope)
     # Before anything starts: a failure here leaves no generation running.
     texts = [await _text_of(state, prompt) if body.echo else "" for prompt in prompts]
@@ -125,7 +122,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_stream(head, choices, generations, echoes, include_usage,
-                                             record),
+                                             record, n),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return await _complete(head, choices, generations, echoes, record, n)
@@ -268,9 +265,25 @@ async def _complete(head: dict[str, object], choices: list[tuple[Events, Event]]
     return JSONResponse(body, headers={"Server-Timing": timer.server_timing_header()})
 
 
+def _echo_logprobs(choices: list[tuple[Events, Event]], n: int
+                   ) -> list[dict[str, object] | None]:
+    """Each choice's prompt scores (None: not asked), for its streamed echo: a prompt's
+    first choice evaluated (and scored) it, and carries them on its first event; the
+    others start from a copy of it."""
+    out: list[dict[str, object] | None] = []
+    logprobs: dict[str, object] | None = None
+    for index, (_, first) in enumerate(choices):
+        if index % n == 0:
+            scores = first.prompt_logprobs if isinstance(first, TokenEvent | DoneEvent) \
+                else None
+            logprobs = _Logprobs.of_prompt(scores).as_dict() if scores is not None else None
+        out.append(logprobs)
+    return out
+
+
 async def _stream(head: dict[str, object], choices: list[tuple[Events, Event]],
                   generations: list[GenerationRequest], echoes: list[str],
-                  include_usage: bool, record: RequestRecord) -> AsyncIterator[str]:
+                  include_usage: bool, record: RequestRecord, n: int) -> AsyncIterator[str]:
     def chunk(choice: dict[str, object] | None, **extra: object) -> str:
         body = {**head, "choices": [] if choice is None else [choice], **extra}
         return f"data: {json.dumps(body)}\n\n"
@@ -278,11 +291,14 @@ async def _stream(head: dict[str, object], choices: list[tuple[Events, Event]],
     completion_tokens = 0
     running = len(choices)
     offsets = [len(echo) for echo in echoes]
+    echo_logprobs = _echo_logprobs(choices, n)
     try:
+        # The echo first, with its prompt's scores when asked (the tokens' offsets go on
+        # after it, as in the whole answer).
         for index, echo in enumerate(echoes):
-            if echo:
+            if echo or echo_logprobs[index] is not None:
                 yield chunk({"index": index, "text": echo, "finish_reason": None,
-                             "logprobs": None})
+                             "logprobs": echo_logprobs[index]})
         async for index, event in merge_choices(choices):
             if isinstance(event, TokenEvent):
                 logprobs = None

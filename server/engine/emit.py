@@ -24,16 +24,17 @@ def take_token(slot: Slot, token: int, batch_index: int, model: LoadedModel,
         finish(slot, "stop", model, next_turn_markup, last=None)
         return
     piece = model.pieces[token]
+    first = job.n_generated == 0
     # A raw completion continues its prompt's text: its first word keeps its space.
-    if job.n_generated == 0 and model.strip_first_space and piece.startswith(b" ") \
-            and not job.request.raw:
+    if first and model.strip_first_space and piece.startswith(b" ") and not job.request.raw:
         piece = piece[1:]
     job.n_generated += 1
     text = job.text.push(piece)
     top_k = job.request.top_logprobs
     if top_k is not None:
         job.sink.put(TokenEvent(text, token_logprob(model.ctx, batch_index, model.n_vocab,
-                                                    token, top_k, model.pieces)))
+                                                    token, top_k, model.pieces),
+                                job.prompt_logprobs if first else None))
     elif job.held_text is not None:
         job.held_text.append(text)
     elif text:

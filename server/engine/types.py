@@ -116,6 +116,9 @@ BATCH_PRIORITY = -1
 class TokenEvent:
     text: str
     logprob: TokenLogprob | None = None
+    # A scored prompt's scores, complete once it is evaluated: on its first token, so that a
+    # stream can send them (with the echo) before the generated tokens.
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass(frozen=True)
