@@ -18,6 +18,7 @@ from server.api.conversations import router as conversations_router
 from server.api.drain import DrainMiddleware
 from server.api.errors import install_error_handlers
 from server.api.files import router as files_router
+from server.api.input_tokens import router as input_tokens_router
 from server.api.limits import RequestLimits
 from server.api.metrics import metrics_router
 from server.api.observe import RequestObserver
@@ -103,9 +104,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(metrics_router)
     for prefix in API_PREFIXES:
         documented = prefix == API_PREFIXES[0]  # /v1 is the same API again, for SDK defaults
-        for router in (chat_router, completions_router, responses_router,
-                       conversations_router, files_router, batches_router, models_router,
-                       tokenize_router):
+        for router in (chat_router, completions_router, input_tokens_router,
+                       responses_router, conversations_router, files_router, batches_router,
+                       models_router, tokenize_router):
             app.include_router(router, prefix=prefix, include_in_schema=documented)
     # vLLM and llama-server serve these at the root: their clients call them there.
     app.include_router(tokenize_router, include_in_schema=False)

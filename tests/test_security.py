@@ -44,6 +44,9 @@ ROUTES = {
         # stored responses per key (test_key_quotas_and_views.py).
         ("/responses", "POST"), ("/responses/{response_id}", "GET"),
         ("/responses/{response_id}", "DELETE"), ("/responses/{response_id}/input_items", "GET"),
+        # The token count of a /responses body: what the route itself reads, nothing kept
+        # (test_input_tokens.py).
+        ("/responses/input_tokens", "POST"),
         # Conversations: items kept as given (images fetched or decoded only when a response
         # reads them, by chat's rules), seen only by their key (test_key_quotas_and_views.py).
         ("/conversations", "POST"), ("/conversations/{conversation_id}", "GET"),

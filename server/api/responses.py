@@ -15,7 +15,7 @@ from starlette.background import BackgroundTask
 
 from server.api.auth import client_identity
 from server.api.conversation_turns import ConversationTurn
-from server.api.errors import APIError, error_response
+from server.api.errors import error_response
 from server.api.generation import (
     Event,
     Events,
@@ -31,23 +31,11 @@ from server.api.messages import to_engine_messages
 from server.api.observe import RequestRecord, request_record
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import event_stream, responses
-from server.api.protocol import (
-    ChatMessageIn,
-    FunctionDef,
-    FunctionName,
-    JSONObjectFormat,
-    JSONSchemaResponseFormat,
-    NamedToolChoice,
-    ToolDef,
-)
 from server.api.reasoning import plan_reasoning
-from server.api.response_format import response_grammar
 from server.api.response_store import StoredResponse, stored_response
 from server.api.responses_input import (
     item_dicts,
-    items_from_store,
     request_items,
-    to_chat_messages,
 )
 from server.api.responses_output import (
     Finished,
@@ -57,24 +45,25 @@ from server.api.responses_output import (
     status_of,
     stream_events,
 )
+from server.api.responses_prompt import (
+    OutputPlan,
+    build_prompt,
+    check_continuation,
+    owned_response,
+    plan_output,
+    response_not_found,
+)
 from server.api.responses_protocol import (
-    InputItem,
     InputItemList,
     ResponseDeleted,
     ResponseObject,
     ResponsesRequest,
     StreamEvent,
-    TextFormatJSONObject,
-    TextFormatJSONSchema,
 )
 from server.api.state import AppState
-from server.api.template_kwargs import with_reasoning_effort
 from server.api.tool_calls import (
     ToolPlan,
     answer_message,
-    calls_as_text,
-    plan_functions,
-    with_tool_prompt,
 )
 from server.api.truncation import fit_conversation
 from server.engine import ErrorEvent, GenerationRequest
@@ -99,23 +88,15 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     record.timer = StageTimer()
     record.stream = body.stream
     client = client_identity(request.scope)
-    if body.conversation is not None and body.previous_response_id is not None:
-        raise APIError(400, "conversation: not with previous_response_id (a conversation "
-                       "holds its own earlier turns)", param="conversation")
-    previous = await _stored(state, body.previous_response_id, client, "previous_response_id")
-    plan = await _plan_tools(body)
-    constraint = ("tools", plan.grammar) if plan else await response_grammar(
-        _chat_format(body), param="text.format.schema")
-    items = request_items(body)
-    if not items and previous is None and body.conversation is None:
-        raise APIError(400, "input: at least one item (or a previous_response_id or "
-                       "conversation to continue)", param="input")
+    check_continuation(body)
+    previous = await owned_response(state, body.previous_response_id, client,
+                                     "previous_response_id")
+    output = await plan_output(body)
     turn = None
     if body.conversation is not None:
         turn = await ConversationTurn.start(state, body.conversation, client)
     try:
-        answer = await _respond(state, request, body, record, client, previous, turn, plan,
-                                constraint, items)
+        answer = await _respond(state, request, body, record, client, previous, turn, output)
     except BaseException:
         if turn is not None:
             turn.release()
@@ -127,30 +108,14 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
 
 async def _respond(state: AppState, request: Request, body: ResponsesRequest,
                    record: RequestRecord, client: str, previous: StoredResponse | None,
-                   turn: ConversationTurn | None, plan: ToolPlan | None,
-                   constraint: tuple[str, str] | None, items: list[InputItem]) -> Response:
+                   turn: ConversationTurn | None, output: OutputPlan) -> Response:
     timer = record.timer
     assert timer is not None
     stored = previous.conversation if previous else turn.conversation.items if turn else []
-    origin = "previous_response_id" if previous else "conversation"
-    earlier = items_from_store(stored)
-    if not earlier and not items:
-        raise APIError(400, "input: at least one item (the conversation has none)",
-                       param="input")
-    names = [f"{origin}.{i}" for i in range(len(earlier))]
-    messages, where = to_chat_messages(earlier + items,
-                                       names + [f"input.{i}" for i in range(len(items))])
-    if body.instructions is not None:
-        messages.insert(0, ChatMessageIn(role="system", content=body.instructions))
-        where.insert(0, "instructions")
-    user_turns = [m.role == "user" for m in messages]  # before tool results become user turns
-    messages = calls_as_text(messages)
-    prompted = with_tool_prompt(messages, plan)
-    added = len(prompted) - len(messages)
-    where = ["tools"] * added + where
-    user_turns = [False] * added + user_turns
-    kwargs = with_reasoning_effort(None, body.reasoning.effort if body.reasoning else None,
-                                   state.engine.template)
+    items = request_items(body)
+    prompt = build_prompt(body, stored, "previous_response_id" if previous else "conversation",
+                          items, output.tools, state.engine.template)
+    plan, constraint, kwargs = output.tools, output.constraint, prompt.template_kwargs
     reasoning = plan_reasoning(state, kwargs, constrained=constraint is not None)
     generation = GenerationRequest(
         messages=[], max_tokens=max_tokens(body.max_output_tokens, state.settings),
@@ -169,19 +134,18 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
         converted = None
         if body.truncation == "auto":
             fitted = await fit_conversation(
-                state, await to_engine_messages(prompted, state, timer, client, where),
-                user_turns, generation)
+                state, await to_engine_messages(prompt.messages, state, timer, client,
+                                                prompt.where),
+                prompt.user_turns, generation)
             converted = fitted.messages
             if fitted.first_kept is not None:  # what the next turn continues from, too
-                kept_system = [conversation[_item_index(name, len(earlier))]
-                               for name in where[:fitted.fixed]
-                               if name not in ("instructions", "tools")]
-                conversation = kept_system + conversation[
-                    _item_index(where[fitted.first_kept], len(earlier)):]
+                kept_system = [conversation[prompt.item_index(i)] for i in range(fitted.fixed)
+                               if prompt.where[i] not in ("instructions", "tools")]
+                conversation = kept_system + conversation[prompt.item_index(fitted.first_kept):]
         events, first = await start_generation(state, generation,
-                                               prompted if converted is None else [],
+                                               prompt.messages if converted is None else [],
                                                client=client, plan=plan, constraint=constraint,
-                                               names=where, reasoning=reasoning,
+                                               names=prompt.where, reasoning=reasoning,
                                                converted=converted)
         if isinstance(first, ErrorEvent):
             return error_response(first.status, first.message, code=first.code)
@@ -226,7 +190,8 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
 @router.get("/responses/{response_id}", responses=responses(ResponseObject, 404))
 async def get_response(response_id: str, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
-    stored = await _stored(state, response_id, client_identity(request.scope), "response_id")
+    stored = await owned_response(state, response_id, client_identity(request.scope),
+                                   "response_id")
     assert stored is not None
     return JSONResponse(stored.response)
 
@@ -235,7 +200,7 @@ async def get_response(response_id: str, request: Request) -> JSONResponse:
 async def delete_response(response_id: str, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
     if not await state.responses.delete(response_id, client_identity(request.scope)):
-        raise _not_found(response_id, "response_id")
+        raise response_not_found(response_id, "response_id")
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 
@@ -247,7 +212,8 @@ async def list_input_items(response_id: str, request: Request, after: str | None
     """The request's own input items (earlier turns are their own responses' items),
     cursor-paginated like OpenAI's (`after`, `limit`, `has_more`)."""
     state: AppState = request.app.state.vlserve
-    stored = await _stored(state, response_id, client_identity(request.scope), "response_id")
+    stored = await owned_response(state, response_id, client_identity(request.scope),
+                                   "response_id")
     assert stored is not None
     return JSONResponse(item_page(stored.input_items, order=order, after=after, limit=limit,
                                   holder="response"))
@@ -261,53 +227,6 @@ def _response_record(request: Request) -> RequestRecord:
         record.request_id = response_id
     record.completion_id = response_id
     return record
-
-
-async def _stored(state: AppState, response_id: str | None, client: str, param: str
-            ) -> StoredResponse | None:
-    if response_id is None:
-        return None
-    stored = await state.responses.get(response_id, client)
-    if stored is None:
-        raise _not_found(response_id, param)
-    return stored
-
-
-def _not_found(response_id: str, param: str) -> APIError:
-    return APIError(404, f"{param}: no stored response with id {response_id!r} (unknown, "
-                    "deleted, expired, or stored with store: false)", param=param,
-                    code="response_not_found")
-
-
-async def _plan_tools(body: ResponsesRequest) -> ToolPlan | None:
-    """Responses' flat function tools, planned as chat's (same prompt, grammar, errors)."""
-    tools = [ToolDef(type="function", function=FunctionDef(
-        name=t.name, description=t.description, parameters=t.parameters, strict=t.strict))
-        for t in body.tools or []]
-    choice = body.tool_choice
-    chat_choice = NamedToolChoice(type="function", function=FunctionName(name=choice.name)) \
-        if choice is not None and not isinstance(choice, str) else choice
-    try:
-        return await plan_functions(tools, chat_choice, body.parallel_tool_calls,
-                                    constrained_format=_chat_format(body) is not None,
-                                    format_param="text.format")
-    except APIError as exc:
-        # Named the chat way (tools.0.function.parameters): say it as this request spells it.
-        if exc.param is not None and exc.param.startswith(("tools.", "tool_choice.")):
-            flat = exc.param.replace(".function.", ".", 1)
-            exc.message = exc.message.replace(exc.param, flat, 1)
-            exc.param = flat
-        raise
-
-
-def _chat_format(body: ResponsesRequest) -> JSONObjectFormat | JSONSchemaResponseFormat | None:
-    """`text.format` as chat's response_format (None: free text)."""
-    fmt = body.text.format if body.text is not None else None
-    if isinstance(fmt, TextFormatJSONObject):
-        return JSONObjectFormat(type="json_object")
-    if isinstance(fmt, TextFormatJSONSchema):
-        return JSONSchemaResponseFormat(type="json_schema", json_schema=fmt)
-    return None
 
 
 def _echo(body: ResponsesRequest, generation: GenerationRequest,
@@ -340,13 +259,6 @@ def _top_logprobs(body: ResponsesRequest) -> int | None:
     """How many alternatives each answer token's logprobs show; None: no logprobs."""
     asked = body.include is not None and "message.output_text.logprobs" in body.include
     return (body.top_logprobs or 0) if asked or body.top_logprobs is not None else None
-
-
-def _item_index(name: str, n_earlier: int) -> int:
-    """The conversation index of the item a message came from ("input.3" → after the
-    earlier turns' items)."""
-    origin, _, index = name.partition(".")
-    return int(index) + (n_earlier if origin == "input" else 0)
 
 
 def _finish_reason(body: dict[str, Any]) -> str:

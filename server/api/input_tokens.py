@@ -1,0 +1,76 @@
+"""POST /responses/input_tokens (`client.responses.input_tokens.count`): how many tokens the
+same POST /responses would read, counted as the engine reads them (template, instructions,
+tool prompt, images, the earlier turns of `previous_response_id` or `conversation`, and the
+turns `truncation: "auto"` would drop left out), so it equals the response's
+`usage.input_tokens`. Nothing is generated; the engine's slots are untouched."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from server.api.auth import client_identity
+from server.api.conversations import owned_conversation
+from server.api.errors import APIError
+from server.api.generation import max_tokens, require_ready
+from server.api.messages import to_engine_messages
+from server.api.offloop_json import OffLoopJSONRoute
+from server.api.openapi import responses
+from server.api.responses_input import request_items
+from server.api.responses_prompt import (
+    build_prompt,
+    check_continuation,
+    owned_response,
+    plan_output,
+)
+from server.api.responses_protocol import ResponsesRequest
+from server.api.state import AppState
+from server.api.truncation import fit_conversation
+from server.engine import ErrorEvent, GenerationRequest
+from server.timings import StageTimer
+
+router = APIRouter(route_class=OffLoopJSONRoute)
+
+
+class InputTokenCount(BaseModel):
+    object: Literal["response.input_tokens"]
+    input_tokens: int
+
+
+@router.post("/responses/input_tokens",
+             responses=responses(InputTokenCount, 400, 404, 413, 503))
+async def count_input_tokens(body: ResponsesRequest, request: Request) -> JSONResponse:
+    """The body is POST /responses's (its generation settings are read only where they
+    change the prompt: `max_output_tokens` for what truncation keeps)."""
+    state: AppState = request.app.state.vlserve
+    require_ready(state)
+    client = client_identity(request.scope)
+    check_continuation(body)
+    earlier, origin = [], "conversation"
+    previous = await owned_response(state, body.previous_response_id, client,
+                                     "previous_response_id")
+    if previous is not None:
+        earlier, origin = previous.conversation, "previous_response_id"
+    elif body.conversation is not None:
+        conversation_id = body.conversation if isinstance(body.conversation, str) \
+            else body.conversation.id
+        earlier = (await owned_conversation(state, conversation_id, client,
+                                            "conversation")).items
+    output = await plan_output(body)
+    prompt = build_prompt(body, earlier, origin, request_items(body), output.tools,
+                          state.engine.template)
+    timer = StageTimer()
+    messages = await to_engine_messages(prompt.messages, state, timer, client, prompt.where)
+    counting = GenerationRequest(messages=messages, max_tokens=max_tokens(
+        body.max_output_tokens, state.settings), client=client,
+        template_kwargs=prompt.template_kwargs)
+    if body.truncation == "auto":
+        counting.messages = (await fit_conversation(state, messages, prompt.user_turns,
+                                                    counting)).messages
+    counted = await state.engine.tokenize(counting)
+    if isinstance(counted, ErrorEvent):
+        raise APIError(counted.status, counted.message, code=counted.code)
+    return JSONResponse({"object": "response.input_tokens", "input_tokens": counted.count})

@@ -1,0 +1,142 @@
+"""The prompt a Responses request builds, for POST /responses and for counting it (POST
+/responses/input_tokens): the earlier turns (a stored response's conversation, or a
+conversation's items), `instructions`, the input items, as the chat messages the chat path
+renders, with the tool prompt; its tools and `text.format` planned as chat plans them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from server.api.errors import APIError
+from server.api.protocol import (
+    ChatMessageIn,
+    FunctionDef,
+    FunctionName,
+    JSONObjectFormat,
+    JSONSchemaResponseFormat,
+    NamedToolChoice,
+    ToolDef,
+)
+from server.api.response_format import response_grammar
+from server.api.response_store import StoredResponse
+from server.api.responses_input import items_from_store, to_chat_messages
+from server.api.responses_protocol import (
+    InputItem,
+    ResponsesRequest,
+    TextFormatJSONObject,
+    TextFormatJSONSchema,
+)
+from server.api.state import AppState
+from server.api.template_kwargs import with_reasoning_effort
+from server.api.tool_calls import ToolPlan, calls_as_text, plan_functions, with_tool_prompt
+from server.engine.prompt import ChatTemplate
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """What shapes the answer: the tools (prompt and call grammar) or the text format's
+    grammar, as chat's `tools` and `response_format` would."""
+
+    tools: ToolPlan | None
+    constraint: tuple[str, str] | None  # (kind, GBNF grammar); None: free text
+
+
+@dataclass(frozen=True)
+class ResponsePrompt:
+    messages: list[ChatMessageIn]  # with the tool prompt
+    where: list[str]  # each message's origin, for errors ("input.2", "conversation.0")
+    user_turns: list[bool]  # a user's own turn: where truncation may cut
+    template_kwargs: dict[str, Any] | None
+    n_earlier: int  # items from the earlier turns, before the input's
+
+    def item_index(self, message: int) -> int:
+        """The conversation index (earlier items, then the input's) of the item message
+        `message` came from."""
+        origin, _, index = self.where[message].partition(".")
+        return int(index) + (self.n_earlier if origin == "input" else 0)
+
+
+def check_continuation(body: ResponsesRequest) -> None:
+    if body.conversation is not None and body.previous_response_id is not None:
+        raise APIError(400, "conversation: not with previous_response_id (a conversation "
+                       "holds its own earlier turns)", param="conversation")
+
+
+async def owned_response(state: AppState, response_id: str | None, client: str, param: str
+                          ) -> StoredResponse | None:
+    """The client's stored response `response_id` (None when not asked); 404 when gone."""
+    if response_id is None:
+        return None
+    stored = await state.responses.get(response_id, client)
+    if stored is None:
+        raise response_not_found(response_id, param)
+    return stored
+
+
+def response_not_found(response_id: str, param: str) -> APIError:
+    return APIError(404, f"{param}: no stored response with id {response_id!r} (unknown, "
+                    "deleted, expired, or stored with store: false)", param=param,
+                    code="response_not_found")
+
+
+async def plan_output(body: ResponsesRequest) -> OutputPlan:
+    tools = await _plan_tools(body)
+    constraint = ("tools", tools.grammar) if tools else await response_grammar(
+        chat_format(body), param="text.format.schema")
+    return OutputPlan(tools, constraint)
+
+
+def build_prompt(body: ResponsesRequest, earlier_items: list[dict[str, Any]], origin: str,
+                 items: list[InputItem], tools: ToolPlan | None,
+                 template: ChatTemplate | None) -> ResponsePrompt:
+    """`origin` names the earlier items in errors (previous_response_id, conversation)."""
+    earlier = items_from_store(earlier_items)
+    if not earlier and not items:
+        raise APIError(400, "input: at least one item (or a previous_response_id or a "
+                       "conversation with items to continue)", param="input")
+    names = [f"{origin}.{i}" for i in range(len(earlier))]
+    messages, where = to_chat_messages(earlier + items,
+                                       names + [f"input.{i}" for i in range(len(items))])
+    if body.instructions is not None:
+        messages.insert(0, ChatMessageIn(role="system", content=body.instructions))
+        where.insert(0, "instructions")
+    user_turns = [m.role == "user" for m in messages]  # before tool results become user turns
+    messages = calls_as_text(messages)
+    prompted = with_tool_prompt(messages, tools)
+    added = len(prompted) - len(messages)
+    kwargs = with_reasoning_effort(None, body.reasoning.effort if body.reasoning else None,
+                                   template)
+    return ResponsePrompt(prompted, ["tools"] * added + where, [False] * added + user_turns,
+                          kwargs, len(earlier))
+
+
+async def _plan_tools(body: ResponsesRequest) -> ToolPlan | None:
+    """Responses' flat function tools, planned as chat's (same prompt, grammar, errors)."""
+    tools = [ToolDef(type="function", function=FunctionDef(
+        name=t.name, description=t.description, parameters=t.parameters, strict=t.strict))
+        for t in body.tools or []]
+    choice = body.tool_choice
+    chat_choice = NamedToolChoice(type="function", function=FunctionName(name=choice.name)) \
+        if choice is not None and not isinstance(choice, str) else choice
+    try:
+        return await plan_functions(tools, chat_choice, body.parallel_tool_calls,
+                                    constrained_format=chat_format(body) is not None,
+                                    format_param="text.format")
+    except APIError as exc:
+        # Named the chat way (tools.0.function.parameters): say it as this request spells it.
+        if exc.param is not None and exc.param.startswith(("tools.", "tool_choice.")):
+            flat = exc.param.replace(".function.", ".", 1)
+            exc.message = exc.message.replace(exc.param, flat, 1)
+            exc.param = flat
+        raise
+
+
+def chat_format(body: ResponsesRequest) -> JSONObjectFormat | JSONSchemaResponseFormat | None:
+    """`text.format` as chat's response_format (None: free text)."""
+    fmt = body.text.format if body.text is not None else None
+    if isinstance(fmt, TextFormatJSONObject):
+        return JSONObjectFormat(type="json_object")
+    if isinstance(fmt, TextFormatJSONSchema):
+        return JSONSchemaResponseFormat(type="json_schema", json_schema=fmt)
+    return None
