@@ -26,6 +26,7 @@ from server.api.openapi import install_openapi
 from server.api.paths import ExactPaths
 from server.api.replica import REPLICA_HEADER, ReplicaHeader
 from server.api.responses import router as responses_router
+from server.api.responses_background import router as background_router
 from server.api.state import AppState
 from server.api.status import health_router, models_router
 from server.api.tokenize import router as tokenize_router
@@ -62,6 +63,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await state.background.stop()  # those the drain did not wait out end failed
             await batches.stop()
             engine.stop()
             await backend.close()
@@ -105,8 +107,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     for prefix in API_PREFIXES:
         documented = prefix == API_PREFIXES[0]  # /v1 is the same API again, for SDK defaults
         for router in (chat_router, completions_router, input_tokens_router,
-                       responses_router, conversations_router, files_router, batches_router,
-                       models_router, tokenize_router):
+                       responses_router, background_router, conversations_router,
+                       files_router, batches_router, models_router, tokenize_router):
             app.include_router(router, prefix=prefix, include_in_schema=documented)
     # vLLM and llama-server serve these at the root: their clients call them there.
     app.include_router(tokenize_router, include_in_schema=False)

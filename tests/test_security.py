@@ -47,6 +47,9 @@ ROUTES = {
         # The token count of a /responses body: what the route itself reads, nothing kept
         # (test_input_tokens.py).
         ("/responses/input_tokens", "POST"),
+        # Background responses: cancel one's generation (its owner's only) and read its
+        # events again from memory (test_responses_background.py).
+        ("/responses/{response_id}/cancel", "POST"),
         # Conversations: items kept as given (images fetched or decoded only when a response
         # reads them, by chat's rules), seen only by their key (test_key_quotas_and_views.py).
         ("/conversations", "POST"), ("/conversations/{conversation_id}", "GET"),

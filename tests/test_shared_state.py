@@ -131,6 +131,24 @@ def test_a_conversation_made_on_one_replica_is_continued_on_the_other(
         a.conversations.retrieve(made.id)
 
 
+def test_a_background_response_run_on_one_replica_is_read_on_the_other(
+        replicas: list[RunningServer]) -> None:
+    a, b = (sdk(r) for r in replicas)
+    queued = a.responses.create(model="m", input="Hello.", max_output_tokens=4,
+                                temperature=0, background=True)
+    assert queued.status == "queued"
+    deadline = time.monotonic() + 60
+    while (seen := b.responses.retrieve(queued.id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, seen.status
+        time.sleep(0.05)
+    assert seen.status == "incomplete" and seen.usage is not None
+    assert seen.usage.output_tokens == 4
+    # Its events are A's to replay, not B's; B says where to read it instead.
+    with pytest.raises(openai.BadRequestError) as elsewhere:
+        b.responses.retrieve(queued.id, stream=True)
+    assert "only by the replica that runs it" in elsewhere.value.body["message"]  # type: ignore[index]
+
+
 # ---------- bounds in Redis, and Redis going away ----------
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from server.api.auth import client_identity
+from server.api.background import BackgroundRun
 from server.api.conversation_turns import ConversationTurn
-from server.api.errors import error_response
+from server.api.errors import APIError, error_response
 from server.api.generation import (
     Event,
     Events,
@@ -33,6 +34,12 @@ from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import event_stream, responses
 from server.api.reasoning import plan_reasoning
 from server.api.response_store import StoredResponse, stored_response
+from server.api.responses_background import (
+    cancelled_elsewhere,
+    later_stream,
+    run_in_background,
+    stopped,
+)
 from server.api.responses_input import (
     item_dicts,
     request_items,
@@ -89,6 +96,9 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     record.stream = body.stream
     client = client_identity(request.scope)
     check_continuation(body)
+    if body.background and not body.store:
+        raise APIError(400, "background: a background response is read back from the "
+                       "store: store must be true", param="background")
     previous = await owned_response(state, body.previous_response_id, client,
                                      "previous_response_id")
     output = await plan_output(body)
@@ -101,8 +111,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         if turn is not None:
             turn.release()
         raise
-    if turn is not None and not isinstance(answer, StreamingResponse):
-        turn.release()  # a stream releases it at its end
+    if turn is not None and not isinstance(answer, StreamingResponse) and not body.background:
+        turn.release()  # a stream releases it at its end, a background run when it ends
     return answer
 
 
@@ -125,7 +135,9 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
         stream=body.stream or reasoning is not None,  # reasoning is counted token by token
         tenant=state.cache_tenant(client), template_kwargs=kwargs,
         top_logprobs=_top_logprobs(body))
-    watcher = asyncio.create_task(cancel_on_disconnect(request, generation))
+    # A background response outlives its request: a client that leaves does not stop it.
+    watcher = None if body.background else asyncio.create_task(
+        cancel_on_disconnect(request, generation))
     try:
         input_items = item_dicts(items)
         if turn is not None:
@@ -142,6 +154,51 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
                 kept_system = [conversation[prompt.item_index(i)] for i in range(fitted.fixed)
                                if prompt.where[i] not in ("instructions", "tools")]
                 conversation = kept_system + conversation[prompt.item_index(fitted.first_kept):]
+        draft = ResponseDraft(record.completion_id, state.settings.model_name,
+                              _echo(body, generation, turn))
+        run = BackgroundRun(draft.id, client, generation) if body.background else None
+
+        async def keep(response: dict[str, Any], output_items: list[dict[str, Any]]) -> None:
+            if run is not None and await cancelled_elsewhere(state, draft.id, client):
+                return  # a cancel sent to another replica stands
+            # Off the event loop: sizing a conversation means serialising its images.
+            entry = await asyncio.to_thread(stored_response, response, client, input_items,
+                                            conversation + output_items)
+            try:
+                response["store"] = await state.responses.add(entry)
+            except StateUnavailable as exc:  # the answer is (being) sent: say so here
+                response["store"] = False
+                logger.error("response %s not stored: %s", response["id"], exc)
+                return
+            if not response["store"]:
+                logger.warning("response %s not stored: over the per-key byte share",
+                               response["id"])
+
+        async def finished(end: Finished) -> None:
+            if end.body is None:
+                record.status = end.error_status  # the stream's 200 went out already
+                if run is not None and end.failed is not None:
+                    await keep(stopped(end.failed, run.stop_reason), end.output)
+                return
+            record.finish_reason = _finish_reason(end.body)
+            if turn is not None:
+                await turn.record(input_items + end.output)
+            if body.store:
+                await keep(end.body, end.output)
+
+        if run is not None:
+            if converted is None:  # images decoded now: a bad one is this request's 400
+                converted = await to_engine_messages(prompt.messages, state, timer, client,
+                                                     prompt.where)
+            queued = draft.body("queued", [])
+            await keep(queued, [])
+            state.background.start(run, run_in_background(
+                state, run, draft, converted, output, reasoning, finished,
+                keep, turn))
+            if body.stream:
+                return StreamingResponse(run.follow(None), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache"})
+            return JSONResponse(queued)
         events, first = await start_generation(state, generation,
                                                prompt.messages if converted is None else [],
                                                client=client, plan=plan, constraint=constraint,
@@ -149,29 +206,6 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
                                                converted=converted)
         if isinstance(first, ErrorEvent):
             return error_response(first.status, first.message, code=first.code)
-        draft = ResponseDraft(record.completion_id, state.settings.model_name,
-                              _echo(body, generation, turn))
-
-        async def finished(end: Finished) -> None:
-            if end.body is None:
-                record.status = end.error_status  # the stream's 200 went out already
-                return
-            record.finish_reason = _finish_reason(end.body)
-            if turn is not None:
-                await turn.record(input_items + end.output)
-            if body.store:
-                # Off the event loop: sizing a conversation means serialising its images.
-                entry = await asyncio.to_thread(stored_response, end.body, client,
-                                                input_items, conversation + end.output)
-                try:
-                    end.body["store"] = await state.responses.add(entry)
-                except StateUnavailable as exc:  # the answer is (being) sent: say so here
-                    end.body["store"] = False
-                    logger.error("response %s not stored: %s", end.body["id"], exc)
-                    return
-                if not end.body["store"]:
-                    logger.warning("response %s not stored: over the per-key byte share",
-                                   end.body["id"])
 
         if body.stream:
             # The turn is released at the stream's end, or after the answer when the
@@ -184,16 +218,24 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
                                      background=BackgroundTask(release) if release else None)
         return await _complete(draft, first, events, plan, finished)
     finally:
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
-@router.get("/responses/{response_id}", responses=responses(ResponseObject, 404))
-async def get_response(response_id: str, request: Request) -> JSONResponse:
+@router.get("/responses/{response_id}", response_model=None,
+            responses=responses(ResponseObject, 400, 404, content=event_stream(StreamEvent)))
+async def get_response(response_id: str, request: Request, stream: bool = False,
+                       starting_after: int | None = Query(None, ge=-1)) -> Response:
+    """The stored response; with `stream`, a background response's events (after
+    `starting_after`), from the replica running it, while it runs and for a few minutes
+    after."""
     state: AppState = request.app.state.vlserve
-    stored = await owned_response(state, response_id, client_identity(request.scope),
-                                   "response_id")
+    client = client_identity(request.scope)
+    stored = await owned_response(state, response_id, client, "response_id")
     assert stored is not None
-    return JSONResponse(stored.response)
+    if not stream:
+        return JSONResponse(stored.response)
+    return later_stream(state, stored, client, starting_after)
 
 
 @router.delete("/responses/{response_id}", responses=responses(ResponseDeleted, 404))
@@ -246,6 +288,7 @@ def _echo(body: ResponsesRequest, generation: GenerationRequest,
         "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt
                  else {"type": "text"}},
         "store": body.store,
+        "background": body.background,
         "previous_response_id": body.previous_response_id,
         "metadata": body.metadata,
         "conversation": {"id": turn.id} if turn is not None else None,

@@ -104,6 +104,8 @@ class Finished:
     body: dict[str, Any] | None = None
     output: list[dict[str, Any]] = field(default_factory=list)
     error_status: int | None = None  # the engine's HTTP status for a failure
+    # A failure's response object, as the last event sends it (on_done may change it).
+    failed: dict[str, Any] | None = None
 
 
 async def stream_events(draft: ResponseDraft, first: Event, events: AsyncIterator[Event],
@@ -215,9 +217,9 @@ async def stream_events(draft: ResponseDraft, first: Event, events: AsyncIterato
             return
         else:
             assert isinstance(event, ErrorEvent)
-            await on_done(Finished(None, output, event.status))
-            error = {"code": "server_error", "message": event.message}
-            yield out.event("response.failed",
-                            response=draft.body("failed", output, error=error))
+            failed = draft.body("failed", output,
+                                error={"code": "server_error", "message": event.message})
+            await on_done(Finished(None, output, event.status, failed))
+            yield out.event("response.failed", response=failed)
             return
         event = await anext(events)

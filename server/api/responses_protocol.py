@@ -170,6 +170,9 @@ class ResponsesRequest(_Lenient):
     parallel_tool_calls: bool | None = None
     stream: bool = False
     store: bool = True
+    # Answered at once (status "queued"), generated detached from the request: poll
+    # GET /responses/{id}, stream it (now or later), cancel it (server/api/background.py).
+    background: bool = False
     previous_response_id: str | None = Field(None, max_length=128)
     metadata: Metadata | None = None
     # Continue (and extend) a stored conversation (POST /conversations); not with
@@ -266,7 +269,7 @@ class ResponseObject(BaseModel):
     object: Literal["response"]
     created_at: float
     model: str
-    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    status: Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
     output: list[OutputItem]
     instructions: str | None
     max_output_tokens: int | None
@@ -277,6 +280,7 @@ class ResponseObject(BaseModel):
     parallel_tool_calls: bool
     text: dict[str, Any]
     store: bool
+    background: bool
     previous_response_id: str | None
     metadata: dict[str, str] | None
     conversation: dict[str, str] | None  # {"id": ...}: the conversation it continued

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from server.api.background import BackgroundRuns
 from server.api.conversation_locks import ConversationLocks
 from server.api.conversation_store import Conversations, open_conversations
 from server.api.drain import Drain
@@ -46,6 +47,7 @@ class AppState:
     conversations: Conversations = field(init=False)  # POST /conversations
     # The conversations a response is running on, in this process (one at a time each).
     conversation_locks: ConversationLocks = field(init=False)
+    background: BackgroundRuns = field(init=False)  # background responses run here
     # Batch files, state and results: on disk, or in Redis when the state is shared.
     batch_store: BatchStorage = field(init=False)
     batches: BatchRunner | None = None  # set by the app once it exists
@@ -60,6 +62,7 @@ class AppState:
         # A lease its request failed to give back (a stream never started) lapses once no
         # request could still be running.
         self.conversation_locks = ConversationLocks(self.settings.request_timeout + 60)
+        self.background = BackgroundRuns(self.drain)
         self.batch_store = _batch_store(self.settings, self.backend)
 
     def cache_tenant(self, client: str) -> str:

@@ -1,0 +1,117 @@
+"""Background responses on the Responses routes: a run from admission to its end, the
+cancel route, and a stream read later (the runs themselves: server.api.background)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.api.auth import client_identity
+from server.api.background import KEEP_EVENTS_S, BackgroundRun
+from server.api.conversation_turns import ConversationTurn
+from server.api.errors import APIError
+from server.api.generation import Event, start_generation
+from server.api.offloop_json import OffLoopJSONRoute
+from server.api.openapi import responses
+from server.api.reasoning import ReasoningSplitter
+from server.api.response_store import StoredResponse
+from server.api.responses_output import Finished, ResponseDraft, stream_events
+from server.api.responses_prompt import OutputPlan, owned_response
+from server.api.responses_protocol import ResponseObject
+from server.api.state import AppState
+from server.engine import ChatMessage, ErrorEvent
+
+router = APIRouter(route_class=OffLoopJSONRoute)
+CANCEL_WAIT_S = 10.0  # a cancelled run ends at the engine's next step: well within this
+
+
+@router.post("/responses/{response_id}/cancel", responses=responses(ResponseObject, 400, 404))
+async def cancel_response(response_id: str, request: Request) -> JSONResponse:
+    """Stop a background response: it ends `cancelled`, its output so far kept. One that
+    has ended already is answered as it is."""
+    state: AppState = request.app.state.vlserve
+    client = client_identity(request.scope)
+    stored = await owned_response(state, response_id, client, "response_id")
+    assert stored is not None
+    if not stored.response.get("background"):
+        raise APIError(400, "response_id: only a background response can be cancelled",
+                       param="response_id", code="not_background")
+    run = state.background.get(response_id, client)
+    if run is not None and not run.ended:
+        run.stop("cancelled")
+        await run.wait_ended(CANCEL_WAIT_S)  # the engine drops it at its next step
+    elif stored.response["status"] in ("queued", "in_progress"):
+        # Run by another replica (sharing the store), or lost with one: mark it; the
+        # replica running it keeps the mark when it finishes.
+        marked = {**stored.response, "status": "cancelled"}
+        await state.responses.add(replace(stored, response=marked))
+    again = await owned_response(state, response_id, client, "response_id")
+    assert again is not None
+    return JSONResponse(again.response)
+
+
+# Keeps a response object (and its output items) in the store.
+Keep = Callable[[dict[str, Any], list[dict[str, Any]]], Awaitable[None]]
+
+
+async def run_in_background(state: AppState, run: BackgroundRun, draft: ResponseDraft,
+                         converted: list[ChatMessage], output: OutputPlan,
+                         reasoning: Callable[[], ReasoningSplitter] | None,
+                         finished: Callable[[Finished], Awaitable[None]],
+                         keep: Keep, turn: ConversationTurn | None) -> None:
+    """A background response's whole run: its events published for streams, its states
+    kept in the store (in_progress once admitted, then its end, through `finished`)."""
+    generation = run.generation
+    try:
+        try:
+            events, first = await start_generation(
+                state, generation, [], client=run.owner, plan=output.tools,
+                constraint=output.constraint, reasoning=reasoning, converted=converted)
+        except APIError as refused:  # the queue is full, the server is closing, ...
+            events, first = _no_events(), ErrorEvent(refused.status, refused.message,
+                                                      code=refused.code)
+        if not isinstance(first, ErrorEvent):
+            await keep(draft.body("in_progress", []), [])
+        async for line in stream_events(draft, first, events, finished):
+            run.publish(line)
+    finally:
+        if turn is not None:
+            turn.release()
+
+
+async def _no_events() -> AsyncIterator[Event]:
+    return
+    yield  # an async generator that yields nothing
+
+
+def stopped(failed: dict[str, Any], reason: str | None) -> dict[str, Any]:
+    """A background response's failed body, saying why it was stopped."""
+    if reason == "cancelled":
+        failed.update(status="cancelled", error=None)
+    elif reason == "shutdown":
+        failed["error"] = {"code": "server_shutdown",
+                           "message": "the server stopped before the response finished"}
+    return failed
+
+
+async def cancelled_elsewhere(state: AppState, response_id: str, client: str) -> bool:
+    stored = await state.responses.get(response_id, client)
+    return stored is not None and stored.response["status"] == "cancelled"
+
+
+def later_stream(state: AppState, stored: StoredResponse, client: str,
+                 starting_after: int | None) -> StreamingResponse:
+    """A background response's events after `starting_after`, while it runs and for
+    KEEP_EVENTS_S after, from the process that runs it."""
+    run = state.background.get(stored.id, client)
+    if run is None:
+        why = "not a background response" if not stored.response.get("background") else (
+            "its events are kept only by the replica that runs it, until "
+            f"{KEEP_EVENTS_S:g} s after it ended; read it without stream")
+        raise APIError(400, f"stream: {why}", param="stream")
+    return StreamingResponse(run.follow(starting_after), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
