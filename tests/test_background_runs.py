@@ -20,6 +20,7 @@ def test_followers_see_every_event_from_where_they_start() -> None:
         drain = Drain()
         runs = BackgroundRuns(drain)
         run = run_of()
+        cancelled = run.generation.cancelled
         go_on = asyncio.Event()
 
         async def work() -> None:
@@ -30,13 +31,14 @@ def test_followers_see_every_event_from_where_they_start() -> None:
 
         runs.start(run, work())
         await asyncio.sleep(0)
-        assert drain.in_flight == 1 and runs.running == 1
+        assert drain.in_flight == 1 and not run.ended
         early = asyncio.create_task(_collect(run, None))
         late = asyncio.create_task(_collect(run, 0))
         await asyncio.sleep(0.01)
         go_on.set()
         assert await early == ["e0", "e1", "e2"] and await late == ["e1", "e2"]
-        assert drain.in_flight == 0 and run.ended and run.generation.cancelled.is_set()
+        assert drain.in_flight == 0 and run.ended and cancelled.is_set()
+        assert run.generation.messages == []  # the images are let go
         assert await _collect(run, 1) == ["e2"]  # after the end too
         assert runs.get("resp_1", "owner") is run and runs.get("resp_1", "other") is None
 

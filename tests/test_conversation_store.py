@@ -12,7 +12,6 @@ from server.api.conversation_locks import ConversationLocks
 from server.api.conversation_store import (
     ConversationFull,
     Conversations,
-    items_size,
     new_conversation,
     with_metadata,
     without_item,
@@ -49,17 +48,17 @@ def test_sizes_follow_appends_removals_and_metadata() -> None:
         made = new_conversation("a", {"k": "v"}, [message("one")])
         await conversations.put(made)
         added = [message("two", "msg_2")]
-        grown = await conversations.append(made.id, "a", added, items_size(added))
+        grown = await conversations.append(made.id, "a", added)
         assert grown is not None and [i["id"] for i in grown.items] == ["msg_1", "msg_2"]
         again = new_conversation("a", {"k": "v"}, grown.items)
         assert grown.size == again.size  # sized by parts as if made whole
         smaller = without_item(grown, "msg_1")
-        assert smaller is not None and smaller.size == new_conversation(
-            "a", {"k": "v"}, [message("two", "msg_2")]).size
-        assert without_item(grown, "msg_9") is None
+        assert smaller.size == new_conversation("a", {"k": "v"}, [message("two", "msg_2")]).size
+        with pytest.raises(KeyError):
+            without_item(grown, "msg_9")
         renamed = with_metadata(grown, {"key": "longer value"})
         assert renamed.size == new_conversation("a", {"key": "longer value"}, grown.items).size
-        assert await conversations.append("conv_gone", "a", added, 1) is None
+        assert await conversations.append("conv_gone", "a", added) is None
         assert await conversations.get(made.id, "b") is None  # another key's: unseen
 
     asyncio.run(go())
@@ -70,9 +69,8 @@ def test_a_conversation_over_its_keys_share_is_refused_and_kept_as_it_was() -> N
         conversations = store(per_owner_bytes=2000)
         made = new_conversation("a", {}, [message("x" * 500)])
         await conversations.put(made)
-        big = [message("y" * 2000, "msg_2")]
         with pytest.raises(ConversationFull):
-            await conversations.append(made.id, "a", big, items_size(big))
+            await conversations.append(made.id, "a", [message("y" * 2000, "msg_2")])
         kept = await conversations.get(made.id, "a")
         assert kept is not None and len(kept.items) == 1
 
@@ -95,10 +93,30 @@ def test_a_key_over_its_share_loses_its_least_recently_used_conversation() -> No
         assert await conversations.get(theirs.id, "b") is not None
         # The TTL counts from the last write: an idle conversation goes, a written one stays.
         clock.now += 50
-        await conversations.append(old.id, "a", [], 0)
+        await conversations.append(old.id, "a", [])
         clock.now += 20
         assert await conversations.get(old.id, "a") is not None
         assert await conversations.get(theirs.id, "b") is None
+
+    asyncio.run(go())
+
+
+def test_an_id_sent_again_gets_a_new_one_and_changes_do_not_lose_each_other() -> None:
+    async def go() -> None:
+        conversations = store()
+        call = {"id": "fc_1", "type": "function_call", "call_id": "call_1", "name": "f",
+                "arguments": "{}", "status": "completed"}
+        made = new_conversation("a", {}, [call, call])
+        ids = [item["id"] for item in made.items]
+        assert ids[0] == "fc_1" and ids[1].startswith("fc_") and len(set(ids)) == 2
+        await conversations.put(made)
+        # Changes run in a worker thread: without one change at a time per conversation,
+        # these would read the same record and keep only one of them.
+        await asyncio.gather(*(conversations.append(made.id, "a", [message(str(i), f"msg_{i}")])
+                               for i in range(20)))
+        kept = await conversations.get(made.id, "a")
+        assert kept is not None and len(kept.items) == 22
+        assert kept.size == new_conversation("a", {}, kept.items).size
 
     asyncio.run(go())
 
@@ -114,11 +132,18 @@ def test_one_lease_per_conversation_and_a_forgotten_one_lapses() -> None:
     lease.release()
     lease.release()  # idempotent: the stream's end and the background task both call it
     assert len(locks) == 0
-    forgotten = locks.acquire("conv_a")
+    forgotten = locks.acquire("conv_a", lapses=True)  # a stream's, before it starts
     clock.now += 101
     successor = locks.acquire("conv_a")
     forgotten.release()  # late: must not free the successor's hold
+    clock.now += 1000  # a hold that is always given back (a run, a started stream) stays
     with pytest.raises(APIError):
         locks.acquire("conv_a")
     successor.release()
+    started = locks.acquire("conv_a", lapses=True)
+    started.pin()
+    clock.now += 1000
+    with pytest.raises(APIError):
+        locks.acquire("conv_a")
+    started.release()
     assert len(locks) == 0

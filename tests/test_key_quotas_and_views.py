@@ -205,6 +205,13 @@ def test_conversations_belong_to_their_key(two_keys: RunningServer) -> None:
             attempt()
         assert refused.value.body["code"] == "conversation_not_found"  # type: ignore[index]
     assert [i.id for i in k1.conversations.items.list(mine.id).data] == [item.id]
+    # Busy with K1's response, it is still unknown to K2 (not "locked": that would tell).
+    running = k1.responses.create(model="m", input="Go on.", max_output_tokens=LONG,
+                                  temperature=0, conversation=mine.id, background=True)
+    with pytest.raises(openai.NotFoundError):
+        k2.responses.create(model="m", input="Yours?", max_output_tokens=1,
+                            conversation=mine.id)
+    k1.responses.cancel(running.id)
     assert k1.responses.create(model="m", input="More.", max_output_tokens=1,
                                conversation=mine.id).usage is not None
 

@@ -113,15 +113,42 @@ def test_a_client_that_leaves_does_not_stop_it_and_cancel_does(
 
     running = post(server, input="Go on.", max_output_tokens=LONG, temperature=0,
                    background=True)
+    # Generated token by token (not held to the end): its state says so while it runs.
+    deadline = time.monotonic() + 60
+    while get(server, running.id).status == "queued":
+        assert time.monotonic() < deadline
+    # Nothing continues from a response still being written.
+    early = httpx.post(f"{server.api}/responses", timeout=60, json={
+        "model": "m", "input": "And?", "previous_response_id": running.id})
+    assert early.status_code == 400 and early.json()["error"]["code"] == "response_not_finished"
+    time.sleep(0.1)  # some of the answer written
     client = openai.OpenAI(base_url=server.api, api_key="unused", max_retries=0)
     reply = client.responses.cancel(running.id)
     assert reply.status == "cancelled" and reply.error is None
+    assert reply.output and reply.output[0].status == "incomplete"  # what it had written
+    assert reply.output_text
     assert get(server, running.id).status == "cancelled"
     slots = httpx.get(f"{server.api}/slots", timeout=30).json()
     assert all(s.get("request_id") != running.id for s in slots["slots"]), slots
     # Ended already: answered as it is.
     again = httpx.post(f"{server.api}/responses/{running.id}/cancel", timeout=60)
     assert again.json()["status"] == "cancelled"
+
+
+def test_a_running_background_response_deleted_stops_and_stays_deleted(
+        long_server: RunningServer) -> None:
+    server = long_server
+    running = post(server, input="Go on.", max_output_tokens=LONG, temperature=0,
+                   background=True)
+    deleted = httpx.delete(f"{server.api}/responses/{running.id}", timeout=60)
+    assert deleted.status_code == 200, deleted.text
+    deadline = time.monotonic() + 30
+    while any(s.get("request_id") == running.id
+              for s in httpx.get(f"{server.api}/slots", timeout=30).json()["slots"]):
+        assert time.monotonic() < deadline, "the deleted response still runs"
+        time.sleep(0.05)
+    time.sleep(0.2)  # the run's end has been recorded (or not) by now
+    assert httpx.get(f"{server.api}/responses/{running.id}", timeout=30).status_code == 404
 
 
 def test_background_on_a_conversation_holds_it_until_done(long_server: RunningServer) -> None:

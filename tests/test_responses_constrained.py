@@ -6,6 +6,7 @@ conversation through previous_response_id."""
 from __future__ import annotations
 
 import json
+import time
 
 import jsonschema
 import openai
@@ -124,3 +125,22 @@ def test_a_streamed_call_is_argument_deltas(client: openai.OpenAI,
     whole = create(constrained_server, **{k: v for k, v in body.items() if k != "model"})
     assert [(c.name, c.arguments) for c in whole.output  # type: ignore[union-attr]
             if c.type == "function_call"] == [(item["name"], item["arguments"])]
+
+
+def test_a_background_answer_has_its_calls(client: openai.OpenAI,
+                                           constrained_server: RunningServer) -> None:
+    """In the background the answer is generated token by token, as a stream: its call
+    markup becomes function_call items, not text."""
+    body = {"input": "What time is it?", "tools": TOOLS, "tool_choice": "required",
+            "parallel_tool_calls": False, "max_output_tokens": CONSTRAINED_MAX_TOKENS,
+            "temperature": 0}
+    queued = create(constrained_server, background=True, **body)
+    assert queued.status == "queued"
+    deadline = time.monotonic() + 120
+    while (done := client.responses.retrieve(queued.id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    whole = create(constrained_server, **body)
+    assert [(c.type, c.name, c.arguments) for c in done.output] == [  # type: ignore[union-attr]
+        (c.type, c.name, c.arguments) for c in whole.output]  # type: ignore[union-attr]
+    assert done.output[0].type == "function_call"

@@ -101,3 +101,7 @@ def test_a_failure_midway_is_a_response_failed_event() -> None:
     assert failed.error.code == "server_error"
     assert failed.error.message == "the engine failed on this request"
     assert ends[0].body is None and ends[0].error_status == 500  # not stored, logged as 500
+    # What was written before the failure stays in the output, closed as cut short.
+    assert failed.output_text == " world" and failed.output[0].status == "incomplete"
+    assert [e["type"] for e in events[-4:-1]] == [
+        "response.output_text.done", "response.content_part.done", "response.output_item.done"]

@@ -42,8 +42,9 @@ ROUTES = {
         ("/models/{model_id:path}", "GET"), ("/slots", "GET"),
         # The Responses API: images as chat's (no file:// URLs, http(s) only when enabled),
         # stored responses per key (test_key_quotas_and_views.py).
-        ("/responses", "POST"), ("/responses/{response_id}", "GET"),
-        ("/responses/{response_id}", "DELETE"), ("/responses/{response_id}/input_items", "GET"),
+        ("/responses", "POST"), ("/responses/{response_id:response_id}", "GET"),
+        ("/responses/{response_id:response_id}", "DELETE"),
+        ("/responses/{response_id}/input_items", "GET"),
         # The token count of a /responses body: what the route itself reads, nothing kept
         # (test_input_tokens.py).
         ("/responses/input_tokens", "POST"),

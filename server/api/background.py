@@ -25,6 +25,7 @@ from server.engine import GenerationRequest
 logger = logging.getLogger("vlserve.api")
 
 KEEP_EVENTS_S = 300.0  # an ended run's events stay this long for a late stream
+KEEP_ENDED = 1000  # and at most this many ended runs' (the oldest go first)
 
 
 class BackgroundRun:
@@ -35,6 +36,7 @@ class BackgroundRun:
         self.response_id = response_id
         self.owner = owner
         self.generation = generation
+        self._cancelled = generation.cancelled  # kept after the run lets `generation` go
         self.lines: list[str] = []
         self.ended_at: float | None = None
         self.stop_reason: str | None = None  # "cancelled" or "shutdown": why it was stopped
@@ -47,6 +49,9 @@ class BackgroundRun:
         self._wake = asyncio.Event()
 
     def end(self) -> None:
+        self._cancelled.set()  # whatever happened, the engine lets it go
+        # Its messages hold the decoded images: only the events are kept from here on.
+        self.generation = GenerationRequest(messages=[], max_tokens=1)
         self.ended_at = time.monotonic()
         self._ended.set()
         self._wake.set()
@@ -59,7 +64,7 @@ class BackgroundRun:
         """Stop the generation (the engine drops it at its next step)."""
         if not self.ended and self.stop_reason is None:
             self.stop_reason = reason
-            self.generation.cancelled.set()
+            self._cancelled.set()
 
     async def wait_ended(self, timeout: float) -> bool:
         try:
@@ -104,18 +109,14 @@ class BackgroundRuns:
         except Exception:
             logger.exception("background response %s failed", run.response_id)
         finally:
-            run.generation.cancelled.set()  # whatever happened, the engine lets it go
             run.end()
             self.drain.in_flight -= 1
+            asyncio.get_running_loop().call_later(KEEP_EVENTS_S + 1, self._forget_old)
 
     def get(self, response_id: str, owner: str) -> BackgroundRun | None:
         self._forget_old()
         run = self._runs.get(response_id)
         return run if run is not None and run.owner == owner else None
-
-    @property
-    def running(self) -> int:
-        return sum(not run.ended for run in self._runs.values())
 
     async def stop(self, timeout: float = 10.0) -> None:
         """At shutdown: stop every run still going (each ends failed) and let each record
@@ -127,6 +128,9 @@ class BackgroundRuns:
 
     def _forget_old(self) -> None:
         cutoff = time.monotonic() - KEEP_EVENTS_S
-        for response_id in [i for i, run in self._runs.items()
-                            if run.ended_at is not None and run.ended_at < cutoff]:
-            del self._runs[response_id]
+        ended = sorted((run.ended_at, response_id) for response_id, run in self._runs.items()
+                       if run.ended_at is not None)
+        over = len(ended) - KEEP_ENDED
+        for index, (ended_at, response_id) in enumerate(ended):
+            if ended_at < cutoff or index < over:
+                del self._runs[response_id]

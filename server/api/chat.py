@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from server.api.auth import client_identity
 from server.api.choices import merge_choices
@@ -23,6 +23,7 @@ from server.api.generation import (
     max_tokens,
     request_sampling,
     require_ready,
+    sse_response,
     start_choices,
     stop_strings,
     usage_of,
@@ -119,11 +120,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         reply = _Reply(record.completion_id, state.settings.model_name, n)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                _stream(reply, choices, generation, include_usage, record, legacy=legacy),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
+            return sse_response(
+                _stream(reply, choices, generation, include_usage, record, legacy=legacy))
         return await _complete(reply, choices, generation, record, tools=plan is not None,
                                legacy=legacy)
     finally:

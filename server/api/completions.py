@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any, TypeGuard
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from server.api.auth import client_identity
 from server.api.choices import merge_choices
@@ -33,6 +33,7 @@ from server.api.generation import (
     max_tokens,
     request_sampling,
     require_ready,
+    sse_response,
     start_choices,
     stop_strings,
     usage_of,
@@ -121,10 +122,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                 "created": int(time.time()), "model": state.settings.model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(head, choices, generations, echoes, include_usage,
-                                             record, n),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return sse_response(_stream(head, choices, generations, echoes, include_usage,
+                                        record, n))
         return await _complete(head, choices, generations, echoes, record, n)
     finally:
         watcher.cancel()

@@ -12,12 +12,18 @@ from server.api.errors import APIError
 
 class ConversationLease:
     """A held conversation; `release` is idempotent (the stream's end, the request's end
-    and a background task may each call it)."""
+    and a background task may each call it). A lease that `lapses` stops counting after
+    the locks' lapse_s: a stream's, until its generator starts (a response whose stream
+    never starts may never give it back); `pin` makes it hold until released."""
 
-    def __init__(self, locks: ConversationLocks, conversation_id: str) -> None:
+    def __init__(self, locks: ConversationLocks, conversation_id: str, lapses: bool) -> None:
         self._locks = locks
         self.conversation_id = conversation_id
+        self.lapses = lapses
         self.released = False
+
+    def pin(self) -> None:
+        self.lapses = False
 
     def release(self) -> None:
         if not self.released:
@@ -27,18 +33,18 @@ class ConversationLease:
 
 class ConversationLocks:
     def __init__(self, lapse_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.lapse_s = lapse_s  # a lease never given back stops counting after this
+        self.lapse_s = lapse_s  # a lapsing lease never given back stops counting after this
         self._clock = clock
         self._held: dict[str, tuple[ConversationLease, float]] = {}
 
-    def acquire(self, conversation_id: str) -> ConversationLease:
+    def acquire(self, conversation_id: str, *, lapses: bool = False) -> ConversationLease:
         held = self._held.get(conversation_id)
         now = self._clock()
-        if held is not None and now - held[1] < self.lapse_s:
+        if held is not None and not (held[0].lapses and now - held[1] >= self.lapse_s):
             raise APIError(400, "conversation: another response is running on this "
                            "conversation; retry once it has finished", param="conversation",
                            code="conversation_locked")
-        lease = ConversationLease(self, conversation_id)
+        lease = ConversationLease(self, conversation_id, lapses)
         self._held[conversation_id] = (lease, now)
         return lease
 

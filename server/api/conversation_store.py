@@ -5,12 +5,16 @@ share loses its least recently used conversation first. A key sees only its own.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import secrets
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from server.api.responses_input import new_id
 from server.config import Settings
 from server.store import Bounds, Codec, StateBackend, Table, TableFull
 
@@ -47,8 +51,24 @@ def items_size(items: list[dict[str, Any]]) -> int:
 def new_conversation(owner: str, metadata: dict[str, str],
                      items: list[dict[str, Any]]) -> StoredConversation:
     conversation_id = f"conv_{secrets.token_hex(24)}"
-    return StoredConversation(conversation_id, owner, int(time.time()), metadata, items,
-                              json_size(metadata) + items_size(items))
+    empty = StoredConversation(conversation_id, owner, int(time.time()), metadata, [],
+                               json_size(metadata))
+    return appended(empty, items)
+
+
+def appended(conversation: StoredConversation,
+             items: list[dict[str, Any]]) -> StoredConversation:
+    """The conversation with `items` at its end, each id unique in it (an item sent again,
+    such as a call an answer made, gets a new id: lookups and cursors go by id)."""
+    taken = {item["id"] for item in conversation.items}
+    fresh: list[dict[str, Any]] = []
+    for item in items:
+        if item["id"] in taken:
+            item = {**item, "id": new_id(item["id"].partition("_")[0] or "item")}
+        taken.add(item["id"])
+        fresh.append(item)
+    return replace(conversation, items=conversation.items + fresh,
+                   size=conversation.size + items_size(fresh))
 
 
 def with_metadata(conversation: StoredConversation,
@@ -57,26 +77,27 @@ def with_metadata(conversation: StoredConversation,
                    - json_size(conversation.metadata) + json_size(metadata))
 
 
-def without_item(conversation: StoredConversation, item_id: str) -> StoredConversation | None:
-    """The conversation less its item `item_id` (None: it holds no such item)."""
+def without_item(conversation: StoredConversation, item_id: str) -> StoredConversation:
+    """The conversation less its item `item_id`; KeyError when it holds none."""
     for index, item in enumerate(conversation.items):
         if item["id"] == item_id:
             return replace(conversation,
                            items=conversation.items[:index] + conversation.items[index + 1:],
                            size=conversation.size - json_size(item))
-    return None
+    raise KeyError(item_id)
 
 
 class Conversations:
-    """The conversation store as the routes use it: async, in memory or shared. Writes
-    replace the whole record: on the single-box store a read and the write after it run
-    without a pause between them on the event loop, so appends never lose each other; on a
-    shared store two replicas appending to one conversation at once can (one response at a
-    time runs on a conversation per replica: server.api.conversations.ConversationLocks)."""
+    """The conversation store as the routes use it: async, in memory or shared. A change
+    reads the record, changes it and writes it back whole, one change at a time per
+    conversation in this process; two replicas changing one conversation at once on a
+    shared store can lose one of the changes (one response at a time runs on a
+    conversation per replica: server.api.conversation_locks)."""
 
     def __init__(self, table: Table[StoredConversation], bounds: Bounds) -> None:
         self.table = table
         self.bounds = bounds
+        self._changing: dict[str, tuple[asyncio.Lock, int]] = {}
 
     async def put(self, conversation: StoredConversation) -> None:
         """Keep `conversation` (new or changed). ConversationFull when it alone is over its
@@ -96,16 +117,37 @@ class Conversations:
     async def delete(self, conversation_id: str, owner: str) -> bool:
         return await self.table.delete(owner, conversation_id)
 
-    async def append(self, conversation_id: str, owner: str, items: list[dict[str, Any]],
-                     size: int) -> StoredConversation | None:
-        """Add `items` (`size`: their items_size) at the end of the conversation as it is
-        now (None: it is gone)."""
-        current = await self.get(conversation_id, owner)
-        if current is None:
-            return None
-        grown = replace(current, items=current.items + items, size=current.size + size)
-        await self.put(grown)
-        return grown
+    async def change(self, conversation_id: str, owner: str,
+                     how: Callable[[StoredConversation], StoredConversation]
+                     ) -> StoredConversation | None:
+        """Apply `how` to the conversation as it is now and keep the result (None: it is
+        gone). `how` runs in a worker thread: it sizes items that may hold images."""
+        async with self._one_change(conversation_id):
+            current = await self.get(conversation_id, owner)
+            if current is None:
+                return None
+            changed = await asyncio.to_thread(how, current)
+            await self.put(changed)
+            return changed
+
+    async def append(self, conversation_id: str, owner: str,
+                     items: list[dict[str, Any]]) -> StoredConversation | None:
+        """Add `items` at the end of the conversation as it is now (None: it is gone)."""
+        return await self.change(conversation_id, owner, lambda c: appended(c, items))
+
+    @contextlib.asynccontextmanager
+    async def _one_change(self, conversation_id: str) -> AsyncIterator[None]:
+        lock, users = self._changing.get(conversation_id, (asyncio.Lock(), 0))
+        self._changing[conversation_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._changing[conversation_id]
+            if users == 1:
+                del self._changing[conversation_id]
+            else:
+                self._changing[conversation_id] = (lock, users - 1)
 
 
 def conversation_bounds(settings: Settings) -> Bounds:

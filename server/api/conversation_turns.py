@@ -8,9 +8,10 @@ import asyncio
 import logging
 from typing import Any
 
+from server.api.conversation_access import conversation_id as conversation_key
+from server.api.conversation_access import owned_conversation
 from server.api.conversation_locks import ConversationLease
 from server.api.conversation_store import ConversationFull, StoredConversation, items_size
-from server.api.conversations import not_found
 from server.api.errors import APIError
 from server.api.responses_protocol import ConversationRef
 from server.api.state import AppState
@@ -27,20 +28,21 @@ class ConversationTurn:
         self.lease = lease
 
     @classmethod
-    async def start(cls, state: AppState, ref: str | ConversationRef, owner: str,
-                    ) -> ConversationTurn:
-        """The conversation, held until `release` (400 conversation_locked while another
-        response runs on it, 404 when the owner has no such conversation)."""
-        conversation_id = ref if isinstance(ref, str) else ref.id
-        lease = state.conversation_locks.acquire(conversation_id)
-        try:  # read once held: the turn before this one has been appended by now
-            conversation = await state.conversations.get(conversation_id, owner)
+    async def start(cls, state: AppState, ref: str | ConversationRef, owner: str, *,
+                    lapses: bool) -> ConversationTurn:
+        """The conversation, held until `release` (404 when the owner has no such
+        conversation, then 400 conversation_locked while another response runs on it).
+        `lapses`: the hold may be given back late (server.api.conversation_locks)."""
+        conversation_id = conversation_key(ref)
+        # Whose it is first: another key learns nothing from a lock on it.
+        await owned_conversation(state, conversation_id, owner, "conversation")
+        lease = state.conversation_locks.acquire(conversation_id, lapses=lapses)
+        try:  # read again once held: the turn before this one has been appended by now
+            conversation = await owned_conversation(state, conversation_id, owner,
+                                                    "conversation")
         except BaseException:
             lease.release()
             raise
-        if conversation is None:
-            lease.release()
-            raise not_found(conversation_id, "conversation")
         return cls(state, conversation, lease)
 
     @property
@@ -62,10 +64,9 @@ class ConversationTurn:
     async def record(self, items: list[dict[str, Any]]) -> None:
         """Append the turn's items (its input, then its output). The answer is out (or on
         its way) by now: a failure is the operator's to read in the log."""
-        size = await asyncio.to_thread(items_size, items)
         try:
             kept = await self.state.conversations.append(self.id, self.conversation.owner,
-                                                         items, size)
+                                                         items)
         except ConversationFull as exc:
             logger.warning("conversation %s: turn not kept: %s", self.id, exc)
         except StateUnavailable as exc:

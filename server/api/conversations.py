@@ -5,16 +5,18 @@ turns and appends its input and output to it (server.api.responses)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from server.api.auth import client_identity
+from server.api.conversation_access import checked_items, not_found, owned_conversation
 from server.api.conversation_store import (
     ConversationFull,
     StoredConversation,
-    items_size,
+    appended,
     new_conversation,
     with_metadata,
     without_item,
@@ -31,8 +33,6 @@ from server.api.errors import APIError
 from server.api.item_pages import item_page
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import responses
-from server.api.responses_input import item_dicts, to_chat_messages
-from server.api.responses_protocol import InputItem
 from server.api.state import AppState
 
 router = APIRouter(route_class=OffLoopJSONRoute)
@@ -60,8 +60,9 @@ async def update_conversation(conversation_id: str, body: ConversationUpdate,
                               request: Request) -> JSONResponse:
     """Replace the conversation's metadata (its items stay)."""
     state: AppState = request.app.state.vlserve
-    updated = with_metadata(await _owned(request, conversation_id), body.metadata)
-    await _keep(state, updated)
+    metadata = body.metadata or {}  # null clears it, as OpenAI's
+    updated = await _change(state, request, conversation_id,
+                            lambda current: with_metadata(current, metadata))
     return JSONResponse(updated.view())
 
 
@@ -95,16 +96,10 @@ async def list_items(conversation_id: str, request: Request, after: str | None =
 async def add_items(conversation_id: str, body: ItemsCreate, request: Request) -> JSONResponse:
     """Append items (as a response's input would be); answers the items added, with ids."""
     state: AppState = request.app.state.vlserve
-    owner = client_identity(request.scope)
     added = checked_items(body.items, "items")
-    await _owned(request, conversation_id)  # a 404 before any sizing work
-    size = await asyncio.to_thread(items_size, added)  # images are serialised to size them
-    try:
-        kept = await state.conversations.append(conversation_id, owner, added, size)
-    except ConversationFull as exc:
-        raise _full(exc) from exc
-    if kept is None:  # deleted meanwhile
-        raise not_found(conversation_id, "conversation_id")
+    kept = await _change(state, request, conversation_id,
+                         lambda current: appended(current, added))
+    added = kept.items[-len(added):]  # with the ids they were kept under
     return JSONResponse(item_page(added, order="asc", after=None, limit=len(added),
                                   holder="conversation"))
 
@@ -123,28 +118,12 @@ async def get_item(conversation_id: str, item_id: str, request: Request) -> JSON
 async def delete_item(conversation_id: str, item_id: str, request: Request) -> JSONResponse:
     """Remove one item; answers the conversation, as OpenAI's."""
     state: AppState = request.app.state.vlserve
-    conversation = await _owned(request, conversation_id)
-    smaller = without_item(conversation, item_id)
-    if smaller is None:
-        raise _item_not_found(item_id)
-    await _keep(state, smaller)
+    try:
+        smaller = await _change(state, request, conversation_id,
+                                lambda current: without_item(current, item_id))
+    except KeyError:
+        raise _item_not_found(item_id) from None
     return JSONResponse(smaller.view())
-
-
-def checked_items(items: list[InputItem], param: str) -> list[dict[str, Any]]:
-    """Items as stored (each with an id), checked as a response would read them (an image
-    needs exactly one of image_url and file_id, ...): a bad item is refused here, not on
-    every later turn."""
-    to_chat_messages(items, [f"{param}.{i}" for i in range(len(items))])
-    return item_dicts(items)
-
-
-async def owned_conversation(state: AppState, conversation_id: str, owner: str,
-                             param: str) -> StoredConversation:
-    conversation = await state.conversations.get(conversation_id, owner)
-    if conversation is None:
-        raise not_found(conversation_id, param)
-    return conversation
 
 
 async def _owned(request: Request, conversation_id: str) -> StoredConversation:
@@ -160,15 +139,23 @@ async def _keep(state: AppState, conversation: StoredConversation) -> None:
         raise _full(exc) from exc
 
 
+async def _change(state: AppState, request: Request, conversation_id: str,
+                  how: Callable[[StoredConversation], StoredConversation]
+                  ) -> StoredConversation:
+    try:
+        changed = await state.conversations.change(
+            conversation_id, client_identity(request.scope), how)
+    except ConversationFull as exc:
+        raise _full(exc) from exc
+    if changed is None:
+        raise not_found(conversation_id, "conversation_id")
+    return changed
+
+
 def _full(exc: ConversationFull) -> APIError:
     return APIError(400, f"conversation: too large to keep ({exc}); start a new "
                     "conversation or delete items", param="conversation",
                     code="conversation_too_large")
-
-
-def not_found(conversation_id: str, param: str) -> APIError:
-    return APIError(404, f"{param}: no conversation with id {conversation_id!r} (unknown, "
-                    "deleted or expired)", param=param, code="conversation_not_found")
 
 
 def _item_not_found(item_id: str) -> APIError:

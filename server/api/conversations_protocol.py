@@ -28,7 +28,7 @@ class ConversationCreate(_WithItems):
 
 
 class ConversationUpdate(_Lenient):
-    metadata: Metadata
+    metadata: Metadata | None  # required; null clears it (the SDK's type allows it)
 
 
 class ItemsCreate(_WithItems):

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from server.api.errors import APIError
 from server.api.messages import to_engine_messages
@@ -244,3 +246,10 @@ async def cancel_on_disconnect(request: Request, generation: GenerationRequest) 
             generation.cancelled.set()
             return
 
+
+def sse_response(lines: AsyncIterator[str], background: BackgroundTask | None = None
+                 ) -> StreamingResponse:
+    """Server-sent events, as every streaming route sends them (`background` runs once the
+    answer is out)."""
+    return StreamingResponse(lines, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"}, background=background)

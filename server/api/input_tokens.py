@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from server.api.auth import client_identity
-from server.api.conversations import owned_conversation
+from server.api.conversation_access import conversation_id, owned_conversation
 from server.api.errors import APIError
 from server.api.generation import max_tokens, require_ready
 from server.api.messages import to_engine_messages
@@ -23,8 +23,8 @@ from server.api.responses_input import request_items
 from server.api.responses_prompt import (
     build_prompt,
     check_continuation,
-    owned_response,
     plan_output,
+    previous_response,
 )
 from server.api.responses_protocol import ResponsesRequest
 from server.api.state import AppState
@@ -50,14 +50,11 @@ async def count_input_tokens(body: ResponsesRequest, request: Request) -> JSONRe
     client = client_identity(request.scope)
     check_continuation(body)
     earlier, origin = [], "conversation"
-    previous = await owned_response(state, body.previous_response_id, client,
-                                     "previous_response_id")
+    previous = await previous_response(state, body, client)
     if previous is not None:
         earlier, origin = previous.conversation, "previous_response_id"
     elif body.conversation is not None:
-        conversation_id = body.conversation if isinstance(body.conversation, str) \
-            else body.conversation.id
-        earlier = (await owned_conversation(state, conversation_id, client,
+        earlier = (await owned_conversation(state, conversation_id(body.conversation), client,
                                             "conversation")).items
     output = await plan_output(body)
     prompt = build_prompt(body, earlier, origin, request_items(body), output.tools,

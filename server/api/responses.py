@@ -12,6 +12,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.convertors import StringConvertor, register_url_convertor
 
 from server.api.auth import client_identity
 from server.api.background import BackgroundRun
@@ -24,6 +25,7 @@ from server.api.generation import (
     max_tokens,
     require_ready,
     sampling_params,
+    sse_response,
     start_generation,
     whole_answer,
 )
@@ -35,10 +37,10 @@ from server.api.openapi import event_stream, responses
 from server.api.reasoning import plan_reasoning
 from server.api.response_store import StoredResponse, stored_response
 from server.api.responses_background import (
-    cancelled_elsewhere,
     later_stream,
     run_in_background,
     stopped,
+    superseded,
 )
 from server.api.responses_input import (
     item_dicts,
@@ -58,6 +60,7 @@ from server.api.responses_prompt import (
     check_continuation,
     owned_response,
     plan_output,
+    previous_response,
     response_not_found,
 )
 from server.api.responses_protocol import (
@@ -77,6 +80,15 @@ from server.engine import ErrorEvent, GenerationRequest
 from server.store import StateUnavailable
 from server.timings import StageTimer
 
+
+class _ResponseId(StringConvertor):
+    """A response id in a path: any segment but `input_tokens`, POST /responses/input_tokens
+    (so that path answers only POST, and its 405 says so)."""
+
+    regex = "(?!input_tokens$)[^/]+"
+
+
+register_url_convertor("response_id", _ResponseId())
 router = APIRouter(route_class=OffLoopJSONRoute)
 logger = logging.getLogger("vlserve.api")
 
@@ -99,12 +111,13 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     if body.background and not body.store:
         raise APIError(400, "background: a background response is read back from the "
                        "store: store must be true", param="background")
-    previous = await owned_response(state, body.previous_response_id, client,
-                                     "previous_response_id")
+    previous = await previous_response(state, body, client)
     output = await plan_output(body)
     turn = None
     if body.conversation is not None:
-        turn = await ConversationTurn.start(state, body.conversation, client)
+        # A stream's hold may never be given back if its stream never starts: it lapses.
+        turn = await ConversationTurn.start(state, body.conversation, client,
+                                            lapses=body.stream and not body.background)
     try:
         answer = await _respond(state, request, body, record, client, previous, turn, output)
     except BaseException:
@@ -132,7 +145,9 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
         sampling=sampling_params(temperature=body.temperature, top_p=body.top_p,
                                  grammar=constraint[1] if constraint else None),
         timer=timer, request_id=record.request_id, client=client,
-        stream=body.stream or reasoning is not None,  # reasoning is counted token by token
+        # Token by token: reasoning is counted so; a background run's state, followers and
+        # cancel need its output as it comes.
+        stream=body.stream or body.background or reasoning is not None,
         tenant=state.cache_tenant(client), template_kwargs=kwargs,
         top_logprobs=_top_logprobs(body))
     # A background response outlives its request: a client that leaves does not stop it.
@@ -159,8 +174,6 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
         run = BackgroundRun(draft.id, client, generation) if body.background else None
 
         async def keep(response: dict[str, Any], output_items: list[dict[str, Any]]) -> None:
-            if run is not None and await cancelled_elsewhere(state, draft.id, client):
-                return  # a cancel sent to another replica stands
             # Off the event loop: sizing a conversation means serialising its images.
             entry = await asyncio.to_thread(stored_response, response, client, input_items,
                                             conversation + output_items)
@@ -175,6 +188,8 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
                                response["id"])
 
         async def finished(end: Finished) -> None:
+            if run is not None and await superseded(state, run):
+                return  # cancelled on another replica, or deleted: that stands
             if end.body is None:
                 record.status = end.error_status  # the stream's 200 went out already
                 if run is not None and end.failed is not None:
@@ -191,14 +206,15 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
                 converted = await to_engine_messages(prompt.messages, state, timer, client,
                                                      prompt.where)
             queued = draft.body("queued", [])
-            await keep(queued, [])
+            entry = await asyncio.to_thread(stored_response, queued, client, input_items,
+                                            conversation)
+            if not await state.responses.add(entry):  # the store out of reach: a 503
+                raise APIError(400, "background: too large for this key's share of the "
+                               "response store", param="background")
             state.background.start(run, run_in_background(
                 state, run, draft, converted, output, reasoning, finished,
                 keep, turn))
-            if body.stream:
-                return StreamingResponse(run.follow(None), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache"})
-            return JSONResponse(queued)
+            return sse_response(run.follow(None)) if body.stream else JSONResponse(queued)
         events, first = await start_generation(state, generation,
                                                prompt.messages if converted is None else [],
                                                client=client, plan=plan, constraint=constraint,
@@ -210,19 +226,15 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
         if body.stream:
             # The turn is released at the stream's end, or after the answer when the
             # stream never started (its generator's `finally` never runs then).
-            release = turn.release if turn is not None else None
-            return StreamingResponse(_stream(draft, first, events, generation, finished,
-                                             release),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"},
-                                     background=BackgroundTask(release) if release else None)
+            return sse_response(_stream(draft, first, events, generation, finished, turn),
+                                background=BackgroundTask(turn.release) if turn else None)
         return await _complete(draft, first, events, plan, finished)
     finally:
         if watcher is not None:
             watcher.cancel()
 
 
-@router.get("/responses/{response_id}", response_model=None,
+@router.get("/responses/{response_id:response_id}", response_model=None,
             responses=responses(ResponseObject, 400, 404, content=event_stream(StreamEvent)))
 async def get_response(response_id: str, request: Request, stream: bool = False,
                        starting_after: int | None = Query(None, ge=-1)) -> Response:
@@ -238,10 +250,15 @@ async def get_response(response_id: str, request: Request, stream: bool = False,
     return later_stream(state, stored, client, starting_after)
 
 
-@router.delete("/responses/{response_id}", responses=responses(ResponseDeleted, 404))
+@router.delete("/responses/{response_id:response_id}",
+               responses=responses(ResponseDeleted, 404))
 async def delete_response(response_id: str, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
-    if not await state.responses.delete(response_id, client_identity(request.scope)):
+    client = client_identity(request.scope)
+    run = state.background.get(response_id, client)
+    if run is not None:
+        run.stop("cancelled")  # a running background response stops: it is no one's now
+    if not await state.responses.delete(response_id, client):
         raise response_not_found(response_id, "response_id")
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
@@ -341,7 +358,9 @@ async def _complete(draft: ResponseDraft, event: Event, events: Events,
 async def _stream(draft: ResponseDraft, first: Event, events: Events,
                   generation: GenerationRequest,
                   finished: Callable[[Finished], Awaitable[None]],
-                  release: Callable[[], None] | None) -> AsyncIterator[str]:
+                  turn: ConversationTurn | None) -> AsyncIterator[str]:
+    if turn is not None:
+        turn.lease.pin()  # from here on, this `finally` gives it back
     try:
         async for line in stream_events(draft, first, events, finished):
             yield line
@@ -349,5 +368,5 @@ async def _stream(draft: ResponseDraft, first: Event, events: Events,
         # A client that went away must not keep the engine busy (set synchronously: a
         # cancelled task cannot await).
         generation.cancelled.set()
-        if release is not None:
-            release()
+        if turn is not None:
+            turn.release()

@@ -3,6 +3,8 @@ cancel route, and a stream read later (the runs themselves: server.api.backgroun
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -14,18 +16,20 @@ from server.api.auth import client_identity
 from server.api.background import KEEP_EVENTS_S, BackgroundRun
 from server.api.conversation_turns import ConversationTurn
 from server.api.errors import APIError
-from server.api.generation import Event, start_generation
+from server.api.generation import Event, sse_response, start_generation
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import responses
 from server.api.reasoning import ReasoningSplitter
 from server.api.response_store import StoredResponse
-from server.api.responses_output import Finished, ResponseDraft, stream_events
+from server.api.responses_output import EventStream, Finished, ResponseDraft, stream_events
 from server.api.responses_prompt import OutputPlan, owned_response
 from server.api.responses_protocol import ResponseObject
 from server.api.state import AppState
 from server.engine import ChatMessage, ErrorEvent
+from server.store import StateUnavailable
 
 router = APIRouter(route_class=OffLoopJSONRoute)
+logger = logging.getLogger("vlserve.api")
 CANCEL_WAIT_S = 10.0  # a cancelled run ends at the engine's next step: well within this
 
 
@@ -65,19 +69,25 @@ async def run_in_background(state: AppState, run: BackgroundRun, draft: Response
                          keep: Keep, turn: ConversationTurn | None) -> None:
     """A background response's whole run: its events published for streams, its states
     kept in the store (in_progress once admitted, then its end, through `finished`)."""
-    generation = run.generation
     try:
         try:
             events, first = await start_generation(
-                state, generation, [], client=run.owner, plan=output.tools,
+                state, run.generation, [], client=run.owner, plan=output.tools,
                 constraint=output.constraint, reasoning=reasoning, converted=converted)
         except APIError as refused:  # the queue is full, the server is closing, ...
             events, first = _no_events(), ErrorEvent(refused.status, refused.message,
                                                       code=refused.code)
-        if not isinstance(first, ErrorEvent):
+        if not isinstance(first, ErrorEvent) and not await superseded(state, run):
             await keep(draft.body("in_progress", []), [])
         async for line in stream_events(draft, first, events, finished):
             run.publish(line)
+    except Exception:  # a bug: the response must still end, for pollers and followers
+        logger.exception("background response %s failed", run.response_id)
+        failed = draft.body("failed", [], error={
+            "code": "server_error", "message": "the server failed on this response"})
+        run.publish(EventStream(len(run.lines)).event("response.failed", response=failed))
+        with contextlib.suppress(Exception):
+            await keep(failed, [])
     finally:
         if turn is not None:
             turn.release()
@@ -98,9 +108,17 @@ def stopped(failed: dict[str, Any], reason: str | None) -> dict[str, Any]:
     return failed
 
 
-async def cancelled_elsewhere(state: AppState, response_id: str, client: str) -> bool:
-    stored = await state.responses.get(response_id, client)
-    return stored is not None and stored.response["status"] == "cancelled"
+async def superseded(state: AppState, run: BackgroundRun) -> bool:
+    """Whether the stored response was cancelled by another replica, or deleted, since the
+    run began: then that stands (nothing is written or appended) and the run stops."""
+    try:
+        stored = await state.responses.get(run.response_id, run.owner)
+    except StateUnavailable:
+        return False  # the write that follows fails too, and says so in the log
+    if stored is not None and stored.response["status"] != "cancelled":
+        return False
+    run.stop("cancelled")
+    return True
 
 
 def later_stream(state: AppState, stored: StoredResponse, client: str,
@@ -113,5 +131,4 @@ def later_stream(state: AppState, stored: StoredResponse, client: str,
             "its events are kept only by the replica that runs it, until "
             f"{KEEP_EVENTS_S:g} s after it ended; read it without stream")
         raise APIError(400, f"stream: {why}", param="stream")
-    return StreamingResponse(run.follow(starting_after), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return sse_response(run.follow(starting_after))

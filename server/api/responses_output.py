@@ -88,8 +88,8 @@ def answer_items(content: str | None, calls: list[dict[str, Any]], status: str,
 class EventStream:
     """Numbers and formats server-sent events; `sequence_number` counts up from 0."""
 
-    def __init__(self) -> None:
-        self.sequence = 0
+    def __init__(self, start: int = 0) -> None:
+        self.sequence = start
 
     def event(self, kind: str, **fields: Any) -> str:
         data = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -217,6 +217,8 @@ async def stream_events(draft: ResponseDraft, first: Event, events: AsyncIterato
             return
         else:
             assert isinstance(event, ErrorEvent)
+            for line in close_open("incomplete"):  # what was written stays, cut short
+                yield line
             failed = draft.body("failed", output,
                                 error={"code": "server_error", "message": event.message})
             await on_done(Finished(None, output, event.status, failed))

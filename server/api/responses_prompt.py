@@ -74,6 +74,19 @@ async def owned_response(state: AppState, response_id: str | None, client: str, 
     return stored
 
 
+async def previous_response(state: AppState, body: ResponsesRequest, client: str
+                            ) -> StoredResponse | None:
+    """The response `previous_response_id` continues: one that has ended (a background
+    response still running has no answer to continue from yet)."""
+    previous = await owned_response(state, body.previous_response_id, client,
+                                    "previous_response_id")
+    if previous is not None and previous.response["status"] in ("queued", "in_progress"):
+        raise APIError(400, f"previous_response_id: {previous.id} is still "
+                       f"{previous.response['status']}; continue it once it has ended",
+                       param="previous_response_id", code="response_not_finished")
+    return previous
+
+
 def response_not_found(response_id: str, param: str) -> APIError:
     return APIError(404, f"{param}: no stored response with id {response_id!r} (unknown, "
                     "deleted, expired, or stored with store: false)", param=param,

@@ -1,0 +1,40 @@
+"""Finding a client's conversation and checking items for one: shared by the Conversations
+routes, responses on a conversation and their token counts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.api.conversation_store import StoredConversation
+from server.api.errors import APIError
+from server.api.responses_input import item_dicts, to_chat_messages
+from server.api.responses_protocol import ConversationRef, InputItem
+from server.api.state import AppState
+
+
+def conversation_id(ref: str | ConversationRef) -> str:
+    """`conversation` on /responses: an id, or an object holding it."""
+    return ref if isinstance(ref, str) else ref.id
+
+
+async def owned_conversation(state: AppState, conversation_id: str, owner: str,
+                             param: str) -> StoredConversation:
+    """The owner's conversation; a 404 naming `param` when it has none of that id (another
+    key's is as unknown as one that never was)."""
+    conversation = await state.conversations.get(conversation_id, owner)
+    if conversation is None:
+        raise not_found(conversation_id, param)
+    return conversation
+
+
+def not_found(conversation_id: str, param: str) -> APIError:
+    return APIError(404, f"{param}: no conversation with id {conversation_id!r} (unknown, "
+                    "deleted or expired)", param=param, code="conversation_not_found")
+
+
+def checked_items(items: list[InputItem], param: str) -> list[dict[str, Any]]:
+    """Items as stored (each with an id), checked as a response would read them (an image
+    needs exactly one of image_url and file_id, ...): a bad item is refused here, not on
+    every later turn."""
+    to_chat_messages(items, [f"{param}.{i}" for i in range(len(items))])
+    return item_dicts(items)
