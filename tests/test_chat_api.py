@@ -353,3 +353,22 @@ def test_oversized_inline_image_is_413(server: RunningServer) -> None:
     assert resp.status_code == 413, resp.text[:300]
     assert resp.json()["error"]["param"] == "messages.0.content.1.image_url"
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+])
+def test_an_audio_answer_is_refused_not_answered_in_text(server: RunningServer, extra: dict,
+                                                         param: str) -> None:
+    """An app asking for audio reads `message.audio`: a text-only answer would leave it
+    with nothing, so the request is refused, naming the field."""
+    answer = httpx.post(f"{server.api}/chat/completions", timeout=30, json={
+        "messages": [{"role": "user", "content": "hi"}], **extra})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and error["code"] == "audio_not_supported"
+    text_only = httpx.post(f"{server.api}/chat/completions", timeout=30, json={
+        "messages": [{"role": "user", "content": "hi"}], "modalities": ["text"],
+        "max_tokens": 1})
+    assert text_only.status_code == 200

@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from conftest import TEST_DEFAULT_MAX_TOKENS, TEST_N_CTX, RunningServer
-from helpers import response_events
+from helpers import data_url, expected_image_tokens, photo_bytes, response_events
 from helpers import responses_create as create
 
 INSTRUCTIONS = "Answer in one line."
@@ -99,3 +99,36 @@ def test_a_leading_system_message_stays_with_the_kept_turns(server: RunningServe
     assert second.usage.input_tokens == count(server, [
         *conversation[cut:], {"role": "assistant", "content": first.output_text},
         {"role": "user", "content": "One more thing."}])
+
+
+def test_too_many_images_go_with_their_oldest_turns(server: RunningServer) -> None:
+    """An image chat outgrows max_images_per_request (8 in the tests) long before the
+    context: with "auto" the oldest turns go until the images left are allowed, and only
+    those are decoded; the count endpoint says the same."""
+    turns_: list[dict] = []
+    for i in range(10):
+        turns_.append({"role": "user", "content": [
+            {"type": "input_text", "text": f"Picture {i}?"},
+            {"type": "input_image", "image_url": data_url(photo_bytes(20 + i, 16))}]})
+        turns_.append({"role": "assistant", "content": f"Answer {i}."})
+    turns_.append({"role": "user", "content": "Which was best?"})
+    refused = httpx.post(f"{server.api}/responses", timeout=60,
+                         json={"model": "m", "input": turns_})
+    assert refused.status_code == 400 and "too many images" in refused.json()["error"]["message"]
+    reply = create(server, input=turns_, truncation="auto", max_output_tokens=1)
+    timings = reply.model_extra["timings"]  # type: ignore[index]
+    assert timings["image_tokens"] == 8 * expected_image_tokens("llava", 20, 16)
+    kept = turns_[4:]  # the two oldest turns went, whole
+    chat = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else [
+        {"type": "text", "text": p["text"]} if p["type"] == "input_text"
+        else {"type": "image_url", "image_url": {"url": p["image_url"]}}
+        for p in m["content"]]} for m in kept]
+    counted = httpx.post(f"{server.api}/tokenize", json={"messages": chat}, timeout=60)
+    assert reply.usage is not None and reply.usage.input_tokens == counted.json()["count"]
+    count = httpx.post(f"{server.api}/responses/input_tokens", timeout=60, json={
+        "model": "m", "input": turns_, "truncation": "auto", "max_output_tokens": 1})
+    assert count.json()["input_tokens"] == reply.usage.input_tokens
+    # The stored conversation goes on from what was kept: 8 images, allowed as they are.
+    follow = create(server, previous_response_id=reply.id, input="And now?",
+                    max_output_tokens=1)
+    assert follow.model_extra["timings"]["image_tokens"] == timings["image_tokens"]  # type: ignore[index]

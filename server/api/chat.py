@@ -79,6 +79,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     plan = await plan_tools(body)
     constraint = ("tools", plan.grammar) if plan else await response_grammar(
         body.response_format)
+    if body.audio is not None or "audio" in (body.modalities or ()):
+        param = "audio" if body.audio is not None else "modalities"
+        raise APIError(400, f"{param}: this server answers in text only (no audio output); "
+                       "leave out modalities and audio", param=param,
+                       code="audio_not_supported")
     if constraint is not None and body.ignore_eos:
         raise APIError(400, "ignore_eos cannot be combined with a JSON response_format (the "
                        "answer must end where the JSON does)", param="ignore_eos")

@@ -23,12 +23,12 @@ from server.api.responses_input import request_items
 from server.api.responses_prompt import (
     build_prompt,
     check_continuation,
+    fit_prompt,
     plan_output,
     previous_response,
 )
 from server.api.responses_protocol import ResponsesRequest
 from server.api.state import AppState
-from server.api.truncation import fit_conversation
 from server.engine import ErrorEvent, GenerationRequest
 from server.timings import StageTimer
 
@@ -59,14 +59,14 @@ async def count_input_tokens(body: ResponsesRequest, request: Request) -> JSONRe
     output = await plan_output(body)
     prompt = build_prompt(body, earlier, origin, request_items(body), output.tools,
                           state.engine.template)
-    timer = StageTimer()
-    messages = await to_engine_messages(prompt.messages, state, timer, client, prompt.where)
-    counting = GenerationRequest(messages=messages, max_tokens=max_tokens(
-        body.max_output_tokens, state.settings), client=client,
+    counting = GenerationRequest(messages=[], max_tokens=max_tokens(
+        body.max_output_tokens, state.settings), timer=StageTimer(), client=client,
         template_kwargs=prompt.template_kwargs)
     if body.truncation == "auto":
-        counting.messages = (await fit_conversation(state, messages, prompt.user_turns,
-                                                    counting)).messages
+        counting.messages = (await fit_prompt(state, prompt, counting, client)).messages
+    else:
+        counting.messages = await to_engine_messages(prompt.messages, state, counting.timer,
+                                                     client, prompt.where)
     counted = await state.engine.tokenize(counting)
     if isinstance(counted, ErrorEvent):
         raise APIError(counted.status, counted.message, code=counted.code)

@@ -209,6 +209,9 @@ class ChatCompletionRequest(GenerationFields):
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20), _WHOLE] | None = None
     response_format: ResponseFormat | None = None
+    # Audio answers (gpt-4o-audio's): refused by the route, not silently answered in text.
+    modalities: list[Literal["text", "audio"]] | None = Field(None, max_length=2)
+    audio: dict[str, Any] | None = None
     tools: list[ToolDef] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None

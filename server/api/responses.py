@@ -58,6 +58,7 @@ from server.api.responses_prompt import (
     OutputPlan,
     build_prompt,
     check_continuation,
+    fit_prompt,
     owned_response,
     plan_output,
     previous_response,
@@ -75,7 +76,6 @@ from server.api.tool_calls import (
     ToolPlan,
     answer_message,
 )
-from server.api.truncation import fit_conversation
 from server.engine import ErrorEvent, GenerationRequest
 from server.store import StateUnavailable
 from server.timings import StageTimer
@@ -160,15 +160,9 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
         conversation = stored + input_items
         converted = None
         if body.truncation == "auto":
-            fitted = await fit_conversation(
-                state, await to_engine_messages(prompt.messages, state, timer, client,
-                                                prompt.where),
-                prompt.user_turns, generation)
-            converted = fitted.messages
-            if fitted.first_kept is not None:  # what the next turn continues from, too
-                kept_system = [conversation[prompt.item_index(i)] for i in range(fitted.fixed)
-                               if prompt.where[i] not in ("instructions", "tools")]
-                conversation = kept_system + conversation[prompt.item_index(fitted.first_kept):]
+            fitted = await fit_prompt(state, prompt, generation, client)
+            prompt, converted = fitted.prompt, fitted.messages
+            conversation = fitted.kept_items(conversation)  # what the next turn goes on from
         draft = ResponseDraft(record.completion_id, state.settings.model_name,
                               _echo(body, generation, turn))
         run = BackgroundRun(draft.id, client, generation) if body.background else None

@@ -5,10 +5,11 @@ renders, with the tool prompt; its tools and `text.format` planned as chat plans
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from server.api.errors import APIError
+from server.api.messages import to_engine_messages
 from server.api.protocol import (
     ChatMessageIn,
     FunctionDef,
@@ -30,6 +31,8 @@ from server.api.responses_protocol import (
 from server.api.state import AppState
 from server.api.template_kwargs import with_reasoning_effort
 from server.api.tool_calls import ToolPlan, calls_as_text, plan_functions, with_tool_prompt
+from server.api.truncation import fit_conversation, image_cut
+from server.engine import ChatMessage, GenerationRequest
 from server.engine.prompt import ChatTemplate
 
 
@@ -50,11 +53,54 @@ class ResponsePrompt:
     template_kwargs: dict[str, Any] | None
     n_earlier: int  # items from the earlier turns, before the input's
 
+    def without(self, fixed: int, cut: int) -> ResponsePrompt:
+        """The prompt less its messages fixed … cut - 1 (whole turns, by image_cut)."""
+        def keep(values: list[Any]) -> list[Any]:
+            return values[:fixed] + values[cut:]
+        return replace(self, messages=keep(self.messages), where=keep(self.where),
+                       user_turns=keep(self.user_turns))
+
     def item_index(self, message: int) -> int:
         """The conversation index (earlier items, then the input's) of the item message
         `message` came from."""
         origin, _, index = self.where[message].partition(".")
         return int(index) + (self.n_earlier if origin == "input" else 0)
+
+
+@dataclass(frozen=True)
+class FittedPrompt:
+    """A prompt as `truncation: "auto"` leaves it."""
+
+    prompt: ResponsePrompt  # less the turns cut for their images
+    messages: list[ChatMessage]  # decoded, less the turns cut for their tokens
+    first_kept: int | None  # in prompt.messages: the first kept after the leading system ones
+    fixed: int  # the leading system messages (instructions, tool prompt), always kept
+
+    def kept_items(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The conversation's items (earlier turns, then the input) a next turn goes on
+        from: the leading system items, then those from the first kept on."""
+        if self.first_kept is None:
+            return items
+        prompt = self.prompt
+        system = [items[prompt.item_index(i)] for i in range(self.fixed)
+                  if prompt.where[i] not in ("instructions", "tools")]
+        return system + items[prompt.item_index(self.first_kept):]
+
+
+async def fit_prompt(state: AppState, prompt: ResponsePrompt, generation: GenerationRequest,
+                     client: str) -> FittedPrompt:
+    """The oldest whole turns dropped until the images left are allowed (before any is
+    decoded) and the prompt leaves the answer its max_tokens (server.api.truncation)."""
+    cut = image_cut(prompt.messages, prompt.user_turns, state.settings.max_images_per_request)
+    if cut is not None:
+        prompt = prompt.without(*cut)
+    assert generation.timer is not None
+    converted = await to_engine_messages(prompt.messages, state, generation.timer, client,
+                                         prompt.where)
+    fitted = await fit_conversation(state, converted, prompt.user_turns, generation)
+    first_kept = fitted.first_kept if fitted.first_kept is not None else (
+        fitted.fixed if cut is not None else None)
+    return FittedPrompt(prompt, fitted.messages, first_kept, fitted.fixed)
 
 
 def check_continuation(body: ResponsesRequest) -> None:
