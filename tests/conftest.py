@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_N_CTX = 1024
 TEST_DEFAULT_MAX_TOKENS = 24
 TEST_MAX_TOKENS_CAP = 40
+LONG_TOKENS = 3000  # long_server's cap
 
 
 # The served demo model families, and the name each test server serves its model under.
@@ -165,6 +166,17 @@ def glm4v_server(glm4v_model: DemoModelPaths, tmp_path_factory: pytest.TempPathF
 def server(llava_server: RunningServer) -> RunningServer:
     """The default test server: LLaVA (tests that are not about a model family)."""
     return llava_server
+
+
+@pytest.fixture(scope="module")
+def long_server(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[RunningServer]:
+    """LLaVA with room for a stream of LONG_TOKENS, long enough to still run while the test
+    sends other requests (greedy: random weights then never stop early)."""
+    running = start_server(demo_model, tmp_path_factory.mktemp("long") / "server.log",
+                           "--n-ctx", "4096", env={"VLSERVE_MAX_TOKENS_CAP": str(LONG_TOKENS)})
+    yield running
+    stop_server(running)
 
 
 @pytest.fixture(params=FAMILIES)

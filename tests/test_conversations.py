@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-from conftest import RunningServer, start_server, stop_server
+from conftest import LONG_TOKENS as LONG
+from conftest import RunningServer
 from helpers import data_url, photo_bytes, response_events
 from helpers import responses_create as create
 from openai.types.conversations import (
@@ -24,9 +24,6 @@ from openai.types.conversations import (
 )
 from pydantic import TypeAdapter
 
-from server.demo_model import DemoModelPaths
-
-LONG = 3000  # tokens: a stream that runs for a while
 ITEM: TypeAdapter[ConversationItem] = TypeAdapter(ConversationItem)
 
 
@@ -145,16 +142,6 @@ def test_a_stream_on_a_conversation_extends_it_and_an_image_stays_in_it(
     after = create(server, conversation=conversation["id"], input="And now?",
                    max_output_tokens=1)
     assert after.model_extra["timings"]["image_tokens"] > 0  # type: ignore[index]
-
-
-@pytest.fixture(scope="module")
-def long_server(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
-                ) -> Iterator[RunningServer]:
-    """Room for a stream long enough to still run while another request arrives."""
-    running = start_server(demo_model, tmp_path_factory.mktemp("long") / "server.log",
-                           "--n-ctx", "4096", env={"VLSERVE_MAX_TOKENS_CAP": str(LONG)})
-    yield running
-    stop_server(running)
 
 
 def test_one_response_at_a_time_per_conversation(long_server: RunningServer) -> None:

@@ -12,23 +12,12 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from conftest import RunningServer, start_server, stop_server
+from conftest import LONG_TOKENS as LONG
+from conftest import RunningServer
 from helpers import RESPONSE_EVENT
 from openai.types.responses import Response
 
-from server.demo_model import DemoModelPaths
-
-LONG = 3000  # tokens: a run that lasts a while
 TERMINAL = ("completed", "incomplete", "failed", "cancelled")
-
-
-@pytest.fixture(scope="module")
-def long_server(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
-                ) -> Iterator[RunningServer]:
-    running = start_server(demo_model, tmp_path_factory.mktemp("background") / "server.log",
-                           "--n-ctx", "4096", env={"VLSERVE_MAX_TOKENS_CAP": str(LONG)})
-    yield running
-    stop_server(running)
 
 
 def post(server: RunningServer, **body: object) -> Response:
