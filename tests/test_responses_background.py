@@ -14,8 +14,9 @@ import openai
 import pytest
 from conftest import LONG_TOKENS as LONG
 from conftest import RunningServer
-from helpers import RESPONSE_EVENT
+from helpers import RESPONSE_EVENT, metric_value
 from openai.types.responses import Response
+from test_request_log import request_lines
 
 TERMINAL = ("completed", "incomplete", "failed", "cancelled")
 
@@ -184,3 +185,31 @@ def test_only_background_responses_cancel_or_stream_later(server: RunningServer)
     assert "not a background response" in streamed.json()["error"]["message"]
     unknown = httpx.post(f"{server.api}/responses/resp_nope/cancel", timeout=30)
     assert unknown.status_code == 404
+
+
+def test_a_background_run_is_counted_and_logged_when_it_ends(server: RunningServer) -> None:
+    """The request only queues it: the run's tokens, status and timings reach the metrics
+    and the request log when it ends, once (not as a request that finished with nothing)."""
+    def tokens() -> float:
+        return metric_value(server.url, "vlserve_completion_tokens_total")
+
+    def finished(reason: str) -> float:
+        try:
+            return metric_value(server.url, "vlserve_requests_total",
+                                f'finish_reason="{reason}",status="200"')
+        except AssertionError:  # no such series yet
+            return 0.0
+
+    before = (tokens(), finished("length"), finished("none"))
+    queued = post(server, input="Say something.", max_output_tokens=5, background=True)
+    done = until_done(server, queued.id)
+    lines = request_lines(server, queued.id)
+    deadline = time.monotonic() + 10
+    while len(lines) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        lines = request_lines(server, queued.id)
+    assert [line["event"] for line in lines] == ["background_queued", "background_response"]
+    assert lines[1]["status"] == 200 and lines[1]["finish_reason"] == "length"
+    assert lines[1]["timings"] == done.model_extra["timings"]  # type: ignore[index]
+    after = (tokens(), finished("length"), finished("none"))
+    assert after == (before[0] + 5, before[1] + 1, before[2])

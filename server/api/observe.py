@@ -42,6 +42,9 @@ class RequestRecord:
     stream: bool = False
     finish_reason: str | None = None
     status: int | None = None  # set by the route when the HTTP status cannot tell (mid-stream)
+    # A background response: the request only queued it; its run is counted and logged
+    # when it ends (observe_detached), not with the request.
+    detached: bool = False
 
 
 def client_request_id(value: str | None) -> str | None:
@@ -137,10 +140,25 @@ class RequestObserver:
             self._observe(record, final)
 
     def _observe(self, record: RequestRecord, status: int) -> None:
-        self.metrics.observe_request(status, record.finish_reason, record.timer)
+        if not record.detached:
+            self.metrics.observe_request(status, record.finish_reason, record.timer)
         fields = log_fields(record, status, self.model)
-        request_log.info("chat_completion %s %d", record.request_id, status,
+        if record.detached:  # what the request did: queue it (the run's line comes later)
+            fields.update(event="background_queued", finish_reason=None)
+            fields.pop("timings", None)
+        request_log.info("%s %s %d", fields["event"], record.request_id, status,
                          extra={"json_fields": fields})
+
+
+def observe_detached(metrics: Metrics, model: str, record: RequestRecord) -> None:
+    """A background response's end: counted as the request it came from would have been
+    (its status: 200, or how it failed; 499 when cancelled), logged with its timings."""
+    status = record.status if record.status is not None else 200
+    metrics.observe_request(status, record.finish_reason, record.timer)
+    fields = log_fields(record, status, model)
+    fields["event"] = "background_response"
+    request_log.info("background_response %s %d", record.request_id, status,
+                     extra={"json_fields": fields})
 
 
 def _final_status(record: RequestRecord, status: int | None, completed: bool,

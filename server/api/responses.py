@@ -205,9 +205,9 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
             if not await state.responses.add(entry):  # the store out of reach: a 503
                 raise APIError(400, "background: too large for this key's share of the "
                                "response store", param="background")
+            record.detached = True  # counted and logged when the run ends
             state.background.start(run, run_in_background(
-                state, run, draft, converted, output, reasoning, finished,
-                keep, turn))
+                state, run, record, draft, converted, output, reasoning, finished, keep, turn))
             return sse_response(run.follow(None)) if body.stream else JSONResponse(queued)
         events, first = await start_generation(state, generation,
                                                prompt.messages if converted is None else [],

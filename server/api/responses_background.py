@@ -17,6 +17,7 @@ from server.api.background import KEEP_EVENTS_S, BackgroundRun
 from server.api.conversation_turns import ConversationTurn
 from server.api.errors import APIError
 from server.api.generation import Event, sse_response, start_generation
+from server.api.observe import CLIENT_CLOSED, RequestRecord, observe_detached
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import responses
 from server.api.reasoning import ReasoningSplitter
@@ -62,13 +63,15 @@ async def cancel_response(response_id: str, request: Request) -> JSONResponse:
 Keep = Callable[[dict[str, Any], list[dict[str, Any]]], Awaitable[None]]
 
 
-async def run_in_background(state: AppState, run: BackgroundRun, draft: ResponseDraft,
-                         converted: list[ChatMessage], output: OutputPlan,
-                         reasoning: Callable[[], ReasoningSplitter] | None,
-                         finished: Callable[[Finished], Awaitable[None]],
-                         keep: Keep, turn: ConversationTurn | None) -> None:
+async def run_in_background(state: AppState, run: BackgroundRun, record: RequestRecord,
+                            draft: ResponseDraft, converted: list[ChatMessage],
+                            output: OutputPlan,
+                            reasoning: Callable[[], ReasoningSplitter] | None,
+                            finished: Callable[[Finished], Awaitable[None]],
+                            keep: Keep, turn: ConversationTurn | None) -> None:
     """A background response's whole run: its events published for streams, its states
-    kept in the store (in_progress once admitted, then its end, through `finished`)."""
+    kept in the store (in_progress once admitted, then its end, through `finished`), its
+    end counted and logged as its request's (`record`)."""
     try:
         try:
             events, first = await start_generation(
@@ -91,6 +94,9 @@ async def run_in_background(state: AppState, run: BackgroundRun, draft: Response
     finally:
         if turn is not None:
             turn.release()
+        if run.stop_reason == "cancelled":
+            record.status, record.finish_reason = CLIENT_CLOSED, None
+        observe_detached(state.metrics, state.settings.model_name, record)
 
 
 async def _no_events() -> AsyncIterator[Event]:
