@@ -5,6 +5,7 @@ from the last write) and the per-conversation lock (a lease never given back lap
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -12,6 +13,7 @@ from server.api.conversation_locks import ConversationLocks
 from server.api.conversation_store import (
     ConversationFull,
     Conversations,
+    StoredConversation,
     new_conversation,
     with_metadata,
     without_item,
@@ -121,6 +123,28 @@ def test_an_id_sent_again_gets_a_new_one_and_changes_do_not_lose_each_other() ->
     asyncio.run(go())
 
 
+def test_a_delete_waits_for_a_change_under_way() -> None:
+    async def go() -> None:
+        conversations = store()
+        made = new_conversation("a", {}, [message("one")])
+        await conversations.put(made)
+        gate = threading.Event()
+
+        def slow(current: StoredConversation) -> StoredConversation:
+            gate.wait(5)
+            return with_metadata(current, {"k": "v"})
+
+        change = asyncio.create_task(conversations.change(made.id, "a", slow))
+        await asyncio.sleep(0.05)
+        deleting = asyncio.create_task(conversations.delete(made.id, "a"))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await change
+        assert await deleting and await conversations.get(made.id, "a") is None
+
+    asyncio.run(go())
+
+
 def test_one_lease_per_conversation_and_a_forgotten_one_lapses() -> None:
     clock = Clock()
     locks = ConversationLocks(lapse_s=100, clock=clock)
@@ -140,6 +164,13 @@ def test_one_lease_per_conversation_and_a_forgotten_one_lapses() -> None:
     with pytest.raises(APIError):
         locks.acquire("conv_a")
     successor.release()
+    queued = locks.acquire("conv_a", lapses=True)
+    clock.now += 90
+    queued.touch()  # handed over after 90 s in the queue: the lapse counts from here
+    clock.now += 20
+    with pytest.raises(APIError):
+        locks.acquire("conv_a")
+    queued.release()
     started = locks.acquire("conv_a", lapses=True)
     started.pin()
     clock.now += 1000

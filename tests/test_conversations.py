@@ -228,6 +228,18 @@ def test_refusals_on_a_conversation(server: RunningServer) -> None:
     conversation = httpx.post(f"{server.api}/conversations", json={
         "items": [{"role": "user", "content": "x"}]}, timeout=30).json()
     base = f"{server.api}/conversations/{conversation['id']}/items"
+    call = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "f",
+            "arguments": "{}"}
+    twice = httpx.post(base, json={"items": [call, call]}, timeout=30)
+    assert twice.status_code == 400 and twice.json()["error"]["param"] == "items.1"
+    assert httpx.post(base, json={"items": [call]}, timeout=30).status_code == 200
+    again = httpx.post(base, json={"items": [call]}, timeout=30)
+    assert again.json()["error"]["code"] == "duplicate_item", again.text
+    resent = httpx.post(f"{server.api}/responses", timeout=30, json={
+        "model": "m", "conversation": conversation["id"], "max_output_tokens": 1,
+        "input": [call, {"type": "function_call_output", "call_id": "call_1",
+                         "output": "{}"}]})
+    assert resent.status_code == 400 and resent.json()["error"]["param"] == "input.0"
     cursor = httpx.get(base, params={"after": "msg_other"}, timeout=30)
     assert cursor.status_code == 400 and cursor.json()["error"]["code"] == "invalid_cursor"
     empty = httpx.post(base, json={"items": []}, timeout=30)

@@ -40,6 +40,7 @@ class BackgroundRun:
         self.lines: list[str] = []
         self.ended_at: float | None = None
         self.stop_reason: str | None = None  # "cancelled" or "shutdown": why it was stopped
+        self.deleted = False  # DELETE /responses/{id} here: nothing more is written
         self._ended = asyncio.Event()
         self._wake = asyncio.Event()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.api.conversation_store import StoredConversation
+from server.api.conversation_store import StoredConversation, duplicate_item
 from server.api.errors import APIError
 from server.api.responses_input import item_dicts, to_chat_messages
 from server.api.responses_protocol import ConversationRef, InputItem
@@ -32,9 +32,18 @@ def not_found(conversation_id: str, param: str) -> APIError:
                     "deleted or expired)", param=param, code="conversation_not_found")
 
 
-def checked_items(items: list[InputItem], param: str) -> list[dict[str, Any]]:
+def checked_items(items: list[InputItem], param: str,
+                  held: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Items as stored (each with an id), checked as a response would read them (an image
     needs exactly one of image_url and file_id, ...): a bad item is refused here, not on
-    every later turn."""
+    every later turn. An id the conversation (`held`) or the items hold already is a 400,
+    as OpenAI's."""
     to_chat_messages(items, [f"{param}.{i}" for i in range(len(items))])
-    return item_dicts(items)
+    stored = item_dicts(items)
+    repeated = duplicate_item(held or [], stored)
+    if repeated is not None:
+        index, item_id = repeated
+        raise APIError(400, f"{param}.{index}: duplicate item found with id {item_id!r} (an "
+                       "item already in the conversation, or sent twice); leave it out",
+                       param=f"{param}.{index}", code="duplicate_item")
+    return stored

@@ -25,6 +25,10 @@ class ConversationLease:
     def pin(self) -> None:
         self.lapses = False
 
+    def touch(self) -> None:
+        """Count the lapse from now (a stream handed over, after its time in the queue)."""
+        self._locks.touch(self)
+
     def release(self) -> None:
         if not self.released:
             self.released = True
@@ -47,6 +51,11 @@ class ConversationLocks:
         lease = ConversationLease(self, conversation_id, lapses)
         self._held[conversation_id] = (lease, now)
         return lease
+
+    def touch(self, lease: ConversationLease) -> None:
+        held = self._held.get(lease.conversation_id)
+        if held is not None and held[0] is lease:
+            self._held[lease.conversation_id] = (lease, self._clock())
 
     def release(self, lease: ConversationLease) -> None:
         held = self._held.get(lease.conversation_id)

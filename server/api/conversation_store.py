@@ -56,10 +56,22 @@ def new_conversation(owner: str, metadata: dict[str, str],
     return appended(empty, items)
 
 
+def duplicate_item(held: list[dict[str, Any]], items: list[dict[str, Any]]
+                   ) -> tuple[int, str] | None:
+    """(index, id) of the first of `items` whose id is already held (or repeats an earlier
+    one of them): OpenAI refuses such an item; lookups and cursors go by id."""
+    taken = {item["id"] for item in held}
+    for index, item in enumerate(items):
+        if item["id"] in taken:
+            return index, item["id"]
+        taken.add(item["id"])
+    return None
+
+
 def appended(conversation: StoredConversation,
              items: list[dict[str, Any]]) -> StoredConversation:
-    """The conversation with `items` at its end, each id unique in it (an item sent again,
-    such as a call an answer made, gets a new id: lookups and cursors go by id)."""
+    """The conversation with `items` at its end, each id unique in it (the routes refuse a
+    duplicate first, duplicate_item; one that got in meanwhile gets a new id)."""
     taken = {item["id"] for item in conversation.items}
     fresh: list[dict[str, Any]] = []
     for item in items:
@@ -115,7 +127,8 @@ class Conversations:
         return await self.table.get(owner, conversation_id)
 
     async def delete(self, conversation_id: str, owner: str) -> bool:
-        return await self.table.delete(owner, conversation_id)
+        async with self._one_change(conversation_id):  # a change under way cannot undo it
+            return await self.table.delete(owner, conversation_id)
 
     async def change(self, conversation_id: str, owner: str,
                      how: Callable[[StoredConversation], StoredConversation]

@@ -11,7 +11,12 @@ from typing import Any
 from server.api.conversation_access import conversation_id as conversation_key
 from server.api.conversation_access import owned_conversation
 from server.api.conversation_locks import ConversationLease
-from server.api.conversation_store import ConversationFull, StoredConversation, items_size
+from server.api.conversation_store import (
+    ConversationFull,
+    StoredConversation,
+    duplicate_item,
+    items_size,
+)
 from server.api.errors import APIError
 from server.api.responses_protocol import ConversationRef
 from server.api.state import AppState
@@ -49,9 +54,17 @@ class ConversationTurn:
     def id(self) -> str:
         return self.conversation.id
 
-    async def check_room(self, input_items: list[dict[str, Any]]) -> int:
-        """Refuse a turn whose input alone takes the conversation over its owner's byte
-        share (it could not be kept); answers the input's size."""
+    async def check_input(self, input_items: list[dict[str, Any]]) -> None:
+        """Refuse a turn whose input repeats an item id the conversation holds (OpenAI's
+        duplicate-item 400: a call sent back that the conversation recorded), or whose
+        input alone takes the conversation over its owner's byte share (it could not be
+        kept)."""
+        repeated = duplicate_item(self.conversation.items, input_items)
+        if repeated is not None:
+            index, item_id = repeated
+            raise APIError(400, f"input.{index}: duplicate item found with id {item_id!r}: "
+                           "the conversation holds it already; send only the new items",
+                           param=f"input.{index}", code="duplicate_item")
         size = await asyncio.to_thread(items_size, input_items)  # images serialised
         share = self.state.conversations.bounds.max_bytes_per_owner
         if self.conversation.size + size > share:
@@ -59,7 +72,6 @@ class ConversationTurn:
                            f"{self.conversation.size + size} bytes, over the {share} bytes "
                            "kept per key; start a new conversation or delete items",
                            param="conversation", code="conversation_too_large")
-        return size
 
     async def record(self, items: list[dict[str, Any]]) -> None:
         """Append the turn's items (its input, then its output). The answer is out (or on

@@ -96,7 +96,7 @@ async def list_items(conversation_id: str, request: Request, after: str | None =
 async def add_items(conversation_id: str, body: ItemsCreate, request: Request) -> JSONResponse:
     """Append items (as a response's input would be); answers the items added, with ids."""
     state: AppState = request.app.state.vlserve
-    added = checked_items(body.items, "items")
+    added = checked_items(body.items, "items", (await _owned(request, conversation_id)).items)
     kept = await _change(state, request, conversation_id,
                          lambda current: appended(current, added))
     added = kept.items[-len(added):]  # with the ids they were kept under

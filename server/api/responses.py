@@ -41,6 +41,7 @@ from server.api.responses_background import (
     run_in_background,
     stopped,
     superseded,
+    too_large,
 )
 from server.api.responses_input import (
     item_dicts,
@@ -156,7 +157,7 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
     try:
         input_items = item_dicts(items)
         if turn is not None:
-            await turn.check_room(input_items)
+            await turn.check_input(input_items)
         conversation = stored + input_items
         converted = None
         if body.truncation == "auto":
@@ -171,8 +172,14 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
             # Off the event loop: sizing a conversation means serialising its images.
             entry = await asyncio.to_thread(stored_response, response, client, input_items,
                                             conversation + output_items)
+            if run is not None and run.deleted:  # checked with no pause before the write
+                return
             try:
                 response["store"] = await state.responses.add(entry)
+                if not response["store"] and run is not None:
+                    # Pollers must see it end: its state without the conversation.
+                    await state.responses.add(stored_response(
+                        too_large(response), client, [], []))
             except StateUnavailable as exc:  # the answer is (being) sent: say so here
                 response["store"] = False
                 logger.error("response %s not stored: %s", response["id"], exc)
@@ -183,7 +190,12 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
 
         async def finished(end: Finished) -> None:
             if run is not None and await superseded(state, run):
-                return  # cancelled on another replica, or deleted: that stands
+                # Cancelled on another replica: that stands (nothing written or appended),
+                # and what followers see last says so.
+                last = end.body if end.body is not None else end.failed
+                if last is not None:
+                    stopped(last, "cancelled")
+                return
             if end.body is None:
                 record.status = end.error_status  # the stream's 200 went out already
                 if run is not None and end.failed is not None:
@@ -219,7 +231,10 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
 
         if body.stream:
             # The turn is released at the stream's end, or after the answer when the
-            # stream never started (its generator's `finally` never runs then).
+            # stream never started (its generator's `finally` never runs then), or when
+            # the hold lapses, counted from now (it may have waited long in the queue).
+            if turn is not None:
+                turn.lease.touch()
             return sse_response(_stream(draft, first, events, generation, finished, turn),
                                 background=BackgroundTask(turn.release) if turn else None)
         return await _complete(draft, first, events, plan, finished)
@@ -250,8 +265,9 @@ async def delete_response(response_id: str, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
     client = client_identity(request.scope)
     run = state.background.get(response_id, client)
-    if run is not None:
-        run.stop("cancelled")  # a running background response stops: it is no one's now
+    if run is not None:  # a running background response stops and writes nothing more
+        run.deleted = True
+        run.stop("cancelled")
     if not await state.responses.delete(response_id, client):
         raise response_not_found(response_id, "response_id")
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})

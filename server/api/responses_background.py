@@ -105,7 +105,7 @@ async def _no_events() -> AsyncIterator[Event]:
 
 
 def stopped(failed: dict[str, Any], reason: str | None) -> dict[str, Any]:
-    """A background response's failed body, saying why it was stopped."""
+    """A background response's end (changed in place), saying why it was stopped."""
     if reason == "cancelled":
         failed.update(status="cancelled", error=None)
     elif reason == "shutdown":
@@ -115,16 +115,24 @@ def stopped(failed: dict[str, Any], reason: str | None) -> dict[str, Any]:
 
 
 async def superseded(state: AppState, run: BackgroundRun) -> bool:
-    """Whether the stored response was cancelled by another replica, or deleted, since the
-    run began: then that stands (nothing is written or appended) and the run stops."""
+    """Whether another replica marked the stored response cancelled since the run began:
+    then that stands (nothing more is written or appended) and the run stops. (A record
+    that is gone was evicted, or deleted on another replica: it is written again.)"""
     try:
         stored = await state.responses.get(run.response_id, run.owner)
     except StateUnavailable:
         return False  # the write that follows fails too, and says so in the log
-    if stored is not None and stored.response["status"] != "cancelled":
+    if stored is None or stored.response["status"] != "cancelled":
         return False
     run.stop("cancelled")
     return True
+
+
+def too_large(response: dict[str, Any]) -> dict[str, Any]:
+    """A background response's end when it is too large to keep: its state, no output."""
+    return {**response, "status": "failed", "output": [], "error": {
+        "code": "response_too_large", "message": "the response (with its conversation) is "
+        "larger than this key's share of the response store: it was not kept"}}
 
 
 def later_stream(state: AppState, stored: StoredResponse, client: str,
