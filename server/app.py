@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -36,8 +39,11 @@ from server.engine import Engine
 from server.images.backend import image_backend
 from server.metrics import Metrics
 from server.playground import mount_playground
-from server.store import open_backend
+from server.store import Codec, StateBackend, open_backend
 from server.store.backend import redacted
+from server.store.memory import MemoryTable
+from server.store.snapshot import load as load_snapshot
+from server.store.snapshot import save as save_snapshot
 
 API_PREFIXES = ("/api/v1", "/v1")
 
@@ -58,12 +64,19 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                     settings.image_max_side)
         logger.info("metrics at /metrics (GPU gauges %s)", "on" if metrics.gpu else "off")
         logger.info("uploads and stored responses kept in %s", redacted(settings.state_url))
+        snapshot = _snapshot(settings, backend)
+        if snapshot is not None:
+            restored = await asyncio.to_thread(load_snapshot, *snapshot)
+            logger.info("state snapshot %s: %d entries restored", snapshot[0], restored)
         engine.start()
         await batches.start()  # resumes unfinished batches once the engine is ready
         try:
             yield
         finally:
             await state.background.stop()  # those the drain did not wait out end failed
+            if snapshot is not None:  # after the runs: their ends are in it
+                saved = await asyncio.to_thread(save_snapshot, *snapshot)
+                logger.info("state snapshot %s: %d entries written", snapshot[0], saved)
             await batches.stop()
             engine.stop()
             await backend.close()
@@ -115,3 +128,17 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     if settings.playground:
         mount_playground(app)
     return app
+
+
+# What a snapshot keeps: records, not pixels (uploads are kept decoded: re-upload them).
+SNAPSHOT_TABLES = ("responses", "conversations")
+
+
+def _snapshot(settings: Settings, backend: StateBackend
+              ) -> tuple[Path, dict[str, tuple[MemoryTable[Any], Codec[Any]]]] | None:
+    """Where the single-box store is kept across restarts, and which tables (None: it is
+    not, or the store is shared and lives elsewhere)."""
+    if settings.state_snapshot is None or backend.shared:
+        return None
+    return settings.state_snapshot, {name: backend.memory_tables[name]
+                                     for name in SNAPSHOT_TABLES}

@@ -211,6 +211,10 @@ class Settings(BaseSettings):
     # call over state_timeout_s answers 503, never hangs.
     state_url: str = "memory://"
     state_timeout_s: float = Field(5.0, gt=0)
+    # With memory://: a file the stored responses and conversations are written to at a
+    # graceful stop and read back from (then deleted) at the next start, so a restart keeps
+    # them (server.store.snapshot). None: they live and die with the process.
+    state_snapshot: Path | None = None
 
     # Warm-up and prompts.
     system_prompt: str | None = None  # used for requests that bring no system message

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from server.store.bounds import Bounds
@@ -23,6 +23,8 @@ class StateBackend:
             raise ValueError(f"state_url: unknown scheme {scheme!r} (one of {SCHEMES})")
         self.url = url
         self.shared = scheme != "memory"
+        # This process's tables by name, with their codecs (server.store.snapshot).
+        self.memory_tables: dict[str, tuple[MemoryTable[Any], Codec[Any]]] = {}
         self._timeout_s = timeout_s
         self._client = None
         if self.shared:
@@ -36,7 +38,9 @@ class StateBackend:
 
     def table(self, name: str, bounds: Bounds, codec: Codec[T]) -> Table[T]:
         if self._client is None:
-            return AsyncMemoryTable(MemoryTable(bounds))
+            table: MemoryTable[T] = MemoryTable(bounds)
+            self.memory_tables[name] = (table, codec)
+            return AsyncMemoryTable(table)
         from server.store.redis_table import RedisTable
 
         return RedisTable(self._client, name, bounds, codec, self._timeout_s)

@@ -75,6 +75,27 @@ class MemoryTable(Generic[T]):
                 mine.move_to_end(key)
             return entry.value
 
+    def entries(self) -> list[_Entry[T]]:
+        """Every live entry, oldest first (server.store.snapshot)."""
+        with self._lock:
+            self._expire()
+            return list(self._all.values())
+
+    def restore(self, owner: str, key: str, value: T, size: int, stored_at: float) -> bool:
+        """Put back an entry from a snapshot with its age (restored oldest first, as the
+        TTL walk expects); False when it expired meanwhile or no longer fits."""
+        if stored_at < self._clock() - self.bounds.ttl_s:
+            return False
+        try:
+            self.put(owner, key, value, size)
+        except TableFull:
+            return False
+        with self._lock:
+            entry = self._all.get(key)
+            if entry is not None:
+                entry.stored_at = stored_at
+        return True
+
     def delete(self, owner: str, key: str) -> bool:
         with self._lock:
             mine = self._owners.get(owner)

@@ -1,0 +1,103 @@
+"""A single box's stored responses and conversations survive a graceful restart when
+`state_snapshot` names a file (server.store.snapshot): written at SIGTERM, private to the
+server's user, read back at the start and then deleted; entries keep their age."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import httpx
+import openai
+from conftest import RunningServer, start_server, stop_server
+
+from server.api.conversation_store import CONVERSATION_CODEC, new_conversation
+from server.demo_model import DemoModelPaths
+from server.store import Bounds
+from server.store.memory import MemoryTable
+from server.store.snapshot import load, save
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def table(clock: Clock) -> MemoryTable:
+    return MemoryTable(Bounds(10, 1 << 20, 100, 10, 1 << 20, lru=True, evict_others=True),
+                       clock)
+
+
+def test_entries_come_back_with_their_age_and_the_file_goes(tmp_path: Path) -> None:
+    clock = Clock()
+    before = table(clock)
+    old, new = (new_conversation("alice", {"n": str(i)}, []) for i in range(2))
+    before.put("alice", old.id, old, old.size)
+    clock.now += 60
+    before.put("alice", new.id, new, new.size)
+    path = tmp_path / "state" / "state.json"
+    assert save(path, {"conversations": (before, CONVERSATION_CODEC)}) == 2
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # conversations are private data
+    clock.now += 50  # down for a while: `old` (110 s) is past its 100 s TTL by now
+    after = table(clock)
+    assert load(path, {"conversations": (after, CONVERSATION_CODEC)}) == 1
+    assert not path.exists()  # read once: a crash later cannot bring back what was deleted
+    assert after.get("alice", old.id) is None
+    assert after.get("alice", new.id) == new and after.get("bob", new.id) is None
+    clock.now += 55  # its age went on counting: 105 s since it was written
+    assert after.get("alice", new.id) is None
+    assert load(path, {"conversations": (table(clock), CONVERSATION_CODEC)}) == 0
+
+
+def test_an_unreadable_snapshot_is_set_aside(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.write_text("{not json")
+    assert load(path, {"conversations": (table(Clock()), CONVERSATION_CODEC)}) == 0
+    assert not path.exists() and (tmp_path / "state.json.bad").read_text() == "{not json"
+
+
+def test_a_restart_keeps_conversations_and_stored_responses(
+        demo_model: DemoModelPaths, tmp_path: Path) -> None:
+    snapshot = tmp_path / "data" / "state.json"
+    env = {"VLSERVE_STATE_SNAPSHOT": str(snapshot)}
+    first = start_server(demo_model, tmp_path / "first.log", env=env)
+    try:
+        client = openai.OpenAI(base_url=first.api, api_key="unused", max_retries=0)
+        conversation = client.conversations.create(
+            items=[{"role": "user", "content": "Remember tulip."}], metadata={"k": "v"})
+        turn = client.responses.create(model="m", conversation=conversation.id,
+                                       input="Which word?", max_output_tokens=3)
+        items = httpx.get(f"{first.api}/conversations/{conversation.id}/items",
+                          timeout=30).json()
+    finally:
+        stop_server(first)  # SIGTERM: the snapshot is written on the way out
+    assert json.loads(snapshot.read_text())["version"] == 1
+    second = start_server(demo_model, tmp_path / "second.log", env=env)
+    try:
+        client = openai.OpenAI(base_url=second.api, api_key="unused", max_retries=0)
+        assert not snapshot.exists()
+        assert client.conversations.retrieve(conversation.id).metadata == {"k": "v"}
+        again = httpx.get(f"{second.api}/conversations/{conversation.id}/items", timeout=30)
+        assert again.json() == items
+        assert client.responses.retrieve(turn.id).output_text == turn.output_text
+        follow = client.responses.create(model="m", previous_response_id=turn.id,
+                                         input="Again?", max_output_tokens=1)
+        assert follow.usage is not None and turn.usage is not None
+        assert follow.usage.input_tokens > turn.usage.input_tokens
+        assert f"state snapshot {snapshot}: 2 entries restored" in second.log()
+    finally:
+        stop_server(second)
+
+
+def test_without_the_setting_nothing_is_written(demo_model: DemoModelPaths,
+                                                tmp_path: Path) -> None:
+    server: RunningServer = start_server(demo_model, tmp_path / "plain.log")
+    try:
+        assert httpx.post(f"{server.api}/conversations", json={}, timeout=30).status_code == 200
+    finally:
+        stop_server(server)
+    assert not list(tmp_path.rglob("state.json"))
