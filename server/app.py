@@ -66,8 +66,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         logger.info("uploads and stored responses kept in %s", redacted(settings.state_url))
         snapshot = _snapshot(settings, backend)
         if snapshot is not None:
-            restored = await asyncio.to_thread(load_snapshot, *snapshot)
-            logger.info("state snapshot %s: %d entries restored", snapshot[0], restored)
+            try:
+                restored = await asyncio.to_thread(load_snapshot, *snapshot)
+                logger.info("state snapshot %s: %d entries restored", snapshot[0], restored)
+            except OSError as exc:  # the server still starts, without them
+                logger.error("state snapshot %s not read: %s", snapshot[0], exc)
         engine.start()
         await batches.start()  # resumes unfinished batches once the engine is ready
         try:
@@ -75,8 +78,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         finally:
             await state.background.stop()  # those the drain did not wait out end failed
             if snapshot is not None:  # after the runs: their ends are in it
-                saved = await asyncio.to_thread(save_snapshot, *snapshot)
-                logger.info("state snapshot %s: %d entries written", snapshot[0], saved)
+                try:
+                    saved = await asyncio.to_thread(save_snapshot, *snapshot)
+                    logger.info("state snapshot %s: %d entries written", snapshot[0], saved)
+                except OSError as exc:  # a full disk: the rest of the shutdown goes on
+                    logger.error("state snapshot %s not written: %s", snapshot[0], exc)
             await batches.stop()
             engine.stop()
             await backend.close()

@@ -101,3 +101,15 @@ def test_without_the_setting_nothing_is_written(demo_model: DemoModelPaths,
     finally:
         stop_server(server)
     assert not list(tmp_path.rglob("state.json"))
+
+
+def test_a_snapshot_that_cannot_be_written_does_not_stop_the_shutdown(
+        demo_model: DemoModelPaths, tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the snapshot's directory should be")
+    server = start_server(demo_model, tmp_path / "blocked.log",
+                          env={"VLSERVE_STATE_SNAPSHOT": str(blocked / "state.json")})
+    httpx.post(f"{server.api}/conversations", json={}, timeout=30)
+    stop_server(server)
+    assert server.process.returncode == 0, server.log()
+    assert "not written" in server.log() and "Application shutdown complete" in server.log()
