@@ -29,6 +29,7 @@ from server.api.openapi import install_openapi
 from server.api.paths import ExactPaths
 from server.api.replica import REPLICA_HEADER, ReplicaHeader
 from server.api.responses import router as responses_router
+from server.api.responses_background import fail_interrupted
 from server.api.responses_background import router as background_router
 from server.api.state import AppState
 from server.api.status import health_router, models_router
@@ -42,6 +43,7 @@ from server.playground import mount_playground
 from server.store import Codec, StateBackend, open_backend
 from server.store.backend import redacted
 from server.store.memory import MemoryTable
+from server.store.snapshot import discard as discard_snapshot
 from server.store.snapshot import load as load_snapshot
 from server.store.snapshot import save as save_snapshot
 
@@ -67,12 +69,18 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         snapshot = _snapshot(settings, backend)
         if snapshot is not None:
             try:
-                restored = await asyncio.to_thread(load_snapshot, *snapshot)
-                logger.info("state snapshot %s: %d entries restored", snapshot[0], restored)
-            except OSError as exc:  # the server still starts, without them
-                logger.error("state snapshot %s not read: %s", snapshot[0], exc)
+                restored, skipped = await asyncio.to_thread(load_snapshot, *snapshot)
+                failed = fail_interrupted(e.value for e in backend.memory_tables[
+                    "responses"][0].entries())
+                logger.info("state snapshot %s: %d entries restored, %d skipped, %d "
+                            "unfinished background responses marked failed", snapshot[0],
+                            restored, skipped, failed)
+            except Exception:  # the server still starts, without them
+                logger.exception("state snapshot %s not read", snapshot[0])
         engine.start()
         await batches.start()  # resumes unfinished batches once the engine is ready
+        if snapshot is not None:  # started from it: a crash from here on must not bring
+            discard_snapshot(snapshot[0])  # back what gets deleted meanwhile
         try:
             yield
         finally:
@@ -81,8 +89,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 try:
                     saved = await asyncio.to_thread(save_snapshot, *snapshot)
                     logger.info("state snapshot %s: %d entries written", snapshot[0], saved)
-                except OSError as exc:  # a full disk: the rest of the shutdown goes on
-                    logger.error("state snapshot %s not written: %s", snapshot[0], exc)
+                except Exception:  # a full disk: the rest of the shutdown goes on
+                    logger.exception("state snapshot %s not written", snapshot[0])
             await batches.stop()
             engine.stop()
             await backend.close()

@@ -230,6 +230,14 @@ class Settings(BaseSettings):
                              f"unix:///path.sock (got {value!r})")
         return value
 
+    @field_validator("state_snapshot")
+    @classmethod
+    def _snapshot_file(cls, value: Path | None) -> Path | None:
+        """A file, not a directory (the data dir, renamed aside as a bad snapshot)."""
+        if value is not None and (value == Path(".") or value.is_dir()):
+            raise ValueError(f"expected a file path, not the directory {str(value)!r}")
+        return value
+
     @field_validator("cors_origins", "api_keys", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:

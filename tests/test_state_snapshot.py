@@ -10,13 +10,14 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 from conftest import RunningServer, start_server, stop_server
 
 from server.api.conversation_store import CONVERSATION_CODEC, new_conversation
 from server.demo_model import DemoModelPaths
 from server.store import Bounds
 from server.store.memory import MemoryTable
-from server.store.snapshot import load, save
+from server.store.snapshot import discard, load, save
 
 
 class Clock:
@@ -44,20 +45,60 @@ def test_entries_come_back_with_their_age_and_the_file_goes(tmp_path: Path) -> N
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # conversations are private data
     clock.now += 50  # down for a while: `old` (110 s) is past its 100 s TTL by now
     after = table(clock)
-    assert load(path, {"conversations": (after, CONVERSATION_CODEC)}) == 1
-    assert not path.exists()  # read once: a crash later cannot bring back what was deleted
+    assert load(path, {"conversations": (after, CONVERSATION_CODEC)}) == (1, 1)
+    discard(path)  # once started: a crash later cannot bring back what was deleted
+    assert not path.exists() and not list(path.parent.glob("*.part"))
     assert after.get("alice", old.id) is None
     assert after.get("alice", new.id) == new and after.get("bob", new.id) is None
     clock.now += 55  # its age went on counting: 105 s since it was written
     assert after.get("alice", new.id) is None
-    assert load(path, {"conversations": (table(clock), CONVERSATION_CODEC)}) == 0
+    assert load(path, {"conversations": (table(clock), CONVERSATION_CODEC)}) == (0, 0)
 
 
 def test_an_unreadable_snapshot_is_set_aside(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     path.write_text("{not json")
-    assert load(path, {"conversations": (table(Clock()), CONVERSATION_CODEC)}) == 0
+    assert load(path, {"conversations": (table(Clock()), CONVERSATION_CODEC)}) == (0, 0)
     assert not path.exists() and (tmp_path / "state.json.bad").read_text() == "{not json"
+
+
+def test_a_bad_or_oversized_entry_is_skipped_and_the_others_kept(tmp_path: Path) -> None:
+    clock = Clock()
+    before = table(clock)
+    small, big = (new_conversation("alice", {"pad": "x" * n}, []) for n in (10, 5000))
+    before.put("alice", small.id, small, small.size)
+    before.put("alice", big.id, big, big.size)
+    path = tmp_path / "state.json"
+    save(path, {"conversations": (before, CONVERSATION_CODEC)})
+    data = json.loads(path.read_text())
+    data["tables"]["conversations"].append(["alice", "conv_x", 9, clock.now, "[1, 2]"])
+    path.write_text(json.dumps(data))
+    # Today's bounds are smaller: the big one would push the others out; it is skipped.
+    after = MemoryTable(Bounds(10, 2000, 100, 10, 2000, lru=True, evict_others=True), clock)
+    assert load(path, {"conversations": (after, CONVERSATION_CODEC)}) == (1, 2)
+    assert after.get("alice", small.id) == small and after.get("alice", big.id) is None
+
+
+def test_unfinished_background_responses_come_back_failed() -> None:
+    from server.api.response_store import stored_response
+    from server.api.responses_background import fail_interrupted
+
+    running = stored_response({"id": "resp_a", "background": True, "status": "in_progress",
+                               "error": None}, "", [], [])
+    done = stored_response({"id": "resp_b", "background": True, "status": "completed",
+                            "error": None}, "", [], [])
+    assert fail_interrupted([running, done]) == 1
+    assert running.response["status"] == "failed"
+    assert running.response["error"]["code"] == "server_shutdown"
+    assert done.response["status"] == "completed"
+
+
+def test_the_setting_names_a_file_not_a_directory(tmp_path: Path) -> None:
+    from server.config import ConfigError, load_settings
+
+    for value in (tmp_path, ""):
+        with pytest.raises(ConfigError, match="expected a file path"):
+            load_settings(None, state_snapshot=value)
 
 
 def test_a_restart_keeps_conversations_and_stored_responses(
@@ -100,7 +141,7 @@ def test_without_the_setting_nothing_is_written(demo_model: DemoModelPaths,
         assert httpx.post(f"{server.api}/conversations", json={}, timeout=30).status_code == 200
     finally:
         stop_server(server)
-    assert not list(tmp_path.rglob("state.json"))
+    assert "state snapshot" not in server.log()
 
 
 def test_a_snapshot_that_cannot_be_written_does_not_stop_the_shutdown(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -146,3 +146,17 @@ def later_stream(state: AppState, stored: StoredResponse, client: str,
             f"{KEEP_EVENTS_S:g} s after it ended; read it without stream")
         raise APIError(400, f"stream: {why}", param="stream")
     return sse_response(run.follow(starting_after))
+
+
+def fail_interrupted(stored: Iterable[StoredResponse]) -> int:
+    """Background responses a restart left `queued` or `in_progress` (their runs are gone
+    with the old process): failed, so pollers see them end. The number changed."""
+    changed = 0
+    for entry in stored:
+        response = entry.response
+        if response.get("background") and response["status"] in ("queued", "in_progress"):
+            response.update(status="failed", error={
+                "code": "server_shutdown",
+                "message": "the server stopped before the response finished"})
+            changed += 1
+    return changed

@@ -84,8 +84,10 @@ class MemoryTable(Generic[T]):
     def restore(self, owner: str, key: str, value: T, size: int, stored_at: float) -> bool:
         """Put back an entry from a snapshot with its age (restored oldest first, as the
         TTL walk expects); False when it expired meanwhile or no longer fits."""
-        if stored_at < self._clock() - self.bounds.ttl_s:
-            return False
+        b = self.bounds
+        if stored_at < self._clock() - b.ttl_s or size > min(b.max_bytes_per_owner,
+                                                              b.max_bytes):
+            return False  # expired, or over today's bounds (it would push others out)
         try:
             self.put(owner, key, value, size)
         except TableFull:
