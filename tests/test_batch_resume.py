@@ -93,11 +93,13 @@ def test_kill_9_mid_batch_then_restart(demo_model: DemoModelPaths, tmp_path: Pat
 def test_sigterm_hands_running_lines_back(demo_model: DemoModelPaths, tmp_path: Path) -> None:
     """A graceful stop does not wait for the batch (it could take hours): running lines are
     stopped, recorded nowhere, and run after the restart. Its input file expires meanwhile
-    (after 1 s here), yet stays until the batch no longer needs it."""
+    (after 3 s here), yet stays until the batch no longer needs it."""
     batch_dir = tmp_path / "batches"
     tokens = 1500
+    # expires_at is whole seconds (created_at + ttl): 3 s leaves the batch at least 2 s to be
+    # created from it (with 1 s, a loaded box sometimes found it expired already).
     env = {"VLSERVE_BATCH_DIR": str(batch_dir), "VLSERVE_MAX_TOKENS_CAP": str(tokens),
-           "VLSERVE_BATCH_FILE_TTL_S": "1"}
+           "VLSERVE_BATCH_FILE_TTL_S": "3"}
     first = start_server(demo_model, tmp_path / "first.log", "--n-parallel", "1", env=env)
     try:
         client = openai.OpenAI(base_url=first.api, api_key="unused", max_retries=0, timeout=60)
@@ -123,6 +125,8 @@ def test_sigterm_hands_running_lines_back(demo_model: DemoModelPaths, tmp_path: 
     before = len(results_on_disk(batch_dir, batch.id))
     assert before < 8
 
+    assert uploaded.expires_at is not None
+    time.sleep(max(0.0, uploaded.expires_at + 0.2 - time.time()))  # expired while down
     second = start_server(demo_model, tmp_path / "second.log", "--n-parallel", "1", env=env)
     try:
         client = openai.OpenAI(base_url=second.api, api_key="unused", max_retries=0,
