@@ -40,10 +40,17 @@ def checked_items(items: list[InputItem], param: str,
     as OpenAI's."""
     to_chat_messages(items, [f"{param}.{i}" for i in range(len(items))])
     stored = item_dicts(items)
-    repeated = duplicate_item(held or [], stored)
+    refuse_duplicates(held or [], stored, param)
+    return stored
+
+
+def refuse_duplicates(held: list[dict[str, Any]], items: list[dict[str, Any]],
+                      param: str) -> None:
+    """A 400 naming the first of `items` (as `param`.N) whose id `held` or an earlier one of
+    them has already, as OpenAI's."""
+    repeated = duplicate_item(held, items)
     if repeated is not None:
         index, item_id = repeated
         raise APIError(400, f"{param}.{index}: duplicate item found with id {item_id!r} (an "
                        "item already in the conversation, or sent twice); leave it out",
                        param=f"{param}.{index}", code="duplicate_item")
-    return stored

@@ -9,12 +9,11 @@ import logging
 from typing import Any
 
 from server.api.conversation_access import conversation_id as conversation_key
-from server.api.conversation_access import owned_conversation
+from server.api.conversation_access import owned_conversation, refuse_duplicates
 from server.api.conversation_locks import ConversationLease
 from server.api.conversation_store import (
     ConversationFull,
     StoredConversation,
-    duplicate_item,
     items_size,
 )
 from server.api.errors import APIError
@@ -59,12 +58,7 @@ class ConversationTurn:
         duplicate-item 400: a call sent back that the conversation recorded), or whose
         input alone takes the conversation over its owner's byte share (it could not be
         kept)."""
-        repeated = duplicate_item(self.conversation.items, input_items)
-        if repeated is not None:
-            index, item_id = repeated
-            raise APIError(400, f"input.{index}: duplicate item found with id {item_id!r}: "
-                           "the conversation holds it already; send only the new items",
-                           param=f"input.{index}", code="duplicate_item")
+        refuse_duplicates(self.conversation.items, input_items, "input")
         size = await asyncio.to_thread(items_size, input_items)  # images serialised
         share = self.state.conversations.bounds.max_bytes_per_owner
         if self.conversation.size + size > share:
