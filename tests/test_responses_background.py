@@ -74,6 +74,10 @@ def test_a_background_stream_is_replayed_from_any_event(server: RunningServer) -
     with httpx.stream("POST", f"{server.api}/responses", json=body, timeout=60) as answer:
         events = list(events_of(answer))
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    # As OpenAI's: created and queued while it waits for the engine, then in_progress.
+    assert [(e["type"], e["response"]["status"]) for e in events[:3]] == [
+        ("response.created", "queued"), ("response.queued", "queued"),
+        ("response.in_progress", "in_progress")]
     assert events[-1]["type"] == "response.incomplete"
     response_id = events[0]["response"]["id"]
     stored = httpx.get(f"{server.api}/responses/{response_id}", timeout=60).json()

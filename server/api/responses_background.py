@@ -22,7 +22,13 @@ from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import responses
 from server.api.reasoning import ReasoningSplitter
 from server.api.response_store import StoredResponse
-from server.api.responses_output import EventStream, Finished, ResponseDraft, stream_events
+from server.api.responses_output import (
+    EventStream,
+    Finished,
+    ResponseDraft,
+    queued_events,
+    stream_events,
+)
 from server.api.responses_prompt import OutputPlan, owned_response
 from server.api.responses_protocol import ResponseObject
 from server.api.state import AppState
@@ -73,6 +79,9 @@ async def run_in_background(state: AppState, run: BackgroundRun, record: Request
     kept in the store (in_progress once admitted, then its end, through `finished`), its
     end counted and logged as its request's (`record`)."""
     try:
+        out = EventStream()
+        for line in queued_events(draft, out):  # followers see it queued until admitted
+            run.publish(line)
         try:
             events, first = await start_generation(
                 state, run.generation, [], client=run.owner, plan=output.tools,
@@ -82,7 +91,7 @@ async def run_in_background(state: AppState, run: BackgroundRun, record: Request
                                                       code=refused.code)
         if not isinstance(first, ErrorEvent) and not await superseded(state, run):
             await keep(draft.body("in_progress", []), [])
-        async for line in stream_events(draft, first, events, finished):
+        async for line in stream_events(draft, first, events, finished, out):
             run.publish(line)
     except Exception:  # a bug: the response must still end, for pollers and followers
         logger.exception("background response %s failed", run.response_id)

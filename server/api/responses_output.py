@@ -108,13 +108,23 @@ class Finished:
     failed: dict[str, Any] | None = None
 
 
+def queued_events(draft: ResponseDraft, out: EventStream) -> list[str]:
+    """A background response's opening, sent before the engine admits it (as OpenAI's:
+    created and queued, both `queued`); `stream_events(..., out)` goes on from there."""
+    body = draft.body("queued", [])
+    return [out.event("response.created", response=body),
+            out.event("response.queued", response=body)]
+
+
 async def stream_events(draft: ResponseDraft, first: Event, events: AsyncIterator[Event],
-                        on_done: Callable[[Finished], Awaitable[None]]
-                        ) -> AsyncIterator[str]:
-    """The event sequence of one response; `on_done` gets its end (to store it, log it)."""
-    out = EventStream()
+                        on_done: Callable[[Finished], Awaitable[None]],
+                        opened: EventStream | None = None) -> AsyncIterator[str]:
+    """The event sequence of one response; `on_done` gets its end (to store it, log it).
+    `opened`: the numbering of a stream whose opening (queued_events) went out already."""
+    out = opened or EventStream()
     output: list[dict[str, Any]] = []  # finished items
-    yield out.event("response.created", response=draft.body("in_progress", []))
+    if opened is None:
+        yield out.event("response.created", response=draft.body("in_progress", []))
     yield out.event("response.in_progress", response=draft.body("in_progress", []))
     text: dict[str, Any] | None = None  # the message item being written
     call: dict[str, Any] | None = None  # the function call being written
