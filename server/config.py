@@ -202,6 +202,11 @@ class Settings(BaseSettings):
     conversations_max_stored: int = Field(1000, ge=1)
     conversations_store_mb: int = Field(256, ge=1)
     conversations_ttl_s: float = Field(30 * 86400.0, gt=0)
+    # Background responses (`background: true`) this replica holds at once, waiting or
+    # generating (each waiting one keeps its decoded images), in all and per API key; past
+    # them creating one is a 429.
+    background_max_runs: int = Field(256, ge=1)
+    background_max_runs_per_key: int = Field(64, ge=1)
 
     # Where uploads, stored responses and batch jobs live (server.store, server.batches):
     # "memory://" (this process, batches on disk under batch_dir: the single-box default) or

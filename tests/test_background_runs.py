@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from server.api.background import BackgroundRun, BackgroundRuns
 from server.api.drain import Drain
+from server.api.errors import APIError
 from server.engine import GenerationRequest
 
 
-def run_of(response_id: str = "resp_1") -> BackgroundRun:
-    return BackgroundRun(response_id, "owner", GenerationRequest(messages=[], max_tokens=1))
+def run_of(response_id: str = "resp_1", owner: str = "owner") -> BackgroundRun:
+    return BackgroundRun(response_id, owner, GenerationRequest(messages=[], max_tokens=1))
 
 
 def test_followers_see_every_event_from_where_they_start() -> None:
     async def go() -> None:
         drain = Drain()
-        runs = BackgroundRuns(drain)
+        runs = BackgroundRuns(drain, 256, 64)
         run = run_of()
         cancelled = run.generation.cancelled
         go_on = asyncio.Event()
@@ -47,7 +50,7 @@ def test_followers_see_every_event_from_where_they_start() -> None:
 
 def test_shutdown_stops_what_still_runs() -> None:
     async def go() -> None:
-        runs = BackgroundRuns(Drain())
+        runs = BackgroundRuns(Drain(), 256, 64)
         run = run_of()
 
         async def work() -> None:  # as the engine: ends once the generation is cancelled
@@ -62,6 +65,79 @@ def test_shutdown_stops_what_still_runs() -> None:
         await asyncio.sleep(0.01)
         ended.stop("cancelled")  # too late: it ended by itself
         assert ended.stop_reason is None
+
+    asyncio.run(go())
+
+
+def test_runs_go_to_the_engine_one_at_a_time_in_order_when_there_is_room() -> None:
+    async def go() -> None:
+        runs = BackgroundRuns(Drain(), 256, 64)
+        room = asyncio.Event()
+        full_once = {"resp_1"}  # the engine's queue fills between the look and the submit
+        submitted: list[str] = []
+
+        async def submit(run: BackgroundRun) -> str:
+            if run.response_id in full_once:
+                full_once.discard(run.response_id)
+                raise APIError(429, "the request queue is full", code="queue_full")
+            submitted.append(run.response_id)
+            await asyncio.sleep(0.01)  # up to its first event: the next one waits for it
+            assert submitted[-1] == run.response_id
+            return run.response_id
+
+        line = [run_of(f"resp_{i}") for i in range(1, 5)]
+        tasks = [asyncio.create_task(runs.in_turn(run, room.is_set, lambda r=run: submit(r)))
+                 for run in line]
+        await asyncio.sleep(0.2)
+        assert submitted == []  # no room: all wait, none failed
+        line[2].stop("cancelled")  # one cancelled while it waits leaves the line at once
+        assert await asyncio.wait_for(tasks[2], 1) is None
+        room.set()
+        results = await asyncio.wait_for(asyncio.gather(*tasks[:2], tasks[3]), 5)
+        assert results == ["resp_1", "resp_2", "resp_4"]
+        # In order: the first in line, refused once, asked again before any later one went.
+        assert submitted == ["resp_1", "resp_2", "resp_4"] and not runs._line
+
+    asyncio.run(go())
+
+
+def test_a_refusal_other_than_a_full_queue_ends_the_wait() -> None:
+    async def go() -> None:
+        runs = BackgroundRuns(Drain(), 256, 64)
+
+        async def closing() -> str:
+            raise APIError(503, "the server is shutting down", code="server_shutdown")
+
+        with pytest.raises(APIError) as refused:
+            await asyncio.wait_for(runs.in_turn(run_of(), lambda: True, closing), 1)
+        assert refused.value.status == 503 and not runs._line
+
+    asyncio.run(go())
+
+
+def test_past_its_limits_a_new_run_is_a_429() -> None:
+    async def go() -> None:
+        runs = BackgroundRuns(Drain(), 3, 2)
+        hold = asyncio.Event()
+        for i, owner in enumerate(["a", "a", "b"]):
+            runs.check_room(owner)
+            runs.start(run_of(f"resp_{i}", owner), hold.wait())
+        with pytest.raises(APIError) as over_all:
+            runs.check_room("c")
+        assert over_all.value.status == 429 and "3 background" in over_all.value.message
+        assert over_all.value.code == "too_many_background_responses"
+        hold.set()
+        await asyncio.sleep(0.01)  # they end: room again
+        runs.check_room("c")
+        again = asyncio.Event()
+        for i in range(2):
+            runs.start(run_of(f"resp_a{i}", "a"), again.wait())
+        with pytest.raises(APIError) as over_key:
+            runs.check_room("a")
+        assert "this key has 2" in over_key.value.message
+        runs.check_room("b")  # another key is not held back by this one
+        again.set()
+        await asyncio.sleep(0.01)
 
     asyncio.run(go())
 

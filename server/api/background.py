@@ -9,23 +9,36 @@ The run belongs to the process that started it: only it holds the events and the
 generation (a cancel sent to another replica marks the stored response cancelled; the
 replica running it keeps that mark when it finishes). A run counts as a request in flight
 for the drain (SIGTERM waits for it up to drain_timeout); one still running at shutdown
-ends failed."""
+ends failed.
+
+Background work never crowds out the requests clients wait on: runs go to the engine one
+at a time, in the order they were created, and only while its queue is at most half full
+(a run waits "queued" for that, however long, instead of failing on a full queue), and a
+replica holds at most `background_max_runs` of them (`background_max_runs_per_key` for
+one key): past that, creating one is a 429."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from server.api.drain import Drain
+from server.api.errors import APIError
 from server.engine import GenerationRequest
 
 logger = logging.getLogger("vlserve.api")
 
 KEEP_EVENTS_S = 300.0  # an ended run's events stay this long for a late stream
 KEEP_ENDED = 1000  # and at most this many ended runs' (the oldest go first)
+# The first run in line asks again this often (doubling up to the cap) for room in the
+# engine's queue: the engine has no signal for it, and a background run can wait a moment.
+ROOM_POLL_S = (0.05, 1.0)
+
+T = TypeVar("T")
 
 
 class BackgroundRun:
@@ -43,6 +56,7 @@ class BackgroundRun:
         self.deleted = False  # DELETE /responses/{id} here: nothing more is written
         self._ended = asyncio.Event()
         self._wake = asyncio.Event()
+        self.stopped = asyncio.Event()  # set with stop_reason: wakes a run waiting in line
 
     def publish(self, line: str) -> None:
         self.lines.append(line)
@@ -66,6 +80,7 @@ class BackgroundRun:
         if not self.ended and self.stop_reason is None:
             self.stop_reason = reason
             self._cancelled.set()
+            self.stopped.set()
 
     async def wait_ended(self, timeout: float) -> bool:
         try:
@@ -91,10 +106,60 @@ class BackgroundRuns:
     """This process's background responses: the running ones, and ended ones for
     KEEP_EVENTS_S (their events, for a late stream)."""
 
-    def __init__(self, drain: Drain) -> None:
+    def __init__(self, drain: Drain, max_runs: int, max_runs_per_key: int) -> None:
         self.drain = drain
+        self.max_runs = max_runs
+        self.max_runs_per_key = max_runs_per_key
         self._runs: dict[str, BackgroundRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._line: deque[BackgroundRun] = deque()  # waiting to go to the engine, in order
+        self._line_moved = asyncio.Event()
+
+    def active(self, owner: str | None = None) -> int:
+        """Runs not ended yet (waiting or generating), in all or of one key."""
+        return sum(1 for run in self._runs.values()
+                   if not run.ended and (owner is None or run.owner == owner))
+
+    def check_room(self, owner: str) -> None:
+        """A 429 when this replica holds as many background responses as it may take, in
+        all or for `owner`: each waiting one keeps its decoded images in memory."""
+        if self.active() >= self.max_runs:
+            raise APIError(429, f"background: this server is running {self.max_runs} "
+                           "background responses, as many as it takes; retry later",
+                           code="too_many_background_responses",
+                           headers={"Retry-After": "5"}, param="background")
+        if self.active(owner) >= self.max_runs_per_key:
+            raise APIError(429, f"background: this key has {self.max_runs_per_key} "
+                           "background responses running, as many as it may; retry once "
+                           "one has ended", code="too_many_background_responses",
+                           headers={"Retry-After": "5"}, param="background")
+
+    async def in_turn(self, run: BackgroundRun, has_room: Callable[[], bool],
+                      submit: Callable[[], Awaitable[T]]) -> T | None:
+        """`submit` (the run to the engine, up to its first event) once every run created
+        before it has gone and `has_room()` says the engine's queue can take background
+        work; a full queue meanwhile (APIError 429) means waiting on. None when the run was
+        stopped (cancelled, shut down) while it waited."""
+        self._line.append(run)
+        try:
+            pause = ROOM_POLL_S[0]
+            while run.stop_reason is None:
+                first = self._line[0] is run
+                if first and has_room():
+                    try:
+                        return await submit()
+                    except APIError as refused:
+                        if refused.status != 429:  # the server is closing, ...
+                            raise
+                moved = self._line_moved
+                await _first_of(moved, run.stopped, timeout=pause if first else None)
+                if first:
+                    pause = min(pause * 2, ROOM_POLL_S[1])
+            return None
+        finally:
+            self._line.remove(run)
+            self._line_moved.set()  # the next one may be first now
+            self._line_moved = asyncio.Event()
 
     def start(self, run: BackgroundRun, work: Coroutine[Any, Any, None]) -> None:
         self._forget_old()
@@ -135,3 +200,13 @@ class BackgroundRuns:
         for index, (ended_at, response_id) in enumerate(ended):
             if ended_at < cutoff or index < over:
                 del self._runs[response_id]
+
+
+async def _first_of(*events: asyncio.Event, timeout: float | None) -> None:
+    """Until one of `events` is set or `timeout` passes."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

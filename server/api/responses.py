@@ -112,6 +112,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     if body.background and not body.store:
         raise APIError(400, "background: a background response is read back from the "
                        "store: store must be true", param="background")
+    if body.background:
+        state.background.check_room(client)  # before any work for nothing
     previous = await previous_response(state, body, client)
     output = await plan_output(body)
     turn = None
@@ -214,6 +216,7 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
             queued = draft.body("queued", [])
             entry = await asyncio.to_thread(stored_response, queued, client, input_items,
                                             conversation)
+            state.background.check_room(client)  # again: others were created meanwhile
             if not await state.responses.add(entry):  # the store out of reach: a 503
                 raise APIError(400, "background: too large for this key's share of the "
                                "response store", param="background")

@@ -33,6 +33,7 @@ from server.api.responses_prompt import OutputPlan, owned_response
 from server.api.responses_protocol import ResponseObject
 from server.api.state import AppState
 from server.engine import ChatMessage, ErrorEvent
+from server.engine.admission import CLIENT_GONE
 from server.store import StateUnavailable
 
 router = APIRouter(route_class=OffLoopJSONRoute)
@@ -83,10 +84,13 @@ async def run_in_background(state: AppState, run: BackgroundRun, record: Request
         for line in queued_events(draft, out):  # followers see it queued until admitted
             run.publish(line)
         try:
-            events, first = await start_generation(
-                state, run.generation, [], client=run.owner, plan=output.tools,
-                constraint=output.constraint, reasoning=reasoning, converted=converted)
-        except APIError as refused:  # the queue is full, the server is closing, ...
+            started = await state.background.in_turn(run, lambda: _room(state), lambda: (
+                start_generation(state, run.generation, [], client=run.owner,
+                                 plan=output.tools, constraint=output.constraint,
+                                 reasoning=reasoning, converted=converted)))
+            # Stopped while it waited: ended as the engine ends a request dropped in line.
+            events, first = started or (_no_events(), CLIENT_GONE)
+        except APIError as refused:  # the server is closing, ...
             events, first = _no_events(), ErrorEvent(refused.status, refused.message,
                                                       code=refused.code)
         if not isinstance(first, ErrorEvent) and not await superseded(state, run):
@@ -106,6 +110,12 @@ async def run_in_background(state: AppState, run: BackgroundRun, record: Request
         if run.stop_reason == "cancelled":
             record.status, record.finish_reason = CLIENT_CLOSED, None
         observe_detached(state.metrics, state.settings.model_name, record)
+
+
+def _room(state: AppState) -> bool:
+    """Whether the engine's queue can take background work: at most half full, so the
+    requests clients wait on still find room (and no 429) while background runs wait."""
+    return state.engine.queue_depth < max(1, state.settings.max_queue // 2)
 
 
 async def _no_events() -> AsyncIterator[Event]:

@@ -62,7 +62,8 @@ class AppState:
         # A lease its request failed to give back (a stream never started) lapses once no
         # request could still be running.
         self.conversation_locks = ConversationLocks(self.settings.request_timeout + 60)
-        self.background = BackgroundRuns(self.drain)
+        self.background = BackgroundRuns(self.drain, self.settings.background_max_runs,
+                                         self.settings.background_max_runs_per_key)
         self.batch_store = _batch_store(self.settings, self.backend)
 
     def cache_tenant(self, client: str) -> str:
