@@ -17,6 +17,7 @@ import pytest
 from conftest import RunningServer, start_server, stop_server
 from helpers import data_url, image_message, photo_bytes, skip_unless_ci
 from redis_server import RedisServer, start_redis
+from test_request_log import request_lines
 
 from bench.servers import free_port, stop_process
 from server.cluster.front import launch_nginx, nginx_binary, write_nginx_conf
@@ -24,6 +25,7 @@ from server.demo_model import DemoModelPaths
 
 KEY_1, KEY_2 = "sk-shared-one", "sk-shared-two"
 RESPONSE_TTL_S = 3.0
+LONG = 8000  # tokens: seconds of generation on the tiny model, ended by a stop
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +39,12 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 def replicas(demo_model: DemoModelPaths, redis: RedisServer,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RunningServer]]:
     logs = tmp_path_factory.mktemp("replicas")
-    env = {"VLSERVE_STATE_URL": redis.url(0)}
+    env = {"VLSERVE_STATE_URL": redis.url(0), "VLSERVE_MAX_TOKENS_CAP": str(LONG)}
     started: list[RunningServer] = []
     try:
         for name in ("a", "b"):
-            started.append(start_server(demo_model, logs / f"{name}.log", env=env))
+            started.append(start_server(demo_model, logs / f"{name}.log", "--n-ctx",
+                                        str(LONG + 200), env=env))
         yield started
     finally:
         for server in started:
@@ -147,6 +150,36 @@ def test_a_background_response_run_on_one_replica_is_read_on_the_other(
     with pytest.raises(openai.BadRequestError) as elsewhere:
         b.responses.retrieve(queued.id, stream=True)
     assert "only by the replica that runs it" in elsewhere.value.body["message"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("stop", ["cancel", "delete"])
+def test_a_background_response_stopped_on_the_other_replica_stops_generating(
+        replicas: list[RunningServer], stop: str) -> None:
+    a, b = (sdk(r) for r in replicas)
+    running = a.responses.create(model="m", input="Go on.", max_output_tokens=LONG,
+                                 temperature=0, background=True)
+    deadline = time.monotonic() + 60
+    while a.responses.retrieve(running.id).status == "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    if stop == "cancel":
+        assert b.responses.cancel(running.id).status == "cancelled"
+    else:
+        b.responses.delete(running.id)
+    # A finds the mark B left within a poll and stops, long before LONG tokens.
+    deadline = time.monotonic() + 30
+    while not (ended := [line for line in request_lines(replicas[0], running.id)
+                         if line["event"] == "background_response"]):
+        assert time.monotonic() < deadline, "the run on A never ended"
+        time.sleep(0.05)
+    [ended] = ended
+    assert ended["status"] == 499, ended  # counted as stopped, as a local cancel is
+    assert 0 < ended["timings"]["completion_tokens"] < LONG, ended
+    if stop == "cancel":  # what B marked stands: A wrote nothing over it
+        assert b.responses.retrieve(running.id).status == "cancelled"
+    else:  # and a deleted one is not written back by the run's end
+        with pytest.raises(openai.NotFoundError):
+            a.responses.retrieve(running.id)
 
 
 # ---------- bounds in Redis, and Redis going away ----------

@@ -6,8 +6,8 @@ then completed, incomplete, failed or cancelled), cancelled by `POST
 /responses/{id}?stream=true&starting_after=N`) from the copy this process keeps.
 
 The run belongs to the process that started it: only it holds the events and the
-generation (a cancel sent to another replica marks the stored response cancelled; the
-replica running it keeps that mark when it finishes). A run counts as a request in flight
+generation (a cancel or delete sent to another replica reaches it through a stop mark in
+the shared store: server.api.background_marks). A run counts as a request in flight
 for the drain (SIGTERM waits for it up to drain_timeout); one still running at shutdown
 ends failed.
 

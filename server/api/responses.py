@@ -273,6 +273,8 @@ async def delete_response(response_id: str, request: Request) -> JSONResponse:
         run.stop("cancelled")
     if not await state.responses.delete(response_id, client):
         raise response_not_found(response_id, "response_id")
+    if run is None:  # it may be a background response another replica runs: stop it there
+        await state.stop_marks.mark(response_id, client, "deleted")
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 

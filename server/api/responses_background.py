@@ -3,6 +3,7 @@ cancel route, and a stream read later (the runs themselves: server.api.backgroun
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -61,6 +62,7 @@ async def cancel_response(response_id: str, request: Request) -> JSONResponse:
         # replica running it keeps the mark when it finishes.
         marked = {**stored.response, "status": "cancelled"}
         await state.responses.add(replace(stored, response=marked))
+        await state.stop_marks.mark(response_id, client, "cancelled")  # stops it there
     again = await owned_response(state, response_id, client, "response_id")
     assert again is not None
     return JSONResponse(again.response)
@@ -79,6 +81,7 @@ async def run_in_background(state: AppState, run: BackgroundRun, record: Request
     """A background response's whole run: its events published for streams, its states
     kept in the store (in_progress once admitted, then its end, through `finished`), its
     end counted and logged as its request's (`record`)."""
+    watching = asyncio.create_task(state.stop_marks.watch(run))
     try:
         out = EventStream()
         for line in queued_events(draft, out):  # followers see it queued until admitted
@@ -105,6 +108,7 @@ async def run_in_background(state: AppState, run: BackgroundRun, record: Request
         with contextlib.suppress(Exception):
             await keep(failed, [])
     finally:
+        await state.stop_marks.stop_watching(watching)
         if turn is not None:
             turn.release()
         if run.stop_reason == "cancelled":
@@ -136,7 +140,8 @@ def stopped(failed: dict[str, Any], reason: str | None) -> dict[str, Any]:
 async def superseded(state: AppState, run: BackgroundRun) -> bool:
     """Whether another replica marked the stored response cancelled since the run began:
     then that stands (nothing more is written or appended) and the run stops. (A record
-    that is gone was evicted, or deleted on another replica: it is written again.)"""
+    that is gone was evicted: it is written again; one deleted on another replica stops the
+run through its stop mark, server.api.background_marks.)"""
     try:
         stored = await state.responses.get(run.response_id, run.owner)
     except StateUnavailable:

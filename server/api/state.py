@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from server.api.background import BackgroundRuns
+from server.api.background_marks import StopMarks
 from server.api.conversation_locks import ConversationLocks
 from server.api.conversation_store import Conversations, open_conversations
 from server.api.drain import Drain
@@ -48,6 +49,8 @@ class AppState:
     # The conversations a response is running on, in this process (one at a time each).
     conversation_locks: ConversationLocks = field(init=False)
     background: BackgroundRuns = field(init=False)  # background responses run here
+    # Cancels and deletes of background responses another replica runs (shared store).
+    stop_marks: StopMarks = field(init=False)
     # Batch files, state and results: on disk, or in Redis when the state is shared.
     batch_store: BatchStorage = field(init=False)
     batches: BatchRunner | None = None  # set by the app once it exists
@@ -64,6 +67,7 @@ class AppState:
         self.conversation_locks = ConversationLocks(self.settings.request_timeout + 60)
         self.background = BackgroundRuns(self.drain, self.settings.background_max_runs,
                                          self.settings.background_max_runs_per_key)
+        self.stop_marks = StopMarks(self.backend)
         self.batch_store = _batch_store(self.settings, self.backend)
 
     def cache_tenant(self, client: str) -> str:
