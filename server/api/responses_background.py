@@ -141,7 +141,7 @@ async def superseded(state: AppState, run: BackgroundRun) -> bool:
     """Whether another replica marked the stored response cancelled since the run began:
     then that stands (nothing more is written or appended) and the run stops. (A record
     that is gone was evicted: it is written again; one deleted on another replica stops the
-run through its stop mark, server.api.background_marks.)"""
+    run through its stop mark, server.api.background_marks.)"""
     try:
         stored = await state.responses.get(run.response_id, run.owner)
     except StateUnavailable:
