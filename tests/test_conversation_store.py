@@ -5,6 +5,7 @@ from the last write) and the per-conversation lock (a lease never given back lap
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import pytest
@@ -36,7 +37,8 @@ def store(max_count: int = 10, max_bytes: int = 1 << 20, per_owner_count: int = 
           per_owner_bytes: int = 1 << 20, clock: Clock | None = None) -> Conversations:
     bounds = Bounds(max_count, max_bytes, 60, per_owner_count, per_owner_bytes, lru=True,
                     evict_others=True)
-    return Conversations(AsyncMemoryTable(MemoryTable(bounds, clock or Clock())), bounds)
+    return Conversations(AsyncMemoryTable(MemoryTable(bounds, clock or Clock())), bounds,
+                         lambda name: contextlib.nullcontext())
 
 
 def message(text: str, item_id: str = "msg_1") -> dict:

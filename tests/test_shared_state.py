@@ -152,6 +152,35 @@ def test_a_background_response_run_on_one_replica_is_read_on_the_other(
     assert "only by the replica that runs it" in elsewhere.value.body["message"]  # type: ignore[index]
 
 
+def test_two_replicas_changing_one_conversation_at_once_lose_nothing(
+        replicas: list[RunningServer]) -> None:
+    made = sdk(replicas[0]).conversations.create()
+    per_client, clients = 8, [sdk(r) for r in replicas for _ in range(3)]
+    failures: list[BaseException] = []
+
+    def add_items(client: openai.OpenAI, who: int) -> None:
+        try:
+            for n in range(per_client):
+                client.conversations.items.create(made.id, items=[
+                    {"role": "user", "content": f"note {who}-{n}"}])
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=add_items, args=(client, who))
+               for who, client in enumerate(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures
+    listed = sdk(replicas[1]).conversations.items.list(made.id, limit=100, order="asc")
+    notes = {item.content[0].text for item in listed.data}  # type: ignore[union-attr]
+    # Each change is a read, a change and a write of the whole record: without one lock
+    # among the replicas, changes made at once overwrite each other.
+    assert notes == {f"note {who}-{n}" for who in range(len(clients))
+                     for n in range(per_client)}
+
+
 @pytest.mark.parametrize("stop", ["cancel", "delete"])
 def test_a_background_response_stopped_on_the_other_replica_stops_generating(
         replicas: list[RunningServer], stop: str) -> None:

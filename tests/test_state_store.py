@@ -158,6 +158,40 @@ def test_concurrent_writers_keep_the_redis_counters_exact(redis: RedisServer) ->
     assert redis.command("GET", f"vlserve:{name}:bytes") is not None
 
 
+def test_a_lock_is_held_by_one_replica_at_a_time(redis: RedisServer) -> None:
+    """StateBackend.exclusive across two connection pools (two replicas): the holders never
+    overlap; one waiting past twice the state timeout gets StateUnavailable."""
+    name = f"l{uuid.uuid4().hex}"
+
+    async def main() -> None:
+        replicas = [open_backend(redis.url(0), timeout_s=0.5) for _ in range(2)]
+        inside, most, order = 0, 0, []
+
+        async def hold(i: int) -> None:
+            nonlocal inside, most
+            async with replicas[i % 2].exclusive(name):
+                inside += 1
+                most = max(most, inside)
+                await asyncio.sleep(0.01)  # awaits inside: another task would step in
+                order.append(i)
+                inside -= 1
+
+        await asyncio.gather(*(hold(i) for i in range(8)))
+        assert most == 1 and sorted(order) == list(range(8))
+        async with replicas[0].exclusive(name):
+            started = time.monotonic()
+            with pytest.raises(StateUnavailable, match="stayed locked"):
+                async with replicas[1].exclusive(name):
+                    pass
+            assert 0.9 < time.monotonic() - started < 5
+        async with replicas[1].exclusive(name):  # released: had at once
+            pass
+        for r in replicas:
+            await r.close()
+
+    asyncio.run(main())
+
+
 def test_an_unreachable_redis_is_state_unavailable_within_the_timeout(tmp_path: Path) -> None:
     async def main() -> None:
         backend = open_backend(f"redis://127.0.0.1:{free_port()}/0", timeout_s=2)

@@ -11,6 +11,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -102,13 +103,15 @@ def without_item(conversation: StoredConversation, item_id: str) -> StoredConver
 class Conversations:
     """The conversation store as the routes use it: async, in memory or shared. A change
     reads the record, changes it and writes it back whole, one change at a time per
-    conversation in this process; two replicas changing one conversation at once on a
-    shared store can lose one of the changes (one response at a time runs on a
-    conversation per replica: server.api.conversation_locks)."""
+    conversation: in this process by a lock of its own, among replicas sharing a store by
+    the store's lock too (StateBackend.exclusive). (One response at a time runs on a
+    conversation per replica: server.api.conversation_locks.)"""
 
-    def __init__(self, table: Table[StoredConversation], bounds: Bounds) -> None:
+    def __init__(self, table: Table[StoredConversation], bounds: Bounds,
+                 exclusive: Callable[[str], AbstractAsyncContextManager[None]]) -> None:
         self.table = table
         self.bounds = bounds
+        self._exclusive = exclusive
         self._changing: dict[str, tuple[asyncio.Lock, int]] = {}
 
     async def put(self, conversation: StoredConversation) -> None:
@@ -153,7 +156,8 @@ class Conversations:
         lock, users = self._changing.get(conversation_id, (asyncio.Lock(), 0))
         self._changing[conversation_id] = (lock, users + 1)
         try:
-            async with lock:
+            # This process's lock first: its own changes queue here, not on the store.
+            async with lock, self._exclusive(f"conversation:{conversation_id}"):
                 yield
         finally:
             lock, users = self._changing[conversation_id]
@@ -189,4 +193,5 @@ CONVERSATION_CODEC: Codec[StoredConversation] = Codec(_encode, _decode, heavy=Tr
 def open_conversations(settings: Settings, backend: StateBackend) -> Conversations:
     """The routes' conversation store, where `state_url` says."""
     bounds = conversation_bounds(settings)
-    return Conversations(backend.table("conversations", bounds, CONVERSATION_CODEC), bounds)
+    return Conversations(backend.table("conversations", bounds, CONVERSATION_CODEC), bounds,
+                         backend.exclusive)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -12,6 +17,11 @@ from server.store.table import AsyncMemoryTable, Codec, Table
 T = TypeVar("T")
 
 SCHEMES = ("memory", "redis", "rediss", "unix")
+# A replica that dies holding a lock (server.store.backend.StateBackend.exclusive) holds it
+# this long at most; what it guards (a read, a change, a write) takes well under a second.
+LOCK_LEASE_S = 30.0
+
+logger = logging.getLogger("vlserve.store")
 
 
 class StateBackend:
@@ -44,6 +54,39 @@ class StateBackend:
         from server.store.redis_table import RedisTable
 
         return RedisTable(self._client, name, bounds, codec, self._timeout_s)
+
+    def exclusive(self, name: str) -> AbstractAsyncContextManager[None]:
+        """Held by one replica at a time: a Redis lock (redis-py's) named `name` on a shared
+        store, so a read-change-write of one record by two replicas cannot lose either
+        change; nothing with memory:// (one process: its callers' own locks do). Waiting
+        longer than twice the state timeout for it is StateUnavailable (a 503)."""
+        if self._client is None:
+            return contextlib.nullcontext()
+        return self._redis_lock(name)
+
+    @contextlib.asynccontextmanager
+    async def _redis_lock(self, name: str) -> AsyncIterator[None]:
+        from redis.exceptions import LockError, RedisError
+
+        from server.store.bounds import StateUnavailable
+
+        assert self._client is not None
+        lock = self._client.lock(f"vlserve:lock:{name}", timeout=LOCK_LEASE_S, sleep=0.01,
+                                 blocking_timeout=2 * self._timeout_s, thread_local=False)
+        try:
+            held = await lock.acquire(token=secrets.token_hex(16))
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(f"the shared state store did not answer ({exc})") from None
+        if not held:
+            raise StateUnavailable(f"{name} stayed locked by another replica for "
+                                   f"{2 * self._timeout_s:g} s") from None
+        try:
+            yield
+        finally:
+            try:
+                await lock.release()
+            except (LockError, RedisError, OSError) as exc:  # it lapsed: the change is made
+                logger.warning("lock %s not released: %s", name, exc)
 
     async def ping(self) -> None:
         """Raise StateUnavailable unless the shared store answers (memory always does)."""
