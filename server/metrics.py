@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,6 +22,7 @@ from server.config import Settings
 from server.engine import Engine, EngineState
 from server.gpu_metrics import nvml_collector
 from server.images.pixel_cache import PixelCache
+from server.store.memory import MemoryTable
 from server.timings import SEQUENTIAL_STAGES, StageTimer
 
 # From a cached-prefix millisecond to a two-minute CPU generation.
@@ -145,6 +147,12 @@ class Metrics:
     def watch_pixel_cache(self, cache: PixelCache) -> None:
         self.registry.register(_PixelCacheCollector(cache))
 
+    def watch_state(self, tables: Mapping[str, tuple[MemoryTable[Any], object]],
+                    background_running: Callable[[], int]) -> None:
+        """The in-process stores by name (a live mapping: tables made later show up too)
+        and the background responses running here."""
+        self.registry.register(_StateCollector(tables, background_running))
+
     def observe_upload(self) -> None:
         self.uploads.inc()
 
@@ -165,6 +173,36 @@ class _BatchGauge(Collector):
         for status in STATUSES:
             family.add_metric([status], counts.get(status, 0))
         yield family
+
+
+class _StateCollector(Collector):
+    """vlserve_store_{entries,bytes}{store}: what each in-process table holds, read from its
+    own counters (no walk). Absent with a shared store (Redis): the numbers are the
+    cluster's, not this replica's, and reading them would cost a round trip per scrape."""
+
+    def __init__(self, tables: Mapping[str, tuple[MemoryTable[Any], object]],
+                 background_running: Callable[[], int]) -> None:
+        self._tables = tables
+        self._background_running = background_running
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self._tables:
+            entries = GaugeMetricFamily(
+                "vlserve_store_entries", "Entries an in-process store holds (stored "
+                "responses, conversations, uploaded files), expired ones until swept",
+                labels=["store"])
+            kept = GaugeMetricFamily(
+                "vlserve_store_bytes", "Bytes an in-process store holds, as its bounds count "
+                "them (JSON of records; decoded pixels of uploads)", labels=["store"])
+            for name, (table, _) in sorted(self._tables.items()):
+                count, used = table.usage()
+                entries.add_metric([name], count)
+                kept.add_metric([name], used)
+            yield entries
+            yield kept
+        yield GaugeMetricFamily(
+            "vlserve_background_responses_running", "Background responses this process "
+            "runs now (waiting for a slot or generating)", self._background_running())
 
 
 class _EngineCounters(Collector):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
-from conftest import TEST_N_CTX, RunningServer
+from conftest import LONG_TOKENS, TEST_N_CTX, RunningServer
 from helpers import data_url, image_message, photo_bytes
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -44,7 +46,8 @@ def test_names_follow_prometheus_conventions(server: RunningServer) -> None:
         "vlserve_image_cache_hits", "vlserve_image_cache_misses", "vlserve_uploads",
         "vlserve_slots", "vlserve_busy_slots", "vlserve_queue_depth", "vlserve_kv_cells",
         "vlserve_kv_cells_used", "vlserve_model_loaded", "vlserve_model_warm",
-        "vlserve_warmup_seconds", "vlserve_build_info",
+        "vlserve_warmup_seconds", "vlserve_build_info", "vlserve_store_entries",
+        "vlserve_store_bytes", "vlserve_background_responses_running",
     }
     assert expected <= set(ours), expected - set(ours)
 
@@ -132,3 +135,50 @@ def test_streamed_requests_are_counted_when_they_end(server: RunningServer) -> N
                   - value(before, "vlserve_requests_total", status="200", finish_reason=f)
                   for f in ("stop", "length"))
     assert counted == 1
+
+
+def test_store_gauges_follow_what_is_kept(server: RunningServer) -> None:
+    """vlserve_store_{entries,bytes}{store}: up when a response, a conversation or a file is
+    kept, back down when each is deleted (read from the tables at scrape time)."""
+    before = scrape(server)
+    stored = httpx.post(f"{server.api}/responses", timeout=60, json={
+        "model": "m", "input": "Keep me.", "max_output_tokens": 2}).json()
+    conversation = httpx.post(f"{server.api}/conversations", json={"metadata": {"k": "v"}},
+                              timeout=30).json()
+    upload = httpx.post(f"{server.api}/files", data={"purpose": "vision"}, timeout=30,
+                        files={"file": ("g.png", photo_bytes(64, 48))}).json()
+    during = scrape(server)
+
+    def delta(name: str, store: str) -> float:
+        return value(during, name, store=store) - value(before, name, store=store)
+
+    assert stored["store"] is True
+    for store in ("responses", "conversations", "files"):
+        assert delta("vlserve_store_entries", store) == 1, store
+    assert delta("vlserve_store_bytes", "responses") > len("Keep me.")
+    assert delta("vlserve_store_bytes", "conversations") == len('{"k":"v"}')  # its JSON
+    assert delta("vlserve_store_bytes", "files") == 64 * 48 * 3  # kept decoded
+
+    for path in (f"responses/{stored['id']}", f"conversations/{conversation['id']}",
+                 f"files/{upload['id']}"):
+        assert httpx.delete(f"{server.api}/{path}", timeout=30).status_code == 200, path
+    after = scrape(server)
+    for store in ("responses", "conversations", "files"):
+        for name in ("vlserve_store_entries", "vlserve_store_bytes"):
+            assert value(after, name, store=store) == value(before, name, store=store)
+
+
+def test_background_responses_running_gauge(long_server: RunningServer) -> None:
+    server = long_server
+    gauge = "vlserve_background_responses_running"
+    assert value(scrape(server), gauge) == 0
+    running = httpx.post(f"{server.api}/responses", timeout=60, json={
+        "model": "m", "input": "Go on.", "max_output_tokens": LONG_TOKENS, "temperature": 0,
+        "background": True}).json()
+    assert value(scrape(server), gauge) == 1  # started before the answer went out
+    cancelled = httpx.post(f"{server.api}/responses/{running['id']}/cancel", timeout=60)
+    assert cancelled.json()["status"] == "cancelled"
+    deadline = time.monotonic() + 30
+    while value(scrape(server), gauge) != 0:  # its end is recorded just after the cancel
+        assert time.monotonic() < deadline
+        time.sleep(0.02)

@@ -112,18 +112,18 @@ class BackgroundRuns:
         self.max_runs_per_key = max_runs_per_key
         self._runs: dict[str, BackgroundRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.running = 0  # started and not ended: waiting or generating
         self._line: deque[BackgroundRun] = deque()  # waiting to go to the engine, in order
         self._line_moved = asyncio.Event()
 
-    def active(self, owner: str | None = None) -> int:
-        """Runs not ended yet (waiting or generating), in all or of one key."""
-        return sum(1 for run in self._runs.values()
-                   if not run.ended and (owner is None or run.owner == owner))
+    def active(self, owner: str) -> int:
+        """`owner`'s runs not ended yet (waiting or generating)."""
+        return sum(1 for run in self._runs.values() if not run.ended and run.owner == owner)
 
     def check_room(self, owner: str) -> None:
         """A 429 when this replica holds as many background responses as it may take, in
         all or for `owner`: each waiting one keeps its decoded images in memory."""
-        if self.active() >= self.max_runs:
+        if self.running >= self.max_runs:
             raise APIError(429, f"background: this server is running {self.max_runs} "
                            "background responses, as many as it takes; retry later",
                            code="too_many_background_responses",
@@ -165,6 +165,7 @@ class BackgroundRuns:
         self._forget_old()
         self._runs[run.response_id] = run
         self.drain.in_flight += 1  # SIGTERM waits for it as for a request
+        self.running += 1
         task = asyncio.create_task(self._run(run, work), name=f"background {run.response_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -177,6 +178,7 @@ class BackgroundRuns:
         finally:
             run.end()
             self.drain.in_flight -= 1
+            self.running -= 1
             asyncio.get_running_loop().call_later(KEEP_EVENTS_S + 1, self._forget_old)
 
     def get(self, response_id: str, owner: str) -> BackgroundRun | None:

@@ -68,6 +68,7 @@ class AppState:
         self.background = BackgroundRuns(self.drain, self.settings.background_max_runs,
                                          self.settings.background_max_runs_per_key)
         self.stop_marks = StopMarks(self.backend)
+        self.metrics.watch_state(self.backend.memory_tables, lambda: self.background.running)
         self.batch_store = _batch_store(self.settings, self.backend)
 
     def cache_tenant(self, client: str) -> str:
