@@ -45,7 +45,7 @@ from server.store.backend import redacted
 from server.store.memory import MemoryTable
 from server.store.snapshot import discard as discard_snapshot
 from server.store.snapshot import load as load_snapshot
-from server.store.snapshot import save as save_snapshot
+from server.store.snapshot_writer import SnapshotWriter
 
 API_PREFIXES = ("/api/v1", "/v1")
 
@@ -79,18 +79,19 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 logger.exception("state snapshot %s not read", snapshot[0])
         engine.start()
         await batches.start()  # resumes unfinished batches once the engine is ready
-        if snapshot is not None:  # started from it: a crash from here on must not bring
-            discard_snapshot(snapshot[0])  # back what gets deleted meanwhile
+        writer = None
+        if snapshot is not None:  # started from it (a failed start leaves it as it was)
+            writer = SnapshotWriter(*snapshot, settings.state_snapshot_interval_s)
+            if writer.interval_s > 0:
+                writer.start()  # a crash from here on restores the last periodic write
+            else:  # only at the stop: a crash must not bring back what gets deleted
+                discard_snapshot(snapshot[0])
         try:
             yield
         finally:
             await state.background.stop()  # those the drain did not wait out end failed
-            if snapshot is not None:  # after the runs: their ends are in it
-                try:
-                    saved = await asyncio.to_thread(save_snapshot, *snapshot)
-                    logger.info("state snapshot %s: %d entries written", snapshot[0], saved)
-                except Exception:  # a full disk: the rest of the shutdown goes on
-                    logger.exception("state snapshot %s not written", snapshot[0])
+            if writer is not None:  # after the runs: their ends are in it
+                await writer.close()
             await batches.stop()
             engine.stop()
             await backend.close()

@@ -216,10 +216,14 @@ class Settings(BaseSettings):
     # call over state_timeout_s answers 503, never hangs.
     state_url: str = "memory://"
     state_timeout_s: float = Field(5.0, gt=0)
-    # With memory://: a file the stored responses and conversations are written to at a
-    # graceful stop and read back from (then deleted) at the next start, so a restart keeps
-    # them (server.store.snapshot). None: they live and die with the process.
+    # With memory://: a file the stored responses and conversations are written to, and
+    # read back from at the next start, so a restart keeps them (server.store.snapshot; the
+    # Docker image and the supervisord program set it under their data dir). None: they
+    # live and die with the process. Written every state_snapshot_interval_s while they
+    # change (a crash loses at most that much) and at a graceful stop; 0: only at the stop,
+    # the file deleted once the server started from it (a crash loses everything since).
     state_snapshot: Path | None = None
+    state_snapshot_interval_s: float = Field(300.0, ge=0)
 
     # Warm-up and prompts.
     system_prompt: str | None = None  # used for requests that bring no system message

@@ -1,11 +1,15 @@
-"""A single box's stored responses and conversations survive a graceful restart when
-`state_snapshot` names a file (server.store.snapshot): written at SIGTERM, private to the
-server's user, read back at the start and then deleted; entries keep their age."""
+"""A single box's stored responses and conversations survive a restart when
+`state_snapshot` names a file (server.store.snapshot): written at SIGTERM and every
+`state_snapshot_interval_s` while they change (so a SIGKILL loses at most an interval),
+private to the server's user, read back at the start (then deleted when there are no
+periodic writes); entries keep their age and each owner's use order."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import stat
+import time
 from pathlib import Path
 
 import httpx
@@ -18,6 +22,7 @@ from server.demo_model import DemoModelPaths
 from server.store import Bounds
 from server.store.memory import MemoryTable
 from server.store.snapshot import discard, load, save
+from server.store.snapshot_writer import SnapshotWriter
 
 
 class Clock:
@@ -101,10 +106,12 @@ def test_the_setting_names_a_file_not_a_directory(tmp_path: Path) -> None:
             load_settings(None, state_snapshot=value)
 
 
+@pytest.mark.parametrize("interval", ["0", "300"])
 def test_a_restart_keeps_conversations_and_stored_responses(
-        demo_model: DemoModelPaths, tmp_path: Path) -> None:
+        demo_model: DemoModelPaths, tmp_path: Path, interval: str) -> None:
     snapshot = tmp_path / "data" / "state.json"
-    env = {"VLSERVE_STATE_SNAPSHOT": str(snapshot)}
+    env = {"VLSERVE_STATE_SNAPSHOT": str(snapshot),
+           "VLSERVE_STATE_SNAPSHOT_INTERVAL_S": interval}
     first = start_server(demo_model, tmp_path / "first.log", env=env)
     try:
         client = openai.OpenAI(base_url=first.api, api_key="unused", max_retries=0)
@@ -120,7 +127,10 @@ def test_a_restart_keeps_conversations_and_stored_responses(
     second = start_server(demo_model, tmp_path / "second.log", env=env)
     try:
         client = openai.OpenAI(base_url=second.api, api_key="unused", max_retries=0)
-        assert not snapshot.exists()
+        if interval == "0":  # written only at the stop: deleted once started from
+            assert not snapshot.exists()
+        else:  # written again at once, with what was restored: a crash now keeps them
+            assert len(json.loads(snapshot.read_text())["tables"]["conversations"]) == 1
         assert client.conversations.retrieve(conversation.id).metadata == {"k": "v"}
         again = httpx.get(f"{second.api}/conversations/{conversation.id}/items", timeout=30)
         assert again.json() == items
@@ -154,3 +164,118 @@ def test_a_snapshot_that_cannot_be_written_does_not_stop_the_shutdown(
     stop_server(server)
     assert server.process.returncode == 0, server.log()
     assert "not written" in server.log() and "Application shutdown complete" in server.log()
+
+
+def responses_in(snapshot: Path) -> set[str]:
+    try:
+        rows = json.loads(snapshot.read_text())["tables"]["responses"]
+    except (OSError, ValueError):  # not written yet
+        return set()
+    return {row[1] for row in rows}
+
+
+def test_a_killed_server_comes_back_with_the_last_periodic_write(
+        demo_model: DemoModelPaths, tmp_path: Path) -> None:
+    """SIGKILL (an OOM kill, a power cut): no shutdown runs; the next start restores what
+    the last periodic write held."""
+    snapshot = tmp_path / "data" / "state.json"
+    env = {"VLSERVE_STATE_SNAPSHOT": str(snapshot), "VLSERVE_STATE_SNAPSHOT_INTERVAL_S": "0.5"}
+    first = start_server(demo_model, tmp_path / "first.log", env=env)
+    try:
+        client = openai.OpenAI(base_url=first.api, api_key="unused", max_retries=0)
+        kept = client.responses.create(model="m", input="Remember tulip.", max_output_tokens=3)
+        deadline = time.monotonic() + 30
+        while kept.id not in responses_in(snapshot):
+            assert time.monotonic() < deadline, first.log()
+            time.sleep(0.05)
+    finally:
+        first.process.kill()
+        first.process.wait()
+    assert f"state snapshot {snapshot}: written every 0.5 s" in first.log()
+    second = start_server(demo_model, tmp_path / "second.log", env=env)
+    try:
+        client = openai.OpenAI(base_url=second.api, api_key="unused", max_retries=0)
+        again = client.responses.retrieve(kept.id)
+        assert again.output_text == kept.output_text and again.status == kept.status
+        assert f"state snapshot {snapshot}: 1 entries restored" in second.log()
+    finally:
+        stop_server(second)
+
+
+def test_an_unchanged_table_is_not_written_again(tmp_path: Path) -> None:
+    clock = Clock()
+    conversations = table(clock)
+    first, second = (new_conversation("alice", {}, []) for _ in range(2))
+    conversations.put("alice", first.id, first, first.size)
+    conversations.put("alice", second.id, second, second.size)
+    path = tmp_path / "state.json"
+    writer = SnapshotWriter(path, {"conversations": (conversations, CONVERSATION_CODEC)}, 1.0)
+    assert writer.write() == 2
+    inode = path.stat().st_ino
+    assert writer.write() is None and path.stat().st_ino == inode  # nothing changed
+    conversations.get("alice", second.id)  # the most recent already: its order stays
+    conversations.get("bob", first.id)  # not bob's
+    assert writer.write() is None and path.stat().st_ino == inode
+    conversations.get("alice", first.id)  # the use order moved: worth a write
+    assert writer.write() == 2 and path.stat().st_ino != inode
+    conversations.delete("alice", first.id)
+    assert writer.write() == 1
+    assert writer.write(force=True) == 1  # the last one, at a graceful stop
+
+
+def test_the_periodic_writer_writes_at_once_then_each_interval(tmp_path: Path) -> None:
+    clock = Clock()
+    conversations = table(clock)
+    path = tmp_path / "state.json"
+    tables = {"conversations": (conversations, CONVERSATION_CODEC)}
+
+    def held() -> int | None:
+        try:
+            return len(json.loads(path.read_text())["tables"]["conversations"])
+        except OSError:
+            return None
+
+    async def until(count: int) -> None:
+        deadline = time.monotonic() + 10
+        while held() != count:
+            assert time.monotonic() < deadline, held()
+            await asyncio.sleep(0.01)
+
+    async def run() -> None:
+        writer = SnapshotWriter(path, tables, 0.05)
+        writer.start()
+        await until(0)  # written at once, empty
+        added = new_conversation("alice", {}, [])
+        conversations.put("alice", added.id, added, added.size)
+        await until(1)  # the next interval's write
+        conversations.delete("alice", added.id)
+        await writer.close()  # the last write, whatever the interval
+        assert json.loads(path.read_text())["tables"]["conversations"] == []
+
+    asyncio.run(run())
+
+
+def test_each_owners_use_order_survives_a_restart(tmp_path: Path) -> None:
+    """Restored by storing order (the TTL walk needs it), then put back in use order: an
+    owner at its share loses its least recently used entry, as before the restart."""
+    clock = Clock()
+
+    def lru_table() -> MemoryTable:
+        return MemoryTable(Bounds(10, 1 << 20, 100, 2, 1 << 20, lru=True, evict_others=True),
+                           clock)
+
+    before = lru_table()
+    old, new, third = (new_conversation("alice", {"n": str(i)}, []) for i in range(3))
+    for conversation in (old, new):
+        before.put("alice", conversation.id, conversation, conversation.size)
+        clock.now += 1
+    before.get("alice", old.id)  # used last: `new` is the least recently used now
+    path = tmp_path / "state.json"
+    save(path, {"conversations": (before, CONVERSATION_CODEC)})
+    after = lru_table()
+    assert load(path, {"conversations": (after, CONVERSATION_CODEC)}) == (2, 0)
+    assert [c.id for c in after.values("alice")] == [new.id, old.id]
+    after.put("alice", third.id, third, third.size)  # over alice's share of 2
+    assert after.get("alice", new.id) is None and after.get("alice", old.id) == old
+    # The storing order is kept too: expiry still goes oldest first.
+    assert [e.key for e in after.entries()] == [old.id, third.id]

@@ -26,7 +26,9 @@ class _Entry(Generic[T]):
 class MemoryTable(Generic[T]):
     """Per-owner entries in use order plus one list of all in storing order (expiry and the
     table-wide eviction walk it). Expired entries vanish on access. Thread-safe: the event
-    loop and worker threads both call it, each call a few dict operations."""
+    loop and worker threads both call it, each call a few dict operations. `changes` counts
+    the writes, deletes and use-order moves (a snapshot is written only when it moved;
+    expiry does not count: a snapshot's expired entries are dropped when it is read)."""
 
     def __init__(self, bounds: Bounds, clock: Callable[[], float] = time.time) -> None:
         self.bounds = bounds
@@ -36,6 +38,7 @@ class MemoryTable(Generic[T]):
         self._owner_bytes: dict[str, int] = {}
         self._used = 0
         self._lock = threading.Lock()
+        self.changes = 0
 
     def put(self, owner: str, key: str, value: T, size: int) -> None:
         """Keep `value`, evicting as Bounds says; raises TableFull when it cannot. A key
@@ -63,6 +66,7 @@ class MemoryTable(Generic[T]):
             self._all[key] = entry
             self._owner_bytes[owner] = self._owner_bytes.get(owner, 0) + size
             self._used += size
+            self.changes += 1
 
     def get(self, owner: str, key: str) -> T | None:
         with self._lock:
@@ -71,8 +75,9 @@ class MemoryTable(Generic[T]):
             entry = mine.get(key) if mine else None
             if mine is None or entry is None:
                 return None
-            if self.bounds.lru:
+            if self.bounds.lru and next(reversed(mine)) != key:
                 mine.move_to_end(key)
+                self.changes += 1
             return entry.value
 
     def entries(self) -> list[_Entry[T]]:
@@ -80,6 +85,25 @@ class MemoryTable(Generic[T]):
         with self._lock:
             self._expire()
             return list(self._all.values())
+
+    def contents(self) -> tuple[list[_Entry[T]], dict[str, list[str]]]:
+        """Every live entry, oldest first, and each owner's keys in use order (least
+        recently used first), read at one moment (server.store.snapshot)."""
+        with self._lock:
+            self._expire()
+            return list(self._all.values()), {owner: list(mine)
+                                              for owner, mine in self._owners.items() if mine}
+
+    def arrange(self, owner: str, keys: list[str]) -> None:
+        """Put the owner's entries in this use order (a snapshot's, restored by storing
+        order); keys not held are ignored, entries not named stay least recently used."""
+        with self._lock:
+            mine = self._owners.get(owner)
+            if mine is None:
+                return
+            for key in keys:
+                if isinstance(key, str) and key in mine:  # a bad snapshot's is skipped
+                    mine.move_to_end(key)
 
     def restore(self, owner: str, key: str, value: T, size: int, stored_at: float) -> bool:
         """Put back an entry from a snapshot with its age (restored oldest first, as the
@@ -105,6 +129,7 @@ class MemoryTable(Generic[T]):
             if entry is None:
                 return False
             self._remove(entry)
+            self.changes += 1
             return True
 
     def values(self, owner: str) -> list[T]:

@@ -1,9 +1,16 @@
-"""The single-box store (`memory://`) kept across a restart: at a graceful stop the stored
-responses and conversations are written to `state_snapshot` (one JSON file, readable by the
-server's user only) and read back at the next start; the file is deleted once the server
-has started, so a crash later cannot bring back what was deleted meanwhile (a crash, or a
-second stop signal, loses the tables, as without a snapshot). Entries keep their age: their
-TTLs go on counting, and those that ran out while the server was down are dropped."""
+"""The single-box store (`memory://`) kept across a restart: the stored responses and
+conversations are written to `state_snapshot` (one JSON file, readable by the server's user
+only) at a graceful stop and, every `state_snapshot_interval_s` while the server runs, when
+they changed (server.store.snapshot_writer); the next start reads them back. Entries keep
+their age (their TTLs go on counting, those that ran out while the server was down are
+dropped) and each owner's use order (least recently used goes first, as before the stop).
+
+The trade: with periodic writes the file exists while the server runs, so after a crash
+(OOM kill, SIGKILL, power) the next start brings back the last write: what changed since
+(at most one interval) is lost, and what was deleted since comes back. With the interval
+at 0 the file is written only at a graceful stop and deleted once the server has started
+from it, so a crash cannot bring back a deleted entry, but loses everything since the
+start."""
 
 from __future__ import annotations
 
@@ -28,11 +35,15 @@ def save(path: Path, tables: Tables) -> int:
     """Write every live entry of `tables` (their codecs must keep everything in the head:
     JSON records, not pixels); the number of entries written. A write that fails leaves
     no partial file behind."""
-    snapshot: dict[str, Any] = {"version": VERSION, "saved_at": time.time(), "tables": {}}
+    snapshot: dict[str, Any] = {"version": VERSION, "saved_at": time.time(), "tables": {},
+                                "order": {}}
     written = 0
     for name, (table, codec) in tables.items():
         rows = []
-        for entry in table.entries():
+        entries, order = table.contents()
+        if table.bounds.lru:  # else each owner's order is its storing order, as restored
+            snapshot["order"][name] = order
+        for entry in entries:
             head, body = codec.encode(entry.value)
             if body:
                 raise ValueError(f"{name}: a snapshot keeps records, not bodies")
@@ -49,15 +60,30 @@ def save(path: Path, tables: Tables) -> int:
             out.flush()
             os.fsync(out.fileno())
         os.replace(part, path)
+        _sync_directory(path.parent)  # the rename itself survives a power cut
     finally:
         part.unlink(missing_ok=True)
     return written
 
 
+def _sync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # a platform that cannot open a directory: the rename is as durable as it gets
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def load(path: Path, tables: Tables) -> tuple[int, int]:
-    """Read a snapshot back into `tables` (it stays until `discard`): (entries restored,
-    entries skipped: expired, over today's bounds, or unreadable). A file that is no
-    snapshot is set aside as `<name>.bad` and the server starts without it."""
+    """Read a snapshot back into `tables` (it stays until `discard` or the next write):
+    (entries restored, entries skipped: expired, over today's bounds, or unreadable), each
+    owner's use order as it was. A file that is no snapshot is set aside as `<name>.bad`
+    and the server starts without it."""
     if not path.is_file():
         return 0, 0
     try:
@@ -89,11 +115,25 @@ def load(path: Path, tables: Tables) -> tuple[int, int]:
                 restored += 1
             else:
                 skipped += 1
+    _arrange(snapshot.get("order"), tables)
     return restored, skipped
 
 
+def _arrange(order: Any, tables: Tables) -> None:
+    """Each owner's use order as written (restored by storing order, an owner at its share
+    would otherwise lose its oldest entry rather than its least recently used). A snapshot
+    without it (an older version's) keeps the storing order."""
+    if not isinstance(order, dict):
+        return
+    for name, owners in order.items():
+        if name in tables and isinstance(owners, dict):
+            for owner, keys in owners.items():
+                if isinstance(keys, list):
+                    tables[name][0].arrange(owner, keys)
+
+
 def discard(path: Path) -> None:
-    """Delete a snapshot once the server has started from it."""
+    """Delete a snapshot once the server has started from it (no periodic writes)."""
     try:
         path.unlink()
     except (FileNotFoundError, NotADirectoryError):
