@@ -239,6 +239,12 @@ class Settings(BaseSettings):
                              f"unix:///path.sock (got {value!r})")
         return value
 
+    @field_validator("state_snapshot", mode="before")
+    @classmethod
+    def _snapshot_off(cls, value: Any) -> Any:
+        """Empty turns it off: how an image's default (`VLSERVE_STATE_SNAPSHOT=`) is unset."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("state_snapshot")
     @classmethod
     def _snapshot_file(cls, value: Path | None) -> Path | None:

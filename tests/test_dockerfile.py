@@ -117,6 +117,9 @@ def test_runtime_stage_properties() -> None:
         assert env["VLSERVE_REGISTRY"] == "/app/registry.yaml"
         assert env["MALLOC_ARENA_MAX"] == "2"  # flat RSS under load (tests/test_soak.py)
         assert "models/registry.yaml ./registry.yaml" in copies
+        # Stored responses and conversations kept on the data volume across restarts.
+        assert env["VLSERVE_STATE_SNAPSHOT"] == "/app/data/state.json"
+        assert load_settings(None, state_snapshot=env["VLSERVE_STATE_SNAPSHOT"]).state_snapshot
 
 
 def dockerignored(path: str) -> bool:

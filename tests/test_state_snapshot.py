@@ -101,9 +101,12 @@ def test_unfinished_background_responses_come_back_failed() -> None:
 def test_the_setting_names_a_file_not_a_directory(tmp_path: Path) -> None:
     from server.config import ConfigError, load_settings
 
-    for value in (tmp_path, ""):
+    for value in (tmp_path, "."):
         with pytest.raises(ConfigError, match="expected a file path"):
             load_settings(None, state_snapshot=value)
+    # Empty is off: how the Docker image's and supervisord program's default is unset.
+    assert load_settings(None, state_snapshot="").state_snapshot is None
+    assert load_settings(None, state_snapshot=" ").state_snapshot is None
 
 
 @pytest.mark.parametrize("interval", ["0", "300"])

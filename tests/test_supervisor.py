@@ -12,6 +12,7 @@ from __future__ import annotations
 import configparser
 import contextlib
 import functools
+import json
 import os
 import re
 import shlex
@@ -62,6 +63,8 @@ def test_shipped_program_config() -> None:
     env = environment(program)
     assert {"CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "VLSERVE_N_THREADS"} <= set(env)
     assert env["MALLOC_ARENA_MAX"] == "2"  # flat RSS under load (tests/test_soak.py)
+    # Stored responses and conversations kept across restarts, beside the batches.
+    assert env["VLSERVE_STATE_SNAPSHOT"] == f"{get('directory')}/data/state.json"
     drain = float(env.get("VLSERVE_DRAIN_TIMEOUT", settings.drain_timeout))
     # supervisord must not SIGKILL before the drain is over (plus engine shutdown).
     assert int(get("stopwaitsecs")) >= drain + 5
@@ -116,12 +119,17 @@ def render(tmp: Path, demo_model: DemoModelPaths, port: int, n_ctx: int = 1024) 
     threads = str(os.cpu_count() or 1)  # the shipped 8 would oversubscribe a small CI box
     env.update(OMP_NUM_THREADS=threads, VLSERVE_N_THREADS=threads,
                PYTHONPATH=str(ROOT))  # the console script imports this checkout
+    env["VLSERVE_STATE_SNAPSHOT"] = str(snapshot_path(tmp))  # the shipped one, moved here
     program.set(SECTION, "environment", ",".join(f'{k}="{v}"' for k, v in env.items()))
     program_conf = tmp / f"{NAME}.conf"
     with program_conf.open("w") as f:
         program.write(f)
 
     return write_supervisord_conf(tmp, program_conf)
+
+
+def snapshot_path(tmp: Path) -> Path:
+    return tmp / "data" / "state.json"
 
 
 def write_supervisord_conf(tmp: Path, include: Path) -> Path:
@@ -217,6 +225,10 @@ def test_supervisord_restarts_a_killed_server_and_stops_it_cleanly(
     wait_for("RUNNING", lambda: "RUNNING" in sup.ctl("status", NAME).stdout, sup)
     first = sup.pid()
     assert first and alive_vlserve(first)
+    # Written at the start (what it restored: nothing), so a kill keeps at least that.
+    wait_for("the first snapshot", snapshot_path(sup.conf.parent).exists, sup)
+    assert json.loads(snapshot_path(sup.conf.parent).read_text())["tables"] == {
+        "responses": [], "conversations": []}
 
     os.kill(first, signal.SIGKILL)
     wait_for("a new server process", lambda: sup.pid() not in (0, first), sup)
@@ -225,6 +237,7 @@ def test_supervisord_restarts_a_killed_server_and_stops_it_cleanly(
     assert not alive_vlserve(first) and alive_vlserve(second)
     log = sup.log.read_text()
     assert f"exited: {NAME} (terminated by SIGKILL; not expected)" in log
+    conversation = httpx.post(f"{sup.url}/v1/conversations", json={}, timeout=30).json()
 
     stop = sup.ctl("stop", NAME)
     assert stop.returncode == 0 and f"{NAME}: stopped" in stop.stdout, stop.stdout
@@ -235,6 +248,9 @@ def test_supervisord_restarts_a_killed_server_and_stops_it_cleanly(
         sup.logs()
     assert "signal 15: draining" in sup.program_log.read_text()
     assert "STOPPED" in sup.ctl("status", NAME).stdout
+    # The shipped program keeps conversations across restarts: written at the stop.
+    kept = json.loads(snapshot_path(sup.conf.parent).read_text())["tables"]["conversations"]
+    assert [row[1] for row in kept] == [conversation["id"]]
 
     shutdown = sup.ctl("shutdown")
     assert shutdown.returncode == 0, shutdown.stdout + shutdown.stderr
