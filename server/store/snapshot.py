@@ -35,28 +35,33 @@ def save(path: Path, tables: Tables) -> int:
     """Write every live entry of `tables` (their codecs must keep everything in the head:
     JSON records, not pixels); the number of entries written. A write that fails leaves
     no partial file behind."""
-    snapshot: dict[str, Any] = {"version": VERSION, "saved_at": time.time(), "tables": {},
-                                "order": {}}
-    written = 0
-    for name, (table, codec) in tables.items():
-        rows = []
-        entries, order = table.contents()
-        if table.bounds.lru:  # else each owner's order is its storing order, as restored
-            snapshot["order"][name] = order
-        for entry in entries:
-            head, body = codec.encode(entry.value)
-            if body:
-                raise ValueError(f"{name}: a snapshot keeps records, not bodies")
-            rows.append([entry.owner, entry.key, entry.size, entry.stored_at, head.decode()])
-        snapshot["tables"][name] = rows
-        written += len(rows)
+    # Each table read at one moment; the records are encoded one at a time as they are
+    # written, so a write holds one record's JSON, not a copy of the stores.
+    contents = {name: table.contents() for name, (table, _) in tables.items()}
+    order = {name: contents[name][1] for name, (table, _) in tables.items()
+             if table.bounds.lru}  # else each owner's order is its storing order, as restored
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     part.unlink(missing_ok=True)  # a stale one: created afresh, so its mode is ours
     try:
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # private data
         with os.fdopen(fd, "w") as out:
-            json.dump(snapshot, out, separators=(",", ":"))
+            out.write(f'{{"version":{VERSION},"saved_at":{time.time()!r},"order":')
+            json.dump(order, out, separators=(",", ":"))
+            out.write(',"tables":{')
+            written = 0
+            for index, (name, (_, codec)) in enumerate(tables.items()):
+                out.write(f'{"," if index else ""}{json.dumps(name)}:[')
+                for row, entry in enumerate(contents[name][0]):
+                    head, body = codec.encode(entry.value)
+                    if body:
+                        raise ValueError(f"{name}: a snapshot keeps records, not bodies")
+                    out.write(("," if row else "") + json.dumps(
+                        [entry.owner, entry.key, entry.size, entry.stored_at, head.decode()],
+                        separators=(",", ":")))
+                    written += 1
+                out.write("]")
+            out.write("}}")
             out.flush()
             os.fsync(out.fileno())
         os.replace(part, path)
