@@ -42,6 +42,7 @@ from server.metrics import Metrics
 from server.playground import mount_playground
 from server.store import Codec, StateBackend, open_backend
 from server.store.backend import redacted
+from server.store.deletions import DeletionJournal
 from server.store.memory import MemoryTable
 from server.store.snapshot import discard as discard_snapshot
 from server.store.snapshot import load as load_snapshot
@@ -70,11 +71,16 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         if snapshot is not None:
             try:
                 restored, skipped = await asyncio.to_thread(load_snapshot, *snapshot)
+                # Deleted after the snapshot's write and before a crash: deleted again.
+                undone = await asyncio.to_thread(DeletionJournal(snapshot[0]).replay,
+                                                 snapshot[1])
+                restored -= undone
                 failed = fail_interrupted(e.value for e in backend.memory_tables[
                     "responses"][0].entries())
                 logger.info("state snapshot %s: %d entries restored, %d skipped, %d "
-                            "unfinished background responses marked failed", snapshot[0],
-                            restored, skipped, failed)
+                            "deleted again (deleted after its last write), %d unfinished "
+                            "background responses marked failed", snapshot[0], restored,
+                            skipped, undone, failed)
             except Exception:  # the server still starts, without them
                 logger.exception("state snapshot %s not read", snapshot[0])
         engine.start()

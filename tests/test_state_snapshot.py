@@ -20,6 +20,7 @@ from conftest import RunningServer, start_server, stop_server
 from server.api.conversation_store import CONVERSATION_CODEC, new_conversation
 from server.demo_model import DemoModelPaths
 from server.store import Bounds
+from server.store.deletions import DeletionJournal
 from server.store.memory import MemoryTable
 from server.store.snapshot import discard, load, save
 from server.store.snapshot_writer import SnapshotWriter
@@ -143,8 +144,56 @@ def test_a_restart_keeps_conversations_and_stored_responses(
         assert follow.usage is not None and turn.usage is not None
         assert follow.usage.input_tokens > turn.usage.input_tokens
         assert f"state snapshot {snapshot}: 2 entries restored" in second.log()
+        if interval == "0":
+            return
+        # Deleted after the last periodic write, then a crash: they stay deleted.
+        client.conversations.delete(conversation.id)
+        client.responses.delete(turn.id)
+        second.process.kill()
+        second.process.wait()
     finally:
         stop_server(second)
+    assert {turn.id} <= responses_in(snapshot)  # the file still holds them ...
+    third = start_server(demo_model, tmp_path / "third.log", env=env)
+    try:  # ... and the deletes journal took them out again
+        client = openai.OpenAI(base_url=third.api, api_key="unused", max_retries=0)
+        with pytest.raises(openai.NotFoundError):
+            client.conversations.retrieve(conversation.id)
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(turn.id)
+        assert "0 entries restored, 0 skipped, 2 deleted again" in third.log()
+    finally:
+        stop_server(third)
+
+
+def test_deletes_between_writes_are_journaled_and_trimmed(tmp_path: Path) -> None:
+    clock = Clock()
+    before = table(clock)
+    kept, gone = (new_conversation("alice", {}, []) for _ in range(2))
+    for conversation in (kept, gone):
+        before.put("alice", conversation.id, conversation, conversation.size)
+    path = tmp_path / "state.json"
+    writer = SnapshotWriter(path, {"conversations": (before, CONVERSATION_CODEC)}, 300)
+    assert writer.write() == 2
+    writer.deletions.watch({"conversations": (before, CONVERSATION_CODEC)})
+    before.delete("alice", gone.id)  # after the write: the file still holds it
+    before.delete("alice", "conv_never_held")  # nothing deleted: nothing noted
+    journal = path.with_name("state.json.deleted")
+    assert len(journal.read_text().splitlines()) == 1
+    assert stat.S_IMODE(journal.stat().st_mode) == 0o600
+    after = table(clock)  # a crash, then a start
+    tables = {"conversations": (after, CONVERSATION_CODEC)}
+    assert load(path, tables) == (2, 0)
+    assert DeletionJournal(path).replay(tables) == 1
+    assert after.get("alice", gone.id) is None and after.get("alice", kept.id) == kept
+    with journal.open("a") as cut:
+        cut.write('[1e99,"conversations"')  # a line a crash cut short: skipped
+    assert DeletionJournal(path).replay(tables) == 0
+    assert writer.write() == 1  # the next write holds the delete: the journal goes
+    assert not journal.exists()
+    before.delete("alice", kept.id)
+    discard(path)  # a start without periodic writes takes both files away
+    assert not path.exists() and not journal.exists()
 
 
 def test_without_the_setting_nothing_is_written(demo_model: DemoModelPaths,

@@ -39,6 +39,8 @@ class MemoryTable(Generic[T]):
         self._used = 0
         self._lock = threading.Lock()
         self.changes = 0
+        # Told of each delete (not evictions or expiry): server.store.deletions.
+        self.on_delete: Callable[[str, str], None] | None = None
 
     def put(self, owner: str, key: str, value: T, size: int) -> None:
         """Keep `value`, evicting as Bounds says; raises TableFull when it cannot. A key
@@ -130,7 +132,9 @@ class MemoryTable(Generic[T]):
                 return False
             self._remove(entry)
             self.changes += 1
-            return True
+        if self.on_delete is not None:
+            self.on_delete(owner, key)
+        return True
 
     def values(self, owner: str) -> list[T]:
         """The owner's entries, least recently used (or oldest) first."""

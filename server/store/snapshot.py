@@ -7,10 +7,10 @@ dropped) and each owner's use order (least recently used goes first, as before t
 
 The trade: with periodic writes the file exists while the server runs, so after a crash
 (OOM kill, SIGKILL, power) the next start brings back the last write: what changed since
-(at most one interval) is lost, and what was deleted since comes back. With the interval
-at 0 the file is written only at a graceful stop and deleted once the server has started
-from it, so a crash cannot bring back a deleted entry, but loses everything since the
-start."""
+(at most one interval) is lost; what was deleted since stays deleted through the deletes
+journal (server.store.deletions). With the interval at 0 the file is written only at a
+graceful stop and deleted once the server has started from it: a crash loses everything
+since the start."""
 
 from __future__ import annotations
 
@@ -137,15 +137,22 @@ def _arrange(order: Any, tables: Tables) -> None:
                     tables[name][0].arrange(owner, keys)
 
 
+def journal_path(path: Path) -> Path:
+    """The deletes made since the snapshot's last write (server.store.deletions)."""
+    return path.with_name(path.name + ".deleted")
+
+
 def discard(path: Path) -> None:
-    """Delete a snapshot once the server has started from it (no periodic writes)."""
-    try:
-        path.unlink()
-    except (FileNotFoundError, NotADirectoryError):
-        pass  # there was none
-    except OSError as exc:
-        logger.error("state snapshot %s not deleted (%s): a later start would read it again",
-                     path, exc)
+    """Delete a snapshot (and its deletes journal) once the server has started from it (no
+    periodic writes)."""
+    for file in (path, journal_path(path)):
+        try:
+            file.unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # there was none
+        except OSError as exc:
+            logger.error("state snapshot %s not deleted (%s): a later start would read it "
+                         "again", file, exc)
 
 
 def _stored_at(row: Any) -> float:

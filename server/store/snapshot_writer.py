@@ -9,8 +9,10 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from pathlib import Path
 
+from server.store.deletions import DeletionJournal
 from server.store.snapshot import Tables, save
 
 logger = logging.getLogger("vlserve.store")
@@ -25,6 +27,7 @@ class SnapshotWriter:
         self._written: tuple[int, ...] | None = None  # the tables' changes at the last write
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        self.deletions = DeletionJournal(path)  # deletes between writes survive a crash
 
     def write(self, *, force: bool = False) -> int | None:
         """Write the tables unless nothing changed since the last write (or `force`): the
@@ -34,13 +37,19 @@ class SnapshotWriter:
             seen = tuple(table.changes for table, _ in self.tables.values())
             if not force and seen == self._written:
                 return None
+            moment = time.time()  # the tables are read after it: deletes before are in
             written = save(self.path, self.tables)
             self._written = seen
-            return written
+        try:
+            self.deletions.forget_before(moment)
+        except OSError as exc:  # kept whole: replaying it again is harmless
+            logger.warning("state snapshot: deletes journal not trimmed (%s)", exc)
+        return written
 
     def start(self) -> None:
         """Write now (what the start restored: the file then holds only that) and then
         every interval."""
+        self.deletions.watch(self.tables)
         self._task = asyncio.create_task(self._run(), name="state snapshot")
         logger.info("state snapshot %s: written every %g s while it changes, and at a "
                     "graceful stop", self.path, self.interval_s)
