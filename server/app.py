@@ -87,7 +87,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         await batches.start()  # resumes unfinished batches once the engine is ready
         writer = None
         if snapshot is not None:  # started from it (a failed start leaves it as it was)
-            writer = SnapshotWriter(*snapshot, settings.state_snapshot_interval_s)
+            writer = SnapshotWriter(*snapshot, settings.state_snapshot_interval_s,
+                                    metrics.observe_snapshot)
             if writer.interval_s > 0:
                 writer.start()  # a crash from here on restores the last periodic write
             else:  # only at the stop: a crash must not bring back what gets deleted

@@ -80,6 +80,15 @@ class Metrics:
             "never run because the batch was cancelled)", ["state"], registry=registry)
         for state in ("completed", "failed", "cancelled"):  # shown at 0 from the start
             self.batch_requests.labels(state)
+        # Alert on these: a snapshot that stopped being written loses a crash's worth more.
+        self.snapshot_writes = Counter(
+            "vlserve_state_snapshot_writes_total", "State snapshot writes (state_snapshot) "
+            "by result; unchanged tables are not written", ["result"], registry=registry)
+        for result in ("written", "failed"):
+            self.snapshot_writes.labels(result)
+        self.snapshot_written_at = Gauge(
+            "vlserve_state_snapshot_last_write_timestamp_seconds", "When the state snapshot "
+            "was last written (Unix time; 0: not yet)", registry=registry)
         # Set by the app to the batch runner's counts by status (read at scrape time).
         self.batch_statuses: Callable[[], dict[str, int]] = dict
         registry.register(_BatchGauge(self))
@@ -152,6 +161,11 @@ class Metrics:
         """The in-process stores by name (a live mapping: tables made later show up too)
         and the background responses running here."""
         self.registry.register(_StateCollector(tables, background_running))
+
+    def observe_snapshot(self, written: bool) -> None:
+        self.snapshot_writes.labels("written" if written else "failed").inc()
+        if written:
+            self.snapshot_written_at.set_to_current_time()
 
     def observe_upload(self) -> None:
         self.uploads.inc()

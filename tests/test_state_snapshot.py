@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 from conftest import RunningServer, start_server, stop_server
+from helpers import metric_value
 
 from server.api.conversation_store import CONVERSATION_CODEC, new_conversation
 from server.demo_model import DemoModelPaths
@@ -213,6 +214,11 @@ def test_a_snapshot_that_cannot_be_written_does_not_stop_the_shutdown(
     server = start_server(demo_model, tmp_path / "blocked.log",
                           env={"VLSERVE_STATE_SNAPSHOT": str(blocked / "state.json")})
     httpx.post(f"{server.api}/conversations", json={}, timeout=30)
+    # The write at the start failed already: operators see it in the metrics.
+    metrics = server.url
+    assert metric_value(metrics, "vlserve_state_snapshot_writes_total", 'result="failed"') >= 1
+    assert metric_value(metrics, "vlserve_state_snapshot_writes_total", 'result="written"') == 0
+    assert metric_value(metrics, "vlserve_state_snapshot_last_write_timestamp_seconds") == 0
     stop_server(server)
     assert server.process.returncode == 0, server.log()
     assert "not written" in server.log() and "Application shutdown complete" in server.log()
@@ -240,6 +246,11 @@ def test_a_killed_server_comes_back_with_the_last_periodic_write(
         while kept.id not in responses_in(snapshot):
             assert time.monotonic() < deadline, first.log()
             time.sleep(0.05)
+        metrics = first.url
+        assert metric_value(metrics, "vlserve_state_snapshot_writes_total",
+                            'result="written"') >= 2  # at the start, and with `kept`
+        written_at = metric_value(metrics, "vlserve_state_snapshot_last_write_timestamp_seconds")
+        assert time.time() - 30 < written_at <= time.time()
     finally:
         first.process.kill()
         first.process.wait()

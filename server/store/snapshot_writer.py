@@ -10,6 +10,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from server.store.deletions import DeletionJournal
@@ -19,10 +20,12 @@ logger = logging.getLogger("vlserve.store")
 
 
 class SnapshotWriter:
-    def __init__(self, path: Path, tables: Tables, interval_s: float) -> None:
+    def __init__(self, path: Path, tables: Tables, interval_s: float,
+                 report: Callable[[bool], None] = lambda written: None) -> None:
         self.path = path
         self.tables = tables
         self.interval_s = interval_s
+        self.report = report  # each write's outcome (metrics): True written, False failed
         self._lock = threading.Lock()
         self._written: tuple[int, ...] | None = None  # the tables' changes at the last write
         self._task: asyncio.Task[None] | None = None
@@ -38,8 +41,13 @@ class SnapshotWriter:
             if not force and seen == self._written:
                 return None
             moment = time.time()  # the tables are read after it: deletes before are in
-            written = save(self.path, self.tables)
+            try:
+                written = save(self.path, self.tables)
+            except Exception:
+                self.report(False)
+                raise
             self._written = seen
+            self.report(True)
         try:
             self.deletions.forget_before(moment)
         except OSError as exc:  # kept whole: replaying it again is harmless
