@@ -22,6 +22,7 @@ from server.api.drain import DrainMiddleware
 from server.api.errors import install_error_handlers
 from server.api.files import router as files_router
 from server.api.input_tokens import router as input_tokens_router
+from server.api.keyring import KeyRing, key_rotation
 from server.api.limits import RequestLimits
 from server.api.metrics import metrics_router
 from server.api.observe import RequestObserver
@@ -60,6 +61,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """Build the app; the engine loads in its own thread once the app starts."""
     engine = engine or Engine(settings)
     metrics = Metrics(settings, engine)
+    keyring = KeyRing.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -94,7 +96,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             else:  # only at the stop: a crash must not bring back what gets deleted
                 discard_snapshot(snapshot[0])
         try:
-            yield
+            async with key_rotation(keyring):
+                yield
         finally:
             await state.background.stop()  # those the drain did not wait out end failed
             if writer is not None:  # after the runs: their ends are in it
@@ -123,10 +126,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                                       for path in ("/chat/completions", "/completions",
                                                    "/responses")),
                        write_timeout=settings.write_timeout)
-    keys = [key.get_secret_value() for key in settings.api_keys]
-    app.add_middleware(APIKeyMiddleware, keys=keys, metrics_open=settings.metrics_open)
+    app.add_middleware(APIKeyMiddleware, keys=keyring, metrics_open=settings.metrics_open)
     install_openapi(app, lambda path: is_protected(path, metrics_open=settings.metrics_open),
-                    keys=bool(keys))
+                    keys=bool(keyring.keys))
     app.add_middleware(DrainMiddleware, drain=state.drain)
     if settings.replica_id:  # outermost but CORS: every answer says who gave it, 401s too
         app.add_middleware(ReplicaHeader, replica_id=settings.replica_id)

@@ -270,7 +270,7 @@ class Settings(BaseSettings):
         if self.api_key is not None:
             keys += [k.strip() for k in self.api_key.get_secret_value().split(",") if k.strip()]
         if self.api_key_file is not None:
-            keys += _read_key_file(self.api_key_file)
+            keys += read_key_file(self.api_key_file)
         if any(not key or any(c.isspace() for c in key) for key in keys):
             raise ValueError("API keys must be non-empty and contain no whitespace")
         self.api_keys = [SecretStr(key) for key in dict.fromkeys(keys)]
@@ -405,7 +405,9 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.expanduser().resolve() == b.expanduser().resolve()
 
 
-def _read_key_file(path: Path) -> list[str]:
+def read_key_file(path: Path) -> list[str]:
+    """The keys of an api_key_file (at the start, and each time it changes:
+    server.api.keyring); ValueError when it cannot serve as one."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import error_response
 from server.api.internal import is_internal
+from server.api.keyring import KeyRing
 
 # The router's and the orchestrator's probes carry no key: /health (readiness), /livez
 # (liveness) and /get_load (a count for load-aware routing) answer without one.
@@ -58,13 +59,13 @@ def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
 class APIKeyMiddleware:
     """401 (OpenAI error JSON) for protected paths without one of the configured keys."""
 
-    def __init__(self, app: ASGIApp, keys: Iterable[str], *, metrics_open: bool = False) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyRing, *, metrics_open: bool = False) -> None:
         self.app = app
-        self._keys = tuple(key.encode() for key in keys)
+        self._keyring = keys  # read at each request: a rotated key file counts at once
         self._metrics_open = metrics_open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or not self._keys \
+        if scope["type"] not in ("http", "websocket") or not self._keyring.keys \
                 or not is_protected(scope["path"], metrics_open=self._metrics_open) \
                 or is_internal(scope):  # a batch line: its identity was set by the server
             # Every method, OPTIONS included: a 405 with its Allow header would tell which
@@ -91,6 +92,6 @@ class APIKeyMiddleware:
         # Compare against every key, without stopping early: the time taken does not tell
         # which key (if any) matched.
         matched = False
-        for key in self._keys:
+        for key in self._keyring.keys:
             matched |= hmac.compare_digest(token, key)
         return matched

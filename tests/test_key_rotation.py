@@ -1,0 +1,101 @@
+"""API keys rotated without a restart (server.api.keyring): a server started with
+`api_key_file` accepts the file's new keys and refuses its removed ones once the file
+changes (polled) or at once on SIGHUP; a bad file keeps the keys in force; keys from the
+settings stay; SIGHUP never ends the process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import RunningServer, start_server, stop_server
+
+from server.demo_model import DemoModelPaths
+
+OLD, NEW, NEWER, FIXED = "sk-old-0000", "sk-new-1111", "sk-newer-22", "sk-fixed-from-env"
+
+
+@pytest.fixture(scope="module")
+def keyed(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[tuple[RunningServer, Path]]:
+    tmp = tmp_path_factory.mktemp("rotation")
+    key_file = tmp / "keys"
+    key_file.write_text(f"# operators\n{OLD}\n")
+    server = start_server(demo_model, tmp / "server.log",
+                          env={"VLSERVE_API_KEY_FILE": str(key_file), "VLSERVE_API_KEY": FIXED})
+    yield server, key_file
+    stop_server(server)
+
+
+def status(server: RunningServer, key: str) -> int:
+    return httpx.get(f"{server.api}/models", timeout=10,
+                     headers={"Authorization": f"Bearer {key}"}).status_code
+
+
+def until_accepted(server: RunningServer, accepted: set[str], refused: set[str]) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        seen = {key: status(server, key) for key in accepted | refused}
+        if all(seen[k] == 200 for k in accepted) and all(seen[k] == 401 for k in refused):
+            return
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.1)
+
+
+def replace_file(path: Path, text: str) -> None:
+    """As an operator's tooling (or a Kubernetes secret volume) does: a new file renamed
+    over the old one."""
+    part = path.with_name(path.name + ".new")
+    part.write_text(text)
+    os.replace(part, path)
+
+
+def test_a_changed_key_file_rotates_the_keys(keyed: tuple[RunningServer, Path]) -> None:
+    server, key_file = keyed
+    assert (status(server, OLD), status(server, FIXED), status(server, NEW)) == (200, 200, 401)
+    replace_file(key_file, f"{NEW}\n")
+    until_accepted(server, {NEW, FIXED}, {OLD})
+    assert "api_key_file reloaded (the file changed): 1 key(s) added, 1 removed, 2 in force" \
+        in server.log()
+
+    # A file with no key (or unreadable) would lock everyone out: the keys in force stay.
+    replace_file(key_file, "# emptied by mistake\n")
+    deadline = time.monotonic() + 15
+    while "contains no keys; the 2 key(s) in force stay" not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+    assert (status(server, NEW), status(server, FIXED)) == (200, 200)
+    key_file.unlink()
+    time.sleep(2.5)  # a poll finds no file: nothing changes either
+    assert (status(server, NEW), status(server, FIXED)) == (200, 200)
+    replace_file(key_file, f"{NEW}\n")
+
+
+def test_sighup_reloads_at_once(keyed: tuple[RunningServer, Path]) -> None:
+    server, key_file = keyed
+    until_accepted(server, {NEW}, {NEWER})
+    time.sleep(2.5)  # a poll has taken in the file as it is now
+    # Rewritten in place with the same size and times: only the signal can tell.
+    before = key_file.stat()
+    with key_file.open("r+") as keys:
+        keys.write(f"{NEWER}\n")
+    os.utime(key_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert key_file.stat().st_size == before.st_size
+    time.sleep(2.5)  # more than a poll: it saw nothing
+    assert (status(server, NEWER), status(server, NEW)) == (401, 200)
+    server.process.send_signal(signal.SIGHUP)
+    until_accepted(server, {NEWER, FIXED}, {NEW})
+    assert "api_key_file reloaded (SIGHUP)" in server.log()
+    assert server.process.poll() is None  # SIGHUP's default would have ended it
+
+
+def test_sighup_without_a_key_file_does_not_end_the_server(server: RunningServer) -> None:
+    server.process.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert server.process.poll() is None
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
