@@ -22,6 +22,7 @@ from server.api.drain import DrainMiddleware
 from server.api.errors import install_error_handlers
 from server.api.files import router as files_router
 from server.api.input_tokens import router as input_tokens_router
+from server.api.key_limits import KeyConcurrency
 from server.api.keyring import KeyRing, key_rotation
 from server.api.limits import RequestLimits
 from server.api.metrics import metrics_router
@@ -121,11 +122,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.add_middleware(ExactPaths)
     app.add_middleware(RequestLimits, max_body_bytes=settings.max_request_bytes,
                        max_json_depth=settings.max_json_depth)
+    generation_paths = frozenset(f"{prefix}{path}" for prefix in API_PREFIXES
+                                 for path in ("/chat/completions", "/completions", "/responses"))
+    # Inside the observer: a request over its key's share is logged and counted (a 429).
+    app.add_middleware(KeyConcurrency, limit=settings.max_requests_per_key,
+                       paths=generation_paths)
     app.add_middleware(RequestObserver, metrics=metrics, model=settings.model_name,
-                       paths=frozenset(f"{prefix}{path}" for prefix in API_PREFIXES
-                                      for path in ("/chat/completions", "/completions",
-                                                   "/responses")),
-                       write_timeout=settings.write_timeout)
+                       paths=generation_paths, write_timeout=settings.write_timeout)
     app.add_middleware(APIKeyMiddleware, keys=keyring, metrics_open=settings.metrics_open)
     install_openapi(app, lambda path: is_protected(path, metrics_open=settings.metrics_open),
                     keys=bool(keyring.keys))

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(512, ge=1)
     max_tokens_cap: int = Field(2048, ge=1)
     max_queue: int = Field(64, ge=1)  # waiting requests beyond the busy slots; then 429
+    # Generation requests one API key may have in flight at once (then 429), so one tenant
+    # cannot take every slot and the queue. None: no limit per key (server.api.key_limits).
+    max_requests_per_key: int | None = Field(None, ge=1)
     request_timeout: float = Field(600.0, gt=0)  # seconds from admission to the last token
     # A decode step or image encode that has not returned after this many seconds means a
     # hung engine (wedged driver, deadlock): /health turns 503 and the process exits 1 so
