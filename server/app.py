@@ -35,6 +35,7 @@ from server.api.responses_background import fail_interrupted
 from server.api.responses_background import router as background_router
 from server.api.state import AppState
 from server.api.status import health_router, models_router
+from server.api.stored_chat import router as stored_chat_router
 from server.api.tokenize import router as tokenize_router
 from server.batches.runner import BatchRunner
 from server.config import Settings
@@ -146,9 +147,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(metrics_router)
     for prefix in API_PREFIXES:
         documented = prefix == API_PREFIXES[0]  # /v1 is the same API again, for SDK defaults
-        for router in (chat_router, completions_router, input_tokens_router,
-                       responses_router, background_router, conversations_router,
-                       files_router, batches_router, models_router, tokenize_router):
+        for router in (chat_router, stored_chat_router, completions_router,
+                       input_tokens_router, responses_router, background_router,
+                       conversations_router, files_router, batches_router, models_router,
+                       tokenize_router):
             app.include_router(router, prefix=prefix, include_in_schema=documented)
     # vLLM and llama-server serve these at the root: their clients call them there.
     app.include_router(tokenize_router, include_in_schema=False)
@@ -158,7 +160,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
 
 # What a snapshot keeps: records, not pixels (uploads are kept decoded: re-upload them).
-SNAPSHOT_TABLES = ("responses", "conversations")
+SNAPSHOT_TABLES = ("responses", "conversations", "chat_completions")
 
 
 def _snapshot(settings: Settings, backend: StateBackend

@@ -210,6 +210,12 @@ class Settings(BaseSettings):
     # them creating one is a 429.
     background_max_runs: int = Field(256, ge=1)
     background_max_runs_per_key: int = Field(64, ge=1)
+    # Stored chat completions (POST /chat/completions with `store: true`): kept for
+    # GET /chat/completions (and /{id}, its messages), each API key an even share of them;
+    # oldest first out, gone chat_completions_ttl_s after they were stored.
+    chat_completions_max_stored: int = Field(1000, ge=1)
+    chat_completions_store_mb: int = Field(256, ge=1)
+    chat_completions_ttl_s: float = Field(3600.0, gt=0)
 
     # Where uploads, stored responses and batch jobs live (server.store, server.batches):
     # "memory://" (this process, batches on disk under batch_dir: the single-box default) or
@@ -219,12 +225,13 @@ class Settings(BaseSettings):
     # call over state_timeout_s answers 503, never hangs.
     state_url: str = "memory://"
     state_timeout_s: float = Field(5.0, gt=0)
-    # With memory://: a file the stored responses and conversations are written to, and
-    # read back from at the next start, so a restart keeps them (server.store.snapshot; the
-    # Docker image and the supervisord program set it under their data dir). None: they
-    # live and die with the process. Written every state_snapshot_interval_s while they
-    # change (a crash loses at most that much) and at a graceful stop; 0: only at the stop,
-    # the file deleted once the server started from it (a crash loses everything since).
+    # With memory://: a file the stored responses, conversations and chat completions are
+    # written to, and read back from at the next start, so a restart keeps them
+    # (server.store.snapshot; the Docker image and the supervisord program set it under
+    # their data dir). None: they live and die with the process. Written every
+    # state_snapshot_interval_s while they change (a crash loses at most that much) and at
+    # a graceful stop; 0: only at the stop, the file deleted once the server started from
+    # it (a crash loses everything since).
     state_snapshot: Path | None = None
     state_snapshot_interval_s: float = Field(300.0, ge=0)
 

@@ -133,9 +133,10 @@ def test_replicas_without_a_shared_store_keep_their_batches_apart(tmp_path: Path
 
 
 @pytest.mark.parametrize("args, maxmemory", [
-    # The default bounds: uploads + stored responses + conversations + headroom.
-    ([], 512 + 256 + 256 + 256),
-    (["--replica-env", "VLSERVE_UPLOAD_STORE_MB=2048"], 2048 + 256 + 256 + 256),
+    # The default bounds: uploads + stored responses + conversations + stored chat
+    # completions + headroom.
+    ([], 512 + 256 + 256 + 256 + 256),
+    (["--replica-env", "VLSERVE_UPLOAD_STORE_MB=2048"], 2048 + 256 + 256 + 256 + 256),
     (["--redis-maxmemory", "4096"], 4096),
 ])
 def test_the_cluster_redis_is_sized_from_the_replicas_bounds(args: list[str],

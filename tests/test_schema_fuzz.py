@@ -130,3 +130,27 @@ def test_a_stored_response_matches_the_document(fuzz_server: RunningServer) -> N
         assert response.status_code == 200, response.text
         schema[path][method].validate_response(response)
     assert len(answers[2][2].json()["data"]) == 3
+
+
+def test_a_stored_chat_completion_matches_the_document(fuzz_server: RunningServer) -> None:
+    """The fuzzer cannot name a stored chat completion, so it only ever sees their 404s."""
+    api = fuzz_server.api
+    with httpx.Client(headers=AUTH, timeout=30) as client:
+        made = client.post(f"{api}/chat/completions", json={
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+            "store": True, "metadata": {"k": "v"}})
+        completion_id = made.json()["id"]
+        path = "/api/v1/chat/completions/{completion_id}"
+        answers = [("GET", "/api/v1/chat/completions",
+                    client.get(f"{api}/chat/completions", params={"metadata[k]": "v"})),
+                   ("GET", path, client.get(f"{api}/chat/completions/{completion_id}")),
+                   ("POST", path, client.post(f"{api}/chat/completions/{completion_id}",
+                                              json={"metadata": {"k": "w"}})),
+                   ("GET", path + "/messages",
+                    client.get(f"{api}/chat/completions/{completion_id}/messages")),
+                   ("DELETE", path, client.delete(f"{api}/chat/completions/{completion_id}"))]
+    for method, route, response in answers:
+        assert response.status_code == 200, response.text
+        schema[route][method].validate_response(response)
+    assert completion_id in [c["id"] for c in answers[0][2].json()["data"]]
+    assert answers[3][2].json()["data"][0]["content_parts"] == [{"type": "text", "text": "Hi"}]

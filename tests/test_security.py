@@ -68,6 +68,12 @@ ROUTES = {
         # Text completions: a text prompt only (no images, files or URLs), the chat
         # path's engine and limits (test_completions.py).
         ("/completions", "POST"),
+        # Stored chat completions (`store: true`): kept as answered with the request's
+        # messages, seen only by their key (test_stored_chat.py).
+        ("/chat/completions", "GET"), ("/chat/completions/{completion_id}", "GET"),
+        ("/chat/completions/{completion_id}", "POST"),
+        ("/chat/completions/{completion_id}", "DELETE"),
+        ("/chat/completions/{completion_id}/messages", "GET"),
         # Token counts and ids: text, or a chat's messages read as chat reads them
         # (test_tokenize.py).
         ("/tokenize", "POST"), ("/detokenize", "POST"))),

@@ -1,4 +1,4 @@
-"""A single box's stored responses and conversations survive a restart when
+"""A single box's stored responses, conversations and chat completions survive a restart when
 `state_snapshot` names a file (server.store.snapshot): written at SIGTERM and every
 `state_snapshot_interval_s` while they change (so a SIGKILL loses at most an interval),
 private to the server's user, read back at the start (then deleted when there are no
@@ -18,7 +18,9 @@ import pytest
 from conftest import RunningServer, start_server, stop_server
 from helpers import metric_value
 
+from server.api.chat_store import CHAT_CODEC, stored_chat
 from server.api.conversation_store import CONVERSATION_CODEC, new_conversation
+from server.api.protocol import ChatMessageIn
 from server.demo_model import DemoModelPaths
 from server.store import Bounds
 from server.store.deletions import DeletionJournal
@@ -60,6 +62,21 @@ def test_entries_come_back_with_their_age_and_the_file_goes(tmp_path: Path) -> N
     clock.now += 55  # its age went on counting: 105 s since it was written
     assert after.get("alice", new.id) is None
     assert load(path, {"conversations": (table(clock), CONVERSATION_CODEC)}) == (0, 0)
+
+
+def test_a_record_with_a_body_comes_back_whole(tmp_path: Path) -> None:
+    """A stored chat completion keeps its messages in its codec's body: they go along."""
+    clock = Clock()
+    before = table(clock)
+    entry = stored_chat({"id": "chatcmpl-1", "created": 5}, "alice", {"k": "v"},
+                        [ChatMessageIn(role="user", content="Hi.")])
+    before.put("alice", entry.id, entry, entry.size)
+    path = tmp_path / "state.json"
+    assert save(path, {"chat_completions": (before, CHAT_CODEC)}) == 1
+    after = table(clock)
+    assert load(path, {"chat_completions": (after, CHAT_CODEC)}) == (1, 0)
+    back = after.get("alice", entry.id)
+    assert back == entry and back is not None and back.messages == entry.messages
 
 
 def test_an_unreadable_snapshot_is_set_aside(tmp_path: Path) -> None:
@@ -126,6 +143,11 @@ def test_a_restart_keeps_conversations_and_stored_responses(
                                        input="Which word?", max_output_tokens=3)
         items = httpx.get(f"{first.api}/conversations/{conversation.id}/items",
                           timeout=30).json()
+        chat = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "Keep me."}], max_tokens=2,
+            store=True, metadata={"kept": "yes"})
+        chat_messages = httpx.get(f"{first.api}/chat/completions/{chat.id}/messages",
+                                  timeout=30).json()
     finally:
         stop_server(first)  # SIGTERM: the snapshot is written on the way out
     assert json.loads(snapshot.read_text())["version"] == 1
@@ -144,12 +166,18 @@ def test_a_restart_keeps_conversations_and_stored_responses(
                                          input="Again?", max_output_tokens=1)
         assert follow.usage is not None and turn.usage is not None
         assert follow.usage.input_tokens > turn.usage.input_tokens
-        assert f"state snapshot {snapshot}: 2 entries restored" in second.log()
+        kept = client.chat.completions.retrieve(chat.id)
+        assert kept.metadata == {"kept": "yes"}
+        assert kept.choices[0].message.content == chat.choices[0].message.content
+        assert httpx.get(f"{second.api}/chat/completions/{chat.id}/messages",
+                         timeout=30).json() == chat_messages
+        assert f"state snapshot {snapshot}: 3 entries restored" in second.log()
         if interval == "0":
             return
         # Deleted after the last periodic write, then a crash: they stay deleted.
         client.conversations.delete(conversation.id)
         client.responses.delete(turn.id)
+        client.chat.completions.delete(chat.id)
         second.process.kill()
         second.process.wait()
     finally:
@@ -162,7 +190,9 @@ def test_a_restart_keeps_conversations_and_stored_responses(
             client.conversations.retrieve(conversation.id)
         with pytest.raises(openai.NotFoundError):
             client.responses.retrieve(turn.id)
-        assert "0 entries restored, 0 skipped, 2 deleted again" in third.log()
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.retrieve(chat.id)
+        assert "0 entries restored, 0 skipped, 3 deleted again" in third.log()
     finally:
         stop_server(third)
 

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from server.api.auth import client_identity
+from server.api.chat_keep import Keeper, keeper
 from server.api.choices import merge_choices
 from server.api.errors import APIError, error_response
 from server.api.generation import (
@@ -123,12 +124,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             generation.cancelled.set()  # the other choices, if any, stop too
             return error_response(error.status, error.message, code=error.code)
         reply = _Reply(record.completion_id, state.settings.model_name, n)
+        keep = keeper(state, body, client)  # None unless `store: true`
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return sse_response(
-                _stream(reply, choices, generation, include_usage, record, legacy=legacy))
+            lines = _stream(reply, choices, generation, include_usage, record, legacy=legacy)
+            return sse_response(keep.stream(lines, timer) if keep else lines)
         return await _complete(reply, choices, generation, record, tools=plan is not None,
-                               legacy=legacy)
+                               legacy=legacy, keep=keep)
     finally:
         watcher.cancel()
 
@@ -149,7 +151,8 @@ class _Reply:
 
 
 async def _complete(reply: _Reply, choices: list[Choice], generation: GenerationRequest,
-                    record: RequestRecord, *, tools: bool, legacy: bool) -> Response:
+                    record: RequestRecord, *, tools: bool, legacy: bool,
+                    keep: Keeper | None) -> Response:
     answers = await asyncio.gather(*(_answer(first, events, generation, tools, legacy)
                                      for events, first in choices))
     finished: list[_Answer] = []
@@ -173,6 +176,8 @@ async def _complete(reply: _Reply, choices: list[Choice], generation: Generation
         "usage": usage_of(timer),
         "timings": timer.as_dict(),
     }
+    if keep is not None:
+        await keep.keep(body)
     return JSONResponse(body, headers={"Server-Timing": timer.server_timing_header()})
 
 

@@ -88,7 +88,9 @@ class RequestObserver:
         self.write_timeout = write_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or route_spelling(scope["path"]) not in self.paths:
+        # POST only: GET /chat/completions lists stored ones, no generation to count.
+        if scope["type"] != "http" or scope["method"] != "POST" \
+                or route_spelling(scope["path"]) not in self.paths:
             await self.app(scope, receive, send)
             return
         record = _new_record(scope)

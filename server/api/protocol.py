@@ -14,12 +14,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StringConstraints,
     WithJsonSchema,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-# Clients send fields we do not use (user, metadata, ...): ignore, don't fail. Types are strict,
+# Clients send fields we do not use (user, service_tier, ...): ignore, don't fail. Types are strict,
 # as the schema says and as OpenAI's API does: "stream": 1 or "max_tokens": "5" is a 400.
 _REQUEST_CONFIG = ConfigDict(extra="ignore", strict=True)
 
@@ -169,6 +170,11 @@ ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponseFor
 
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
 
+# OpenAI's: at most 16 pairs, keys up to 64 characters, values up to 512.
+Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=64)],
+                          Annotated[str, StringConstraints(max_length=512)]],
+                     Field(max_length=16)]
+
 
 class GenerationFields(_Lenient):
     """What chat and text completions both ask of the sampler and the answer."""
@@ -224,6 +230,10 @@ class ChatCompletionRequest(GenerationFields):
     chat_template_kwargs: dict[str, Any] | None = None
     # OpenAI's values; reaches a thinking model's template (server/api/template_kwargs.py).
     reasoning_effort: ReasoningEffort | None = None
+    # Keep the completion, its messages and metadata for GET /chat/completions
+    # (server/api/stored_chat.py); metadata is checked (and ignored) without store.
+    store: bool | None = None
+    metadata: Metadata | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -13,6 +13,7 @@ from server.api.protocol import (
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
     JSONSchemaFormat,
+    Metadata,
     ReasoningEffort,
     Timings,
     _Lenient,
@@ -101,12 +102,6 @@ InputItem = Annotated[
     | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
     | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(_item_type)]
-
-
-# OpenAI's: at most 16 pairs, keys up to 64 characters, values up to 512.
-Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=64)],
-                          Annotated[str, StringConstraints(max_length=512)]],
-                     Field(max_length=16)]
 
 
 class ConversationRef(_Lenient):

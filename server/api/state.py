@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from server.api.background import BackgroundRuns
 from server.api.background_marks import StopMarks
+from server.api.chat_store import ChatStore, open_chat_store
 from server.api.conversation_locks import ConversationLocks
 from server.api.conversation_store import Conversations, open_conversations
 from server.api.drain import Drain
@@ -46,6 +47,7 @@ class AppState:
     uploads: Uploads = field(init=False)  # POST /files
     responses: Responses = field(init=False)  # stored responses (POST /responses)
     conversations: Conversations = field(init=False)  # POST /conversations
+    chat_store: ChatStore = field(init=False)  # stored chat completions (`store: true`)
     # The conversations a response is running on, in this process (one at a time each).
     conversation_locks: ConversationLocks = field(init=False)
     background: BackgroundRuns = field(init=False)  # background responses run here
@@ -62,6 +64,7 @@ class AppState:
         self.uploads = open_uploads(self.settings, self.backend)
         self.responses = open_responses(self.settings, self.backend)
         self.conversations = open_conversations(self.settings, self.backend)
+        self.chat_store = open_chat_store(self.settings, self.backend)
         # A lease its request failed to give back (a stream never started) lapses once no
         # request could still be running.
         self.conversation_locks = ConversationLocks(self.settings.request_timeout + 60)

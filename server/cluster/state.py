@@ -8,9 +8,9 @@ from pathlib import Path
 
 from server.config import Settings
 
-# Above what vlserve itself bounds (uploads, stored responses, conversations): Redis's own
-# overhead per key, its allocator's slack and the Lua scripts' working memory (README
-# "Shared state").
+# Above what vlserve itself bounds (uploads, stored responses, conversations, stored chat
+# completions): Redis's own overhead per key, its allocator's slack and the Lua scripts'
+# working memory (README "Shared state").
 HEADROOM_MB = 256
 
 
@@ -18,7 +18,8 @@ def maxmemory_mb(settings: Settings) -> int:
     """Redis's memory bound for these settings: vlserve's store bounds plus headroom, so
     Redis refuses a write (503 from the replica) only if vlserve's own bounds failed."""
     return (settings.upload_store_mb + settings.responses_store_mb
-            + settings.conversations_store_mb + HEADROOM_MB)
+            + settings.conversations_store_mb + settings.chat_completions_store_mb
+            + HEADROOM_MB)
 
 
 def redis_argv(port: int, workdir: Path, maxmemory: int, binary: str | None = None

@@ -1,9 +1,10 @@
-"""The single-box store (`memory://`) kept across a restart: the stored responses and
-conversations are written to `state_snapshot` (one JSON file, readable by the server's user
-only) at a graceful stop and, every `state_snapshot_interval_s` while the server runs, when
-they changed (server.store.snapshot_writer); the next start reads them back. Entries keep
-their age (their TTLs go on counting, those that ran out while the server was down are
-dropped) and each owner's use order (least recently used goes first, as before the stop).
+"""The single-box store (`memory://`) kept across a restart: the stored responses,
+conversations and chat completions are written to `state_snapshot` (one JSON file,
+readable by the server's user only) at a graceful stop and, every
+`state_snapshot_interval_s` while the server runs, when they changed
+(server.store.snapshot_writer); the next start reads them back. Entries keep their age
+(their TTLs go on counting, those that ran out while the server was down are dropped) and
+each owner's use order (least recently used goes first, as before the stop).
 
 The trade: with periodic writes the file exists while the server runs, so after a crash
 (OOM kill, SIGKILL, power) the next start brings back the last write: what changed since
@@ -14,6 +15,7 @@ since the start."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -32,9 +34,9 @@ Tables = Mapping[str, tuple[MemoryTable[Any], Codec[Any]]]
 
 
 def save(path: Path, tables: Tables) -> int:
-    """Write every live entry of `tables` (their codecs must keep everything in the head:
-    JSON records, not pixels); the number of entries written. A write that fails leaves
-    no partial file behind."""
+    """Write every live entry of `tables` (JSON records, not pixels: a record's body, if
+    its codec has one, goes along in base64); the number of entries written. A write that
+    fails leaves no partial file behind."""
     # Each table read at one moment; the records are encoded one at a time as they are
     # written, so a write holds one record's JSON, not a copy of the stores.
     contents = {name: table.contents() for name, (table, _) in tables.items()}
@@ -54,11 +56,11 @@ def save(path: Path, tables: Tables) -> int:
                 out.write(f'{"," if index else ""}{json.dumps(name)}:[')
                 for row, entry in enumerate(contents[name][0]):
                     head, body = codec.encode(entry.value)
+                    fields = [entry.owner, entry.key, entry.size, entry.stored_at,
+                              head.decode()]
                     if body:
-                        raise ValueError(f"{name}: a snapshot keeps records, not bodies")
-                    out.write(("," if row else "") + json.dumps(
-                        [entry.owner, entry.key, entry.size, entry.stored_at, head.decode()],
-                        separators=(",", ":")))
+                        fields.append(base64.b64encode(body).decode())
+                    out.write(("," if row else "") + json.dumps(fields, separators=(",", ":")))
                     written += 1
                 out.write("]")
             out.write("}}")
@@ -110,8 +112,9 @@ def load(path: Path, tables: Tables) -> tuple[int, int]:
         table, codec = tables[name]
         for row in sorted(rows, key=_stored_at):
             try:
-                owner, key, size, stored_at, head = row
-                value = codec.decode(head.encode(), b"")
+                owner, key, size, stored_at, head, *body = row  # a body: a 6th field
+                value = codec.decode(head.encode(), base64.b64decode(body[0]) if body
+                                     else b"")
             except Exception as exc:  # a record another version wrote: that one is lost
                 logger.warning("state snapshot %s: a %s entry skipped: %r", path, name, exc)
                 skipped += 1

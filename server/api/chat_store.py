@@ -1,0 +1,162 @@
+"""Stored chat completions (`store: true` on POST /chat/completions): the completion as
+answered, the request's messages and its metadata, bounded in count and bytes per API key
+and in all, oldest first out, expiring after a TTL, in memory or in the shared store
+(server.store). A key sees only its own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import weakref
+from dataclasses import dataclass, replace
+from typing import Any
+
+from server.api.protocol import ChatMessageIn
+from server.config import Settings
+from server.store import Bounds, Codec, StateBackend, Table, TableFull
+
+
+@dataclass(frozen=True)
+class StoredChat:
+    id: str
+    owner: str  # the client identity (server.api.auth.client_identity) that created it
+    created: int
+    metadata: dict[str, str]
+    completion: dict[str, Any]  # the chat.completion as answered, without metadata
+    # The request's messages as listed (StoredMessage, each with its id); None when read
+    # for a listing from the shared store (they are the record's body: images, mostly).
+    messages: list[dict[str, Any]] | None
+    size: int  # bytes of JSON, what the byte bounds count
+
+    def view(self) -> dict[str, Any]:
+        """The stored chat.completion, as GET /chat/completions/{id} answers it."""
+        return {**self.completion, "metadata": self.metadata}
+
+
+def _json_size(value: object) -> int:
+    return len(json.dumps(value, separators=(",", ":")))
+
+
+def stored_chat(completion: dict[str, Any], owner: str, metadata: dict[str, str],
+                messages: list[ChatMessageIn]) -> StoredChat:
+    """The record for `completion` (call it off the event loop: sizing the messages means
+    serialising their images)."""
+    listed = stored_messages(completion["id"], messages)
+    size = sum(_json_size(part) for part in (completion, metadata, listed))
+    return StoredChat(completion["id"], owner, completion["created"], metadata, completion,
+                      listed, size)
+
+
+def stored_messages(completion_id: str, messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
+    """The request's messages as OpenAI lists a stored completion's: ids
+    `<completion id>-<index>` (stable: a message's place in the request), a list content's
+    parts in `content_parts` and its text joined in `content`."""
+    out = []
+    for index, message in enumerate(messages):
+        sent = message.model_dump(exclude_none=True)
+        parts = sent.pop("content", None)
+        listed: dict[str, Any] = {"id": f"{completion_id}-{index}", "role": sent.pop("role"),
+                                  "content": parts, "name": sent.pop("name", None),
+                                  "content_parts": None}
+        if isinstance(parts, list):
+            texts = [part["text"] for part in parts if part["type"] == "text"]
+            listed.update(content="\n".join(texts) if texts else None, content_parts=parts)
+        out.append({**listed, **sent})  # tool_calls, tool_call_id, function_call
+    return out
+
+
+def chat_store_bounds(settings: Settings) -> Bounds:
+    """Each API key gets an even share, so no key can push another's completions out;
+    within a share (and past the store's own bounds) the oldest go first."""
+    keys = max(1, len(settings.api_keys))
+    max_bytes = settings.chat_completions_store_mb * 1024 * 1024
+    return Bounds(settings.chat_completions_max_stored, max_bytes,
+                  settings.chat_completions_ttl_s,
+                  max(1, settings.chat_completions_max_stored // keys),
+                  max(1, max_bytes // keys), lru=False, evict_others=True)
+
+
+class StoredChatFull(Exception):
+    """The completion with its new metadata would be over its owner's whole byte share."""
+
+
+class ChatStore:
+    """The stored chat completions as the routes use them: async, in memory or shared."""
+
+    def __init__(self, table: Table[StoredChat], bounds: Bounds) -> None:
+        self.table = table
+        self.bounds = bounds
+        # One metadata update or delete at a time per id in this process: a delete that
+        # came between an update's read and its write would be undone by the write.
+        self._changing: weakref.WeakValueDictionary[str, asyncio.Lock] = \
+            weakref.WeakValueDictionary()
+
+    async def add(self, entry: StoredChat) -> bool:
+        """Keep `entry`; False when it alone is over its owner's byte share (not kept).
+        StateUnavailable when the shared store is out of reach."""
+        if entry.size > self.bounds.max_bytes_per_owner:
+            return False
+        try:
+            await self.table.put(entry.owner, entry.id, entry, entry.size)
+        except TableFull:  # only a shared table whose bounds changed under it
+            return False
+        return True
+
+    async def get(self, completion_id: str, owner: str) -> StoredChat | None:
+        return await self.table.get(owner, completion_id)
+
+    async def listed(self, owner: str) -> list[StoredChat]:
+        """The owner's completions, oldest first, without their messages (shared store)."""
+        heads = await self.table.heads(owner)
+        return sorted(heads, key=lambda entry: entry.created)  # stable: stored order in ties
+
+    async def delete(self, completion_id: str, owner: str) -> bool:
+        async with self._lock(completion_id):
+            return await self.table.delete(owner, completion_id)
+
+    async def set_metadata(self, completion_id: str, owner: str,
+                           metadata: dict[str, str]) -> StoredChat | None:
+        """The completion with `metadata` in place of its own (None: there is none). Kept
+        anew: its TTL starts again and it is the newest as eviction goes. StoredChatFull
+        when it would no longer fit its owner's share."""
+        async with self._lock(completion_id):
+            current = await self.get(completion_id, owner)
+            if current is None:
+                return None
+            changed = replace(current, metadata=metadata, size=current.size
+                              - _json_size(current.metadata) + _json_size(metadata))
+            if not await self.add(changed):  # the one as it was stays
+                raise StoredChatFull(f"{changed.size} bytes, over the "
+                                     f"{self.bounds.max_bytes_per_owner} bytes kept per key")
+            return changed
+
+    def _lock(self, completion_id: str) -> asyncio.Lock:
+        lock = self._changing.get(completion_id)
+        if lock is None:
+            lock = self._changing[completion_id] = asyncio.Lock()
+        return lock
+
+
+def _encode(entry: StoredChat) -> tuple[bytes, bytes]:
+    # The head is what a listing reads (the completion itself, small); the messages, which
+    # may hold images, are the body, read only for the one completion asked for.
+    head = [entry.id, entry.owner, entry.created, entry.metadata, entry.completion,
+            entry.size]
+    return (json.dumps(head, separators=(",", ":")).encode(),
+            json.dumps(entry.messages, separators=(",", ":")).encode())
+
+
+def _decode(head: bytes, body: bytes | None) -> StoredChat:
+    entry_id, owner, created, metadata, completion, size = json.loads(head)
+    messages = json.loads(body) if body else None
+    return StoredChat(entry_id, owner, created, metadata, completion, messages, size)
+
+
+# Heavy: messages with images inlined are megabytes of JSON, (de)serialised off-loop.
+CHAT_CODEC: Codec[StoredChat] = Codec(_encode, _decode, heavy=True)
+
+
+def open_chat_store(settings: Settings, backend: StateBackend) -> ChatStore:
+    """The routes' chat completion store, where `state_url` says."""
+    bounds = chat_store_bounds(settings)
+    return ChatStore(backend.table("chat_completions", bounds, CHAT_CODEC), bounds)
