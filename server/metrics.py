@@ -203,8 +203,8 @@ class _StateCollector(Collector):
         if self._tables:
             entries = GaugeMetricFamily(
                 "vlserve_store_entries", "Entries an in-process store holds (stored "
-                "responses, conversations, uploaded files), expired ones until swept",
-                labels=["store"])
+                "responses, conversations, chat completions, uploaded files), expired ones "
+                "until swept", labels=["store"])
             kept = GaugeMetricFamily(
                 "vlserve_store_bytes", "Bytes an in-process store holds, as its bounds count "
                 "them (JSON of records; decoded pixels of uploads)", labels=["store"])

@@ -10,6 +10,7 @@ process's memory and a real redis-server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import uuid
@@ -373,7 +374,8 @@ def test_the_settings_bound_the_store() -> None:
 def test_stored_completions_expire_after_the_ttl() -> None:
     now = [1000.0]
     bounds = Bounds(10, 1 << 20, 60, 10, 1 << 20, evict_others=True)
-    store = ChatStore(AsyncMemoryTable(MemoryTable(bounds, lambda: now[0])), bounds)
+    store = ChatStore(AsyncMemoryTable(MemoryTable(bounds, lambda: now[0])), bounds,
+                      lambda name: contextlib.nullcontext())
     messages = [ChatMessageIn(role="user", content="Hi.")]
 
     def entry(completion_id: str) -> Any:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -83,9 +85,11 @@ class StoredChatFull(Exception):
 class ChatStore:
     """The stored chat completions as the routes use them: async, in memory or shared."""
 
-    def __init__(self, table: Table[StoredChat], bounds: Bounds) -> None:
+    def __init__(self, table: Table[StoredChat], bounds: Bounds,
+                 exclusive: Callable[[str], AbstractAsyncContextManager[None]]) -> None:
         self.table = table
         self.bounds = bounds
+        self._exclusive = exclusive  # the same among replicas (StateBackend.exclusive)
         # One metadata update or delete at a time per id in this process: a delete that
         # came between an update's read and its write would be undone by the write.
         self._changing: weakref.WeakValueDictionary[str, asyncio.Lock] = \
@@ -111,7 +115,7 @@ class ChatStore:
         return sorted(heads, key=lambda entry: entry.created)  # stable: stored order in ties
 
     async def delete(self, completion_id: str, owner: str) -> bool:
-        async with self._lock(completion_id):
+        async with self._lock(completion_id), self._exclusive(f"chat:{completion_id}"):
             return await self.table.delete(owner, completion_id)
 
     async def set_metadata(self, completion_id: str, owner: str,
@@ -119,7 +123,7 @@ class ChatStore:
         """The completion with `metadata` in place of its own (None: there is none). Kept
         anew: its TTL starts again and it is the newest as eviction goes. StoredChatFull
         when it would no longer fit its owner's share."""
-        async with self._lock(completion_id):
+        async with self._lock(completion_id), self._exclusive(f"chat:{completion_id}"):
             current = await self.get(completion_id, owner)
             if current is None:
                 return None
@@ -159,4 +163,5 @@ CHAT_CODEC: Codec[StoredChat] = Codec(_encode, _decode, heavy=True)
 def open_chat_store(settings: Settings, backend: StateBackend) -> ChatStore:
     """The routes' chat completion store, where `state_url` says."""
     bounds = chat_store_bounds(settings)
-    return ChatStore(backend.table("chat_completions", bounds, CHAT_CODEC), bounds)
+    return ChatStore(backend.table("chat_completions", bounds, CHAT_CODEC), bounds,
+                     backend.exclusive)
