@@ -47,6 +47,7 @@ from server.store import Codec, StateBackend, open_backend
 from server.store.backend import redacted
 from server.store.deletions import DeletionJournal
 from server.store.memory import MemoryTable
+from server.store.snapshot import claim as claim_snapshot
 from server.store.snapshot import discard as discard_snapshot
 from server.store.snapshot import load as load_snapshot
 from server.store.snapshot_writer import SnapshotWriter
@@ -72,6 +73,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         logger.info("metrics at /metrics (GPU gauges %s)", "on" if metrics.gpu else "off")
         logger.info("uploads and stored responses kept in %s", redacted(settings.state_url))
         snapshot = _snapshot(settings, backend)
+        if snapshot is not None and not claim_snapshot(snapshot[0]):
+            logger.error("state snapshot %s is in use by another server: this one keeps "
+                         "no snapshot (give each server its own file)", snapshot[0])
+            snapshot = None
         if snapshot is not None:
             try:
                 restored, skipped = await asyncio.to_thread(load_snapshot, *snapshot)
@@ -97,10 +102,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 writer.start()  # a crash from here on restores the last periodic write
             else:  # only at the stop: a crash must not bring back what gets deleted
                 discard_snapshot(snapshot[0])
+        # Cancels and deletes sent to other replicas for the background runs here.
+        marks = asyncio.create_task(state.stop_marks.watch(state.background),
+                                    name="background stop marks")
         try:
             async with key_rotation(keyring):
                 yield
         finally:
+            marks.cancel()
             await state.background.stop()  # those the drain did not wait out end failed
             if writer is not None:  # after the runs: their ends are in it
                 await writer.close()

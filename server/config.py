@@ -8,7 +8,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -74,6 +81,10 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = []
     api_key: SecretStr | None = None
     api_key_file: Path | None = None
+    # How often api_key_file is looked at for a change (server.api.keyring); SIGHUP at once.
+    api_key_file_poll_s: float = Field(2.0, gt=0)
+    # The keys not from api_key_file: they stay when the file is rotated.
+    _fixed_keys: list[str] = PrivateAttr(default_factory=list)
     metrics_open: bool = False  # True: /metrics answers without a key
     playground: bool = True  # the web page at / and /playground (no API access of its own)
 
@@ -279,12 +290,18 @@ class Settings(BaseSettings):
         keys = [key.get_secret_value().strip() for key in self.api_keys]
         if self.api_key is not None:
             keys += [k.strip() for k in self.api_key.get_secret_value().split(",") if k.strip()]
+        self._fixed_keys = list(dict.fromkeys(keys))
         if self.api_key_file is not None:
             keys += read_key_file(self.api_key_file)
         if any(not key or any(c.isspace() for c in key) for key in keys):
             raise ValueError("API keys must be non-empty and contain no whitespace")
         self.api_keys = [SecretStr(key) for key in dict.fromkeys(keys)]
         return self
+
+    @property
+    def fixed_api_keys(self) -> list[str]:
+        """The keys from api_keys and api_key (YAML, env): those a key file rotation keeps."""
+        return list(self._fixed_keys)
 
     @field_validator("remote_image_allow_networks")
     @classmethod

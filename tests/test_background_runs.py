@@ -138,6 +138,23 @@ def test_past_its_limits_a_new_run_is_a_429() -> None:
         runs.check_room("b")  # another key is not held back by this one
         again.set()
         await asyncio.sleep(0.01)
+        # A place reserved while a create awaits the store counts as a run.
+        runs.reserve("a")
+        runs.reserve("a")
+        with pytest.raises(APIError):
+            runs.reserve("a")
+        runs.unreserve("a")  # that create failed: its place is free again
+        runs.reserve("a")
+        last = asyncio.Event()
+        runs.start(run_of("resp_a9", "a"), last.wait())  # takes a reserved place
+        with pytest.raises(APIError):
+            runs.check_room("a")
+        last.set()
+        await asyncio.sleep(0.01)
+        runs.start(run_of("resp_a10", "a"), asyncio.sleep(0))  # the last reserved place
+        await asyncio.sleep(0.01)
+        runs.check_room("a")
+        assert not runs._reserved
 
     asyncio.run(go())
 

@@ -132,6 +132,19 @@ def test_replicas_without_a_shared_store_keep_their_batches_apart(tmp_path: Path
     assert {r.env["VLSERVE_BATCH_DIR"] for r in shared.replicas} == {f"{tmp_path}/b"}
 
 
+def test_replicas_without_a_shared_store_keep_their_snapshots_apart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Docker image names one snapshot file in the environment: each replica writes
+    its own beside it (one file for all would keep only the last writer's stores)."""
+    monkeypatch.setenv("VLSERVE_STATE_SNAPSHOT", f"{tmp_path}/state.json")
+    envs = [replica.env for replica in Cluster(ClusterSpec(replicas=2)).replicas]
+    assert [e["VLSERVE_STATE_SNAPSHOT"] for e in envs] == [
+        f"{tmp_path}/state.r0.json", f"{tmp_path}/state.r1.json"]
+    shared = Cluster(ClusterSpec(replicas=2, state_url="redis://127.0.0.1:1/0"))
+    assert {r.env["VLSERVE_STATE_SNAPSHOT"] for r in shared.replicas} == {
+        f"{tmp_path}/state.json"}  # unused with Redis: the replicas ignore it
+
+
 @pytest.mark.parametrize("args, maxmemory", [
     # The default bounds: uploads + stored responses + conversations + stored chat
     # completions + headroom.

@@ -137,9 +137,11 @@ def test_streamed_requests_are_counted_when_they_end(server: RunningServer) -> N
     assert counted == 1
 
 
-def test_store_gauges_follow_what_is_kept(server: RunningServer) -> None:
+def test_store_gauges_follow_what_is_kept(long_server: RunningServer) -> None:
     """vlserve_store_{entries,bytes}{store}: up when a response, a conversation or a file is
-    kept, back down when each is deleted (read from the tables at scrape time)."""
+    kept, back down when each is deleted (read from the tables at scrape time). On this
+    module's own server: the session's may have its stores at their bounds by now."""
+    server = long_server
     before = scrape(server)
     stored = httpx.post(f"{server.api}/responses", timeout=60, json={
         "model": "m", "input": "Keep me.", "max_output_tokens": 2}).json()
@@ -182,3 +184,18 @@ def test_background_responses_running_gauge(long_server: RunningServer) -> None:
     while value(scrape(server), gauge) != 0:  # its end is recorded just after the cancel
         assert time.monotonic() < deadline
         time.sleep(0.02)
+
+
+def test_a_refused_method_is_counted_and_a_listing_is_not(long_server: RunningServer) -> None:
+    """GET /chat/completions lists stored completions (no generation: not a chat request);
+    any other method there but POST is a chat request refused, counted as its 405."""
+    server = long_server
+    before = scrape(server)
+    assert httpx.put(f"{server.api}/chat/completions", json={}, timeout=30).status_code == 405
+    assert httpx.get(f"{server.api}/chat/completions", timeout=30).status_code == 200
+    after = scrape(server)
+    counted = {status: value(after, "vlserve_requests_total", status=status,
+                             finish_reason="none")
+               - value(before, "vlserve_requests_total", status=status, finish_reason="none")
+               for status in ("405", "200")}
+    assert counted == {"405": 1, "200": 0}

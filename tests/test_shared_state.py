@@ -44,7 +44,8 @@ def replicas(demo_model: DemoModelPaths, redis: RedisServer,
     try:
         for name in ("a", "b"):
             started.append(start_server(demo_model, logs / f"{name}.log", "--n-ctx",
-                                        str(LONG + 200), env=env))
+                                        str(LONG + 200),
+                                        env={**env, "VLSERVE_REPLICA_ID": name}))
         yield started
     finally:
         for server in started:
@@ -390,6 +391,22 @@ def test_uploads_and_chats_through_the_front(front: str, replicas: list[RunningS
             *({"type": "file", "file": {"file_id": i}} for i in ids)]}])
     assert chat.model_extra["timings"]["image_tokens"] > 0
     assert sdk(f"{front}/api/v1").files.retrieve(ids[0]).id == ids[0]
+
+
+def test_stored_chat_completions_are_listed_through_the_front(front: str) -> None:
+    """vllm-router serves POST /v1/chat/completions only (a GET there is its 405): the
+    front sends the listing to the replicas, round robin, which read the shared store."""
+    client = sdk(f"{front}/v1")
+    made = client.chat.completions.create(model="m", max_tokens=1, store=True,
+                                          messages=[{"role": "user", "content": "Hi"}])
+    answered_by = set()
+    for _ in range(2):
+        listing = httpx.get(f"{front}/v1/chat/completions", params={"limit": 100}, timeout=30)
+        assert listing.status_code == 200, listing.text
+        assert made.id in {c["id"] for c in listing.json()["data"]}
+        answered_by.add(listing.headers["X-Vlserve-Replica"])
+    assert answered_by == {"a", "b"}  # not the router's (B here) alone
+    assert client.chat.completions.retrieve(made.id).id == made.id
 
 
 def test_the_front_keeps_the_routers_administration_to_itself(front: str) -> None:

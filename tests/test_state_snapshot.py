@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from server.demo_model import DemoModelPaths
 from server.store import Bounds
 from server.store.deletions import DeletionJournal
 from server.store.memory import MemoryTable
-from server.store.snapshot import discard, load, save
+from server.store.snapshot import claim, discard, load, save
 from server.store.snapshot_writer import SnapshotWriter
 
 
@@ -96,10 +98,13 @@ def test_a_bad_or_oversized_entry_is_skipped_and_the_others_kept(tmp_path: Path)
     save(path, {"conversations": (before, CONVERSATION_CODEC)})
     data = json.loads(path.read_text())
     data["tables"]["conversations"].append(["alice", "conv_x", 9, clock.now, "[1, 2]"])
+    # A record that decodes but whose size is no number (an edited file): skipped too.
+    good_head = data["tables"]["conversations"][0][4]
+    data["tables"]["conversations"].append(["alice", "conv_y", "9", clock.now, good_head])
     path.write_text(json.dumps(data))
     # Today's bounds are smaller: the big one would push the others out; it is skipped.
     after = MemoryTable(Bounds(10, 2000, 100, 10, 2000, lru=True, evict_others=True), clock)
-    assert load(path, {"conversations": (after, CONVERSATION_CODEC)}) == (1, 2)
+    assert load(path, {"conversations": (after, CONVERSATION_CODEC)}) == (1, 3)
     assert after.get("alice", small.id) == small and after.get("alice", big.id) is None
 
 
@@ -150,14 +155,16 @@ def test_a_restart_keeps_conversations_and_stored_responses(
                                   timeout=30).json()
     finally:
         stop_server(first)  # SIGTERM: the snapshot is written on the way out
-    assert json.loads(snapshot.read_text())["version"] == 1
+    stopped_at = json.loads(snapshot.read_text())["saved_at"]
     second = start_server(demo_model, tmp_path / "second.log", env=env)
     try:
         client = openai.OpenAI(base_url=second.api, api_key="unused", max_retries=0)
         if interval == "0":  # written only at the stop: deleted once started from
             assert not snapshot.exists()
         else:  # written again at once, with what was restored: a crash now keeps them
-            assert len(json.loads(snapshot.read_text())["tables"]["conversations"]) == 1
+            again_at = json.loads(snapshot.read_text())
+            assert again_at["saved_at"] > stopped_at
+            assert len(again_at["tables"]["conversations"]) == 1
         assert client.conversations.retrieve(conversation.id).metadata == {"k": "v"}
         again = httpx.get(f"{second.api}/conversations/{conversation.id}/items", timeout=30)
         assert again.json() == items
@@ -225,6 +232,18 @@ def test_deletes_between_writes_are_journaled_and_trimmed(tmp_path: Path) -> Non
     before.delete("alice", kept.id)
     discard(path)  # a start without periodic writes takes both files away
     assert not path.exists() and not journal.exists()
+
+
+def test_one_file_is_one_servers(tmp_path: Path) -> None:
+    """A second process given the same snapshot file cannot claim it (the server then
+    keeps none, and says so); the process holding it can, again."""
+    path = tmp_path / "state.json"
+    assert claim(path) and claim(path)
+    other = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                            "from server.store.snapshot import claim; "
+                            f"sys.exit(0 if claim(Path({str(path)!r})) else 3)"],
+                           cwd=Path(__file__).resolve().parent.parent)
+    assert other.returncode == 3
 
 
 def test_without_the_setting_nothing_is_written(demo_model: DemoModelPaths,

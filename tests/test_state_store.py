@@ -164,7 +164,10 @@ def test_a_lock_is_held_by_one_replica_at_a_time(redis: RedisServer) -> None:
     name = f"l{uuid.uuid4().hex}"
 
     async def main() -> None:
-        replicas = [open_backend(redis.url(0), timeout_s=0.5) for _ in range(2)]
+        # A 2 s state timeout while eight holders contend (a loaded box may stall a call);
+        # a 0.5 s one for the wait that must give up.
+        replicas = [open_backend(redis.url(0), timeout_s=2) for _ in range(2)]
+        impatient = open_backend(redis.url(0), timeout_s=0.5)
         inside, most, order = 0, 0, []
 
         async def hold(i: int) -> None:
@@ -181,12 +184,12 @@ def test_a_lock_is_held_by_one_replica_at_a_time(redis: RedisServer) -> None:
         async with replicas[0].exclusive(name):
             started = time.monotonic()
             with pytest.raises(StateUnavailable, match="stayed locked"):
-                async with replicas[1].exclusive(name):
+                async with impatient.exclusive(name):
                     pass
             assert 0.9 < time.monotonic() - started < 5
         async with replicas[1].exclusive(name):  # released: had at once
             pass
-        for r in replicas:
+        for r in [*replicas, impatient]:
             await r.close()
 
     asyncio.run(main())

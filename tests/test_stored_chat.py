@@ -260,6 +260,23 @@ def test_listing_orders_pages_and_filters(stored: RunningServer) -> None:
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "metadata"
 
 
+def test_a_cursor_keeps_its_place_through_updates_and_deletes(stored: RunningServer) -> None:
+    """Completions made within one second: an update (which stores one anew) moves none of
+    them, and a cursor naming one deleted since goes on from where it was."""
+    run = uuid.uuid4().hex
+    made = [create(stored, store=True, max_tokens=1, metadata={"run": run})["id"]
+            for _ in range(3)]
+    client = sdk(stored)
+    first = client.chat.completions.list(metadata={"run": run}, limit=1)
+    assert ids(first) == made[:1]
+    client.chat.completions.update(made[0], metadata={"run": run, "seen": "yes"})
+    assert ids(listed(stored, **{"metadata[run]": run, "after": made[0]})) == made[1:]
+    client.chat.completions.delete(made[1])
+    assert ids(listed(stored, **{"metadata[run]": run, "after": made[1]})) == made[2:]
+    newest_first = listed(stored, **{"metadata[run]": run, "after": made[1], "order": "desc"})
+    assert ids(newest_first) == made[:1]
+
+
 def test_an_update_replaces_the_metadata(stored: RunningServer) -> None:
     run = uuid.uuid4().hex
     answered = create(stored, store=True, metadata={"run": run, "stage": "draft"})

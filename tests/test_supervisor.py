@@ -228,7 +228,7 @@ def test_supervisord_restarts_a_killed_server_and_stops_it_cleanly(
     # Written at the start (what it restored: nothing), so a kill keeps at least that.
     wait_for("the first snapshot", snapshot_path(sup.conf.parent).exists, sup)
     assert json.loads(snapshot_path(sup.conf.parent).read_text())["tables"] == {
-        "responses": [], "conversations": []}
+        "responses": [], "conversations": [], "chat_completions": []}
 
     os.kill(first, signal.SIGKILL)
     wait_for("a new server process", lambda: sup.pid() not in (0, first), sup)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -57,6 +57,7 @@ class BackgroundRun:
         self._ended = asyncio.Event()
         self._wake = asyncio.Event()
         self.stopped = asyncio.Event()  # set with stop_reason: wakes a run waiting in line
+        self.first_in_line = asyncio.Event()  # set when the run before it leaves the line
 
     def publish(self, line: str) -> None:
         self.lines.append(line)
@@ -113,8 +114,12 @@ class BackgroundRuns:
         self._runs: dict[str, BackgroundRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.running = 0  # started and not ended: waiting or generating
+        self._reserved: Counter[str] = Counter()  # places held for runs being created
         self._line: deque[BackgroundRun] = deque()  # waiting to go to the engine, in order
-        self._line_moved = asyncio.Event()
+
+    def running_now(self) -> list[BackgroundRun]:
+        """The runs not ended yet (waiting or generating)."""
+        return [run for run in self._runs.values() if not run.ended]
 
     def active(self, owner: str) -> int:
         """`owner`'s runs not ended yet (waiting or generating)."""
@@ -122,17 +127,29 @@ class BackgroundRuns:
 
     def check_room(self, owner: str) -> None:
         """A 429 when this replica holds as many background responses as it may take, in
-        all or for `owner`: each waiting one keeps its decoded images in memory."""
-        if self.running >= self.max_runs:
+        all or for `owner` (reserved ones included): each waiting one keeps its decoded
+        images in memory."""
+        if self.running + sum(self._reserved.values()) >= self.max_runs:
             raise APIError(429, f"background: this server is running {self.max_runs} "
                            "background responses, as many as it takes; retry later",
                            code="too_many_background_responses",
                            headers={"Retry-After": "5"}, param="background")
-        if self.active(owner) >= self.max_runs_per_key:
+        if self.active(owner) + self._reserved[owner] >= self.max_runs_per_key:
             raise APIError(429, f"background: this key has {self.max_runs_per_key} "
                            "background responses running, as many as it may; retry once "
                            "one has ended", code="too_many_background_responses",
                            headers={"Retry-After": "5"}, param="background")
+
+    def reserve(self, owner: str) -> None:
+        """check_room, and a place held for `owner` until `start` takes it (or `unreserve`
+        gives it back): creates awaiting the store meanwhile cannot all pass the check."""
+        self.check_room(owner)
+        self._reserved[owner] += 1
+
+    def unreserve(self, owner: str) -> None:
+        self._reserved[owner] -= 1
+        if not self._reserved[owner]:
+            del self._reserved[owner]
 
     async def in_turn(self, run: BackgroundRun, has_room: Callable[[], bool],
                       submit: Callable[[], Awaitable[T]]) -> T | None:
@@ -151,17 +168,22 @@ class BackgroundRuns:
                     except APIError as refused:
                         if refused.status != 429:  # the server is closing, ...
                             raise
-                moved = self._line_moved
-                await _first_of(moved, run.stopped, timeout=pause if first else None)
-                if first:
+                if first:  # it alone asks again for room, after a pause
+                    await _first_of(run.stopped, timeout=pause)
                     pause = min(pause * 2, ROOM_POLL_S[1])
+                else:  # the others sleep until it is their turn
+                    await _first_of(run.first_in_line, run.stopped, timeout=None)
             return None
         finally:
+            was_first = self._line[0] is run
             self._line.remove(run)
-            self._line_moved.set()  # the next one may be first now
-            self._line_moved = asyncio.Event()
+            if was_first and self._line:
+                self._line[0].first_in_line.set()  # wakes the next one alone
 
     def start(self, run: BackgroundRun, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` for `run`, taking the place `reserve` held for its owner, if any."""
+        if self._reserved[run.owner]:
+            self.unreserve(run.owner)
         self._forget_old()
         self._runs[run.response_id] = run
         self.drain.in_flight += 1  # SIGTERM waits for it as for a request

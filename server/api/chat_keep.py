@@ -52,13 +52,17 @@ class Keeper:
                      ) -> AsyncIterator[str]:
         """`lines` as they are, the completion they make kept just before `[DONE]` (so a
         client that read the stream to its end can read it back at once)."""
-        assembly = StreamAssembly(logprobs=self.logprobs)
+        assembly: StreamAssembly | None = StreamAssembly(logprobs=self.logprobs)
         async with contextlib.aclosing(lines):  # a client gone: the generation stops now
             async for line in lines:
-                if line == DONE:
-                    await self.keep(assembly.completion(timer))
-                else:
-                    assembly.add(line)
+                try:
+                    if assembly is not None and line == DONE:
+                        await self.keep(assembly.completion(timer))
+                    elif assembly is not None:
+                        assembly.add(line)
+                except Exception:  # a bug here must not cut the client's stream short
+                    logger.exception("chat completion stream not stored")
+                    assembly = None
                 yield line
 
 

@@ -110,9 +110,10 @@ class ChatStore:
         return await self.table.get(owner, completion_id)
 
     async def listed(self, owner: str) -> list[StoredChat]:
-        """The owner's completions, oldest first, without their messages (shared store)."""
-        heads = await self.table.heads(owner)
-        return sorted(heads, key=lambda entry: entry.created)  # stable: stored order in ties
+        """The owner's completions as they were made (their ids sort so: a metadata
+        update, which stores one anew, does not move it), without their messages (shared
+        store)."""
+        return sorted(await self.table.heads(owner), key=lambda entry: entry.id)
 
     async def delete(self, completion_id: str, owner: str) -> bool:
         async with self._lock(completion_id), self._exclusive(f"chat:{completion_id}"):

@@ -1,9 +1,10 @@
 """The API keys the server accepts, rotated without a restart: keys from the settings
 (`api_keys`, `api_key`) hold for the process's life; those from `api_key_file` are read
-again when the file changes (its size, mtime or inode, looked at every KEY_FILE_POLL_S;
-a Kubernetes secret volume swaps the file so) or at once on SIGHUP. A file that cannot be
-read, holds no key or a bad one keeps the keys in force (logged): rotation never switches
-auth off or locks everyone out by accident.
+again when the file changes (its size, mtime or inode, looked at every
+`api_key_file_poll_s`; a Kubernetes secret volume swaps the file so), once it has stayed
+the same for one more look (an editor still writing it is not read half-way), or at once
+on SIGHUP. A file that cannot be read, holds no key or a bad one keeps the keys in force
+(logged): rotation never switches auth off or locks everyone out by accident.
 
 A key's stored files, responses and conversations belong to that key (the identity is a
 digest of it): a new key does not see what an old one stored."""
@@ -22,26 +23,25 @@ from server.config import Settings, read_key_file
 
 logger = logging.getLogger("vlserve")
 
-KEY_FILE_POLL_S = 2.0
-
 
 class KeyRing:
     def __init__(self, fixed: list[str], key_file: Path | None,
-                 file_keys: list[str] | None = None) -> None:
+                 file_keys: list[str] | None = None, poll_s: float = 2.0) -> None:
         self._fixed = fixed
         self.key_file = key_file
+        self.poll_s = poll_s
         self._file_keys = file_keys or []
         self._seen = self._signature()
         self.keys = self._combined()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyRing:
-        keys = [key.get_secret_value() for key in settings.api_keys]
+        fixed = settings.fixed_api_keys
         if settings.api_key_file is None:
-            return cls(keys, None)
-        from_file = read_key_file(settings.api_key_file)  # read once more: they were merged
-        return cls([key for key in keys if key not in from_file], settings.api_key_file,
-                   from_file)
+            return cls(fixed, None)
+        file_keys = [key.get_secret_value() for key in settings.api_keys
+                     if key.get_secret_value() not in fixed]
+        return cls(fixed, settings.api_key_file, file_keys, settings.api_key_file_poll_s)
 
     def reload(self, why: str) -> bool:
         """Read the key file again; whether the accepted keys changed."""
@@ -52,6 +52,7 @@ class KeyRing:
             from_file = read_key_file(self.key_file)
             if any(any(c.isspace() for c in key) for key in from_file):
                 raise ValueError("a key contains whitespace")
+            from_file = [key for key in from_file if key not in self._fixed]  # held anyway
         except ValueError as exc:
             logger.error("api_key_file not reloaded (%s): %s; the %d key(s) in force stay",
                          why, exc, len(self.keys))
@@ -66,15 +67,19 @@ class KeyRing:
                     why, added, removed, len(self.keys))
         return True
 
-    def changed_on_disk(self) -> bool:
-        return self.key_file is not None and self._signature() != self._seen
-
     async def watch(self) -> None:
-        """Until cancelled: reload whenever the file changes."""
+        """Until cancelled: reload once the file has changed and then stayed the same for
+        one more look."""
+        changed_to: tuple[int, int, int] | None = None
         while True:
-            await asyncio.sleep(KEY_FILE_POLL_S)
-            if self.changed_on_disk():
+            await asyncio.sleep(self.poll_s)
+            now = self._signature()
+            if now == self._seen:
+                changed_to = None
+            elif now == changed_to:
                 self.reload("the file changed")
+            else:
+                changed_to = now
 
     def _combined(self) -> tuple[bytes, ...]:
         return tuple(key.encode() for key in dict.fromkeys(self._fixed + self._file_keys))
@@ -103,8 +108,11 @@ async def key_rotation(keyring: KeyRing) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        with contextlib.suppress(NotImplementedError, RuntimeError):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGHUP)
+            # Ignored, not back to its default: a HUP from a rotation script during the
+            # rest of the shutdown (the snapshot's last write) must not end the process.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if watching is not None:
             watching.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -8,7 +8,8 @@ logged and counted exactly once, like the rest.
 from __future__ import annotations
 
 import logging
-import uuid
+import secrets
+import time
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -59,6 +60,13 @@ def client_request_id(value: str | None) -> str | None:
     return value
 
 
+def new_completion_id() -> str:
+    """`chatcmpl-` and 32 hex digits: the creation time in nanoseconds, then 64 random
+    bits. Ids sort as they were made, so a listing's cursor (`after`) keeps its place even
+    once the completion it names is gone (server.api.stored_chat)."""
+    return f"chatcmpl-{time.time_ns():016x}{secrets.token_hex(8)}"
+
+
 def request_record(request: Request) -> RequestRecord:
     """The record the middleware made for this request (a fresh one without middleware)."""
     record = request.scope.get(_SCOPE_KEY)
@@ -69,7 +77,7 @@ def request_record(request: Request) -> RequestRecord:
 
 
 def _new_record(scope: Scope) -> RequestRecord:
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    completion_id = new_completion_id()
     client_id = client_request_id(Headers(scope=scope).get("x-request-id"))
     client = scope.get("client")
     return RequestRecord(request_id=client_id or completion_id, completion_id=completion_id,
@@ -88,8 +96,9 @@ class RequestObserver:
         self.write_timeout = write_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # POST only: GET /chat/completions lists stored ones, no generation to count.
-        if scope["type"] != "http" or scope["method"] != "POST" \
+        # Not GET/HEAD: GET /chat/completions lists stored ones, no generation to count
+        # (any other method is a chat request refused, a 405, logged and counted as such).
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD") \
                 or route_spelling(scope["path"]) not in self.paths:
             await self.app(scope, receive, send)
             return

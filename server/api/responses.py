@@ -216,10 +216,14 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
             queued = draft.body("queued", [])
             entry = await asyncio.to_thread(stored_response, queued, client, input_items,
                                             conversation)
-            state.background.check_room(client)  # again: others were created meanwhile
-            if not await state.responses.add(entry):  # the store out of reach: a 503
-                raise APIError(400, "background: too large for this key's share of the "
-                               "response store", param="background")
+            state.background.reserve(client)  # again, and held: others are being created
+            try:
+                if not await state.responses.add(entry):  # the store out of reach: a 503
+                    raise APIError(400, "background: too large for this key's share of the "
+                                   "response store", param="background")
+            except BaseException:
+                state.background.unreserve(client)
+                raise
             record.detached = True  # counted and logged when the run ends
             state.background.start(run, run_in_background(
                 state, run, record, draft, converted, output, reasoning, finished, keep, turn))
@@ -271,10 +275,11 @@ async def delete_response(response_id: str, request: Request) -> JSONResponse:
     if run is not None:  # a running background response stops and writes nothing more
         run.deleted = True
         run.stop("cancelled")
+    else:  # it may be a background response another replica runs: stop it there (first:
+        # a mark that cannot be written fails the delete before anything is gone)
+        await state.stop_marks.mark(response_id, client, "deleted")
     if not await state.responses.delete(response_id, client):
         raise response_not_found(response_id, "response_id")
-    if run is None:  # it may be a background response another replica runs: stop it there
-        await state.stop_marks.mark(response_id, client, "deleted")
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 

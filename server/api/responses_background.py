@@ -3,7 +3,6 @@ cancel route, and a stream read later (the runs themselves: server.api.backgroun
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -15,6 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.auth import client_identity
 from server.api.background import KEEP_EVENTS_S, BackgroundRun
+from server.api.background_marks import apply as apply_stop
 from server.api.conversation_turns import ConversationTurn
 from server.api.errors import APIError
 from server.api.generation import Event, sse_response, start_generation
@@ -58,11 +58,12 @@ async def cancel_response(response_id: str, request: Request) -> JSONResponse:
         run.stop("cancelled")
         await run.wait_ended(CANCEL_WAIT_S)  # the engine drops it at its next step
     elif stored.response["status"] in ("queued", "in_progress"):
-        # Run by another replica (sharing the store), or lost with one: mark it; the
-        # replica running it keeps the mark when it finishes.
+        # Run by another replica (sharing the store), or lost with one: its stop mark
+        # first (a failure there changes nothing, so a retry marks it again), then the
+        # state, which the replica running it keeps when it finishes.
+        await state.stop_marks.mark(response_id, client, "cancelled")
         marked = {**stored.response, "status": "cancelled"}
         await state.responses.add(replace(stored, response=marked))
-        await state.stop_marks.mark(response_id, client, "cancelled")  # stops it there
     again = await owned_response(state, response_id, client, "response_id")
     assert again is not None
     return JSONResponse(again.response)
@@ -81,7 +82,6 @@ async def run_in_background(state: AppState, run: BackgroundRun, record: Request
     """A background response's whole run: its events published for streams, its states
     kept in the store (in_progress once admitted, then its end, through `finished`), its
     end counted and logged as its request's (`record`)."""
-    watching = asyncio.create_task(state.stop_marks.watch(run))
     try:
         out = EventStream()
         for line in queued_events(draft, out):  # followers see it queued until admitted
@@ -108,7 +108,6 @@ async def run_in_background(state: AppState, run: BackgroundRun, record: Request
         with contextlib.suppress(Exception):
             await keep(failed, [])
     finally:
-        await state.stop_marks.stop_watching(watching)
         if turn is not None:
             turn.release()
         if run.stop_reason == "cancelled":
@@ -138,17 +137,18 @@ def stopped(failed: dict[str, Any], reason: str | None) -> dict[str, Any]:
 
 
 async def superseded(state: AppState, run: BackgroundRun) -> bool:
-    """Whether another replica marked the stored response cancelled since the run began:
-    then that stands (nothing more is written or appended) and the run stops. (A record
-    that is gone was evicted: it is written again; one deleted on another replica stops the
-    run through its stop mark, server.api.background_marks.)"""
+    """Whether another replica cancelled or deleted the response since the run began
+    (its stop mark, server.api.background_marks, or the stored state): then that stands
+    (nothing more is written or appended) and the run stops. (A record that is gone
+    without a mark was evicted: it is written again.)"""
     try:
-        stored = await state.responses.get(run.response_id, run.owner)
+        stop = await state.stop_marks.read(run)
+        stored = None if stop else await state.responses.get(run.response_id, run.owner)
     except StateUnavailable:
         return False  # the write that follows fails too, and says so in the log
-    if stored is None or stored.response["status"] != "cancelled":
+    if stop is None and (stored is None or stored.response["status"] != "cancelled"):
         return False
-    run.stop("cancelled")
+    apply_stop(run, stop or "cancelled")
     return True
 
 

@@ -49,17 +49,27 @@ async def list_chat_completions(request: Request, after: str | None = None,
                                 limit: int = Query(20, ge=1, le=100),
                                 order: Literal["asc", "desc"] = "asc",
                                 model: str | None = None) -> JSONResponse:
-    """The key's stored completions by creation time (`order`, default `asc` as OpenAI's),
+    """The key's stored completions by creation (`order`, default `asc` as OpenAI's),
     cursor-paginated (`after`, `limit`, `has_more`); `model` and `metadata[key]=value`
-    (each pair must match) filter them."""
+    (each pair must match) filter them. Ids sort by creation (observe.new_completion_id),
+    so `after` goes on from its place even when the completion it names has gone since
+    (evicted, expired, deleted, or no longer matching the filter)."""
     state: AppState = request.app.state.vlserve
     wanted = _metadata_filters(request)
-    listed = [entry.view() for entry in await state.chat_store.listed(
+    listed = [entry for entry in await state.chat_store.listed(
         client_identity(request.scope))
         if (model is None or entry.completion["model"] == model)
         and all(entry.metadata.get(key) == value for key, value in wanted.items())]
-    return JSONResponse(item_page(listed, order=order, after=after, limit=limit,
-                                  holder="list of stored chat completions"))
+    if order == "desc":
+        listed.reverse()
+    if after is not None:
+        listed = [entry for entry in listed
+                  if (entry.id > after if order == "asc" else entry.id < after)]
+    page = [entry.view() for entry in listed[:limit]]
+    return JSONResponse({"object": "list", "data": page,
+                         "first_id": page[0]["id"] if page else None,
+                         "last_id": page[-1]["id"] if page else None,
+                         "has_more": len(listed) > limit})
 
 
 @router.get("/chat/completions/{completion_id}",
@@ -103,7 +113,8 @@ async def list_chat_messages(completion_id: str, request: Request, after: str | 
     """The request's messages (ids `<completion id>-<index>`), cursor-paginated like
     OpenAI's (`after`, `limit`, `has_more`; `order` default `asc`)."""
     stored = await _owned(request, completion_id)
-    assert stored.messages is not None  # read whole, not as a listing's head
+    if stored.messages is None:  # its body lost in the shared store: nothing to page
+        raise not_found(completion_id)
     return JSONResponse(item_page(stored.messages, order=order, after=after, limit=limit,
                                   holder="chat completion"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
@@ -133,7 +134,8 @@ class Cluster:
         threads = str(spec.threads())
         gpu = {"CUDA_VISIBLE_DEVICES": spec.gpus[index % len(spec.gpus)]} if spec.gpus else {}
         state = {"VLSERVE_STATE_URL": self.state_url} if self.state_url else {}
-        own = {} if self.state_url else {"VLSERVE_BATCH_DIR": str(spec.batch_dir / f"r{index}")}
+        own = {} if self.state_url else {"VLSERVE_BATCH_DIR": str(spec.batch_dir / f"r{index}"),
+                                         **replica_snapshot(spec.replica_env, index)}
         env = child_env({"VLSERVE_N_THREADS": threads, "OMP_NUM_THREADS": threads,
                          "VLSERVE_REPLICA_ID": f"r{index}",
                          "VLSERVE_DRAIN_TIMEOUT": str(spec.drain_timeout),
@@ -271,3 +273,15 @@ def free_port(host: str = REPLICA_HOST) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def replica_snapshot(replica_env: dict[str, str], index: int) -> dict[str, str]:
+    """Each replica's own state snapshot file, when `--replica-env` or the environment
+    names one (the Docker image does): without a shared store each replica keeps its own
+    stores, and one file written by every replica would hold only the last writer's."""
+    path = replica_env.get("VLSERVE_STATE_SNAPSHOT", os.environ.get("VLSERVE_STATE_SNAPSHOT"))
+    if not path:
+        return {}
+    snapshot = Path(path)
+    return {"VLSERVE_STATE_SNAPSHOT": str(snapshot.with_name(
+        f"{snapshot.stem}.r{index}{snapshot.suffix}"))}

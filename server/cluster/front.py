@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 # Each path with both the /v1 (SDK default) and /api/v1 prefixes the server answers on.
 FILES_PATHS = r"^/(api/)?v1/files(/|$)"
+CHAT_COMPLETIONS_PATH = r"^/(api/)?v1/chat/completions$"
 # vllm-router's administration (its worker list, cache, profiler): never for clients. Through
 # the front anyone could otherwise take every replica out of the router's list.
 ROUTER_ADMIN_PATHS = (r"^/(add_worker|remove_worker|workers|list_workers|flush_cache|"
@@ -86,6 +87,13 @@ http {{
     upstream vlserve_router {{
         server {_hostport(router_url)};
     }}
+    # vllm-router takes POST /v1/chat/completions only (a GET there is its 405): listing
+    # stored chat completions goes to the replicas, which share them.
+    map $request_method $chat_completions_upstream {{
+        GET vlserve_replicas;
+        HEAD vlserve_replicas;
+        default vlserve_router;
+    }}
 
     server {{
         listen {listen};
@@ -99,6 +107,9 @@ http {{
             # not replayed (nginx's default for non-idempotent requests).
             proxy_next_upstream error timeout;
             proxy_pass http://vlserve_replicas;
+        }}
+        location ~ {CHAT_COMPLETIONS_PATH} {{
+            proxy_pass http://$chat_completions_upstream;
         }}
         location ~ {ROUTER_ADMIN_PATHS} {{
             default_type application/json;

@@ -71,7 +71,7 @@ class StateBackend:
         from server.store.bounds import StateUnavailable
 
         assert self._client is not None
-        lock = self._client.lock(f"vlserve:lock:{name}", timeout=LOCK_LEASE_S, sleep=0.01,
+        lock = self._client.lock(f"vlserve:lock:{name}", timeout=LOCK_LEASE_S, sleep=0.05,
                                  blocking_timeout=2 * self._timeout_s, thread_local=False)
         try:
             held = await lock.acquire(token=secrets.token_hex(16))

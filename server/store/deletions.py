@@ -48,18 +48,31 @@ class DeletionJournal:
                              "the next snapshot write would bring it back", self.path, exc)
             self._failing = True
 
-    def forget_before(self, moment: float) -> None:
-        """Drop the lines of deletes made before `moment` (a snapshot read after it holds
-        them already); the rest stay for the next write."""
+    def length(self) -> int:
+        """Bytes noted so far: a snapshot whose tables are read after this holds them."""
         with self._lock:
-            kept = [line for line in self._lines() if _noted_at(line) >= moment]
-            if not kept:
+            try:
+                return self.path.stat().st_size
+            except OSError:  # none yet (or no directory: the snapshot's write says so)
+                return 0
+
+    def forget(self, upto: int) -> None:
+        """Drop the first `upto` bytes (whole lines, as `length` found them: deletes the
+        last write holds); those noted since stay for the next write. By position, not
+        time: a clock that steps back cannot drop a delete made after the read."""
+        with self._lock:
+            try:
+                noted = self.path.read_bytes()
+            except FileNotFoundError:
+                return
+            rest = noted[upto:]
+            if not rest:
                 self.path.unlink(missing_ok=True)
                 return
             part = self.path.with_name(self.path.name + ".part")
             fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.writelines(kept)
+            with os.fdopen(fd, "wb") as out:
+                out.write(rest)
             os.replace(part, self.path)
 
     def replay(self, tables: Tables) -> int:
@@ -81,9 +94,3 @@ class DeletionJournal:
         except FileNotFoundError:
             return []
 
-
-def _noted_at(line: str) -> float:
-    try:
-        return float(json.loads(line)[0])
-    except (ValueError, TypeError, IndexError, KeyError):
-        return 0.0  # unreadable: dropped

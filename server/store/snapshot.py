@@ -16,6 +16,7 @@ since the start."""
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import logging
 import os
@@ -115,11 +116,12 @@ def load(path: Path, tables: Tables) -> tuple[int, int]:
                 owner, key, size, stored_at, head, *body = row  # a body: a 6th field
                 value = codec.decode(head.encode(), base64.b64decode(body[0]) if body
                                      else b"")
+                kept = table.restore(owner, key, value, size, stored_at)
             except Exception as exc:  # a record another version wrote: that one is lost
                 logger.warning("state snapshot %s: a %s entry skipped: %r", path, name, exc)
                 skipped += 1
                 continue
-            if table.restore(owner, key, value, size, stored_at):
+            if kept:
                 restored += 1
             else:
                 skipped += 1
@@ -138,6 +140,31 @@ def _arrange(order: Any, tables: Tables) -> None:
             for owner, keys in owners.items():
                 if isinstance(keys, list):
                     tables[name][0].arrange(owner, keys)
+
+
+_claimed: dict[Path, int] = {}  # the lock files this process holds, open for its life
+
+
+def claim(path: Path) -> bool:
+    """Hold `<path>.lock` while this process lives; False when another process (a second
+    server given the same file) holds it: two writers would overwrite each other's
+    stores. A lock file that cannot even be made counts as claimed: the writes fail then,
+    and say so."""
+    if path in _claimed:
+        return True
+    lock = path.with_name(path.name + ".lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _claimed[path] = fd
+    return True
 
 
 def journal_path(path: Path) -> Path:

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,7 +39,7 @@ class SnapshotWriter:
             seen = tuple(table.changes for table, _ in self.tables.values())
             if not force and seen == self._written:
                 return None
-            moment = time.time()  # the tables are read after it: deletes before are in
+            noted = self.deletions.length()  # the tables are read after: these are in
             try:
                 written = save(self.path, self.tables)
             except Exception:
@@ -49,7 +48,7 @@ class SnapshotWriter:
             self._written = seen
             self.report(True)
         try:
-            self.deletions.forget_before(moment)
+            self.deletions.forget(noted)
         except OSError as exc:  # kept whole: replaying it again is harmless
             logger.warning("state snapshot: deletes journal not trimmed (%s)", exc)
         return written
