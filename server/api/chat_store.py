@@ -15,7 +15,7 @@ from typing import Any
 
 from server.api.protocol import ChatMessageIn
 from server.config import Settings
-from server.store import Bounds, Codec, StateBackend, Table, TableFull
+from server.store import Bounds, Codec, StateBackend, Table, put_within_share
 
 
 @dataclass(frozen=True)
@@ -98,13 +98,8 @@ class ChatStore:
     async def add(self, entry: StoredChat) -> bool:
         """Keep `entry`; False when it alone is over its owner's byte share (not kept).
         StateUnavailable when the shared store is out of reach."""
-        if entry.size > self.bounds.max_bytes_per_owner:
-            return False
-        try:
-            await self.table.put(entry.owner, entry.id, entry, entry.size)
-        except TableFull:  # only a shared table whose bounds changed under it
-            return False
-        return True
+        return await put_within_share(self.table, self.bounds, entry.owner, entry.id, entry,
+                                      entry.size)
 
     async def get(self, completion_id: str, owner: str) -> StoredChat | None:
         return await self.table.get(owner, completion_id)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.config import Settings
-from server.store import Bounds, Codec, StateBackend, Table, TableFull
+from server.store import Bounds, Codec, StateBackend, Table, put_within_share
 from server.store.memory import MemoryTable
 
 
@@ -91,13 +91,8 @@ class Responses:
 
     async def add(self, entry: StoredResponse) -> bool:
         """As ResponseStore.add; StateUnavailable when the shared store is out of reach."""
-        if entry.size > self.bounds.max_bytes_per_owner:
-            return False
-        try:
-            await self.table.put(entry.owner, entry.id, entry, entry.size)
-        except TableFull:  # only a shared table whose bounds changed under it
-            return False
-        return True
+        return await put_within_share(self.table, self.bounds, entry.owner, entry.id, entry,
+                                      entry.size)
 
     async def get(self, response_id: str, owner: str) -> StoredResponse | None:
         return await self.table.get(owner, response_id)

@@ -9,7 +9,15 @@ bytes. What stays per replica: the engine's image embeddings and KV (a miss re-e
 
 from server.store.backend import StateBackend, open_backend
 from server.store.bounds import Bounds, StateUnavailable, TableFull
-from server.store.table import Codec, Table
+from server.store.table import Codec, Table, put_within_share
 
-__all__ = ["Bounds", "Codec", "StateBackend", "StateUnavailable", "Table", "TableFull",
-           "open_backend"]
+__all__ = [
+           "Bounds",
+           "Codec",
+           "StateBackend",
+           "StateUnavailable",
+           "Table",
+           "TableFull",
+           "open_backend",
+           "put_within_share",
+]

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from server.store.bounds import Bounds, TableFull
 from server.store.memory import MemoryTable
 
 T = TypeVar("T")
@@ -62,3 +63,17 @@ class AsyncMemoryTable(Generic[T]):
 
     async def owner_usage(self, owner: str) -> tuple[int, int]:
         return self.table.owner_usage(owner)
+
+
+async def put_within_share(table: Table[T], bounds: Bounds, owner: str, key: str, value: T,
+                           size: int) -> bool:
+    """Keep a record (a stored response, a chat completion) unless it alone is over its
+    owner's byte share: False, not kept. StateUnavailable when a shared table is out of
+    reach."""
+    if size > bounds.max_bytes_per_owner:
+        return False
+    try:
+        await table.put(owner, key, value, size)
+    except TableFull:  # only a shared table whose bounds changed under it
+        return False
+    return True
