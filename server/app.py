@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -110,6 +111,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 yield
         finally:
             marks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await marks
             await state.background.stop()  # those the drain did not wait out end failed
             if writer is not None:  # after the runs: their ends are in it
                 await writer.close()

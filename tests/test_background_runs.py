@@ -146,12 +146,12 @@ def test_past_its_limits_a_new_run_is_a_429() -> None:
         runs.unreserve("a")  # that create failed: its place is free again
         runs.reserve("a")
         last = asyncio.Event()
-        runs.start(run_of("resp_a9", "a"), last.wait())  # takes a reserved place
+        runs.start(run_of("resp_a9", "a"), last.wait(), reserved=True)  # its place
         with pytest.raises(APIError):
             runs.check_room("a")
         last.set()
         await asyncio.sleep(0.01)
-        runs.start(run_of("resp_a10", "a"), asyncio.sleep(0))  # the last reserved place
+        runs.start(run_of("resp_a10", "a"), asyncio.sleep(0), reserved=True)
         await asyncio.sleep(0.01)
         runs.check_room("a")
         assert not runs._reserved

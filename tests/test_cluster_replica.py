@@ -134,15 +134,26 @@ def test_replicas_without_a_shared_store_keep_their_batches_apart(tmp_path: Path
 
 def test_replicas_without_a_shared_store_keep_their_snapshots_apart(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Docker image names one snapshot file in the environment: each replica writes
-    its own beside it (one file for all would keep only the last writer's stores)."""
+    """The Docker image names one snapshot file in the environment (a preset or
+    --replica-env may too): each replica writes its own beside it (one file for all would
+    be claimed by one replica, the others keeping none)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
     monkeypatch.setenv("VLSERVE_STATE_SNAPSHOT", f"{tmp_path}/state.json")
-    envs = [replica.env for replica in Cluster(ClusterSpec(replicas=2)).replicas]
+    envs = [replica.env for replica in Cluster(spec_from_args(parser.parse_args(
+        ["--replicas", "2"]))).replicas]
     assert [e["VLSERVE_STATE_SNAPSHOT"] for e in envs] == [
         f"{tmp_path}/state.r0.json", f"{tmp_path}/state.r1.json"]
-    shared = Cluster(ClusterSpec(replicas=2, state_url="redis://127.0.0.1:1/0"))
-    assert {r.env["VLSERVE_STATE_SNAPSHOT"] for r in shared.replicas} == {
-        f"{tmp_path}/state.json"}  # unused with Redis: the replicas ignore it
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(f"state_snapshot: {tmp_path}/kept.json\n")
+    monkeypatch.delenv("VLSERVE_STATE_SNAPSHOT")
+    spec = spec_from_args(parser.parse_args(["--replicas", "2", "--config", str(preset)]))
+    assert [r.env["VLSERVE_STATE_SNAPSHOT"] for r in Cluster(spec).replicas] == [
+        f"{tmp_path}/kept.r0.json", f"{tmp_path}/kept.r1.json"]
+    shared = Cluster(ClusterSpec(replicas=2, state_url="redis://127.0.0.1:1/0",
+                                 state_snapshot=tmp_path / "state.json"))
+    assert all("VLSERVE_STATE_SNAPSHOT" not in r.env or r.env["VLSERVE_STATE_SNAPSHOT"]
+               != f"{tmp_path}/state.r0.json" for r in shared.replicas)  # Redis keeps them
 
 
 @pytest.mark.parametrize("args, maxmemory", [

@@ -234,6 +234,21 @@ def test_deletes_between_writes_are_journaled_and_trimmed(tmp_path: Path) -> Non
     assert not path.exists() and not journal.exists()
 
 
+def test_the_journal_is_trimmed_by_position(tmp_path: Path) -> None:
+    """A write drops the deletes noted before its tables were read, by their place in the
+    file (not their time): one noted meanwhile stays for the next write."""
+    journal = DeletionJournal(tmp_path / "state.json")
+    journal.note("conversations", "alice", "conv_1")
+    read_at = journal.length()  # the write reads the tables now ...
+    journal.note("conversations", "alice", "conv_2")  # ... a delete while it writes
+    journal.forget(read_at)
+    tables = {"conversations": (table(Clock()), CONVERSATION_CODEC)}
+    kept = [json.loads(line)[3] for line in journal.path.read_text().splitlines()]
+    assert kept == ["conv_2"]
+    journal.forget(journal.length())
+    assert not journal.path.exists() and journal.replay(tables) == 0
+
+
 def test_one_file_is_one_servers(tmp_path: Path) -> None:
     """A second process given the same snapshot file cannot claim it (the server then
     keeps none, and says so); the process holding it can, again."""

@@ -180,9 +180,10 @@ class BackgroundRuns:
             if was_first and self._line:
                 self._line[0].first_in_line.set()  # wakes the next one alone
 
-    def start(self, run: BackgroundRun, work: Coroutine[Any, Any, None]) -> None:
-        """Run `work` for `run`, taking the place `reserve` held for its owner, if any."""
-        if self._reserved[run.owner]:
+    def start(self, run: BackgroundRun, work: Coroutine[Any, Any, None], *,
+              reserved: bool = False) -> None:
+        """Run `work` for `run`; `reserved`: in the place `reserve` held for its owner."""
+        if reserved:
             self.unreserve(run.owner)
         self._forget_old()
         self._runs[run.response_id] = run

@@ -42,18 +42,19 @@ class StopMarks:
         self._version_seen: str | None = None
 
     async def mark(self, response_id: str, owner: str, stop: Stop) -> None:
-        """Ask whichever replica runs `response_id` to stop it (StateUnavailable when the
-        store is out of reach: the caller's request fails with a 503 before it changed
-        anything)."""
+        """Ask whichever replica runs `owner`'s `response_id` to stop it (StateUnavailable
+        when the store is out of reach: the caller's request fails with a 503 before it
+        changed anything). Keyed by owner too: another key's DELETE of the same id (a 404
+        for it) cannot replace the owner's mark."""
         if self._table is not None:
-            await self._table.put(owner, response_id, stop, len(stop))
+            await self._table.put(owner, _key(owner, response_id), stop, len(stop))
             await self._table.put(*_VERSION, secrets.token_hex(8), 16)
 
     async def read(self, run: BackgroundRun) -> Stop | None:
         """The mark left for `run`, if any (StateUnavailable: the store out of reach)."""
         if self._table is None:
             return None
-        stop = await self._table.get(run.owner, run.response_id)
+        stop = await self._table.get(run.owner, _key(run.owner, run.response_id))
         return stop if stop in ("cancelled", "deleted") else None  # type: ignore[return-value]
 
     async def watch(self, runs: BackgroundRuns) -> None:
@@ -70,15 +71,19 @@ class StopMarks:
                 version = await self._table.get(*_VERSION)
                 if version == self._version_seen:
                     continue
-                self._version_seen = version
                 for run in active:
                     stop = await self.read(run)
                     if stop is not None:
                         apply(run, stop)
+                self._version_seen = version  # only once every run's mark was read
             except StateUnavailable as exc:  # looked for again at the next tick
                 logger.warning("background stop marks unreadable: %s", exc)
             except Exception:  # a bug: marks stop working, the runs go on
                 logger.exception("background stop marks")
+
+
+def _key(owner: str, response_id: str) -> str:
+    return f"{owner}/{response_id}"
 
 
 def apply(run: BackgroundRun, stop: Stop) -> None:

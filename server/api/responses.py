@@ -37,6 +37,7 @@ from server.api.openapi import event_stream, responses
 from server.api.reasoning import plan_reasoning
 from server.api.response_store import StoredResponse, stored_response
 from server.api.responses_background import (
+    deleted_elsewhere,
     later_stream,
     run_in_background,
     stopped,
@@ -174,6 +175,8 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
             # Off the event loop: sizing a conversation means serialising its images.
             entry = await asyncio.to_thread(stored_response, response, client, input_items,
                                             conversation + output_items)
+            if run is not None and not run.deleted and await deleted_elsewhere(state, run):
+                run.deleted = True  # a DELETE on another replica while it was serialised
             if run is not None and run.deleted:  # checked with no pause before the write
                 return
             try:
@@ -226,7 +229,8 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
                 raise
             record.detached = True  # counted and logged when the run ends
             state.background.start(run, run_in_background(
-                state, run, record, draft, converted, output, reasoning, finished, keep, turn))
+                state, run, record, draft, converted, output, reasoning, finished, keep, turn),
+                reserved=True)
             return sse_response(run.follow(None)) if body.stream else JSONResponse(queued)
         events, first = await start_generation(state, generation,
                                                prompt.messages if converted is None else [],

@@ -137,19 +137,34 @@ def stopped(failed: dict[str, Any], reason: str | None) -> dict[str, Any]:
 
 
 async def superseded(state: AppState, run: BackgroundRun) -> bool:
-    """Whether another replica cancelled or deleted the response since the run began
-    (its stop mark, server.api.background_marks, or the stored state): then that stands
-    (nothing more is written or appended) and the run stops. (A record that is gone
-    without a mark was evicted: it is written again.)"""
+    """Whether another replica deleted the response (its stop mark,
+    server.api.background_marks) or wrote it cancelled since the run began: then that
+    stands (nothing more is written or appended) and the run stops. A cancel mark alone
+    stops the run, which then writes its own `cancelled` end (the cancel's write of the
+    state may have failed after its mark). A record gone without a mark was evicted: it
+    is written again."""
     try:
         stop = await state.stop_marks.read(run)
-        stored = None if stop else await state.responses.get(run.response_id, run.owner)
+        if stop is not None:
+            apply_stop(run, stop)
+        if stop == "deleted":
+            return True
+        stored = await state.responses.get(run.response_id, run.owner)
     except StateUnavailable:
         return False  # the write that follows fails too, and says so in the log
-    if stop is None and (stored is None or stored.response["status"] != "cancelled"):
+    if stored is None or stored.response["status"] != "cancelled":
         return False
-    apply_stop(run, stop or "cancelled")
+    apply_stop(run, "cancelled")
     return True
+
+
+async def deleted_elsewhere(state: AppState, run: BackgroundRun) -> bool:
+    """Whether a DELETE on another replica marked the response (looked at again right
+    before a write: the one before it may be hundreds of ms old)."""
+    try:
+        return await state.stop_marks.read(run) == "deleted"
+    except StateUnavailable:
+        return False  # the write that follows fails too, and says so in the log
 
 
 def too_large(response: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import sys
@@ -61,6 +60,9 @@ class ClusterSpec:
     # batches, so each gets a folder of its own under it (one folder would have every
     # replica run every batch).
     batch_dir: Path = Path("data/batches")
+    # The replicas' state_snapshot (from the preset, the environment or --replica-env):
+    # without a shared store each replica writes its own file beside it.
+    state_snapshot: Path | None = None
     ready_timeout: float = 600.0
     drain_timeout: float = 30.0  # what each replica gets after SIGTERM (its drain_timeout)
 
@@ -135,7 +137,7 @@ class Cluster:
         gpu = {"CUDA_VISIBLE_DEVICES": spec.gpus[index % len(spec.gpus)]} if spec.gpus else {}
         state = {"VLSERVE_STATE_URL": self.state_url} if self.state_url else {}
         own = {} if self.state_url else {"VLSERVE_BATCH_DIR": str(spec.batch_dir / f"r{index}"),
-                                         **replica_snapshot(spec.replica_env, index)}
+                                         **replica_snapshot(spec.state_snapshot, index)}
         env = child_env({"VLSERVE_N_THREADS": threads, "OMP_NUM_THREADS": threads,
                          "VLSERVE_REPLICA_ID": f"r{index}",
                          "VLSERVE_DRAIN_TIMEOUT": str(spec.drain_timeout),
@@ -275,13 +277,10 @@ def free_port(host: str = REPLICA_HOST) -> int:
         return int(sock.getsockname()[1])
 
 
-def replica_snapshot(replica_env: dict[str, str], index: int) -> dict[str, str]:
-    """Each replica's own state snapshot file, when `--replica-env` or the environment
-    names one (the Docker image does): without a shared store each replica keeps its own
-    stores, and one file written by every replica would hold only the last writer's."""
-    path = replica_env.get("VLSERVE_STATE_SNAPSHOT", os.environ.get("VLSERVE_STATE_SNAPSHOT"))
-    if not path:
+def replica_snapshot(path: Path | None, index: int) -> dict[str, str]:
+    """Each replica's own state snapshot file beside the configured one: without a shared
+    store each replica keeps its own stores, and one file for all would be claimed by the
+    first replica alone (server.store.snapshot.claim), the others keeping none."""
+    if path is None:
         return {}
-    snapshot = Path(path)
-    return {"VLSERVE_STATE_SNAPSHOT": str(snapshot.with_name(
-        f"{snapshot.stem}.r{index}{snapshot.suffix}"))}
+    return {"VLSERVE_STATE_SNAPSHOT": str(path.with_name(f"{path.stem}.r{index}{path.suffix}"))}

@@ -88,7 +88,7 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
                        drain_timeout=args.drain_timeout, state_url=args.state_url,
                        local_redis=args.redis,
                        redis_maxmemory_mb=args.redis_maxmemory or maxmemory_mb(settings),
-                       batch_dir=settings.batch_dir)
+                       batch_dir=settings.batch_dir, state_snapshot=settings.state_snapshot)
 
 
 def run(args: argparse.Namespace) -> int:

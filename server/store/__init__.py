@@ -11,13 +11,5 @@ from server.store.backend import StateBackend, open_backend
 from server.store.bounds import Bounds, StateUnavailable, TableFull
 from server.store.table import Codec, Table, put_within_share
 
-__all__ = [
-           "Bounds",
-           "Codec",
-           "StateBackend",
-           "StateUnavailable",
-           "Table",
-           "TableFull",
-           "open_backend",
-           "put_within_share",
-]
+__all__ = ["Bounds", "Codec", "StateBackend", "StateUnavailable", "Table", "TableFull",
+           "open_backend", "put_within_share"]

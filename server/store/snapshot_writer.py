@@ -47,10 +47,10 @@ class SnapshotWriter:
                 raise
             self._written = seen
             self.report(True)
-        try:
-            self.deletions.forget(noted)
-        except OSError as exc:  # kept whole: replaying it again is harmless
-            logger.warning("state snapshot: deletes journal not trimmed (%s)", exc)
+            try:  # under the writer's lock: two trims out of order would drop new lines
+                self.deletions.forget(noted)
+            except OSError as exc:  # kept whole: replaying it again is harmless
+                logger.warning("state snapshot: deletes journal not trimmed (%s)", exc)
         return written
 
     def start(self) -> None:
