@@ -101,6 +101,59 @@ def test_runs_go_to_the_engine_one_at_a_time_in_order_when_there_is_room() -> No
     asyncio.run(go())
 
 
+def test_keys_take_turns_each_in_its_own_order() -> None:
+    """One key's waiting runs do not hold back another key's, created later: the keys
+    take turns (the least lately served first), each key's runs in creation order."""
+    async def go() -> None:
+        runs = BackgroundRuns(Drain(), 256, 64)
+        room = asyncio.Event()
+        submitted: list[str] = []
+
+        going: list[str] = []
+
+        async def submit(run: BackgroundRun) -> str:
+            submitted.append(run.response_id)
+            going.append(run.response_id)
+            await asyncio.sleep(0.005)
+            assert going == [run.response_id]  # one at a time, whoever's turn came
+            going.remove(run.response_id)
+            return run.response_id
+
+        def wait(run: BackgroundRun) -> asyncio.Task[str | None]:
+            return asyncio.create_task(runs.in_turn(run, room.is_set, lambda: submit(run)))
+
+        flood = [run_of(f"a{i}", "alice") for i in range(4)]
+        tasks = [wait(run) for run in flood]
+        await asyncio.sleep(0.05)
+        tasks += [wait(run_of(f"b{i}", "bob")) for i in range(2)]
+        await asyncio.sleep(0.05)
+        room.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        # Bob, never served, goes right after Alice's first: then they alternate.
+        assert submitted == ["a0", "b0", "a1", "b1", "a2", "a3"]
+        assert not runs._line and not runs._served
+        # A key that comes while another's run is on its way waits for that one.
+        slow = asyncio.Event()
+
+        async def slow_submit(run: BackgroundRun) -> str:
+            going.append(run.response_id)
+            await slow.wait()
+            going.remove(run.response_id)
+            return run.response_id
+
+        first = asyncio.create_task(runs.in_turn(run_of("a9", "alice"), room.is_set,
+                                                 lambda: slow_submit(run_of("a9", "alice"))))
+        await asyncio.sleep(0.02)
+        runs._served["alice"] = 99  # as if alice had been served lately
+        late = wait(run_of("c0", "carol"))
+        await asyncio.sleep(0.05)
+        assert going == ["a9"]  # carol's turn, but a9 is still on its way
+        slow.set()
+        assert await asyncio.wait_for(asyncio.gather(first, late), 5) == ["a9", "c0"]
+
+    asyncio.run(go())
+
+
 def test_a_refusal_other_than_a_full_queue_ends_the_wait() -> None:
     async def go() -> None:
         runs = BackgroundRuns(Drain(), 256, 64)

@@ -12,7 +12,9 @@ for the drain (SIGTERM waits for it up to drain_timeout); one still running at s
 ends failed.
 
 Background work never crowds out the requests clients wait on: runs go to the engine one
-at a time, in the order they were created, and only while its queue is at most half full
+at a time (the keys taking turns, each key's runs in the order they were created; one
+key's hundred waiting runs do not hold back another key's first), and only while its
+queue is at most half full
 (a run waits "queued" for that, however long, instead of failing on a full queue), and a
 replica holds at most `background_max_runs` of them (`background_max_runs_per_key` for
 one key): past that, creating one is a 429."""
@@ -20,6 +22,7 @@ one key): past that, creating one is a 429."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import Counter, deque
@@ -116,6 +119,11 @@ class BackgroundRuns:
         self.running = 0  # started and not ended: waiting or generating
         self._reserved: Counter[str] = Counter()  # places held for runs being created
         self._line: deque[BackgroundRun] = deque()  # waiting to go to the engine, in order
+        # When each key with runs in line last had one go (a count): the least lately
+        # served key goes next.
+        self._served: dict[str, int] = {}
+        self._turns = itertools.count(1)
+        self._submitting: BackgroundRun | None = None  # one run at a time to the engine
 
     def running_now(self) -> list[BackgroundRun]:
         """The runs not ended yet (waiting or generating)."""
@@ -153,32 +161,50 @@ class BackgroundRuns:
 
     async def in_turn(self, run: BackgroundRun, has_room: Callable[[], bool],
                       submit: Callable[[], Awaitable[T]]) -> T | None:
-        """`submit` (the run to the engine, up to its first event) once every run created
-        before it has gone and `has_room()` says the engine's queue can take background
-        work; a full queue meanwhile (APIError 429) means waiting on. None when the run was
-        stopped (cancelled, shut down) while it waited."""
+        """`submit` (the run to the engine, up to its first event) once it is its turn
+        (`_next`) and `has_room()` says the engine's queue can take background work; a full
+        queue meanwhile (APIError 429) means waiting on. None when the run was stopped
+        (cancelled, shut down) while it waited."""
         self._line.append(run)
         try:
             pause = ROOM_POLL_S[0]
             while run.stop_reason is None:
-                first = self._line[0] is run
+                # Its turn, and no other run on its way to the engine (a key's turn can
+                # come while another key's run still waits for its first event).
+                first = self._next() is run and self._submitting in (None, run)
                 if first and has_room():
+                    self._submitting = run
                     try:
-                        return await submit()
+                        started = await submit()
                     except APIError as refused:
                         if refused.status != 429:  # the server is closing, ...
                             raise
+                    else:
+                        self._served[run.owner] = next(self._turns)
+                        return started
+                    finally:
+                        self._submitting = None
                 if first:  # it alone asks again for room, after a pause
                     await _first_of(run.stopped, timeout=pause)
                     pause = min(pause * 2, ROOM_POLL_S[1])
-                else:  # the others sleep until it is their turn
+                else:  # the others sleep until it is their turn (no await since the look)
+                    run.first_in_line.clear()
                     await _first_of(run.first_in_line, run.stopped, timeout=None)
             return None
         finally:
-            was_first = self._line[0] is run
             self._line.remove(run)
-            if was_first and self._line:
-                self._line[0].first_in_line.set()  # wakes the next one alone
+            if not any(waiting.owner == run.owner for waiting in self._line):
+                self._served.pop(run.owner, None)  # back later, it has waited least lately
+            after = self._next()
+            if after is not None:  # whose turn it is now (maybe already awake): it alone
+                after.first_in_line.set()
+
+    def _next(self) -> BackgroundRun | None:
+        """Whose turn it is: of the keys with runs in line, the one served least lately
+        (never, or not since it last had none waiting, counts as longest ago), and its
+        earliest run."""
+        return min(self._line, key=lambda waiting: self._served.get(waiting.owner, 0),
+                   default=None)
 
     def start(self, run: BackgroundRun, work: Coroutine[Any, Any, None], *,
               reserved: bool = False) -> None:
