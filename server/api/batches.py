@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from server.api.auth import client_identity
 from server.api.batch_protocol import BatchCreateRequest, BatchList, BatchObject
 from server.api.errors import APIError
+from server.api.item_pages import list_page
 from server.api.openapi import responses
 from server.api.state import AppState
 from server.batches import views
@@ -58,11 +59,8 @@ async def list_batches(request: Request, after: str | None = None,
             raise APIError(400, f"after: no batch with id {after!r}", param="after",
                            code="invalid_cursor")
         batches = batches[ids.index(after) + 1:]
-    page = [public(b) for b in batches[:limit]]
-    return JSONResponse({"object": "list", "data": page,
-                         "first_id": page[0]["id"] if page else None,
-                         "last_id": page[-1]["id"] if page else None,
-                         "has_more": len(batches) > limit})
+    return JSONResponse(list_page([public(b) for b in batches[:limit]],
+                                  has_more=len(batches) > limit))
 
 
 @router.get("/batches/{batch_id}", responses=responses(BatchObject, 404))

@@ -18,6 +18,7 @@ from server.api.auth import client_identity
 from server.api.errors import APIError
 from server.api.expiry import MAX_S, MIN_S, form_expiry
 from server.api.image_detail import size_rule, upload_at, upload_cache_id
+from server.api.item_pages import list_page
 from server.api.messages import decode_within_budget, image_api_error
 from server.api.multipart import read_upload_form, too_large
 from server.api.openapi import responses
@@ -110,14 +111,8 @@ async def list_files(request: Request, after: str | None = None,
                            "expired); list again from the start", param="after",
                            code="invalid_cursor")
         files = files[ids.index(after) + 1:]
-    page = files[:limit]
-    return JSONResponse({
-        "object": "list",
-        "data": [_any_file_object(f, state) for f in page],
-        "first_id": page[0].id if page else None,
-        "last_id": page[-1].id if page else None,
-        "has_more": len(files) > limit,
-    })
+    return JSONResponse(list_page([_any_file_object(f, state) for f in files[:limit]],
+                                  has_more=len(files) > limit))
 
 
 @router.get("/files/{file_id}", responses=responses(FileObject, 404))

@@ -19,6 +19,10 @@ def item_page(items: list[dict[str, Any]], *, order: Literal["asc", "desc"], aft
             raise APIError(400, f"after: no item with id {after!r} in this {holder}",
                            param="after", code="invalid_cursor")
         ordered = ordered[ids.index(after) + 1:]
-    page = ordered[:limit]
+    return list_page(ordered[:limit], has_more=len(ordered) > limit)
+
+
+def list_page(page: list[dict[str, Any]], *, has_more: bool) -> dict[str, Any]:
+    """OpenAI's list object around one page of objects (each with an `id`)."""
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > limit}
+            "last_id": page[-1]["id"] if page else None, "has_more": has_more}

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from server.api.auth import client_identity
 from server.api.chat_store import StoredChat, StoredChatFull
 from server.api.errors import APIError
-from server.api.item_pages import item_page
+from server.api.item_pages import item_page, list_page
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import responses
 from server.api.state import AppState
@@ -65,11 +65,8 @@ async def list_chat_completions(request: Request, after: str | None = None,
     if after is not None:
         listed = [entry for entry in listed
                   if (entry.id > after if order == "asc" else entry.id < after)]
-    page = [entry.view() for entry in listed[:limit]]
-    return JSONResponse({"object": "list", "data": page,
-                         "first_id": page[0]["id"] if page else None,
-                         "last_id": page[-1]["id"] if page else None,
-                         "has_more": len(listed) > limit})
+    return JSONResponse(list_page([entry.view() for entry in listed[:limit]],
+                                  has_more=len(listed) > limit))
 
 
 @router.get("/chat/completions/{completion_id}",
