@@ -188,13 +188,15 @@ async def _answer(event: Event, events: Events, generation: GenerationRequest, t
     if isinstance(whole, ErrorEvent):
         return whole
     done = whole.done
-    message, finish_reason = answer_message(whole.text, done.finish_reason) if tools else (
-        {"role": "assistant", "content": whole.text}, done.finish_reason)
+    # With calls parsed out, `content`'s logprobs are those of the text shown, as streamed.
+    message, finish_reason, logprobs = answer_message(
+        whole.text, done.finish_reason, whole.logprobs, whole.spans) if tools else (
+        {"role": "assistant", "content": whole.text}, done.finish_reason, whole.logprobs)
     if legacy:
         message, finish_reason = legacy_message(message, finish_reason)
     if whole.reasoning:
         message["reasoning_content"] = whole.reasoning
-    return _Answer(message, finish_reason, {"content": whole.logprobs}
+    return _Answer(message, finish_reason, {"content": logprobs}
                    if generation.top_logprobs is not None else None, done)
 
 

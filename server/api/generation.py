@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from fastapi import Request
@@ -156,6 +156,9 @@ class WholeAnswer:
     reasoning: str
     logprobs: list[dict[str, object]]
     done: DoneEvent
+    # Where each of `logprobs`' tokens stands in `text`: [start, end) (calls parsed out of
+    # the text take their tokens' logprobs with them).
+    spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 async def whole_answer(event: Event, events: Events) -> WholeAnswer | ErrorEvent:
@@ -163,6 +166,8 @@ async def whole_answer(event: Event, events: Events) -> WholeAnswer | ErrorEvent
     pieces: list[str] = []
     thoughts: list[str] = []
     logprobs: list[dict[str, object]] = []
+    spans: list[tuple[int, int]] = []
+    at = 0
     while isinstance(event, TokenEvent | ReasoningEvent):
         if isinstance(event, ReasoningEvent):
             thoughts.append(event.text)
@@ -170,11 +175,13 @@ async def whole_answer(event: Event, events: Events) -> WholeAnswer | ErrorEvent
             pieces.append(event.text)
             if event.logprob is not None:
                 logprobs.append(logprob_entry(event.logprob))
+                spans.append((at, at + len(event.text)))
+            at += len(event.text)
         event = await anext(events)
     if isinstance(event, ErrorEvent):
         return event
     assert isinstance(event, DoneEvent)
-    return WholeAnswer("".join(pieces), "".join(thoughts), logprobs, event)
+    return WholeAnswer("".join(pieces), "".join(thoughts), logprobs, event, spans)
 
 
 async def start_generation(state: AppState, generation: GenerationRequest,

@@ -363,15 +363,15 @@ async def _complete(draft: ResponseDraft, event: Event, events: Events,
     done, text = whole.done, whole.text
     content: str | None = text
     calls: list[dict[str, Any]] = []
+    logprobs = whole.logprobs
     if plan is not None:
-        message, _ = answer_message(text, done.finish_reason)
+        # With calls parsed out, the logprobs are those of the text shown, as streamed.
+        message, _, logprobs = answer_message(text, done.finish_reason, whole.logprobs,
+                                              whole.spans)
         content = message["content"]  # type: ignore[assignment]
         calls = message.get("tool_calls", [])  # type: ignore[assignment]
     status = status_of(done.finish_reason)
-    # The tokens' logprobs are the whole text's: with calls parsed out of it they are not
-    # the message's own.
-    output = answer_items(content, calls, status,
-                          logprobs=None if calls else whole.logprobs)
+    output = answer_items(content, calls, status, logprobs=logprobs)
     if whole.reasoning:
         output.insert(0, reasoning_item(whole.reasoning, status))
     body = draft.body(status, output, timer=done.timer, finish_reason=done.finish_reason)

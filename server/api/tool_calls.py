@@ -5,7 +5,7 @@ has the format, the grammar and the parser)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +18,7 @@ from server.api.protocol import (
     ToolDef,
 )
 from server.api.reasoning import ReasoningEvent
+from server.api.shown_logprobs import Span, StreamedLogprobs, shown_logprobs
 from server.engine import DoneEvent, EngineEvent, TokenEvent
 from server.engine.constraints import ConstraintError
 from server.engine.tools import (
@@ -157,29 +158,40 @@ def _text_of(message: ChatMessageIn) -> str:
     return "".join(getattr(part, "text", "") for part in message.content)
 
 
-def answer_message(text: str, finish_reason: str) -> tuple[dict[str, object], str]:
-    """A finished answer as the response's `message`, and its finish_reason."""
+def answer_message(text: str, finish_reason: str,
+                   logprobs: Sequence[dict[str, object]] = (), spans: Sequence[Span] = ()
+                   ) -> tuple[dict[str, object], str, list[dict[str, object]]]:
+    """A finished answer as the response's `message`, its finish_reason, and its content's
+    token logprobs (of `logprobs`, the tokens at `spans` in `text`)."""
     parsed = parse_answer(text)
     if not parsed.calls:
-        return {"role": "assistant", "content": text}, finish_reason
+        return {"role": "assistant", "content": text}, finish_reason, list(logprobs)
     calls = [{"id": c.id, "type": "function",
               "function": {"name": c.name, "arguments": c.arguments}} for c in parsed.calls]
     message = {"role": "assistant", "content": parsed.content, "tool_calls": calls}
-    return message, "tool_calls" if finish_reason == "stop" else finish_reason
+    shown = shown_logprobs(logprobs, spans, parsed.shown) if parsed.content else []
+    return message, "tool_calls" if finish_reason == "stop" else finish_reason, shown
 
 
 async def tool_stream(events: AsyncIterator[EngineEvent | ReasoningEvent]) -> AsyncIterator[
         EngineEvent | ToolDeltaEvent | ReasoningEvent]:
     """The engine's events with call markup turned into `delta.tool_calls` pieces (the
-    answer's text only: reasoning passes through)."""
+    answer's text only: reasoning passes through); token logprobs go with the text shown
+    (server/api/shown_logprobs.py)."""
     parser = ToolCallParser()
+    logprobs = StreamedLogprobs()
     async for event in events:
         if isinstance(event, TokenEvent):
-            for delta in parser.feed(event.text):
-                yield _as_event(delta)
+            logprobs.token(event.text, event.logprob)
+            for piece in _as_events(parser.feed(event.text), logprobs):
+                yield piece
+            logprobs.settle(parser.consumed)
         elif isinstance(event, DoneEvent):
-            for delta in parser.finish():
-                yield _as_event(delta)
+            for piece in _as_events(parser.finish(), logprobs):
+                yield piece
+            if not parser.calls:
+                for piece in logprobs.rest():
+                    yield piece
             if parser.calls and event.finish_reason == "stop":
                 event = DoneEvent("tool_calls", event.timer)
             yield event
@@ -187,13 +199,18 @@ async def tool_stream(events: AsyncIterator[EngineEvent | ReasoningEvent]) -> As
             yield event
 
 
-def _as_event(delta: Delta) -> TokenEvent | ToolDeltaEvent:
-    if isinstance(delta, TextDelta):
-        return TokenEvent(delta.text)
-    if isinstance(delta, CallStart):
-        return ToolDeltaEvent({"tool_calls": [{
-            "index": delta.index, "id": delta.call.id, "type": "function",
-            "function": {"name": delta.call.name, "arguments": ""}}]})
-    assert isinstance(delta, ArgumentsDelta)
-    return ToolDeltaEvent({"tool_calls": [{"index": delta.index,
-                                           "function": {"arguments": delta.text}}]})
+def _as_events(deltas: list[Delta], logprobs: StreamedLogprobs
+               ) -> list[TokenEvent | ToolDeltaEvent]:
+    out: list[TokenEvent | ToolDeltaEvent] = []
+    for delta in deltas:
+        if isinstance(delta, TextDelta):
+            out += logprobs.text(delta)
+        elif isinstance(delta, CallStart):
+            out.append(ToolDeltaEvent({"tool_calls": [{
+                "index": delta.index, "id": delta.call.id, "type": "function",
+                "function": {"name": delta.call.name, "arguments": ""}}]}))
+        else:
+            assert isinstance(delta, ArgumentsDelta)
+            out.append(ToolDeltaEvent({"tool_calls": [{
+                "index": delta.index, "function": {"arguments": delta.text}}]}))
+    return out

@@ -145,6 +145,7 @@ class ToolCall:
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    start: int = 0  # where the text begins in the raw answer (the parser's input so far)
 
 
 @dataclass(frozen=True)
@@ -177,13 +178,21 @@ class ToolCallParser:
     def __init__(self) -> None:
         self.calls: list[ToolCall] = []
         self._buf = ""
+        self._fed = 0  # characters fed so far
         self._state = "text"
         self._depth = 0
         self._in_string = False
         self._escaped = False
 
+    @property
+    def consumed(self) -> int:
+        """How much of the raw answer is settled: text passed on, or markup dropped (the
+        rest is held back, undecided)."""
+        return self._fed - len(self._buf)
+
     def feed(self, text: str) -> list[Delta]:
         self._buf += text
+        self._fed += len(text)
         out: list[Delta] = []
         progress = True
         while progress and self._buf:
@@ -191,10 +200,10 @@ class ToolCallParser:
         return out
 
     def finish(self) -> list[Delta]:
-        """What was held back, once the answer is over."""
-        if self._state == "text" and self._buf:
-            return self._emit_text(self._buf, [])
-        return []
+        """What was held back, once the answer is over (all of it settled then)."""
+        out = self._emit_text(self._buf, []) if self._state == "text" else []
+        self._buf = ""
+        return out
 
     def _text(self, out: list[Delta]) -> bool:
         at = self._buf.find(TOOL_OPEN)
@@ -212,7 +221,7 @@ class ToolCallParser:
     def _emit_text(self, text: str, out: list[Delta]) -> list[Delta]:
         # After a call only the separator of the next one may come: not answer text.
         if text and not (self.calls and not text.strip()):
-            out.append(TextDelta(text))
+            out.append(TextDelta(text, self.consumed))  # `text` begins the buffer
         return out
 
     def _head(self, out: list[Delta]) -> bool:
@@ -276,6 +285,8 @@ class ToolCallParser:
 class ParsedAnswer:
     content: str | None
     calls: list[ToolCall] = field(default_factory=list)
+    # With calls: where the content's pieces stand in the raw answer, (start, end) each.
+    shown: list[tuple[int, int]] = field(default_factory=list)
 
 
 def parse_answer(text: str) -> ParsedAnswer:
@@ -285,5 +296,7 @@ def parse_answer(text: str) -> ParsedAnswer:
     deltas = parser.feed(text) + parser.finish()
     if not parser.calls or not all(c.complete for c in parser.calls):
         return ParsedAnswer(text)
-    content = "".join(d.text for d in deltas if isinstance(d, TextDelta))
-    return ParsedAnswer(content if content.strip() else None, parser.calls)
+    texts = [d for d in deltas if isinstance(d, TextDelta)]
+    content = "".join(d.text for d in texts)
+    return ParsedAnswer(content if content.strip() else None, parser.calls,
+                        [(d.start, d.start + len(d.text)) for d in texts])
