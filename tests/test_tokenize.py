@@ -4,12 +4,19 @@ the demo vision model, images count as the positions they take."""
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import openai
 import pytest
 from conftest import RunningServer
 from helpers import data_url, image_message, photo_bytes
+from test_faults import in_process_engine
 from test_real_model import FRANCE, client, gemma, gemma_gguf  # noqa: F401  (the Gemma server)
+
+import server.api.tool_calls
+from server.demo_model import DemoModelPaths
+from server.engine.tools import tools_grammar
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +65,9 @@ def test_a_prompt_counts_as_its_completion_does(gemma: RunningServer,  # noqa: F
 def test_a_chat_counts_as_the_chat_completion_does(gemma: RunningServer,  # noqa: F811
                                                    client: openai.OpenAI) -> None:  # noqa: F811
     legacy = {"functions": [tool["function"] for tool in WEATHER]}
-    for extra in ({}, {"tools": WEATHER}, legacy):
+    for extra in ({}, {"tools": WEATHER}, legacy, {"tools": WEATHER, "tool_choice": "required"},
+                  {"tools": WEATHER, "tool_choice": {"type": "function",
+                                                     "function": {"name": "get_weather"}}}):
         counted = tokenize(gemma, messages=FRANCE, **extra)
         chat = client.chat.completions.create(model="gemma-3-270m", messages=FRANCE,
                                               max_tokens=1, **extra)  # type: ignore[arg-type]
@@ -134,3 +143,45 @@ def test_the_media_marker_in_a_raw_prompt_is_text(gemma: RunningServer,  # noqa:
             "prompt": prompt, "max_tokens": 2})
         assert answer.status_code == 200, answer.text
         assert answer.json()["usage"]["prompt_tokens"] == counted["count"]
+
+
+def test_a_chat_with_tools_is_counted_without_building_its_grammar(
+        demo_model: DemoModelPaths, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count needs the tool prompt, not the grammar a chat's answer must match (tens of
+    milliseconds for a few large schemas): /tokenize builds none, and counts as the chat
+    that does; a schema no grammar could enforce is still the chat's 400."""
+    built: list[str] = []
+
+    def counted_grammar(*args: object, **kwargs: object) -> str:
+        built.append("grammar")
+        return tools_grammar(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(server.api.tool_calls, "tools_grammar", counted_grammar)
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}}}]
+
+    async def ask(app: object) -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t",
+                                     timeout=120) as c:
+            answers = []
+            for extra in ({"tools": WEATHER}, {"tools": WEATHER, "tool_choice": "required"},
+                          {"tools": bad}):
+                answers.append(await c.post("/api/v1/tokenize",
+                                            json={"messages": FRANCE, **extra}))
+            assert not built
+            answers.append(await c.post("/api/v1/chat/completions", json={
+                "messages": FRANCE, "tools": WEATHER, "max_tokens": 1}))
+            answers.append(await c.post("/api/v1/chat/completions", json={
+                "messages": FRANCE, "tools": bad, "max_tokens": 1}))
+            return answers
+
+    with in_process_engine(demo_model) as (app, _, _):
+        auto, required, refused, chat, chat_refused = asyncio.run(ask(app))
+    assert len(built) == 2  # the chats' own
+    assert auto.status_code == required.status_code == chat.status_code == 200, auto.text
+    assert auto.json()["count"] == chat.json()["usage"]["prompt_tokens"]
+    assert required.json()["count"] != auto.json()["count"]  # "You must call one of them."
+    assert refused.status_code == chat_refused.status_code == 400
+    assert refused.json()["error"] == chat_refused.json()["error"]
+    assert refused.json()["error"]["code"] == "unsupported_schema"

@@ -26,7 +26,7 @@ from server.api.tokenize_protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from server.api.tool_calls import plan_functions, tool_history
+from server.api.tool_calls import shown_tools, tool_history
 from server.engine import ErrorEvent, GenerationRequest
 from server.timings import StageTimer
 
@@ -52,10 +52,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> object:
     if body.messages is not None:
         tools, tool_choice = legacy_tools(body.functions, body.function_call, body.tools,
                                           body.tool_choice)
-        plan = await plan_functions(tools, tool_choice, None if body.functions is None
-                                    else False, constrained_format=False,
-                                    format_param="tools")
-        messages = tool_history(body.messages, plan)
+        # Only the prompt counts: the tools it shows, not the grammar an answer would need.
+        messages = tool_history(body.messages, shown_tools(tools, tool_choice))
         names = ["tools"] * (len(messages) - len(body.messages)) + [
             f"messages.{i}" for i in range(len(body.messages))]
         generation.messages = await to_engine_messages(messages, state, timer, client, names)

@@ -5,7 +5,8 @@ has the format, the grammar and the parser)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +30,7 @@ from server.engine.tools import (
     TextDelta,
     ToolCallParser,
     call_markup,
+    check_functions,
     parse_answer,
     tool_prompt,
     tools_grammar,
@@ -36,10 +38,16 @@ from server.engine.tools import (
 
 
 @dataclass(frozen=True)
-class ToolPlan:
+class ToolSet:
+    """What the model is shown: the functions it may call, and whether it must call one."""
+
     functions: list[Function]
     required: bool
-    grammar: str
+
+
+@dataclass(frozen=True)
+class ToolPlan(ToolSet):
+    grammar: str  # what the answer must match
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,37 @@ async def plan_functions(tools: list[ToolDef] | None,
                          parallel_calls: bool | None, *, constrained_format: bool,
                          format_param: str) -> ToolPlan | None:
     """plan_tools for any API that names functions the chat way (responses convert theirs)."""
+    offered = offered_tools(tools, choice, constrained_format=constrained_format,
+                            format_param=format_param)
+    if offered is None:
+        return None
+    parallel = parallel_calls is not False
+    with _schema_errors():
+        # Off the event loop: many large parameter schemas make a large grammar.
+        grammar = await asyncio.to_thread(tools_grammar, offered.functions, parallel=parallel,
+                                          required=offered.required)
+    return ToolPlan(offered.functions, offered.required, grammar)
+
+
+def shown_tools(tools: list[ToolDef] | None,
+                choice: Literal["none", "auto", "required"] | NamedToolChoice | None
+                ) -> ToolSet | None:
+    """The tools as a prompt shows them, for a route that only renders it (/tokenize): the
+    requests plan_functions refuses are refused alike, but no grammar is built (tens of
+    milliseconds for a few large schemas, thrown away). Only what the built grammar alone
+    tells (a schema the converter fails on, a grammar over its size cap) passes here."""
+    offered = offered_tools(tools, choice, constrained_format=False, format_param="tools")
+    if offered is not None:
+        with _schema_errors():
+            check_functions(offered.functions)
+    return offered
+
+
+def offered_tools(tools: list[ToolDef] | None,
+                  choice: Literal["none", "auto", "required"] | NamedToolChoice | None, *,
+                  constrained_format: bool, format_param: str) -> ToolSet | None:
+    """None when the model is not to call anything; else what it may call, or a 400 (the
+    parameters' schemas are not checked here)."""
     if not tools:
         if choice not in (None, "none"):
             raise APIError(400, "tool_choice needs tools", param="tool_choice")
@@ -87,18 +126,20 @@ async def plan_functions(tools: list[ToolDef] | None,
     if constrained_format:
         raise APIError(400, f"{format_param} cannot be combined with tools unless "
                        "tool_choice is 'none'", param=format_param)
-    parallel = parallel_calls is not False
+    return ToolSet(functions, required)
+
+
+@contextmanager
+def _schema_errors() -> Iterator[None]:
+    """A schema the grammar cannot enforce as a 400 naming it."""
     try:
-        # Off the event loop: many large parameter schemas make a large grammar.
-        grammar = await asyncio.to_thread(tools_grammar, functions, parallel=parallel,
-                                          required=required)
+        yield
     except ConstraintError as exc:
         param = str(exc).split(":", 1)[0]
         raise APIError(400, str(exc), param=param, code="unsupported_schema") from None
-    return ToolPlan(functions, required, grammar)
 
 
-def tool_history(messages: list[ChatMessageIn], plan: ToolPlan | None) -> list[ChatMessageIn]:
+def tool_history(messages: list[ChatMessageIn], plan: ToolSet | None) -> list[ChatMessageIn]:
     """The conversation as the chat template can show it: earlier calls as call markup in
     their assistant turn, tool results as user turns, the tool prompt in the system turn."""
     return with_tool_prompt(calls_as_text(messages), plan)
@@ -138,7 +179,7 @@ def calls_as_text(messages: list[ChatMessageIn]) -> list[ChatMessageIn]:
     return out
 
 
-def with_tool_prompt(messages: list[ChatMessageIn], plan: ToolPlan | None
+def with_tool_prompt(messages: list[ChatMessageIn], plan: ToolSet | None
                      ) -> list[ChatMessageIn]:
     """The tool prompt appended to the system turn, or a system turn of its own first."""
     if plan is None:

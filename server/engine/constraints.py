@@ -43,11 +43,17 @@ class ConstraintError(ValueError):
     """A schema the grammar could not enforce exactly; the message names keyword and path."""
 
 
-def schema_grammar(schema: object) -> str:
-    """The GBNF grammar whose every sentence is a JSON document valid against `schema`."""
+def check_schema(schema: object) -> None:
+    """What schema_grammar refuses before it converts: a keyword it cannot enforce exactly
+    (cheap; the conversion is what costs)."""
     if not isinstance(schema, Mapping):
         raise ConstraintError("the schema must be a JSON object")
     _Checker(schema).check(schema, "#")
+
+
+def schema_grammar(schema: object) -> str:
+    """The GBNF grammar whose every sentence is a JSON document valid against `schema`."""
+    check_schema(schema)
     try:
         grammar = json_schema_to_gbnf(json.dumps(copy.deepcopy(schema)))
     except (AssertionError, KeyError, ValueError, RecursionError, TypeError) as exc:

@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.engine.constraints import ConstraintError, schema_grammar
+from server.engine.constraints import ConstraintError, check_schema, schema_grammar
 
 TOOL_OPEN = "<tool_call>"
 TOOL_CLOSE = "</tool_call>"
@@ -66,18 +66,7 @@ def tools_grammar(functions: Sequence[Function], *, parallel: bool, required: bo
     preceded (unless `required`) by free text that never contains the marker. Each
     function's parameters must be a schema the grammar enforces exactly; a ConstraintError
     names the function by its index in `functions`."""
-    alternatives: list[dict[str, Any]] = []
-    defs: dict[str, Any] = {}
-    for i, function in enumerate(functions):
-        try:
-            parameters = _hoist_defs(function.parameters, f"f{i}-", defs)
-            schema_grammar({**parameters, "$defs": defs})  # checked on its own, named by i
-        except ConstraintError as exc:
-            raise ConstraintError(f"tools.{i}.function.parameters: {exc}") from None
-        alternatives.append({
-            "type": "object",
-            "properties": {"name": {"const": function.name}, "arguments": parameters},
-            "required": ["name", "arguments"], "additionalProperties": False})
+    alternatives, defs = _alternatives(functions, schema_grammar)
     call = schema_grammar({"anyOf": alternatives, "$defs": defs})
     call = re.sub(r"^root ::=", "tool-call ::=", call, flags=re.MULTILINE)
     rest = f'"\\n" tool-call "\\n{TOOL_CLOSE}"'
@@ -86,6 +75,33 @@ def tools_grammar(functions: Sequence[Function], *, parallel: bool, required: bo
     if required:
         return f'root ::= "{TOOL_OPEN}" calls\n{calls}\n{call}'
     return f"root ::= free-0\n{_free_text_rules()}\n{calls}\n{call}"
+
+
+def check_functions(functions: Sequence[Function]) -> None:
+    """The refusals of tools_grammar that need no grammar built: each function's parameters
+    checked for keywords the grammar could not enforce (a ConstraintError, named by index).
+    Only a conversion failure or a grammar over its size cap needs the grammar itself."""
+    _alternatives(functions, check_schema)
+
+
+def _alternatives(functions: Sequence[Function], check: Callable[[object], object]
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each call's schema ({"name": ..., "arguments": ...}), each function's parameters
+    passed to `check` on their own first (so an error names the function), and the $defs
+    they share."""
+    alternatives: list[dict[str, Any]] = []
+    defs: dict[str, Any] = {}
+    for i, function in enumerate(functions):
+        try:
+            parameters = _hoist_defs(function.parameters, f"f{i}-", defs)
+            check({**parameters, "$defs": defs})
+        except ConstraintError as exc:
+            raise ConstraintError(f"tools.{i}.function.parameters: {exc}") from None
+        alternatives.append({
+            "type": "object",
+            "properties": {"name": {"const": function.name}, "arguments": parameters},
+            "required": ["name", "arguments"], "additionalProperties": False})
+    return alternatives, defs
 
 
 def _free_text_rules() -> str:
