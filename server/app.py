@@ -46,11 +46,8 @@ from server.metrics import Metrics
 from server.playground import mount_playground
 from server.store import Codec, StateBackend, open_backend
 from server.store.backend import redacted
-from server.store.deletions import DeletionJournal
 from server.store.memory import MemoryTable
-from server.store.snapshot import claim as claim_snapshot
-from server.store.snapshot import discard as discard_snapshot
-from server.store.snapshot import load as load_snapshot
+from server.store.snapshot import Tables
 from server.store.snapshot_writer import SnapshotWriter
 
 API_PREFIXES = ("/api/v1", "/v1")
@@ -74,35 +71,16 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         logger.info("metrics at /metrics (GPU gauges %s)", "on" if metrics.gpu else "off")
         logger.info("uploads and stored responses kept in %s", redacted(settings.state_url))
         snapshot = _snapshot(settings, backend)
-        if snapshot is not None and not claim_snapshot(snapshot[0]):
-            logger.error("state snapshot %s is in use by another server: this one keeps "
-                         "no snapshot (give each server its own file)", snapshot[0])
-            snapshot = None
+        writer = None
         if snapshot is not None:
-            try:
-                restored, skipped = await asyncio.to_thread(load_snapshot, *snapshot)
-                # Deleted after the snapshot's write and before a crash: deleted again.
-                undone = await asyncio.to_thread(DeletionJournal(snapshot[0]).replay,
-                                                 snapshot[1])
-                restored -= undone
-                failed = fail_interrupted(e.value for e in backend.memory_tables[
-                    "responses"][0].entries())
-                logger.info("state snapshot %s: %d entries restored, %d skipped, %d "
-                            "deleted again (deleted after its last write), %d unfinished "
-                            "background responses marked failed", snapshot[0], restored,
-                            skipped, undone, failed)
-            except Exception:  # the server still starts, without them
-                logger.exception("state snapshot %s not read", snapshot[0])
+            writer = kept = SnapshotWriter(*snapshot, settings.state_snapshot_interval_s,
+                                           metrics.observe_snapshot, _fail_interrupted)
+            metrics.watch_snapshot(lambda: kept.held)
+            await writer.open()  # read back now, or once the server holding it stops
         engine.start()
         await batches.start()  # resumes unfinished batches once the engine is ready
-        writer = None
-        if snapshot is not None:  # started from it (a failed start leaves it as it was)
-            writer = SnapshotWriter(*snapshot, settings.state_snapshot_interval_s,
-                                    metrics.observe_snapshot)
-            if writer.interval_s > 0:
-                writer.start()  # a crash from here on restores the last periodic write
-            else:  # only at the stop: a crash must not bring back what gets deleted
-                discard_snapshot(snapshot[0])
+        if writer is not None:  # started from it (a failed start leaves it as it was)
+            writer.start()  # a crash from here on restores the last periodic write
         # Cancels and deletes sent to other replicas for the background runs here.
         marks = asyncio.create_task(state.stop_marks.watch(state.background),
                                     name="background stop marks")
@@ -173,6 +151,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
 # What a snapshot keeps: records, not pixels (uploads are kept decoded: re-upload them).
 SNAPSHOT_TABLES = ("responses", "conversations", "chat_completions")
+
+
+def _fail_interrupted(tables: Tables) -> int:
+    """Background responses read from a snapshot whose runs ended with its process."""
+    return fail_interrupted(e.value for e in tables["responses"][0].entries())
 
 
 def _snapshot(settings: Settings, backend: StateBackend

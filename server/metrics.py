@@ -162,6 +162,13 @@ class Metrics:
         and the background responses running here."""
         self.registry.register(_StateCollector(tables, background_running))
 
+    def watch_snapshot(self, held: Callable[[], bool]) -> None:
+        """Whether this server holds its state_snapshot (0: another server has the file,
+        this one keeps nothing in it until it does); only with a snapshot configured."""
+        Gauge("vlserve_state_snapshot_held", "1 while this server holds its state_snapshot "
+              "file; 0 while another server holds it (nothing kept until it lets go)",
+              registry=self.registry).set_function(lambda: float(held()))
+
     def observe_snapshot(self, written: bool) -> None:
         self.snapshot_writes.labels("written" if written else "failed").inc()
         if written:

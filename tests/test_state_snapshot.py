@@ -406,3 +406,183 @@ def test_each_owners_use_order_survives_a_restart(tmp_path: Path) -> None:
     assert after.get("alice", new.id) is None and after.get("alice", old.id) == old
     # The storing order is kept too: expiry still goes oldest first.
     assert [e.key for e in after.entries()] == [old.id, third.id]
+
+
+def conversations_in(snapshot: Path) -> set[str]:
+    try:
+        rows = json.loads(snapshot.read_text())["tables"]["conversations"]
+    except (OSError, ValueError):  # not written yet
+        return set()
+    return {row[1] for row in rows}
+
+
+def test_a_server_that_waited_for_the_file_takes_over_the_last_write(
+        demo_model: DemoModelPaths, tmp_path: Path) -> None:
+    """A deploy that overlaps (the new server starts while the old one drains on the same
+    file): the new one waits for the file, then reads the old one's last write into what
+    it stored meanwhile and keeps both from then on."""
+    snapshot = tmp_path / "data" / "state.json"
+    env = {"VLSERVE_STATE_SNAPSHOT": str(snapshot), "VLSERVE_STATE_SNAPSHOT_INTERVAL_S": "300"}
+    old = start_server(demo_model, tmp_path / "old.log",
+                       env={**env, "VLSERVE_STATE_SNAPSHOT_INTERVAL_S": "0.2"})
+    new: RunningServer | None = None
+    try:
+        client = openai.OpenAI(base_url=old.api, api_key="unused", max_retries=0)
+        early = client.conversations.create(metadata={"on": "old"}).id
+        deadline = time.monotonic() + 30
+        while conversations_in(snapshot) != {early}:  # a periodic write holds it
+            assert time.monotonic() < deadline, old.log()
+            time.sleep(0.05)
+        new = start_server(demo_model, tmp_path / "new.log", env=env)
+        assert metric_value(new.url, "vlserve_state_snapshot_held") == 0
+        assert metric_value(old.url, "vlserve_state_snapshot_held") == 1
+        late = client.conversations.create(metadata={"on": "old"}).id
+        client = openai.OpenAI(base_url=new.api, api_key="unused", max_retries=0)
+        mine = client.conversations.create(metadata={"on": "new"}).id
+        gone = client.conversations.create().id
+        client.conversations.delete(gone)  # meanwhile: must not come back
+        time.sleep(0.5)  # the old one writes on; the new one writes nothing yet
+        assert conversations_in(snapshot) == {early, late}
+    finally:
+        stop_server(old)  # SIGTERM: its last write, then the file is free
+    assert new is not None
+    try:
+        assert conversations_in(snapshot) == {early, late}
+        deadline = time.monotonic() + 30
+        while metric_value(new.url, "vlserve_state_snapshot_held") != 1:
+            assert time.monotonic() < deadline, new.log()
+            time.sleep(0.1)
+        assert client.conversations.retrieve(late).metadata == {"on": "old"}
+        assert client.conversations.retrieve(early).metadata == {"on": "old"}
+        assert client.conversations.retrieve(mine).metadata == {"on": "new"}
+        with pytest.raises(openai.NotFoundError):
+            client.conversations.retrieve(gone)
+        log = new.log()
+        assert f"state snapshot {snapshot} is held by another server" in log
+        assert f"state snapshot {snapshot}: 2 entries restored, 0 skipped" in log
+        assert log.count("held by another server") == 1 and log.count("claimed (") == 1
+        deadline = time.monotonic() + 30  # written at once, with both servers' entries
+        while conversations_in(snapshot) != {early, late, mine}:
+            assert time.monotonic() < deadline, new.log()
+            time.sleep(0.05)
+        after = client.conversations.create().id
+    finally:
+        stop_server(new)
+    assert conversations_in(snapshot) == {early, late, mine, after}
+
+
+def test_a_writer_waits_for_a_file_another_process_holds(tmp_path: Path) -> None:
+    """Store level: a writer that cannot claim the file leaves it and its deletes journal
+    alone; once the holder is gone it reads the last write (the holder's deletes after it
+    applied) behind its own entries and writes them all."""
+    clock = Clock()
+    path = tmp_path / "state.json"
+    theirs = table(clock)
+    early, late, deleted = (new_conversation("alice", {"n": str(i)}, []) for i in range(3))
+    for conversation in (early, deleted):
+        theirs.put("alice", conversation.id, conversation, conversation.size)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from server.store.snapshot import claim; "
+         f"assert claim(Path({str(path)!r})); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        clock.now += 1
+        ours = table(clock)
+        tables = {"conversations": (ours, CONVERSATION_CODEC)}
+        mine, dropped = (new_conversation("alice", {}, []) for _ in range(2))
+        ours.put("alice", mine.id, mine, mine.size)
+
+        async def run() -> None:
+            writer = SnapshotWriter(path, tables, 0.05)
+            await writer.open()
+            assert not writer.held
+            writer.start()
+            ours.put("alice", dropped.id, dropped, dropped.size)
+            ours.delete("alice", dropped.id)  # meanwhile: not in its journal, not back
+            # The holder's last write, then a delete it noted after it (then it stops).
+            theirs.put("alice", late.id, late, late.size)
+            save(path, {"conversations": (theirs, CONVERSATION_CODEC)})
+            DeletionJournal(path).note("conversations", "alice", deleted.id)
+            await asyncio.sleep(0.3)
+            assert not writer.held and conversations_in(path) == {early.id, late.id, deleted.id}
+            assert len(path.with_name("state.json.deleted").read_text().splitlines()) == 1
+            assert holder.stdin is not None
+            holder.stdin.close()
+            deadline = time.monotonic() + 10
+            while conversations_in(path) != {early.id, late.id, mine.id}:
+                assert time.monotonic() < deadline, conversations_in(path)
+                await asyncio.sleep(0.05)
+            assert writer.held
+            await writer.close()
+
+        asyncio.run(run())
+    finally:
+        holder.kill()
+        holder.wait()
+    assert ours.get("alice", deleted.id) is None and ours.get("alice", dropped.id) is None
+    # Ours are the most recently used; expiry still walks oldest first.
+    assert [c.id for c in ours.values("alice")] == [early.id, late.id, mine.id]
+    assert [e.key for e in ours.entries()] == [early.id, late.id, mine.id]
+    assert not path.with_name("state.json.deleted").exists()  # the write held the delete
+
+
+def test_entries_read_in_behind_ours_never_push_ours_out() -> None:
+    """Merging a snapshot into a table in use: what does not fit beside our entries is
+    left out, theirs oldest first, never ours."""
+    clock = Clock()
+
+    def small() -> MemoryTable:
+        return MemoryTable(Bounds(10, 1 << 20, 100, 2, 1 << 20, lru=True, evict_others=True),
+                           clock)
+
+    theirs, ours = small(), small()
+    old, newer = (new_conversation("alice", {"n": str(i)}, []) for i in range(2))
+    for conversation in (old, newer):
+        theirs.put("alice", conversation.id, conversation, conversation.size)
+        clock.now += 1
+    mine = new_conversation("alice", {}, [])
+    ours.put("alice", mine.id, mine, mine.size)
+    assert ours.absorb(theirs) == 1
+    assert [c.id for c in ours.values("alice")] == [newer.id, mine.id]
+    assert ours.absorb(theirs) == 0  # all held or no room: nothing changes
+    clock.now += 99.5  # `newer` (stored 1 s before `mine`) expires first
+    assert [c.id for c in ours.values("alice")] == [mine.id]
+
+
+def test_a_snapshot_is_read_in_pieces(tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read a chunk at a time (here a few characters, so chunk ends fall inside strings,
+    numbers and records), in any JSON layout; a file cut short is set aside with what
+    came before the cut kept."""
+    from server.store import snapshot_reader
+
+    clock = Clock()
+    before = table(clock)
+    conversations = [new_conversation("alice", {"n": str(i)}, []) for i in range(3)]
+    for conversation in conversations:
+        before.put("alice", conversation.id, conversation, conversation.size)
+        clock.now += 0.125
+    path = tmp_path / "state.json"
+    save(path, {"conversations": (before, CONVERSATION_CODEC)})
+    monkeypatch.setattr(snapshot_reader, "_CHUNK", 3)
+    after = table(clock)
+    assert load(path, {"conversations": (after, CONVERSATION_CODEC)}) == (3, 0)
+    assert [e.stored_at for e in after.entries()] == [e.stored_at for e in before.entries()]
+    data = json.loads(path.read_text())
+    # Indented, with a field unknown today and the use order after the records: read.
+    path.write_text(json.dumps({"version": 1, "tables": data["tables"],
+                                "extra": [1, {"x": 2.5}], "order": data["order"]}, indent=2))
+    after = table(clock)
+    assert load(path, {"conversations": (after, CONVERSATION_CODEC)}) == (3, 0)
+    # The version after the records: unknown when they come, so not read.
+    path.write_text(json.dumps({"tables": data["tables"], "version": 1}))
+    assert load(path, {"conversations": (table(clock), CONVERSATION_CODEC)}) == (0, 0)
+    assert (tmp_path / "state.json.bad").exists()
+    text = json.dumps(data)
+    path.write_text(text[:text.rindex("[")])  # the last record cut off
+    after = table(clock)
+    assert load(path, {"conversations": (after, CONVERSATION_CODEC)}) == (2, 0)
+    assert not path.exists() and (tmp_path / "state.json.bad").exists()

@@ -124,6 +124,48 @@ class MemoryTable(Generic[T]):
                 entry.stored_at = stored_at
         return True
 
+    def empty(self) -> MemoryTable[T]:
+        """A new table with the same bounds and clock (a snapshot is read into one)."""
+        return MemoryTable(self.bounds, self._clock)
+
+    def absorb(self, older: MemoryTable[T]) -> int:
+        """Take in `older`'s entries (a snapshot read while this table may be in use) but
+        those this one holds: ours win. Theirs go behind ours in each
+        owner's use order; those that do not fit beside ours within the bounds are left
+        out, the newest taken first. The entries taken."""
+        theirs, orders = older.contents()
+        b = self.bounds
+        with self._lock:
+            self._expire()
+            count, used = len(self._all), self._used
+            owner_count = {owner: len(mine) for owner, mine in self._owners.items()}
+            owner_bytes = dict(self._owner_bytes)
+            taken: dict[str, _Entry[T]] = {}
+            for entry in reversed(theirs):  # newest first: the oldest are left out
+                owner = entry.owner
+                if (entry.key in self._all
+                        or count + 1 > b.max_count or used + entry.size > b.max_bytes
+                        or owner_count.get(owner, 0) + 1 > b.max_count_per_owner
+                        or owner_bytes.get(owner, 0) + entry.size > b.max_bytes_per_owner):
+                    continue
+                taken[entry.key] = entry
+                count, used = count + 1, used + entry.size
+                owner_count[owner] = owner_count.get(owner, 0) + 1
+                owner_bytes[owner] = owner_bytes.get(owner, 0) + entry.size
+            if not taken:
+                return 0
+            # One storing order by age: expiry and the table-wide eviction walk it.
+            self._all = OrderedDict(sorted([*taken.items(), *self._all.items()],
+                                           key=lambda item: item[1].stored_at))
+            for owner, keys in orders.items():
+                behind = OrderedDict((key, taken[key]) for key in keys if key in taken)
+                if behind:
+                    behind.update(self._owners.get(owner, {}))
+                    self._owners[owner] = behind
+            self._owner_bytes, self._used = owner_bytes, used
+            self.changes += 1
+            return len(taken)
+
     def delete(self, owner: str, key: str) -> bool:
         with self._lock:
             mine = self._owners.get(owner)

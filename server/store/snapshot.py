@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from server.store.memory import MemoryTable
+from server.store.snapshot_reader import records
 from server.store.table import Codec
 
 logger = logging.getLogger("vlserve.store")
@@ -90,43 +91,46 @@ def _sync_directory(directory: Path) -> None:
 def load(path: Path, tables: Tables) -> tuple[int, int]:
     """Read a snapshot back into `tables` (it stays until `discard` or the next write):
     (entries restored, entries skipped: expired, over today's bounds, or unreadable), each
-    owner's use order as it was. A file that is no snapshot is set aside as `<name>.bad`
-    and the server starts without it."""
+    owner's use order as it was. Read one record at a time (server.store.snapshot_reader).
+    A file that is no snapshot is set aside as `<name>.bad`: the server goes on without
+    it (with what was read before the fault, if it came late in the file)."""
     if not path.is_file():
         return 0, 0
+    fields: dict[str, Any] = {}
+    restored = skipped = 0
     try:
-        snapshot = json.loads(path.read_text())
-        if not isinstance(snapshot, dict) or snapshot.get("version") != VERSION:
+        with path.open(encoding="utf-8") as file:
+            # Restored in file order: the writer writes each table in storing order.
+            for name, row in records(file, fields):
+                if fields.get("version") != VERSION:  # written first: known by now
+                    raise ValueError("not a version-1 snapshot")
+                if name not in tables:
+                    continue
+                if _restore(path, name, row, *tables[name]):
+                    restored += 1
+                else:
+                    skipped += 1
+        if fields.get("version") != VERSION:
             raise ValueError("not a version-1 snapshot")
-        saved = snapshot["tables"]
-        if not isinstance(saved, dict):
-            raise ValueError("no tables")
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError) as exc:
         logger.error("state snapshot %s unreadable (%s): starting without it, kept as %s.bad",
                      path, exc, path.name)
         os.replace(path, path.with_name(path.name + ".bad"))
-        return 0, 0
-    restored = skipped = 0
-    for name, rows in saved.items():
-        if name not in tables or not isinstance(rows, list):
-            continue
-        table, codec = tables[name]
-        for row in sorted(rows, key=_stored_at):
-            try:
-                owner, key, size, stored_at, head, *body = row  # a body: a 6th field
-                value = codec.decode(head.encode(), base64.b64decode(body[0]) if body
-                                     else b"")
-                kept = table.restore(owner, key, value, size, stored_at)
-            except Exception as exc:  # a record another version wrote: that one is lost
-                logger.warning("state snapshot %s: a %s entry skipped: %r", path, name, exc)
-                skipped += 1
-                continue
-            if kept:
-                restored += 1
-            else:
-                skipped += 1
-    _arrange(snapshot.get("order"), tables)
+        return restored, skipped
+    _arrange(fields.get("order"), tables)
     return restored, skipped
+
+
+def _restore(path: Path, name: str, row: Any, table: MemoryTable[Any],
+             codec: Codec[Any]) -> bool:
+    """One record back into its table; False when skipped."""
+    try:
+        owner, key, size, stored_at, head, *body = row  # a body: a 6th field
+        value = codec.decode(head.encode(), base64.b64decode(body[0]) if body else b"")
+        return table.restore(owner, key, value, size, stored_at)
+    except Exception as exc:  # a record another version wrote: that one is lost
+        logger.warning("state snapshot %s: a %s entry skipped: %r", path, name, exc)
+        return False
 
 
 def _arrange(order: Any, tables: Tables) -> None:
@@ -183,10 +187,3 @@ def discard(path: Path) -> None:
         except OSError as exc:
             logger.error("state snapshot %s not deleted (%s): a later start would read it "
                          "again", file, exc)
-
-
-def _stored_at(row: Any) -> float:
-    try:
-        return float(row[3])
-    except (TypeError, ValueError, IndexError):
-        return 0.0
