@@ -552,6 +552,30 @@ def test_entries_read_in_behind_ours_never_push_ours_out() -> None:
     assert [c.id for c in ours.values("alice")] == [mine.id]
 
 
+def test_entries_read_in_keep_each_owners_storing_order_when_not_lru() -> None:
+    """Where each owner loses its oldest entry first (not LRU: stored responses), theirs
+    go among ours by age, not behind: a newer entry of the old server's last write is not
+    evicted before our older one."""
+    clock = Clock()
+
+    def oldest_out() -> MemoryTable:
+        return MemoryTable(Bounds(10, 1 << 20, 100, 2, 1 << 20, lru=False,
+                                  evict_others=True), clock)
+
+    theirs, ours = oldest_out(), oldest_out()
+    mine, their_last, next_one = (new_conversation("alice", {"n": str(i)}, [])
+                                  for i in range(3))
+    ours.put("alice", mine.id, mine, mine.size)  # stored while waiting for the file
+    clock.now += 5
+    theirs.put("alice", their_last.id, their_last, their_last.size)  # its last write
+    clock.now += 1
+    assert ours.absorb(theirs) == 1
+    assert [c.id for c in ours.values("alice")] == [mine.id, their_last.id]
+    clock.now += 1
+    ours.put("alice", next_one.id, next_one, next_one.size)  # at its share: the oldest goes
+    assert [c.id for c in ours.values("alice")] == [their_last.id, next_one.id]
+
+
 def test_a_snapshot_is_read_in_pieces(tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Read a chunk at a time (here a few characters, so chunk ends fall inside strings,

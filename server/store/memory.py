@@ -131,7 +131,8 @@ class MemoryTable(Generic[T]):
     def absorb(self, older: MemoryTable[T]) -> int:
         """Take in `older`'s entries (a snapshot read while this table may be in use) but
         those this one holds: ours win. Theirs go behind ours in each
-        owner's use order; those that do not fit beside ours within the bounds are left
+        owner's use order (LRU tables; in the others each owner's order stays by age, as
+        its oldest goes first); those that do not fit beside ours within the bounds are left
         out, the newest taken first. The entries taken."""
         theirs, orders = older.contents()
         b = self.bounds
@@ -161,6 +162,9 @@ class MemoryTable(Generic[T]):
                 behind = OrderedDict((key, taken[key]) for key in keys if key in taken)
                 if behind:
                     behind.update(self._owners.get(owner, {}))
+                    if not b.lru:  # storing order: each owner's oldest goes first
+                        behind = OrderedDict(sorted(behind.items(),
+                                                    key=lambda item: item[1].stored_at))
                     self._owners[owner] = behind
             self._owner_bytes, self._used = owner_bytes, used
             self.changes += 1
