@@ -24,9 +24,11 @@ from test_tool_calls import ASK, TOOLS
 from server.api.generation import Event, whole_answer
 from server.api.responses import _complete
 from server.api.responses_output import Finished, ResponseDraft, stream_events
+from server.api.shown_logprobs import StreamedLogprobs
 from server.api.tool_calls import ToolDeltaEvent, ToolPlan, answer_message, tool_stream
 from server.engine import DoneEvent, TokenEvent
 from server.engine.logprobs import TokenLogprob
+from server.engine.tools import TextDelta
 from server.timings import StageTimer
 
 CALL = '<tool_call>\n{"name": "get_time", "arguments": {"utc": true}}\n</tool_call>'
@@ -44,24 +46,26 @@ def lp(i: int) -> TokenLogprob:
     return TokenLogprob(f"t{i}".encode(), -float(i), ())
 
 
-async def _events(tokens: list[str]) -> AsyncIterator[TokenEvent | DoneEvent]:
+async def _events(tokens: list[str], finish_reason: str = "stop"
+                  ) -> AsyncIterator[TokenEvent | DoneEvent]:
     for i, text in enumerate(tokens):
         yield TokenEvent(text, lp(i))
-    yield DoneEvent("stop", StageTimer())
+    yield DoneEvent(finish_reason, StageTimer())
 
 
-def streamed(tokens: list[str]) -> list[Any]:
+def streamed(tokens: list[str], finish_reason: str = "stop") -> list[Any]:
     async def run() -> list[Any]:
-        return [event async for event in tool_stream(_events(tokens))]
+        return [event async for event in tool_stream(_events(tokens, finish_reason))]
     return asyncio.run(run())
 
 
-def whole(tokens: list[str]) -> tuple[dict[str, object], list[dict[str, object]]]:
+def whole(tokens: list[str], finish_reason: str = "stop"
+          ) -> tuple[dict[str, object], list[dict[str, object]]]:
     async def run() -> tuple[dict[str, object], list[dict[str, object]]]:
-        events = _events(tokens)
+        events = _events(tokens, finish_reason)
         answer = await whole_answer(await anext(events), events)
         assert not isinstance(answer, Exception) and hasattr(answer, "spans")
-        message, _, logprobs = answer_message(answer.text, "stop", answer.logprobs,
+        message, _, logprobs = answer_message(answer.text, finish_reason, answer.logprobs,
                                               answer.spans)
         return message, logprobs
     return asyncio.run(run())
@@ -99,6 +103,58 @@ def test_an_answer_without_calls_keeps_every_tokens_logprob() -> None:
     assert "".join(e.text for e in texts) == "Hi <b> there"
     assert [e.logprob for e in texts if e.logprob is not None] == [
         lp(i) for i in range(len(tokens))]
+
+
+@pytest.mark.parametrize(("tokens", "content", "kept"), [
+    (["Hi", " <tool_call>", '\n{"na'], 'Hi <tool_call>\n{"na', [0, 1, 2]),
+    (["Hi", " <tool_call>"], "Hi <tool_call>", [0, 1]),
+    (["<tool_call>", "\n"], "<tool_call>\n", [0, 1]),
+])
+def test_an_answer_cut_right_after_the_marker_streams_as_it_reads_whole(
+        tokens: list[str], content: str, kept: list[int]) -> None:
+    """Cut by max_tokens before a call's name: no call, so the marker and what follows it
+    are text, streamed as in the whole answer, each token's logprob with its text."""
+    message, logprobs = whole(tokens, "length")
+    assert message["content"] == content and "tool_calls" not in message
+    assert [entry["logprob"] for entry in logprobs] == [-float(i) for i in kept]
+    events = streamed(tokens, "length")
+    texts = [e for e in events if isinstance(e, TokenEvent)]
+    assert "".join(e.text for e in texts) == content
+    assert [e.logprob for e in texts if e.logprob is not None] == [lp(i) for i in kept]
+    for event in texts:
+        if event.logprob is not None:
+            assert event.text in tokens[int(event.logprob.token[1:])]
+    assert not any(isinstance(e, ToolDeltaEvent) for e in events)
+    assert isinstance(events[-1], DoneEvent) and events[-1].finish_reason == "length"
+
+
+def test_a_marker_cut_after_a_whole_call_stays_markup() -> None:
+    """After a whole call, a second marker cut before its call's name is no text (as in
+    the whole answer), and its tokens bring no logprobs."""
+    tokens = ["Ok.", CALL, "\n<tool_call>", '\n{"na']
+    message, logprobs = whole(tokens, "length")
+    assert message["content"] == "Ok." and len(message["tool_calls"]) == 1  # type: ignore[arg-type]
+    assert [entry["logprob"] for entry in logprobs] == [0.0]
+    events = streamed(tokens, "length")
+    texts = [e for e in events if isinstance(e, TokenEvent)]
+    assert "".join(e.text for e in texts) == "Ok."
+    assert [e.logprob for e in texts if e.logprob is not None] == [lp(0)]
+
+
+def test_the_rest_is_only_the_shown_texts_tokens() -> None:
+    """At the end of an answer without calls, the tokens still undecided bring their
+    logprobs only when their text was shown (a last one with no text of its own too)."""
+    logprobs = StreamedLogprobs()
+    for i, text in enumerate(["Hi", ""]):
+        logprobs.token(text, lp(i))
+    shown = logprobs.text(TextDelta("Hi", 0))
+    assert [e.logprob for e in shown] == [lp(0)]
+    assert [e.logprob for e in logprobs.rest()] == [lp(1)]
+    logprobs = StreamedLogprobs()
+    for i, text in enumerate(["Hi", "<tool_call>"]):
+        logprobs.token(text, lp(i))
+    logprobs.text(TextDelta("Hi", 0))
+    assert logprobs.rest() == []  # never shown: no logprob for it
 
 
 def _draft() -> ResponseDraft:

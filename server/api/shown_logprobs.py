@@ -49,6 +49,7 @@ class StreamedLogprobs:
     def __init__(self) -> None:
         self._pending: list[_Token] = []  # undecided, in answer order
         self._fed = 0
+        self._shown_to = 0  # where the text shown so far ends in the raw answer
 
     def token(self, text: str, logprob: TokenLogprob | None) -> None:
         """The engine's next token (its text goes to the parser next)."""
@@ -60,6 +61,7 @@ class StreamedLogprobs:
         """The shown text as events, cut where undecided tokens begin and end so that each
         logprob rides with its own token's text."""
         start, end = delta.start, delta.start + len(delta.text)
+        self._shown_to = max(self._shown_to, end)
         events: list[TokenEvent] = []
         at = start
         for token in list(self._pending):
@@ -88,7 +90,8 @@ class StreamedLogprobs:
 
     def rest(self) -> list[TokenEvent]:
         """The end of an answer without calls: it is all text, so every token counts (as it
-        would without tools), those with no character after them too."""
-        events = [TokenEvent("", t.logprob) for t in self._pending]
+        would without tools), those with no character after them too; but only the tokens
+        of text shown (none of text the parser dropped)."""
+        events = [TokenEvent("", t.logprob) for t in self._pending if t.end <= self._shown_to]
         self._pending = []
         return events

@@ -203,8 +203,9 @@ class ToolCallParser:
     @property
     def consumed(self) -> int:
         """How much of the raw answer is settled: text passed on, or markup dropped (the
-        rest is held back, undecided)."""
-        return self._fed - len(self._buf)
+        rest is held back, undecided; the marker too until a call's head follows it)."""
+        held = len(self._buf) + (len(TOOL_OPEN) if self._state == "head" else 0)
+        return self._fed - held
 
     def feed(self, text: str) -> list[Delta]:
         self._buf += text
@@ -216,8 +217,15 @@ class ToolCallParser:
         return out
 
     def finish(self) -> list[Delta]:
-        """What was held back, once the answer is over (all of it settled then)."""
-        out = self._emit_text(self._buf, []) if self._state == "text" else []
+        """What was held back, once the answer is over (all of it settled then). A marker
+        with no call's head after it (an answer cut by max_tokens) is text, as in the whole
+        answer, when no call came before it."""
+        if self._state == "text":
+            out = self._emit_text(self._buf, [])
+        elif self._state == "head" and not self.calls:
+            out = [TextDelta(TOOL_OPEN + self._buf, self.consumed)]  # from the marker on
+        else:
+            out = []
         self._buf = ""
         return out
 
