@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(512, ge=1)
     max_tokens_cap: int = Field(2048, ge=1)
     max_queue: int = Field(64, ge=1)  # waiting requests beyond the busy slots; then 429
+    # Predicted Outputs (`prediction`): at most this many predicted tokens are checked per
+    # request and step (server/engine/prediction.py), fewer where longer steps would not pay
+    # (their cost is measured at warm-up); 0: predictions are ignored.
+    prediction_max_draft: int = Field(16, ge=0, le=64)
     # Generation requests one API key may have in flight at once (then 429), so one tenant
     # cannot take every slot and the queue. None: no limit per key (server.api.key_limits).
     max_requests_per_key: int | None = Field(None, ge=1)

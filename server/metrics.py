@@ -72,6 +72,10 @@ class Metrics:
         self.grammar_resamples = Counter(
             "vlserve_grammar_resamples_total", "Tokens drawn again because the grammar "
             "refused the first draw", registry=registry)
+        self.prediction_tokens = Counter(
+            "vlserve_prediction_tokens_total", "Predicted Outputs: draft tokens of requests' "
+            "`prediction` the answer kept (accepted) or not (rejected, evaluated in vain)",
+            ["result"], registry=registry)
         self.uploads = Counter(
             "vlserve_uploads_total", "Files accepted by the upload endpoint", registry=registry)
         self.batch_requests = Counter(
@@ -151,6 +155,8 @@ class Metrics:
         self.completion_tokens.inc(timer.completion_tokens)
         self.image_cache_hits.inc(timer.image_cache_hits)
         self.grammar_resamples.inc(timer.grammar_resamples)
+        self.prediction_tokens.labels("accepted").inc(timer.accepted_prediction_tokens)
+        self.prediction_tokens.labels("rejected").inc(timer.rejected_prediction_tokens)
         self.image_cache_misses.inc(max(0, timer.images - timer.image_cache_hits))
 
     def watch_pixel_cache(self, cache: PixelCache) -> None:

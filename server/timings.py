@@ -35,6 +35,10 @@ class StageTimer:
     grammar_resamples: int = 0  # tokens drawn again because the grammar refused the first
     preemptions: int = 0  # times the KV cache was full and this request stepped aside
     reasoning_tokens: int = 0  # of completion_tokens, a thinking model's (server/api/reasoning)
+    # Predicted Outputs (server/engine/prediction.py): draft tokens the answer kept, and
+    # those it did not (each was still evaluated).
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
     def add(self, stage: str, seconds: float) -> None:
         self.stages_ms[stage] += seconds * 1000.0
@@ -61,6 +65,8 @@ class StageTimer:
             grammar_resamples=self.grammar_resamples,
             preemptions=self.preemptions,
             reasoning_tokens=self.reasoning_tokens,
+            accepted_prediction_tokens=self.accepted_prediction_tokens,
+            rejected_prediction_tokens=self.rejected_prediction_tokens,
             tokens_per_second=round(self.tokens_per_second, 2),
         )
         return out

@@ -20,6 +20,7 @@ from server.api.generation import (
     Events,
     cancel_on_disconnect,
     check_choices,
+    count_every_choice,
     logprob_entry,
     max_tokens,
     request_sampling,
@@ -35,7 +36,12 @@ from server.api.legacy_functions import as_tools, legacy_delta, legacy_finish, l
 from server.api.observe import RequestRecord, request_record
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import event_stream, responses
-from server.api.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from server.api.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    predicted_text,
+)
 from server.api.reasoning import ReasoningEvent, plan_reasoning
 from server.api.response_format import response_grammar
 from server.api.state import AppState
@@ -106,6 +112,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         tenant=state.cache_tenant(client),
         priority=request_priority(request.scope),
         template_kwargs=kwargs,
+        prediction=predicted_text(body.prediction),
     )
     # Until a streaming response takes over (Starlette then notices hang-ups itself), a
     # client that goes away must cancel its generation: while its images decode, queued,
@@ -162,9 +169,7 @@ async def _complete(reply: _Reply, choices: list[Choice], generation: Generation
             return error_response(answer.status, answer.message, code=answer.code)
         finished.append(answer)
     timer = generation.timer
-    # Usage counts every choice's tokens; the timings are the first choice's.
-    timer.completion_tokens = sum(a.done.timer.completion_tokens for a in finished)
-    timer.reasoning_tokens = sum(a.done.timer.reasoning_tokens for a in finished)
+    count_every_choice(timer, [a.done.timer for a in finished])
     record.finish_reason = finished[0].finish_reason
     body = {
         "id": reply.id,
@@ -211,7 +216,7 @@ class _Answer:
 async def _stream(reply: _Reply, choices: list[Choice], generation: GenerationRequest,
                   include_usage: bool, record: RequestRecord, *, legacy: bool
                   ) -> AsyncIterator[str]:
-    completion_tokens = reasoning_tokens = 0
+    finished: list[StageTimer] = []
     running = len(choices)
     try:
         for index in range(len(choices)):
@@ -234,15 +239,13 @@ async def _stream(reply: _Reply, choices: list[Choice], generation: GenerationRe
                 finish = legacy_finish(event.finish_reason) if legacy else event.finish_reason
                 if index == 0:
                     record.finish_reason = finish
-                completion_tokens += event.timer.completion_tokens
-                reasoning_tokens += event.timer.reasoning_tokens
+                finished.append(event.timer)
                 yield _chunk(reply, {}, finish, index=index, timings=event.timer.as_dict())
                 running -= 1
                 if running:
                     continue
                 timer = generation.timer  # usage counts every choice; timings: the first's
-                timer.completion_tokens = completion_tokens
-                timer.reasoning_tokens = reasoning_tokens
+                count_every_choice(timer, finished)
                 if include_usage:
                     yield _chunk(reply, None, None, usage=usage_of(timer), timings=timer.as_dict())
                 yield "data: [DONE]\n\n"

@@ -140,8 +140,23 @@ def usage_of(timer: StageTimer) -> dict[str, object]:
         "completion_tokens": timer.completion_tokens,
         "total_tokens": timer.prompt_tokens + timer.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": timer.cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": timer.reasoning_tokens},
+        "completion_tokens_details": {
+            "reasoning_tokens": timer.reasoning_tokens,
+            "accepted_prediction_tokens": timer.accepted_prediction_tokens,
+            "rejected_prediction_tokens": timer.rejected_prediction_tokens,
+        },
     }
+
+
+# What a request's usage sums over its `n` choices (its timings are the first choice's).
+_PER_CHOICE_COUNTS = ("completion_tokens", "reasoning_tokens", "accepted_prediction_tokens",
+                      "rejected_prediction_tokens")
+
+
+def count_every_choice(timer: StageTimer, choices: Sequence[StageTimer]) -> None:
+    """Set the request's token counts to the sums over its choices' timers."""
+    for name in _PER_CHOICE_COUNTS:
+        setattr(timer, name, sum(getattr(choice, name) for choice in choices))
 
 
 Event = EngineEvent | ToolDeltaEvent | ReasoningEvent

@@ -202,6 +202,22 @@ class GenerationFields(_Lenient):
     logit_bias: dict[str, float] | None = None
 
 
+class PredictionContent(_Lenient):
+    """OpenAI's Predicted Outputs: text the answer is expected to be mostly (a file to
+    edit, say). The answer stays the model's own; a good prediction makes it faster
+    (server/engine/prediction.py)."""
+
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+
+def predicted_text(prediction: PredictionContent | None) -> str | None:
+    if prediction is None:
+        return None
+    content = prediction.content
+    return content if isinstance(content, str) else "".join(part.text for part in content)
+
+
 class ChatCompletionRequest(GenerationFields):
     # top_logprobs needs logprobs: true (checked by the route; declared here).
     model_config = ConfigDict(**_REQUEST_CONFIG, json_schema_extra={
@@ -234,6 +250,7 @@ class ChatCompletionRequest(GenerationFields):
     # (server/api/stored_chat.py); metadata is checked (and ignored) without store.
     store: bool | None = None
     metadata: Metadata | None = None
+    prediction: PredictionContent | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -274,6 +291,9 @@ class PromptTokensDetails(BaseModel):
 
 class CompletionTokensDetails(BaseModel):
     reasoning_tokens: int  # a thinking model's tokens up to the end of its reasoning
+    # Predicted Outputs: draft tokens of `prediction` the answer kept, and those it did not.
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 class Usage(BaseModel):

@@ -325,6 +325,7 @@ class Engine:
         with llama_log.record() as encode_log:  # clip.cpp reports its backend's gaps here
             prompt = self._preparer.prepare(request)
             self._scheduler.run_to_completion(request, prompt, _Discard())
+        self._scheduler.measure_step_costs()
         self._scheduler.share_prefix_of_slot(0)
         self._reread_placement(encode_log)
         self.warmup_seconds = round(time.perf_counter() - started, 3)

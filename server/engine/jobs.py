@@ -12,6 +12,7 @@ from server.engine.admission import Sink
 from server.engine.detokenize import TextStream
 from server.engine.embed_cache import EmbedKey
 from server.engine.logprobs import PromptLogprobs
+from server.engine.prediction import DraftPace
 from server.engine.prefix import KvEntries, KvKey
 from server.engine.sampling import TokenSampler
 from server.engine.types import (
@@ -60,6 +61,14 @@ class Job:
     siblings: list[Job] = field(default_factory=list)
     awaits_copy: bool = False  # a sibling still waiting for that copy
     prompt_logprobs: PromptLogprobs | None = None  # server/engine/prompt_scores.py
+    # Predicted tokens in this step's batch after `next_token` (server/engine/prediction.py):
+    # the first at batch index `draft_index`, taken from the prediction at `draft_from`.
+    draft: list[int] = field(default_factory=list)
+    draft_index: int = 0
+    draft_from: int = 0
+    # Where the answer last followed the prediction (its next token's position there).
+    draft_cursor: int = 0
+    pace: DraftPace | None = None  # None: no prediction, or predictions are turned off
 
     def keys(self) -> list[KvKey]:
         """What this job's sequence holds once its prompt and its tokens are evaluated."""

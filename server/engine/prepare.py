@@ -16,9 +16,10 @@ import llama_cpp
 from server.engine import mtmd
 from server.engine.model import LoadedModel
 from server.engine.mtmd import PromptChunk, TokenizedPrompt
+from server.engine.prediction import Prediction
 from server.engine.prompt import PromptError, RenderedPrompt, Segment
 from server.engine.prompt_text import prompt_texts
-from server.engine.tokens import detokenize, text_prompt, token_piece
+from server.engine.tokens import detokenize, text_prompt, token_piece, tokenize_text
 from server.engine.types import ErrorEvent, GenerationRequest, PromptTokens
 
 
@@ -61,6 +62,10 @@ class Preparer:
         self.model = model
         self._system_prompt = system_prompt
         self.gate = ModelGate()
+        # Rejected draft tokens are taken back out of the KV cache; a recurrent model's
+        # state cannot be rolled back a few tokens, so it gets no drafts.
+        self._drafts = not (llama_cpp.llama_model_is_recurrent(model.model)
+                            or llama_cpp.llama_model_is_hybrid(model.model))
 
     def count(self, request: GenerationRequest, *, add_special: bool, pieces: bool
               ) -> PromptTokens:
@@ -128,7 +133,19 @@ class Preparer:
         # when images are present: it is booked as resizing, so `image_encode` is the vision
         # encoder alone and reads 0 when the embedding cache answers.
         timer.add("image_resize" if rendered.images else "prompt_eval", time.perf_counter() - t0)
-        return self._checked(request, prompt, fit)
+        prompt = self._checked(request, prompt, fit)
+        if request.prediction and self._drafts:
+            request.predicted = self._predicted(request.prediction)
+        return prompt
+
+    def _predicted(self, text: str) -> Prediction:
+        """The prediction's tokens as the model would write the text: no BOS, control-token
+        text read as plain text. Only what an answer could reach of it is tokenized (a
+        token stands for at most a few dozen characters)."""
+        with self.gate:
+            tokens = tokenize_text(self.model.vocab, text[:self.model.n_ctx * 32],
+                                   add_special=False, parse_special=False)
+        return Prediction.of(tokens[:self.model.n_ctx])
 
     def _checked(self, request: GenerationRequest, prompt: mtmd.TokenizedPrompt, fit: bool
                  ) -> mtmd.TokenizedPrompt:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import llama_cpp
 
 from server.config import Settings
-from server.engine import mtmd, next_turn
+from server.engine import mtmd, next_turn, step_costs
 from server.engine.admission import (
     CLIENT_GONE,
     Inbox,
@@ -31,7 +31,7 @@ from server.engine.admission import (
 from server.engine.batch import TokenBatch
 from server.engine.emit import take_token
 from server.engine.encoder import ImageEncoder
-from server.engine.jobs import PrefillItem, Slot, end_job, slot_view
+from server.engine.jobs import Job, PrefillItem, Slot, end_job, slot_view
 from server.engine.kv import KvBudget
 from server.engine.model import LoadedModel
 from server.engine.prompt_scores import score
@@ -186,6 +186,22 @@ class Scheduler:
         for slot in self.slots:
             slot.next_turn = None  # nobody continues the warm-up
 
+    def measure_step_costs(self) -> None:
+        """Time decode steps of 1 up to the most positions predicted drafts can make a step
+        (at warm-up: before traffic, after the warm-up request's allocations), on slot 0's
+        sequence past its content, taken back out after each."""
+        slot = self.slots[0]
+        largest = min(len(self.slots) + self.settings.prediction_max_draft, self._batch.capacity,
+                      self.kv.free(self.slots), self.model.n_ctx - slot.n_past)
+        if not self.settings.prediction_max_draft or largest < 2:
+            return
+        with self.watchdog.watch("a decode step"):
+            costs = step_costs.measure(self.model.ctx, self._batch, slot.seq_id, slot.n_past,
+                                       largest, token=0)
+        self._starter.step_costs = costs
+        logger.info("decode step time by positions (for predicted drafts): %s", ", ".join(
+            f"{n}: {s * 1000:.1f} ms" for n, s in zip(costs.sizes, costs.seconds, strict=True)))
+
     def share_prefix_of_slot(self, source: int = 0) -> None:
         """Let every slot start from `source`'s KV (e.g. the warmed-up system prompt);
         with a unified KV cache the cells are shared, not copied."""
@@ -313,8 +329,11 @@ class Scheduler:
             assert job is not None
             slot.cached.append(job.next_token)
             slot.n_past += 1
+            before = job.n_generated
             self._sample(slot, ctx, i)
-            spill = spill or (job.n_generated == SPILL_AFTER_TOKENS
+            if job.draft:
+                self._take_draft(slot, job, ctx)
+            spill = spill or (before < SPILL_AFTER_TOKENS <= job.n_generated
                               and job.max_new >= 2 * SPILL_AFTER_TOKENS)
         if spill:
             self._starter.spill_idle(self.slots)
@@ -323,6 +342,27 @@ class Scheduler:
 
     def _fill_batch(self) -> tuple[list[Slot], list[Prefilled]]:
         return fill_step(self._batch, self.slots, self.kv.free(self.slots))
+
+    def _take_draft(self, slot: Slot, job: Job, ctx: llama_cpp.llama_context_p) -> None:
+        """Keep the step's predicted tokens for as long as the sampler, run at each one's
+        position in turn, picks exactly it (each kept one is then in the KV cache already,
+        and the logits after it are the next position's); take the rest back out."""
+        draft, kept = job.draft, 0
+        job.draft = []
+        for j, token in enumerate(draft):
+            if slot.job is not job or job.next_token != token:
+                break  # the job ended, or the model wrote something else here
+            slot.cached.append(token)
+            slot.n_past += 1
+            kept += 1
+            self._sample(slot, ctx, job.draft_index + j)
+        job.draft_cursor = job.draft_from + kept
+        if job.pace is not None:
+            job.pace.checked(len(draft), kept)
+        job.request.timer.accepted_prediction_tokens += kept
+        job.request.timer.rejected_prediction_tokens += len(draft) - kept
+        if kept < len(draft):
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, slot.n_past, -1)
 
     def _prefill_done(self, part: Prefilled, decode_s: float) -> None:
         slot, item = part.slot, part.item

@@ -10,12 +10,13 @@ import time
 import llama_cpp
 
 from server.config import Settings
-from server.engine import mtmd
+from server.engine import mtmd, step_costs
 from server.engine.admission import Pending, Sink
 from server.engine.detokenize import TextStream
 from server.engine.jobs import Job, Slot, remaining_work, resume_chunks
 from server.engine.kv import KvBudget
 from server.engine.model import LoadedModel
+from server.engine.prediction import DraftPace
 from server.engine.prefix import (
     KvEntries,
     KvKey,
@@ -31,6 +32,10 @@ from server.engine.types import ErrorEvent, GenerationRequest
 
 logger = logging.getLogger("vlserve.engine")
 
+# Without a warm-up's measurement: each more position in a step costs half a step (about
+# what 9 positions cost on 2 CPU cores with Gemma 3 270M).
+ASSUMED_POSITION_COST = 0.5
+
 
 class Starter:
     def __init__(self, model: LoadedModel, settings: Settings, kv: KvBudget) -> None:
@@ -41,6 +46,9 @@ class Starter:
         budget = settings.prompt_cache_ram_mb * 1024 * 1024
         self.ram = RamPrefixCache(model.ctx, budget) if budget else None
         self._order = itertools.count()
+        # What longer decode steps cost, for predicted drafts: measured at warm-up
+        # (Scheduler.measure_step_costs); until then (or without one) assumed.
+        self.step_costs = step_costs.linear(ASSUMED_POSITION_COST, model.n_batch)
 
     def new_job(self, pending: Pending) -> Job | None:
         """The job for a newly admitted request (with its `n > 1` siblings, which share its
@@ -83,6 +91,8 @@ class Starter:
             order=next(self._order),
             held_text=None if request.stream or request.top_logprobs is not None else [],
             prompt_logprobs=new_scores(request, prompt, model),
+            pace=DraftPace(self.settings.prediction_max_draft, self.step_costs)
+            if request.predicted is not None and self.settings.prediction_max_draft else None,
         )
 
     def place(self, job: Job, slots: list[Slot]) -> None:

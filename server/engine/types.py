@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from server.engine.logprobs import PromptLogprobs, TokenLogprob
+from server.engine.prediction import Prediction
 from server.timings import StageTimer
 
 
@@ -86,6 +87,11 @@ class GenerationRequest:
     # A raw prompt's own tokens scored (echo with logprobs: server/engine/prompt_scores.py),
     # with `top_logprobs` alternatives each.
     prompt_logprobs: bool = False
+    # OpenAI's Predicted Outputs: the text the client expects the answer to be mostly
+    # (server/engine/prediction.py); `predicted` is its tokens, set when the prompt is
+    # prepared (None where the model's memory cannot take back rejected drafts).
+    prediction: str | None = None
+    predicted: Prediction | None = None
 
     @property
     def raw(self) -> bool:

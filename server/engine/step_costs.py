@@ -1,0 +1,73 @@
+"""What a decode step costs by the number of positions (with logits) in it, measured once
+at warm-up: how long predicted drafts should be depends on it (server/engine/prediction.py).
+
+The cost is far from linear and differs by device: on 2 CPU cores with Gemma 3 270M, 2 and
+3 positions cost 2× and 3× one (one matrix-vector product per row), 9 cost 4.8× and 17 7.1×
+(batched kernels take over from 4 rows); on a GPU a few more rows cost almost nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from dataclasses import dataclass
+
+import llama_cpp
+
+from server.engine.batch import TokenBatch
+
+REPEATS = 2  # the fastest of these per size: the others met a busy core
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Seconds a step of `sizes[i]` positions took, ascending sizes from 1; between
+    measured sizes linear, beyond the last growing at the last stretch's rate."""
+
+    sizes: tuple[int, ...]
+    seconds: tuple[float, ...]
+
+    def of(self, positions: int) -> float:
+        sizes, seconds = self.sizes, self.seconds
+        i = bisect_left(sizes, positions)
+        if i < len(sizes) and sizes[i] == positions:
+            return seconds[i]
+        if i == 0:
+            return seconds[0]
+        j = min(i, len(sizes) - 1)
+        lo, hi = j - 1, j
+        slope = (seconds[hi] - seconds[lo]) / (sizes[hi] - sizes[lo])
+        return seconds[lo] + slope * (positions - sizes[lo])
+
+    def extra(self, base: int, more: int) -> float:
+        """A step of `base` positions with `more` added, relative to it."""
+        return self.of(base + more) / self.of(base)
+
+
+def linear(position_cost: float, largest: int) -> StepCosts:
+    """Costs assumed, not measured (no warm-up): each position adds `position_cost`."""
+    return StepCosts((1, largest), (1.0, 1.0 + position_cost * (largest - 1)))
+
+
+def measure(ctx: llama_cpp.llama_context_p, batch: TokenBatch, seq_id: int, start: int,
+            largest: int, token: int) -> StepCosts:
+    """Time steps of 1, 2, 4, ... `largest` positions of `token` on `seq_id` from position
+    `start`, each taken back out of the KV cache after it."""
+    memory = llama_cpp.llama_get_memory(ctx)
+    sizes = [1]
+    while sizes[-1] < largest:
+        sizes.append(min(largest, sizes[-1] * 2))
+    best = dict.fromkeys(sizes, float("inf"))
+    for _ in range(REPEATS):
+        for size in sizes:
+            batch.clear()
+            for j in range(size):
+                batch.add(token, start + j, seq_id, True)
+            t0 = time.perf_counter()
+            ret = batch.decode(ctx)
+            elapsed = time.perf_counter() - t0
+            llama_cpp.llama_memory_seq_rm(memory, seq_id, start, -1)
+            if ret != 0:
+                raise RuntimeError(f"llama_decode failed ({ret}) measuring a step of {size}")
+            best[size] = min(best[size], elapsed)
+    return StepCosts(tuple(sizes), tuple(best[s] for s in sizes))

@@ -1,0 +1,315 @@
+"""Predicted Outputs (`prediction` on chat completions): the client's guess of the answer is
+checked as draft tokens, so a good guess costs fewer decode steps, and the answer stays
+exactly the one the model writes without it.
+
+The lookup is pure logic (unit tests below). The answers are checked on the real Gemma 3
+270M (a real vocabulary, so its own answer tokenizes back to the tokens it wrote) and on the
+random-weight demo model with an image, through the real server and the `openai` SDK.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import ROOT, RunningServer, start_server, stop_server
+from helpers import data_url, image_message, metric_value, photo_bytes
+from test_real_model import gemma_gguf  # noqa: F401  (the verified GGUF, a session fixture)
+
+from server.engine.prediction import (
+    MAX_REST,
+    NEAR,
+    PRIOR_KEPT,
+    DraftPace,
+    Prediction,
+    best_length,
+)
+from server.engine.step_costs import StepCosts, linear
+
+pytestmark = pytest.mark.slow
+
+STORY = [{"role": "user", "content": "Write a long story about a fox and a crow."}]
+LONG = {"ignore_eos": True}  # the base model's answer runs to max_tokens, 40 here
+
+
+# --- the lookup ------------------------------------------------------------------------
+def test_an_answer_that_follows_the_prediction_gets_what_comes_next() -> None:
+    prediction = Prediction.of([10, 11, 12, 13, 14, 15])
+    assert prediction.draft([10], 0, 3) == (1, [11, 12, 13])
+    assert prediction.draft([10, 11, 12], 1, 8) == (3, [13, 14, 15])
+    assert prediction.draft([10, 11, 12, 13, 14, 15], 6, 8) == (-1, [])  # nothing follows
+    assert prediction.draft([10], 0, 0) == (-1, [])
+
+
+def test_after_an_edit_the_answer_finds_its_place_again() -> None:
+    prediction = Prediction.of([1, 2, 3, 4, 5, 6, 7, 8])
+    # The model wrote 99 where the prediction says 4: nothing follows 3, 99 anywhere.
+    assert prediction.draft([1, 2, 3, 99], 3, 4) == (-1, [])
+    # One token later it is back on the prediction's text: a lone match just ahead counts.
+    assert prediction.draft([1, 2, 3, 99, 5], 3, 4) == (5, [6, 7, 8])
+
+
+def test_repeated_text_continues_where_the_answer_was() -> None:
+    prediction = Prediction.of([7, 8, 9, 1, 7, 8, 9, 2])
+    assert prediction.draft([7, 8, 9], 0, 1) == (3, [1])
+    assert prediction.draft([7, 8, 9], 4, 1) == (7, [2])
+
+
+def test_a_lone_common_token_far_away_is_no_place() -> None:
+    tokens = [5, *range(100, 100 + 2 * NEAR), 5, 6]
+    prediction = Prediction.of(tokens)
+    assert prediction.draft([42, 5], 0, 2) == (1, [100, 101])  # just ahead of the cursor
+    after = len(tokens) - 1  # what follows the second 5, far past NEAR from 0
+    assert prediction.draft([42, 5], after - NEAR - 1, 2) == (-1, [])
+    assert prediction.draft([42, 5], after - NEAR, 2) == (after, [6])
+
+
+# Gemma 3 270M on 2 CPU cores (relative to one position): rows are matrix-vector products
+# up to 3, batched kernels from 4.
+CPU = StepCosts((1, 2, 3, 5, 9, 17), (1.0, 2.0, 3.06, 3.7, 4.82, 7.08))
+GPU = linear(0.02, 64)  # a few more rows cost almost nothing
+
+
+def test_step_costs_between_and_beyond_what_was_measured() -> None:
+    assert CPU.of(9) == 4.82 and CPU.of(1) == 1.0
+    assert CPU.of(4) == pytest.approx((3.06 + 3.7) / 2)
+    assert CPU.of(25) == pytest.approx(7.08 + (7.08 - 4.82) / 8 * 8)
+    assert CPU.extra(2, 7) == pytest.approx(4.82 / 2.0)
+
+
+def test_drafts_are_as_long_as_they_pay() -> None:
+    # On that CPU a draft pays only when long and mostly kept.
+    assert best_length(0.5, CPU, 1, 16) == 0
+    assert best_length(0.9, CPU, 1, 16) == 9
+    assert best_length(0.99, CPU, 1, 16) == 16
+    # On a GPU even a coin flip's draft pays, shorter.
+    assert 0 < best_length(0.5, GPU, 1, 16) < 8
+    assert best_length(1.0, GPU, 1, 8) == 8
+
+
+def test_the_pace_follows_what_was_kept_and_rests_after_misses() -> None:
+    pace = DraftPace(16, GPU)
+    first = pace.allowed(1)
+    assert first == best_length(PRIOR_KEPT, GPU, 1, 16) > 0  # the client expects it kept
+    pace.checked(first, 1)
+    assert 0 < pace.allowed(1) < first  # kept in part: less sure
+    for _ in range(6):
+        pace.checked(4, 4)
+    assert pace.allowed(1) == 16  # kept whole, again and again
+    rests = []
+    for _ in range(8):  # nothing kept, again and again: rests of 1, 2, 4, ... steps
+        pace.checked(pace.allowed(1), 0)
+        steps = 0
+        while pace.allowed(1) == 0:
+            steps += 1
+        rests.append(steps)
+    assert rests == [1, 2, 4, 8, 16, 32, MAX_REST, MAX_REST]
+    pace.checked(1, 1)
+    assert pace.misses == 0 and pace.rest == 0
+
+
+def test_where_no_draft_pays_the_pace_rests_then_probes_as_at_the_start() -> None:
+    pace = DraftPace(16, CPU)
+    assert pace.allowed(1) == 9
+    for _ in range(3):
+        pace.checked(8, 1)  # mostly refused: on that CPU no draft pays now
+    assert pace.allowed(1) == 0 and pace.rest > 0
+    while pace.rest:
+        assert pace.allowed(1) == 0
+    assert pace.allowed(1) == 9  # the probe, as trusting as the first draft
+    assert pace.allowed(1) == 0  # then what was kept counts again
+
+
+# --- a real model ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gemma(gemma_gguf: Path, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+          ) -> Iterator[RunningServer]:
+    log_path = tmp_path_factory.mktemp("prediction") / "server.log"
+    running = start_server(gemma_gguf, log_path, "--n-parallel", "2", family="gemma",
+                           config=ROOT / "configs" / "gemma3-270m.yaml")
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture
+def client(gemma: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gemma.api, api_key="unused", max_retries=0, timeout=120)
+
+
+def _ask(client: openai.OpenAI, prediction: str | None = None, **kwargs: object
+         ) -> openai.types.chat.ChatCompletion:
+    extra = {} if prediction is None else {"prediction": {"type": "content",
+                                                          "content": prediction}}
+    return client.chat.completions.create(model="gemma-3-270m", messages=STORY,  # type: ignore
+                                          max_tokens=40, extra_body=LONG, **extra,
+                                          **{"temperature": 0, **kwargs})
+
+
+def _details(answer: openai.types.chat.ChatCompletion) -> tuple[int, int]:
+    usage = answer.usage
+    assert usage is not None and usage.completion_tokens_details is not None
+    details = usage.completion_tokens_details
+    assert details.accepted_prediction_tokens is not None
+    assert details.rejected_prediction_tokens is not None
+    return details.accepted_prediction_tokens, details.rejected_prediction_tokens
+
+
+def test_the_answer_is_the_same_and_the_prediction_is_taken(client: openai.OpenAI,
+                                                            gemma: RunningServer) -> None:
+    plain = _ask(client)
+    text = plain.choices[0].message.content
+    assert text and _details(plain) == (0, 0)
+    accepted_before = metric_value(gemma.url, "vlserve_prediction_tokens_total",
+                                   'result="accepted"')
+    guessed = _ask(client, text)
+    assert guessed.choices[0].message.content == text
+    accepted, rejected = _details(guessed)
+    # The answer is its own prediction: after its first token (from the prompt's step) the
+    # rest comes drafted, a few tokens sampled between drafts.
+    assert accepted >= 30 and rejected == 0, (accepted, rejected)
+    # /metrics counts them too.
+    assert metric_value(gemma.url, "vlserve_prediction_tokens_total",
+                        'result="accepted"') == accepted_before + accepted
+
+
+def test_an_edited_prediction_still_gives_the_models_answer(client: openai.OpenAI) -> None:
+    text = _ask(client).choices[0].message.content
+    assert text
+    words = text.split(" ")
+    edited = " ".join(w.upper() if i % 4 == 2 else w for i, w in enumerate(words))
+    guessed = _ask(client, edited)
+    assert guessed.choices[0].message.content == text
+    accepted, rejected = _details(guessed)
+    assert accepted > 0 and rejected > 0, (accepted, rejected)
+    unrelated = _ask(client, "Completely unrelated words: tax forms, invoices, ledgers.")
+    assert unrelated.choices[0].message.content == text
+
+
+def test_streamed_with_usage_and_as_content_parts(client: openai.OpenAI) -> None:
+    text = _ask(client).choices[0].message.content
+    assert text
+    half = len(text) // 2
+    stream = client.chat.completions.create(
+        model="gemma-3-270m", messages=STORY, max_tokens=40, temperature=0,  # type: ignore
+        stream=True, stream_options={"include_usage": True},
+        extra_body={**LONG, "prediction": {"type": "content", "content": [
+            {"type": "text", "text": text[:half]}, {"type": "text", "text": text[half:]}]}})
+    pieces, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    assert "".join(pieces) == text
+    assert usage is not None and usage.completion_tokens_details is not None
+    assert (usage.completion_tokens_details.accepted_prediction_tokens or 0) >= 30
+
+
+def test_sampled_answers_are_drawn_the_same_way(client: openai.OpenAI) -> None:
+    """With temperature, each kept draft token is the one the sampler drew at its place:
+    the same seed writes the same answer with or without a prediction."""
+    sampled = {"temperature": 0.9, "seed": 7}
+    plain = _ask(client, **sampled)
+    text = plain.choices[0].message.content
+    assert text
+    guessed = _ask(client, text, **sampled)
+    assert guessed.choices[0].message.content == text
+    assert _details(guessed)[0] > 0
+
+
+def test_with_a_json_schema_and_logprobs(client: openai.OpenAI) -> None:
+    """A constrained answer's grammar takes each kept draft token in turn, and each token's
+    logprob is read at its own position of the step."""
+    schema = {"type": "object", "properties": {"story": {"type": "string"}},
+              "required": ["story"], "additionalProperties": False}
+    constrained = {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "story", "schema": schema}}, "logprobs": True, "top_logprobs": 2}
+    plain = client.chat.completions.create(model="gemma-3-270m", messages=STORY,  # type: ignore
+                                           max_tokens=40, temperature=0, **constrained)
+    text = plain.choices[0].message.content
+    assert text and plain.choices[0].logprobs and plain.choices[0].logprobs.content
+    guessed = client.chat.completions.create(
+        model="gemma-3-270m", messages=STORY, max_tokens=40, temperature=0,  # type: ignore
+        extra_body={"prediction": {"type": "content", "content": text}}, **constrained)
+    assert guessed.choices[0].message.content == text
+    assert _details(guessed)[0] > 0
+    got = guessed.choices[0].logprobs
+    assert got and got.content
+    assert [e.token for e in got.content] == [e.token for e in plain.choices[0].logprobs.content]
+    # Near, not equal: the cached prompt's rows drift between runs (-15.2 vs -15.1 was seen
+    # on the first token), and a step of several rows runs other matrix kernels than a
+    # step of one (llamafile's sgemm). A row read at the wrong index would be far off.
+    drift = [abs(ours.logprob - theirs.logprob)
+             for ours, theirs in zip(got.content, plain.choices[0].logprobs.content, strict=True)]
+    assert sum(drift) / len(drift) < 0.05 and max(drift) < 0.3, drift
+
+
+def test_every_choice_counts_in_usage(client: openai.OpenAI) -> None:
+    text = _ask(client).choices[0].message.content
+    assert text
+    one = _details(_ask(client, text))[0]
+    both = _ask(client, text, n=2)
+    assert [c.message.content for c in both.choices] == [text, text]
+    assert _details(both)[0] == 2 * one
+
+
+def test_a_malformed_prediction_is_a_400_naming_it(gemma: RunningServer) -> None:
+    for prediction in ({"type": "text", "content": "x"}, {"type": "content"},
+                       {"type": "content", "content": [{"type": "image_url", "text": "x"}]},
+                       "just a string"):
+        reply = httpx.post(f"{gemma.api}/chat/completions", timeout=30, json={
+            "model": "gemma-3-270m", "messages": STORY, "prediction": prediction})
+        assert reply.status_code == 400, (prediction, reply.text)
+        assert "prediction" in reply.json()["error"]["message"]
+
+
+# --- the engine's KV after drafts it took back -------------------------------------------
+def test_taken_back_drafts_leave_the_cache_as_without_them(demo_model,  # type: ignore
+                                                           tmp_path: Path) -> None:
+    """On the demo model (random weights, an image): a prediction made of the answer's own
+    text with its second half changed gets some drafts taken back. Afterwards the slot's
+    cache must hold exactly what the answer wrote: the next turn, which reuses it, answers
+    as a server that never saw a prediction does."""
+    image = image_message("What is in this picture?", data_url(photo_bytes()))
+    answers: dict[str, list[str]] = {}
+    for run, use_prediction in (("plain", False), ("predicted", True)):
+        server = start_server(demo_model, tmp_path / f"{run}.log", "--n-parallel", "1")
+        try:
+            client = openai.OpenAI(base_url=server.api, api_key="unused", max_retries=0,
+                                   timeout=120)
+            first = client.chat.completions.create(model=server.model_name, messages=[image],
+                                                   max_tokens=30, temperature=0)
+            text = first.choices[0].message.content or ""
+            extra = {}
+            if use_prediction:
+                guess = text[:len(text) // 2] + "zzzz qqqq " * 8
+                extra = {"prediction": {"type": "content", "content": guess}}
+                again = client.chat.completions.create(
+                    model=server.model_name, messages=[image], max_tokens=30, temperature=0,
+                    extra_body=extra)
+                assert again.choices[0].message.content == text
+                assert again.usage is not None and again.usage.completion_tokens_details
+                assert again.usage.completion_tokens_details.rejected_prediction_tokens
+            follow = [image, {"role": "assistant", "content": text},
+                      {"role": "user", "content": "Say more."}]
+            second = client.chat.completions.create(model=server.model_name, messages=follow,
+                                                    max_tokens=30, temperature=0)
+            answers[run] = [text, second.choices[0].message.content or ""]
+        finally:
+            stop_server(server)
+    assert answers["predicted"] == answers["plain"]
+
+
+def test_off_when_max_draft_is_zero(gemma_gguf: Path, tmp_path: Path) -> None:  # noqa: F811
+    server = start_server(gemma_gguf, tmp_path / "server.log", family="gemma",
+                          config=ROOT / "configs" / "gemma3-270m.yaml",
+                          env={"VLSERVE_PREDICTION_MAX_DRAFT": "0"})
+    try:
+        client = openai.OpenAI(base_url=server.api, api_key="unused", max_retries=0,
+                               timeout=120)
+        text = _ask(client).choices[0].message.content
+        assert _details(_ask(client, text)) == (0, 0)
+    finally:
+        stop_server(server)
