@@ -9,7 +9,6 @@ random-weight demo model with an image, through the real server and the `openai`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,9 @@ import openai
 import pytest
 from conftest import ROOT, RunningServer, start_server, stop_server
 from helpers import data_url, image_message, metric_value, photo_bytes
-from test_real_model import gemma_gguf  # noqa: F401  (the verified GGUF, a session fixture)
+
+# Gemma's verified GGUF (session), a server on it for this module, its openai client.
+from test_real_model import client, gemma, gemma_gguf  # noqa: F401
 
 from server.engine.prediction import (
     MAX_REST,
@@ -123,23 +124,8 @@ def test_where_no_draft_pays_the_pace_rests_then_probes_as_at_the_start() -> Non
     assert pace.allowed(1) == 0  # then what was kept counts again
 
 
-# --- a real model ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def gemma(gemma_gguf: Path, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
-          ) -> Iterator[RunningServer]:
-    log_path = tmp_path_factory.mktemp("prediction") / "server.log"
-    running = start_server(gemma_gguf, log_path, "--n-parallel", "2", family="gemma",
-                           config=ROOT / "configs" / "gemma3-270m.yaml")
-    yield running
-    stop_server(running)
-
-
-@pytest.fixture
-def client(gemma: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gemma.api, api_key="unused", max_retries=0, timeout=120)
-
-
-def _ask(client: openai.OpenAI, prediction: str | None = None, **kwargs: object
+# --- a real model (the server and client fixtures of tests/test_real_model.py) ---------
+def _ask(client: openai.OpenAI, prediction: str | None = None, **kwargs: object  # noqa: F811
          ) -> openai.types.chat.ChatCompletion:
     extra = {} if prediction is None else {"prediction": {"type": "content",
                                                           "content": prediction}}
@@ -157,8 +143,8 @@ def _details(answer: openai.types.chat.ChatCompletion) -> tuple[int, int]:
     return details.accepted_prediction_tokens, details.rejected_prediction_tokens
 
 
-def test_the_answer_is_the_same_and_the_prediction_is_taken(client: openai.OpenAI,
-                                                            gemma: RunningServer) -> None:
+def test_the_answer_is_the_same_and_the_prediction_is_taken(client: openai.OpenAI,  # noqa: F811
+                                                            gemma: RunningServer) -> None:  # noqa: F811
     plain = _ask(client)
     text = plain.choices[0].message.content
     assert text and _details(plain) == (0, 0)
@@ -175,7 +161,7 @@ def test_the_answer_is_the_same_and_the_prediction_is_taken(client: openai.OpenA
                         'result="accepted"') == accepted_before + accepted
 
 
-def test_an_edited_prediction_still_gives_the_models_answer(client: openai.OpenAI) -> None:
+def test_an_edited_prediction_still_gives_the_models_answer(client: openai.OpenAI) -> None:  # noqa: F811
     text = _ask(client).choices[0].message.content
     assert text
     words = text.split(" ")
@@ -188,7 +174,7 @@ def test_an_edited_prediction_still_gives_the_models_answer(client: openai.OpenA
     assert unrelated.choices[0].message.content == text
 
 
-def test_streamed_with_usage_and_as_content_parts(client: openai.OpenAI) -> None:
+def test_streamed_with_usage_and_as_content_parts(client: openai.OpenAI) -> None:  # noqa: F811
     text = _ask(client).choices[0].message.content
     assert text
     half = len(text) // 2
@@ -207,7 +193,7 @@ def test_streamed_with_usage_and_as_content_parts(client: openai.OpenAI) -> None
     assert (usage.completion_tokens_details.accepted_prediction_tokens or 0) >= 30
 
 
-def test_sampled_answers_are_drawn_the_same_way(client: openai.OpenAI) -> None:
+def test_sampled_answers_are_drawn_the_same_way(client: openai.OpenAI) -> None:  # noqa: F811
     """With temperature, each kept draft token is the one the sampler drew at its place:
     the same seed writes the same answer with or without a prediction."""
     sampled = {"temperature": 0.9, "seed": 7}
@@ -219,7 +205,7 @@ def test_sampled_answers_are_drawn_the_same_way(client: openai.OpenAI) -> None:
     assert _details(guessed)[0] > 0
 
 
-def test_with_a_json_schema_and_logprobs(client: openai.OpenAI) -> None:
+def test_with_a_json_schema_and_logprobs(client: openai.OpenAI) -> None:  # noqa: F811
     """A constrained answer's grammar takes each kept draft token in turn, and each token's
     logprob is read at its own position of the step."""
     schema = {"type": "object", "properties": {"story": {"type": "string"}},
@@ -246,7 +232,7 @@ def test_with_a_json_schema_and_logprobs(client: openai.OpenAI) -> None:
     assert sum(drift) / len(drift) < 0.05 and max(drift) < 0.3, drift
 
 
-def test_every_choice_counts_in_usage(client: openai.OpenAI) -> None:
+def test_every_choice_counts_in_usage(client: openai.OpenAI) -> None:  # noqa: F811
     text = _ask(client).choices[0].message.content
     assert text
     one = _details(_ask(client, text))[0]
@@ -255,7 +241,7 @@ def test_every_choice_counts_in_usage(client: openai.OpenAI) -> None:
     assert _details(both)[0] == 2 * one
 
 
-def test_a_malformed_prediction_is_a_400_naming_it(gemma: RunningServer) -> None:
+def test_a_malformed_prediction_is_a_400_naming_it(gemma: RunningServer) -> None:  # noqa: F811
     for prediction in ({"type": "text", "content": "x"}, {"type": "content"},
                        {"type": "content", "content": [{"type": "image_url", "text": "x"}]},
                        "just a string"):
