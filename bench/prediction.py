@@ -1,7 +1,7 @@
 """Predicted Outputs: time per generated token with a `prediction` vs without, same server.
 
     python -m bench.prediction [--model models/gemma3-270m/gemma-3-270m-q4_k_m.gguf]
-                               [--tokens 256] [--reps 3] [--threads 2] [--max-draft 8]
+                               [--tokens 256] [--reps 3] [--threads 2] [--max-draft 16]
 
 One vlserve per `--max-draft` value (comma-separated), each serving the model alone with
 one slot. The case: "Write a long story about a fox and a crow.", greedy, run to
@@ -11,6 +11,7 @@ then, measured in turn (the order rotates each repetition) on every server:
 - exact: the reference itself (every draft can be kept: the upper bound);
 - edited: the reference with every 10th word changed (an edit: drafts are taken back
   where the text differs, and the lookup finds its place after each change);
+- dense edits: every 3rd word changed (little of any draft can be kept);
 - unrelated: text the answer never follows (what a useless prediction costs).
 Each cell is the server's own generation time per completion token (`timings`), median of
 `--reps`; the ratio is against `none` on the same server in the same run. Every answer is
@@ -46,9 +47,9 @@ def ask(server: Server, tokens: int, prediction: str | None) -> dict:
     return reply.json()
 
 
-def edited(text: str) -> str:
+def edited(text: str, every: int) -> str:
     words = text.split(" ")
-    return " ".join(w.upper() if i % 10 == 5 else w for i, w in enumerate(words))
+    return " ".join(w.upper() if i % every == every // 2 else w for i, w in enumerate(words))
 
 
 def main() -> None:
@@ -58,7 +59,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-draft", default="8")
+    parser.add_argument("--max-draft", default="16")
     args = parser.parse_args()
     drafts = [int(d) for d in args.max_draft.split(",")]
     servers: dict[int, Server] = {}
@@ -80,8 +81,8 @@ def main() -> None:
 def run(servers: dict[int, Server], tokens: int, reps: int) -> None:
     first = next(iter(servers.values()))
     reference = ask(first, tokens, None)["choices"][0]["message"]["content"]
-    cases = {"none": None, "exact": reference, "edited": edited(reference),
-             "unrelated": UNRELATED}
+    cases = {"none": None, "exact": reference, "edited": edited(reference, 10),
+             "dense edits": edited(reference, 3), "unrelated": UNRELATED}
     runs = [(draft, case) for draft in servers for case in cases]
     ms: dict[tuple[int, str], list[float]] = {key: [] for key in runs}
     kept: dict[tuple[int, str], tuple[int, int]] = {}

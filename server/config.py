@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     # request and step (server/engine/prediction.py), fewer where longer steps would not pay
     # (their cost is measured at warm-up); 0: predictions are ignored.
     prediction_max_draft: int = Field(16, ge=0, le=64)
+    # What one more position costs a decode step, relative to a step of one position, for
+    # pacing drafts; None: measured at warm-up (server/engine/step_costs.py).
+    prediction_position_cost: float | None = Field(None, gt=0, le=10)
     # Generation requests one API key may have in flight at once (then 429), so one tenant
     # cannot take every slot and the queue. None: no limit per key (server.api.key_limits).
     max_requests_per_key: int | None = Field(None, ge=1)

@@ -63,7 +63,7 @@ class Job:
     prompt_logprobs: PromptLogprobs | None = None  # server/engine/prompt_scores.py
     # Predicted tokens in this step's batch after `next_token` (server/engine/prediction.py):
     # the first at batch index `draft_index`, taken from the prediction at `draft_from`.
-    draft: list[int] = field(default_factory=list)
+    draft: tuple[int, ...] = ()
     draft_index: int = 0
     draft_from: int = 0
     # Where the answer last followed the prediction (its next token's position there).

@@ -53,20 +53,22 @@ class Prediction:
                 follows.setdefault(kept[end - n:end], []).append(end)
         return cls(kept, follows)
 
-    def draft(self, written: Sequence[int], cursor: int, limit: int) -> tuple[int, list[int]]:
+    def draft(self, written: Sequence[int], cursor: int, limit: int, least: int = 1
+              ) -> tuple[int, tuple[int, ...]]:
         """Up to `limit` predicted tokens to follow the answer's tokens `written` (the last
         one sampled, not yet decoded), as (their position in the prediction, the tokens);
-        (-1, []) when the prediction has nothing that follows. `cursor`: where the answer
-        last followed the prediction, preferred when the same text occurs more than once."""
+        (-1, ()) when the prediction has nothing that follows. `cursor`: where the answer
+        last followed the prediction, preferred when the same text occurs more than once;
+        `least`: the fewest last tokens that must match."""
         if limit <= 0 or not written:
-            return -1, []
-        at = self._place(written, cursor)
+            return -1, ()
+        at = self._place(written, cursor, least)
         if at < 0:
-            return -1, []
-        return at, list(self.tokens[at:at + limit])
+            return -1, ()
+        return at, self.tokens[at:at + limit]
 
-    def _place(self, written: Sequence[int], cursor: int) -> int:
-        for n in range(min(NGRAM, len(written)), 0, -1):
+    def _place(self, written: Sequence[int], cursor: int, least: int) -> int:
+        for n in range(min(NGRAM, len(written)), least - 1, -1):
             ends = self._follows.get(tuple(written[-n:]))
             if not ends:
                 continue
@@ -92,12 +94,14 @@ FORGET = 0.8
 
 @dataclass
 class DraftPace:
-    """How many predicted tokens a request drafts next: the length that gives the most
-    tokens per unit of step time, from the share of drafted tokens the answer has kept so
+    """How many predicted tokens a request drafts next: the length that gives its step the
+    most tokens per unit of time, from the share of drafted tokens the answer has kept so
     far (each a chance that the next is kept too) and what longer steps cost (`costs`,
     measured at warm-up: server/engine/step_costs.py). After a draft of which nothing was
-    kept, drafting rests for 1, 2, 4, ... steps, so a prediction the answer does not
-    follow costs a few wasted positions, not some at every step."""
+    kept, or while no length pays, drafting rests for 1, 2, 4, ... steps, then probes as
+    trusting as at the start; only a check that kept some, after which drafting pays
+    again, ends the growing rests. So a prediction the answer does not follow, or rewrites
+    densely, costs a few probes, not every step."""
 
     most: int
     costs: StepCosts
@@ -111,19 +115,29 @@ class DraftPace:
     def kept_share(self) -> float:
         return self.kept_weight / self.seen_weight
 
-    def allowed(self, base: int) -> int:
-        """This step's longest draft beside `base` positions already in the step (0: none
-        pays, or resting); called once per step."""
+    @property
+    def least_match(self) -> int:
+        """The fewest of the answer's last tokens a draft must follow: a probe waits for
+        NGRAM (a stray match of a common word or two is what the rest was for)."""
+        return NGRAM if self._probe else 1
+
+    def step(self) -> None:
+        """One more decode step of the request: rests are counted in steps."""
         if self.rest:
             self.rest -= 1
             # Rested: probe as trusting as at the start, or none would ever pay again.
             self._probe = not self.rest
+
+    def allowed(self, base: int, offered: int) -> int:
+        """The draft to take of `offered` predicted tokens beside the `base` positions
+        already in the step (0: none pays, or resting)."""
+        if self.rest:
             return 0
         kept = max(self.kept_share, PRIOR_KEPT) if self._probe else self.kept_share
         self._probe = False
-        length = best_length(kept, self.costs, base, self.most)
+        length = best_length(kept, self.costs, base, min(self.most, offered))
         if not length:
-            self._rested()  # with what was kept so far no draft pays: rest, then probe
+            self._rested()
         return length
 
     def checked(self, proposed: int, kept: int) -> None:
@@ -132,10 +146,10 @@ class DraftPace:
         # kept whole says nothing about the token after it.
         self.kept_weight = self.kept_weight * FORGET + kept
         self.seen_weight = self.seen_weight * FORGET + kept + (kept < proposed)
-        if kept:
+        if kept and best_length(self.kept_share, self.costs, 1, self.most):
             self.misses = 0
-        else:
-            self._rested()
+        else:  # nothing kept (a stray match), or too little (dense edits): rest, longer
+            self._rested()  # each time
 
     def _rested(self) -> None:
         self.misses += 1
@@ -143,16 +157,17 @@ class DraftPace:
 
 
 def best_length(kept: float, costs: StepCosts, base: int, most: int) -> int:
-    """The draft length (0 to `most`) with the most expected tokens per unit of step time,
-    when each drafted token is kept with chance `kept` if the ones before it were: a step
-    yields 1 + kept + kept² + ... tokens (the sampled one, then the kept drafts) for what
-    its `length` more positions add to a step of `base`."""
-    best, best_rate = 0, 1.0
+    """The draft length (0 to `most`) that gives a step the most tokens per unit of time,
+    when each drafted token is kept with chance `kept` if the ones before it were. The
+    step's `base` positions give a token each (the other streams' too: a draft must pay
+    for the time it adds to theirs); `length` more give 1 + kept + kept² + ... in place of
+    this stream's one, for what they add to the step's time."""
+    best, best_rate = 0, float(base)
     expected, term = 1.0, 1.0
     for length in range(1, most + 1):
         term *= kept
         expected += term
-        rate = expected / costs.extra(base, length)
+        rate = (base - 1 + expected) / costs.extra(base, length)
         if rate > best_rate:
             best, best_rate = length, rate
     return best

@@ -29,9 +29,10 @@ from server.engine.admission import (
     outranked,
 )
 from server.engine.batch import TokenBatch
+from server.engine.drafts import count_drafted, take_draft
 from server.engine.emit import take_token
 from server.engine.encoder import ImageEncoder
-from server.engine.jobs import Job, PrefillItem, Slot, end_job, slot_view
+from server.engine.jobs import PrefillItem, Slot, end_job, slot_view
 from server.engine.kv import KvBudget
 from server.engine.model import LoadedModel
 from server.engine.prompt_scores import score
@@ -193,11 +194,16 @@ class Scheduler:
         slot = self.slots[0]
         largest = min(len(self.slots) + self.settings.prediction_max_draft, self._batch.capacity,
                       self.kv.free(self.slots), self.model.n_ctx - slot.n_past)
-        if not self.settings.prediction_max_draft or largest < 2:
+        if not self.settings.prediction_max_draft or self.settings.prediction_position_cost \
+                or largest < 2:
+            return  # no drafts, costs as configured, or no room to measure
+        try:
+            with self.watchdog.watch("a decode step"):
+                costs = step_costs.measure(self.model.ctx, self._batch, slot.seq_id,
+                                           slot.n_past, largest, token=0)
+        except RuntimeError as exc:  # drafts are then paced by the assumed costs
+            logger.warning("decode step costs not measured: %s", exc)
             return
-        with self.watchdog.watch("a decode step"):
-            costs = step_costs.measure(self.model.ctx, self._batch, slot.seq_id, slot.n_past,
-                                       largest, token=0)
         self._starter.step_costs = costs
         logger.info("decode step time by positions (for predicted drafts): %s", ", ".join(
             f"{n}: {s * 1000:.1f} ms" for n, s in zip(costs.sizes, costs.seconds, strict=True)))
@@ -330,9 +336,12 @@ class Scheduler:
             slot.cached.append(job.next_token)
             slot.n_past += 1
             before = job.n_generated
+            if job.draft:
+                count_drafted(job)
             self._sample(slot, ctx, i)
             if job.draft:
-                self._take_draft(slot, job, ctx)
+                take_draft(slot, job, lambda index, slot=slot: self._sample(slot, ctx, index),
+                           self._mem)
             spill = spill or (before < SPILL_AFTER_TOKENS <= job.n_generated
                               and job.max_new >= 2 * SPILL_AFTER_TOKENS)
         if spill:
@@ -342,27 +351,6 @@ class Scheduler:
 
     def _fill_batch(self) -> tuple[list[Slot], list[Prefilled]]:
         return fill_step(self._batch, self.slots, self.kv.free(self.slots))
-
-    def _take_draft(self, slot: Slot, job: Job, ctx: llama_cpp.llama_context_p) -> None:
-        """Keep the step's predicted tokens for as long as the sampler, run at each one's
-        position in turn, picks exactly it (each kept one is then in the KV cache already,
-        and the logits after it are the next position's); take the rest back out."""
-        draft, kept = job.draft, 0
-        job.draft = []
-        for j, token in enumerate(draft):
-            if slot.job is not job or job.next_token != token:
-                break  # the job ended, or the model wrote something else here
-            slot.cached.append(token)
-            slot.n_past += 1
-            kept += 1
-            self._sample(slot, ctx, job.draft_index + j)
-        job.draft_cursor = job.draft_from + kept
-        if job.pace is not None:
-            job.pace.checked(len(draft), kept)
-        job.request.timer.accepted_prediction_tokens += kept
-        job.request.timer.rejected_prediction_tokens += len(draft) - kept
-        if kept < len(draft):
-            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, slot.n_past, -1)
 
     def _prefill_done(self, part: Prefilled, decode_s: float) -> None:
         slot, item = part.slot, part.item

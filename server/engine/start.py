@@ -46,9 +46,11 @@ class Starter:
         budget = settings.prompt_cache_ram_mb * 1024 * 1024
         self.ram = RamPrefixCache(model.ctx, budget) if budget else None
         self._order = itertools.count()
-        # What longer decode steps cost, for predicted drafts: measured at warm-up
-        # (Scheduler.measure_step_costs); until then (or without one) assumed.
-        self.step_costs = step_costs.linear(ASSUMED_POSITION_COST, model.n_batch)
+        # What longer decode steps cost, for predicted drafts: as configured, else measured
+        # at warm-up (Scheduler.measure_step_costs) and assumed until then (or without one).
+        self.step_costs = step_costs.linear(
+            settings.prediction_position_cost or ASSUMED_POSITION_COST,
+            settings.n_parallel + settings.prediction_max_draft)
 
     def new_job(self, pending: Pending) -> Job | None:
         """The job for a newly admitted request (with its `n > 1` siblings, which share its

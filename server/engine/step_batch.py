@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from server.engine.batch import TokenBatch
+from server.engine.drafts import add_drafts
 from server.engine.jobs import PrefillItem, Slot
 from server.engine.prompt_scores import ROWS_PER_STEP
 
@@ -34,30 +35,8 @@ def fill_step(batch: TokenBatch, slots: list[Slot], free_cells: int
         drafting = drafting or slot.job.pace is not None  # type: ignore[union-attr]
     room = free_cells - len(generating)
     if drafting:
-        room -= _add_drafts(batch, generating, min(batch.capacity - batch.n, room))
+        room -= add_drafts(batch, generating, min(batch.capacity - batch.n, room))
     return generating, _add_prompt_tokens(batch, slots, min(batch.capacity - batch.n, room))
-
-
-def _add_drafts(batch: TokenBatch, generating: list[Slot], budget: int) -> int:
-    """Put the predicted tokens that follow each generating slot's next token into the
-    batch, within `budget` cells; how many were put."""
-    used = 0
-    for slot in generating:
-        job = slot.job
-        assert job is not None
-        job.draft = []
-        predicted = job.request.predicted
-        if job.pace is None or predicted is None:
-            continue
-        # Never past the answer's max_tokens: a draft there could never be kept.
-        limit = min(job.pace.allowed(batch.n), budget - used,
-                    job.max_new - job.n_generated - 1)
-        job.draft_from, job.draft = predicted.draft(job.tokens, job.draft_cursor, limit)
-        job.draft_index = batch.n
-        for j, token in enumerate(job.draft):
-            batch.add(token, slot.n_past + 1 + j, slot.seq_id, True)
-        used += len(job.draft)
-    return used
 
 
 def _add_prompt_tokens(batch: TokenBatch, slots: list[Slot], budget: int) -> list[Prefilled]:

@@ -16,13 +16,14 @@ import llama_cpp
 
 from server.engine.batch import TokenBatch
 
-REPEATS = 2  # the fastest of these per size: the others met a busy core
+REPEATS = 3  # the fastest of these per size: the others met a busy core
 
 
 @dataclass(frozen=True)
 class StepCosts:
-    """Seconds a step of `sizes[i]` positions took, ascending sizes from 1; between
-    measured sizes linear, beyond the last growing at the last stretch's rate."""
+    """Seconds a step of `sizes[i]` positions took, ascending sizes from 1 (at least two),
+    seconds never falling; between measured sizes linear, beyond the last growing at the
+    last stretch's rate."""
 
     sizes: tuple[int, ...]
     seconds: tuple[float, ...]
@@ -34,8 +35,8 @@ class StepCosts:
             return seconds[i]
         if i == 0:
             return seconds[0]
-        j = min(i, len(sizes) - 1)
-        lo, hi = j - 1, j
+        hi = min(i, len(sizes) - 1)
+        lo = hi - 1
         slope = (seconds[hi] - seconds[lo]) / (sizes[hi] - sizes[lo])
         return seconds[lo] + slope * (positions - sizes[lo])
 
@@ -44,8 +45,18 @@ class StepCosts:
         return self.of(base + more) / self.of(base)
 
 
+def steady(sizes: list[int], seconds: list[float]) -> StepCosts:
+    """Costs as measured, made never to fall with more positions: a busy core can make a
+    smaller step look slower, which would price longer drafts below shorter ones."""
+    rising: list[float] = []
+    for value in seconds:
+        rising.append(max(value, rising[-1]) if rising else value)
+    return StepCosts(tuple(sizes), tuple(rising))
+
+
 def linear(position_cost: float, largest: int) -> StepCosts:
-    """Costs assumed, not measured (no warm-up): each position adds `position_cost`."""
+    """Costs assumed, not measured: each position adds `position_cost` of a step of one."""
+    largest = max(2, largest)
     return StepCosts((1, largest), (1.0, 1.0 + position_cost * (largest - 1)))
 
 
@@ -70,4 +81,4 @@ def measure(ctx: llama_cpp.llama_context_p, batch: TokenBatch, seq_id: int, star
             if ret != 0:
                 raise RuntimeError(f"llama_decode failed ({ret}) measuring a step of {size}")
             best[size] = min(best[size], elapsed)
-    return StepCosts(tuple(sizes), tuple(best[s] for s in sizes))
+    return steady(sizes, [best[s] for s in sizes])

@@ -1,0 +1,70 @@
+"""Predicted drafts in a decode step (server/engine/prediction.py says why and how they are
+chosen): put into the batch after the generating slots' tokens, then checked against what
+the sampler picks at each of their positions. Engine thread only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import llama_cpp
+
+from server.engine.batch import TokenBatch
+from server.engine.jobs import Job, Slot
+
+
+def add_drafts(batch: TokenBatch, generating: list[Slot], budget: int) -> int:
+    """Put the predicted tokens that follow each generating slot's next token into the
+    batch, within `budget` cells and at most a request's most drafts in all (the step sizes
+    measured at warm-up go that far); how many were put."""
+    used = 0
+    for slot in generating:
+        job = slot.job
+        assert job is not None
+        job.draft = ()
+        predicted, pace = job.request.predicted, job.pace
+        if pace is None or predicted is None:
+            continue
+        pace.step()
+        # Never past the answer's max_tokens: a draft there could never be kept.
+        room = min(budget - used, pace.most - used, job.max_new - job.n_generated - 1)
+        if room <= 0:
+            continue
+        at, offered = predicted.draft(job.tokens, job.draft_cursor, room, pace.least_match)
+        if not offered:
+            continue
+        job.draft_from, job.draft = at, offered[:pace.allowed(batch.n, len(offered))]
+        job.draft_index = batch.n
+        for j, token in enumerate(job.draft):
+            batch.add(token, slot.n_past + 1 + j, slot.seq_id, True)
+        used += len(job.draft)
+    return used
+
+
+def count_drafted(job: Job) -> None:
+    """Before the step's first sample of `job`, which may end it (its usage is then sent):
+    the whole draft as taken back, until take_draft keeps some of it."""
+    job.request.timer.rejected_prediction_tokens += len(job.draft)
+
+
+def take_draft(slot: Slot, job: Job, sample: Callable[[int], None],
+               memory: llama_cpp.llama_memory_t) -> None:
+    """Keep the step's drafted tokens for as long as the sampler, run at each one's position
+    in turn (`sample(batch_index)`), picks exactly it: each kept one is in the KV cache
+    already, and the logits after it are the next position's. Take the rest back out."""
+    draft, kept = job.draft, 0
+    job.draft = ()
+    timer = job.request.timer
+    for j, token in enumerate(draft):
+        if slot.job is not job or job.next_token != token:
+            break  # the job ended, or the model wrote something else here
+        slot.cached.append(token)
+        slot.n_past += 1
+        kept += 1
+        timer.rejected_prediction_tokens -= 1  # before the sample that may end the job
+        timer.accepted_prediction_tokens += 1
+        sample(job.draft_index + j)
+    job.draft_cursor = job.draft_from + kept
+    if job.pace is not None:
+        job.pace.checked(len(draft), kept)
+    if kept < len(draft):
+        llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, slot.n_past, -1)
