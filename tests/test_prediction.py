@@ -83,9 +83,9 @@ def test_step_costs_between_and_beyond_what_was_measured() -> None:
     assert CPU.of(4) == pytest.approx((3.06 + 3.7) / 2)
     assert CPU.of(25) == pytest.approx(7.08 + (7.08 - 4.82) / 8 * 8)
     assert CPU.extra(2, 7) == pytest.approx(4.82 / 2.0)
-    # A busy core made 4 positions look slower than 8: never priced below it.
+    # A busy core made 4 positions look slower than 8: the 4 is the inflated one.
     measured = steady([1, 2, 4, 8], [1.0, 4.5, 9.0, 5.0])
-    assert measured.seconds == (1.0, 4.5, 9.0, 9.0) and measured.of(12) == 9.0
+    assert measured.seconds == (1.0, 4.5, 5.0, 5.0) and measured.of(12) == 5.0
     # One position is all a batch may hold (n_batch 1): still a price for more.
     assert linear(0.5, 1).of(3) == 2.0
 

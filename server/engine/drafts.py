@@ -24,19 +24,16 @@ def add_drafts(batch: TokenBatch, generating: list[Slot], budget: int) -> int:
         predicted, pace = job.request.predicted, job.pace
         if pace is None or predicted is None:
             continue
-        pace.step()
         # Never past the answer's max_tokens: a draft there could never be kept.
         room = min(budget - used, pace.most - used, job.max_new - job.n_generated - 1)
-        if room <= 0:
-            continue
         at, offered = predicted.draft(job.tokens, job.draft_cursor, room, pace.least_match)
-        if not offered:
-            continue
-        job.draft_from, job.draft = at, offered[:pace.allowed(batch.n, len(offered))]
-        job.draft_index = batch.n
-        for j, token in enumerate(job.draft):
-            batch.add(token, slot.n_past + 1 + j, slot.seq_id, True)
-        used += len(job.draft)
+        if offered:
+            job.draft_from, job.draft = at, offered[:pace.allowed(batch.n, len(offered))]
+            job.draft_index = batch.n
+            for j, token in enumerate(job.draft):
+                batch.add(token, slot.n_past + 1 + j, slot.seq_id, True)
+            used += len(job.draft)
+        pace.step()
     return used
 
 

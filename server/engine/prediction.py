@@ -110,6 +110,7 @@ class DraftPace:
     rest: int = 0
     misses: int = 0
     _probe: bool = False
+    _base: int = 1  # positions beside the last draft: what `checked` judges it against
 
     @property
     def kept_share(self) -> float:
@@ -122,7 +123,8 @@ class DraftPace:
         return NGRAM if self._probe else 1
 
     def step(self) -> None:
-        """One more decode step of the request: rests are counted in steps."""
+        """The request's decode step is built (called once per step, after allowed):
+        rests are counted in steps."""
         if self.rest:
             self.rest -= 1
             # Rested: probe as trusting as at the start, or none would ever pay again.
@@ -135,9 +137,11 @@ class DraftPace:
             return 0
         kept = max(self.kept_share, PRIOR_KEPT) if self._probe else self.kept_share
         self._probe = False
+        self._base = base
         length = best_length(kept, self.costs, base, min(self.most, offered))
         if not length:
             self._rested()
+            self.rest += 1  # this step's own step() is still to come
         return length
 
     def checked(self, proposed: int, kept: int) -> None:
@@ -146,7 +150,7 @@ class DraftPace:
         # kept whole says nothing about the token after it.
         self.kept_weight = self.kept_weight * FORGET + kept
         self.seen_weight = self.seen_weight * FORGET + kept + (kept < proposed)
-        if kept and best_length(self.kept_share, self.costs, 1, self.most):
+        if kept and best_length(self.kept_share, self.costs, self._base, self.most):
             self.misses = 0
         else:  # nothing kept (a stray match), or too little (dense edits): rest, longer
             self._rested()  # each time

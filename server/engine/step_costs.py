@@ -46,12 +46,12 @@ class StepCosts:
 
 
 def steady(sizes: list[int], seconds: list[float]) -> StepCosts:
-    """Costs as measured, made never to fall with more positions: a busy core can make a
-    smaller step look slower, which would price longer drafts below shorter ones."""
-    rising: list[float] = []
-    for value in seconds:
-        rising.append(max(value, rising[-1]) if rising else value)
-    return StepCosts(tuple(sizes), tuple(rising))
+    """Costs as measured, made never to fall with more positions. A busy core only makes a
+    step slower, so where a smaller step measured slower than a larger one, the smaller is
+    the inflated one: it takes the larger's time (the least of its own and every larger
+    one's), rather than passing its inflation on to all larger sizes."""
+    steady_seconds = [min(seconds[i:]) for i in range(len(seconds))]
+    return StepCosts(tuple(sizes), tuple(steady_seconds))
 
 
 def linear(position_cost: float, largest: int) -> StepCosts:
