@@ -372,3 +372,37 @@ def test_an_audio_answer_is_refused_not_answered_in_text(server: RunningServer, 
         "messages": [{"role": "user", "content": "hi"}], "modalities": ["text"],
         "max_tokens": 1})
     assert text_only.status_code == 200
+
+
+@pytest.mark.parametrize(("extra", "param", "code"), [
+    ({"web_search_options": {}}, "web_search_options", "unsupported_parameter"),
+    ({"web_search_options": {"search_context_size": "low"}}, "web_search_options",
+     "unsupported_parameter"),
+    ({"verbosity": "low"}, "verbosity", "unsupported_value"),
+    ({"verbosity": "high"}, "verbosity", "unsupported_value"),
+    ({"verbosity": "loud"}, "verbosity", None),  # not one of OpenAI's values at all
+    ({"service_tier": "fastest"}, "service_tier", None),
+])
+def test_fields_it_cannot_serve_are_refused_by_name(server: RunningServer, extra: dict,
+                                                    param: str, code: str | None) -> None:
+    """A web search or terse answers silently not done would pass for done."""
+    answer = httpx.post(f"{server.api}/chat/completions", timeout=30, json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **extra})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+
+
+def test_service_tier_is_answered_as_default_whole_and_streamed(
+        server: RunningServer, client: openai.OpenAI) -> None:
+    """One tier here: "priority" runs as any request does, and the answer says so."""
+    asked = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+             "verbosity": "medium"}
+    whole = client.chat.completions.create(**asked, service_tier="priority")
+    assert whole.service_tier == "default"
+    chunks = list(client.chat.completions.create(**asked, service_tier="flex", stream=True))
+    assert chunks and all(chunk.service_tier == "default" for chunk in chunks)
+    plain = httpx.post(f"{server.api}/chat/completions", json=asked, timeout=30).json()
+    assert "service_tier" not in plain

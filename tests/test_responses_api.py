@@ -227,6 +227,9 @@ def test_store_false_keeps_nothing(server: RunningServer) -> None:
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "greater than or equal to 1"),
     ({"input": []}, "input", "at least one item"),
     ({"input": "x", "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+    ({"input": "x", "text": {"verbosity": "low"}}, "text.verbosity",
+     "no verbosity control"),
+    ({"input": "x", "service_tier": "fastest"}, "service_tier", "Input should be"),
     ({"input": [{"role": "user", "content": [{"type": "input_text", "text": ""}] * 3000}] * 2},
      None, "input: at most 4096 content parts in all, not 6000"),
 ])
@@ -237,3 +240,13 @@ def test_bad_requests_are_named(server: RunningServer, body: dict, param: str,
     error = answer.json()["error"]
     assert error["param"] == param and words in error["message"], error
     assert create(server, input="still there?", max_output_tokens=1).usage is not None
+
+
+def test_service_tier_and_medium_verbosity_are_echoed(server: RunningServer) -> None:
+    answer = create(server, input="hi", max_output_tokens=1, service_tier="priority",
+                    text={"verbosity": "medium"})
+    assert answer.service_tier == "default"
+    assert answer.text is not None and answer.text.verbosity == "medium"
+    plain = httpx.post(f"{server.api}/responses", timeout=30,
+                       json={"input": "hi", "max_output_tokens": 1}).json()
+    assert "service_tier" not in plain

@@ -52,6 +52,7 @@ from server.api.tool_calls import (
     plan_tools,
     tool_history,
 )
+from server.api.unserved import refuse_unserved, tier_echo
 from server.engine import (
     DoneEvent,
     ErrorEvent,
@@ -91,6 +92,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         raise APIError(400, f"{param}: this server answers in text only (no audio output); "
                        "leave out modalities and audio", param=param,
                        code="audio_not_supported")
+    refuse_unserved(verbosity=body.verbosity, verbosity_param="verbosity",
+                    web_search=body.web_search_options)
     if constraint is not None and body.ignore_eos:
         raise APIError(400, "ignore_eos cannot be combined with a JSON response_format (the "
                        "answer must end where the JSON does)", param="ignore_eos")
@@ -130,7 +133,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         if error is not None:
             generation.cancelled.set()  # the other choices, if any, stop too
             return error_response(error.status, error.message, code=error.code)
-        reply = _Reply(record.completion_id, state.settings.model_name, n)
+        reply = _Reply(record.completion_id, state.settings.model_name, n,
+                       tier_echo(body.service_tier))
         keep = keeper(state, body, client)  # None unless `store: true`
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -145,12 +149,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 class _Reply:
     """Identity of one completion, shared by all of its chunks."""
 
-    def __init__(self, request_id: str, model: str, n: int) -> None:
+    def __init__(self, request_id: str, model: str, n: int, tier: dict[str, str]) -> None:
         self.id = request_id
         self.model = model
         self.created = int(time.time())
+        self.tier = tier
         head = {"id": request_id, "object": "chat.completion.chunk", "created": self.created,
-                "model": model}
+                "model": model, **tier}
         # Per-token chunks are formatted from a prebuilt prefix: one json.dumps per token.
         self.token_prefixes = ["data: " + json.dumps(head)[:-1] + ', "choices": [{"index": '
                                f'{i}, "delta": {{"content": ' for i in range(n)]
@@ -180,6 +185,7 @@ async def _complete(reply: _Reply, choices: list[Choice], generation: Generation
                      "logprobs": a.logprobs} for i, a in enumerate(finished)],
         "usage": usage_of(timer),
         "timings": timer.as_dict(),
+        **reply.tier,
     }
     if keep is not None:
         await keep.keep(body)

@@ -169,6 +169,8 @@ ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponseFor
 
 
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority"]
+Verbosity = Literal["low", "medium", "high"]  # GPT-5's; this model has only its own
 
 # OpenAI's: at most 16 pairs, keys up to 64 characters, values up to 512.
 Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=64)],
@@ -251,6 +253,11 @@ class ChatCompletionRequest(GenerationFields):
     store: bool | None = None
     metadata: Metadata | None = None
     prediction: PredictionContent | None = None
+    # Accepted and answered as "default" (server/api/unserved.py); a web search, or a
+    # verbosity other than "medium", is a 400 rather than silently not done.
+    service_tier: ServiceTier | None = None
+    verbosity: Verbosity | None = None
+    web_search_options: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -370,6 +377,7 @@ class ChatCompletion(BaseModel):
     choices: list[Choice]
     usage: Usage
     timings: Timings
+    service_tier: Literal["default"] | None = None  # only when the request named one
 
 
 class Delta(BaseModel):
@@ -397,6 +405,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     timings: Timings | None = None
+    service_tier: Literal["default"] | None = None
 
 
 class ModelCard(BaseModel):

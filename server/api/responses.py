@@ -78,6 +78,7 @@ from server.api.tool_calls import (
     ToolPlan,
     answer_message,
 )
+from server.api.unserved import refuse_unserved, tier_echo
 from server.engine import ErrorEvent, GenerationRequest
 from server.store import StateUnavailable
 from server.timings import StageTimer
@@ -110,6 +111,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     record.stream = body.stream
     client = client_identity(request.scope)
     check_continuation(body)
+    refuse_unserved(verbosity=body.text.verbosity if body.text else None,
+                    verbosity_param="text.verbosity")
     if body.background and not body.store:
         raise APIError(400, "background: a background response is read back from the "
                        "store: store must be true", param="background")
@@ -327,7 +330,9 @@ def _echo(body: ResponsesRequest, generation: GenerationRequest,
                         else body.tool_choice or "auto"),
         "parallel_tool_calls": body.parallel_tool_calls is not False,
         "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt
-                 else {"type": "text"}},
+                 else {"type": "text"},
+                 **({"verbosity": body.text.verbosity} if body.text and body.text.verbosity
+                    else {})},
         "store": body.store,
         "background": body.background,
         "previous_response_id": body.previous_response_id,
@@ -336,6 +341,7 @@ def _echo(body: ResponsesRequest, generation: GenerationRequest,
         "truncation": body.truncation or "disabled",
         "top_logprobs": body.top_logprobs,
         "reasoning": body.reasoning.model_dump() if body.reasoning else None,
+        **tier_echo(body.service_tier),
     }
 
 

@@ -15,7 +15,9 @@ from server.api.protocol import (
     JSONSchemaFormat,
     Metadata,
     ReasoningEffort,
+    ServiceTier,
     Timings,
+    Verbosity,
     _Lenient,
     few_enough_parts,
 )
@@ -143,6 +145,7 @@ TextFormat = Annotated[TextFormatText | TextFormatJSONObject | TextFormatJSONSch
 
 class TextConfig(_Lenient):
     format: TextFormat | None = None
+    verbosity: Verbosity | None = None  # "medium" only (server/api/unserved.py)
 
 
 class ReasoningConfig(_Lenient):
@@ -181,6 +184,7 @@ class ResponsesRequest(_Lenient):
     # `top_logprobs`, which says how many alternatives each token shows).
     include: list[str] | None = Field(None, max_length=16)
     top_logprobs: Annotated[int, Field(ge=0, le=20), _WHOLE] | None = None
+    service_tier: ServiceTier | None = None  # answered as "default"
 
     @model_validator(mode="before")
     @classmethod
@@ -286,6 +290,7 @@ class ResponseObject(BaseModel):
     incomplete_details: IncompleteDetails | None
     usage: ResponseUsage | None
     timings: Timings | None = None
+    service_tier: Literal["default"] | None = None  # only when the request named one
 
 
 class ResponseDeleted(BaseModel):
