@@ -127,6 +127,10 @@ class Settings(BaseSettings):
     # What one more position costs a decode step, relative to a step of one position, for
     # pacing drafts; None: measured at warm-up (server/engine/step_costs.py).
     prediction_position_cost: float | None = Field(None, gt=0, le=10)
+    # Beside another request's stream, drafts may make a decode step at most this many
+    # times as long as without them: that stream's inter-token time is what they cost it.
+    # 1.0: no drafts beside other requests' streams unless they are free.
+    prediction_max_slowdown: float = Field(1.5, ge=1.0, le=100)
     # Generation requests one API key may have in flight at once (then 429), so one tenant
     # cannot take every slot and the queue. None: no limit per key (server.api.key_limits).
     max_requests_per_key: int | None = Field(None, ge=1)

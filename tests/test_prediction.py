@@ -9,6 +9,7 @@ random-weight demo model with an image, through the real server and the `openai`
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,7 @@ from helpers import data_url, image_message, metric_value, photo_bytes
 # Gemma's verified GGUF (session), a server on it for this module, its openai client.
 from test_real_model import client, gemma, gemma_gguf  # noqa: F401
 
+from server.engine.drafts import room_beside_others
 from server.engine.prediction import (
     MAX_REST,
     NEAR,
@@ -101,6 +103,19 @@ def test_drafts_are_as_long_as_they_pay() -> None:
     # Beside other streams a draft must also pay for the time it adds to their step: the
     # more share the step, the shorter.
     assert [best_length(0.9, CPU, base, 16) for base in (1, 2, 4, 8)] == [9, 8, 7, 5]
+
+
+def test_beside_other_streams_drafts_slow_the_step_a_bounded_share() -> None:
+    # On that CPU a third position costs a whole step: beside one other stream, 1.5× allows
+    # none; beside more, the batched kernels leave room for a few.
+    assert [room_beside_others(CPU, plain, 0, 1.5) for plain in (2, 3, 5, 9)] == [0, 5, 6, 8]
+    assert room_beside_others(CPU, 2, 0, 2.0) == 4
+    # Drafts already in the step (another request's) count against the same bound.
+    assert room_beside_others(linear(0.1, 64), 2, 0, 1.5) == 5
+    assert room_beside_others(linear(0.1, 64), 2, 3, 1.5) == 2
+    # On a GPU the bound rarely bites; 1.0 allows nothing that costs anything.
+    assert room_beside_others(GPU, 2, 0, 1.5) == 25
+    assert room_beside_others(GPU, 2, 0, 1.0) == 0
 
 
 def test_the_pace_follows_what_was_kept_and_rests_after_misses() -> None:
@@ -345,5 +360,49 @@ def test_off_when_max_draft_is_zero(gemma_gguf: Path, tmp_path: Path) -> None:  
                                timeout=120)
         text = _ask(client).choices[0].message.content
         assert _details(_ask(client, text)) == (0, 0)
+    finally:
+        stop_server(server)
+
+
+def test_no_drafts_slow_another_clients_stream_beyond_the_bound(gemma_gguf: Path,  # noqa: F811
+                                                                tmp_path: Path) -> None:
+    """With prediction_max_slowdown 1.0 nothing may slow another request's step: a
+    prediction drafts alone, not beside a plain stream (which it would otherwise, at the
+    set cost of 0.1 a position: see the bound's unit test)."""
+    server = start_server(gemma_gguf, tmp_path / "server.log", family="gemma",
+                          config=ROOT / "configs" / "gemma3-270m.yaml",
+                          env={"VLSERVE_PREDICTION_MAX_SLOWDOWN": "1.0",
+                               "VLSERVE_PREDICTION_POSITION_COST": "0.1",
+                               "VLSERVE_MAX_TOKENS_CAP": "400"})
+    try:
+        client = openai.OpenAI(base_url=server.api, api_key="unused", max_retries=0,
+                               timeout=120)
+        text = _ask(client).choices[0].message.content
+        assert text
+        assert _details(_ask(client, text))[0] >= 30  # alone: drafted
+
+        streaming = threading.Event()
+        plain_tokens: list[str] = []
+
+        def plain_stream() -> None:
+            for chunk in client.chat.completions.create(
+                    model="gemma-3-270m", messages=STORY, max_tokens=400, stream=True,
+                    temperature=0, extra_body=LONG):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    plain_tokens.append(chunk.choices[0].delta.content)
+                    streaming.set()
+
+        beside = threading.Thread(target=plain_stream)
+        beside.start()
+        try:
+            assert streaming.wait(60)
+            guessed = _ask(client, text)
+            still_running = beside.is_alive()
+        finally:
+            beside.join(120)
+        assert still_running, "the plain stream ended before the predicted answer did"
+        assert guessed.choices[0].message.content == text
+        assert _details(guessed) == (0, 0)
+        assert len(plain_tokens) > 100
     finally:
         stop_server(server)

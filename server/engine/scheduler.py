@@ -350,7 +350,8 @@ class Scheduler:
             self._prefill_done(part, decode_s)
 
     def _fill_batch(self) -> tuple[list[Slot], list[Prefilled]]:
-        return fill_step(self._batch, self.slots, self.kv.free(self.slots))
+        return fill_step(self._batch, self.slots, self.kv.free(self.slots),
+                         self.settings.prediction_max_slowdown)
 
     def _prefill_done(self, part: Prefilled, decode_s: float) -> None:
         slot, item = part.slot, part.item

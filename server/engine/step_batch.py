@@ -23,10 +23,11 @@ class Prefilled:
     first_index: int  # batch index of the first of the `n` tokens
 
 
-def fill_step(batch: TokenBatch, slots: list[Slot], free_cells: int
+def fill_step(batch: TokenBatch, slots: list[Slot], free_cells: int, max_slowdown: float
               ) -> tuple[list[Slot], list[Prefilled]]:
     """Fill `batch`: the generating slots (in order: slot i's token is at index i), their
-    predicted drafts, and the prompt text it took."""
+    predicted drafts (slowing the step at most `max_slowdown` times beside another
+    request's stream), and the prompt text it took."""
     batch.clear()
     generating = [s for s in slots if s.job is not None and s.job.next_token >= 0]
     drafting = False
@@ -35,7 +36,8 @@ def fill_step(batch: TokenBatch, slots: list[Slot], free_cells: int
         drafting = drafting or slot.job.pace is not None  # type: ignore[union-attr]
     room = free_cells - len(generating)
     if drafting:
-        room -= add_drafts(batch, generating, min(batch.capacity - batch.n, room))
+        room -= add_drafts(batch, generating, min(batch.capacity - batch.n, room),
+                           max_slowdown)
     return generating, _add_prompt_tokens(batch, slots, min(batch.capacity - batch.n, room))
 
 

@@ -1,0 +1,92 @@
+"""What a `prediction` costs another client: a plain stream's time per token while a
+predicted request runs beside it, against while a plain request does, same server.
+
+    python -m bench.prediction_beside [--max-slowdown 100,1.5] [--tokens 192] [--reps 3]
+                                      [--threads 2] [--model ...]
+
+One vlserve (two slots) per `--max-slowdown` value (100: in effect unbounded). Two
+requests start together, both greedy and run to `--tokens`: the plain one ("Write a long
+story about a fox and a crow.") is measured; beside it runs the same story with no
+prediction, with its own answer as prediction ("exact") or the answer with every 10th word
+changed ("edited"). Each cell: the plain stream's server generation time per token
+(`timings`), median of `--reps`, and the ratio against "beside none" on the same server;
+and the predicted request's own ratio the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench.prediction import CONFIG, GEMMA, ask, edited
+from bench.servers import Server, start_vlserve, wait_quiet
+
+
+def ms_per_token(answer: dict) -> float:
+    return answer["timings"]["generation"] / answer["usage"]["completion_tokens"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=GEMMA)
+    parser.add_argument("--config", type=Path, default=CONFIG)
+    parser.add_argument("--tokens", type=int, default=192)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-slowdown", default="100,1.5")
+    args = parser.parse_args()
+    bounds = args.max_slowdown.split(",")
+    servers: dict[str, Server] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for bound in bounds:
+                os.environ["VLSERVE_PREDICTION_MAX_SLOWDOWN"] = bound
+                log_dir = Path(tmp) / f"bound{bound}"
+                log_dir.mkdir()
+                servers[bound] = start_vlserve(args.model, None, log_dir, threads=args.threads,
+                                               n_parallel=2, config=args.config)
+            run(servers, args.tokens, args.reps)
+        finally:
+            for server in servers.values():
+                server.stop()
+
+
+def run(servers: dict[str, Server], tokens: int, reps: int) -> None:
+    first = next(iter(servers.values()))
+    reference = ask(first, tokens, None)["choices"][0]["message"]["content"]
+    cases = {"none": None, "exact": reference, "edited": edited(reference, 10)}
+    runs = [(bound, case) for bound in servers for case in cases]
+    plain_ms: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+    own_ms: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+    with ThreadPoolExecutor(2) as pool:
+        for rep in range(reps):
+            shift = rep % len(runs)
+            for bound, case in runs[shift:] + runs[:shift]:
+                server = servers[bound]
+                wait_quiet(list(servers.values()))
+                plain = pool.submit(ask, server, tokens, None)
+                predicted = pool.submit(ask, server, tokens, cases[case])
+                for answer in (plain.result(), predicted.result()):
+                    if answer["choices"][0]["message"]["content"] != reference:
+                        raise SystemExit(f"max_slowdown {bound}, {case}: the answer changed")
+                plain_ms[(bound, case)].append(ms_per_token(plain.result()))
+                own_ms[(bound, case)].append(ms_per_token(predicted.result()))
+    print(f"\n{tokens} tokens each, greedy, two requests started together; ms per generated "
+          f"token (server timings), median of {reps}; ratios vs the same server's 'none'")
+    print("| max_slowdown | beside the plain stream | plain stream ms/token | ratio | "
+          "predicted request's ratio |")
+    print("|---|---|---|---|---|")
+    for bound, case in runs:
+        plain = statistics.median(plain_ms[(bound, case)])
+        base = statistics.median(plain_ms[(bound, "none")])
+        own = statistics.median(own_ms[(bound, case)]) / statistics.median(
+            own_ms[(bound, "none")])
+        print(f"| {bound} | {case} | {plain:.2f} | {plain / base:.2f} | {own:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
