@@ -106,14 +106,15 @@ def test_an_answer_without_calls_keeps_every_tokens_logprob() -> None:
 
 
 @pytest.mark.parametrize(("tokens", "content", "kept"), [
-    (["Hi", " <tool_call>", '\n{"na'], 'Hi <tool_call>\n{"na', [0, 1, 2]),
-    (["Hi", " <tool_call>"], "Hi <tool_call>", [0, 1]),
-    (["<tool_call>", "\n"], "<tool_call>\n", [0, 1]),
+    (["Hi", " <tool_call>", '\n{"na'], "Hi ", [0]),
+    (["Hi", " <tool_call>"], "Hi ", [0]),
+    (["<tool_call>", "\n"], "", []),
 ])
-def test_an_answer_cut_right_after_the_marker_streams_as_it_reads_whole(
+def test_an_answer_cut_before_a_calls_name_drops_its_markup(
         tokens: list[str], content: str, kept: list[int]) -> None:
-    """Cut by max_tokens before a call's name: no call, so the marker and what follows it
-    are text, streamed as in the whole answer, each token's logprob with its text."""
+    """Cut by max_tokens after the marker, before a call's name: the stream held the markup
+    back and drops it (no call without a name, no markup as text), as the whole answer
+    reads; the tokens that are mostly markup bring no logprobs."""
     message, logprobs = whole(tokens, "length")
     assert message["content"] == content and "tool_calls" not in message
     assert [entry["logprob"] for entry in logprobs] == [-float(i) for i in kept]

@@ -5,7 +5,7 @@ whole (a finished answer) or streamed (each token's logprob with the text that s
 The rule, the same both ways: a token is the content's when more than half of its characters
 are shown text (a token straddling the end of the text and the call marker goes where most of
 it lies); a token with no text of its own (part of a character, text held back for a stop
-string) goes with the character after it.
+string) goes with the character after it (at the answer's end, with that end).
 """
 
 from __future__ import annotations
@@ -21,10 +21,14 @@ Span = tuple[int, int]  # [start, end) in the raw answer text
 
 
 def shown_logprobs(logprobs: Sequence[dict[str, object]], spans: Sequence[Span],
-                   shown: Sequence[Span]) -> list[dict[str, object]]:
-    """The entries of the tokens (at `spans`) that the shown text (at `shown`) is mostly."""
+                   shown: Sequence[Span], length: int) -> list[dict[str, object]]:
+    """The entries of the tokens (at `spans`) that the shown text (at `shown`) is mostly,
+    in an answer of `length` characters."""
+    # With no character after it, a token goes with the answer's end: shown if the shown
+    # text reaches it (an empty answer's too).
+    end_shown = max((b for _, b in shown), default=0) == length
     return [entry for entry, (start, end) in zip(logprobs, spans, strict=True)
-            if _mostly_shown(start, end, shown)]
+            if _mostly_shown(start, end, shown) or (start == end == length and end_shown)]
 
 
 def _mostly_shown(start: int, end: int, shown: Sequence[Span]) -> bool:
@@ -89,9 +93,9 @@ class StreamedLogprobs:
         self._pending = [t for t in self._pending if max(t.end, t.start + 1) > consumed]
 
     def rest(self) -> list[TokenEvent]:
-        """The end of an answer without calls: it is all text, so every token counts (as it
-        would without tools), those with no character after them too; but only the tokens
-        of text shown (none of text the parser dropped)."""
-        events = [TokenEvent("", t.logprob) for t in self._pending if t.end <= self._shown_to]
+        """The end of the answer: the tokens with no character after them, when the shown
+        text reaches it (as without tools); the others undecided were never shown."""
+        events = [TokenEvent("", t.logprob) for t in self._pending
+                  if t.start == t.end == self._fed == self._shown_to]
         self._pending = []
         return events

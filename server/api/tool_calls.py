@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from server.api.errors import APIError
@@ -28,6 +28,7 @@ from server.engine.tools import (
     Delta,
     Function,
     TextDelta,
+    ToolCall,
     ToolCallParser,
     call_markup,
     check_functions,
@@ -203,15 +204,23 @@ def answer_message(text: str, finish_reason: str,
                    logprobs: Sequence[dict[str, object]] = (), spans: Sequence[Span] = ()
                    ) -> tuple[dict[str, object], str, list[dict[str, object]]]:
     """A finished answer as the response's `message`, its finish_reason, and its content's
-    token logprobs (of `logprobs`, the tokens at `spans` in `text`)."""
-    parsed = parse_answer(text)
-    if not parsed.calls:
-        return {"role": "assistant", "content": text}, finish_reason, list(logprobs)
-    calls = [{"id": c.id, "type": "function",
-              "function": {"name": c.name, "arguments": c.arguments}} for c in parsed.calls]
-    message = {"role": "assistant", "content": parsed.content, "tool_calls": calls}
-    shown = shown_logprobs(logprobs, spans, parsed.shown) if parsed.content else []
-    return message, "tool_calls" if finish_reason == "stop" else finish_reason, shown
+    token logprobs (of `logprobs`, the tokens at `spans` in `text`): what its stream shows,
+    joined (tool_stream), wherever max_tokens cuts it."""
+    parsed = parse_answer(text, cut=finish_reason == "length")
+    message: dict[str, object] = {"role": "assistant", "content": parsed.content}
+    if parsed.calls:
+        message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+            "name": c.name, "arguments": c.arguments}} for c in parsed.calls]
+    shown = shown_logprobs(logprobs, spans, parsed.shown, len(text))
+    return message, calls_finish(finish_reason, parsed.calls), shown
+
+
+def calls_finish(finish_reason: str, calls: Sequence[ToolCall]) -> str:
+    """`tool_calls` for an answer that ended on whole calls; an answer cut inside one keeps
+    the engine's reason (`length`), its last call's arguments unfinished, as OpenAI's."""
+    if calls and finish_reason == "stop" and all(c.complete for c in calls):
+        return "tool_calls"
+    return finish_reason
 
 
 async def tool_stream(events: AsyncIterator[EngineEvent | ReasoningEvent]) -> AsyncIterator[
@@ -228,13 +237,13 @@ async def tool_stream(events: AsyncIterator[EngineEvent | ReasoningEvent]) -> As
                 yield piece
             logprobs.settle(parser.consumed)
         elif isinstance(event, DoneEvent):
-            for piece in _as_events(parser.finish(), logprobs):
+            for piece in _as_events(parser.finish(cut=event.finish_reason == "length"),
+                                    logprobs):
                 yield piece
-            if not parser.calls:
-                for piece in logprobs.rest():
-                    yield piece
-            if parser.calls and event.finish_reason == "stop":
-                event = DoneEvent("tool_calls", event.timer)
+            for piece in logprobs.rest():
+                yield piece
+            if calls_finish(event.finish_reason, parser.calls) == "tool_calls":
+                event = replace(event, finish_reason="tool_calls")
             yield event
         else:
             yield event

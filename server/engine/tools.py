@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.engine.call_head import could_begin_head, match_head
 from server.engine.constraints import ConstraintError, check_schema, schema_grammar
 
 TOOL_OPEN = "<tool_call>"
@@ -178,9 +179,6 @@ class ArgumentsDelta:
 
 Delta = TextDelta | CallStart | ArgumentsDelta
 
-# What the grammar makes a call begin with, up to where the arguments' JSON starts.
-_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
-
 
 def new_call_id() -> str:
     return f"call_{secrets.token_hex(12)}"
@@ -188,13 +186,23 @@ def new_call_id() -> str:
 
 class ToolCallParser:
     """Splits generated text into answer text and calls as it arrives: text is passed on
-    (holding back what might be the start of the marker), a call's name as soon as it is
-    written, its arguments piece by piece until their JSON closes."""
+    (holding back what might be the start of the marker, and whitespace that might be all
+    there is before a call), a call's name as soon as it is written, its arguments piece by
+    piece until their JSON closes.
+
+    A stream cannot take back what it sent, so the whole answer reads as its stream did
+    (finish): a call whose name was written stays a call, its arguments as far as they got
+    when the answer was cut; a call's head before its name is complete is markup, dropped;
+    and an answer cut by max_tokens shows nothing the stream held back (most likely the
+    beginning of a call: the content is what had been sent)."""
 
     def __init__(self) -> None:
         self.calls: list[ToolCall] = []
         self._buf = ""
         self._fed = 0  # characters fed so far
+        self._lead = ""  # whitespace before anything shown or called, held back
+        self._lead_start = 0
+        self._shown = False  # whether any text was passed on
         self._state = "text"
         self._depth = 0
         self._in_string = False
@@ -203,9 +211,10 @@ class ToolCallParser:
     @property
     def consumed(self) -> int:
         """How much of the raw answer is settled: text passed on, or markup dropped (the
-        rest is held back, undecided; the marker too until a call's head follows it)."""
+        rest is held back, undecided: leading whitespace, and the marker until a call's head
+        follows it)."""
         held = len(self._buf) + (len(TOOL_OPEN) if self._state == "head" else 0)
-        return self._fed - held
+        return self._fed - held - len(self._lead)
 
     def feed(self, text: str) -> list[Delta]:
         self._buf += text
@@ -216,46 +225,73 @@ class ToolCallParser:
             progress = getattr(self, f"_{self._state}")(out)
         return out
 
-    def finish(self) -> list[Delta]:
-        """What was held back, once the answer is over (all of it settled then). A marker
-        with no call's head after it (an answer cut by max_tokens) is text, as in the whole
-        answer, when no call came before it."""
-        if self._state == "text":
-            out = self._emit_text(self._buf, [])
-        elif self._state == "head" and not self.calls:
-            out = [TextDelta(TOOL_OPEN + self._buf, self.consumed)]  # from the marker on
-        else:
-            out = []
-        self._buf = ""
+    def finish(self, cut: bool = False) -> list[Delta]:
+        """What was held back, once the answer is over (all of it settled then); `cut`: by
+        max_tokens."""
+        out: list[Delta] = []
+        if self._state == "text" and not cut and not self.calls:
+            # Ended by itself with no call: a marker's beginning was text, and so is an
+            # answer of whitespace only.
+            self._emit_text(self._buf, self._fed - len(self._buf), out)
+            if self._lead:
+                out.append(TextDelta(self._lead, self._lead_start))
+        # Otherwise what is held is markup cut short: a call's head before its name was
+        # complete, a marker's beginning where only a call may come (after one) or where the
+        # model most likely began one (cut), whitespace before it.
+        self._buf, self._lead = "", ""
         return out
 
     def _text(self, out: list[Delta]) -> bool:
+        start = self._fed - len(self._buf)
         at = self._buf.find(TOOL_OPEN)
         if at >= 0:
-            self._emit_text(self._buf[:at], out)
+            self._emit_text(self._buf[:at], start, out)
             self._buf = self._buf[at + len(TOOL_OPEN):]
             self._state = "head"
             return True
         keep = next((n for n in range(min(len(TOOL_OPEN) - 1, len(self._buf)), 0, -1)
                      if TOOL_OPEN.startswith(self._buf[-n:])), 0)
-        self._emit_text(self._buf[:len(self._buf) - keep], out)
+        self._emit_text(self._buf[:len(self._buf) - keep], start, out)
         self._buf = self._buf[len(self._buf) - keep:]
         return False
 
-    def _emit_text(self, text: str, out: list[Delta]) -> list[Delta]:
-        # After a call only the separator of the next one may come: not answer text.
-        if text and not (self.calls and not text.strip()):
-            out.append(TextDelta(text, self.consumed))  # `text` begins the buffer
-        return out
+    def _emit_text(self, text: str, start: int, out: list[Delta]) -> None:
+        """Pass on answer text that begins at `start` in the raw answer."""
+        if not text:
+            return
+        if self.calls:
+            # After a call only the separator of the next one may come: not answer text.
+            if text.strip():
+                out.append(TextDelta(text, start))
+            return
+        if not self._shown and not text.strip():
+            # Perhaps all there is before a call (then no content, as whole): held until
+            # text or the answer's end shows it is the answer's.
+            if not self._lead:
+                self._lead_start = start
+            self._lead += text
+            return
+        if self._lead:
+            text, start, self._lead = self._lead + text, self._lead_start, ""
+        self._shown = True
+        out.append(TextDelta(text, start))
 
     def _head(self, out: list[Delta]) -> bool:
-        match = _CALL_HEAD.match(self._buf)
-        if match is None:
-            return False
-        call = ToolCall(new_call_id(), json.loads(f'"{match.group(1)}"'))
+        head = match_head(self._buf)
+        if head is None:
+            if could_begin_head(self._buf):
+                return False
+            # No call after all (only text without the tool grammar can hold this): the
+            # marker was text.
+            self._state = "text"
+            self._emit_text(TOOL_OPEN, self._fed - len(self._buf) - len(TOOL_OPEN), out)
+            return True
+        name, end = head
+        call = ToolCall(new_call_id(), name)
         self.calls.append(call)
+        self._lead = ""  # whitespace before a call is no content
         out.append(CallStart(len(self.calls) - 1, call))
-        self._buf = self._buf[match.end():]
+        self._buf = self._buf[end:]
         self._state, self._depth, self._in_string, self._escaped = "arguments", 0, False, False
         return True
 
@@ -307,20 +343,19 @@ class ToolCallParser:
 
 @dataclass
 class ParsedAnswer:
-    content: str | None
+    content: str | None  # None: calls and no text (as OpenAI's)
     calls: list[ToolCall] = field(default_factory=list)
-    # With calls: where the content's pieces stand in the raw answer, (start, end) each.
+    # Where the content's pieces stand in the raw answer, (start, end) each.
     shown: list[tuple[int, int]] = field(default_factory=list)
 
 
-def parse_answer(text: str) -> ParsedAnswer:
-    """A finished answer's text and calls. Markup that doesn't make whole calls (a model
-    writing the marker freely, an answer cut by max_tokens) stays text."""
+def parse_answer(text: str, cut: bool = False) -> ParsedAnswer:
+    """A finished answer's text and calls (`cut`: by max_tokens), as its stream shows them
+    (ToolCallParser): a call cut short in its arguments is a call with arguments as far as
+    they got."""
     parser = ToolCallParser()
-    deltas = parser.feed(text) + parser.finish()
-    if not parser.calls or not all(c.complete for c in parser.calls):
-        return ParsedAnswer(text)
+    deltas = parser.feed(text) + parser.finish(cut)
     texts = [d for d in deltas if isinstance(d, TextDelta)]
     content = "".join(d.text for d in texts)
-    return ParsedAnswer(content if content.strip() else None, parser.calls,
+    return ParsedAnswer(content or (None if parser.calls else ""), parser.calls,
                         [(d.start, d.start + len(d.text)) for d in texts])
