@@ -27,8 +27,10 @@ from test_real_model import WEATHER_HISTORY, WEATHER_TOOL, gemma, gemma_gguf  # 
 from test_responses_constrained import TOOLS as RESPONSE_TOOLS
 from test_tool_calls import ASK, TOOLS
 
-from server.api.generation import whole_answer
-from server.api.tool_calls import ToolDeltaEvent, answer_message, tool_stream
+from server.api.generation import Event, whole_answer
+from server.api.responses import _complete
+from server.api.responses_output import Finished, ResponseDraft, stream_events
+from server.api.tool_calls import ToolDeltaEvent, ToolPlan, answer_message, tool_stream
 from server.engine import DoneEvent, TokenEvent
 from server.engine.logprobs import TokenLogprob
 from server.timings import StageTimer
@@ -171,6 +173,37 @@ def test_only_whole_calls_finish_as_tool_calls(cut: list[str], finish_reason: st
     answer = whole(cut, finish_reason)
     assert answer.calls and answer.finish_reason == finish
     assert streamed(cut, finish_reason) == answer
+
+
+def _responses(tokens: list[str], finish_reason: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The response to `tokens` whole (its output items) and streamed (joined)."""
+    draft, plan = ResponseDraft("resp_x", "m", {}), ToolPlan([], False, "")
+
+    async def done(_: Finished) -> None:
+        return None
+
+    async def run() -> tuple[dict[str, Any], list[str]]:
+        events: AsyncIterator[Event] = _events(tokens, finish_reason)
+        reply = await _complete(draft, await anext(events), events, plan, done)
+        stream = tool_stream(_events(tokens, finish_reason))
+        return json.loads(reply.body), [
+            line async for line in stream_events(draft, await anext(stream), stream, done)]
+
+    body, lines = asyncio.run(run())
+    events = [json.loads(line.split("data: ", 1)[1]) for line in lines]
+    return {"finish": body["status"], "items": _items(body["output"])}, _joined(events)
+
+
+def test_responses_items_stream_every_cut_as_the_whole_answer() -> None:
+    """Text, then a call: each cut's items alike whole and streamed, those another follows
+    `completed`, the last one the answer's status."""
+    for cut, finish_reason in cuts(TOKENS):
+        whole_items, streamed_items = _responses(cut, finish_reason)
+        assert streamed_items == whole_items, cut
+    whole_items, _ = _responses(_cut_at('"Paris'), "length")
+    assert whole_items == {"finish": "incomplete", "items": [
+        ("message", "completed", "Let me look.\n"),
+        ("function_call", "incomplete", "get_weather", '{"city": "Paris')]}
 
 
 # End to end: the demo server, greedy, cut at every token of a required call.

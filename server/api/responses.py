@@ -52,7 +52,6 @@ from server.api.responses_output import (
     Finished,
     ResponseDraft,
     answer_items,
-    reasoning_item,
     status_of,
     stream_events,
 )
@@ -377,9 +376,7 @@ async def _complete(draft: ResponseDraft, event: Event, events: Events,
         content = message["content"]  # type: ignore[assignment]
         calls = message.get("tool_calls", [])  # type: ignore[assignment]
     status = status_of(done.finish_reason)
-    output = answer_items(content, calls, status, logprobs=logprobs)
-    if whole.reasoning:
-        output.insert(0, reasoning_item(whole.reasoning, status))
+    output = answer_items(content, calls, status, logprobs=logprobs, reasoning=whole.reasoning)
     body = draft.body(status, output, timer=done.timer, finish_reason=done.finish_reason)
     await finished(Finished(body, output))
     return JSONResponse(body, headers={"Server-Timing": done.timer.server_timing_header()})

@@ -75,13 +75,21 @@ def call_item(call_id: str, name: str, arguments: str, status: str,
 
 
 def answer_items(content: str | None, calls: list[dict[str, Any]], status: str,
-                 logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Output items of a finished answer: its text (if any, or if there are no calls), then
-    each call (chat-style tool_calls, from server.api.tool_calls.answer_message)."""
+                 logprobs: list[dict[str, Any]] | None = None, reasoning: str = ""
+                 ) -> list[dict[str, Any]]:
+    """Output items of a finished answer, as its stream closes them (stream_events): its
+    reasoning (if any), its text (if any, or if there are no calls), then each call
+    (chat-style tool_calls, from server.api.tool_calls.answer_message). An item that
+    another follows is `completed`; the last (a call cut short too) has the answer's
+    `status`, and so has reasoning followed by no text nor call."""
     items = [message_item(content or "", status, logprobs=logprobs)] \
         if content or not calls else []
     items += [call_item(c["id"], c["function"]["name"], c["function"]["arguments"], status)
               for c in calls]
+    for item in items[:-1]:
+        item["status"] = "completed"
+    if reasoning:
+        items.insert(0, reasoning_item(reasoning, "completed" if content or calls else status))
     return items
 
 
