@@ -69,14 +69,30 @@ redis.call('HINCRBY', P .. 'ob', owner, size)
 return 1
 """
 
-# ARGV: id owner ttl_ms lru.  Returns {head, body} or nil (absent, expired, not the owner's).
+# ARGV: id owner ttl_ms lru slice.  Returns {head, {body in pieces of `slice` bytes}} or
+# nil (absent, expired, not the owner's). In pieces: the client reads one at a time, giving
+# way to others between them, not a whole body of tens of MB in one go.
 GET = PRELUDE + """
 local id, owner = ARGV[1], ARGV[2]
 expire(tonumber(ARGV[3]))
 local own = P .. 'o:' .. owner
 if not redis.call('ZSCORE', own, id) then return nil end
 if ARGV[4] == '1' then redis.call('ZADD', own, redis.call('INCR', P .. 'tick'), id) end
-return {redis.call('HGET', P .. 'head', id), redis.call('GET', P .. 'body:' .. id) or ''}
+local body, slice, pieces = P .. 'body:' .. id, tonumber(ARGV[5]), {}
+for start = 0, redis.call('STRLEN', body) - 1, slice do
+  pieces[#pieces + 1] = redis.call('GETRANGE', body, start, start + slice - 1)
+end
+return {redis.call('HGET', P .. 'head', id), pieces}
+"""
+
+# ARGV: id owner ttl_ms lru.  Returns the head or nil, as GET (its body is not read).
+HEAD = PRELUDE + """
+local id, owner = ARGV[1], ARGV[2]
+expire(tonumber(ARGV[3]))
+local own = P .. 'o:' .. owner
+if not redis.call('ZSCORE', own, id) then return nil end
+if ARGV[4] == '1' then redis.call('ZADD', own, redis.call('INCR', P .. 'tick'), id) end
+return redis.call('HGET', P .. 'head', id)
 """
 
 # ARGV: id owner.  Returns 1 (deleted) or 0.

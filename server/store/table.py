@@ -33,6 +33,10 @@ class Table(Protocol[T]):
 
     async def get(self, owner: str, key: str) -> T | None: ...
 
+    async def head(self, owner: str, key: str) -> T | None:
+        """As get, without the body (decoded with body=None): what it holds is not read."""
+        ...
+
     async def delete(self, owner: str, key: str) -> bool: ...
 
     async def heads(self, owner: str) -> list[T]:
@@ -54,6 +58,9 @@ class AsyncMemoryTable(Generic[T]):
 
     async def get(self, owner: str, key: str) -> T | None:
         return self.table.get(owner, key)
+
+    async def head(self, owner: str, key: str) -> T | None:
+        return self.table.get(owner, key)  # the record as it is: there is nothing to read
 
     async def delete(self, owner: str, key: str) -> bool:
         return self.table.delete(owner, key)
