@@ -70,7 +70,7 @@ def test_a_record_with_a_body_comes_back_whole(tmp_path: Path) -> None:
     """A stored chat completion keeps its messages in its codec's body: they go along."""
     clock = Clock()
     before = table(clock)
-    entry = stored_chat({"id": "chatcmpl-1", "created": 5}, "alice", {"k": "v"},
+    entry = stored_chat({"id": "chatcmpl-1", "created": 5, "model": "m"}, "alice", {"k": "v"},
                         [ChatMessageIn(role="user", content="Hi.")])
     before.put("alice", entry.id, entry, entry.size)
     path = tmp_path / "state.json"

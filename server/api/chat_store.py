@@ -13,6 +13,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from typing import Any
 
+from server.api.json_pages import Buffer, Parts, encoded, lines, with_member
 from server.api.protocol import ChatMessageIn
 from server.config import Settings
 from server.store import Bounds, Codec, StateBackend, Table, put_within_share
@@ -20,33 +21,34 @@ from server.store import Bounds, Codec, StateBackend, Table, put_within_share
 
 @dataclass(frozen=True)
 class StoredChat:
+    """Its answers are kept as the JSON they are sent as, encoded once when stored: pages are
+    spliced from it (server.api.json_pages), never decoded and encoded again."""
+
     id: str
     owner: str  # the client identity (server.api.auth.client_identity) that created it
     created: int
+    model: str  # the completion's, which listings filter by
     metadata: dict[str, str]
-    completion: dict[str, Any]  # the chat.completion as answered, without metadata
-    # The request's messages as listed (StoredMessage, each with its id); None when read
-    # for a listing from the shared store (they are the record's body: images, mostly).
-    messages: list[dict[str, Any]] | None
+    completion: Buffer  # the chat.completion as answered, without metadata: JSON
+    # The request's messages as listed (StoredMessage, each with its id), each its JSON;
+    # None when read without them (a listing, a retrieve: they are images, mostly).
+    messages: list[Buffer] | None
     size: int  # bytes of JSON, what the byte bounds count
 
-    def view(self) -> dict[str, Any]:
+    def view(self) -> Parts:
         """The stored chat.completion, as GET /chat/completions/{id} answers it."""
-        return {**self.completion, "metadata": self.metadata}
-
-
-def _json_size(value: object) -> int:
-    return len(json.dumps(value, separators=(",", ":")))
+        return with_member(self.completion, "metadata", self.metadata)
 
 
 def stored_chat(completion: dict[str, Any], owner: str, metadata: dict[str, str],
                 messages: list[ChatMessageIn]) -> StoredChat:
-    """The record for `completion` (call it off the event loop: sizing the messages means
-    serialising their images)."""
-    listed = stored_messages(completion["id"], messages)
-    size = sum(_json_size(part) for part in (completion, metadata, listed))
-    return StoredChat(completion["id"], owner, completion["created"], metadata, completion,
-                      listed, size)
+    """The record for `completion` (call it off the event loop: it encodes the messages'
+    images, once)."""
+    answered = encoded({k: v for k, v in completion.items() if k != "metadata"})
+    listed = [encoded(message) for message in stored_messages(completion["id"], messages)]
+    size = len(answered) + len(encoded(metadata)) + sum(len(m) for m in listed)
+    return StoredChat(completion["id"], owner, completion["created"], completion["model"],
+                      metadata, answered, listed, size)
 
 
 def stored_messages(completion_id: str, messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
@@ -104,6 +106,11 @@ class ChatStore:
     async def get(self, completion_id: str, owner: str) -> StoredChat | None:
         return await self.table.get(owner, completion_id)
 
+    async def head(self, completion_id: str, owner: str) -> StoredChat | None:
+        """The completion without its messages (which the shared store then does not
+        read)."""
+        return await self.table.head(owner, completion_id)
+
     async def listed(self, owner: str) -> list[StoredChat]:
         """The owner's completions as they were made (their ids sort so: a metadata
         update, which stores one anew, does not move it), without their messages (shared
@@ -124,7 +131,7 @@ class ChatStore:
             if current is None:
                 return None
             changed = replace(current, metadata=metadata, size=current.size
-                              - _json_size(current.metadata) + _json_size(metadata))
+                              - len(encoded(current.metadata)) + len(encoded(metadata)))
             if not await self.add(changed):  # the one as it was stays
                 raise StoredChatFull(f"{changed.size} bytes, over the "
                                      f"{self.bounds.max_bytes_per_owner} bytes kept per key")
@@ -138,21 +145,32 @@ class ChatStore:
 
 
 def _encode(entry: StoredChat) -> tuple[bytes, bytes]:
-    # The head is what a listing reads (the completion itself, small); the messages, which
-    # may hold images, are the body, read only for the one completion asked for.
-    head = [entry.id, entry.owner, entry.created, entry.metadata, entry.completion,
-            entry.size]
-    return (json.dumps(head, separators=(",", ":")).encode(),
-            json.dumps(entry.messages, separators=(",", ":")).encode())
+    # The head is what a listing reads: its few fields, then the completion's JSON as it is
+    # (a listing parses the fields only); the messages, which may hold images, are the
+    # body, read only for the one completion asked for: one JSON value a line.
+    fields = [entry.id, entry.owner, entry.created, entry.model, entry.metadata, entry.size]
+    assert entry.messages is not None, "a record is stored whole"
+    return (encoded(fields) + b"\n" + entry.completion, b"\n".join(entry.messages))
 
 
 def _decode(head: bytes, body: bytes | None) -> StoredChat:
+    cut = head.find(b"\n")
+    if cut < 0:  # stored by an earlier version: one JSON list (and a list of messages)
+        return _decode_earlier(head, body)
+    entry_id, owner, created, model, metadata, size = json.loads(head[:cut])
+    messages = lines(body) if body else None
+    return StoredChat(entry_id, owner, created, model, metadata, memoryview(head)[cut + 1:],
+                      messages, size)
+
+
+def _decode_earlier(head: bytes, body: bytes | None) -> StoredChat:
     entry_id, owner, created, metadata, completion, size = json.loads(head)
-    messages = json.loads(body) if body else None
-    return StoredChat(entry_id, owner, created, metadata, completion, messages, size)
+    messages = [encoded(message) for message in json.loads(body)] if body else None
+    return StoredChat(entry_id, owner, created, completion["model"], metadata,
+                      encoded(completion), messages, size)
 
 
-# Heavy: messages with images inlined are megabytes of JSON, (de)serialised off-loop.
+# Heavy: messages with images inlined are megabytes of JSON, copied off-loop.
 CHAT_CODEC: Codec[StoredChat] = Codec(_encode, _decode, heavy=True)
 
 

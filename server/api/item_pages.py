@@ -12,14 +12,22 @@ def item_page(items: list[dict[str, Any]], *, order: Literal["asc", "desc"], aft
               limit: int, holder: str) -> dict[str, Any]:
     """One page of `items` (held oldest first); `holder` names what holds them in the
     error for an unknown cursor."""
-    ordered = list(items) if order == "asc" else items[::-1]
+    span, has_more = page_span([item["id"] for item in items], order=order, after=after,
+                               limit=limit, holder=holder)
+    return list_page([items[index] for index in span], has_more=has_more)
+
+
+def page_span(ids: list[str], *, order: Literal["asc", "desc"], after: str | None,
+              limit: int, holder: str) -> tuple[list[int], bool]:
+    """Where one page of the items with `ids` (held oldest first) is: their indices in page
+    order, and whether more follow."""
+    ordered = list(range(len(ids))) if order == "asc" else list(range(len(ids)))[::-1]
     if after is not None:
-        ids = [item["id"] for item in ordered]
         if after not in ids:
             raise APIError(400, f"after: no item with id {after!r} in this {holder}",
                            param="after", code="invalid_cursor")
-        ordered = ordered[ids.index(after) + 1:]
-    return list_page(ordered[:limit], has_more=len(ordered) > limit)
+        ordered = ordered[ordered.index(ids.index(after)) + 1:]
+    return ordered[:limit], len(ordered) > limit
 
 
 def list_page(page: list[dict[str, Any]], *, has_more: bool) -> dict[str, Any]:

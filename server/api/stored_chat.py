@@ -13,7 +13,8 @@ from fastapi.responses import JSONResponse
 from server.api.auth import client_identity
 from server.api.chat_store import StoredChat, StoredChatFull
 from server.api.errors import APIError
-from server.api.item_pages import item_page, list_page
+from server.api.item_pages import page_span
+from server.api.json_pages import JSONPartsResponse, list_parts
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import responses
 from server.api.state import AppState
@@ -48,7 +49,7 @@ _METADATA_PARAM = {"name": "metadata", "in": "query", "required": False,
 async def list_chat_completions(request: Request, after: str | None = None,
                                 limit: int = Query(20, ge=1, le=100),
                                 order: Literal["asc", "desc"] = "asc",
-                                model: str | None = None) -> JSONResponse:
+                                model: str | None = None) -> JSONPartsResponse:
     """The key's stored completions by creation (`order`, default `asc` as OpenAI's),
     cursor-paginated (`after`, `limit`, `has_more`); `model` and `metadata[key]=value`
     (each pair must match) filter them. Ids sort by creation (observe.new_completion_id),
@@ -58,27 +59,27 @@ async def list_chat_completions(request: Request, after: str | None = None,
     wanted = _metadata_filters(request)
     listed = [entry for entry in await state.chat_store.listed(
         client_identity(request.scope))
-        if (model is None or entry.completion["model"] == model)
+        if (model is None or entry.model == model)
         and all(entry.metadata.get(key) == value for key, value in wanted.items())]
     if order == "desc":
         listed.reverse()
     if after is not None:
         listed = [entry for entry in listed
                   if (entry.id > after if order == "asc" else entry.id < after)]
-    return JSONResponse(list_page([entry.view() for entry in listed[:limit]],
-                                  has_more=len(listed) > limit))
+    return JSONPartsResponse(list_parts([(entry.id, entry.view()) for entry in listed[:limit]],
+                                        has_more=len(listed) > limit))
 
 
 @router.get("/chat/completions/{completion_id}",
             responses=responses(StoredChatCompletion, 404))
-async def get_chat_completion(completion_id: str, request: Request) -> JSONResponse:
-    return JSONResponse((await _owned(request, completion_id)).view())
+async def get_chat_completion(completion_id: str, request: Request) -> JSONPartsResponse:
+    return JSONPartsResponse((await _owned(request, completion_id, messages=False)).view())
 
 
 @router.post("/chat/completions/{completion_id}",
              responses=responses(StoredChatCompletion, 400, 404, 413, 503))
 async def update_chat_completion(completion_id: str, body: ChatCompletionUpdate,
-                                 request: Request) -> JSONResponse:
+                                 request: Request) -> JSONPartsResponse:
     """Replace the stored completion's metadata (the only thing that can change)."""
     state: AppState = request.app.state.vlserve
     try:
@@ -89,7 +90,7 @@ async def update_chat_completion(completion_id: str, body: ChatCompletionUpdate,
                        param="metadata") from exc
     if updated is None:
         raise not_found(completion_id)
-    return JSONResponse(updated.view())
+    return JSONPartsResponse(updated.view())
 
 
 @router.delete("/chat/completions/{completion_id}",
@@ -106,19 +107,26 @@ async def delete_chat_completion(completion_id: str, request: Request) -> JSONRe
             responses=responses(StoredMessageList, 400, 404))
 async def list_chat_messages(completion_id: str, request: Request, after: str | None = None,
                              limit: int = Query(20, ge=1, le=100),
-                             order: Literal["asc", "desc"] = "asc") -> JSONResponse:
+                             order: Literal["asc", "desc"] = "asc") -> JSONPartsResponse:
     """The request's messages (ids `<completion id>-<index>`), cursor-paginated like
     OpenAI's (`after`, `limit`, `has_more`; `order` default `asc`)."""
     stored = await _owned(request, completion_id)
     if stored.messages is None:  # its body lost in the shared store: nothing to page
         raise not_found(completion_id)
-    return JSONResponse(item_page(stored.messages, order=order, after=after, limit=limit,
-                                  holder="chat completion"))
+    ids = [f"{completion_id}-{index}" for index in range(len(stored.messages))]
+    span, has_more = page_span(ids, order=order, after=after, limit=limit,
+                               holder="chat completion")
+    return JSONPartsResponse(list_parts([(ids[i], [stored.messages[i]]) for i in span],
+                                        has_more=has_more))
 
 
-async def _owned(request: Request, completion_id: str) -> StoredChat:
+async def _owned(request: Request, completion_id: str, *,
+                 messages: bool = True) -> StoredChat:
+    """The caller's completion; without its messages unless `messages`."""
     state: AppState = request.app.state.vlserve
-    stored = await state.chat_store.get(completion_id, client_identity(request.scope))
+    store = state.chat_store
+    owner = client_identity(request.scope)
+    stored = await (store.get if messages else store.head)(completion_id, owner)
     if stored is None:
         raise not_found(completion_id)
     return stored
