@@ -1,4 +1,4 @@
-"""What a `prediction` costs another client: a plain stream's time per token while a
+"""What a `prediction` costs another client: a plain stream's time between tokens while a
 predicted request runs beside it, against while a plain request does, same server.
 
     python -m bench.prediction_beside [--max-slowdown 100,1.5] [--tokens 192] [--reps 3]
@@ -8,26 +8,61 @@ One vlserve (two slots) per `--max-slowdown` value (100: in effect unbounded). T
 requests start together, both greedy and run to `--tokens`: the plain one ("Write a long
 story about a fox and a crow.") is measured; beside it runs the same story with no
 prediction, with its own answer as prediction ("exact") or the answer with every 10th word
-changed ("edited"). Each cell: the plain stream's server generation time per token
-(`timings`), median of `--reps`, and the ratio against "beside none" on the same server;
-and the predicted request's own ratio the same way.
+changed ("edited"). Each cell: the plain stream's mean time between tokens (as its client
+receives them) while the other request runs, median of `--reps`, and the ratio against
+"beside none" on the same server; and the other request's own time per token (server
+`timings`), as a ratio the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.prediction import CONFIG, GEMMA, ask, edited
+import httpx
+
+from bench.prediction import CONFIG, GEMMA, PROMPT, ask, edited
 from bench.servers import Server, start_vlserve, wait_quiet
 
 
 def ms_per_token(answer: dict) -> float:
     return answer["timings"]["generation"] / answer["usage"]["completion_tokens"]
+
+
+def streamed(server: Server, tokens: int) -> tuple[str, list[float]]:
+    """The plain story, streamed: its text and when each token arrived."""
+    body = {"model": "m", "messages": PROMPT, "max_tokens": tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    text, arrivals = [], []
+    with httpx.stream("POST", f"{server.url}/chat/completions", json=body,
+                      timeout=600) as reply:
+        for line in reply.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choices = json.loads(line[6:])["choices"]
+            if choices and choices[0]["delta"].get("content"):
+                text.append(choices[0]["delta"]["content"])
+                arrivals.append(time.perf_counter())
+    return "".join(text), arrivals
+
+
+def finished(server: Server, tokens: int, prediction: str | None) -> tuple[dict, float]:
+    answer = ask(server, tokens, prediction)
+    return answer, time.perf_counter()
+
+
+def gap_while(arrivals: list[float], until: float) -> float:
+    """Mean time between the tokens that arrived before `until`."""
+    during = [t for t in arrivals if t <= until]
+    if len(during) < 3:
+        raise SystemExit("the plain stream had too few tokens beside the other request")
+    return (during[-1] - during[0]) / (len(during) - 1)
 
 
 def main() -> None:
@@ -68,17 +103,18 @@ def run(servers: dict[str, Server], tokens: int, reps: int) -> None:
             for bound, case in runs[shift:] + runs[:shift]:
                 server = servers[bound]
                 wait_quiet(list(servers.values()))
-                plain = pool.submit(ask, server, tokens, None)
-                predicted = pool.submit(ask, server, tokens, cases[case])
-                for answer in (plain.result(), predicted.result()):
-                    if answer["choices"][0]["message"]["content"] != reference:
-                        raise SystemExit(f"max_slowdown {bound}, {case}: the answer changed")
-                plain_ms[(bound, case)].append(ms_per_token(plain.result()))
-                own_ms[(bound, case)].append(ms_per_token(predicted.result()))
-    print(f"\n{tokens} tokens each, greedy, two requests started together; ms per generated "
-          f"token (server timings), median of {reps}; ratios vs the same server's 'none'")
-    print("| max_slowdown | beside the plain stream | plain stream ms/token | ratio | "
-          "predicted request's ratio |")
+                plain = pool.submit(streamed, server, tokens)
+                predicted = pool.submit(finished, server, tokens, cases[case])
+                (text, arrivals), (answer, ended) = plain.result(), predicted.result()
+                if reference != text or reference != answer["choices"][0]["message"]["content"]:
+                    raise SystemExit(f"max_slowdown {bound}, {case}: the answer changed")
+                plain_ms[(bound, case)].append(gap_while(arrivals, ended) * 1000)
+                own_ms[(bound, case)].append(ms_per_token(answer))
+    print(f"\n{tokens} tokens each, greedy, two requests started together; the plain "
+          f"stream's ms between tokens while the other runs, and the other's ms per token; "
+          f"median of {reps}; ratios vs the same server's 'none'")
+    print("| max_slowdown | beside the plain stream | plain stream ms between tokens | ratio | "
+          "other request's ratio |")
     print("|---|---|---|---|---|")
     for bound, case in runs:
         plain = statistics.median(plain_ms[(bound, case)])
