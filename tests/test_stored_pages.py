@@ -159,6 +159,13 @@ def test_a_record_reads_back_as_stored_in_either_format() -> None:
         assert back.messages is not None
         assert [json.loads(bytes(m)) for m in back.messages] == listed
         assert CHAT_CODEC.decode(head, None).messages is None
+        # A record whose body was lost (evicted) stays a record through a metadata update:
+        # written without a body (as "null" by the earlier version), its messages absent.
+        lost = CHAT_CODEC.decode(head, None)
+        head_again, body_again = CHAT_CODEC.encode(lost)
+        assert body_again == b""
+        assert CHAT_CODEC.decode(head_again, body_again or None).messages is None
+    assert CHAT_CODEC.decode(earlier[0], b"null").messages is None
 
 
 def test_a_page_is_its_parts_in_slices() -> None:

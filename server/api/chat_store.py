@@ -149,8 +149,10 @@ def _encode(entry: StoredChat) -> tuple[bytes, bytes]:
     # (a listing parses the fields only); the messages, which may hold images, are the
     # body, read only for the one completion asked for: one JSON value a line.
     fields = [entry.id, entry.owner, entry.created, entry.model, entry.metadata, entry.size]
-    assert entry.messages is not None, "a record is stored whole"
-    return (encoded(fields) + b"\n" + entry.completion, b"\n".join(entry.messages))
+    # No messages: their body was lost (evicted from Redis); a metadata update keeps the
+    # record, its messages page stays a 404.
+    body = b"\n".join(entry.messages) if entry.messages is not None else b""
+    return (encoded(fields) + b"\n" + entry.completion, body)
 
 
 def _decode(head: bytes, body: bytes | None) -> StoredChat:
@@ -165,7 +167,9 @@ def _decode(head: bytes, body: bytes | None) -> StoredChat:
 
 def _decode_earlier(head: bytes, body: bytes | None) -> StoredChat:
     entry_id, owner, created, metadata, completion, size = json.loads(head)
-    messages = [encoded(message) for message in json.loads(body)] if body else None
+    # "null": an earlier version updated the metadata of a record whose body was lost.
+    loaded = json.loads(body) if body else None
+    messages = None if loaded is None else [encoded(message) for message in loaded]
     return StoredChat(entry_id, owner, created, completion["model"], metadata,
                       encoded(completion), messages, size)
 
