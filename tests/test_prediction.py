@@ -108,14 +108,29 @@ def test_drafts_are_as_long_as_they_pay() -> None:
 def test_beside_other_streams_drafts_slow_the_step_a_bounded_share() -> None:
     # On that CPU a third position costs a whole step: beside one other stream, 1.5× allows
     # none; beside more, the batched kernels leave room for a few.
-    assert [room_beside_others(CPU, plain, 0, 1.5) for plain in (2, 3, 5, 9)] == [0, 5, 6, 8]
-    assert room_beside_others(CPU, 2, 0, 2.0) == 4
+    assert [room_beside_others(CPU, plain, 0, 1.5, 64) for plain in (2, 3, 5, 9)] == [0, 5, 6, 8]
+    assert room_beside_others(CPU, 2, 0, 2.0, 64) == 4
     # Drafts already in the step (another request's) count against the same bound.
-    assert room_beside_others(linear(0.1, 64), 2, 0, 1.5) == 5
-    assert room_beside_others(linear(0.1, 64), 2, 3, 1.5) == 2
+    assert room_beside_others(linear(0.1, 64), 2, 0, 1.5, 64) == 5
+    assert room_beside_others(linear(0.1, 64), 2, 3, 1.5, 64) == 2
     # On a GPU the bound rarely bites; 1.0 allows nothing that costs anything.
-    assert room_beside_others(GPU, 2, 0, 1.5) == 25
-    assert room_beside_others(GPU, 2, 0, 1.0) == 0
+    assert room_beside_others(GPU, 2, 0, 1.5, 64) == 25
+    assert room_beside_others(GPU, 2, 0, 1.0, 64) == 0
+    assert room_beside_others(GPU, 2, 0, 1.5, 16) == 16  # counted no further than needed
+
+
+def test_a_draft_the_bound_holds_back_is_no_miss() -> None:
+    """Beside another stream the bound may leave room for a draft too short to pay (on
+    that CPU one more position costs a whole step). That is no miss: the pace must not
+    rest, or the request would draft nothing for up to 64 steps once the other ends."""
+    pace = DraftPace(16, CPU)
+    assert pace.allowed(2, 16, cap=1) == 0
+    assert (pace.rest, pace.misses) == (0, 0)
+    pace.step()
+    assert pace.allowed(1, 16) == 9  # alone again: drafts at once
+    # Where no length would pay even unbounded, it still rests.
+    doubtful = DraftPace(16, CPU, kept_weight=0.5, seen_weight=1.0)
+    assert doubtful.allowed(2, 16, cap=1) == 0 and doubtful.rest == 2
 
 
 def test_the_pace_follows_what_was_kept_and_rests_after_misses() -> None:

@@ -229,7 +229,7 @@ def test_store_false_keeps_nothing(server: RunningServer) -> None:
     ({"input": "x", "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
     ({"input": "x", "text": {"verbosity": "low"}}, "text.verbosity",
      "no verbosity control"),
-    ({"input": "x", "service_tier": "fastest"}, "service_tier", "Input should be"),
+    ({"input": "x", "service_tier": 5}, "service_tier", "Input should be a valid string"),
     ({"input": [{"role": "user", "content": [{"type": "input_text", "text": ""}] * 3000}] * 2},
      None, "input: at most 4096 content parts in all, not 6000"),
 ])
@@ -243,7 +243,7 @@ def test_bad_requests_are_named(server: RunningServer, body: dict, param: str,
 
 
 def test_service_tier_and_medium_verbosity_are_echoed(server: RunningServer) -> None:
-    answer = create(server, input="hi", max_output_tokens=1, service_tier="priority",
+    answer = create(server, input="hi", max_output_tokens=1, service_tier="ultrafast",
                     text={"verbosity": "medium"})
     assert answer.service_tier == "default"
     assert answer.text is not None and answer.text.verbosity == "medium"

@@ -227,6 +227,18 @@ def test_a_stream_is_stored_whole_with_every_choice(stored: RunningServer) -> No
         assert raw["object"] == "chat.completion" and raw["timings"]
 
 
+def test_a_stored_answer_keeps_its_service_tier_streamed_or_not(stored: RunningServer
+                                                                ) -> None:
+    client = sdk(stored)
+    asked = {"model": "m", "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 2,
+             "store": True, "service_tier": "priority"}
+    whole = client.chat.completions.create(**asked)
+    chunks = list(client.chat.completions.create(**asked, stream=True))
+    for completion_id in (whole.id, chunks[0].id):
+        raw = retrieved(stored, completion_id)
+        assert raw["service_tier"] == "default", raw
+
+
 # ---------- listed, changed, deleted ----------
 
 def test_listing_orders_pages_and_filters(stored: RunningServer) -> None:

@@ -77,6 +77,7 @@ class StreamAssembly:
 
     def __init__(self, *, logprobs: bool) -> None:
         self.head: dict[str, Any] = {}
+        self.tier: dict[str, str] = {}
         self.choices: dict[int, dict[str, Any]] = {}
         self.logprobs = logprobs
         self.usage: dict[str, Any] | None = None
@@ -89,6 +90,9 @@ class StreamAssembly:
         if not self.head:
             self.head = {"id": chunk["id"], "object": "chat.completion",
                          "created": chunk["created"], "model": chunk["model"]}
+            # Last, where the whole answer has it (server/api/chat.py).
+            if "service_tier" in chunk:
+                self.tier = {"service_tier": chunk["service_tier"]}
         if chunk.get("usage") is not None:  # the usage chunk (include_usage)
             self.usage, self.timings = chunk["usage"], chunk.get("timings")
         for part in chunk["choices"]:
@@ -112,7 +116,8 @@ class StreamAssembly:
                 message["content"] = None  # as a call-only answer's content is
         return {**self.head, "choices": choices,
                 "usage": self.usage if self.usage is not None else usage_of(timer),
-                "timings": self.timings if self.timings is not None else timer.as_dict()}
+                "timings": self.timings if self.timings is not None else timer.as_dict(),
+                **self.tier}
 
 
 def _merge(message: dict[str, Any], delta: dict[str, Any]) -> None:

@@ -169,7 +169,9 @@ ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponseFor
 
 
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
-ServiceTier = Literal["auto", "default", "flex", "scale", "priority"]
+# OpenAI's tiers ("auto", "default", "flex", "priority", ... new ones come): any name is
+# accepted, since every request runs at the one tier there is.
+ServiceTier = Annotated[str, StringConstraints(max_length=64)]
 Verbosity = Literal["low", "medium", "high"]  # GPT-5's; this model has only its own
 
 # OpenAI's: at most 16 pairs, keys up to 64 characters, values up to 512.

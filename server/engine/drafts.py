@@ -11,8 +11,7 @@ import llama_cpp
 from server.engine.batch import TokenBatch
 from server.engine.jobs import Job, Slot
 from server.engine.step_costs import StepCosts
-
-MAX_DRAFT_ROOM = 64  # prediction_max_draft's own bound: counting further is for nothing
+from server.engine.types import BATCH_PRIORITY
 
 
 def add_drafts(batch: TokenBatch, generating: list[Slot], budget: int,
@@ -22,9 +21,10 @@ def add_drafts(batch: TokenBatch, generating: list[Slot], budget: int,
     measured at warm-up go that far); how many were put. Beside another request's stream,
     the drafts may make the step at most `max_slowdown` times as long as without them."""
     used, plain = 0, batch.n
-    # The `n` choices of one request share its cancellation event: they are one client.
-    shared = len({id(slot.job.request.cancelled) for slot in generating
-                  if slot.job is not None}) > 1
+    # Whose wait is bounded: interactive requests' streams (a batch line has no one
+    # watching it); the `n` choices of one request share its cancellation event.
+    watched = {id(slot.job.request.cancelled) for slot in generating
+               if slot.job is not None and slot.job.request.priority > BATCH_PRIORITY}
     for slot in generating:
         job = slot.job
         assert job is not None
@@ -34,11 +34,13 @@ def add_drafts(batch: TokenBatch, generating: list[Slot], budget: int,
             continue
         # Never past the answer's max_tokens: a draft there could never be kept.
         room = min(budget - used, pace.most - used, job.max_new - job.n_generated - 1)
-        if shared:
-            room = min(room, room_beside_others(pace.costs, plain, used, max_slowdown))
+        others = watched - {id(job.request.cancelled)}
+        cap = room_beside_others(pace.costs, plain, used, max_slowdown, room) \
+            if others and room > 0 else None
         at, offered = predicted.draft(job.tokens, job.draft_cursor, room, pace.least_match)
         if offered:
-            job.draft_from, job.draft = at, offered[:pace.allowed(batch.n, len(offered))]
+            length = pace.allowed(batch.n, len(offered), cap)
+            job.draft_from, job.draft = at, offered[:length]
             job.draft_index = batch.n
             for j, token in enumerate(job.draft):
                 batch.add(token, slot.n_past + 1 + j, slot.seq_id, True)
@@ -47,15 +49,16 @@ def add_drafts(batch: TokenBatch, generating: list[Slot], budget: int,
     return used
 
 
-def room_beside_others(costs: StepCosts, plain: int, drafted: int, max_slowdown: float
-                       ) -> int:
-    """How many more drafts a step of `plain` generating positions, with `drafted` drafts
-    in it already, may take and last at most `max_slowdown` times as long as with none.
-    A draft pays for the step as a whole (server/engine/prediction.py's best_length), but
-    another client's stream only waits longer for its next token: its wait is bounded."""
+def room_beside_others(costs: StepCosts, plain: int, drafted: int, max_slowdown: float,
+                       most: int) -> int:
+    """How many more drafts (at most `most`) a step of `plain` generating positions, with
+    `drafted` drafts in it already, may take and last at most `max_slowdown` times as long
+    as with none. A draft pays for the step as a whole (server/engine/prediction.py's
+    best_length), but another client's stream only waits longer for its next token: its
+    wait is bounded."""
     limit = costs.of(plain) * max_slowdown
     more = 0
-    while more < MAX_DRAFT_ROOM and costs.of(plain + drafted + more + 1) <= limit:
+    while more < most and costs.of(plain + drafted + more + 1) <= limit:
         more += 1
     return more
 

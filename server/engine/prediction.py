@@ -130,15 +130,21 @@ class DraftPace:
             # Rested: probe as trusting as at the start, or none would ever pay again.
             self._probe = not self.rest
 
-    def allowed(self, base: int, offered: int) -> int:
+    def allowed(self, base: int, offered: int, cap: int | None = None) -> int:
         """The draft to take of `offered` predicted tokens beside the `base` positions
-        already in the step (0: none pays, or resting)."""
+        already in the step (0: none pays, or resting), at most `cap` (the bound on other
+        streams' wait: a draft it holds back is no miss, and starts no rest)."""
         if self.rest:
             return 0
         kept = max(self.kept_share, PRIOR_KEPT) if self._probe else self.kept_share
+        longest = min(self.most, offered)
+        length = best_length(kept, self.costs, base, longest if cap is None
+                             else min(longest, cap))
+        if not length and cap is not None and cap < longest \
+                and best_length(kept, self.costs, base, longest):
+            return 0  # a longer draft would pay: held back, the pace as it was
         self._probe = False
         self._base = base
-        length = best_length(kept, self.costs, base, min(self.most, offered))
         if not length:
             self._rested()
             self.rest += 1  # this step's own step() is still to come
