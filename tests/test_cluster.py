@@ -243,9 +243,9 @@ class LongStream:
         finally:
             self.started.set()
 
-    def hang_up(self) -> None:
+    def request_hang_up(self) -> None:
+        """Hang up at the next line (a stream still waiting for a slot sends none)."""
         self._hang_up.set()
-        self.join(30)
 
     @property
     def done(self) -> bool:
@@ -287,8 +287,12 @@ def test_metrics_contract_and_get_load(cluster: LocalCluster) -> None:
         ratio = metrics(url)["vlserve_kv_cache_usage_ratio"]
         assert ratio[0] == "gauge" and len(ratio[1]) == 1 and 0.0 < ratio[1][0] <= 1.0
     finally:
+        # All at once: the one waiting (any of the five, by arrival) sends nothing, so it
+        # can only notice its hang-up once the running ones have freed a slot.
         for stream in streams:
-            stream.hang_up()
+            stream.request_hang_up()
+        for stream in streams:
+            stream.join(30)
 
 
 @dataclass
