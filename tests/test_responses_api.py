@@ -6,6 +6,7 @@ listed and deleted."""
 from __future__ import annotations
 
 import io
+from typing import get_args
 
 import httpx
 import openai
@@ -13,7 +14,7 @@ import pytest
 from conftest import TEST_DEFAULT_MAX_TOKENS, TEST_MAX_TOKENS_CAP, RunningServer
 from helpers import data_url, expected_image_tokens, photo_bytes, response_events
 from helpers import responses_create as create
-from openai.types.responses import Response
+from openai.types.responses import Response, ResponseIncludable
 
 
 @pytest.fixture
@@ -230,6 +231,8 @@ def test_store_false_keeps_nothing(server: RunningServer) -> None:
     ({"input": "x", "text": {"verbosity": "low"}}, "text.verbosity",
      "no verbosity control"),
     ({"input": "x", "service_tier": 5}, "service_tier", "Input should be a valid string"),
+    ({"input": "x", "include": ["message.output_text.logprobs", "reasoning.summary"]},
+     "include.1", "Input should be 'file_search_call.results'"),
     ({"input": [{"role": "user", "content": [{"type": "input_text", "text": ""}] * 3000}] * 2},
      None, "input: at most 4096 content parts in all, not 6000"),
 ])
@@ -240,6 +243,15 @@ def test_bad_requests_are_named(server: RunningServer, body: dict, param: str,
     error = answer.json()["error"]
     assert error["param"] == param and words in error["message"], error
     assert create(server, input="still there?", max_output_tokens=1).usage is not None
+
+
+def test_every_openai_include_value_is_accepted(server: RunningServer) -> None:
+    """The SDK's own list: those with nothing to add here are no 400 (as OpenAI, without
+    such a call), and logprobs among them are still served."""
+    every = list(get_args(ResponseIncludable))
+    answer = create(server, input="hi", max_output_tokens=2, include=every)
+    part = answer.output[-1].content[0]  # type: ignore[union-attr]
+    assert part.logprobs and len(part.logprobs) == answer.usage.output_tokens
 
 
 def test_service_tier_and_medium_verbosity_are_echoed(server: RunningServer) -> None:

@@ -154,6 +154,19 @@ class ReasoningConfig(_Lenient):
     summary: Literal["auto", "concise", "detailed"] | None = None
 
 
+# OpenAI's `include` values. Those naming tools this server lacks (file search, web search,
+# computer use, code interpreter) have nothing to add and are accepted as OpenAI accepts
+# them without such a call; `reasoning.encrypted_content` too, since earlier turns' reasoning
+# never reaches the prompt (ReasoningItem); `message.input_image.image_url`: input items
+# keep their image URLs anyway. Any other value is a 400, as OpenAI's, not silently nothing.
+Includable = Literal[
+    "file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+    "message.input_image.image_url", "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs", "reasoning.encrypted_content",
+    "message.output_text.logprobs",
+]
+
+
 class ResponsesRequest(_Lenient):
     model: str | None = None
     # Optional with previous_response_id or conversation: their turns alone are the prompt.
@@ -182,7 +195,7 @@ class ResponsesRequest(_Lenient):
     reasoning: ReasoningConfig | None = None
     # Logprobs of the answer's text: `include: ["message.output_text.logprobs"]` (or a
     # `top_logprobs`, which says how many alternatives each token shows).
-    include: list[str] | None = Field(None, max_length=16)
+    include: list[Includable] | None = Field(None, max_length=16)
     top_logprobs: Annotated[int, Field(ge=0, le=20), _WHOLE] | None = None
     service_tier: ServiceTier | None = None  # answered as "default"
 
