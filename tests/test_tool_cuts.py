@@ -28,6 +28,7 @@ from test_responses_constrained import TOOLS as RESPONSE_TOOLS
 from test_tool_calls import ASK, TOOLS
 
 from server.api.generation import Event, whole_answer
+from server.api.reasoning import ReasoningEvent
 from server.api.responses import _complete
 from server.api.responses_output import Finished, ResponseDraft, stream_events
 from server.api.tool_calls import ToolDeltaEvent, ToolPlan, answer_message, tool_stream
@@ -60,9 +61,12 @@ def _lp(i: int) -> TokenLogprob:
     return TokenLogprob(f"t{i}".encode(), -float(i), ())
 
 
-async def _events(tokens: list[str], finish_reason: str) -> AsyncIterator[TokenEvent | DoneEvent]:
+async def _events(tokens: list[str], finish_reason: str, thought: str = "",
+                  logprobs: bool = True) -> AsyncIterator[Event]:
+    if thought:
+        yield ReasoningEvent(thought)
     for i, text in enumerate(tokens):
-        yield TokenEvent(text, _lp(i))
+        yield TokenEvent(text, _lp(i) if logprobs else None)
     yield DoneEvent(finish_reason, StageTimer())  # type: ignore[arg-type]
 
 
@@ -175,17 +179,22 @@ def test_only_whole_calls_finish_as_tool_calls(cut: list[str], finish_reason: st
     assert streamed(cut, finish_reason) == answer
 
 
-def _responses(tokens: list[str], finish_reason: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The response to `tokens` whole (its output items) and streamed (joined)."""
-    draft, plan = ResponseDraft("resp_x", "m", {}), ToolPlan([], False, "")
+def _responses(tokens: list[str], finish_reason: str, thought: str = "", tools: bool = True,
+               logprobs: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The response to `tokens` (after reasoning `thought`) whole (its output items) and
+    streamed (joined)."""
+    draft = ResponseDraft("resp_x", "m", {})
+    plan = ToolPlan([], False, "") if tools else None
 
     async def done(_: Finished) -> None:
         return None
 
     async def run() -> tuple[dict[str, Any], list[str]]:
-        events: AsyncIterator[Event] = _events(tokens, finish_reason)
+        events: AsyncIterator[Event] = _events(tokens, finish_reason, thought, logprobs)
         reply = await _complete(draft, await anext(events), events, plan, done)
-        stream = tool_stream(_events(tokens, finish_reason))
+        stream = _events(tokens, finish_reason, thought, logprobs)
+        if tools:
+            stream = tool_stream(stream)
         return json.loads(reply.body), [
             line async for line in stream_events(draft, await anext(stream), stream, done)]
 
@@ -204,6 +213,26 @@ def test_responses_items_stream_every_cut_as_the_whole_answer() -> None:
     assert whole_items == {"finish": "incomplete", "items": [
         ("message", "completed", "Let me look.\n"),
         ("function_call", "incomplete", "get_weather", '{"city": "Paris')]}
+
+
+@pytest.mark.parametrize("tools", [True, False])
+@pytest.mark.parametrize("logprobs", [True, False])
+@pytest.mark.parametrize("tokens", [
+    TOKENS,
+    ["", "\u00e9", "", " ok"],  # a first token that is part of a character: no text yet
+    ["", ""],
+    ["\n", "<tool", "_call>", WEATHER[len("<tool_call>"):]],
+])
+def test_reasoning_ends_alike_whole_and_streamed(tokens: list[str], logprobs: bool,
+                                                 tools: bool) -> None:
+    """After reasoning, each cut's items alike whole and streamed: the reasoning item is
+    `completed` once the answer has begun, whatever its first tokens show."""
+    for cut, finish_reason in cuts(tokens):
+        whole_items, streamed_items = _responses(cut, finish_reason, "hm", tools, logprobs)
+        assert streamed_items == whole_items, (cut, finish_reason)
+    # One token, part of a character: its logprob is shown, so the answer has begun.
+    whole_items, _ = _responses([""], "length", "hm", tools, logprobs=True)
+    assert whole_items["items"][0] == ("reasoning", "completed", "hm")
 
 
 # End to end: the demo server, greedy, cut at every token of a required call.
@@ -296,7 +325,7 @@ def _responses_body(max_tokens: int) -> dict[str, Any]:
 def _items(output: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     """The output items as a client reads them (ids aside)."""
     return [(item["type"], item["status"], item["content"][0]["text"])
-            if item["type"] == "message" else
+            if item["type"] in ("message", "reasoning") else
             (item["type"], item["status"], item["name"], item["arguments"])
             for item in output]
 
@@ -319,7 +348,7 @@ def _joined(events: list[dict[str, Any]]) -> dict[str, Any]:
         kind, index = event["type"], event.get("output_index")
         if kind == "response.output_item.added":
             items[index] = {**event["item"], "content": [{"text": ""}], "arguments": ""}
-        elif kind == "response.output_text.delta":
+        elif kind in ("response.output_text.delta", "response.reasoning_text.delta"):
             items[index]["content"][0]["text"] += event["delta"]
         elif kind == "response.function_call_arguments.delta":
             items[index]["arguments"] += event["delta"]

@@ -81,7 +81,8 @@ def answer_items(content: str | None, calls: list[dict[str, Any]], status: str,
     reasoning (if any), its text (if any, or if there are no calls), then each call
     (chat-style tool_calls, from server.api.tool_calls.answer_message). An item that
     another follows is `completed`; the last (a call cut short too) has the answer's
-    `status`, and so has reasoning followed by no text nor call."""
+    `status`, and so has reasoning followed by nothing of an answer (no text, call or
+    token logprob: the stream opens no item for a token that shows none of them)."""
     items = [message_item(content or "", status, logprobs=logprobs)] \
         if content or not calls else []
     items += [call_item(c["id"], c["function"]["name"], c["function"]["arguments"], status)
@@ -89,7 +90,8 @@ def answer_items(content: str | None, calls: list[dict[str, Any]], status: str,
     for item in items[:-1]:
         item["status"] = "completed"
     if reasoning:
-        items.insert(0, reasoning_item(reasoning, "completed" if content or calls else status))
+        begun = bool(content or calls or logprobs)
+        items.insert(0, reasoning_item(reasoning, "completed" if begun else status))
     return items
 
 
@@ -193,6 +195,8 @@ async def stream_events(draft: ResponseDraft, first: Event, events: AsyncIterato
             thought["content"][0]["text"] += event.text
             yield out.event("response.reasoning_text.delta", item_id=thought["id"],
                             output_index=len(output), content_index=0, delta=event.text)
+        elif isinstance(event, TokenEvent) and not event.text and event.logprob is None:
+            pass  # part of a character: nothing to show yet (answer_items agrees)
         elif isinstance(event, TokenEvent):
             if text is None:
                 for line in close_open() + open_text():
