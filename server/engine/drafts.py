@@ -34,11 +34,12 @@ def add_drafts(batch: TokenBatch, generating: list[Slot], budget: int,
             continue
         # Never past the answer's max_tokens: a draft there could never be kept.
         room = min(budget - used, pace.most - used, job.max_new - job.n_generated - 1)
-        others = watched - {id(job.request.cancelled)}
-        cap = room_beside_others(pace.costs, plain, used, max_slowdown, room) \
-            if others and room > 0 else None
         at, offered = predicted.draft(job.tokens, job.draft_cursor, room, pace.least_match)
         if offered:
+            # Priced only for an offer: most steps of a prediction offer none.
+            others = watched - {id(job.request.cancelled)}
+            cap = room_beside_others(pace.costs, plain, used, max_slowdown, len(offered)) \
+                if others else None
             length = pace.allowed(batch.n, len(offered), cap)
             job.draft_from, job.draft = at, offered[:length]
             job.draft_index = batch.n
