@@ -31,6 +31,16 @@ local function expire(ttl_ms)
   local old = redis.call('ZRANGEBYSCORE', P .. 'born', '-inf', '(' .. (now_ms() - ttl_ms))
   for _, id in ipairs(old) do remove(id) end
 end
+local function holds(owner, id)
+  return redis.call('ZSCORE', P .. 'o:' .. owner, id) ~= false
+end
+-- A read: is `id` the owner's and not expired? Under LRU the read makes it the newest used.
+local function readable(owner, id, ttl_ms, lru)
+  expire(tonumber(ttl_ms))
+  if not holds(owner, id) then return false end
+  if lru == '1' then redis.call('ZADD', P .. 'o:' .. owner, redis.call('INCR', P .. 'tick'), id) end
+  return true
+end
 """
 
 # ARGV: id owner size ttl_ms max_count max_bytes own_count own_bytes lru evict_others
@@ -73,11 +83,8 @@ return 1
 # nil (absent, expired, not the owner's). In pieces: the client reads one at a time, giving
 # way to others between them, not a whole body of tens of MB in one go.
 GET = PRELUDE + """
-local id, owner = ARGV[1], ARGV[2]
-expire(tonumber(ARGV[3]))
-local own = P .. 'o:' .. owner
-if not redis.call('ZSCORE', own, id) then return nil end
-if ARGV[4] == '1' then redis.call('ZADD', own, redis.call('INCR', P .. 'tick'), id) end
+local id = ARGV[1]
+if not readable(ARGV[2], id, ARGV[3], ARGV[4]) then return nil end
 local body, slice, pieces = P .. 'body:' .. id, tonumber(ARGV[5]), {}
 for start = 0, redis.call('STRLEN', body) - 1, slice do
   pieces[#pieces + 1] = redis.call('GETRANGE', body, start, start + slice - 1)
@@ -87,17 +94,13 @@ return {redis.call('HGET', P .. 'head', id), pieces}
 
 # ARGV: id owner ttl_ms lru.  Returns the head or nil, as GET (its body is not read).
 HEAD = PRELUDE + """
-local id, owner = ARGV[1], ARGV[2]
-expire(tonumber(ARGV[3]))
-local own = P .. 'o:' .. owner
-if not redis.call('ZSCORE', own, id) then return nil end
-if ARGV[4] == '1' then redis.call('ZADD', own, redis.call('INCR', P .. 'tick'), id) end
-return redis.call('HGET', P .. 'head', id)
+if not readable(ARGV[2], ARGV[1], ARGV[3], ARGV[4]) then return nil end
+return redis.call('HGET', P .. 'head', ARGV[1])
 """
 
 # ARGV: id owner.  Returns 1 (deleted) or 0.
 DELETE = PRELUDE + """
-if not redis.call('ZSCORE', P .. 'o:' .. ARGV[2], ARGV[1]) then return 0 end
+if not holds(ARGV[2], ARGV[1]) then return 0 end
 remove(ARGV[1])
 return 1
 """
