@@ -24,6 +24,7 @@ from server.api.errors import install_error_handlers
 from server.api.files import router as files_router
 from server.api.input_tokens import router as input_tokens_router
 from server.api.key_limits import KeyConcurrency
+from server.api.key_shares import share_among
 from server.api.keyring import KeyRing, key_rotation
 from server.api.limits import RequestLimits
 from server.api.metrics import metrics_router
@@ -103,6 +104,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     backend = open_backend(settings.state_url, settings.state_timeout_s)
     state = AppState(settings=settings, engine=engine, metrics=metrics, backend=backend)
     app.state.vlserve = state
+    keyring.on_change = lambda keys: share_among(state, keys)
     state.batches = batches = BatchRunner(app, state, state.batch_store)
     metrics.batch_statuses = batches.statuses
     install_error_handlers(app)

@@ -187,10 +187,10 @@ def _decode(head: bytes, body: bytes | None) -> StoredFile:
 UPLOAD_CODEC: Codec[StoredFile] = Codec(_encode, _decode)
 
 
-def upload_store(settings: Settings) -> UploadStore:
+def upload_store(settings: Settings, keys: int | None = None) -> UploadStore:
     """The store the settings describe. Per-key quotas default to an even share of the
-    store among the configured keys, so no key can crowd out another."""
-    keys = max(1, len(settings.api_keys))
+    store among the configured keys (or `keys` of them), so no key can crowd out another."""
+    keys = max(1, len(settings.api_keys) if keys is None else keys)
     per_key_files = settings.upload_max_files_per_key or max(1, settings.upload_max_files // keys)
     per_key_mb = settings.upload_store_mb_per_key or max(1, settings.upload_store_mb // keys)
     return UploadStore(settings.upload_max_files, settings.upload_store_mb * 1024 * 1024,

@@ -235,3 +235,31 @@ def test_response_store_defaults_split_among_the_keys() -> None:
     assert one.max_count_per_owner == 1000 and one.max_bytes_per_owner == 256 * 1024 * 1024
     keyed = response_store(load_settings(None, api_keys=["k1", "k2", "k3", "k4"]))
     assert keyed.max_count_per_owner == 250 and keyed.max_bytes_per_owner == 64 * 1024 * 1024
+
+
+def test_changed_keys_split_every_store_again() -> None:
+    """Pure logic: each of the four per-key stores, in memory, takes the new split (the
+    server test in test_key_rotation.py shows it on uploads)."""
+    from types import SimpleNamespace
+
+    from server.api.chat_store import open_chat_store
+    from server.api.conversation_store import open_conversations
+    from server.api.key_shares import share_among
+    from server.api.response_store import open_responses
+    from server.config import load_settings
+    from server.store import open_backend
+    from server.uploads import open_uploads
+
+    settings = load_settings(None, api_keys=["k1"], upload_max_files=40,
+                             responses_max_stored=40, conversations_max_stored=40,
+                             chat_completions_max_stored=40)
+    backend = open_backend(settings.state_url)
+    stores = [open_uploads(settings, backend), open_responses(settings, backend),
+              open_conversations(settings, backend), open_chat_store(settings, backend)]
+    assert [s.bounds.max_count_per_owner for s in stores] == [40] * 4
+    share_among(SimpleNamespace(settings=settings, uploads=stores[0],  # type: ignore[arg-type]
+                                responses=stores[1], conversations=stores[2],
+                                chat_store=stores[3]), 4)
+    assert [(s.bounds.max_count_per_owner, s.table.bounds.max_count_per_owner)
+            for s in stores] == [(10, 10)] * 4
+    assert all(s.bounds.max_count == 40 for s in stores)  # the store's own bounds stay

@@ -5,6 +5,7 @@ settings stay, even when the file named them too; SIGHUP never ends the process.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import RunningServer, start_server, stop_server
+from helpers import photo_bytes
 
 from server.demo_model import DemoModelPaths
 
@@ -102,3 +104,39 @@ def test_sighup_without_a_key_file_does_not_end_the_server(server: RunningServer
     time.sleep(0.5)
     assert server.process.poll() is None
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def upload(server: RunningServer, key: str, seed: int) -> str:
+    answer = httpx.post(f"{server.api}/files", data={"purpose": "vision"}, timeout=30,
+                        files={"file": ("x.png", io.BytesIO(photo_bytes(20, 20, seed=seed)))},
+                        headers={"Authorization": f"Bearer {key}"})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["id"]
+
+
+def kept(server: RunningServer, key: str, file_id: str) -> bool:
+    return httpx.get(f"{server.api}/files/{file_id}", timeout=10,
+                     headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_new_keys_split_the_stores_again(demo_model: DemoModelPaths, tmp_path: Path) -> None:
+    """One key's share was the whole store (4 uploads); once a second key is added, each
+    key's share is half of it, so the first key can no longer fill the store and leave the
+    new key nothing (with the shares of the start, 4 and 4 added up to 8 in a store of 4)."""
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"{OLD}\n")
+    server = start_server(demo_model, tmp_path / "server.log",
+                          env={"VLSERVE_API_KEY_FILE": str(key_file),
+                               "VLSERVE_UPLOAD_MAX_FILES": "4"})
+    try:
+        replace_file(key_file, f"{OLD}\n{NEW}\n")
+        server.process.send_signal(signal.SIGHUP)
+        until_accepted(server, {OLD, NEW}, set())
+        old = [upload(server, OLD, seed) for seed in range(4)]
+        assert [kept(server, OLD, file_id) for file_id in old] == [False, False, True, True]
+        new = [upload(server, NEW, seed) for seed in range(2)]  # room for the new key's share
+        assert all(kept(server, NEW, file_id) for file_id in new)
+        assert all(kept(server, OLD, file_id) for file_id in old[2:])
+        assert "store shares split among 2 key(s)" in server.log()
+    finally:
+        stop_server(server)

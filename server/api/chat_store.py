@@ -69,10 +69,11 @@ def stored_messages(completion_id: str, messages: list[ChatMessageIn]) -> list[d
     return out
 
 
-def chat_store_bounds(settings: Settings) -> Bounds:
-    """Each API key gets an even share, so no key can push another's completions out;
-    within a share (and past the store's own bounds) the oldest go first."""
-    keys = max(1, len(settings.api_keys))
+def chat_store_bounds(settings: Settings, keys: int | None = None) -> Bounds:
+    """Each API key (of the configured ones, or of `keys`) gets an even share, so no key can
+    push another's completions out; within a share (and past the store's own bounds) the
+    oldest go first."""
+    keys = max(1, len(settings.api_keys) if keys is None else keys)
     max_bytes = settings.chat_completions_store_mb * 1024 * 1024
     return Bounds(settings.chat_completions_max_stored, max_bytes,
                   settings.chat_completions_ttl_s,

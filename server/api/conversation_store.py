@@ -167,10 +167,11 @@ class Conversations:
                 self._changing[conversation_id] = (lock, users - 1)
 
 
-def conversation_bounds(settings: Settings) -> Bounds:
-    """Each API key gets an even share, so no key can push another's conversations out;
-    within a share the least recently used conversation goes first."""
-    keys = max(1, len(settings.api_keys))
+def conversation_bounds(settings: Settings, keys: int | None = None) -> Bounds:
+    """Each API key (of the configured ones, or of `keys`) gets an even share, so no key can
+    push another's conversations out; within a share the least recently used conversation
+    goes first."""
+    keys = max(1, len(settings.api_keys) if keys is None else keys)
     max_bytes = settings.conversations_store_mb * 1024 * 1024
     return Bounds(settings.conversations_max_stored, max_bytes, settings.conversations_ttl_s,
                   max(1, settings.conversations_max_stored // keys), max(1, max_bytes // keys),

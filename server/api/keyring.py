@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from server.config import Settings, read_key_file
@@ -33,6 +33,8 @@ class KeyRing:
         self._file_keys = file_keys or []
         self._seen = self._signature()
         self.keys = self._combined()
+        # Told the number of keys in force after each change (the stores' per-key shares).
+        self.on_change: Callable[[int], None] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyRing:
@@ -59,12 +61,15 @@ class KeyRing:
             return False
         if from_file == self._file_keys:
             return False
+        before = self.keys
         added = len(set(from_file) - set(self._file_keys))
         removed = len(set(self._file_keys) - set(from_file))
         self._file_keys = from_file
         self.keys = self._combined()
         logger.info("api_key_file reloaded (%s): %d key(s) added, %d removed, %d in force",
                     why, added, removed, len(self.keys))
+        if self.on_change is not None and len(self.keys) != len(before):
+            self.on_change(len(self.keys))
         return True
 
     async def watch(self) -> None:

@@ -114,10 +114,10 @@ def _decode(head: bytes, _: bytes | None) -> StoredResponse:
 RESPONSE_CODEC: Codec[StoredResponse] = Codec(_encode, _decode, heavy=True)
 
 
-def response_store(settings: Settings) -> ResponseStore:
-    """The store the settings describe; each API key gets an even share of it, so no key
-    can push another's responses out."""
-    keys = max(1, len(settings.api_keys))
+def response_store(settings: Settings, keys: int | None = None) -> ResponseStore:
+    """The store the settings describe; each API key (of the configured ones, or of `keys`)
+    gets an even share of it, so no key can push another's responses out."""
+    keys = max(1, len(settings.api_keys) if keys is None else keys)
     return ResponseStore(settings.responses_max_stored, settings.responses_store_mb * 1024 * 1024,
                          settings.responses_ttl_s,
                          max_count_per_owner=max(1, settings.responses_max_stored // keys),

@@ -25,7 +25,11 @@ class Codec(Generic[T]):
 
 class Table(Protocol[T]):
     """A bounded per-owner table (server.store.bounds.Bounds); backends raise TableFull
-    when a put is refused and StateUnavailable when the store cannot be reached."""
+    when a put is refused and StateUnavailable when the store cannot be reached.
+    `bounds` may be replaced while it serves (the API keys' shares, re-split when the keys
+    change): each call goes by those in force."""
+
+    bounds: Bounds
 
     async def put(self, owner: str, key: str, value: T, size: int) -> None:
         """Keep `value` under `key`, replacing what the key held (e.g. a batch's status)."""
@@ -52,6 +56,14 @@ class AsyncMemoryTable(Generic[T]):
 
     def __init__(self, table: MemoryTable[T]) -> None:
         self.table = table
+
+    @property
+    def bounds(self) -> Bounds:
+        return self.table.bounds
+
+    @bounds.setter
+    def bounds(self, bounds: Bounds) -> None:
+        self.table.bounds = bounds
 
     async def put(self, owner: str, key: str, value: T, size: int) -> None:
         self.table.put(owner, key, value, size)
