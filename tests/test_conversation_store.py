@@ -20,6 +20,7 @@ from server.api.conversation_store import (
     without_item,
 )
 from server.api.errors import APIError
+from server.api.stored_items import StoredItem, stored_items
 from server.store import Bounds
 from server.store.memory import MemoryTable
 from server.store.table import AsyncMemoryTable
@@ -41,9 +42,11 @@ def store(max_count: int = 10, max_bytes: int = 1 << 20, per_owner_count: int = 
                          lambda name: contextlib.nullcontext())
 
 
-def message(text: str, item_id: str = "msg_1") -> dict:
-    return {"id": item_id, "type": "message", "role": "user", "status": "completed",
-            "content": [{"type": "input_text", "text": text}]}
+def message(text: str, item_id: str = "msg_1") -> StoredItem:
+    """A user message as stored (its JSON)."""
+    return stored_items([{"id": item_id, "type": "message", "role": "user",
+                          "status": "completed",
+                          "content": [{"type": "input_text", "text": text}]}])[0]
 
 
 def test_sizes_follow_appends_removals_and_metadata() -> None:
@@ -53,7 +56,7 @@ def test_sizes_follow_appends_removals_and_metadata() -> None:
         await conversations.put(made)
         added = [message("two", "msg_2")]
         grown = await conversations.append(made.id, "a", added)
-        assert grown is not None and [i["id"] for i in grown.items] == ["msg_1", "msg_2"]
+        assert grown is not None and [i.id for i in grown.items] == ["msg_1", "msg_2"]
         again = new_conversation("a", {"k": "v"}, grown.items)
         assert grown.size == again.size  # sized by parts as if made whole
         smaller = without_item(grown, "msg_1")
@@ -110,8 +113,8 @@ def test_an_id_sent_again_gets_a_new_one_and_changes_do_not_lose_each_other() ->
         conversations = store()
         call = {"id": "fc_1", "type": "function_call", "call_id": "call_1", "name": "f",
                 "arguments": "{}", "status": "completed"}
-        made = new_conversation("a", {}, [call, call])
-        ids = [item["id"] for item in made.items]
+        made = new_conversation("a", {}, stored_items([call, call]))
+        ids = [item.id for item in made.items]
         assert ids[0] == "fc_1" and ids[1].startswith("fc_") and len(set(ids)) == 2
         await conversations.put(made)
         # Changes run in a worker thread: without one change at a time per conversation,

@@ -10,6 +10,7 @@ from server.api.errors import APIError
 from server.api.responses_input import item_dicts, to_chat_messages
 from server.api.responses_protocol import ConversationRef, InputItem
 from server.api.state import AppState
+from server.api.stored_items import StoredItem
 
 
 def conversation_id(ref: str | ConversationRef) -> str:
@@ -33,22 +34,21 @@ def not_found(conversation_id: str, param: str) -> APIError:
 
 
 def checked_items(items: list[InputItem], param: str,
-                  held: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                  held: list[StoredItem] | None = None) -> list[dict[str, Any]]:
     """Items as stored (each with an id), checked as a response would read them (an image
     needs exactly one of image_url and file_id, ...): a bad item is refused here, not on
     every later turn. An id the conversation (`held`) or the items hold already is a 400,
     as OpenAI's."""
     to_chat_messages(items, [f"{param}.{i}" for i in range(len(items))])
     stored = item_dicts(items)
-    refuse_duplicates(held or [], stored, param)
+    refuse_duplicates(held or [], [item["id"] for item in stored], param)
     return stored
 
 
-def refuse_duplicates(held: list[dict[str, Any]], items: list[dict[str, Any]],
-                      param: str) -> None:
-    """A 400 naming the first of `items` (as `param`.N) whose id `held` or an earlier one of
-    them has already, as OpenAI's."""
-    repeated = duplicate_item(held, items)
+def refuse_duplicates(held: list[StoredItem], ids: list[str], param: str) -> None:
+    """A 400 naming the first of `ids` (as `param`.N) that `held` or an earlier one of them
+    has already, as OpenAI's."""
+    repeated = duplicate_item(held, ids)
     if repeated is not None:
         index, item_id = repeated
         raise APIError(400, f"{param}.{index}: duplicate item found with id {item_id!r} (an "

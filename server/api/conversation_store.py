@@ -15,7 +15,14 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from typing import Any
 
+from server.api.json_pages import encoded, lines
 from server.api.responses_input import new_id
+from server.api.stored_items import (
+    StoredItem,
+    item_lines,
+    items_from_lines,
+    stored_items,
+)
 from server.config import Settings
 from server.store import Bounds, Codec, StateBackend, Table, TableFull
 
@@ -26,7 +33,9 @@ class StoredConversation:
     owner: str  # the client identity (server.api.auth.client_identity) that created it
     created_at: int
     metadata: dict[str, str]
-    items: list[dict[str, Any]]  # input items as listed (each with an id), oldest first
+    # Input items as listed (each with an id), oldest first, each its JSON
+    # (server.api.stored_items).
+    items: list[StoredItem]
     size: int  # bytes of JSON, what the byte bounds count
 
     def view(self) -> dict[str, Any]:
@@ -43,45 +52,41 @@ def json_size(value: object) -> int:
     return len(json.dumps(value, separators=(",", ":")))
 
 
-def items_size(items: list[dict[str, Any]]) -> int:
-    """What `items` add to a conversation's size (JSON; off the event loop when they may
-    hold images)."""
-    return sum(json_size(item) for item in items)
-
-
 def new_conversation(owner: str, metadata: dict[str, str],
-                     items: list[dict[str, Any]]) -> StoredConversation:
+                     items: list[StoredItem]) -> StoredConversation:
     conversation_id = f"conv_{secrets.token_hex(24)}"
     empty = StoredConversation(conversation_id, owner, int(time.time()), metadata, [],
                                json_size(metadata))
     return appended(empty, items)
 
 
-def duplicate_item(held: list[dict[str, Any]], items: list[dict[str, Any]]
-                   ) -> tuple[int, str] | None:
-    """(index, id) of the first of `items` whose id is already held (or repeats an earlier
-    one of them): OpenAI refuses such an item; lookups and cursors go by id."""
-    taken = {item["id"] for item in held}
-    for index, item in enumerate(items):
-        if item["id"] in taken:
-            return index, item["id"]
-        taken.add(item["id"])
+def duplicate_item(held: list[StoredItem], ids: list[str]) -> tuple[int, str] | None:
+    """(index, id) of the first of `ids` already held (or repeating an earlier one of
+    them): OpenAI refuses such an item; lookups and cursors go by id."""
+    taken = {item.id for item in held}
+    for index, item_id in enumerate(ids):
+        if item_id in taken:
+            return index, item_id
+        taken.add(item_id)
     return None
 
 
 def appended(conversation: StoredConversation,
-             items: list[dict[str, Any]]) -> StoredConversation:
+             items: list[StoredItem]) -> StoredConversation:
     """The conversation with `items` at its end, each id unique in it (the routes refuse a
-    duplicate first, duplicate_item; one that got in meanwhile gets a new id)."""
-    taken = {item["id"] for item in conversation.items}
-    fresh: list[dict[str, Any]] = []
+    duplicate first, duplicate_item; one that got in meanwhile gets a new id, so is
+    encoded again: call it off the event loop)."""
+    taken = {item.id for item in conversation.items}
+    fresh: list[StoredItem] = []
     for item in items:
-        if item["id"] in taken:
-            item = {**item, "id": new_id(item["id"].partition("_")[0] or "item")}
-        taken.add(item["id"])
+        if item.id in taken:
+            value = json.loads(bytes(item.json))
+            value["id"] = new_id(item.id.partition("_")[0] or "item")
+            item = StoredItem(value["id"], encoded(value))
+        taken.add(item.id)
         fresh.append(item)
     return replace(conversation, items=conversation.items + fresh,
-                   size=conversation.size + items_size(fresh))
+                   size=conversation.size + sum(len(item.json) for item in fresh))
 
 
 def with_metadata(conversation: StoredConversation,
@@ -93,10 +98,10 @@ def with_metadata(conversation: StoredConversation,
 def without_item(conversation: StoredConversation, item_id: str) -> StoredConversation:
     """The conversation less its item `item_id`; KeyError when it holds none."""
     for index, item in enumerate(conversation.items):
-        if item["id"] == item_id:
+        if item.id == item_id:
             return replace(conversation,
                            items=conversation.items[:index] + conversation.items[index + 1:],
-                           size=conversation.size - json_size(item))
+                           size=conversation.size - len(item.json))
     raise KeyError(item_id)
 
 
@@ -137,7 +142,7 @@ class Conversations:
                      how: Callable[[StoredConversation], StoredConversation]
                      ) -> StoredConversation | None:
         """Apply `how` to the conversation as it is now and keep the result (None: it is
-        gone). `how` runs in a worker thread: it sizes items that may hold images."""
+        gone). `how` runs in a worker thread: it may encode items that hold images."""
         async with self._one_change(conversation_id):
             current = await self.get(conversation_id, owner)
             if current is None:
@@ -147,7 +152,7 @@ class Conversations:
             return changed
 
     async def append(self, conversation_id: str, owner: str,
-                     items: list[dict[str, Any]]) -> StoredConversation | None:
+                     items: list[StoredItem]) -> StoredConversation | None:
         """Add `items` at the end of the conversation as it is now (None: it is gone)."""
         return await self.change(conversation_id, owner, lambda c: appended(c, items))
 
@@ -179,15 +184,25 @@ def conversation_bounds(settings: Settings, keys: int | None = None) -> Bounds:
 
 
 def _encode(entry: StoredConversation) -> tuple[bytes, bytes]:
-    return json.dumps([entry.id, entry.owner, entry.created_at, entry.metadata, entry.items,
-                       entry.size], separators=(",", ":")).encode(), b""
+    # The head: its fields and its items' ids; the body: the items, one JSON value a line,
+    # read back as they are (json_pages.lines), not parsed.
+    return (encoded([entry.id, entry.owner, entry.created_at, entry.metadata,
+                     [item.id for item in entry.items], entry.size]),
+            item_lines(entry.items))
 
 
-def _decode(head: bytes, _: bytes | None) -> StoredConversation:
-    return StoredConversation(*json.loads(head))
+def _decode(head: bytes, body: bytes | None) -> StoredConversation:
+    conversation_id, owner, created_at, metadata, items, size = json.loads(head)
+    if items and isinstance(items[0], dict):  # an earlier version's: the items themselves
+        held = stored_items(items)
+    else:
+        found = lines(body) if body else []
+        # Its body lost (evicted from Redis): the record is kept empty rather than a 500.
+        held = items_from_lines(items, found) if len(found) == len(items) else []
+    return StoredConversation(conversation_id, owner, created_at, metadata, held, size)
 
 
-# Heavy: a conversation with images inlined is megabytes of JSON, (de)serialised off-loop.
+# Heavy: a conversation's items are megabytes of JSON (images), copied off-loop.
 CONVERSATION_CODEC: Codec[StoredConversation] = Codec(_encode, _decode, heavy=True)
 
 

@@ -11,14 +11,11 @@ from typing import Any
 from server.api.conversation_access import conversation_id as conversation_key
 from server.api.conversation_access import owned_conversation, refuse_duplicates
 from server.api.conversation_locks import ConversationLease
-from server.api.conversation_store import (
-    ConversationFull,
-    StoredConversation,
-    items_size,
-)
+from server.api.conversation_store import ConversationFull, StoredConversation
 from server.api.errors import APIError
 from server.api.responses_protocol import ConversationRef
 from server.api.state import AppState
+from server.api.stored_items import StoredItem, items_size, stored_items
 from server.store import StateUnavailable
 
 logger = logging.getLogger("vlserve.api")
@@ -53,13 +50,14 @@ class ConversationTurn:
     def id(self) -> str:
         return self.conversation.id
 
-    async def check_input(self, input_items: list[dict[str, Any]]) -> None:
+    async def check_input(self, input_items: list[StoredItem]) -> None:
         """Refuse a turn whose input repeats an item id the conversation holds (OpenAI's
         duplicate-item 400: a call sent back that the conversation recorded), or whose
         input alone takes the conversation over its owner's byte share (it could not be
         kept)."""
-        refuse_duplicates(self.conversation.items, input_items, "input")
-        size = await asyncio.to_thread(items_size, input_items)  # images serialised
+        refuse_duplicates(self.conversation.items, [item.id for item in input_items],
+                          "input")
+        size = items_size(input_items)
         share = self.state.conversations.bounds.max_bytes_per_owner
         if self.conversation.size + size > share:
             raise APIError(400, f"conversation: this input would take it to "
@@ -67,10 +65,12 @@ class ConversationTurn:
                            "kept per key; start a new conversation or delete items",
                            param="conversation", code="conversation_too_large")
 
-    async def record(self, items: list[dict[str, Any]]) -> None:
+    async def record(self, input_items: list[StoredItem],
+                     output: list[dict[str, Any]]) -> None:
         """Append the turn's items (its input, then its output). The answer is out (or on
         its way) by now: a failure is the operator's to read in the log."""
         try:
+            items = input_items + await asyncio.to_thread(stored_items, output)
             kept = await self.state.conversations.append(self.id, self.conversation.owner,
                                                          items)
         except ConversationFull as exc:

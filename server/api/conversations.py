@@ -30,10 +30,11 @@ from server.api.conversations_protocol import (
     ItemsCreate,
 )
 from server.api.errors import APIError
-from server.api.item_pages import item_page
+from server.api.json_pages import JSONPartsResponse
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import responses
 from server.api.state import AppState
+from server.api.stored_items import item_page_parts, stored_items
 
 router = APIRouter(route_class=OffLoopJSONRoute)
 
@@ -42,9 +43,10 @@ router = APIRouter(route_class=OffLoopJSONRoute)
 async def create_conversation(body: ConversationCreate, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
     items = checked_items(body.items or [], "items")
-    # Off the event loop: sizing items means serialising their images.
-    conversation = await asyncio.to_thread(new_conversation, client_identity(request.scope),
-                                           body.metadata or {}, items)
+    # Off the event loop: items are kept encoded, images and all.
+    conversation = await asyncio.to_thread(
+        lambda: new_conversation(client_identity(request.scope), body.metadata or {},
+                                 stored_items(items)))
     await _keep(state, conversation)
     return JSONResponse(conversation.view())
 
@@ -82,34 +84,36 @@ async def list_items(conversation_id: str, request: Request, after: str | None =
                      limit: int = Query(20, ge=1, le=100),
                      order: Literal["asc", "desc"] = "desc",
                      include: Annotated[list[str] | None, Query(max_length=16)] = None
-                     ) -> JSONResponse:
+                     ) -> JSONPartsResponse:
     """Cursor-paginated like OpenAI's (`after`, `limit`, `has_more`). `include` is accepted
     and adds nothing: items are kept as they were added (no logprobs, no encrypted
     reasoning)."""
     conversation = await _owned(request, conversation_id)
-    return JSONResponse(item_page(conversation.items, order=order, after=after, limit=limit,
-                                  holder="conversation"))
+    return JSONPartsResponse(item_page_parts(conversation.items, order=order, after=after,
+                                             limit=limit, holder="conversation"))
 
 
 @router.post("/conversations/{conversation_id}/items",
              responses=responses(ConversationItemList, 400, 404, 413, 503))
-async def add_items(conversation_id: str, body: ItemsCreate, request: Request) -> JSONResponse:
+async def add_items(conversation_id: str, body: ItemsCreate,
+                    request: Request) -> JSONPartsResponse:
     """Append items (as a response's input would be); answers the items added, with ids."""
     state: AppState = request.app.state.vlserve
     added = checked_items(body.items, "items", (await _owned(request, conversation_id)).items)
     kept = await _change(state, request, conversation_id,
-                         lambda current: appended(current, added))
-    added = kept.items[-len(added):]  # with the ids they were kept under
-    return JSONResponse(item_page(added, order="asc", after=None, limit=len(added),
-                                  holder="conversation"))
+                         lambda current: appended(current, stored_items(added)))
+    listed = kept.items[-len(added):]  # with the ids they were kept under
+    return JSONPartsResponse(item_page_parts(listed, order="asc", after=None,
+                                             limit=len(listed), holder="conversation"))
 
 
 @router.get("/conversations/{conversation_id}/items/{item_id}", responses=responses(None, 404))
-async def get_item(conversation_id: str, item_id: str, request: Request) -> JSONResponse:
+async def get_item(conversation_id: str, item_id: str,
+                   request: Request) -> JSONPartsResponse:
     conversation = await _owned(request, conversation_id)
     for item in conversation.items:
-        if item["id"] == item_id:
-            return JSONResponse(item)
+        if item.id == item_id:
+            return JSONPartsResponse([item.json])
     raise _item_not_found(item_id)
 
 

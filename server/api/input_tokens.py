@@ -6,6 +6,7 @@ turns `truncation: "auto"` would drop left out), so it equals the response's
 
 from __future__ import annotations
 
+import asyncio
 from typing import Literal
 
 from fastapi import APIRouter, Request
@@ -29,6 +30,7 @@ from server.api.responses_prompt import (
 )
 from server.api.responses_protocol import ResponsesRequest
 from server.api.state import AppState
+from server.api.stored_items import StoredItem, item_values
 from server.engine import ErrorEvent, GenerationRequest
 from server.timings import StageTimer
 
@@ -49,14 +51,16 @@ async def count_input_tokens(body: ResponsesRequest, request: Request) -> JSONRe
     require_ready(state)
     client = client_identity(request.scope)
     check_continuation(body)
-    earlier, origin = [], "conversation"
+    stored: list[StoredItem] = []
+    origin = "conversation"
     previous = await previous_response(state, body, client)
     if previous is not None:
-        earlier, origin = previous.conversation, "previous_response_id"
+        stored, origin = previous.conversation or [], "previous_response_id"
     elif body.conversation is not None:
-        earlier = (await owned_conversation(state, conversation_id(body.conversation), client,
-                                            "conversation")).items
+        stored = (await owned_conversation(state, conversation_id(body.conversation), client,
+                                           "conversation")).items
     output = await plan_output(body)
+    earlier = await asyncio.to_thread(item_values, stored) if stored else []  # JSON kept
     prompt = build_prompt(body, earlier, origin, request_items(body), output.tools,
                           state.engine.template)
     counting = GenerationRequest(messages=[], max_tokens=max_tokens(

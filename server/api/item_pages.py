@@ -1,20 +1,12 @@
 """Cursor pagination of item lists, as OpenAI's (`after`, `limit`, `order`, `has_more`):
-a response's input items and a conversation's items."""
+a response's input items, a conversation's items (spliced from their stored JSON:
+server.api.stored_items), stored chat completions, files, batches."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from server.api.errors import APIError
-
-
-def item_page(items: list[dict[str, Any]], *, order: Literal["asc", "desc"], after: str | None,
-              limit: int, holder: str) -> dict[str, Any]:
-    """One page of `items` (held oldest first); `holder` names what holds them in the
-    error for an unknown cursor."""
-    span, has_more = page_span([item["id"] for item in items], order=order, after=after,
-                               limit=limit, holder=holder)
-    return list_page([items[index] for index in span], has_more=has_more)
 
 
 def page_span(ids: list[str], *, order: Literal["asc", "desc"], after: str | None,

@@ -10,6 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from server.api.json_pages import encoded, lines
+from server.api.stored_items import (
+    StoredItem,
+    item_lines,
+    items_from_lines,
+    items_size,
+    stored_items,
+)
 from server.config import Settings
 from server.store import Bounds, Codec, StateBackend, Table, put_within_share
 from server.store.memory import MemoryTable
@@ -17,21 +25,33 @@ from server.store.memory import MemoryTable
 
 @dataclass(frozen=True)
 class StoredResponse:
+    """Its items are kept as the JSON they are listed as (server.api.stored_items); from
+    the shared store they are its record's body, which a retrieve does not read."""
+
     id: str
     owner: str  # the client identity (server.api.auth.client_identity) that created it
     response: dict[str, Any]  # the response object as it was answered
-    input_items: list[dict[str, Any]]  # this request's input items, each with an id
+    # This request's input items, each with an id; None when read without them (`head`).
+    input_items: list[StoredItem] | None
     # Every item of the conversation so far, earlier turns, this input and this output, as
     # input items: what a request naming this response as its previous one continues.
-    conversation: list[dict[str, Any]]
+    conversation: list[StoredItem] | None
     size: int  # bytes of JSON, what the byte bounds count
 
 
-def stored_response(response: dict[str, Any], owner: str, input_items: list[dict[str, Any]],
-                    conversation: list[dict[str, Any]]) -> StoredResponse:
-    size = sum(len(json.dumps(part, separators=(",", ":")))
-               for part in (response, input_items, conversation))
+def stored_response(response: dict[str, Any], owner: str, input_items: list[StoredItem],
+                    conversation: list[StoredItem]) -> StoredResponse:
+    """The record for `response` (call it off the event loop: it encodes the response)."""
+    size = len(encoded(response)) + items_size(input_items) + items_size(conversation)
     return StoredResponse(response["id"], owner, response, input_items, conversation, size)
+
+
+def with_output(response: dict[str, Any], owner: str, input_items: list[StoredItem],
+                conversation: list[StoredItem], output: list[dict[str, Any]]
+                ) -> StoredResponse:
+    """The record for `response`, its output items encoded onto `conversation` (off the
+    event loop)."""
+    return stored_response(response, owner, input_items, conversation + stored_items(output))
 
 
 def _bounds(max_count: int, max_bytes: int, ttl_s: float, max_count_per_owner: int | None,
@@ -97,20 +117,40 @@ class Responses:
     async def get(self, response_id: str, owner: str) -> StoredResponse | None:
         return await self.table.get(owner, response_id)
 
+    async def head(self, response_id: str, owner: str) -> StoredResponse | None:
+        """The response without its items (which the shared store then does not read)."""
+        return await self.table.head(owner, response_id)
+
     async def delete(self, response_id: str, owner: str) -> bool:
         return await self.table.delete(owner, response_id)
 
 
 def _encode(entry: StoredResponse) -> tuple[bytes, bytes]:
-    return json.dumps([entry.id, entry.owner, entry.response, entry.input_items,
-                       entry.conversation, entry.size], separators=(",", ":")).encode(), b""
+    # The head: the response and its items' ids; the body, read only when the items are
+    # asked for: the input items, then the conversation's, one JSON value a line.
+    assert entry.input_items is not None and entry.conversation is not None
+    head = [entry.id, entry.owner, entry.response, [i.id for i in entry.input_items],
+            [i.id for i in entry.conversation], entry.size]
+    return encoded(head), item_lines(entry.input_items + entry.conversation)
 
 
-def _decode(head: bytes, _: bytes | None) -> StoredResponse:
-    return StoredResponse(*json.loads(head))
+def _decode(head: bytes, body: bytes | None) -> StoredResponse:
+    response_id, owner, response, input_ids, conversation_ids, size = json.loads(head)
+    if any(isinstance(item, dict) for item in input_ids[:1] + conversation_ids[:1]):
+        # Stored by an earlier version: the items themselves, in the head (no body).
+        return StoredResponse(response_id, owner, response, stored_items(input_ids),
+                              stored_items(conversation_ids), size)
+    found = lines(body) if body else []
+    if body is None or len(found) != len(input_ids) + len(conversation_ids):
+        # Read without its body, or its body lost (evicted from Redis): no items.
+        return StoredResponse(response_id, owner, response, None, None, size)
+    cut = len(input_ids)
+    return StoredResponse(response_id, owner, response,
+                          items_from_lines(input_ids, found[:cut]),
+                          items_from_lines(conversation_ids, found[cut:]), size)
 
 
-# Heavy: a conversation with images inlined is megabytes of JSON, (de)serialised off-loop.
+# Heavy: a response's head may hold megabytes of logprobs, its body images: off-loop.
 RESPONSE_CODEC: Codec[StoredResponse] = Codec(_encode, _decode, heavy=True)
 
 

@@ -29,13 +29,13 @@ from server.api.generation import (
     start_generation,
     whole_answer,
 )
-from server.api.item_pages import item_page
+from server.api.json_pages import JSONPartsResponse
 from server.api.messages import to_engine_messages
 from server.api.observe import RequestRecord, request_record
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import event_stream, responses
 from server.api.reasoning import plan_reasoning
-from server.api.response_store import StoredResponse, stored_response
+from server.api.response_store import StoredResponse, stored_response, with_output
 from server.api.responses_background import (
     deleted_elsewhere,
     later_stream,
@@ -73,6 +73,7 @@ from server.api.responses_protocol import (
     StreamEvent,
 )
 from server.api.state import AppState
+from server.api.stored_items import item_page_parts, item_values, stored_items
 from server.api.tool_calls import (
     ToolPlan,
     answer_message,
@@ -140,9 +141,12 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
                    turn: ConversationTurn | None, output: OutputPlan) -> Response:
     timer = record.timer
     assert timer is not None
-    stored = previous.conversation if previous else turn.conversation.items if turn else []
+    stored = (previous.conversation or []) if previous else \
+        turn.conversation.items if turn else []
     items = request_items(body)
-    prompt = build_prompt(body, stored, "previous_response_id" if previous else "conversation",
+    # Stored items are kept as JSON: decoded in a worker thread, one at a time.
+    earlier = await asyncio.to_thread(item_values, stored) if stored else []
+    prompt = build_prompt(body, earlier, "previous_response_id" if previous else "conversation",
                           items, output.tools, state.engine.template)
     plan, constraint, kwargs = output.tools, output.constraint, prompt.template_kwargs
     reasoning = plan_reasoning(state, kwargs, constrained=constraint is not None)
@@ -160,7 +164,8 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
     watcher = None if body.background else asyncio.create_task(
         cancel_on_disconnect(request, generation))
     try:
-        input_items = item_dicts(items)
+        # Encoded once, off the loop (images): stored, appended and sized as these bytes.
+        input_items = await asyncio.to_thread(lambda: stored_items(item_dicts(items)))
         if turn is not None:
             await turn.check_input(input_items)
         conversation = stored + input_items
@@ -174,9 +179,9 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
         run = BackgroundRun(draft.id, client, generation) if body.background else None
 
         async def keep(response: dict[str, Any], output_items: list[dict[str, Any]]) -> None:
-            # Off the event loop: sizing a conversation means serialising its images.
-            entry = await asyncio.to_thread(stored_response, response, client, input_items,
-                                            conversation + output_items)
+            # Off the event loop: the response and its output are encoded to be kept.
+            entry = await asyncio.to_thread(with_output, response, client, input_items,
+                                            conversation, output_items)
             if run is not None and not run.deleted and await deleted_elsewhere(state, run):
                 run.deleted = True  # a DELETE on another replica while it was serialised
             if run is not None and run.deleted:  # checked with no pause before the write
@@ -210,7 +215,7 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
                 return
             record.finish_reason = _finish_reason(end.body)
             if turn is not None:
-                await turn.record(input_items + end.output)
+                await turn.record(input_items, end.output)
             if body.store:
                 await keep(end.body, end.output)
 
@@ -265,7 +270,8 @@ async def get_response(response_id: str, request: Request, stream: bool = False,
     after."""
     state: AppState = request.app.state.vlserve
     client = client_identity(request.scope)
-    stored = await owned_response(state, response_id, client, "response_id")
+    # Without its items: from the shared store, a record's images are not even read.
+    stored = await owned_response(state, response_id, client, "response_id", items=False)
     assert stored is not None
     if not stream:
         return JSONResponse(stored.response)
@@ -293,15 +299,16 @@ async def delete_response(response_id: str, request: Request) -> JSONResponse:
             responses=responses(InputItemList, 400, 404))
 async def list_input_items(response_id: str, request: Request, after: str | None = None,
                            limit: int = Query(20, ge=1, le=100),
-                           order: Literal["asc", "desc"] = "desc") -> JSONResponse:
+                           order: Literal["asc", "desc"] = "desc") -> JSONPartsResponse:
     """The request's own input items (earlier turns are their own responses' items),
-    cursor-paginated like OpenAI's (`after`, `limit`, `has_more`)."""
+    cursor-paginated like OpenAI's (`after`, `limit`, `has_more`), spliced from their
+    stored JSON."""
     state: AppState = request.app.state.vlserve
     stored = await owned_response(state, response_id, client_identity(request.scope),
                                    "response_id")
-    assert stored is not None
-    return JSONResponse(item_page(stored.input_items, order=order, after=after, limit=limit,
-                                  holder="response"))
+    assert stored is not None and stored.input_items is not None
+    return JSONPartsResponse(item_page_parts(stored.input_items, order=order, after=after,
+                                             limit=limit, holder="response"))
 
 
 def _response_record(request: Request) -> RequestRecord:

@@ -149,7 +149,7 @@ async def superseded(state: AppState, run: BackgroundRun) -> bool:
             apply_stop(run, stop)
         if stop == "deleted":
             return True
-        stored = await state.responses.get(run.response_id, run.owner)
+        stored = await state.responses.head(run.response_id, run.owner)  # its state only
     except StateUnavailable:
         return False  # the write that follows fails too, and says so in the log
     if stored is None or stored.response["status"] != "cancelled":

@@ -109,13 +109,16 @@ def check_continuation(body: ResponsesRequest) -> None:
                        "holds its own earlier turns)", param="conversation")
 
 
-async def owned_response(state: AppState, response_id: str | None, client: str, param: str
-                          ) -> StoredResponse | None:
-    """The client's stored response `response_id` (None when not asked); 404 when gone."""
+async def owned_response(state: AppState, response_id: str | None, client: str, param: str,
+                         *, items: bool = True) -> StoredResponse | None:
+    """The client's stored response `response_id` (None when not asked); 404 when gone.
+    Without its items unless `items` (then one whose items were lost, evicted from the
+    shared store, is gone too)."""
     if response_id is None:
         return None
-    stored = await state.responses.get(response_id, client)
-    if stored is None:
+    store = state.responses
+    stored = await (store.get if items else store.head)(response_id, client)
+    if stored is None or (items and stored.conversation is None):
         raise response_not_found(response_id, param)
     return stored
 
