@@ -242,5 +242,11 @@ def test_refusals_on_a_conversation(server: RunningServer) -> None:
     assert resent.status_code == 400 and resent.json()["error"]["param"] == "input.0"
     cursor = httpx.get(base, params={"after": "msg_other"}, timeout=30)
     assert cursor.status_code == 400 and cursor.json()["error"]["code"] == "invalid_cursor"
+    included = httpx.get(base, timeout=30, params={
+        "include": ["message.input_image.image_url", "reasoning.summary"]})
+    assert included.status_code == 400 and \
+        included.json()["error"]["param"] == "query.include.1", included.text
+    assert httpx.get(base, timeout=30, params={
+        "include": ["message.input_image.image_url"]}).status_code == 200
     empty = httpx.post(base, json={"items": []}, timeout=30)
     assert empty.status_code == 400 and empty.json()["error"]["param"] == "items"

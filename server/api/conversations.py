@@ -33,6 +33,7 @@ from server.api.errors import APIError
 from server.api.json_pages import JSONPartsResponse
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import responses
+from server.api.responses_protocol import Includable
 from server.api.state import AppState
 from server.api.stored_items import item_page_parts, stored_items
 
@@ -83,11 +84,11 @@ async def delete_conversation(conversation_id: str, request: Request) -> JSONRes
 async def list_items(conversation_id: str, request: Request, after: str | None = None,
                      limit: int = Query(20, ge=1, le=100),
                      order: Literal["asc", "desc"] = "desc",
-                     include: Annotated[list[str] | None, Query(max_length=16)] = None
+                     include: Annotated[list[Includable] | None, Query(max_length=16)] = None
                      ) -> JSONPartsResponse:
-    """Cursor-paginated like OpenAI's (`after`, `limit`, `has_more`). `include` is accepted
-    and adds nothing: items are kept as they were added (no logprobs, no encrypted
-    reasoning)."""
+    """Cursor-paginated like OpenAI's (`after`, `limit`, `has_more`). `include` (OpenAI's
+    values; another is a 400) adds nothing: items are kept as they were added (no logprobs,
+    no encrypted reasoning)."""
     conversation = await _owned(request, conversation_id)
     return JSONPartsResponse(item_page_parts(conversation.items, order=order, after=after,
                                              limit=limit, holder="conversation"))
