@@ -7,12 +7,15 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from server.store.bounds import Bounds
 from server.store.memory import MemoryTable
 from server.store.table import AsyncMemoryTable, Codec, Table
+
+if TYPE_CHECKING:
+    from server.store.redis_leases import RedisLeases
 
 T = TypeVar("T")
 
@@ -54,6 +57,15 @@ class StateBackend:
         from server.store.redis_table import RedisTable
 
         return RedisTable(self._client, name, bounds, codec, self._timeout_s)
+
+    def leases(self, name: str) -> RedisLeases | None:
+        """Keys one holder owns for a while (server.store.redis_leases) on a shared store;
+        None with memory:// (one process: its own locks do)."""
+        if self._client is None:
+            return None
+        from server.store.redis_leases import RedisLeases
+
+        return RedisLeases(self._client, name, self._timeout_s)
 
     def exclusive(self, name: str) -> AbstractAsyncContextManager[None]:
         """Held by one replica at a time: a Redis lock (redis-py's) named `name` on a shared
