@@ -151,35 +151,38 @@ def test_a_delete_waits_for_a_change_under_way() -> None:
 
 
 def test_one_lease_per_conversation_and_a_forgotten_one_lapses() -> None:
-    clock = Clock()
-    locks = ConversationLocks(lapse_s=100, clock=clock)
-    lease = locks.acquire("conv_a")
-    with pytest.raises(APIError) as locked:
-        locks.acquire("conv_a")
-    assert locked.value.code == "conversation_locked" and locked.value.status == 400
-    locks.acquire("conv_b").release()
-    lease.release()
-    lease.release()  # idempotent: the stream's end and the background task both call it
-    assert len(locks) == 0
-    forgotten = locks.acquire("conv_a", lapses=True)  # a stream's, before it starts
-    clock.now += 101
-    successor = locks.acquire("conv_a")
-    forgotten.release()  # late: must not free the successor's hold
-    clock.now += 1000  # a hold that is always given back (a run, a started stream) stays
-    with pytest.raises(APIError):
-        locks.acquire("conv_a")
-    successor.release()
-    queued = locks.acquire("conv_a", lapses=True)
-    clock.now += 90
-    queued.touch()  # handed over after 90 s in the queue: the lapse counts from here
-    clock.now += 20
-    with pytest.raises(APIError):
-        locks.acquire("conv_a")
-    queued.release()
-    started = locks.acquire("conv_a", lapses=True)
-    started.pin()
-    clock.now += 1000
-    with pytest.raises(APIError):
-        locks.acquire("conv_a")
-    started.release()
-    assert len(locks) == 0
+    async def go() -> None:
+        clock = Clock()
+        locks = ConversationLocks(lapse_s=100, clock=clock)
+        lease = await locks.acquire("conv_a")
+        with pytest.raises(APIError) as locked:
+            await locks.acquire("conv_a")
+        assert locked.value.code == "conversation_locked" and locked.value.status == 400
+        (await locks.acquire("conv_b")).release()
+        lease.release()
+        lease.release()  # idempotent: the stream's end and the background task both call it
+        assert len(locks) == 0
+        forgotten = await locks.acquire("conv_a", lapses=True)  # a stream's, not started
+        clock.now += 101
+        successor = await locks.acquire("conv_a")
+        forgotten.release()  # late: must not free the successor's hold
+        clock.now += 1000  # a hold that is always given back (a run, a started stream) stays
+        with pytest.raises(APIError):
+            await locks.acquire("conv_a")
+        successor.release()
+        queued = await locks.acquire("conv_a", lapses=True)
+        clock.now += 90
+        queued.touch()  # handed over after 90 s in the queue: the lapse counts from here
+        clock.now += 20
+        with pytest.raises(APIError):
+            await locks.acquire("conv_a")
+        queued.release()
+        started = await locks.acquire("conv_a", lapses=True)
+        started.pin()
+        clock.now += 1000
+        with pytest.raises(APIError):
+            await locks.acquire("conv_a")
+        started.release()
+        assert len(locks) == 0
+
+    asyncio.run(go())

@@ -110,7 +110,7 @@ class Conversations:
     reads the record, changes it and writes it back whole, one change at a time per
     conversation: in this process by a lock of its own, among replicas sharing a store by
     the store's lock too (StateBackend.exclusive). (One response at a time runs on a
-    conversation per replica: server.api.conversation_locks.)"""
+    conversation, among replicas too: server.api.conversation_locks.)"""
 
     def __init__(self, table: Table[StoredConversation], bounds: Bounds,
                  exclusive: Callable[[str], AbstractAsyncContextManager[None]]) -> None:

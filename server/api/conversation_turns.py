@@ -10,7 +10,7 @@ from typing import Any
 
 from server.api.conversation_access import conversation_id as conversation_key
 from server.api.conversation_access import owned_conversation, refuse_duplicates
-from server.api.conversation_locks import ConversationLease
+from server.api.conversation_locks import Lease
 from server.api.conversation_store import ConversationFull, StoredConversation
 from server.api.errors import APIError
 from server.api.responses_protocol import ConversationRef
@@ -23,7 +23,7 @@ logger = logging.getLogger("vlserve.api")
 
 class ConversationTurn:
     def __init__(self, state: AppState, conversation: StoredConversation,
-                 lease: ConversationLease) -> None:
+                 lease: Lease) -> None:
         self.state = state
         self.conversation = conversation
         self.lease = lease
@@ -37,7 +37,7 @@ class ConversationTurn:
         conversation_id = conversation_key(ref)
         # Whose it is first: another key learns nothing from a lock on it.
         await owned_conversation(state, conversation_id, owner, "conversation")
-        lease = state.conversation_locks.acquire(conversation_id, lapses=lapses)
+        lease = await state.conversation_locks.acquire(conversation_id, lapses=lapses)
         try:  # read again once held: the turn before this one has been appended by now
             conversation = await owned_conversation(state, conversation_id, owner,
                                                     "conversation")
@@ -67,8 +67,10 @@ class ConversationTurn:
 
     async def record(self, input_items: list[StoredItem],
                      output: list[dict[str, Any]]) -> None:
-        """Append the turn's items (its input, then its output). The answer is out (or on
-        its way) by now: a failure is the operator's to read in the log."""
+        """Append the turn's items (its input, then its output), then give the conversation
+        back: the next turn may start before this response's end is stored or sent. The
+        answer is out (or on its way) by now: a failure is the operator's to read in the
+        log."""
         try:
             items = input_items + await asyncio.to_thread(stored_items, output)
             kept = await self.state.conversations.append(self.id, self.conversation.owner,
@@ -80,6 +82,13 @@ class ConversationTurn:
         else:
             if kept is None:
                 logger.info("conversation %s was deleted while a response ran on it", self.id)
+        await self.aclose()
 
     def release(self) -> None:
+        """Give the conversation back without waiting (a cancelled task's `finally`)."""
         self.lease.release()
+
+    async def aclose(self) -> None:
+        """Give it back and wait until it is free (on a shared store, a round trip):
+        before the answer's end goes out, so the client's next turn finds it free."""
+        await self.lease.aclose()

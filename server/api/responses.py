@@ -201,6 +201,13 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
                                response["id"])
 
         async def finished(end: Finished) -> None:
+            try:
+                await settle(end)
+            finally:  # the turn is written: the next may start, before the answer's end
+                if turn is not None:
+                    await turn.aclose()
+
+        async def settle(end: Finished) -> None:
             if run is not None and await superseded(state, run):
                 # Cancelled on another replica: that stands (nothing written or appended),
                 # and what followers see last says so.
@@ -248,13 +255,13 @@ async def _respond(state: AppState, request: Request, body: ResponsesRequest,
             return error_response(first.status, first.message, code=first.code)
 
         if body.stream:
-            # The turn is released at the stream's end, or after the answer when the
+            # The turn is released at the answer's end, or after the answer when the
             # stream never started (its generator's `finally` never runs then), or when
             # the hold lapses, counted from now (it may have waited long in the queue).
             if turn is not None:
                 turn.lease.touch()
             return sse_response(_stream(draft, first, events, generation, finished, turn),
-                                background=BackgroundTask(turn.release) if turn else None)
+                                background=BackgroundTask(turn.aclose) if turn else None)
         return await _complete(draft, first, events, plan, finished)
     finally:
         if watcher is not None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from server.api.background import BackgroundRuns
 from server.api.background_marks import StopMarks
 from server.api.chat_store import ChatStore, open_chat_store
-from server.api.conversation_locks import ConversationLocks
+from server.api.conversation_locks import Locks, open_conversation_locks
 from server.api.conversation_store import Conversations, open_conversations
 from server.api.drain import Drain
 from server.api.response_store import Responses, open_responses
@@ -48,8 +48,9 @@ class AppState:
     responses: Responses = field(init=False)  # stored responses (POST /responses)
     conversations: Conversations = field(init=False)  # POST /conversations
     chat_store: ChatStore = field(init=False)  # stored chat completions (`store: true`)
-    # The conversations a response is running on, in this process (one at a time each).
-    conversation_locks: ConversationLocks = field(init=False)
+    # The conversations a response is running on (one at a time each): in this process,
+    # or among the replicas sharing a Redis store.
+    conversation_locks: Locks = field(init=False)
     background: BackgroundRuns = field(init=False)  # background responses run here
     # Cancels and deletes of background responses another replica runs (shared store).
     stop_marks: StopMarks = field(init=False)
@@ -67,7 +68,8 @@ class AppState:
         self.chat_store = open_chat_store(self.settings, self.backend)
         # A lease its request failed to give back (a stream never started) lapses once no
         # request could still be running.
-        self.conversation_locks = ConversationLocks(self.settings.request_timeout + 60)
+        self.conversation_locks = open_conversation_locks(self.backend,
+                                                          self.settings.request_timeout + 60)
         self.background = BackgroundRuns(self.drain, self.settings.background_max_runs,
                                          self.settings.background_max_runs_per_key)
         self.stop_marks = StopMarks(self.backend)
