@@ -6,6 +6,7 @@ The nginx front (server/cluster/front.py): uploads and chats through one address
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import threading
 import time
@@ -180,6 +181,50 @@ def test_two_replicas_changing_one_conversation_at_once_lose_nothing(
     # among the replicas, changes made at once overwrite each other.
     assert notes == {f"note {who}-{n}" for who in range(len(clients))
                      for n in range(per_client)}
+
+
+def test_a_response_running_on_a_conversation_locks_it_on_the_other_replica(
+        replicas: list[RunningServer]) -> None:
+    a_server, b_server = replicas
+    b = sdk(b_server)
+    made = b.conversations.create()
+    started, go_on = threading.Event(), threading.Event()
+    seen: list[dict] = []
+
+    def stream_on_a() -> None:  # reads one event, then waits: A's response runs meanwhile
+        with httpx.stream("POST", f"{a_server.api}/responses", timeout=120, json={
+                "model": "m", "conversation": made.id, "input": "Go on.", "stream": True,
+                "max_output_tokens": LONG, "temperature": 0}) as answer:
+            for line in answer.iter_lines():
+                if line.startswith("data: "):
+                    seen.append(json.loads(line[6:]))
+                    started.set()
+                    go_on.wait(60)
+
+    reader = threading.Thread(target=stream_on_a)
+    reader.start()
+    try:
+        assert started.wait(60)
+        # Without one lock among the replicas B would answer at once, without A's turn.
+        with pytest.raises(openai.BadRequestError) as locked:
+            b.responses.create(model="m", conversation=made.id, input="Me too.",
+                               max_output_tokens=1)
+        assert locked.value.body["code"] == "conversation_locked"  # type: ignore[index]
+        assert locked.value.body["param"] == "conversation"  # type: ignore[index]
+    finally:
+        go_on.set()
+        reader.join(120)
+    assert seen[-1]["type"] == "response.incomplete", seen[-1]["type"]  # ran to its cap
+    # A gave the conversation back before its stream ended: B goes on after A's turn
+    # (its prompt without it: A's LONG answer fills the context; the conversation keeps it).
+    after = b.responses.create(model="m", conversation=made.id, input="Me too.",
+                               max_output_tokens=1, truncation="auto")
+    listed = b.conversations.items.list(made.id, order="asc", limit=10)
+    assert [(i.role, i.id) for i in listed.data] == [  # type: ignore[union-attr]
+        ("user", listed.data[0].id), ("assistant", seen[-1]["response"]["output"][0]["id"]),
+        ("user", listed.data[2].id), ("assistant", after.output[0].id)]
+    assert listed.data[0].content[0].text == "Go on."  # type: ignore[union-attr]
+    assert listed.data[2].content[0].text == "Me too."  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("stop", ["cancel", "delete"])
