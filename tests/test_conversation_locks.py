@@ -120,6 +120,20 @@ def test_a_lapsing_lease_lapses_and_its_late_release_keeps_the_successor(url: st
     asyncio.run(main())
 
 
+def test_a_lapsed_lease_never_given_back_keeps_no_task(redis: RedisServer) -> None:
+    """Its keeper ends a lapse after it lapsed: a stream that never started would otherwise
+    leave one waiting task a time for the process's life."""
+    async def main() -> None:
+        async with replicas(redis.url(0), count=1) as (a,):
+            forgotten = await a.acquire("conv_a", lapses=True)
+            assert isinstance(forgotten, SharedConversationLease)
+            await asyncio.sleep(LAPSE_S * 1.5)
+            assert not forgotten.keeper.done()  # lapsed, still able to be touched or pinned
+            await asyncio.sleep(LAPSE_S * 1.5)
+            assert forgotten.keeper.done() and not await refused(a)
+    asyncio.run(main())
+
+
 def test_a_touch_counts_the_lapse_again_and_a_pin_holds_past_it(url: str) -> None:
     async def main() -> None:
         async with replicas(url) as (a, b):

@@ -24,7 +24,12 @@ from test_engine_stall import MAX_GAP_S
 from test_stored_chat import noise_png
 from test_stored_pages import IMAGE_SIDE, IMAGES, watched
 
-from server.api.conversation_store import CONVERSATION_CODEC, new_conversation
+from server.api.conversation_store import (
+    CONVERSATION_CODEC,
+    json_size,
+    new_conversation,
+    without_item,
+)
 from server.api.response_store import RESPONSE_CODEC, stored_response
 from server.api.stored_items import item_values, stored_items
 from server.demo_model import DemoModelPaths
@@ -170,3 +175,18 @@ def test_a_stored_conversation_reads_back_as_stored_in_either_format() -> None:
         assert [item.id for item in back.items] == ["msg_1", "msg_2"]
     empty = new_conversation("alice", {}, [])
     assert CONVERSATION_CODEC.decode(*CONVERSATION_CODEC.encode(empty)).items == []
+
+
+def test_an_earlier_conversations_size_is_counted_as_its_items_are_now() -> None:
+    """The previous version counted non-ASCII text escaped (6 bytes a character): read back
+    with that size, deleting its items left bytes no item holds, counted against the key's
+    share for good. A record whose body was lost counts nothing but its metadata."""
+    item = {**ITEM, "content": [{"type": "input_text", "text": "日本語の文章" * 50}]}
+    escaped = len(json.dumps(item, separators=(",", ":")))  # ensure_ascii, as it was
+    earlier = json.dumps(["conv_1", "alice", 1, {}, [item], 2 + escaped],
+                         separators=(",", ":")).encode()
+    back = CONVERSATION_CODEC.decode(earlier, b"")
+    assert without_item(back, item["id"]).size == json_size({})
+    made = new_conversation("alice", {"k": "v"}, stored_items([ITEM, OUT]))
+    lost = CONVERSATION_CODEC.decode(CONVERSATION_CODEC.encode(made)[0], None)
+    assert (lost.items, lost.size) == ([], json_size({"k": "v"}))

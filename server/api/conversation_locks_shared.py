@@ -66,12 +66,16 @@ class SharedConversationLease:
     async def _keep(self) -> None:
         leases, cid = self._locks.leases, self.conversation_id
         while not self.released:
-            counting = self._ttl_s() > 0  # a lapsed lease waits for a touch or its release
+            # A lapsed lease waits for a touch, a pin or its release, but not for ever: one
+            # never given back (its stream never started) would keep this task for the
+            # process's life. Its key has expired by then: there is nothing to drop.
+            counting = self._ttl_s() > 0
             try:
-                await asyncio.wait_for(self._wake.wait(),
-                                       self._locks.hold_s / 3 if counting else None)
+                await asyncio.wait_for(self._wake.wait(), self._locks.hold_s / 3
+                                       if counting else self._locks.lapse_s)
             except asyncio.TimeoutError:
-                pass
+                if not counting and self._ttl_s() <= 0:
+                    return
             self._wake.clear()
             ttl_s = self._ttl_s()
             if self.released or ttl_s <= 0:

@@ -21,6 +21,7 @@ from server.api.stored_items import (
     StoredItem,
     item_lines,
     items_from_lines,
+    items_size,
     stored_items,
 )
 from server.config import Settings
@@ -195,10 +196,17 @@ def _decode(head: bytes, body: bytes | None) -> StoredConversation:
     conversation_id, owner, created_at, metadata, items, size = json.loads(head)
     if items and isinstance(items[0], dict):  # an earlier version's: the items themselves
         held = stored_items(items)
+        # Counted anew: it counted them escaped (ensure_ascii), so deleting one (counted
+        # as stored now) would leave bytes behind that no item holds.
+        size = json_size(metadata) + items_size(held)
     else:
         found = lines(body) if body else []
-        # Its body lost (evicted from Redis): the record is kept empty rather than a 500.
-        held = items_from_lines(items, found) if len(found) == len(items) else []
+        if len(found) != len(items):
+            # Its body lost (evicted from Redis): the record is kept empty rather than a
+            # 500, its size with it.
+            held, size = [], json_size(metadata)
+        else:
+            held = items_from_lines(items, found)
     return StoredConversation(conversation_id, owner, created_at, metadata, held, size)
 
 

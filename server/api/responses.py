@@ -132,7 +132,10 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
             turn.release()
         raise
     if turn is not None and not isinstance(answer, StreamingResponse) and not body.background:
-        turn.release()  # a stream releases it at its end, a background run when it ends
+        # A stream releases it at its end, a background run when it ends. Waited for: a
+        # client retrying a refused turn at once must find it free (shared store: the drop
+        # is a round trip).
+        await turn.aclose()
     return answer
 
 
