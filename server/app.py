@@ -156,8 +156,14 @@ SNAPSHOT_TABLES = ("responses", "conversations", "chat_completions")
 
 
 def _fail_interrupted(tables: Tables) -> int:
-    """Background responses read from a snapshot whose runs ended with its process."""
-    return fail_interrupted(e.value for e in tables["responses"][0].entries())
+    """Background responses read from a snapshot whose runs ended with its process (in
+    place: a start's staged table, before it is in use)."""
+    changed = 0
+    for entry in tables["responses"][0].entries():
+        failed = fail_interrupted(entry.value)
+        if failed is not None:
+            entry.value, changed = failed, changed + 1
+    return changed
 
 
 def _snapshot(settings: Settings, backend: StateBackend

@@ -116,10 +116,11 @@ def test_unfinished_background_responses_come_back_failed() -> None:
                                "error": None}, "", [], [])
     done = stored_response({"id": "resp_b", "background": True, "status": "completed",
                             "error": None}, "", [], [])
-    assert fail_interrupted([running, done]) == 1
-    assert running.response["status"] == "failed"
-    assert running.response["error"]["code"] == "server_shutdown"
-    assert done.response["status"] == "completed"
+    failed = fail_interrupted(running)
+    assert failed is not None and fail_interrupted(done) is None
+    assert failed.status == "failed" and failed.response()["status"] == "failed"
+    assert failed.response()["error"]["code"] == "server_shutdown"
+    assert done.response()["status"] == "completed"
 
 
 def test_the_setting_names_a_file_not_a_directory(tmp_path: Path) -> None:

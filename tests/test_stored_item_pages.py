@@ -153,13 +153,14 @@ def test_a_stored_response_reads_back_as_stored_in_either_format() -> None:
                          separators=(",", ":")).encode()  # the previous version's: one value
     for head, body in (RESPONSE_CODEC.encode(entry), (earlier, b"")):
         back = RESPONSE_CODEC.decode(head, body)
-        assert (back.id, back.owner, back.response) == ("resp_1", "alice", response)
+        assert (back.id, back.owner, back.response()) == ("resp_1", "alice", response)
+        assert (back.status, back.background) == ("completed", False)
         assert back.input_items is not None and back.conversation is not None
         assert item_values(back.input_items) == [ITEM]
         assert item_values(back.conversation) == [ITEM, OUT]
         assert [item.id for item in back.conversation] == ["msg_1", "msg_2"]
         without = RESPONSE_CODEC.decode(head, None)  # a retrieve: no items read
-        assert without.response == response
+        assert without.response() == response
     assert RESPONSE_CODEC.decode(RESPONSE_CODEC.encode(entry)[0], None).input_items is None
 
 

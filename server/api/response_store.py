@@ -25,12 +25,18 @@ from server.store.memory import MemoryTable
 
 @dataclass(frozen=True)
 class StoredResponse:
-    """Its items are kept as the JSON they are listed as (server.api.stored_items); from
-    the shared store they are its record's body, which a retrieve does not read."""
+    """Kept as the JSON it is answered with, encoded once when stored: a retrieve sends
+    those bytes, and a Python copy of a response with logprobs would take ~5x its JSON's
+    size (the byte bounds count the JSON). Its items are kept as the JSON they are listed
+    as (server.api.stored_items); from the shared store they are its record's body, which
+    a retrieve does not read."""
 
     id: str
     owner: str  # the client identity (server.api.auth.client_identity) that created it
-    response: dict[str, Any]  # the response object as it was answered
+    response_json: bytes  # the response object as it was answered
+    # What the routes look at, without decoding the response.
+    status: str | None
+    background: bool
     # This request's input items, each with an id; None when read without them (`head`).
     input_items: list[StoredItem] | None
     # Every item of the conversation so far, earlier turns, this input and this output, as
@@ -38,12 +44,26 @@ class StoredResponse:
     conversation: list[StoredItem] | None
     size: int  # bytes of JSON, what the byte bounds count
 
+    def response(self) -> dict[str, Any]:
+        """The response object (a decode: off the event loop, it may be megabytes)."""
+        value: dict[str, Any] = json.loads(self.response_json)
+        return value
+
+
+def _entry(response_id: str, owner: str, response_json: bytes, fields: dict[str, Any],
+           input_items: list[StoredItem] | None, conversation: list[StoredItem] | None,
+           size: int) -> StoredResponse:
+    return StoredResponse(response_id, owner, response_json, fields.get("status"),
+                          bool(fields.get("background")), input_items, conversation, size)
+
 
 def stored_response(response: dict[str, Any], owner: str, input_items: list[StoredItem],
                     conversation: list[StoredItem]) -> StoredResponse:
     """The record for `response` (call it off the event loop: it encodes the response)."""
-    size = len(encoded(response)) + items_size(input_items) + items_size(conversation)
-    return StoredResponse(response["id"], owner, response, input_items, conversation, size)
+    response_json = encoded(response)
+    size = len(response_json) + items_size(input_items) + items_size(conversation)
+    return _entry(response["id"], owner, response_json, response, input_items, conversation,
+                  size)
 
 
 def with_output(response: dict[str, Any], owner: str, input_items: list[StoredItem],
@@ -52,6 +72,16 @@ def with_output(response: dict[str, Any], owner: str, input_items: list[StoredIt
     """The record for `response`, its output items encoded onto `conversation` (off the
     event loop)."""
     return stored_response(response, owner, input_items, conversation + stored_items(output))
+
+
+def restated(entry: StoredResponse, **changes: Any) -> StoredResponse:
+    """`entry` with `changes` made to its response object (off the event loop: a decode
+    and an encode; its state changes while it runs, when its output is still small)."""
+    response = {**entry.response(), **changes}
+    response_json = encoded(response)
+    return _entry(entry.id, entry.owner, response_json, response,
+                  entry.input_items, entry.conversation,
+                  entry.size - len(entry.response_json) + len(response_json))
 
 
 def _bounds(max_count: int, max_bytes: int, ttl_s: float, max_count_per_owner: int | None,
@@ -126,28 +156,39 @@ class Responses:
 
 
 def _encode(entry: StoredResponse) -> tuple[bytes, bytes]:
-    # The head: the response and its items' ids; the body, read only when the items are
-    # asked for: the input items, then the conversation's, one JSON value a line.
+    # The head: a line of its fields and items' ids, then the response's JSON as it is (a
+    # read copies it out, not a parse); the body, read only when the items are asked for:
+    # the input items, then the conversation's, one JSON value a line.
     assert entry.input_items is not None and entry.conversation is not None
-    head = [entry.id, entry.owner, entry.response, [i.id for i in entry.input_items],
-            [i.id for i in entry.conversation], entry.size]
-    return encoded(head), item_lines(entry.input_items + entry.conversation)
+    fields = [entry.id, entry.owner, entry.status, entry.background,
+              [i.id for i in entry.input_items], [i.id for i in entry.conversation],
+              entry.size]
+    return encoded(fields) + b"\n" + entry.response_json, \
+        item_lines(entry.input_items + entry.conversation)
 
 
 def _decode(head: bytes, body: bytes | None) -> StoredResponse:
-    response_id, owner, response, input_ids, conversation_ids, size = json.loads(head)
+    cut = head.find(b"\n")  # compact JSON holds no raw newline: one value, or two lines
+    if cut < 0:
+        # Stored by an earlier version: the response object inside the head's one value.
+        response_id, owner, response, input_ids, conversation_ids, size = json.loads(head)
+        response_json, fields = encoded(response), response
+    else:
+        response_id, owner, status, background, input_ids, conversation_ids, size = \
+            json.loads(head[:cut])
+        response_json, fields = head[cut + 1:], {"status": status, "background": background}
     if any(isinstance(item, dict) for item in input_ids[:1] + conversation_ids[:1]):
         # Stored by an earlier version: the items themselves, in the head (no body).
-        return StoredResponse(response_id, owner, response, stored_items(input_ids),
-                              stored_items(conversation_ids), size)
+        return _entry(response_id, owner, response_json, fields, stored_items(input_ids),
+                      stored_items(conversation_ids), size)
     found = lines(body) if body else []
     if body is None or len(found) != len(input_ids) + len(conversation_ids):
         # Read without its body, or its body lost (evicted from Redis): no items.
-        return StoredResponse(response_id, owner, response, None, None, size)
+        return _entry(response_id, owner, response_json, fields, None, None, size)
     cut = len(input_ids)
-    return StoredResponse(response_id, owner, response,
-                          items_from_lines(input_ids, found[:cut]),
-                          items_from_lines(conversation_ids, found[cut:]), size)
+    return _entry(response_id, owner, response_json, fields,
+                  items_from_lines(input_ids, found[:cut]),
+                  items_from_lines(conversation_ids, found[cut:]), size)
 
 
 # Heavy: a response's head may hold megabytes of logprobs, its body images: off-loop.

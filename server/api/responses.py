@@ -283,8 +283,8 @@ async def get_response(response_id: str, request: Request, stream: bool = False,
     # Without its items: from the shared store, a record's images are not even read.
     stored = await owned_response(state, response_id, client, "response_id", items=False)
     assert stored is not None
-    if not stream:
-        return JSONResponse(stored.response)
+    if not stream:  # the JSON it was stored as, in slices: no encode, however large
+        return JSONPartsResponse([stored.response_json])
     return later_stream(state, stored, client, starting_after)
 
 

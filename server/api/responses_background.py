@@ -3,14 +3,14 @@ cancel route, and a stream read later (the runs themselves: server.api.backgroun
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import replace
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from server.api.auth import client_identity
 from server.api.background import KEEP_EVENTS_S, BackgroundRun
@@ -18,11 +18,12 @@ from server.api.background_marks import apply as apply_stop
 from server.api.conversation_turns import ConversationTurn
 from server.api.errors import APIError
 from server.api.generation import Event, sse_response, start_generation
+from server.api.json_pages import JSONPartsResponse
 from server.api.observe import CLIENT_CLOSED, RequestRecord, observe_detached
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import responses
 from server.api.reasoning import ReasoningSplitter
-from server.api.response_store import StoredResponse
+from server.api.response_store import StoredResponse, restated
 from server.api.responses_output import (
     EventStream,
     Finished,
@@ -43,30 +44,30 @@ CANCEL_WAIT_S = 10.0  # a cancelled run ends at the engine's next step: well wit
 
 
 @router.post("/responses/{response_id}/cancel", responses=responses(ResponseObject, 400, 404))
-async def cancel_response(response_id: str, request: Request) -> JSONResponse:
+async def cancel_response(response_id: str, request: Request) -> JSONPartsResponse:
     """Stop a background response: it ends `cancelled`, its output so far kept. One that
     has ended already is answered as it is."""
     state: AppState = request.app.state.vlserve
     client = client_identity(request.scope)
     stored = await owned_response(state, response_id, client, "response_id")
     assert stored is not None
-    if not stored.response.get("background"):
+    if not stored.background:
         raise APIError(400, "response_id: only a background response can be cancelled",
                        param="response_id", code="not_background")
     run = state.background.get(response_id, client)
     if run is not None and not run.ended:
         run.stop("cancelled")
         await run.wait_ended(CANCEL_WAIT_S)  # the engine drops it at its next step
-    elif stored.response["status"] in ("queued", "in_progress"):
+    elif stored.status in ("queued", "in_progress"):
         # Run by another replica (sharing the store), or lost with one: its stop mark
         # first (a failure there changes nothing, so a retry marks it again), then the
         # state, which the replica running it keeps when it finishes.
         await state.stop_marks.mark(response_id, client, "cancelled")
-        marked = {**stored.response, "status": "cancelled"}
-        await state.responses.add(replace(stored, response=marked))
+        await state.responses.add(await asyncio.to_thread(restated, stored,
+                                                          status="cancelled"))
     again = await owned_response(state, response_id, client, "response_id")
     assert again is not None
-    return JSONResponse(again.response)
+    return JSONPartsResponse([again.response_json])
 
 
 # Keeps a response object (and its output items) in the store.
@@ -152,7 +153,7 @@ async def superseded(state: AppState, run: BackgroundRun) -> bool:
         stored = await state.responses.head(run.response_id, run.owner)  # its state only
     except StateUnavailable:
         return False  # the write that follows fails too, and says so in the log
-    if stored is None or stored.response["status"] != "cancelled":
+    if stored is None or stored.status != "cancelled":
         return False
     apply_stop(run, "cancelled")
     return True
@@ -180,22 +181,18 @@ def later_stream(state: AppState, stored: StoredResponse, client: str,
     KEEP_EVENTS_S after, from the process that runs it."""
     run = state.background.get(stored.id, client)
     if run is None:
-        why = "not a background response" if not stored.response.get("background") else (
+        why = "not a background response" if not stored.background else (
             "its events are kept only by the replica that runs it, until "
             f"{KEEP_EVENTS_S:g} s after it ended; read it without stream")
         raise APIError(400, f"stream: {why}", param="stream")
     return sse_response(run.follow(starting_after))
 
 
-def fail_interrupted(stored: Iterable[StoredResponse]) -> int:
-    """Background responses a restart left `queued` or `in_progress` (their runs are gone
-    with the old process): failed, so pollers see them end. The number changed."""
-    changed = 0
-    for entry in stored:
-        response = entry.response
-        if response.get("background") and response["status"] in ("queued", "in_progress"):
-            response.update(status="failed", error={
-                "code": "server_shutdown",
-                "message": "the server stopped before the response finished"})
-            changed += 1
-    return changed
+def fail_interrupted(entry: StoredResponse) -> StoredResponse | None:
+    """A background response a restart left `queued` or `in_progress` (its run is gone
+    with the old process): failed, so pollers see it end; None when it had ended. (Its
+    output is still empty then: a small decode.)"""
+    if not entry.background or entry.status not in ("queued", "in_progress"):
+        return None
+    return restated(entry, status="failed", error={
+        "code": "server_shutdown", "message": "the server stopped before the response finished"})

@@ -129,9 +129,9 @@ async def previous_response(state: AppState, body: ResponsesRequest, client: str
     response still running has no answer to continue from yet)."""
     previous = await owned_response(state, body.previous_response_id, client,
                                     "previous_response_id")
-    if previous is not None and previous.response["status"] in ("queued", "in_progress"):
+    if previous is not None and previous.status in ("queued", "in_progress"):
         raise APIError(400, f"previous_response_id: {previous.id} is still "
-                       f"{previous.response['status']}; continue it once it has ended",
+                       f"{previous.status}; continue it once it has ended",
                        param="previous_response_id", code="response_not_finished")
     return previous
 
