@@ -123,6 +123,37 @@ def test_unfinished_background_responses_come_back_failed() -> None:
     assert done.response()["status"] == "completed"
 
 
+def test_responses_written_by_the_previous_version_come_back(tmp_path: Path) -> None:
+    """Its records held the response object inside their head: read back as their JSON,
+    an unfinished background one failed by the start (server.app), the others as they
+    were."""
+    from test_stored_response_bytes import EARLIER_CODEC, earlier_record
+
+    from server.api.response_store import RESPONSE_CODEC
+    from server.app import _fail_interrupted
+
+    clock = Clock()
+    before = table(clock)
+    running = earlier_record("resp_a", "in_progress", background=True)
+    done = earlier_record("resp_b", "completed", background=True)
+    for entry in (running, done):
+        before.put("", entry.id, entry, entry.size)
+    path = tmp_path / "state.json"
+    assert save(path, {"responses": (before, EARLIER_CODEC)}) == 2
+    rows = json.loads(path.read_text())["tables"]["responses"]
+    assert [json.loads(row[4])[2]["status"] for row in rows] == ["in_progress", "completed"]
+    after = table(clock)
+    assert load(path, {"responses": (after, RESPONSE_CODEC)}) == (2, 0)
+    assert _fail_interrupted({"responses": (after, RESPONSE_CODEC)}) == 1
+    failed, kept = after.get("", running.id), after.get("", done.id)
+    assert failed is not None and kept is not None
+    assert failed.status == "failed" and failed.response()["status"] == "failed"
+    assert failed.response()["error"]["code"] == "server_shutdown"
+    assert failed.conversation == running.conversation
+    assert (kept.status, kept.response_json) == ("completed", done.response_json)
+    assert kept.input_items == done.input_items
+
+
 def test_the_setting_names_a_file_not_a_directory(tmp_path: Path) -> None:
     from server.config import ConfigError, load_settings
 
