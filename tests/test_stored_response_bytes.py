@@ -130,12 +130,13 @@ def earlier_record(response_id: str, status: str, *, background: bool) -> Stored
     return stored_response(response, "", stored_items([ITEM]), stored_items([ITEM, OUT]))
 
 
+# Redis only: the memory store's earlier records come back from a snapshot
+# (tests/test_state_snapshot.py).
+@pytest.mark.parametrize("heavy_server", ["redis"], indirect=True)
 def test_a_response_stored_by_the_previous_version_in_redis_still_reads(
         heavy_server: tuple[RunningServer, RedisServer | None]) -> None:
     server, redis = heavy_server
-    if redis is None:
-        pytest.skip("the memory store's earlier records come back from a snapshot: "
-                    "tests/test_state_snapshot.py")
+    assert redis is not None
     done = earlier_record("resp_earlier1", "completed", background=False)
     running = earlier_record("resp_earlier2", "in_progress", background=True)
 
