@@ -9,12 +9,16 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ci import skip_unless_ci
+from conftest import RunningServer, start_server, stop_server
 
 from bench.servers import free_port, stop_process
+from server.demo_model import DemoModelPaths
 
 
 @dataclass
@@ -38,6 +42,7 @@ class RedisServer:
              "--appendonly", "no", "--dir", str(self.workdir),
              "--enable-debug-command", "local"],  # DEBUG SLEEP: a Redis that hangs
             stdout=log, stderr=subprocess.STDOUT)
+        log.close()  # the process holds its own
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert self.process.poll() is None, (self.workdir / "redis.log").read_text()
@@ -64,3 +69,21 @@ def start_redis(workdir: Path) -> RedisServer:
     server = RedisServer(free_port(), workdir)
     server.start()
     return server
+
+
+@contextmanager
+def server_on_store(store: str, models: DemoModelPaths, logs: Path, *extra: str,
+                    env: dict[str, str]) -> Iterator[tuple[RunningServer, RedisServer | None]]:
+    """A vlserve whose state lives in `store`: "memory", or "redis" (a redis-server of its
+    own, in `logs`); both stopped after."""
+    redis: RedisServer | None = None
+    if store == "redis":
+        redis = start_redis(logs)
+        env = {**env, "VLSERVE_STATE_URL": redis.url(0)}
+    try:
+        running = start_server(models, logs / "server.log", *extra, env=env)
+        yield running, redis
+        stop_server(running)
+    finally:
+        if redis is not None:
+            redis.stop()

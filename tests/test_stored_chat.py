@@ -21,12 +21,12 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from conftest import RunningServer, start_server, stop_server
+from conftest import RunningServer
 from helpers import data_url, image_message, photo_bytes
 from openai.pagination import SyncCursorPage
 from openai.types.chat import ChatCompletion, ChatCompletionDeleted, ChatCompletionStoreMessage
 from PIL import Image
-from redis_server import RedisServer, start_redis
+from redis_server import RedisServer, server_on_store
 
 from server.api.chat_keep import StreamAssembly
 from server.api.chat_store import ChatStore, chat_store_bounds, stored_chat
@@ -65,19 +65,11 @@ def stored(request: pytest.FixtureRequest, demo_model: DemoModelPaths,
     env = {"VLSERVE_API_KEYS": ",".join((KEY_A, KEY_B, KEY_C, KEY_D)),
            "VLSERVE_CHAT_COMPLETIONS_MAX_STORED": str(PER_KEY * 4),
            "VLSERVE_CHAT_COMPLETIONS_STORE_MB": "1"}
-    redis: RedisServer | None = None
-    if request.param == "redis":
-        redis = start_redis(logs)
-        env["VLSERVE_STATE_URL"] = redis.url(0)
-    try:
-        running = start_server(demo_model, logs / "server.log", "--n-parallel", "2", env=env)
+    with server_on_store(request.param, demo_model, logs, "--n-parallel", "2",
+                         env=env) as (running, redis):
         if redis is not None:
             REDIS[running.url] = redis
         yield running
-        stop_server(running)
-    finally:
-        if redis is not None:
-            redis.stop()
 
 
 def sdk(server: RunningServer, key: str = KEY_A) -> openai.OpenAI:

@@ -17,9 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import RunningServer, start_server, stop_server
+from conftest import RunningServer
 from helpers import data_url
-from redis_server import RedisServer, start_redis
+from redis_server import server_on_store
 from test_engine_stall import MAX_GAP_S
 from test_stored_chat import noise_png
 from test_stored_pages import IMAGE_SIDE, IMAGES, watched
@@ -41,18 +41,9 @@ def items_server(request: pytest.FixtureRequest, demo_model: DemoModelPaths,
     logs = tmp_path_factory.mktemp(f"item-pages-{request.param}")
     env = {"VLSERVE_MAX_TOKENS_CAP": "3000", "VLSERVE_RESPONSES_STORE_MB": "512",
            "VLSERVE_CONVERSATIONS_STORE_MB": "512"}
-    redis: RedisServer | None = None
-    if request.param == "redis":
-        redis = start_redis(logs)
-        env["VLSERVE_STATE_URL"] = redis.url(0)
-    try:
-        running = start_server(demo_model, logs / "server.log", "--n-parallel", "2",
-                               "--n-ctx", "4096", env=env)
+    with server_on_store(request.param, demo_model, logs, "--n-parallel", "2",
+                         "--n-ctx", "4096", env=env) as (running, _):
         yield running
-        stop_server(running)
-    finally:
-        if redis is not None:
-            redis.stop()
 
 
 def image_items(count: int = IMAGES) -> list[dict[str, Any]]:

@@ -20,11 +20,11 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import RunningServer, start_server, stop_server
+from conftest import RunningServer
 from helpers import data_url, image_message
 from openai.pagination import SyncCursorPage
 from openai.types.chat import ChatCompletion
-from redis_server import RedisServer, start_redis
+from redis_server import server_on_store
 from test_engine_stall import MAX_GAP_S, Watch
 from test_stored_chat import MESSAGES, noise_png
 
@@ -44,18 +44,9 @@ def pages_server(request: pytest.FixtureRequest, demo_model: DemoModelPaths,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     logs = tmp_path_factory.mktemp(f"stored-pages-{request.param}")
     env = {"VLSERVE_MAX_TOKENS_CAP": "3000", "VLSERVE_CHAT_COMPLETIONS_STORE_MB": "512"}
-    redis: RedisServer | None = None
-    if request.param == "redis":
-        redis = start_redis(logs)
-        env["VLSERVE_STATE_URL"] = redis.url(0)
-    try:
-        running = start_server(demo_model, logs / "server.log", "--n-parallel", "2",
-                               "--n-ctx", "4096", env=env)
+    with server_on_store(request.param, demo_model, logs, "--n-parallel", "2",
+                         "--n-ctx", "4096", env=env) as (running, _):
         yield running
-        stop_server(running)
-    finally:
-        if redis is not None:
-            redis.stop()
 
 
 def create(server: RunningServer, **body: Any) -> dict[str, Any]:

@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import RunningServer, start_server, stop_server
-from redis_server import RedisServer, start_redis
+from conftest import RunningServer
+from redis_server import RedisServer, server_on_store
 from test_engine_stall import MAX_GAP_S
 from test_stored_pages import watched
 
@@ -41,18 +41,9 @@ def heavy_server(request: pytest.FixtureRequest, demo_model: DemoModelPaths,
                  ) -> Iterator[tuple[RunningServer, RedisServer | None]]:
     logs = tmp_path_factory.mktemp(f"response-bytes-{request.param}")
     env = {"VLSERVE_MAX_TOKENS_CAP": str(HEAVY_TOKENS), "VLSERVE_RESPONSES_STORE_MB": "512"}
-    redis: RedisServer | None = None
-    if request.param == "redis":
-        redis = start_redis(logs)
-        env["VLSERVE_STATE_URL"] = redis.url(0)
-    try:
-        running = start_server(demo_model, logs / "server.log", "--n-parallel", "2",
-                               "--n-ctx", str(HEAVY_TOKENS + 256), env=env)
-        yield running, redis
-        stop_server(running)
-    finally:
-        if redis is not None:
-            redis.stop()
+    with server_on_store(request.param, demo_model, logs, "--n-parallel", "2",
+                         "--n-ctx", str(HEAVY_TOKENS + 256), env=env) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
