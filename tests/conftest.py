@@ -16,6 +16,8 @@ import pytest
 from bench.servers import free_port, stop_process
 from server.demo_model import DemoModelPaths, make_demo_model
 
+pytest_plugins = ["redis_fixture"]  # `redis`: a redis-server per module
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # The test server's limits, chosen so the limit tests are cheap.

@@ -5,11 +5,10 @@ its replica, trying again after a failed read rather than skipping the mark for 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from redis_server import RedisServer, start_redis
+from redis_server import RedisServer
 
 from server.api import background_marks
 from server.api.background import BackgroundRun, BackgroundRuns
@@ -17,13 +16,6 @@ from server.api.background_marks import StopMarks
 from server.api.drain import Drain
 from server.engine import GenerationRequest
 from server.store import StateUnavailable, open_backend
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis-marks"))
-    yield server
-    server.stop()
 
 
 def run_of(response_id: str, owner: str) -> BackgroundRun:

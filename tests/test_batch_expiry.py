@@ -17,7 +17,7 @@ import pytest
 from conftest import RunningServer, start_server, stop_server
 from helpers import photo_bytes
 from openai.types import FileObject
-from redis_server import RedisServer, start_redis
+from redis_server import RedisServer
 from test_batches import jsonl, read_lines, request_line, wait_batch
 
 from server.api.errors import APIError
@@ -28,13 +28,6 @@ from server.batches.store import BatchStore
 from server.demo_model import DemoModelPaths
 
 # ---------- the stores: disk and Redis alike ----------
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["disk", "redis"])

@@ -41,13 +41,6 @@ PREFIX = "vlserve:batches:"
 TOKENS = 1000
 
 
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis-batches"))
-    yield server
-    server.stop()
-
-
 def start_pair(demo_model: DemoModelPaths, redis: RedisServer, db: int, logs: str,
                tmp_path_factory: pytest.TempPathFactory, tokens: int,
                lease_s: float = LEASE_S) -> list[RunningServer]:

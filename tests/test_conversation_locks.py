@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -28,13 +28,6 @@ from server.store import StateUnavailable, open_backend
 
 LAPSE_S = 1.0
 HOLD_S = 0.6  # renewed every 0.2 s: well under the lapse, so a renewal is seen to work
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis-locks"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["memory", "redis"])

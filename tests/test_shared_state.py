@@ -30,13 +30,6 @@ LONG = 8000  # tokens: seconds of generation on the tiny model, ended by a stop
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis-replicas"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def replicas(demo_model: DemoModelPaths, redis: RedisServer,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RunningServer]]:
     logs = tmp_path_factory.mktemp("replicas")

@@ -7,24 +7,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from redis_server import RedisServer, start_redis
+from redis_server import RedisServer
 
 from bench.servers import free_port
 from server.store import Bounds, Codec, StateUnavailable, Table, TableFull, open_backend
 
 TEXT: Codec[str] = Codec(lambda s: (s.encode(), b"body:" + s.encode()),
                          lambda head, body: head.decode() + ("" if body is None else "+"))
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis-store"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["memory", "redis"])
