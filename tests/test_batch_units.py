@@ -119,3 +119,19 @@ def test_progress_line() -> None:
     counts = {"total": 200, "completed": 95, "failed": 5}
     assert Progress.line(counts, 10.0) == \
         "batch [############............] 100/200 (5 failed) 10.0 req/s ETA 10 s"
+
+
+def test_parse_makes_a_line_error_of_any_wrong_type_or_too_deep_json() -> None:
+    data = b"\n".join([line("a"), line("b", url=[ENDPOINT]), line("c", url={"x": 1}),
+                       line("d", method=["POST"]), b"[" * 100_000, line("e", body=[1])])
+    lines, problems = parse(data, ENDPOINT, 100)
+    assert problems == []
+    assert [(x.index, x.custom_id, x.body is None, x.error) for x in lines] == [
+        (0, "a", False, None),
+        (1, "b", True, "url must be a string naming the batch's endpoint "
+                       "'/v1/chat/completions'"),
+        (2, "c", True, "url must be a string naming the batch's endpoint "
+                       "'/v1/chat/completions'"),
+        (3, "d", True, 'method must be "POST"'),
+        (4, None, True, "the line's JSON is nested too deeply"),
+        (5, "e", True, "body must be a JSON object")]

@@ -86,6 +86,8 @@ def _parse_line(index: int, raw: bytes, endpoint: str) -> RequestLine:
         item = json.loads(raw)
     except ValueError:
         return RequestLine(index, None, None, "the line is not valid JSON")
+    except RecursionError:  # "[[[[..." deeper than Python's stack: bad for this line only
+        return RequestLine(index, None, None, "the line's JSON is nested too deeply")
     if not isinstance(item, dict):
         return RequestLine(index, None, None, "the line is not a JSON object")
     custom_id = item.get("custom_id")
@@ -94,6 +96,9 @@ def _parse_line(index: int, raw: bytes, endpoint: str) -> RequestLine:
     if item.get("method") != "POST":
         return RequestLine(index, custom_id, None, "method must be \"POST\"")
     url = item.get("url")
+    if not isinstance(url, str):  # a list or object is unhashable: no set lookup with it
+        return RequestLine(index, custom_id, None,
+                           f"url must be a string naming the batch's endpoint {endpoint!r}")
     if endpoint not in ENDPOINTS or url not in _spellings(endpoint):
         return RequestLine(index, custom_id, None,
                            f"url must be the batch's endpoint {endpoint!r}, not {url!r}")
