@@ -49,6 +49,8 @@ logger = logging.getLogger("vlserve.batches")
 _RETRY = {429: 1.0, 499: 0.0, 503: 2.0}
 _TICK_S = 1.0  # how often expiry and drain are checked while nothing else happens
 _SWEEP_MAX_S = 300.0  # expired files and old batches are deleted at least this often
+# A batch whose step keeps raising waits 1, 2, 4, 8 s between tries, then ends failed.
+_GIVE_UP_AFTER = 5
 
 
 class BatchRunner:
@@ -69,6 +71,8 @@ class BatchRunner:
         self._published: dict[str, dict[str, int]] = {}  # request_counts last saved
         self._next_publish = 0.0  # monotonic; at most once a tick
         self._next_sweep = 0.0  # monotonic
+        # Batches whose last step raised: consecutive failures, and when to try again.
+        self._trouble: dict[str, tuple[int, float]] = {}
 
     @property
     def limit(self) -> int:
@@ -189,10 +193,19 @@ class BatchRunner:
         for job in sorted(self.jobs.values(), key=lambda j: order_key(j.batch)):
             if job.id not in self.jobs:
                 continue  # lost to another replica during this pass
+            failures, retry_at = self._trouble.get(job.id, (0, 0.0))
+            if time.monotonic() < retry_at:
+                continue
             try:
                 await self._step(job)
             except LeaseLost:
                 continue  # another replica runs it now; _lost stopped it here
+            except StateUnavailable:
+                raise  # the store is away for every batch, not this one's fault
+            except Exception as exc:  # this batch alone: the others go on
+                await self._stumbled(job, failures + 1, exc)
+            else:
+                self._trouble.pop(job.id, None)
         if self.state.drain.draining:
             for job in self.jobs.values():  # they run again after the restart
                 for cancel in job.running.values():
@@ -204,7 +217,15 @@ class BatchRunner:
 
     async def _step(self, job: BatchJob) -> None:
         if not job.lines:  # new, resumed after a restart, or claimed from another replica
-            await self._load(job)
+            try:
+                await self._load(job)
+            except (LeaseLost, StateUnavailable):
+                raise
+            except Exception as exc:  # an input no check foresaw: it would fail again
+                logger.exception("batch %s: its input could not be loaded", job.id)
+                await self._end_broken(job, "the input file could not be read or parsed "
+                                       f"({type(exc).__name__})")
+                return
             if job.id not in self.jobs:
                 return  # failed validation
         status = job.batch["status"]
@@ -214,6 +235,44 @@ class BatchRunner:
             await self._begin_end(job, "completed")
         if job.batch["status"] in ("cancelling", "finalizing") and not job.running:
             await self._finalize(job)
+
+    async def _stumbled(self, job: BatchJob, failures: int, exc: Exception) -> None:
+        """A step of this batch raised: try it again later, or end it after a few tries."""
+        logger.error("batch %s: step failed (%d of %d tries)", job.id, failures,
+                     _GIVE_UP_AFTER, exc_info=exc)
+        self._trouble[job.id] = (failures, time.monotonic() + 2.0 ** (failures - 1))
+        if failures < _GIVE_UP_AFTER:
+            return
+        if job.running:  # its lines stop first; it ends on its next try
+            for cancel in job.running.values():
+                cancel.set()
+            return
+        try:
+            await self._end_broken(job, f"the batch failed {failures} times in a row "
+                                   f"({type(exc).__name__}); it was stopped")
+        except (LeaseLost, StateUnavailable):
+            pass
+        except Exception:  # it cannot even be ended: stays, retried at the slowest pace
+            logger.exception("batch %s could not be ended", job.id)
+
+    async def _end_broken(self, job: BatchJob, reason: str) -> None:
+        """End a batch that cannot go on: failed with `reason` in its errors, or cancelled
+        or expired if it was asked to or its window is over. What ran is kept."""
+        batch = job.batch
+        problem = batch_lines.FileProblem("batch_failed", reason)  # no traceback: just why
+        batch["errors"] = {"object": "list", "data": [problem.as_dict()]}
+        if batch["status"] != "cancelling":
+            batch["_final"] = "expired" if time.time() >= batch["expires_at"] else "failed"
+            set_status(batch, "finalizing")
+        try:
+            await self._finalize(job)
+        except (LeaseLost, StateUnavailable):
+            raise
+        except Exception:  # writing the output files failed too: at least end the batch
+            logger.exception("batch %s: its output files could not be written", job.id)
+            set_status(batch, batch.pop("_final", None) or "cancelled")
+            await self._save_final(job)
+        logger.warning("batch %s ended %s: %s", job.id, batch["status"], reason)
 
     async def _shared_tick(self) -> None:
         """Claim the batches nobody runs, act on cancels asked on other replicas, and
@@ -263,6 +322,7 @@ class BatchRunner:
         """Another replica holds the batch now: stop its lines here, forget it."""
         job = self.jobs.pop(batch_id, None)
         self.batches.pop(batch_id, None)
+        self._trouble.pop(batch_id, None)
         self._published.pop(batch_id, None)
         if self.leases is not None:
             self.leases.held.discard(batch_id)
@@ -404,6 +464,7 @@ class BatchRunner:
 
     async def _save_final(self, job: BatchJob) -> None:
         await self._save(job.batch)
+        self._trouble.pop(job.id, None)
         if job.images:
             await asyncio.to_thread(self.store.drop_images, job.id)
         self.jobs.pop(job.id, None)
