@@ -333,20 +333,28 @@ class BatchRunner:
                            "lines here stop", batch_id, len(job.running))
 
     def _launch(self) -> None:
+        """Fill the free places one line at a time, each to the owner with the fewest lines
+        in the engine, and within it to its batch with the fewest (ties: the oldest): a
+        big batch never makes another key's small one wait for it to finish."""
         now = time.monotonic()
-        for job in sorted(self.jobs.values(), key=lambda j: order_key(j.batch)):
-            if job.batch["status"] != "in_progress":
+        ready = [job for job in sorted(self.jobs.values(), key=lambda j: order_key(j.batch))
+                 if job.batch["status"] == "in_progress"]
+        owners: dict[str, int] = {}
+        for job in self.jobs.values():
+            owners[job.owner] = owners.get(job.owner, 0) + len(job.running)
+        while self.in_flight < self.limit and ready:
+            job = min(ready, key=lambda j: (owners[j.owner], len(j.running)))
+            line = job.next_line(now)
+            if line is None:  # nothing to run now (done, running or waiting to retry)
+                ready.remove(job)
                 continue
-            while self.in_flight < self.limit:
-                line = job.next_line(now)
-                if line is None:
-                    break
-                cancel = asyncio.Event()
-                job.running[line.index] = cancel
-                self.in_flight += 1
-                task = asyncio.create_task(self._run_line(job, line, cancel))
-                self._lines.add(task)
-                task.add_done_callback(self._lines.discard)
+            cancel = asyncio.Event()
+            job.running[line.index] = cancel
+            owners[job.owner] += 1
+            self.in_flight += 1
+            task = asyncio.create_task(self._run_line(job, line, cancel))
+            self._lines.add(task)
+            task.add_done_callback(self._lines.discard)
 
     async def _run_line(self, job: BatchJob, line: batch_lines.RequestLine,
                         cancel: asyncio.Event) -> None:
