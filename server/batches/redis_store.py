@@ -45,10 +45,10 @@ _OPEN = PREFIX + "open"
 _ENDED = PREFIX + "ended"
 _EXPIRY = PREFIX + "expiry"
 
-# KEYS: lease results. ARGV: token line.  1 appended, 0 not the holder.
+# KEYS: lease results. ARGV: token line...  1 appended, 0 not the holder.
 _APPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[2])
+for i = 2, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 return 1
 """
 # KEYS: lease rec owner open cancel ended. ARGV: token data id created_us ended_at
@@ -260,11 +260,15 @@ class RedisBatchStore:
     def append_result(self, batch_id: str, result: dict[str, Any]) -> None:
         """Append one finished request, atomically with the check that this replica still
         holds the batch; LeaseLost otherwise (the line's answer is dropped, never doubled)."""
-        line = json.dumps(result, separators=(",", ":"))
+        self.append_results(batch_id, [result])
+
+    def append_results(self, batch_id: str, results: list[dict[str, Any]]) -> None:
+        """Append several in one script: all or none, one round trip."""
+        lines = [json.dumps(r, separators=(",", ":")) for r in results]
         with _guard():
             kept = self._scripts["append"](
                 keys=[_k("lease", batch_id), _k("results", batch_id)],
-                args=[self.token, line])
+                args=[self.token, *lines])
         if not kept:
             raise LeaseLost(batch_id)
 

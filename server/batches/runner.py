@@ -434,14 +434,15 @@ class BatchRunner:
         final = "cancelled" if batch["status"] == "cancelling" else batch.get("_final",
                                                                              "completed")
         if final == "expired":  # OpenAI's entry for each request the window left unrun
-            for line in job.lines:
-                if line.index not in job.done:
-                    result = result_line(line, None, None, None, {
-                        "code": "batch_expired", "message": "This request could not be "
-                        "executed before the completion window expired."})
-                    await asyncio.to_thread(self.store.append_result, job.id, result)
-                    job.record(result)
-                    self.state.metrics.batch_requests.labels("failed").inc()
+            unrun = [result_line(line, None, None, None, {
+                "code": "batch_expired", "message": "This request could not be executed "
+                "before the completion window expired."})
+                for line in job.lines if line.index not in job.done]
+            if unrun:  # one append, one fsync: 50,000 of them must not hold the runner
+                await asyncio.to_thread(self.store.append_results, job.id, unrun)
+            for result in unrun:
+                job.record(result)
+            self.state.metrics.batch_requests.labels("failed").inc(len(unrun))
         elif final == "cancelled":
             self.state.metrics.batch_requests.labels("cancelled").inc(
                 max(0, len(job.lines) - len(job.done)))

@@ -204,7 +204,12 @@ class BatchStore:
 
     def append_result(self, batch_id: str, result: dict[str, Any]) -> None:
         """Append one finished request durably (flushed and fsync'd before returning)."""
-        line = (json.dumps(result, separators=(",", ":")) + "\n").encode()
+        self.append_results(batch_id, [result])
+
+    def append_results(self, batch_id: str, results: list[dict[str, Any]]) -> None:
+        """Append several at once: one write and one fsync, all or none (an expired batch
+        records every line it never ran in one go)."""
+        line = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in results).encode()
         # Unbuffered: a failed write is this call's, not a later flush's.
         with self._lock, (self._batches / f"{batch_id}.results").open("ab", buffering=0) as out:
             end = out.tell()
