@@ -31,13 +31,20 @@ from server.uploads import StoredFile, UploadRefused
 
 router = APIRouter()
 
+# What an upload may be for, by what this server can do with it: an image a chat names by
+# file_id ("vision"; "user_data" is OpenAI's purpose for a chat's file inputs), or a batch
+# input. Output files ("batch_output") are only ever written by batches.
+IMAGE_PURPOSES = frozenset({"vision", "user_data"})
+PURPOSES = IMAGE_PURPOSES | {"batch"}
+
 
 # The form is read by server.api.multipart (bounded, in memory), so it is declared by hand.
 _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"],
     "properties": {"file": {"type": "string", "format": "binary",
                             "description": "a JPEG, PNG, WebP, GIF or BMP image"},
-                   "purpose": {"type": "string", "default": "vision"},
+                   "purpose": {"type": "string", "default": "vision",
+                               "enum": sorted(PURPOSES)},
                    "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
                    "expires_after[seconds]": {
                        "type": "integer", "minimum": MIN_S, "maximum": MAX_S,
@@ -55,6 +62,10 @@ async def upload_file(request: Request) -> JSONResponse:
     if form.file_field is None:
         raise APIError(400, "the form has no file part", param="file", code="invalid_upload")
     purpose = form.fields.get("purpose", "vision")
+    if purpose not in PURPOSES:  # stored as asked, it would only mislead a purpose filter
+        raise APIError(400, f"purpose {purpose!r} is not served here; use one of "
+                       f"{', '.join(sorted(PURPOSES))} (images: vision or user_data; "
+                       "batch input files: batch)", param="purpose", code="invalid_purpose")
     if purpose == "batch":
         return JSONResponse(await batch_files.upload(form, state, client_identity(request.scope)))
     if settings.mmproj is None:  # nothing could use it: refused before decoding
@@ -90,8 +101,10 @@ async def upload_file(request: Request) -> JSONResponse:
 @router.get("/files", responses=responses(FileList, 400))
 async def list_files(request: Request, after: str | None = None,
                      limit: int = Query(10_000, ge=1, le=10_000),
-                     order: Literal["asc", "desc"] = "desc") -> JSONResponse:
-    """Cursor-paginated like OpenAI's (`after`, `limit`, `has_more`), which the SDK follows.
+                     order: Literal["asc", "desc"] = "desc",
+                     purpose: str | None = Query(None, max_length=64)) -> JSONResponse:
+    """Cursor-paginated like OpenAI's (`after`, `limit`, `has_more`), which the SDK follows;
+    `purpose` keeps only the files of that purpose (`batch`: inputs, not outputs).
 
     Pages follow a total order (creation time to the microsecond, then id) that reading
     never changes; an `after` that names none of the caller's files is a 400, not an empty
@@ -101,6 +114,8 @@ async def list_files(request: Request, after: str | None = None,
     client = client_identity(request.scope)
     listed: list[StoredFile | BatchFile] = [*await state.uploads.list(client),
                                             *await batch_files.listing(state, client)]
+    if purpose is not None:  # a cleanup of one purpose must not see (and delete) the others
+        listed = [f for f in listed if f.purpose == purpose]
     files = sorted(listed, key=lambda f: f.order_key)
     if order == "desc":
         files.reverse()
