@@ -5,14 +5,19 @@ does (the file goes for its owner at once, its bytes stay until the batch has en
 from __future__ import annotations
 
 import io
+import os
+import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from conftest import RunningServer, start_server, stop_server
 from helpers import photo_bytes
-from test_batches import jsonl, read_lines, request_line, upload_batch
+from test_batch_resume import results_on_disk
+from test_batches import jsonl, read_lines, request_line, upload_batch, wait_batch
 
 from server.demo_model import DemoModelPaths
 
@@ -77,3 +82,82 @@ def test_listing_by_purpose_keeps_a_batch_cleanup_off_other_files(
     # The cursor runs over the filtered listing, as the SDK's auto-paging expects.
     paged = [f.id for f in client.files.list(purpose="batch_output", limit=1)]
     assert paged == [done.output_file_id]
+
+
+LINES = 20
+TOKENS = 300
+
+
+def test_deleting_a_running_batchs_input_keeps_its_bytes_until_it_ends(
+        demo_model: DemoModelPaths, tmp_path: Path) -> None:
+    """DELETE answers deleted and the file is gone for its owner, but the bytes stay: the
+    batch killed after the delete resumes on restart and finishes every line (it used to
+    fail, its results log dropped with no output file). Once it ended, the sweep takes
+    them."""
+    batch_dir = tmp_path / "batches"
+    env = {"VLSERVE_BATCH_DIR": str(batch_dir), "VLSERVE_BATCH_IN_FLIGHT": "1",
+           "VLSERVE_MAX_TOKENS_CAP": str(TOKENS),
+           # Sweeps every 3 s (a tenth of it), so the test sees the bytes go.
+           "VLSERVE_BATCH_RETENTION_S": "30"}
+    first = start_server(demo_model, tmp_path / "first.log", "--n-parallel", "1", env=env)
+    try:
+        client = sdk(first, "unused")
+        data = jsonl([request_line(f"line-{i}", [{"role": "user", "content": f"Count {i}"}],
+                                   max_tokens=TOKENS, ignore_eos=True) for i in range(LINES)])
+        uploaded = upload_batch(client, data)
+        batch = client.batches.create(input_file_id=uploaded.id,
+                                      endpoint="/v1/chat/completions", completion_window="24h")
+        deadline = time.monotonic() + 120
+        while len(results_on_disk(batch_dir, batch.id)) < 2:
+            assert time.monotonic() < deadline, "the batch made no progress"
+            time.sleep(0.01)
+        deleted = client.files.delete(uploaded.id)
+        assert deleted.deleted and deleted.id == uploaded.id
+        with pytest.raises(openai.NotFoundError):
+            client.files.retrieve(uploaded.id)
+        with pytest.raises(openai.NotFoundError):
+            client.files.delete(uploaded.id)  # deleted once
+        assert uploaded.id not in [f.id for f in client.files.list()]
+        with pytest.raises(openai.BadRequestError, match="no batch file"):
+            client.batches.create(input_file_id=uploaded.id,
+                                  endpoint="/v1/chat/completions", completion_window="24h")
+        input_data = batch_dir / "files" / f"{uploaded.id}.data"
+        assert input_data.read_bytes() == data  # still there for the running batch
+        os.kill(first.process.pid, signal.SIGKILL)
+        first.process.wait(timeout=30)
+    finally:
+        stop_server(first)
+    before = len(results_on_disk(batch_dir, batch.id))
+    assert 2 <= before < LINES, "the batch finished before the kill: make lines longer"
+
+    second = start_server(demo_model, tmp_path / "second.log", "--n-parallel", "1", env=env)
+    try:
+        client = sdk(second, "unused")
+        done = wait_batch(second, batch.id, {"completed", "failed"})
+        assert done.status == "completed", done
+        assert done.request_counts is not None and done.request_counts.completed == LINES
+        assert set(read_lines(client, done.output_file_id)) == {
+            f"line-{i}" for i in range(LINES)}
+        with pytest.raises(openai.NotFoundError):
+            client.files.retrieve(uploaded.id)  # still deleted after the restart
+        deadline = time.monotonic() + 30
+        while input_data.exists():  # no longer needed: the sweep takes it
+            assert time.monotonic() < deadline, "the deleted input's bytes stayed"
+            time.sleep(0.1)
+        assert not input_data.with_suffix(".json").exists()
+    finally:
+        stop_server(second)
+
+
+def test_deleting_an_idle_batch_file_frees_its_bytes_at_once(
+        files_server: RunningServer) -> None:
+    client = sdk(files_server, "key-a")
+    uploaded = upload_batch(client, jsonl([request_line("x", [])]))
+    files = files_server.log_path.parent / "batches" / "files"
+    assert (files / f"{uploaded.id}.data").exists()
+    assert client.files.delete(uploaded.id).deleted
+    assert not (files / f"{uploaded.id}.data").exists()
+    assert not (files / f"{uploaded.id}.json").exists()
+    answer = httpx.get(f"{files_server.api}/files/{uploaded.id}", timeout=10,
+                       headers={"Authorization": "Bearer key-a"})
+    assert answer.status_code == 404

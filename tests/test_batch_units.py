@@ -135,3 +135,16 @@ def test_parse_makes_a_line_error_of_any_wrong_type_or_too_deep_json() -> None:
         (3, "d", True, 'method must be "POST"'),
         (4, None, True, "the line's JSON is nested too deeply"),
         (5, "e", True, "body must be a JSON object")]
+
+
+def test_an_expired_file_is_hidden_but_its_bytes_stay_for_the_batch_reading_it(
+        tmp_path: Path) -> None:
+    store = BatchStore(tmp_path)
+    record = store.add_file("in.jsonl", "batch", b"data\n", "me", ttl_s=None)
+    store.expire_file(record.id, 1000.0)
+    assert store.get_file(record.id) is None and store.list_files("me") == []
+    assert store.file_bytes(record.id) == b"data\n"  # the running batch still reads it
+    assert store.sweep(2000.0, None, keep={record.id}).files == []
+    assert store.file_bytes(record.id) == b"data\n"
+    assert store.sweep(2000.0, None, keep=set()).files == [record.id]  # the batch ended
+    assert not list((tmp_path / "files").iterdir())

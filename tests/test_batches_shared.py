@@ -310,6 +310,21 @@ def test_only_the_lease_holder_appends_results_or_saves_the_record(
     assert [r["custom_id"] for r in two.read_results("batch_x")] == ["a", "b"]
 
 
+def test_an_expired_file_is_hidden_but_its_bytes_stay_for_the_batch_reading_it(
+        stores: tuple[RedisBatchStore, RedisBatchStore]) -> None:
+    one, two = stores
+    record = one.add_file("in.jsonl", "batch", b"data\n", "me", ttl_s=None)
+    now = time.time()
+    one.expire_file(record.id, now)
+    assert two.get_file(record.id) is None and two.list_files("me") == []
+    assert two.file_bytes(record.id) == b"data\n"  # the running batch still reads it
+    assert two.sweep(now + 1, None, keep={record.id}).files == []
+    assert two.file_bytes(record.id) == b"data\n"
+    assert two.sweep(now + 1, None, keep=set()).files == [record.id]  # the batch ended
+    with pytest.raises(FileNotFoundError):
+        two.file_bytes(record.id)
+
+
 def test_a_cancel_asked_elsewhere_shows_at_once_and_ends_with_the_batch(
         stores: tuple[RedisBatchStore, RedisBatchStore]) -> None:
     one, two = stores

@@ -4,11 +4,13 @@ with their own limits (batch_max_bytes, batch_max_lines), listed beside image up
 from __future__ import annotations
 
 import asyncio
+import time
 
 from server.api.errors import APIError
 from server.api.expiry import form_expiry
 from server.api.multipart import UploadForm, too_large
 from server.api.state import AppState
+from server.batches import views
 from server.batches.lines import check_upload
 from server.batches.store import BatchFile
 
@@ -37,10 +39,18 @@ async def listing(state: AppState, owner: str) -> list[BatchFile]:
 
 
 async def delete(state: AppState, file_id: str, owner: str) -> bool:
+    """Gone for the owner at once, as OpenAI's; the bytes go now, or, for the input of a
+    batch still running (or waiting to resume), once the sweep finds it ended: deleting
+    them under it would fail it after a restart and lose its finished lines."""
     record = await lookup(state, file_id, owner)
     if record is None:
         return False
-    await asyncio.to_thread(state.batch_store.delete_file, file_id)
+    store = state.batch_store
+    # Hidden first: a batch created from here on cannot name it, so the check below sees
+    # every batch that reads it (but one created in the instant between: it fails, unrun).
+    await asyncio.to_thread(store.expire_file, file_id, time.time())
+    if state.batches is None or file_id not in await views.inputs_in_use(state.batches):
+        await asyncio.to_thread(store.delete_file, file_id)
     return True
 
 

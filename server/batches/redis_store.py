@@ -28,7 +28,7 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import redis
@@ -141,6 +141,22 @@ class RedisBatchStore:
         if data is None:
             raise FileNotFoundError(file_id)  # as the disk store's read of a deleted file
         return bytes(data)
+
+    def expire_file(self, file_id: str, now: float) -> None:
+        """As the disk store's: hidden from now on, deleted by a sweep that spares it while
+        an unfinished batch reads it."""
+        with _guard():
+            head = self._client.hget(_k("file", file_id), "head")
+            if head is None:
+                return
+            record = BatchFile(**json.loads(head))
+            if record.expired(now):
+                return
+            pipe = self._client.pipeline()
+            pipe.hset(_k("file", file_id), "head",
+                      json.dumps(asdict(replace(record, expires_at=int(now)))))
+            pipe.zadd(_EXPIRY, {file_id: int(now)})
+            pipe.execute()
 
     def delete_file(self, file_id: str) -> None:
         with _guard():

@@ -28,7 +28,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,14 @@ class BatchStore:
         """The bytes, expired or not: a running batch reads its input until the sweep,
         which spares the inputs of unfinished batches, deletes it."""
         return (self._files / f"{file_id}.data").read_bytes()
+
+    def expire_file(self, file_id: str, now: float) -> None:
+        """Hide the file from now on (a GET, listing or new batch misses it) but keep its
+        bytes: the sweep deletes them once no unfinished batch reads them."""
+        record = self._read_file(file_id)
+        if record is not None and not record.expired(now):
+            _write_atomic(self._files / f"{file_id}.json",
+                          json.dumps(asdict(replace(record, expires_at=int(now)))).encode())
 
     def delete_file(self, file_id: str) -> None:
         for suffix in (".json", ".data"):  # the record first: a half-deleted file is absent

@@ -32,3 +32,13 @@ async def owned(runner: BatchRunner, owner: str) -> list[dict[str, Any]]:
     mine = {b["id"]: b for b in await asyncio.to_thread(store.list_batches, owner)}
     mine.update((job.id, job.batch) for job in runner.jobs.values() if job.owner == owner)
     return sorted(mine.values(), key=order_key, reverse=True)
+
+
+async def inputs_in_use(runner: BatchRunner) -> set[str]:
+    """The input files of batches not finished yet, on any replica: their bytes must stay
+    until those batches end, whatever happens to the files' records."""
+    store = runner.store
+    if not isinstance(store, RedisBatchStore):  # the runner holds every unfinished batch
+        return {job.batch["input_file_id"] for job in runner.jobs.values()}
+    return {b["input_file_id"] for b in await asyncio.to_thread(
+        lambda: list(store.load_batches()))}
