@@ -148,3 +148,12 @@ def test_an_expired_file_is_hidden_but_its_bytes_stay_for_the_batch_reading_it(
     assert store.file_bytes(record.id) == b"data\n"
     assert store.sweep(2000.0, None, keep=set()).files == [record.id]  # the batch ended
     assert not list((tmp_path / "files").iterdir())
+
+
+def test_errors_name_lines_by_their_number_in_the_file_blank_lines_counted() -> None:
+    data = b"\n".join([b"", line("a"), b"  ", b"", line("b"), line("a")]) + b"\n"
+    lines, problems = parse(data, ENDPOINT, 10)
+    assert [x.index for x in lines] == [0, 1, 2]  # resume's identity: unchanged
+    assert [(p.code, p.line) for p in problems] == [("duplicate_custom_id", 6)]
+    assert "used by lines 2 and 6" in problems[0].message
+

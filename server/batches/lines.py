@@ -26,6 +26,7 @@ def _spellings(endpoint: str) -> set[str]:
 @dataclass(frozen=True)
 class RequestLine:
     index: int  # 0-based among the file's non-blank lines: the line's identity on resume
+    # (errors name a line by its number in the file: line_numbers)
     custom_id: str | None
     body: dict[str, Any] | None  # None: the line is bad, `error` says why
     error: str | None = None
@@ -44,6 +45,12 @@ class FileProblem:
 def split_lines(data: bytes) -> list[bytes]:
     """The file's non-blank lines."""
     return [line for line in data.split(b"\n") if line.strip()]
+
+
+def line_numbers(data: bytes) -> list[int]:
+    """Each non-blank line's number in the file (1-based, blank lines counted), as OpenAI's
+    batch errors give it; RequestLine.index, which resume goes by, skips blank lines."""
+    return [n for n, line in enumerate(data.split(b"\n"), 1) if line.strip()]
 
 
 def check_upload(data: bytes, max_lines: int) -> str | None:
@@ -67,17 +74,18 @@ def parse(data: bytes, endpoint: str, max_lines: int
     if refusal is not None:
         return [], [FileProblem("invalid_file", refusal)]
     lines = [_parse_line(i, raw, endpoint) for i, raw in enumerate(split_lines(data))]
-    seen: dict[str, int] = {}
+    numbers = line_numbers(data)
+    seen: dict[str, int] = {}  # custom_id -> the number of the first line using it
     problems: list[FileProblem] = []
     for line in lines:
         if line.custom_id is None:
             continue
+        number = numbers[line.index]
         if line.custom_id in seen:
             problems.append(FileProblem(
                 "duplicate_custom_id", f"custom_id {line.custom_id!r} is used by lines "
-                f"{seen[line.custom_id] + 1} and {line.index + 1}; each must be unique",
-                line.index + 1))
-        seen.setdefault(line.custom_id, line.index)
+                f"{seen[line.custom_id]} and {number}; each must be unique", number))
+        seen.setdefault(line.custom_id, number)
     return lines, problems
 
 
