@@ -5,6 +5,7 @@ does (the file goes for its owner at once, its bytes stay until the batch has en
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import time
@@ -161,3 +162,28 @@ def test_deleting_an_idle_batch_file_frees_its_bytes_at_once(
     answer = httpx.get(f"{files_server.api}/files/{uploaded.id}", timeout=10,
                        headers={"Authorization": "Bearer key-a"})
     assert answer.status_code == 404
+
+
+def test_a_failed_batchs_errors_are_bounded_and_name_lines_as_the_file_counts_them(
+        files_server: RunningServer) -> None:
+    client = sdk(files_server, "key-a")
+    one = json.dumps(request_line("same", [{"role": "user", "content": "Hi"}])).encode()
+    # A blank line first and between: errors count them, as a text editor (and OpenAI) do.
+    data = b"\n" + one + b"\n\n" + b"\n".join([one] * 3000) + b"\n"
+    batch = client.batches.create(input_file_id=upload_batch(client, data).id,
+                                  endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 60
+    while (done := client.batches.retrieve(batch.id)).status not in ("completed", "failed"):
+        assert time.monotonic() < deadline, done
+        time.sleep(0.1)
+    assert done.status == "failed" and done.errors is not None and done.errors.data
+    errors = done.errors.data
+    assert len(errors) == 101  # 3,000 problems: the first 100, then how many more
+    assert [(e.code, e.line) for e in errors[:2]] == [("duplicate_custom_id", 4),
+                                                      ("duplicate_custom_id", 5)]
+    assert "used by lines 2 and 4" in str(errors[0].message)
+    assert errors[-1].code == "too_many_errors" and errors[-1].line is None
+    assert str(errors[-1].message).startswith("2,900 more problems")
+    listed = httpx.get(f"{files_server.api}/batches", headers={"Authorization": "Bearer key-a"},
+                       timeout=10)
+    assert len(listed.content) < 64 * 1024  # was ~3.6 MB for this one batch

@@ -157,3 +157,10 @@ def test_errors_name_lines_by_their_number_in_the_file_blank_lines_counted() -> 
     assert [(p.code, p.line) for p in problems] == [("duplicate_custom_id", 6)]
     assert "used by lines 2 and 6" in problems[0].message
 
+
+def test_a_file_of_one_repeated_custom_id_lists_a_bounded_number_of_problems() -> None:
+    _, problems = parse(b"\n".join([line("same")] * 5000), ENDPOINT, 10_000)
+    assert len(problems) == 101
+    assert [p.line for p in problems[:100]] == list(range(2, 102))
+    assert problems[-1].code == "too_many_errors" and problems[-1].line is None
+    assert problems[-1].message.startswith("4,899 more problems")

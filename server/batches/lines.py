@@ -42,6 +42,11 @@ class FileProblem:
         return {"code": self.code, "message": self.message, "param": None, "line": self.line}
 
 
+# Problems listed in a failed batch's `errors.data`, at most (then one entry says how many
+# more): a file of one custom_id repeated 50,000 times must not make a megabyte object.
+MAX_PROBLEMS = 100
+
+
 def split_lines(data: bytes) -> list[bytes]:
     """The file's non-blank lines."""
     return [line for line in data.split(b"\n") if line.strip()]
@@ -86,7 +91,17 @@ def parse(data: bytes, endpoint: str, max_lines: int
                 "duplicate_custom_id", f"custom_id {line.custom_id!r} is used by lines "
                 f"{seen[line.custom_id]} and {number}; each must be unique", number))
         seen.setdefault(line.custom_id, number)
-    return lines, problems
+    return lines, capped(problems)
+
+
+def capped(problems: list[FileProblem]) -> list[FileProblem]:
+    """The first MAX_PROBLEMS, then one entry saying how many more were left out."""
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    more = len(problems) - MAX_PROBLEMS
+    return [*problems[:MAX_PROBLEMS], FileProblem(
+        "too_many_errors", f"{more:,} more problems of this file are not listed (the first "
+        f"{MAX_PROBLEMS} are)")]
 
 
 def _parse_line(index: int, raw: bytes, endpoint: str) -> RequestLine:
