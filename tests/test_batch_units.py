@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -164,3 +166,26 @@ def test_a_file_of_one_repeated_custom_id_lists_a_bounded_number_of_problems() -
     assert [p.line for p in problems[:100]] == list(range(2, 102))
     assert problems[-1].code == "too_many_errors" and problems[-1].line is None
     assert problems[-1].message.startswith("4,899 more problems")
+
+
+def test_the_sweep_deletes_what_interrupted_writes_left_once_they_are_old(
+        tmp_path: Path) -> None:
+    store = BatchStore(tmp_path)
+    kept = store.add_file("in.jsonl", "batch", b"data\n", "me", ttl_s=None)
+    store.save_batch("batch_1", b'{"id": "batch_1", "status": "in_progress"}', 1)
+    files, batches = tmp_path / "files", tmp_path / "batches"
+    (batches / "batch_1.images").mkdir()
+    old = [files / "file-aa.data",  # killed between the bytes and the record
+           files / f"{kept.id}.json.tmp", batches / "batch_1.json.tmp",
+           batches / "batch_1.images" / "file-bb.rgb.tmp"]
+    young = [files / "file-cc.data", files / "file-cc.json.tmp"]  # a write under way
+    now = time.time()
+    for path in old + young:
+        path.write_bytes(b"x")
+    for path in old:
+        os.utime(path, (now - 3601, now - 3601))
+    swept = store.sweep(now, None, keep=set())
+    assert [p.name for p in old if p.exists()] == [] and all(p.exists() for p in young)
+    assert sorted(swept.leftovers) == sorted(str(p.relative_to(tmp_path)) for p in old)
+    assert store.file_bytes(kept.id) == b"data\n" and store.get_file(kept.id) == kept
+    assert [b["id"] for b in store.load_batches()] == ["batch_1"]

@@ -11,7 +11,9 @@ changing. Layout under the root:
     batches/<batch id>.images/  the uploaded images its lines name, decoded, until it ends
 
 Nothing stays forever (`sweep`): a file goes once its `expires_at` has passed (OpenAI's
-default for batch files: 30 days), a finished batch `batch_retention_s` after it ended.
+default for batch files: 30 days), a finished batch `batch_retention_s` after it ended,
+and what a write killed half-way left (temporary files, bytes without a record) an hour
+after it was written.
 A results log goes as soon as its batch has written its output and error files.
 
 A results line is written once its request has finished, before anything else learns of
@@ -23,16 +25,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from server.batches.job import TERMINAL, ended_at
+
+logger = logging.getLogger("vlserve.batches")
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,12 @@ class Swept:
 
     files: list[str]
     batches: list[str]
+    leftovers: list[str] = field(default_factory=list)  # names of interrupted writes
+
+
+# A temporary file, or a file's bytes without its record, this old is what a write killed
+# half-way left (a kill -9, a power cut); younger ones may be a write under way.
+LEFTOVER_S = 3600
 
 
 class BatchStore:
@@ -180,7 +191,26 @@ class BatchStore:
                    and ended_at(b) + retention_s <= now]
         for batch_id in old:
             self.delete_batch(batch_id)
-        return Swept(expired, old)
+        leftovers = self._sweep_leftovers(now)
+        if leftovers:
+            logger.info("deleted %d leftovers of interrupted writes under %s: %s",
+                        len(leftovers), self.root, ", ".join(leftovers[:10]))
+        return Swept(expired, old, leftovers)
+
+    def _sweep_leftovers(self, now: float) -> list[str]:
+        """Delete what a write killed half-way left, LEFTOVER_S after it was last written:
+        `<name>.tmp` (_write_atomic's) and a file's bytes without a record (add_file writes
+        the bytes first). Nothing else would ever find them: listings go by records."""
+        found = [*self._files.glob("*.tmp"), *self._batches.glob("*.tmp"),
+                 *self._batches.glob("*.images/*.tmp"),
+                 *(p for p in self._files.glob("*.data") if not p.with_suffix(".json").exists())]
+        deleted: list[str] = []
+        for path in found:
+            with contextlib.suppress(FileNotFoundError):  # renamed or deleted meanwhile
+                if path.stat().st_mtime + LEFTOVER_S <= now:
+                    path.unlink()
+                    deleted.append(str(path.relative_to(self.root)))
+        return deleted
 
     def load_batches(self) -> Iterator[dict[str, Any]]:
         for path in sorted(self._batches.glob("*.json")):
