@@ -187,3 +187,30 @@ def test_a_failed_batchs_errors_are_bounded_and_name_lines_as_the_file_counts_th
     listed = httpx.get(f"{files_server.api}/batches", headers={"Authorization": "Bearer key-a"},
                        timeout=10)
     assert len(listed.content) < 64 * 1024  # was ~3.6 MB for this one batch
+
+
+def test_completion_window_and_expires_after_are_whole_and_bounded(
+        files_server: RunningServer) -> None:
+    client = sdk(files_server, "key-a")
+    headers = {"Authorization": "Bearer key-a"}
+    uploaded = upload_batch(client, jsonl([request_line("x", [{"role": "user",
+                                                                "content": "Hi"}])]))
+    for window in ("24h\n", "8d", "169h", "99999999d", "0h", "24 h", "1.5h"):
+        answer = httpx.post(f"{files_server.api}/batches", headers=headers, timeout=10, json={
+            "input_file_id": uploaded.id, "endpoint": "/v1/chat/completions",
+            "completion_window": window})
+        assert answer.status_code == 400, (window, answer.text)
+        error = answer.json()["error"]
+        assert error["param"] == "completion_window", error
+        assert "at most 7 days" in error["message"] and repr(window) in error["message"]
+    longest = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                    completion_window="7d")  # type: ignore[arg-type]
+    assert longest.expires_at == longest.created_at + 7 * 86400
+    assert longest.completion_window == "7d"
+    for seconds in ("³³³³", " 3600", "3600\n", "36e2", "2592001"):
+        answer = httpx.post(f"{files_server.api}/files", headers=headers, timeout=10,
+                            files={"file": ("in.jsonl", jsonl([request_line("x", [])]))},
+                            data={"purpose": "batch", "expires_after[anchor]": "created_at",
+                                  "expires_after[seconds]": seconds})
+        assert answer.status_code == 400, (seconds, answer.text)
+        assert answer.json()["error"]["param"] == "expires_after.seconds"

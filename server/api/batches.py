@@ -15,7 +15,7 @@ from server.api.item_pages import list_page
 from server.api.openapi import responses
 from server.api.state import AppState
 from server.batches import views
-from server.batches.job import new_batch, public, window_seconds
+from server.batches.job import MAX_WINDOW_S, new_batch, public, window_seconds
 from server.batches.lines import ENDPOINTS
 from server.batches.runner import BatchRunner
 
@@ -30,8 +30,10 @@ async def create_batch(body: BatchCreateRequest, request: Request) -> JSONRespon
         raise APIError(400, f"endpoint {body.endpoint!r} is not supported; use one of "
                        f"{', '.join(ENDPOINTS)}", param="endpoint", code="invalid_endpoint")
     if window_seconds(body.completion_window) is None:
-        raise APIError(400, "completion_window must be a duration such as \"24h\"",
-                       param="completion_window", code="invalid_completion_window")
+        raise APIError(400, "completion_window must be a whole number of s, m, h or d "
+                       f"such as \"24h\", at most {MAX_WINDOW_S // 86400} days ("
+                       f"{body.completion_window!r} is not)", param="completion_window",
+                       code="invalid_completion_window")
     for key, value in (body.metadata or {}).items():
         if len(key) > 64 or len(value) > 512:
             raise APIError(400, "metadata keys are at most 64 characters, values at most "

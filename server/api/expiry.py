@@ -4,6 +4,7 @@ sends them) and a batch's `output_expires_after` (JSON)."""
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,7 +30,9 @@ def form_expiry(fields: dict[str, str]) -> int | None:
     if anchor != "created_at":
         raise APIError(400, "expires_after[anchor] must be \"created_at\"",
                        param="expires_after.anchor", code="invalid_expires_after")
-    if seconds is None or not seconds.strip().isdigit() or not MIN_S <= int(seconds) <= MAX_S:
+    # ASCII digits only: str.isdigit() also takes "³", which int() refuses (a 500).
+    if seconds is None or not re.fullmatch(r"[0-9]{1,10}", seconds) or \
+            not MIN_S <= int(seconds) <= MAX_S:
         raise APIError(400, f"expires_after[seconds] must be a whole number of seconds from "
                        f"{MIN_S} to {MAX_S}", param="expires_after.seconds",
                        code="invalid_expires_after")

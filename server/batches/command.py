@@ -85,9 +85,12 @@ class LocalBackend:
         self.state = app.state.vlserve
 
     async def submit(self, data: bytes, window: str) -> str:
-        from server.batches.job import new_batch
+        from server.batches.job import MAX_WINDOW_S, new_batch, window_seconds
         from server.batches.lines import check_upload
 
+        if window_seconds(window) is None:  # as the API's 400, not new_batch's assert
+            raise SystemExit(f"vlserve batch: --completion-window {window!r}: a whole number "
+                             f"of s, m, h or d, at most {MAX_WINDOW_S // 86400} days")
         refusal = check_upload(data, self.state.settings.batch_max_lines)
         if refusal is not None:
             raise SystemExit(f"vlserve batch: {refusal}")

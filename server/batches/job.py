@@ -21,14 +21,21 @@ from server.uploads import StoredFile
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "expired",
             "cancelling", "cancelled")
-_WINDOW = re.compile(r"^([1-9][0-9]*)([smhd])$")
+_WINDOW = re.compile(r"([1-9][0-9]{0,6})([smhd])")  # whole: fullmatch, no "24h\n"
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# The longest completion window taken: a batch holds its input, results log and images
+# until it ends, so a window of years would keep them (and its expires_at) that long.
+MAX_WINDOW_S = 7 * 86400
 
 
 def window_seconds(window: str) -> int | None:
-    """"24h" (OpenAI's only value) and other whole durations ("30m", "2d"); None if not one."""
-    match = _WINDOW.match(window)
-    return int(match.group(1)) * _UNIT_S[match.group(2)] if match else None
+    """"24h" (OpenAI's only value) and other whole durations ("30m", "2d") up to
+    MAX_WINDOW_S; None if not one."""
+    match = _WINDOW.fullmatch(window)
+    if match is None:
+        return None
+    seconds = int(match.group(1)) * _UNIT_S[match.group(2)]
+    return seconds if seconds <= MAX_WINDOW_S else None
 
 
 def new_batch(owner: str, input_file_id: str, endpoint: str, window: str,
