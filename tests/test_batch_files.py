@@ -214,3 +214,71 @@ def test_completion_window_and_expires_after_are_whole_and_bounded(
                                   "expires_after[seconds]": seconds})
         assert answer.status_code == 400, (seconds, answer.text)
         assert answer.json()["error"]["param"] == "expires_after.seconds"
+
+
+def test_file_content_streams_from_the_store_byte_for_byte(files_server: RunningServer
+                                                           ) -> None:
+    """Sent a chunk at a time from the open file, not read whole first; a delete once the
+    download began does not cut it short."""
+    client = sdk(files_server, "key-a")
+    line = json.dumps(request_line("x", [{"role": "user", "content": "y" * 1000}]))
+    data = "".join(line.replace('"x"', f'"x{i}"') + "\n" for i in range(5000)).encode()
+    assert len(data) > 5_000_000
+    uploaded = upload_batch(client, data)
+    headers = {"Authorization": "Bearer key-a"}
+    with httpx.stream("GET", f"{files_server.api}/files/{uploaded.id}/content",
+                      headers=headers, timeout=30) as answer:
+        assert answer.status_code == 200
+        assert answer.headers["content-length"] == str(len(data))
+        assert answer.headers["content-type"].startswith("application/jsonl")
+        chunks = answer.iter_raw(64 * 1024)
+        received = next(chunks)
+        assert client.files.delete(uploaded.id).deleted
+        received += b"".join(chunks)
+    assert received == data
+    missing = httpx.get(f"{files_server.api}/files/{uploaded.id}/content", headers=headers,
+                        timeout=10)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "file_not_found"
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory since the last reset_peak."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+def reset_peak(pid: int) -> bool:
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # Linux: the peak := the current
+    except OSError:
+        return False
+    return True
+
+
+def test_downloads_do_not_hold_whole_files_in_memory(files_server: RunningServer) -> None:
+    """Ten downloads of a 40 MB file at once: the server holds a chunk of each at a time,
+    not ten copies of the file (it used to read each whole before sending it)."""
+    pid = files_server.process.pid
+    client = sdk(files_server, "key-b")
+    line = json.dumps(request_line("x", [{"role": "user", "content": "y" * 1000}]))
+    data = "".join(line.replace('"x"', f'"x{i}"') + "\n" for i in range(36_000)).encode()
+    assert len(data) > 40_000_000
+    uploaded = upload_batch(client, data)
+    url = f"{files_server.api}/files/{uploaded.id}/content"
+    time.sleep(0.5)  # the upload's buffers freed
+    if not reset_peak(pid):
+        pytest.skip("needs Linux's /proc/<pid>/clear_refs")
+    before = peak_rss_mib(pid)
+    with httpx.Client(headers={"Authorization": "Bearer key-b"}, timeout=30) as http:
+        streams = [http.stream("GET", url) for _ in range(10)]
+        answers = [s.__enter__() for s in streams]
+        try:
+            received = [b"".join(a.iter_raw(1024 * 1024)) for a in answers]
+        finally:
+            for s in streams:
+                s.__exit__(None, None, None)
+    assert all(r == data for r in received)
+    grew = peak_rss_mib(pid) - before
+    assert grew < 100, f"the server's peak grew by {grew:.0f} MiB for 10 downloads of 40 MB"
+    client.files.delete(uploaded.id)

@@ -189,3 +189,13 @@ def test_the_sweep_deletes_what_interrupted_writes_left_once_they_are_old(
     assert sorted(swept.leftovers) == sorted(str(p.relative_to(tmp_path)) for p in old)
     assert store.file_bytes(kept.id) == b"data\n" and store.get_file(kept.id) == kept
     assert [b["id"] for b in store.load_batches()] == ["batch_1"]
+
+
+def test_a_files_bytes_open_as_a_stream_that_outlives_a_delete(tmp_path: Path) -> None:
+    store = BatchStore(tmp_path)
+    record = store.add_file("out.jsonl", "batch_output", b"a\nb\n", "me")
+    with store.open_file(record.id) as stream:
+        store.delete_file(record.id)
+        assert stream.read(2) == b"a\n" and stream.read() == b"b\n"
+    with pytest.raises(FileNotFoundError):
+        store.open_file(record.id)

@@ -325,6 +325,17 @@ def test_an_expired_file_is_hidden_but_its_bytes_stay_for_the_batch_reading_it(
         two.file_bytes(record.id)
 
 
+def test_a_files_bytes_open_as_a_stream(stores: tuple[RedisBatchStore, RedisBatchStore]
+                                        ) -> None:
+    one, two = stores
+    record = one.add_file("out.jsonl", "batch_output", b"a\nb\n", "me")
+    with two.open_file(record.id) as stream:
+        assert stream.read(2) == b"a\n" and stream.read() == b"b\n"
+    one.delete_file(record.id)
+    with pytest.raises(FileNotFoundError):
+        two.open_file(record.id)
+
+
 def test_a_cancel_asked_elsewhere_shows_at_once_and_ends_with_the_batch(
         stores: tuple[RedisBatchStore, RedisBatchStore]) -> None:
     one, two = stores

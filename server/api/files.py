@@ -8,10 +8,12 @@ references it (`{"type": "file", "file": {"file_id": ...}}`) skips the encoder.
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
+import os
+from collections.abc import AsyncIterator
+from typing import BinaryIO, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.api import batch_files
 from server.api.auth import client_identity
@@ -30,6 +32,7 @@ from server.images import ImageError
 from server.uploads import StoredFile, UploadRefused
 
 router = APIRouter()
+_CHUNK = 256 * 1024  # bytes of a file's content read and sent at a time
 
 # What an upload may be for, by what this server can do with it: an image a chat names by
 # file_id ("vision"; "user_data" is OpenAI's purpose for a chat's file inputs), or a batch
@@ -148,8 +151,29 @@ async def file_content(file_id: str, request: Request) -> Response:
     if isinstance(record, StoredFile):
         raise APIError(400, "image uploads are kept decoded; their original bytes are not "
                        "stored", param="file_id", code="content_not_available")
-    return Response(await asyncio.to_thread(state.batch_store.file_bytes, record.id),
-                    media_type="application/jsonl")
+    try:
+        stream, size = await asyncio.to_thread(_open, state, record.id)
+    except FileNotFoundError:  # deleted since the lookup
+        raise _not_found(file_id) from None
+    return StreamingResponse(_chunks(stream), media_type="application/jsonl",
+                             headers={"Content-Length": str(size)})
+
+
+def _open(state: AppState, file_id: str) -> tuple[BinaryIO, int]:
+    stream = state.batch_store.open_file(file_id)
+    size = stream.seek(0, os.SEEK_END)
+    stream.seek(0)
+    return stream, size
+
+
+async def _chunks(stream: BinaryIO) -> AsyncIterator[bytes]:
+    """Read off the loop, a chunk at a time: an output file can be far larger than any
+    input (batch_max_bytes bounds inputs only), and several may be downloaded at once."""
+    try:
+        while chunk := await asyncio.to_thread(stream.read, _CHUNK):
+            yield chunk
+    finally:
+        stream.close()
 
 
 @router.delete("/files/{file_id}", responses=responses(FileDeleted, 404))

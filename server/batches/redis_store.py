@@ -25,11 +25,12 @@ each, so a replica that lost its lease can never add a second answer for a line.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, BinaryIO
 
 import redis
 from redis.backoff import NoBackoff
@@ -141,6 +142,10 @@ class RedisBatchStore:
         if data is None:
             raise FileNotFoundError(file_id)  # as the disk store's read of a deleted file
         return bytes(data)
+
+    def open_file(self, file_id: str) -> BinaryIO:
+        """As the disk store's; a Redis hash field is read whole, so it is in memory here."""
+        return io.BytesIO(self.file_bytes(file_id))
 
     def expire_file(self, file_id: str, now: float) -> None:
         """As the disk store's: hidden from now on, deleted by a sweep that spares it while

@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from server.batches.job import TERMINAL, ended_at
 
@@ -141,6 +141,11 @@ class BatchStore:
         """The bytes, expired or not: a running batch reads its input until the sweep,
         which spares the inputs of unfinished batches, deletes it."""
         return (self._files / f"{file_id}.data").read_bytes()
+
+    def open_file(self, file_id: str) -> BinaryIO:
+        """The bytes as a stream, to send without holding a whole output file in memory;
+        once opened, a delete (or an output rewritten in place) does not cut it short."""
+        return (self._files / f"{file_id}.data").open("rb")
 
     def expire_file(self, file_id: str, now: float) -> None:
         """Hide the file from now on (a GET, listing or new batch misses it) but keep its
