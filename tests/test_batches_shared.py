@@ -152,6 +152,25 @@ def test_a_batch_made_on_one_replica_is_read_listed_and_downloaded_on_the_other(
         a.files.retrieve(uploaded.id)
 
 
+def test_deleting_a_running_batchs_input_on_the_other_replica_keeps_its_bytes(
+        replicas: list[RunningServer], redis: RedisServer) -> None:
+    """The replica answering the DELETE sees the batch another one runs (the open set in
+    Redis): the file is gone for its owner, its bytes stay for the batch to resume from."""
+    by_name = {"a": replicas[0], "b": replicas[1]}
+    batch = create_batch(sdk(replicas[0]), long_lines(12, TOKENS))
+    running = holder_of(db(redis), batch.id)
+    other = sdk(by_name["b" if running == "a" else "a"])
+    assert other.files.delete(batch.input_file_id).deleted
+    for replica in replicas:
+        with pytest.raises(openai.NotFoundError):
+            sdk(replica).files.retrieve(batch.input_file_id)
+    assert batch.input_file_id not in {f.id for f in other.files.list()}
+    assert db(redis).hexists(f"{PREFIX}file:{batch.input_file_id}", "data")
+    other.batches.cancel(batch.id)
+    done = wait_batch(replicas[0], batch.id, {"cancelled", "completed"})
+    assert done.request_counts is not None and done.request_counts.completed >= 1
+
+
 def test_a_cancel_sent_to_the_other_replica_stops_the_batch(
         replicas: list[RunningServer], redis: RedisServer) -> None:
     by_name = {"a": replicas[0], "b": replicas[1]}
