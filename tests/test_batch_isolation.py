@@ -59,7 +59,8 @@ def test_bad_lines_are_line_errors_and_stop_no_other_batch(server: RunningServer
     errors = read_lines(a, done.error_file_id)
     assert errors["listed"]["error"]["message"] == \
         "url must be a string naming the batch's endpoint '/v1/chat/completions'"
-    assert errors[None]["error"]["message"] == "the line's JSON is nested too deeply"
+    assert errors[None]["error"]["message"] == \
+        "the line's JSON is nested too deeply (its body at most 64 levels)"
 
 
 def test_a_batch_whose_input_cannot_be_read_fails_and_others_run(server: RunningServer

@@ -50,24 +50,24 @@ def add_batch(runner: BatchRunner, owner: str, data: bytes) -> BatchJob:
     return job
 
 
-def test_a_batch_whose_load_raises_fails_alone_and_the_others_go_on(
+def test_a_batch_whose_input_cannot_be_parsed_fails_alone_and_the_others_go_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     runner = make_runner(tmp_path)
     broken = add_batch(runner, "a", jsonl(2, "x"))
     fine = add_batch(runner, "b", jsonl(2, "y"))
     parse = batch_lines.parse
 
-    def flaky(data: bytes, endpoint: str, max_lines: int) -> Any:
+    def flaky(data: bytes, *args: Any) -> Any:
         if b'"x0"' in data:
-            raise RuntimeError("/secret/path went wrong")
-        return parse(data, endpoint, max_lines)
+            raise ValueError("/secret/path went wrong")
+        return parse(data, *args)
 
     monkeypatch.setattr(batch_lines, "parse", flaky)
     asyncio.run(runner._advance())
     assert broken.batch["status"] == "failed"
     assert broken.batch["errors"]["data"] == [{
         "code": "batch_failed", "param": None, "line": None,
-        "message": "the input file could not be read or parsed (RuntimeError)"}]
+        "message": "the input file could not be read or parsed (ValueError)"}]
     assert broken.id not in runner.jobs
     assert fine.batch["status"] == "in_progress" and len(fine.lines) == 2
     saved = json.loads((tmp_path / "batches" / f"{broken.id}.json").read_bytes())
@@ -98,6 +98,67 @@ def test_a_batch_whose_step_keeps_raising_ends_failed_after_a_few_tries(
     assert stuck.batch["status"] == "failed"
     assert "failed 5 times in a row (OSError)" in stuck.batch["errors"]["data"][0]["message"]
     assert other.batch["status"] == "in_progress" and other.id in runner.jobs
+
+
+def test_a_load_that_fails_for_a_while_is_tried_again_not_failed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Too many open files, a full disk: nothing wrong with the input, so the batch waits
+    and loads once the trouble is gone, instead of ending failed "could not be parsed"."""
+    runner = make_runner(tmp_path)
+    job = add_batch(runner, "a", jsonl(2, "x"))
+    parse, trouble = batch_lines.parse, [True]
+
+    def flaky(*args: Any) -> Any:
+        if trouble[0]:
+            raise OSError(24, "Too many open files")
+        return parse(*args)
+
+    monkeypatch.setattr(batch_lines, "parse", flaky)
+    clock = [time.monotonic()]
+    monkeypatch.setattr(runner_module, "time", SimpleNamespace(
+        monotonic=lambda: clock[0], time=time.time))
+    for _ in range(3):
+        asyncio.run(runner._advance())
+        clock[0] += 60
+    assert job.batch["status"] == "validating" and job.id in runner.jobs
+    trouble[0] = False
+    asyncio.run(runner._advance())
+    assert job.batch["status"] == "in_progress" and len(job.lines) == 2
+
+
+def test_an_ending_batch_whose_files_cannot_be_written_keeps_its_results(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every line ran; the output file cannot be written (a full disk) for many tries. The
+    batch stays finalizing with its results log, never ends failed with it deleted, and
+    completes once the disk has room."""
+    runner = make_runner(tmp_path)
+    job = add_batch(runner, "a", jsonl(3, "x"))
+    asyncio.run(runner._advance())  # loads it
+    for line in job.lines:
+        result = {"_i": line.index, "custom_id": line.custom_id, "error": None,
+                  "response": {"status_code": 200, "body": {}}}
+        runner.store.append_result(job.id, result)
+        job.record(result)
+    add_file, full = runner.store.add_file, [True]
+
+    def disk(*args: Any, **kwargs: Any) -> Any:
+        if full[0] and args[1] == "batch_output":
+            raise OSError(28, "No space left on device")
+        return add_file(*args, **kwargs)
+
+    monkeypatch.setattr(runner.store, "add_file", disk)
+    clock = [time.monotonic()]
+    monkeypatch.setattr(runner_module, "time", SimpleNamespace(
+        monotonic=lambda: clock[0], time=time.time))
+    for _ in range(8):
+        asyncio.run(runner._advance())
+        clock[0] += 60
+    assert job.batch["status"] == "finalizing" and job.id in runner.jobs
+    assert len(runner.store.read_results(job.id)) == 3
+    full[0] = False
+    asyncio.run(runner._advance())
+    assert job.batch["status"] == "completed" and not job.batch.get("errors"), job.batch
+    assert len(runner.store.file_bytes(job.batch["output_file_id"]).splitlines()) == 3
 
 
 def test_the_input_is_parsed_and_taken_in_off_the_event_loop(
@@ -151,6 +212,14 @@ def test_free_places_go_to_the_owner_with_the_fewest_lines_running(
     launched.clear()
     asyncio.run(scenario())
     assert launched == ["b2"]
+    # A batch whose steps failed too often starts no more lines: they are being stopped.
+    for job in (big, big2, small):
+        job.running.clear()
+    runner.in_flight = 0
+    runner._trouble[small.id] = (runner_module._GIVE_UP_AFTER, 0.0)
+    launched.clear()
+    asyncio.run(scenario())
+    assert launched and not any(name.startswith("b") for name in launched)
 
 
 def test_an_expired_batch_records_its_unrun_lines_in_one_append(

@@ -125,7 +125,11 @@ def test_progress_line() -> None:
 
 def test_parse_makes_a_line_error_of_any_wrong_type_or_too_deep_json() -> None:
     data = b"\n".join([line("a"), line("b", url=[ENDPOINT]), line("c", url={"x": 1}),
-                       line("d", method=["POST"]), b"[" * 100_000, line("e", body=[1])])
+                       line("d", method=["POST"]), b"[" * 100_000, line("e", body=[1]),
+                       # Parses, but nested near Python's limit it could not be encoded
+                       # again where it runs: retried for ever, its batch never done.
+                       line("f")[:-1] + b', "deep": ' + b"[" * 980 + b"]" * 980 + b"}",
+                       line("g", body={"x": json.loads("[" * 63 + "]" * 63)})])
     lines, problems = parse(data, ENDPOINT, 100)
     assert problems == []
     assert [(x.index, x.custom_id, x.body is None, x.error) for x in lines] == [
@@ -135,8 +139,10 @@ def test_parse_makes_a_line_error_of_any_wrong_type_or_too_deep_json() -> None:
         (2, "c", True, "url must be a string naming the batch's endpoint "
                        "'/v1/chat/completions'"),
         (3, "d", True, 'method must be "POST"'),
-        (4, None, True, "the line's JSON is nested too deeply"),
-        (5, "e", True, "body must be a JSON object")]
+        (4, None, True, "the line's JSON is nested too deeply (its body at most 64 levels)"),
+        (5, "e", True, "body must be a JSON object"),
+        (6, None, True, "the line's JSON is nested too deeply (its body at most 64 levels)"),
+        (7, "g", False, None)]
 
 
 def test_an_expired_file_is_hidden_but_its_bytes_stay_for_the_batch_reading_it(

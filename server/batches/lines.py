@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from server.api.json_depth import json_depth
+
 # The endpoints a batch may target, as OpenAI spells them, and the route each runs on.
 ENDPOINTS = {"/v1/chat/completions": "/api/v1/chat/completions",
              "/v1/completions": "/api/v1/completions"}
@@ -72,13 +74,21 @@ def check_upload(data: bytes, max_lines: int) -> str | None:
     return None
 
 
-def parse(data: bytes, endpoint: str, max_lines: int
+# A line's body may nest as deep as a request's (max_json_depth): the line adds one level.
+DEFAULT_MAX_DEPTH = 64
+
+
+def parse(data: bytes, endpoint: str, max_lines: int, max_depth: int = DEFAULT_MAX_DEPTH
           ) -> tuple[list[RequestLine], list[FileProblem]]:
-    """Every line, parsed; and the problems that fail the whole batch (then no line runs)."""
+    """Every line, parsed; and the problems that fail the whole batch (then no line runs).
+    A line whose body nests deeper than `max_depth` is an error of that line: it would be a
+    400 as a request, and one nested near Python's limit parses here but cannot be encoded
+    again where it runs (so it would be retried for ever)."""
     refusal = check_upload(data, max_lines)
     if refusal is not None:
         return [], [FileProblem("invalid_file", refusal)]
-    lines = [_parse_line(i, raw, endpoint) for i, raw in enumerate(split_lines(data))]
+    lines = [_parse_line(i, raw, endpoint, max_depth)
+             for i, raw in enumerate(split_lines(data))]
     numbers = line_numbers(data)
     seen: dict[str, int] = {}  # custom_id -> the number of the first line using it
     problems: list[FileProblem] = []
@@ -104,13 +114,14 @@ def capped(problems: list[FileProblem]) -> list[FileProblem]:
         f"{MAX_PROBLEMS} are)")]
 
 
-def _parse_line(index: int, raw: bytes, endpoint: str) -> RequestLine:
+def _parse_line(index: int, raw: bytes, endpoint: str, max_depth: int) -> RequestLine:
+    if json_depth(raw) > max_depth + 1:  # counted without parsing: "[[[[..." costs nothing
+        return RequestLine(index, None, None, f"the line's JSON is nested too deeply (its "
+                           f"body at most {max_depth} levels)")
     try:
         item = json.loads(raw)
     except ValueError:
         return RequestLine(index, None, None, "the line is not valid JSON")
-    except RecursionError:  # "[[[[..." deeper than Python's stack: bad for this line only
-        return RequestLine(index, None, None, "the line's JSON is nested too deeply")
     if not isinstance(item, dict):
         return RequestLine(index, None, None, "the line is not a JSON object")
     custom_id = item.get("custom_id")

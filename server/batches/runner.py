@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -49,8 +50,10 @@ logger = logging.getLogger("vlserve.batches")
 _RETRY = {429: 1.0, 499: 0.0, 503: 2.0}
 _TICK_S = 1.0  # how often expiry and drain are checked while nothing else happens
 _SWEEP_MAX_S = 300.0  # expired files and old batches are deleted at least this often
-# A batch whose step keeps raising waits 1, 2, 4, 8 s between tries, then ends failed.
+# A batch whose step keeps raising waits 1, 2, 4, 8 s between tries, then ends failed
+# (one ending already, whose files cannot be written, is tried again every _MAX_WAIT_S).
 _GIVE_UP_AFTER = 5
+_MAX_WAIT_S = 30.0
 
 
 class BatchRunner:
@@ -219,9 +222,10 @@ class BatchRunner:
         if not job.lines:  # new, resumed after a restart, or claimed from another replica
             try:
                 await self._load(job)
-            except (LeaseLost, StateUnavailable):
-                raise
-            except Exception as exc:  # an input no check foresaw: it would fail again
+            except Exception as exc:
+                if not _lasting(exc):  # a full disk, too many open files: tried again
+                    job.lines = []  # loaded from the start on the next try
+                    raise
                 logger.exception("batch %s: its input could not be loaded", job.id)
                 await self._end_broken(job, "the input file could not be read or parsed "
                                        f"({type(exc).__name__})")
@@ -240,10 +244,13 @@ class BatchRunner:
         """A step of this batch raised: try it again later, or end it after a few tries."""
         logger.error("batch %s: step failed (%d of %d tries)", job.id, failures,
                      _GIVE_UP_AFTER, exc_info=exc)
-        self._trouble[job.id] = (failures, time.monotonic() + 2.0 ** (failures - 1))
-        if failures < _GIVE_UP_AFTER:
+        wait_s = min(_MAX_WAIT_S, 2.0 ** (failures - 1))
+        self._trouble[job.id] = (failures, time.monotonic() + wait_s)
+        if failures < _GIVE_UP_AFTER or job.batch["status"] in ("finalizing", "cancelling"):
+            # An ending batch has run what it will: only its files are left to write (a
+            # full disk?). Given up, its results log would go with it: it is tried again.
             return
-        if job.running:  # its lines stop first; it ends on its next try
+        if job.running:  # its lines stop first (_launch starts no more); it ends next try
             for cancel in job.running.values():
                 cancel.set()
             return
@@ -252,26 +259,21 @@ class BatchRunner:
                                    f"({type(exc).__name__}); it was stopped")
         except (LeaseLost, StateUnavailable):
             pass
-        except Exception:  # it cannot even be ended: stays, retried at the slowest pace
+        except Exception:  # ending it failed too (finalizing now): tried again later
             logger.exception("batch %s could not be ended", job.id)
 
     async def _end_broken(self, job: BatchJob, reason: str) -> None:
         """End a batch that cannot go on: failed with `reason` in its errors, or cancelled
         or expired if it was asked to or its window is over. What ran is kept."""
         batch = job.batch
-        problem = batch_lines.FileProblem("batch_failed", reason)  # no traceback: just why
-        batch["errors"] = {"object": "list", "data": [problem.as_dict()]}
-        if batch["status"] != "cancelling":
+        if batch["status"] in ("validating", "in_progress"):  # one ending keeps its end
+            problem = batch_lines.FileProblem("batch_failed", reason)  # why, no traceback
+            batch["errors"] = {"object": "list", "data": [problem.as_dict()]}
             batch["_final"] = "expired" if time.time() >= batch["expires_at"] else "failed"
             set_status(batch, "finalizing")
-        try:
-            await self._finalize(job)
-        except (LeaseLost, StateUnavailable):
-            raise
-        except Exception:  # writing the output files failed too: at least end the batch
-            logger.exception("batch %s: its output files could not be written", job.id)
-            set_status(batch, batch.pop("_final", None) or "cancelled")
-            await self._save_final(job)
+        # Raises if the files cannot be written: the batch stays finalizing and is tried
+        # again (_stumbled); its results log goes only once they are written.
+        await self._finalize(job)
         logger.warning("batch %s ended %s: %s", job.id, batch["status"], reason)
 
     async def _shared_tick(self) -> None:
@@ -337,8 +339,10 @@ class BatchRunner:
         in the engine, and within it to its batch with the fewest (ties: the oldest): a
         big batch never makes another key's small one wait for it to finish."""
         now = time.monotonic()
+        # Not one whose steps fail: its lines are stopped before it is ended.
         ready = [job for job in sorted(self.jobs.values(), key=lambda j: order_key(j.batch))
-                 if job.batch["status"] == "in_progress"]
+                 if job.batch["status"] == "in_progress"
+                 and self._trouble.get(job.id, (0, 0.0))[0] < _GIVE_UP_AFTER]
         owners: dict[str, int] = {}
         for job in self.jobs.values():
             owners[job.owner] = owners.get(job.owner, 0) + len(job.running)
@@ -402,7 +406,8 @@ class BatchRunner:
         else:  # 50,000 lines take most of a second: off the loop, which serves requests
             lines, problems = await asyncio.to_thread(batch_lines.parse, data,
                                                       batch["endpoint"],
-                                                      settings.batch_max_lines)
+                                                      settings.batch_max_lines,
+                                                      settings.max_json_depth)
         if problems:
             batch["errors"] = {"object": "list", "data": [p.as_dict() for p in problems]}
             set_status(batch, "failed")
@@ -486,6 +491,18 @@ class BatchRunner:
             await self.leases.release(job.id)
             self.batches.pop(job.id, None)
             self._published.pop(job.id, None)
+
+
+def _lasting(exc: Exception) -> bool:
+    """Whether loading the input would fail the same way again: it is unreadable or holds
+    what no check foresaw. (Not a lost lease, an unreachable store, a full disk, too many
+    open files or too little memory: those pass.)"""
+    if isinstance(exc, LeaseLost | StateUnavailable):
+        return False
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM,
+                             errno.ENOENT)
+    return not isinstance(exc, MemoryError)
 
 
 def _referenced(lines: list[batch_lines.RequestLine]) -> set[str]:
