@@ -17,8 +17,15 @@ import openai
 import pytest
 from conftest import RunningServer, start_server, stop_server
 from helpers import photo_bytes
-from test_batch_resume import results_on_disk
-from test_batches import jsonl, read_lines, request_line, upload_batch, wait_batch
+from test_batch_resume import results_on_disk, wait_results_on_disk
+from test_batches import (
+    jsonl,
+    read_lines,
+    request_line,
+    two_keys,
+    upload_batch,
+    wait_batch,
+)
 
 from server.demo_model import DemoModelPaths
 
@@ -26,10 +33,7 @@ from server.demo_model import DemoModelPaths
 @pytest.fixture(scope="module")
 def files_server(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[RunningServer]:
-    running = start_server(demo_model, tmp_path_factory.mktemp("batch-files") / "server.log",
-                           env={"VLSERVE_API_KEYS": "key-a,key-b"})
-    yield running
-    stop_server(running)
+    yield from two_keys(demo_model, tmp_path_factory, "batch-files")
 
 
 def sdk(server: RunningServer, key: str) -> openai.OpenAI:
@@ -108,10 +112,7 @@ def test_deleting_a_running_batchs_input_keeps_its_bytes_until_it_ends(
         uploaded = upload_batch(client, data)
         batch = client.batches.create(input_file_id=uploaded.id,
                                       endpoint="/v1/chat/completions", completion_window="24h")
-        deadline = time.monotonic() + 120
-        while len(results_on_disk(batch_dir, batch.id)) < 2:
-            assert time.monotonic() < deadline, "the batch made no progress"
-            time.sleep(0.01)
+        wait_results_on_disk(batch_dir, batch.id, 2)
         deleted = client.files.delete(uploaded.id)
         assert deleted.deleted and deleted.id == uploaded.id
         with pytest.raises(openai.NotFoundError):

@@ -28,6 +28,14 @@ def results_on_disk(batch_dir: Path, batch_id: str) -> list[dict]:
     return [json.loads(line) for line in path.read_bytes().splitlines() if line.endswith(b"}")]
 
 
+def wait_results_on_disk(batch_dir: Path, batch_id: str, count: int) -> None:
+    """Until the batch's results log holds `count` lines (2 minutes at most)."""
+    deadline = time.monotonic() + 120
+    while len(results_on_disk(batch_dir, batch_id)) < count:
+        assert time.monotonic() < deadline, "the batch made no progress"
+        time.sleep(0.01)
+
+
 def test_kill_9_mid_batch_then_restart(demo_model: DemoModelPaths, tmp_path: Path) -> None:
     batch_dir = tmp_path / "batches"
     # One line at a time in one slot: the kill finds a line running and others unstarted.
@@ -50,10 +58,7 @@ def test_kill_9_mid_batch_then_restart(demo_model: DemoModelPaths, tmp_path: Pat
         uploaded = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
         batch = client.batches.create(input_file_id=uploaded.id,
                                       endpoint="/v1/chat/completions", completion_window="24h")
-        deadline = time.monotonic() + 120
-        while len(results_on_disk(batch_dir, batch.id)) < 3:
-            assert time.monotonic() < deadline, "the batch made no progress"
-            time.sleep(0.01)
+        wait_results_on_disk(batch_dir, batch.id, 3)
         os.kill(first.process.pid, signal.SIGKILL)
         first.process.wait(timeout=30)
     finally:

@@ -42,6 +42,14 @@ def make_runner(tmp_path: Path) -> BatchRunner:
     return BatchRunner(app=None, state=state, store=BatchStore(tmp_path))  # type: ignore[arg-type]
 
 
+def runner_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The runner's monotonic clock, moved by hand (clock[0] += s) past its waits."""
+    clock = [time.monotonic()]
+    monkeypatch.setattr(runner_module, "time", SimpleNamespace(
+        monotonic=lambda: clock[0], time=time.time))
+    return clock
+
+
 def add_batch(runner: BatchRunner, owner: str, data: bytes) -> BatchJob:
     upload = runner.store.add_file("in.jsonl", "batch", data, owner)
     batch = new_batch(owner, upload.id, ENDPOINT, "24h", None)
@@ -88,9 +96,7 @@ def test_a_batch_whose_step_keeps_raising_ends_failed_after_a_few_tries(
         await step(job)
 
     monkeypatch.setattr(runner, "_step", failing)
-    clock = [time.monotonic()]
-    monkeypatch.setattr(runner_module, "time", SimpleNamespace(
-        monotonic=lambda: clock[0], time=time.time))
+    clock = runner_clock(monkeypatch)
     for attempt in range(1, 6):
         asyncio.run(runner._advance())  # raises here, before the fix
         assert stuck.batch["status"] == ("failed" if attempt == 5 else "in_progress")
@@ -114,9 +120,7 @@ def test_a_load_that_fails_for_a_while_is_tried_again_not_failed(
         return parse(*args)
 
     monkeypatch.setattr(batch_lines, "parse", flaky)
-    clock = [time.monotonic()]
-    monkeypatch.setattr(runner_module, "time", SimpleNamespace(
-        monotonic=lambda: clock[0], time=time.time))
+    clock = runner_clock(monkeypatch)
     for _ in range(3):
         asyncio.run(runner._advance())
         clock[0] += 60
@@ -147,9 +151,7 @@ def test_an_ending_batch_whose_files_cannot_be_written_keeps_its_results(
         return add_file(*args, **kwargs)
 
     monkeypatch.setattr(runner.store, "add_file", disk)
-    clock = [time.monotonic()]
-    monkeypatch.setattr(runner_module, "time", SimpleNamespace(
-        monotonic=lambda: clock[0], time=time.time))
+    clock = runner_clock(monkeypatch)
     for _ in range(8):
         asyncio.run(runner._advance())
         clock[0] += 60

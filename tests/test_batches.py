@@ -244,13 +244,19 @@ def test_one_image_asked_several_questions_is_encoded_once(
     assert sum(1 for t in timings if t["image_encode"] > 0) == 1, timings
 
 
-@pytest.fixture(scope="module")
-def keyed_server(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
-                 ) -> Iterator[RunningServer]:
-    running = start_server(demo_model, tmp_path_factory.mktemp("batch-keys") / "server.log",
+def two_keys(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory,
+             name: str) -> Iterator[RunningServer]:
+    """A server with the keys key-a and key-b, for a module's fixture."""
+    running = start_server(demo_model, tmp_path_factory.mktemp(name) / "server.log",
                            env={"VLSERVE_API_KEYS": "key-a,key-b"})
     yield running
     stop_server(running)
+
+
+@pytest.fixture(scope="module")
+def keyed_server(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[RunningServer]:
+    yield from two_keys(demo_model, tmp_path_factory, "batch-keys")
 
 
 def test_batches_run_as_their_owner_and_only_the_owner_sees_them(
