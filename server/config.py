@@ -205,6 +205,16 @@ class Settings(BaseSettings):
     batch_max_bytes: int = Field(48 * 1024 * 1024, ge=1)
     batch_max_lines: int = Field(50_000, ge=1)
     batch_in_flight: int | None = Field(None, ge=1)
+    # What batch files (inputs, and the output and error files batches write) may take in
+    # all, and per API key (None: an even share among the keys); past them an upload is
+    # refused (413 for the key's share, 507 for the whole), never a batch's own results.
+    # batch_store_mb None: 20 GiB on disk, 1 GiB with a shared state_url (Redis holds them
+    # in memory). batch_max_open_per_key: a key's batches not yet ended; past it, a 429.
+    batch_store_mb: int | None = Field(None, ge=1)
+    batch_max_files: int = Field(10_000, ge=1)
+    batch_store_mb_per_key: int | None = Field(None, ge=1)
+    batch_max_files_per_key: int | None = Field(None, ge=1)
+    batch_max_open_per_key: int = Field(100, ge=1)
     # With a shared state_url: the lease a replica holds on each batch it runs, renewed
     # every third of this. A replica that dies loses its batches after this many seconds,
     # and another replica resumes them.

@@ -158,9 +158,10 @@ def test_replicas_without_a_shared_store_keep_their_snapshots_apart(
 
 @pytest.mark.parametrize("args, maxmemory", [
     # The default bounds: uploads + stored responses + conversations + stored chat
-    # completions + headroom.
-    ([], 512 + 256 + 256 + 256 + 256),
-    (["--replica-env", "VLSERVE_UPLOAD_STORE_MB=2048"], 2048 + 256 + 256 + 256 + 256),
+    # completions + batch files (1 GiB in Redis) + headroom.
+    ([], 512 + 256 + 256 + 256 + 1024 + 256),
+    (["--replica-env", "VLSERVE_UPLOAD_STORE_MB=2048"], 2048 + 256 + 256 + 256 + 1024 + 256),
+    (["--replica-env", "VLSERVE_BATCH_STORE_MB=100"], 512 + 256 + 256 + 256 + 100 + 256),
     (["--redis-maxmemory", "4096"], 4096),
 ])
 def test_the_cluster_redis_is_sized_from_the_replicas_bounds(args: list[str],

@@ -127,7 +127,8 @@ def test_new_keys_split_the_stores_again(demo_model: DemoModelPaths, tmp_path: P
     key_file.write_text(f"{OLD}\n")
     server = start_server(demo_model, tmp_path / "server.log",
                           env={"VLSERVE_API_KEY_FILE": str(key_file),
-                               "VLSERVE_UPLOAD_MAX_FILES": "4"})
+                               "VLSERVE_UPLOAD_MAX_FILES": "4",
+                               "VLSERVE_BATCH_MAX_FILES": "4"})
     try:
         replace_file(key_file, f"{OLD}\n{NEW}\n")
         server.process.send_signal(signal.SIGHUP)
@@ -138,5 +139,14 @@ def test_new_keys_split_the_stores_again(demo_model: DemoModelPaths, tmp_path: P
         assert all(kept(server, NEW, file_id) for file_id in new)
         assert all(kept(server, OLD, file_id) for file_id in old[2:])
         assert "store shares split among 2 key(s)" in server.log()
+        # Batch files too: the old key's share is 2 of the 4, not all 4.
+        batch_file = (b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", '
+                      b'"body": {"messages": []}}\n')
+        answers = [httpx.post(f"{server.api}/files", timeout=10,
+                              headers={"Authorization": f"Bearer {OLD}"},
+                              data={"purpose": "batch"},
+                              files={"file": ("in.jsonl", batch_file)}) for _ in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 413], answers[-1].text
+        assert answers[-1].json()["error"]["code"] == "batch_quota_exceeded"
     finally:
         stop_server(server)

@@ -12,6 +12,7 @@ from server.api.multipart import UploadForm, too_large
 from server.api.state import AppState
 from server.batches import views
 from server.batches.lines import check_upload
+from server.batches.quota import QuotaExceeded
 from server.batches.store import BatchFile
 
 
@@ -24,8 +25,12 @@ async def upload(form: UploadForm, state: AppState, owner: str) -> dict[str, obj
     if refusal is not None:
         raise APIError(400, refusal, param="file", code="invalid_batch_file")
     ttl_s = form_expiry(form.fields) or settings.batch_file_ttl_s
-    record = await asyncio.to_thread(state.batch_store.add_file, form.file_name or "batch.jsonl",
-                                     "batch", form.file_bytes, owner, ttl_s=ttl_s)
+    try:
+        record = await asyncio.to_thread(
+            state.batch_store.add_file, form.file_name or "batch.jsonl", "batch",
+            form.file_bytes, owner, ttl_s=ttl_s, quota=state.batch_quota)
+    except QuotaExceeded as refused:
+        raise _refusal(refused) from None
     state.metrics.observe_upload()
     return file_object(record)
 
@@ -52,6 +57,17 @@ async def delete(state: AppState, file_id: str, owner: str) -> bool:
     if state.batches is None or file_id not in await views.inputs_in_use(state.batches):
         await asyncio.to_thread(store.delete_file, file_id)
     return True
+
+
+def _refusal(refused: QuotaExceeded) -> APIError:
+    if refused.too_large:  # nothing anyone deletes makes room: the bound is the operator's
+        return APIError(413, f"{refused}; split the batch into smaller files", param="file",
+                        code="batch_quota_exceeded")
+    if refused.whole_store:  # other keys' files: they go as they expire or are deleted
+        return APIError(507, f"{refused}; try again once files expire or are deleted",
+                        code="batch_store_full", headers={"Retry-After": "3600"})
+    return APIError(413, f"{refused}: delete batch files you no longer need "
+                    "(DELETE /v1/files/{file_id})", param="file", code="batch_quota_exceeded")
 
 
 def file_object(record: BatchFile) -> dict[str, object]:

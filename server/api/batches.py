@@ -22,7 +22,7 @@ from server.batches.runner import BatchRunner
 router = APIRouter()
 
 
-@router.post("/batches", responses=responses(BatchObject, 400, 507))
+@router.post("/batches", responses=responses(BatchObject, 400, 429, 507))
 async def create_batch(body: BatchCreateRequest, request: Request) -> JSONResponse:
     state: AppState = request.app.state.vlserve
     owner = client_identity(request.scope)
@@ -46,7 +46,13 @@ async def create_batch(body: BatchCreateRequest, request: Request) -> JSONRespon
     batch = new_batch(owner, file.id, body.endpoint, body.completion_window, body.metadata)
     if body.output_expires_after is not None:
         batch["_output_expires_s"] = body.output_expires_after.seconds
-    return JSONResponse(await _runner(state).add(batch))
+    runner, limit = _runner(state), state.settings.batch_max_open_per_key
+    async with runner.creating:
+        if await views.open_count(runner, owner) >= limit:
+            raise APIError(429, f"this key has {limit} batches that have not ended, the most "
+                           "it may have; create this one once one of them ends (or cancel "
+                           "one)", code="too_many_open_batches")
+        return JSONResponse(await runner.add(batch))
 
 
 @router.get("/batches", responses=responses(BatchList, 400))

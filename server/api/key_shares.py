@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from server.api.chat_store import ChatStore, chat_store_bounds
 from server.api.conversation_store import Conversations, conversation_bounds
 from server.api.response_store import Responses, response_store
+from server.batches.quota import batch_file_quota
 from server.store import Bounds
 from server.uploads import Uploads, upload_store
 
@@ -32,4 +33,5 @@ def share_among(state: AppState, keys: int) -> None:
     ]
     for store, bounds in stores:
         store.bounds = store.table.bounds = bounds
+    state.batch_quota = batch_file_quota(settings, keys)
     logger.info("store shares split among %d key(s)", keys)

@@ -16,6 +16,7 @@ from server.api.conversation_locks import Locks, open_conversation_locks
 from server.api.conversation_store import Conversations, open_conversations
 from server.api.drain import Drain
 from server.api.response_store import Responses, open_responses
+from server.batches.quota import FileQuota, batch_file_quota
 from server.batches.redis_store import BatchStorage, RedisBatchStore
 from server.batches.store import BatchStore
 from server.config import Settings
@@ -56,6 +57,7 @@ class AppState:
     stop_marks: StopMarks = field(init=False)
     # Batch files, state and results: on disk, or in Redis when the state is shared.
     batch_store: BatchStorage = field(init=False)
+    batch_quota: FileQuota = field(init=False)  # what uploads of batch files may take
     batches: BatchRunner | None = None  # set by the app once it exists
 
     def __post_init__(self) -> None:
@@ -75,6 +77,7 @@ class AppState:
         self.stop_marks = StopMarks(self.backend)
         self.metrics.watch_state(self.backend.memory_tables, lambda: self.background.running)
         self.batch_store = _batch_store(self.settings, self.backend)
+        self.batch_quota = batch_file_quota(self.settings)
 
     def cache_tenant(self, client: str) -> str:
         """Whose engine caches a client (server.api.auth.client_identity) may use: its own,

@@ -12,6 +12,8 @@ knows which it has. A sync client's pool is thread-safe. Keys, under `vlserve:ba
     open                 set of ids not yet completed/failed/expired/cancelled
     ended                zset id -> when it ended: finished batches, for the sweep
     expiry               zset file id -> expires_at: files that expire, for the sweep
+    sizes                hash file id -> bytes: every file, for the store's quota
+    sizes:<owner>        hash file id -> bytes: the owner's files, for its share
     results:<id>         list: one JSON line per finished request (RPUSH, fenced by lease)
     images:<id>          hash: <file id> -> meta JSON, <file id>.rgb -> pixels
     lease:<id>           the replica token running the batch (SET NX PX, renewed)
@@ -38,6 +40,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from server.batches.job import TERMINAL, ended_at
+from server.batches.quota import FileQuota, QuotaExceeded, Usage
 from server.batches.store import BatchFile, BatchStore, Swept, new_file
 from server.store import StateUnavailable
 
@@ -68,6 +71,60 @@ else
 end
 return 1
 """
+# What a hash of sizes adds up to: {files, bytes}.
+_USED = """
+local function used(key)
+  local total = 0
+  for _, size in ipairs(redis.call('HVALS', key)) do total = total + tonumber(size) end
+  return {redis.call('HLEN', key), total}
+end
+"""
+# KEYS: file files:<owner> expiry sizes sizes:<owner>. ARGV: head data id created_us
+# expires_at('') size, then the quota (max_files max_bytes per_owner_files
+# per_owner_bytes) or nothing.  {0} kept; {1 or 2, files, bytes}: the owner's share (1) or
+# the store (2) would overflow, with what it holds. One script: no two uploads at once can
+# both take the last room.
+_ADD_FILE = _USED + """
+local size = tonumber(ARGV[6])
+if #ARGV > 6 then
+  local owner = used(KEYS[5])
+  if owner[1] + 1 > tonumber(ARGV[9]) or owner[2] + size > tonumber(ARGV[10]) then
+    return {1, owner[1], owner[2]}
+  end
+  local store = used(KEYS[4])
+  if store[1] + 1 > tonumber(ARGV[7]) or store[2] + size > tonumber(ARGV[8]) then
+    return {2, store[1], store[2]}
+  end
+end
+redis.call('HSET', KEYS[1], 'head', ARGV[1], 'data', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+if ARGV[5] ~= '' then redis.call('ZADD', KEYS[3], ARGV[5], ARGV[3]) end
+redis.call('HSET', KEYS[4], ARGV[3], size)
+redis.call('HSET', KEYS[5], ARGV[3], size)
+return {0}
+"""
+# KEYS: sizes sizes:<owner>.  {owner files, owner bytes, store files, store bytes}
+_USAGE = _USED + """
+local owner, store = used(KEYS[2]), used(KEYS[1])
+return {owner[1], owner[2], store[1], store[2]}
+"""
+# KEYS: file sizes sizes:<owner>. ARGV: id size.  Counts a file stored without its size
+# (by a replica of before sizes were counted), only while it still exists.
+_COUNT_FILE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+return 1
+"""
+# KEYS: file sizes-hash. ARGV: id.  Drops the size of a file deleted without it (the same
+# replicas), only while the file is still absent.
+_DROP_SIZE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+return redis.call('HDEL', KEYS[2], ARGV[1])
+"""
+_SIZES = PREFIX + "sizes"
+_CHUNK = 500  # ids per round trip while reconciling
+
 # KEYS: lease. ARGV: token ttl_ms.  1 renewed, 0 lost.
 _RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -106,24 +163,76 @@ class RedisBatchStore:
             retry=Retry(NoBackoff(), 1), health_check_interval=30)
         self._scripts = {name: self._client.register_script(text) for name, text in (
             ("append", _APPEND), ("save", _SAVE), ("renew", _RENEW),
-            ("release", _RELEASE), ("cancel", _CANCEL))}
+            ("release", _RELEASE), ("cancel", _CANCEL), ("add_file", _ADD_FILE),
+            ("usage", _USAGE), ("count_file", _COUNT_FILE), ("drop_size", _DROP_SIZE))}
+        self._sizes_checked = False  # reconciled once by this process (then every sweep)
 
     def close(self) -> None:
         self._client.close()
 
     # --- files -------------------------------------------------------------------------
     def add_file(self, filename: str, purpose: str, data: bytes, owner: str = "",
-                 file_id: str | None = None, ttl_s: int | None = None) -> BatchFile:
+                 file_id: str | None = None, ttl_s: int | None = None,
+                 quota: FileQuota | None = None) -> BatchFile:
+        """As the disk store's: with `quota` (an upload), QuotaExceeded past it."""
         record = new_file(filename, purpose, len(data), owner, file_id, ttl_s)
+        limits = [] if quota is None else [
+            quota.max_files, quota.max_bytes, quota.max_files_per_owner,
+            quota.max_bytes_per_owner]
         with _guard():
-            pipe = self._client.pipeline()  # MULTI: the head and the bytes appear together
-            pipe.hset(_k("file", record.id), mapping={
-                "head": json.dumps(asdict(record)), "data": data})
-            pipe.zadd(_k("files", owner), {record.id: record.created_us})
-            if record.expires_at is not None:
-                pipe.zadd(_EXPIRY, {record.id: record.expires_at})
-            pipe.execute()
+            self._check_sizes_once()
+            # One script: the head and the bytes appear together, with their size counted.
+            kept = self._scripts["add_file"](
+                keys=[_k("file", record.id), _k("files", owner), _EXPIRY, _SIZES,
+                      _k("sizes", owner)],
+                args=[json.dumps(asdict(record)), data, record.id, record.created_us,
+                      "" if record.expires_at is None else record.expires_at, len(data),
+                      *limits])
+        if kept[0] != 0:
+            assert quota is not None
+            whole = kept[0] == 2
+            raise QuotaExceeded(whole, Usage(int(kept[1]), int(kept[2])), len(data),
+                                quota.max_files if whole else quota.max_files_per_owner,
+                                quota.max_bytes if whole else quota.max_bytes_per_owner)
         return record
+
+    def usage(self, owner: str) -> tuple[Usage, Usage]:
+        """As the disk store's: `owner`'s files and every file, until deleted."""
+        with _guard():
+            self._check_sizes_once()
+            files, size, all_files, all_size = self._scripts["usage"](
+                keys=[_SIZES, _k("sizes", owner)])
+        return Usage(int(files), int(size)), Usage(int(all_files), int(all_size))
+
+    def _check_sizes_once(self) -> None:
+        if not self._sizes_checked:
+            self.reconcile_sizes()
+            self._sizes_checked = True
+
+    def reconcile_sizes(self) -> None:
+        """Make the size hashes match the files. A replica of before sizes were counted (an
+        upgraded deployment's files, or its old replicas still running through a rolling
+        upgrade) stores files without their size and deletes them without dropping it:
+        count the first, drop the second. Each fix is one script that checks the file
+        again, so a concurrent add or delete is never undone."""
+        client = self._client
+        files = [key.decode().split(":")[-1] for key in client.scan_iter(
+            match=_k("file", "*"), count=_CHUNK)]
+        for chunk in _chunks(files):
+            sized = client.hmget(_SIZES, chunk)
+            for file_id, size in zip(chunk, sized, strict=True):
+                head = None if size is not None else client.hget(_k("file", file_id), "head")
+                if head is not None:
+                    record = BatchFile(**json.loads(head))
+                    self._scripts["count_file"](
+                        keys=[_k("file", file_id), _SIZES, _k("sizes", record.owner)],
+                        args=[file_id, record.bytes])
+        present = set(files)
+        for sizes in [_SIZES.encode(), *client.scan_iter(match=_k("sizes", "*"),
+                                                          count=_CHUNK)]:
+            stale = [i.decode() for i in client.hkeys(sizes) if i.decode() not in present]
+            for file_id in stale:
+                self._scripts["drop_size"](keys=[_k("file", file_id), sizes], args=[file_id])
 
     def get_file(self, file_id: str, owner: str | None = None) -> BatchFile | None:
         """The file, if it exists, has not expired and (owner given) belongs to `owner`."""
@@ -169,8 +278,11 @@ class RedisBatchStore:
             pipe = self._client.pipeline()
             pipe.delete(_k("file", file_id))
             pipe.zrem(_EXPIRY, file_id)
+            pipe.hdel(_SIZES, file_id)
             if head is not None:
-                pipe.zrem(_k("files", json.loads(head)["owner"]), file_id)
+                owner = json.loads(head)["owner"]
+                pipe.zrem(_k("files", owner), file_id)
+                pipe.hdel(_k("sizes", owner), file_id)
             pipe.execute()
 
     def list_files(self, owner: str) -> list[BatchFile]:
@@ -199,6 +311,8 @@ class RedisBatchStore:
             self.delete_file(file_id)
         for batch_id in old:
             self.delete_batch(batch_id)
+        with _guard():
+            self.reconcile_sizes()
         return Swept(files, old)
 
     # --- batches -----------------------------------------------------------------------
@@ -253,6 +367,12 @@ class RedisBatchStore:
             if raw is not None:
                 pipe.zrem(_k("owner", json.loads(raw).get("_owner", "")), batch_id)
             pipe.execute()
+
+    def open_count(self, owner: str) -> int:
+        """How many of the owner's batches have not ended (on any replica)."""
+        with _guard():
+            ids = self._client.zrange(_k("owner", owner), 0, -1)
+            return sum(self._client.smismember(_OPEN, ids)) if ids else 0
 
     def list_batches(self, owner: str) -> list[dict[str, Any]]:
         with _guard():
@@ -361,3 +481,9 @@ def _created_us(batch: dict[str, Any]) -> int:
 
 
 BatchStorage = BatchStore | RedisBatchStore
+
+
+def _chunks(items: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start:start + _CHUNK]
+

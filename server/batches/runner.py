@@ -63,6 +63,10 @@ class BatchRunner:
         self.store = store
         self.batches: dict[str, dict[str, Any]] = {}  # every batch object, by id
         self.jobs: dict[str, BatchJob] = {}  # the unfinished ones
+        # Held from a key's open-batch count to the add that follows: creates at once
+        # cannot all pass batch_max_open_per_key (on this replica; replicas may pass it by
+        # the creates they take at the same instant).
+        self.creating = asyncio.Lock()
         self.in_flight = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from server.batches.job import TERMINAL, ended_at
+from server.batches.quota import FileQuota, Usage
 
 logger = logging.getLogger("vlserve.batches")
 
@@ -98,6 +99,8 @@ class BatchStore:
         self._batches = root / "batches"
         self._lock = threading.Lock()  # appends to results logs
         self._record_lock = threading.Lock()  # batch records
+        self._quota_lock = threading.Lock()  # an upload's quota check and its reservation
+        self._writing: list[tuple[str, int]] = []  # (owner, bytes) of uploads being written
         self._versions: dict[str, int] = {}  # the newest record written, per batch
 
     def _ensure(self) -> None:
@@ -107,7 +110,39 @@ class BatchStore:
 
     # --- files -------------------------------------------------------------------------
     def add_file(self, filename: str, purpose: str, data: bytes, owner: str = "",
-                 file_id: str | None = None, ttl_s: int | None = None) -> BatchFile:
+                 file_id: str | None = None, ttl_s: int | None = None,
+                 quota: FileQuota | None = None) -> BatchFile:
+        """Keep the file; with `quota` (an upload), QuotaExceeded past it. The check and
+        the write hold one lock, so two uploads at once cannot both take the last room."""
+        if quota is None:  # a batch's own output: never refused
+            return self._add_file(filename, purpose, data, owner, file_id, ttl_s)
+        upload = (owner, len(data))
+        with self._quota_lock:  # the check and the room it reserves; the write runs after
+            refusal = quota.refusal(len(data), *self.usage(owner))
+            if refusal is not None:
+                raise refusal
+            self._writing.append(upload)
+        try:
+            return self._add_file(filename, purpose, data, owner, file_id, ttl_s)
+        finally:
+            with self._quota_lock:
+                self._writing.remove(upload)
+
+    def usage(self, owner: str) -> tuple[Usage, Usage]:
+        """What `owner`'s files take, and every file: all that is on disk, expired or
+        hidden ones included until the sweep deletes them (they still take the room),
+        and uploads being written."""
+        mine = every = Usage(0, 0)
+        records = (self._read_file(path.stem) for path in self._files.glob("*.json"))
+        sizes = [(r.owner, r.bytes) for r in records if r is not None]
+        for who, size in sizes + self._writing:
+            every = Usage(every.files + 1, every.bytes + size)
+            if who == owner:
+                mine = Usage(mine.files + 1, mine.bytes + size)
+        return mine, every
+
+    def _add_file(self, filename: str, purpose: str, data: bytes, owner: str,
+                  file_id: str | None, ttl_s: int | None) -> BatchFile:
         record = new_file(filename, purpose, len(data), owner, file_id, ttl_s)
         self._ensure()
         data_path = self._files / f"{record.id}.data"

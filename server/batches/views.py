@@ -42,3 +42,12 @@ async def inputs_in_use(runner: BatchRunner) -> set[str]:
         return {job.batch["input_file_id"] for job in runner.jobs.values()}
     return {b["input_file_id"] for b in await asyncio.to_thread(
         lambda: list(store.load_batches()))}
+
+
+async def open_count(runner: BatchRunner, owner: str) -> int:
+    """How many of the owner's batches have not ended yet, on any replica."""
+    store = runner.store
+    if not isinstance(store, RedisBatchStore):  # the runner holds every unfinished batch
+        return sum(1 for job in runner.jobs.values() if job.owner == owner)
+    return await asyncio.to_thread(store.open_count, owner)
+

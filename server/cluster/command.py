@@ -49,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-maxmemory", type=int, metavar="MB",
                         help="--redis's memory bound (default: upload_store_mb + "
                         "responses_store_mb + conversations_store_mb + "
-                        "chat_completions_store_mb + 256; raise it for the batch files you "
-                        "keep)")
+                        "chat_completions_store_mb + batch_store_mb (1024 on a shared "
+                        "store) + 256)")
     parser.add_argument("--log-dir", type=Path, help="write each child's log to DIR/<name>.log "
                         "(default: on stderr, each line tagged with r0, r1, ..., router)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,

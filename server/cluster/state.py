@@ -6,11 +6,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from server.batches.quota import batch_store_mb
 from server.config import Settings
 
 # Above what vlserve itself bounds (uploads, stored responses, conversations, stored chat
-# completions): Redis's own overhead per key, its allocator's slack and the Lua scripts'
-# working memory (README "Shared state").
+# completions, batch files): Redis's own overhead per key, its allocator's slack and the
+# Lua scripts' working memory (README "Shared state").
 HEADROOM_MB = 256
 
 
@@ -19,7 +20,7 @@ def maxmemory_mb(settings: Settings) -> int:
     Redis refuses a write (503 from the replica) only if vlserve's own bounds failed."""
     return (settings.upload_store_mb + settings.responses_store_mb
             + settings.conversations_store_mb + settings.chat_completions_store_mb
-            + HEADROOM_MB)
+            + batch_store_mb(settings, shared=True) + HEADROOM_MB)
 
 
 def redis_argv(port: int, workdir: Path, maxmemory: int, binary: str | None = None
