@@ -119,7 +119,8 @@ EXPOSE 7860
 # 200 only after the model is loaded and warmed up: allow for loading a multi-GB model.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "/app/scripts/healthcheck.py"]
-# SIGTERM drains in-flight requests (drain_timeout, 30 s): run with --stop-timeout 40.
+# SIGTERM drains in-flight requests (drain_timeout, 30 s), then writes the state snapshot:
+# run with --stop-timeout 60.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["vlserve"]
 CMD ["serve"]

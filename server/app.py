@@ -122,7 +122,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                        paths=generation_paths)
     app.add_middleware(RequestObserver, metrics=metrics, model=settings.model_name,
                        paths=generation_paths, write_timeout=settings.write_timeout)
-    app.add_middleware(APIKeyMiddleware, keys=keyring, metrics_open=settings.metrics_open)
+    app.add_middleware(APIKeyMiddleware, keys=keyring, metrics_open=settings.metrics_open,
+                       on_reject=metrics.observe_auth_rejection)
     install_openapi(app, lambda path: is_protected(path, metrics_open=settings.metrics_open),
                     keys=bool(keyring.keys))
     app.add_middleware(DrainMiddleware, drain=state.drain)

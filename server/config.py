@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 from collections.abc import Mapping
@@ -38,7 +39,9 @@ class ConfigError(Exception):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="VLSERVE_", extra="forbid", validate_default=True, protected_namespaces=()
+        env_prefix="VLSERVE_", extra="forbid", validate_default=True, protected_namespaces=(),
+        # "inf" for a TTL passed, then broke Redis's expiry (an OverflowError at startup).
+        allow_inf_nan=False,
     )
 
     # Model files and identity. mmproj None (YAML `mmproj: null`): a text-only model, whose
@@ -428,6 +431,7 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
     cli = {k: v for k, v in overrides.items() if v is not None}
     _yaml_path_for_load = config_path
     _yaml_keys_left_out = _keys_of_another_model(preset, cli, os.environ)
+    _check_env_names(os.environ)
     try:
         return Settings(**cli)
     except ValidationError as exc:
@@ -435,6 +439,25 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
     finally:
         _yaml_path_for_load = None
         _yaml_keys_left_out = set()
+
+
+# VLSERVE_* names that are not settings: the config file, the model registry, the bench's
+# llama-server, and the test suite's own (VLSERVE_TEST_*).
+_NOT_SETTINGS = ("VLSERVE_CONFIG", "VLSERVE_REGISTRY", "VLSERVE_LLAMA_BIN")
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    """A misspelt VLSERVE_* variable is an error, not a setting silently left at its
+    default (VLSERVE_API_KEYS_FILE for VLSERVE_API_KEY_FILE served without keys)."""
+    known = {f"VLSERVE_{name.upper()}" for name in Settings.model_fields} | set(_NOT_SETTINGS)
+    for name in sorted(env):
+        upper = name.upper()
+        if upper.startswith("VLSERVE_") and upper not in known and not upper.startswith(
+                "VLSERVE_TEST_"):
+            close = difflib.get_close_matches(upper, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown environment variable {name}{hint}: every VLSERVE_* "
+                              "variable names a setting (README \"Configuration\")")
 
 
 def _keys_of_another_model(preset: dict[str, Any], cli: dict[str, Any],

@@ -78,6 +78,12 @@ class Metrics:
             ["result"], registry=registry)
         self.uploads = Counter(
             "vlserve_uploads_total", "Files accepted by the upload endpoint", registry=registry)
+        # Alert on these: a rotated key some clients still send, or someone guessing keys.
+        self.auth_rejections = Counter(
+            "vlserve_auth_rejections_total", "Requests refused with 401: no API key, or one "
+            "that is not configured", ["reason"], registry=registry)
+        for reason in ("missing", "invalid"):
+            self.auth_rejections.labels(reason)
         self.batch_requests = Counter(
             "vlserve_batch_requests_total", "Batch lines by how they ended (completed: a 2xx "
             "answer; failed: an error answer, a bad line or the window expired; cancelled: "
@@ -182,6 +188,9 @@ class Metrics:
 
     def observe_upload(self) -> None:
         self.uploads.inc()
+
+    def observe_auth_rejection(self, reason: str) -> None:
+        self.auth_rejections.labels(reason).inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every collector."""

@@ -3,15 +3,15 @@
 The server is the real one; environment variables plant the faults that no request can
 cause on its own, so that the paths that answer them can be tested for real:
 
-- VLSERVE_FAULT_ENCODE_HASH: the vision encoder fails on the image with this content hash
+- VLSERVE_TEST_FAULT_ENCODE_HASH: the vision encoder fails on the image with this content hash
   (llama.cpp's mtmd_encode_chunk returning non-zero, as on a GPU out of memory).
-- VLSERVE_FAULT_CRASH_ON: the engine loop raises once a request with this X-Request-ID is
+- VLSERVE_TEST_FAULT_CRASH_ON: the engine loop raises once a request with this X-Request-ID is
   in a slot and another request waits in the queue (a bug in the engine thread).
-- VLSERVE_FAULT_HOLD_LOAD: loading the model waits until this file exists (a big model
+- VLSERVE_TEST_FAULT_HOLD_LOAD: loading the model waits until this file exists (a big model
   still loading), so a client can meet the real server while it loads.
-- VLSERVE_FAULT_STALL_ON: the decode step never returns once a request with this
+- VLSERVE_TEST_FAULT_STALL_ON: the decode step never returns once a request with this
   X-Request-ID is in a slot (a wedged GPU driver); the watchdog must notice.
-- VLSERVE_FAULT_DISK_FULL: while a file at this path exists, the disk under batch_dir has
+- VLSERVE_TEST_FAULT_DISK_FULL: while a file at this path exists, the disk under batch_dir has
   as many bytes free as the file says (none when it is empty): writes there use them up,
   and the one that runs out puts down what fits, then fails with ENOSPC, as a real disk
   fills partway through a file.
@@ -31,7 +31,7 @@ def plant_faults() -> None:
     from server.engine import mtmd
     from server.engine.scheduler import Scheduler
 
-    bad_hash = os.environ.get("VLSERVE_FAULT_ENCODE_HASH")
+    bad_hash = os.environ.get("VLSERVE_TEST_FAULT_ENCODE_HASH")
     if bad_hash:
         encode = mtmd.encode_image
 
@@ -42,7 +42,7 @@ def plant_faults() -> None:
 
         mtmd.encode_image = failing_encode
 
-    crash_on = os.environ.get("VLSERVE_FAULT_CRASH_ON")
+    crash_on = os.environ.get("VLSERVE_TEST_FAULT_CRASH_ON")
     if crash_on:
         step = Scheduler._step
 
@@ -54,7 +54,7 @@ def plant_faults() -> None:
 
         Scheduler._step = crashing_step  # type: ignore[method-assign]
 
-    hold_load = os.environ.get("VLSERVE_FAULT_HOLD_LOAD")
+    hold_load = os.environ.get("VLSERVE_TEST_FAULT_HOLD_LOAD")
     if hold_load:
         import time
 
@@ -69,7 +69,7 @@ def plant_faults() -> None:
 
         engine.load_model = held_load
 
-    stall_on = os.environ.get("VLSERVE_FAULT_STALL_ON")
+    stall_on = os.environ.get("VLSERVE_TEST_FAULT_STALL_ON")
     if stall_on:
         plain_step = Scheduler._step
 
@@ -81,7 +81,7 @@ def plant_faults() -> None:
 
         Scheduler._step = stalling_step  # type: ignore[method-assign]
 
-    disk_full = os.environ.get("VLSERVE_FAULT_DISK_FULL")
+    disk_full = os.environ.get("VLSERVE_TEST_FAULT_DISK_FULL")
     if disk_full:
         fill_disk(Path(disk_full), Path(os.environ["VLSERVE_BATCH_DIR"]).resolve())
 

@@ -236,6 +236,31 @@ def test_real_server_with_keys_and_openai_sdk(keyed_server: RunningServer) -> No
     assert KEY_A not in log and KEY_B not in log and "sk-wrong" not in log
 
 
+def test_refused_keys_are_counted_and_logged_without_flooding(keyed_server: RunningServer
+                                                              ) -> None:
+    """A client still on a rotated-out key (or a guesser) shows in the metrics and in one
+    log warning per 10 s, which never holds the key."""
+    def rejections() -> dict[str, float]:
+        text = httpx.get(f"{keyed_server.url}/metrics", timeout=10,
+                         headers={"Authorization": f"Bearer {KEY_A}"}).text
+        return {reason: float(line.split()[-1]) for line in text.splitlines()
+                for reason in ("missing", "invalid")
+                if line.startswith(f'vlserve_auth_rejections_total{{reason="{reason}"}}')}
+
+    before = rejections()
+    for _ in range(5):
+        assert httpx.get(f"{keyed_server.api}/models", timeout=10, headers={
+            "Authorization": "Bearer sk-rotated-out"}).status_code == 401
+    assert httpx.get(f"{keyed_server.api}/models", timeout=10).status_code == 401
+    after = rejections()
+    assert after["invalid"] - before["invalid"] == 5, (before, after)
+    assert after["missing"] - before["missing"] == 1, (before, after)
+    warnings = [line for line in keyed_server.log().splitlines() if "401 " in line
+                and "API key from 127.0.0.1" in line]
+    assert 1 <= len(warnings) <= 2, warnings  # one per 10 s window, not one per request
+    assert "/api/v1/models" in warnings[-1] and "sk-rotated-out" not in keyed_server.log()
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_smoke_script_sends_the_key(keyed_server: RunningServer) -> None:
     script = str(ROOT / "scripts" / "smoke.sh")

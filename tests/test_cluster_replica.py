@@ -14,6 +14,7 @@ from test_auth import KEY_A, make_app, request
 
 from server.cli import main
 from server.cluster import Cluster, ClusterSpec
+from server.cluster.child import TAIL_BYTES, Child
 from server.cluster.command import add_arguments, spec_from_args
 from server.cluster.router import HEALTH_ARGS, router_argv
 from server.cluster.state import redis_argv
@@ -172,3 +173,15 @@ def test_the_cluster_redis_is_sized_from_the_replicas_bounds(args: list[str],
     assert spec.redis_maxmemory_mb == maxmemory
     assert redis_argv(1, Path("/w"), spec.redis_maxmemory_mb, binary="redis-server")[-4:] == [
         "--maxmemory", f"{maxmemory}mb", "--maxmemory-policy", "noeviction"]
+
+
+def test_a_childs_log_tail_reads_only_the_end_of_its_log(tmp_path: Path) -> None:
+    """A replica failing to start after a year of logging: its last lines, without reading
+    the whole file into the cluster process."""
+    child = Child("r0", ["true"], {}, tmp_path)
+    with (tmp_path / "r0.log").open("wb") as log:
+        log.write(b"old line\n" * (TAIL_BYTES // 4))  # four times what is read
+        log.write(b"\xff not utf-8\nloading model\nerror: model file not found\n")
+    assert child.log_tail(2) == "\n  loading model\n  error: model file not found"
+    assert len(child.log_tail(10**6)) < 2 * TAIL_BYTES  # the end only, not all four times
+    assert Child("r1", ["true"], {}, tmp_path).log_tail() == ""  # no log yet

@@ -64,6 +64,32 @@ def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, fragment: str) 
     assert "\n" not in str(err.value)
 
 
+def test_a_misspelt_environment_variable_is_an_error(monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    """VLSERVE_API_KEYS_FILE (for VLSERVE_API_KEY_FILE) used to leave the server open with
+    no keys; now it names the setting meant."""
+    monkeypatch.setenv("VLSERVE_API_KEYS_FILE", "/run/keys")
+    with pytest.raises(ConfigError) as err:
+        load_settings(None)
+    assert "unknown environment variable VLSERVE_API_KEYS_FILE (did you mean " \
+        "VLSERVE_API_KEY_FILE?)" in str(err.value)
+    monkeypatch.delenv("VLSERVE_API_KEYS_FILE")
+    # Names that are not settings but are vlserve's: the config file, the registry, the
+    # bench's llama-server, the test suite's own.
+    for name in ("VLSERVE_REGISTRY", "VLSERVE_LLAMA_BIN", "VLSERVE_TEST_ANYTHING"):
+        monkeypatch.setenv(name, "x")
+    assert load_settings(None).api_keys == []
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_a_ttl_of_infinity_is_refused_at_load(monkeypatch: pytest.MonkeyPatch, value: str
+                                               ) -> None:
+    """`inf` passed validation, then broke Redis's expiry with an OverflowError at startup."""
+    monkeypatch.setenv("VLSERVE_CONVERSATIONS_TTL_S", value)
+    with pytest.raises(ConfigError, match="conversations_ttl_s"):
+        load_settings(None)
+
+
 def test_missing_config_file() -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_settings(Path("/nonexistent/vlserve.yaml"))

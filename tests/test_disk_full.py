@@ -30,7 +30,7 @@ def full_disk(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFacto
     folder = tmp_path_factory.mktemp("disk_full")
     flag = folder / "full"
     running = start_server(demo_model, folder / "server.log", launcher=FAULTY,
-                           env={"VLSERVE_FAULT_DISK_FULL": str(flag)})
+                           env={"VLSERVE_TEST_FAULT_DISK_FULL": str(flag)})
     yield running, flag
     stop_server(running)
 

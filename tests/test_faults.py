@@ -42,7 +42,7 @@ def encode_fault_server(demo_model: DemoModelPaths, tmp_path_factory: pytest.Tem
                         ) -> Iterator[RunningServer]:
     running = start_server(demo_model, tmp_path_factory.mktemp("encode_fault") / "server.log",
                            "--n-parallel", "2", "--n-ctx", "8192", launcher=FAULTY,
-                           env={"VLSERVE_FAULT_ENCODE_HASH": content_hash(BAD_IMAGE),
+                           env={"VLSERVE_TEST_FAULT_ENCODE_HASH": content_hash(BAD_IMAGE),
                                 "VLSERVE_MAX_TOKENS_CAP": str(LONG)})
     yield running
     stop_server(running)
@@ -192,7 +192,7 @@ def test_engine_loop_crash_in_the_real_server_exits_1(demo_model: DemoModelPaths
     three are answered (no client hangs), and the process exits 1 for its supervisor."""
     server = start_server(demo_model, tmp_path / "server.log", "--n-parallel", "2",
                           "--n-ctx", "8192", launcher=FAULTY,
-                          env={"VLSERVE_FAULT_CRASH_ON": "crash-me",
+                          env={"VLSERVE_TEST_FAULT_CRASH_ON": "crash-me",
                                "VLSERVE_MAX_TOKENS_CAP": str(LONG)})
     try:
         streaming = Stream(server.api, long_chat())

@@ -5,7 +5,7 @@ through `executable_path`: no browser download. The browser tests skip, saying w
 when that browser is missing or does not start.
 
 A screenshot of the page after an image question lands in the test's tmp dir; set
-VLSERVE_PLAYGROUND_SCREENSHOT=docs/playground.png to refresh the README's copy.
+VLSERVE_TEST_PLAYGROUND_SCREENSHOT=docs/playground.png to refresh the README's copy.
 """
 
 from __future__ import annotations
@@ -190,8 +190,8 @@ def save_screenshot(page: Page, tmp_path: Path) -> None:
     path = tmp_path / "playground.png"
     page.screenshot(path=path)
     print(f"screenshot: {path}")
-    if os.environ.get("VLSERVE_PLAYGROUND_SCREENSHOT"):
-        page.screenshot(path=os.environ["VLSERVE_PLAYGROUND_SCREENSHOT"])
+    if os.environ.get("VLSERVE_TEST_PLAYGROUND_SCREENSHOT"):
+        page.screenshot(path=os.environ["VLSERVE_TEST_PLAYGROUND_SCREENSHOT"])
 
 
 def test_server_errors_are_shown_readably(page: Page, server: RunningServer,

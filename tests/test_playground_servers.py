@@ -72,7 +72,7 @@ def test_a_loading_server_says_warming_up_then_ready(
         browser: Browser, demo_model: DemoModelPaths, tmp_path: Path) -> None:  # noqa: F811
     release = tmp_path / "loaded"
     server = start_server(demo_model, tmp_path / "server.log", launcher=FAULTY, ready=False,
-                          env={"VLSERVE_FAULT_HOLD_LOAD": str(release)})
+                          env={"VLSERVE_TEST_FAULT_HOLD_LOAD": str(release)})
     try:
         health = None
         for _ in range(600):  # up to a minute for the process to listen

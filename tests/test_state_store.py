@@ -15,6 +15,7 @@ from redis_server import RedisServer
 
 from bench.servers import free_port
 from server.store import Bounds, Codec, StateUnavailable, Table, TableFull, open_backend
+from server.store.backend import POOL_SIZE
 
 TEXT: Codec[str] = Codec(lambda s: (s.encode(), b"body:" + s.encode()),
                          lambda head, body: head.decode() + ("" if body is None else "+"))
@@ -175,6 +176,30 @@ def test_concurrent_writers_keep_the_redis_counters_exact(redis: RedisServer) ->
     usage = asyncio.run(main())
     assert redis.command("ZCARD", f"vlserve:{name}:born") == f":{sum(c for c, _ in usage)}"
     assert redis.command("GET", f"vlserve:{name}:bytes") is not None
+
+
+def test_a_burst_past_the_connection_pool_waits_instead_of_failing(redis: RedisServer
+                                                                    ) -> None:
+    """More calls at once than the pool has connections (a burst of uploads): the extra
+    ones wait their turn. redis-py's default pool raised MaxConnectionsError at once, and a
+    healthy Redis answered 503 to a third of them."""
+    calls = POOL_SIZE + 50
+    body = b"x" * (1 << 20)  # 1 MiB each: every call holds its connection a while
+    codec: Codec[str] = Codec(lambda s: (s.encode(), body), lambda head, _: head.decode())
+
+    async def main() -> None:
+        backend = open_backend(redis.url(0), timeout_s=10)
+        try:
+            t = backend.table(f"t{uuid.uuid4().hex}", bounds(
+                max_count=calls, max_count_per_owner=calls, max_bytes=calls << 21,
+                max_bytes_per_owner=calls << 21), codec)
+            await asyncio.gather(*(t.put(f"o{i}", f"k{i}", f"v{i}", len(body))
+                                   for i in range(calls)))
+            assert [await t.head(f"o{i}", f"k{i}") for i in range(calls)] == [
+                f"v{i}" for i in range(calls)]
+        finally:
+            await backend.close()
+    asyncio.run(main())
 
 
 def test_a_lock_is_held_by_one_replica_at_a_time(redis: RedisServer) -> None:

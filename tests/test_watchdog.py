@@ -94,7 +94,7 @@ def test_a_hung_real_server_exits_1(demo_model: DemoModelPaths, tmp_path: Path) 
     process exits 1 although its engine thread never comes back."""
     server = start_server(demo_model, tmp_path / "server.log", "--n-parallel", "2",
                           launcher=FAULTY,
-                          env={"VLSERVE_FAULT_STALL_ON": "stall-me",
+                          env={"VLSERVE_TEST_FAULT_STALL_ON": "stall-me",
                                "VLSERVE_ENGINE_WATCHDOG_S": str(WATCHDOG_S),
                                "VLSERVE_MAX_TOKENS_CAP": "3000"})
     try:

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+import logging
+import time
+from collections.abc import Callable, Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import error_response
 from server.api.internal import is_internal
 from server.api.keyring import KeyRing
+
+logger = logging.getLogger("vlserve.api")
 
 # The router's and the orchestrator's probes carry no key: /health (readiness), /livez
 # (liveness) and /get_load (a count for load-aware routing) answer without one.
@@ -59,10 +63,13 @@ def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
 class APIKeyMiddleware:
     """401 (OpenAI error JSON) for protected paths without one of the configured keys."""
 
-    def __init__(self, app: ASGIApp, keys: KeyRing, *, metrics_open: bool = False) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyRing, *, metrics_open: bool = False,
+                 on_reject: Callable[[str], None] | None = None) -> None:
         self.app = app
         self._keyring = keys  # read at each request: a rotated key file counts at once
         self._metrics_open = metrics_open
+        self._on_reject = on_reject  # counts a 401 by reason (missing, invalid)
+        self._log = RejectionLog()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or not self._keyring.keys \
@@ -84,6 +91,11 @@ class APIKeyMiddleware:
             return
         message = ("missing API key: send it as 'Authorization: Bearer <key>'" if token is None
                    else "invalid API key")  # never echo the key, not even in part
+        reason = "missing" if token is None else "invalid"
+        if self._on_reject is not None:
+            self._on_reject(reason)
+        client = scope.get("client")
+        self._log.rejected(reason, client[0] if client else "?", scope["path"])
         response = error_response(401, message, code="invalid_api_key",
                                   headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
@@ -95,3 +107,24 @@ class APIKeyMiddleware:
         for key in self._keyring.keys:
             matched |= hmac.compare_digest(token, key)
         return matched
+
+
+class RejectionLog:
+    """One warning per `window_s` about 401s, with how many there were: a client still
+    sending a rotated-out key shows in the log, and a flood of guesses does not flood it."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self._since = -window_s  # monotonic start of the current window
+        self._quiet = 0  # rejections not logged in it
+
+    def rejected(self, reason: str, client: str, path: str) -> None:
+        now = time.monotonic()
+        if now - self._since < self.window_s:
+            self._quiet += 1
+            return
+        more = f" ({self._quiet} more since the last such line)" \
+            if self._quiet else ""
+        logger.warning("401 %s API key from %s on %s%s", reason, client, path, more)
+        self._since, self._quiet = now, 0
+

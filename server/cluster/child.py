@@ -17,6 +17,7 @@ from typing import IO
 logger = logging.getLogger("vlserve.cluster")
 
 _PR_SET_PDEATHSIG = 1
+TAIL_BYTES = 64 * 1024  # what log_tail reads from the end of a child's log
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
@@ -62,7 +63,13 @@ class Child:
         if self.log_dir is None:
             return ""
         path = self.log_dir / f"{self.name}.log"
-        tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+        try:
+            with path.open("rb") as log:  # its end only: a year of log is gigabytes
+                log.seek(max(0, log.seek(0, os.SEEK_END) - TAIL_BYTES))
+                end = log.read()
+        except FileNotFoundError:
+            return ""
+        tail = end.decode(errors="replace").splitlines()[-lines:]
         return "".join(f"\n  {line}" for line in tail)
 
     @property

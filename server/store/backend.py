@@ -27,6 +27,11 @@ LOCK_LEASE_S = 30.0
 logger = logging.getLogger("vlserve.store")
 
 
+# Connections to Redis one process keeps at most: calls take about a millisecond, so 100
+# serve thousands a second; more would only move the queue into Redis.
+POOL_SIZE = 100
+
+
 class StateBackend:
     """Makes the named tables; one Redis connection pool serves them all."""
 
@@ -44,10 +49,14 @@ class StateBackend:
             import redis.asyncio as aioredis  # only a shared store needs the client
 
             # Socket timeouts below the per-call limit: a Redis that vanished is a 503 in
-            # seconds, never a request that hangs.
-            self._client = aioredis.Redis.from_url(
-                url, socket_timeout=timeout_s / 2, socket_connect_timeout=timeout_s / 2,
+            # seconds, never a request that hangs. A blocking pool: past POOL_SIZE calls at
+            # once (a burst of uploads) a call waits for a connection, where redis-py's
+            # default pool failed it at once and a healthy Redis answered 503.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=POOL_SIZE, timeout=timeout_s / 2,
+                socket_timeout=timeout_s / 2, socket_connect_timeout=timeout_s / 2,
                 health_check_interval=30)
+            self._client = aioredis.Redis.from_pool(pool)
 
     def table(self, name: str, bounds: Bounds, codec: Codec[T]) -> Table[T]:
         if self._client is None:
