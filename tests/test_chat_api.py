@@ -285,6 +285,43 @@ def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
     assert len(answers) == 1
 
 
+def test_what_the_sdk_may_send_is_taken_as_openai_means_it(client: openai.OpenAI,
+                                                           server: RunningServer) -> None:
+    """Fields OpenAI's spec allows that were 400s: explicit nulls for its nullable booleans
+    (the SDK sends `stream=None` as null), top_p 0 (the likeliest token only, i.e. greedy)
+    and efforts above "high" (an image's "original" detail: tests/test_image_detail.py)."""
+    messages = [{"role": "user", "content": "Name some colours."}]
+    nulls = httpx.post(f"{server.api}/chat/completions", timeout=60, json={
+        "messages": messages, "max_tokens": 6, "temperature": 0, "stream": None})
+    assert nulls.status_code == 200, nulls.text
+    assert nulls.json()["object"] == "chat.completion"  # null is not a stream
+    greedy = nulls.json()["choices"][0]["message"]["content"]
+    top_p_zero = client.chat.completions.create(model="m", messages=messages, max_tokens=6,
+                                                temperature=1.5, top_p=0, seed=7)
+    assert top_p_zero.choices[0].message.content == greedy
+    text = httpx.post(f"{server.api}/completions", timeout=60, json={
+        "prompt": "Colours:", "max_tokens": 2, "echo": None, "stream": None})
+    assert text.status_code == 200, text.text
+    assert not text.json()["choices"][0]["text"].startswith("Colours:")  # null echo: off
+    for effort in ("xhigh", "max"):
+        reply = client.chat.completions.create(model="m", messages=messages, max_tokens=2,
+                                               reasoning_effort=effort)  # type: ignore[arg-type]
+        assert reply.choices[0].finish_reason in ("length", "stop")
+
+
+def test_a_bad_field_under_a_union_is_named_in_the_error(server: RunningServer) -> None:
+    """A bad image part used to be reported as the union's first branch: "content: Input
+    should be a valid string". The error names the field that is wrong."""
+    resp = httpx.post(f"{server.api}/chat/completions", timeout=30, json={"messages": [{
+        "role": "user", "content": [{"type": "text", "text": "hi"}, {
+            "type": "image_url", "image_url": {"url": "data:,", "detail": "huge"}}]}]})
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["param"].startswith("messages.0.content.1.") and error["param"].endswith(
+        ".detail"), error
+    assert "'original'" in error["message"] and "valid string" not in error["message"]
+
+
 def test_concurrent_requests_all_complete(server: RunningServer) -> None:
     async def run() -> list[str]:
         async with openai.AsyncOpenAI(base_url=server.api, api_key="x", max_retries=0) as aio:

@@ -61,6 +61,10 @@ def test_detail_sets_the_image_tokens_by_the_projectors_rules(
             by_url[detail]["usage"]["prompt_tokens"]
     plain = chat(server, [ask(image_part(data_url(png), None))])  # no detail: auto
     assert plain["timings"]["image_tokens"] == expected["auto"]
+    # OpenAI's "original" (no downscaling): the largest this server gives, `high`.
+    original = [chat(server, [ask(image_part(data_url(png), "original"))]), chat(server, [
+        ask({"type": "file", "file": {"file_id": file_id, "detail": "original"}})])]
+    assert [o["timings"]["image_tokens"] for o in original] == [expected["high"]] * 2
 
 
 def test_responses_input_image_detail(family_server: RunningServer) -> None:

@@ -52,6 +52,22 @@ def test_the_sdk_and_v1_path_answer(server: RunningServer) -> None:
     assert reply.output_text == reply.output[0].content[0].text  # type: ignore[union-attr]
 
 
+def test_nulls_for_nullable_fields_take_their_defaults(client: openai.OpenAI,
+                                                      server: RunningServer) -> None:
+    """OpenAI's spec makes stream, store and background nullable: null (the SDK's None)
+    is the default (not streamed, stored, in the foreground), as top_p 0 is greedy."""
+    answer = httpx.post(f"{server.api}/responses", timeout=60, json={
+        "input": "Hi", "max_output_tokens": 3, "stream": None, "store": None,
+        "background": None, "top_p": 0, "temperature": 1.5,
+        "reasoning": {"effort": "xhigh"}})
+    assert answer.status_code == 200, answer.text
+    reply = Response.model_validate(answer.json())
+    assert reply.status == "incomplete" and reply.background is False
+    assert client.responses.retrieve(reply.id).output_text == reply.output_text  # stored
+    greedy = create(server, input="Hi", max_output_tokens=3, temperature=0)
+    assert reply.output_text == greedy.output_text
+
+
 def test_max_output_tokens_has_chats_default_and_cap(server: RunningServer) -> None:
     default = create(server, input="Go on.")
     assert default.usage is not None and default.usage.output_tokens == TEST_DEFAULT_MAX_TOKENS

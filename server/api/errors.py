@@ -69,8 +69,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # The deepest error is the one that names the field: a value under a union gets
+        # one error per branch, and the first is often the shallow one ("content: Input
+        # should be a valid string" for a bad image part).
+        first = max(errors, key=lambda e: len(e.get("loc", ())), default={
+            "loc": (), "msg": "invalid request"})
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _branch(p)]
         param = ".".join(loc) or None
         message = str(first.get("msg", "invalid request"))
         if param:
@@ -118,3 +122,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 _STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+# How pydantic names the branch of a union in an error's location ("str",
+# "list[union[TextPart,ImagePart]]", "function-after[...]"): not a field of the request.
+_BRANCH_NAMES = frozenset({"str", "int", "float", "bool", "none", "dict", "list", "bytes"})
+
+
+def _branch(part: object) -> bool:
+    return isinstance(part, str) and (part in _BRANCH_NAMES or "[" in part)

@@ -13,14 +13,14 @@ from server.images.rescale import rescale_cost, rescale_rgb
 from server.timings import StageTimer
 from server.uploads import StoredFile
 
-Detail = Literal["auto", "low", "high"]
+Detail = Literal["auto", "low", "high", "original"]
 
 
 def size_rule(state: AppState, detail: str | None) -> SizeRule:
     """The rule for `detail`; None and `auto` are the configured default. The engine's model
     info holds one per detail; fixed-size projectors get the same rule for all three."""
     return SizeRule.from_info(state.engine.info, state.settings.image_max_side,
-                              detail or "auto")
+                              "high" if detail == "original" else detail or "auto")
 
 
 def _derived(image: ImageInput, box: tuple[int, int]) -> str:

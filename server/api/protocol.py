@@ -36,6 +36,15 @@ def _whole_number(value: object) -> object:
 _WHOLE = BeforeValidator(_whole_number)
 
 
+# OpenAI's nullable booleans (the SDK sends `stream=None` as null): null is the default.
+NullIsFalse = Annotated[bool, BeforeValidator(lambda v: False if v is None else v)]
+NullIsTrue = Annotated[bool, BeforeValidator(lambda v: True if v is None else v)]
+
+# An image's `detail`: OpenAI's "original" (no downscaling) is served as "high", the
+# largest this model takes.
+ImageDetail = Literal["auto", "low", "high", "original"]
+
+
 class _Lenient(BaseModel):
     model_config = _REQUEST_CONFIG
 
@@ -47,7 +56,7 @@ class TextPart(_Lenient):
 
 class ImageURL(_Lenient):
     url: str
-    detail: Literal["auto", "low", "high"] | None = None
+    detail: ImageDetail | None = None
 
 
 class ImagePart(_Lenient):
@@ -58,7 +67,7 @@ class ImagePart(_Lenient):
 class FileRef(_Lenient):
     file_id: str = Field(max_length=128)
     # vlserve extension (image_url parts carry it in OpenAI's schema): the upload's `detail`.
-    detail: Literal["auto", "low", "high"] | None = None
+    detail: ImageDetail | None = None
 
 
 class FilePart(_Lenient):
@@ -168,7 +177,7 @@ ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponseFor
                            Field(discriminator="type")]
 
 
-ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 # OpenAI's tiers ("auto", "default", "flex", "priority", ... new ones come): any name is
 # accepted, since every request runs at the one tier there is.
 ServiceTier = Annotated[str, StringConstraints(max_length=64)]
@@ -186,7 +195,7 @@ class GenerationFields(_Lenient):
     model: str | None = None
     max_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)  # 0: the likeliest token only
     top_k: Annotated[int, Field(ge=0), _WHOLE] | None = None
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     seed: Annotated[int, _WHOLE] | None = None
@@ -194,7 +203,7 @@ class GenerationFields(_Lenient):
     stop: str | Annotated[list[str], WithJsonSchema(_STOP_LIST)] | None = None
     # At most n_parallel (checked by the route, which knows it; 128 bounds the schema).
     n: Annotated[int, Field(ge=1, le=128), _WHOLE] | None = None
-    stream: bool = False
+    stream: NullIsFalse = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -290,7 +299,7 @@ class CompletionRequest(GenerationFields):
     prompt: str | list[Any]
     best_of: Annotated[int, Field(ge=1, le=128), _WHOLE] | None = None  # = n only
     logprobs: Annotated[int, Field(ge=0, le=20), _WHOLE] | None = None
-    echo: bool = False
+    echo: NullIsFalse = False
     suffix: str | None = None  # refused unless empty: no fill-in-the-middle here
 
 

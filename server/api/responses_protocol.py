@@ -12,8 +12,11 @@ from server.api.protocol import (
     FUNCTION_NAME,
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
+    ImageDetail,
     JSONSchemaFormat,
     Metadata,
+    NullIsFalse,
+    NullIsTrue,
     ReasoningEffort,
     ServiceTier,
     Timings,
@@ -44,7 +47,7 @@ class InputImage(_Lenient):
     type: Literal["input_image"]
     image_url: str | None = None
     file_id: str | None = Field(None, max_length=128)
-    detail: Literal["auto", "low", "high"] | None = None
+    detail: ImageDetail | None = None
 
 
 InputContent = Annotated[InputText | OutputText | InputImage, Field(discriminator="type")]
@@ -174,16 +177,16 @@ class ResponsesRequest(_Lenient):
     instructions: str | None = None
     max_output_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
     text: TextConfig | None = None
     tools: list[FunctionTool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
     parallel_tool_calls: bool | None = None
-    stream: bool = False
-    store: bool = True
+    stream: NullIsFalse = False
+    store: NullIsTrue = True
     # Answered at once (status "queued"), generated detached from the request: poll
     # GET /responses/{id}, stream it (now or later), cancel it (server/api/background.py).
-    background: bool = False
+    background: NullIsFalse = False
     previous_response_id: str | None = Field(None, max_length=128)
     metadata: Metadata | None = None
     # Continue (and extend) a stored conversation (POST /conversations); not with

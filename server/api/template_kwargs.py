@@ -38,6 +38,10 @@ def template_kwargs(raw: dict[str, Any] | None) -> dict[str, Any] | None:
     return raw
 
 
+# OpenAI's efforts above "high" (GPT-5.x's): templates know low, medium and high.
+_TEMPLATE_EFFORT = {"xhigh": "high", "max": "high"}
+
+
 def with_reasoning_effort(kwargs: dict[str, Any] | None, effort: str | None,
                           template: ChatTemplate | None) -> dict[str, Any] | None:
     """OpenAI's `reasoning_effort` as the template's own switches, where it has them (the
@@ -46,6 +50,7 @@ def with_reasoning_effort(kwargs: dict[str, Any] | None, effort: str | None,
     (Qwen3, GLM-4.5V/4.6V style). A template with neither ignores it, as vLLM does."""
     if effort is None or template is None:
         return kwargs
+    effort = _TEMPLATE_EFFORT.get(effort, effort)
     out = dict(kwargs or {})
     if "reasoning_effort" in template.variables:
         out.setdefault("reasoning_effort", effort)
