@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from server import __version__
+from server.api.api_calls import ApiCallObserver
 from server.api.auth import APIKeyMiddleware, is_protected
 from server.api.batches import router as batches_router
 from server.api.chat import router as chat_router
@@ -122,6 +123,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                        paths=generation_paths)
     app.add_middleware(RequestObserver, metrics=metrics, model=settings.model_name,
                        paths=generation_paths, write_timeout=settings.write_timeout)
+    app.add_middleware(ApiCallObserver, metrics=metrics, prefixes=API_PREFIXES,
+                       generation_paths=generation_paths)
     app.add_middleware(APIKeyMiddleware, keys=keyring, metrics_open=settings.metrics_open,
                        on_reject=metrics.observe_auth_rejection)
     install_openapi(app, lambda path: is_protected(path, metrics_open=settings.metrics_open),

@@ -78,6 +78,14 @@ class Metrics:
             ["result"], registry=registry)
         self.uploads = Counter(
             "vlserve_uploads_total", "Files accepted by the upload endpoint", registry=registry)
+        # The API's other calls (server.api.api_calls), by route template and method.
+        self.api_calls = Counter(
+            "vlserve_api_calls_total", "Calls to the API other than generation (files, "
+            "batches, stored responses, conversations, models, ...) by route, method and "
+            "HTTP status", ["route", "method", "status"], registry=registry)
+        self.api_call_seconds = Histogram(
+            "vlserve_api_call_duration_seconds", "Time to answer those calls",
+            ["route", "method"], buckets=SECONDS_BUCKETS, registry=registry)
         # Alert on these: a rotated key some clients still send, or someone guessing keys.
         self.auth_rejections = Counter(
             "vlserve_auth_rejections_total", "Requests refused with 401: no API key, or one "
@@ -188,6 +196,10 @@ class Metrics:
 
     def observe_upload(self) -> None:
         self.uploads.inc()
+
+    def observe_api_call(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.api_calls.labels(route, method, str(status)).inc()
+        self.api_call_seconds.labels(route, method).observe(seconds)
 
     def observe_auth_rejection(self, reason: str) -> None:
         self.auth_rejections.labels(reason).inc()

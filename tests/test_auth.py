@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import subprocess
@@ -234,6 +235,10 @@ def test_real_server_with_keys_and_openai_sdk(keyed_server: RunningServer) -> No
     log = keyed_server.log()
     assert "2 key(s) configured" in log
     assert KEY_A not in log and KEY_B not in log and "sk-wrong" not in log
+    # Which key a request came with: a digest, for per-key accounting in the log.
+    digest = hashlib.sha256(KEY_B.encode()).hexdigest()[:12]
+    assert any('"event": "chat_completion"' in line and f'"key": "{digest}"' in line
+               for line in log.splitlines())
 
 
 def test_refused_keys_are_counted_and_logged_without_flooding(keyed_server: RunningServer

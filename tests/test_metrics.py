@@ -199,3 +199,43 @@ def test_a_refused_method_is_counted_and_a_listing_is_not(long_server: RunningSe
                - value(before, "vlserve_requests_total", status=status, finish_reason="none")
                for status in ("405", "200")}
     assert counted == {"405": 1, "200": 0}
+
+
+def test_the_apis_other_calls_are_counted_by_route_and_mutations_logged(
+        long_server: RunningServer) -> None:
+    """Files, batches, stored responses...: counted and timed by route template (bounded
+    labels, never the id in the path); a change or a failure also gets a log line."""
+    server = long_server
+    before = scrape(server)
+    upload = httpx.post(f"{server.api}/files", timeout=30, data={"purpose": "vision"},
+                        files={"file": ("a.png", photo_bytes(64, 48))})
+    assert upload.status_code == 200, upload.text
+    file_id = upload.json()["id"]
+    for _ in range(3):
+        assert httpx.get(f"{server.api}/files/{file_id}", timeout=30).status_code == 200
+    assert httpx.get(f"{server.api}/files/file-nope", timeout=30).status_code == 404
+    assert httpx.get(f"{server.api}/no/such/route", timeout=30).status_code == 404
+    assert httpx.delete(f"{server.api}/files/{file_id}", timeout=30).status_code == 200
+    after = scrape(server)
+
+    def counted(route: str, method: str, status: str) -> float:
+        labels = {"route": route, "method": method, "status": status}
+        return value(after, "vlserve_api_calls_total", **labels) - value(
+            before, "vlserve_api_calls_total", **labels)
+
+    assert counted("/files", "POST", "200") == 1
+    assert counted("/files/{file_id}", "GET", "200") == 3
+    assert counted("/files/{file_id}", "GET", "404") == 1
+    assert counted("/files/{file_id}", "DELETE", "200") == 1
+    assert counted("unmatched", "GET", "404") == 1
+    assert not any(name == "vlserve_api_calls_total" and file_id in str(labels)
+                   for name, labels in after)
+    # Chat requests are not counted twice: they have their own metric.
+    assert all(dict(labels).get("route") != "/chat/completions" or
+               dict(labels).get("method") == "GET"
+               for name, labels in after if name == "vlserve_api_calls_total")
+    logged = [line for line in server.log().splitlines() if '"event": "api_call"' in line]
+    assert any('"method": "DELETE"' in line and "\"/files/{file_id}\"" in line
+               for line in logged)
+    assert any('"status": 404' in line and '"route": "unmatched"' in line for line in logged)
+    assert not any('"method": "GET"' in line and '"status": 200' in line for line in logged)

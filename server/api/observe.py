@@ -17,6 +17,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.auth import client_identity
 from server.api.paths import route_spelling
 from server.http_protocol import CONNECTION_KEY, ConnectionState
 from server.logs import REQUEST_LOGGER
@@ -39,6 +40,7 @@ class RequestRecord:
     completion_id: str  # chatcmpl-<hex>, the `id` of the completion
     client: str | None
     path: str
+    key: str | None = None  # which API key: the first 12 hex digits of its sha256
     timer: StageTimer | None = None
     stream: bool = False
     finish_reason: str | None = None
@@ -81,7 +83,8 @@ def _new_record(scope: Scope) -> RequestRecord:
     client_id = client_request_id(Headers(scope=scope).get("x-request-id"))
     client = scope.get("client")
     return RequestRecord(request_id=client_id or completion_id, completion_id=completion_id,
-                         client=client[0] if client else None, path=scope.get("path", ""))
+                         client=client[0] if client else None, path=scope.get("path", ""),
+                         key=client_identity(scope)[:12] or None)
 
 
 class RequestObserver:
@@ -193,7 +196,8 @@ def log_fields(record: RequestRecord, status: int, model: str) -> dict[str, obje
     if record.completion_id != record.request_id:
         fields["completion_id"] = record.completion_id
     fields.update(model=model, status=status, finish_reason=record.finish_reason,
-                  stream=record.stream, client=record.client, path=record.path)
+                  stream=record.stream, client=record.client, key=record.key,
+                  path=record.path)
     timer = record.timer
     if timer is not None:
         fields.update(timings=timer.as_dict(), images=timer.images,
