@@ -254,6 +254,39 @@ def _streamed(running: RunningServer, body: dict) -> tuple[dict[int, dict], list
     return choices, chunks
 
 
+def test_max_tokens_0_scores_the_prompt_and_generates_nothing(
+        gemma: RunningServer) -> None:  # noqa: F811
+    """OpenAI's legacy completions allow max_tokens 0: with echo and logprobs, the prompt's
+    scores alone (how evaluation harnesses measure a text's likelihood), nothing sampled.
+    The scores are those of the same prompt answered with one token."""
+    body = {"prompt": PROMPT, "echo": True, "logprobs": 1, "temperature": 0}
+    scored = httpx.post(f"{gemma.api}/completions", timeout=60,
+                        json={**body, "max_tokens": 0}).json()
+    one = httpx.post(f"{gemma.api}/completions", timeout=60,
+                     json={**body, "max_tokens": 1}).json()
+    (choice,) = scored["choices"]
+    assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
+    assert scored["usage"]["completion_tokens"] == 0
+    assert scored["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]
+    lp, with_one = choice["logprobs"], one["choices"][0]["logprobs"]
+    assert lp["tokens"] == with_one["tokens"][:-1] and "".join(lp["tokens"]) == PROMPT
+    assert lp["token_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx(with_one["token_logprobs"][1:-1],
+                                                     abs=1e-4)
+    # Streamed, and for several prompts and choices: each choice is its echo, then its end.
+    streamed, _ = _streamed(gemma, {**body, "max_tokens": 0, "n": 2,
+                                    "prompt": [PROMPT, "The capital of Italy is"]})
+    assert [streamed[i]["text"] for i in range(4)] == [PROMPT, PROMPT, "The capital of "
+                                                       "Italy is", "The capital of Italy is"]
+    assert {streamed[i]["finish_reason"] for i in range(4)} == {"length"}
+    plain = httpx.post(f"{gemma.api}/completions", timeout=60,
+                       json={"prompt": PROMPT, "max_tokens": 0}).json()  # no echo: empty
+    assert plain["choices"][0]["text"] == "" and plain["usage"]["completion_tokens"] == 0
+    refused = httpx.post(f"{gemma.api}/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0})
+    assert refused.status_code == 400  # a chat answer of nothing is no answer
+
+
 def test_echo_with_logprobs_streams(llava_server: RunningServer,
                                     gemma: RunningServer) -> None:  # noqa: F811
     """Streamed, a scored prompt's echo comes first with its prompt's logprobs (they are

@@ -46,7 +46,8 @@ def require_ready(state: AppState) -> None:
 def max_tokens(asked: int | None, settings: Settings) -> int:
     """The configured default when none is asked for, and never more than the cap: a model
     that never stops must not run until the context is full."""
-    return min(asked or settings.default_max_tokens, settings.max_tokens_cap)
+    return min(settings.default_max_tokens if asked is None else asked,
+               settings.max_tokens_cap)
 
 
 def sampling_params(*, temperature: float | None = None, top_p: float | None = None,

@@ -294,6 +294,10 @@ def few_enough_parts(data: Any, field: str) -> Any:
 class CompletionRequest(GenerationFields):
     """OpenAI's (legacy) text completions: one prompt, no chat template."""
 
+    # 0 with echo and logprobs scores the prompt and generates nothing (evaluation
+    # harnesses measure a text's likelihood this way).
+    max_tokens: Annotated[int, Field(ge=0), _WHOLE] | None = None
+
     # A string, token ids, or a list of either (checked by the route, which names the
     # offending item).
     prompt: str | list[Any]

@@ -21,8 +21,9 @@ class KvBudget:
 
     def clip(self, max_tokens: int, prompt_cells: int) -> int:
         """A request that could not finish even alone stops where the context ends
-        (finish_reason `length` there), instead of failing partway."""
-        return max(1, min(max_tokens, self.n_ctx - prompt_cells))
+        (finish_reason `length` there), instead of failing partway; 0 (a prompt scored,
+        nothing generated) stays 0."""
+        return max(min(max_tokens, 1), min(max_tokens, self.n_ctx - prompt_cells))
 
     def free(self, slots: Iterable[Slot]) -> int:
         """Cells no sequence holds, idle slots' reusable prefixes counted as held."""

@@ -30,7 +30,7 @@ from server.engine.admission import (
 )
 from server.engine.batch import TokenBatch
 from server.engine.drafts import count_drafted, take_draft
-from server.engine.emit import take_token
+from server.engine.emit import finish, take_token
 from server.engine.encoder import ImageEncoder
 from server.engine.jobs import PrefillItem, Slot, end_job, slot_view
 from server.engine.kv import KvBudget
@@ -375,6 +375,10 @@ class Scheduler:
                 logger.info("request %s: prompt evaluated once for %d choices (slot %d's KV "
                             "copied to %s)", job.request.request_id, len(copies) + 1,
                             slot.seq_id, ", ".join(str(s.seq_id) for s in copies))
+            if job.max_new == 0:  # prompt scoring (echo, max_tokens 0): nothing to generate
+                for target in [*copies, slot]:
+                    finish(target, "length", self.model, self._next_turn, last=None)
+                return
             for target in copies:
                 self._sample(target, self.model.ctx, part.last_index)
             self._sample(slot, self.model.ctx, part.last_index)
