@@ -345,6 +345,45 @@ def test_auto_tool_choice_answers_in_text_when_it_does_not(client: openai.OpenAI
     assert choice.message.content and "<tool_call>" not in choice.message.content
 
 
+CAPITAL = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 20}},
+           "required": ["capital"], "additionalProperties": False}
+CAPITAL_FORMAT = {"type": "json_schema", "json_schema": {"name": "capital", "schema": CAPITAL}}
+
+
+# One earlier answer shows the base model the answer's shape, as WEATHER_HISTORY shows a call.
+CAPITAL_HISTORY = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": '{"capital": "Paris"}'},
+    {"role": "user", "content": "What is the capital of Italy?"},
+]
+
+
+def test_tools_beside_a_schema_answer_in_the_schema_when_no_call_is_due(
+        client: openai.OpenAI) -> None:
+    """tools + response_format (an Agents SDK agent with an output_type): the model chooses
+    by its first token between a call and a document in the schema's shape."""
+    import jsonschema
+
+    reply = ask(client, CAPITAL_HISTORY, max_tokens=MAX_TOKENS, tools=[WEATHER_TOOL],
+                tool_choice="auto", parallel_tool_calls=False, response_format=CAPITAL_FORMAT)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and not choice.message.tool_calls, choice
+    answer = json.loads(choice.message.content or "")
+    jsonschema.validate(answer, CAPITAL)
+    assert answer["capital"] == "Rome"
+
+
+def test_tools_beside_a_schema_still_call_when_the_model_starts_a_call(
+        client: openai.OpenAI) -> None:
+    reply = ask(client, WEATHER_HISTORY, max_tokens=MAX_TOKENS, tools=[WEATHER_TOOL],
+                tool_choice="auto", parallel_tool_calls=False, response_format=CAPITAL_FORMAT)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.content is None and choice.message.tool_calls
+    called = choice.message.tool_calls[0].function
+    assert called.name == "get_weather" and called.arguments == '{"city": "Paris"}'
+
+
 GEMMA_CONTROL = ["<start_of_turn>", "<end_of_turn>", "<eos>", "<bos>", "<pad>"]
 
 

@@ -136,7 +136,6 @@ def test_history_with_calls_and_results_is_served(client: openai.OpenAI) -> None
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice.function.name", "nope"),
     ({"tools": None, "tool_choice": "required"}, "tool_choice", "needs tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "tools"),
     ({"tools": [TOOLS[0], TOOLS[0]]}, "tools", "unique"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "string"}}}]}, "tools.0.function.parameters", "type object"),

@@ -48,6 +48,7 @@ from server.api.state import AppState
 from server.api.template_kwargs import template_kwargs, with_reasoning_effort
 from server.api.tool_calls import (
     ToolDeltaEvent,
+    ToolPlan,
     answer_message,
     plan_tools,
     tool_history,
@@ -140,7 +141,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             lines = _stream(reply, choices, generation, include_usage, record, legacy=legacy)
             return sse_response(keep.stream(lines, timer) if keep else lines)
-        return await _complete(reply, choices, generation, record, tools=plan is not None,
+        return await _complete(reply, choices, generation, record, plan=plan,
                                legacy=legacy, keep=keep)
     finally:
         watcher.cancel()
@@ -163,9 +164,9 @@ class _Reply:
 
 
 async def _complete(reply: _Reply, choices: list[Choice], generation: GenerationRequest,
-                    record: RequestRecord, *, tools: bool, legacy: bool,
+                    record: RequestRecord, *, plan: ToolPlan | None, legacy: bool,
                     keep: Keeper | None) -> Response:
-    answers = await asyncio.gather(*(_answer(first, events, generation, tools, legacy)
+    answers = await asyncio.gather(*(_answer(first, events, generation, plan, legacy)
                                      for events, first in choices))
     finished: list[_Answer] = []
     for answer in answers:
@@ -192,8 +193,8 @@ async def _complete(reply: _Reply, choices: list[Choice], generation: Generation
     return JSONResponse(body, headers={"Server-Timing": timer.server_timing_header()})
 
 
-async def _answer(event: Event, events: Events, generation: GenerationRequest, tools: bool,
-                  legacy: bool) -> _Answer | ErrorEvent:
+async def _answer(event: Event, events: Events, generation: GenerationRequest,
+                  plan: ToolPlan | None, legacy: bool) -> _Answer | ErrorEvent:
     """One choice, whole."""
     whole = await whole_answer(event, events)
     if isinstance(whole, ErrorEvent):
@@ -201,7 +202,8 @@ async def _answer(event: Event, events: Events, generation: GenerationRequest, t
     done = whole.done
     # With calls parsed out, `content`'s logprobs are those of the text shown, as streamed.
     message, finish_reason, logprobs = answer_message(
-        whole.text, done.finish_reason, whole.logprobs, whole.spans) if tools else (
+        whole.text, done.finish_reason, whole.logprobs, whole.spans,
+        json_answer=plan.json_answer) if plan else (
         {"role": "assistant", "content": whole.text}, done.finish_reason, whole.logprobs)
     if legacy:
         message, finish_reason = legacy_message(message, finish_reason)

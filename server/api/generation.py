@@ -234,7 +234,7 @@ async def start_choices(state: AppState, generation: GenerationRequest,
     if reasoning is not None:
         streams = [reasoning_stream(events, reasoning()) for events in streams]
     if plan is not None and generation.stream:
-        streams = [tool_stream(events) for events in streams]
+        streams = [tool_stream(events, plan.json_answer) for events in streams]
     if constraint is not None:
         state.metrics.constrained_requests.labels(constraint[0]).inc()
     firsts = [await first_event(streams[0])] if n == 1 else await asyncio.gather(

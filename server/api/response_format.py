@@ -4,6 +4,8 @@ enforced (server/engine/constraints.py says which schemas can)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from typing import Any
 
 from server.api.errors import APIError
 from server.api.protocol import JSONObjectFormat, JSONSchemaResponseFormat, ResponseFormat
@@ -29,3 +31,14 @@ async def response_grammar(response_format: ResponseFormat | None, param: str = 
     except ConstraintError as exc:
         raise APIError(400, f"{param}: {exc}", param=param,
                        code="unsupported_schema") from None
+
+
+def answer_schema(response_format: ResponseFormat | None) -> Mapping[str, Any] | None:
+    """The JSON schema a JSON response format holds the answer to (`json_object`, or a named
+    format without a schema: any object), None for free text."""
+    if isinstance(response_format, JSONObjectFormat):
+        return {"type": "object"}
+    if isinstance(response_format, JSONSchemaResponseFormat):
+        schema = response_format.json_schema.schema_
+        return {"type": "object"} if schema is None else schema
+    return None

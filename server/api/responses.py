@@ -389,7 +389,7 @@ async def _complete(draft: ResponseDraft, event: Event, events: Events,
     if plan is not None:
         # With calls parsed out, the logprobs are those of the text shown, as streamed.
         message, _, logprobs = answer_message(text, done.finish_reason, whole.logprobs,
-                                              whole.spans)
+                                              whole.spans, json_answer=plan.json_answer)
         content = message["content"]  # type: ignore[assignment]
         calls = message.get("tool_calls", [])  # type: ignore[assignment]
     status = status_of(done.finish_reason)

@@ -19,7 +19,7 @@ from server.api.protocol import (
     NamedToolChoice,
     ToolDef,
 )
-from server.api.response_format import response_grammar
+from server.api.response_format import answer_schema, response_grammar
 from server.api.response_store import StoredResponse
 from server.api.responses_input import items_from_store, to_chat_messages
 from server.api.responses_protocol import (
@@ -183,8 +183,8 @@ async def _plan_tools(body: ResponsesRequest) -> ToolPlan | None:
         if choice is not None and not isinstance(choice, str) else choice
     try:
         return await plan_functions(tools, chat_choice, body.parallel_tool_calls,
-                                    constrained_format=chat_format(body) is not None,
-                                    format_param="text.format")
+                                    answer=answer_schema(chat_format(body)),
+                                    answer_param="text.format.schema")
     except APIError as exc:
         # Named the chat way (tools.0.function.parameters): say it as this request spells it.
         if exc.param is not None and exc.param.startswith(("tools.", "tool_choice.")):

@@ -5,10 +5,10 @@ has the format, the grammar and the parser)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from server.api.errors import APIError
 from server.api.protocol import (
@@ -19,6 +19,7 @@ from server.api.protocol import (
     ToolDef,
 )
 from server.api.reasoning import ReasoningEvent
+from server.api.response_format import answer_schema
 from server.api.shown_logprobs import Span, StreamedLogprobs, shown_logprobs
 from server.engine import DoneEvent, EngineEvent, TokenEvent
 from server.engine.constraints import ConstraintError
@@ -49,6 +50,9 @@ class ToolSet:
 @dataclass(frozen=True)
 class ToolPlan(ToolSet):
     grammar: str  # what the answer must match
+    # Calls or a JSON document (a schema for the final answer beside tools `auto`): the
+    # parser shows a document as it comes, holding nothing back for a marker in a string.
+    json_answer: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,26 +64,29 @@ class ToolDeltaEvent:
 
 async def plan_tools(body: ChatCompletionRequest) -> ToolPlan | None:
     """None when the model is not to call anything; else what it may call, or a 400."""
-    constrained = body.response_format is not None and body.response_format.type != "text"
     return await plan_functions(body.tools, body.tool_choice, body.parallel_tool_calls,
-                                constrained_format=constrained, format_param="response_format")
+                                answer=answer_schema(body.response_format),
+                                answer_param="response_format.json_schema.schema")
 
 
 async def plan_functions(tools: list[ToolDef] | None,
                          choice: Literal["none", "auto", "required"] | NamedToolChoice | None,
-                         parallel_calls: bool | None, *, constrained_format: bool,
-                         format_param: str) -> ToolPlan | None:
-    """plan_tools for any API that names functions the chat way (responses convert theirs)."""
-    offered = offered_tools(tools, choice, constrained_format=constrained_format,
-                            format_param=format_param)
+                         parallel_calls: bool | None, *, answer: Mapping[str, Any] | None,
+                         answer_param: str) -> ToolPlan | None:
+    """plan_tools for any API that names functions the chat way (responses convert theirs).
+    `answer`: the JSON schema a final answer must match (a JSON response format), checked
+    always but enforced only where the model may answer instead of calling (`auto`)."""
+    offered = offered_tools(tools, choice)
     if offered is None:
         return None
     parallel = parallel_calls is not False
     with _schema_errors():
         # Off the event loop: many large parameter schemas make a large grammar.
         grammar = await asyncio.to_thread(tools_grammar, offered.functions, parallel=parallel,
-                                          required=offered.required)
-    return ToolPlan(offered.functions, offered.required, grammar)
+                                          required=offered.required, answer=answer,
+                                          answer_param=answer_param)
+    return ToolPlan(offered.functions, offered.required, grammar,
+                    json_answer=answer is not None and not offered.required)
 
 
 def shown_tools(tools: list[ToolDef] | None,
@@ -89,7 +96,7 @@ def shown_tools(tools: list[ToolDef] | None,
     requests plan_functions refuses are refused alike, but no grammar is built (tens of
     milliseconds for a few large schemas, thrown away). Only what the built grammar alone
     tells (a schema the converter fails on, a grammar over its size cap) passes here."""
-    offered = offered_tools(tools, choice, constrained_format=False, format_param="tools")
+    offered = offered_tools(tools, choice)
     if offered is not None:
         with _schema_errors():
             check_functions(offered.functions)
@@ -97,8 +104,8 @@ def shown_tools(tools: list[ToolDef] | None,
 
 
 def offered_tools(tools: list[ToolDef] | None,
-                  choice: Literal["none", "auto", "required"] | NamedToolChoice | None, *,
-                  constrained_format: bool, format_param: str) -> ToolSet | None:
+                  choice: Literal["none", "auto", "required"] | NamedToolChoice | None
+                  ) -> ToolSet | None:
     """None when the model is not to call anything; else what it may call, or a 400 (the
     parameters' schemas are not checked here)."""
     if not tools:
@@ -124,9 +131,6 @@ def offered_tools(tools: list[ToolDef] | None,
                            "tools", param="tool_choice.function.name")
         functions = [functions[names.index(choice.function.name)]]
         required = True
-    if constrained_format:
-        raise APIError(400, f"{format_param} cannot be combined with tools unless "
-                       "tool_choice is 'none'", param=format_param)
     return ToolSet(functions, required)
 
 
@@ -201,12 +205,13 @@ def _text_of(message: ChatMessageIn) -> str:
 
 
 def answer_message(text: str, finish_reason: str,
-                   logprobs: Sequence[dict[str, object]] = (), spans: Sequence[Span] = ()
+                   logprobs: Sequence[dict[str, object]] = (), spans: Sequence[Span] = (),
+                   *, json_answer: bool = False
                    ) -> tuple[dict[str, object], str, list[dict[str, object]]]:
     """A finished answer as the response's `message`, its finish_reason, and its content's
     token logprobs (of `logprobs`, the tokens at `spans` in `text`): what its stream shows,
-    joined (tool_stream), wherever max_tokens cuts it."""
-    parsed = parse_answer(text, cut=finish_reason == "length")
+    joined (tool_stream), wherever max_tokens cuts it. `json_answer`: as ToolPlan's."""
+    parsed = parse_answer(text, cut=finish_reason == "length", json_answer=json_answer)
     message: dict[str, object] = {"role": "assistant", "content": parsed.content}
     if parsed.calls:
         message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
@@ -223,12 +228,13 @@ def calls_finish(finish_reason: str, calls: Sequence[ToolCall]) -> str:
     return finish_reason
 
 
-async def tool_stream(events: AsyncIterator[EngineEvent | ReasoningEvent]) -> AsyncIterator[
+async def tool_stream(events: AsyncIterator[EngineEvent | ReasoningEvent],
+                      json_answer: bool = False) -> AsyncIterator[
         EngineEvent | ToolDeltaEvent | ReasoningEvent]:
     """The engine's events with call markup turned into `delta.tool_calls` pieces (the
     answer's text only: reasoning passes through); token logprobs go with the text shown
-    (server/api/shown_logprobs.py)."""
-    parser = ToolCallParser()
+    (server/api/shown_logprobs.py). `json_answer`: as ToolPlan's."""
+    parser = ToolCallParser(json_answer)
     logprobs = StreamedLogprobs()
     async for event in events:
         if isinstance(event, TokenEvent):

@@ -9,7 +9,9 @@ A call is written as Hermes-style markup, the format most open models were tuned
 
 With `tool_choice` `required` or a named function the grammar holds from the first token;
 with `auto` the answer is free text in which the marker can only begin a valid call (a
-listed name, arguments valid against that function's parameters). That grammar is written
+listed name, arguments valid against that function's parameters), or, given a JSON answer
+schema (`response_format`), either calls from the first token or a JSON document valid
+against that schema: the answer's first character tells which. That grammar is written
 out whole (text that doesn't contain the marker, then calls) rather than as llama.cpp's lazy
 grammar: a lazy grammar replays the token that completes its trigger, and a token carrying
 more text after the marker than the grammar allows aborts the process inside llama.cpp.
@@ -31,6 +33,9 @@ TOOL_OPEN = "<tool_call>"
 TOOL_CLOSE = "</tool_call>"
 # The free-text automaton below restarts a match only on the marker's first character.
 assert TOOL_OPEN.count(TOOL_OPEN[0]) == 1
+# A JSON document never begins with the marker's first character: the parser tells a JSON
+# answer from calls by it.
+assert TOOL_OPEN[0] not in '{["-0123456789tfn'
 
 
 @dataclass(frozen=True)
@@ -62,20 +67,59 @@ def call_markup(name: str, arguments: str) -> str:
            f"\n{TOOL_CLOSE}"
 
 
-def tools_grammar(functions: Sequence[Function], *, parallel: bool, required: bool) -> str:
+def tools_grammar(functions: Sequence[Function], *, parallel: bool, required: bool,
+                  answer: Mapping[str, Any] | None = None, answer_param: str = "answer"
+                  ) -> str:
     """GBNF for the answer: one call (or several, if `parallel`) of the listed functions,
-    preceded (unless `required`) by free text that never contains the marker. Each
+    preceded (unless `required`) by free text that never contains the marker; or, with an
+    `answer` schema and not `required`, calls or a JSON document valid against `answer` (a
+    final answer in the schema's shape: OpenAI's structured outputs beside tools). Each
     function's parameters must be a schema the grammar enforces exactly; a ConstraintError
-    names the function by its index in `functions`."""
+    names the function by its index in `functions`, or the answer schema by `answer_param`."""
     alternatives, defs = _alternatives(functions, schema_grammar)
+    if answer is not None:
+        # Checked even where calls are required, so a bad schema is refused alike.
+        try:
+            schema_grammar(answer)
+        except ConstraintError as exc:
+            raise ConstraintError(f"{answer_param}: {exc}") from None
+    calls = _calls_rule(parallel)
+    if answer is not None and not required:
+        return _calls_or_document(alternatives, defs, answer, calls)
     call = schema_grammar({"anyOf": alternatives, "$defs": defs})
     call = re.sub(r"^root ::=", "tool-call ::=", call, flags=re.MULTILINE)
-    rest = f'"\\n" tool-call "\\n{TOOL_CLOSE}"'
-    more = f' ("\\n{TOOL_OPEN}\\n" tool-call "\\n{TOOL_CLOSE}")*' if parallel else ""
-    calls = f"calls ::= {rest}{more}"
     if required:
         return f'root ::= "{TOOL_OPEN}" calls\n{calls}\n{call}'
     return f"root ::= free-0\n{_free_text_rules()}\n{calls}\n{call}"
+
+
+def _calls_rule(parallel: bool) -> str:
+    """The calls after the first marker: one, or (`parallel`) more, each on its own lines."""
+    rest = f'"\\n" tool-call "\\n{TOOL_CLOSE}"'
+    more = f' ("\\n{TOOL_OPEN}\\n" tool-call "\\n{TOOL_CLOSE}")*' if parallel else ""
+    return f"calls ::= {rest}{more}"
+
+
+def _calls_or_document(alternatives: list[dict[str, Any]], defs: dict[str, Any],
+                       answer: Mapping[str, Any], calls: str) -> str:
+    """Calls from the first token, or a JSON document valid against `answer` (which never
+    begins with the marker's `<`). One conversion for both keeps their rules apart: the
+    converter names each branch's rule in the root's alternation."""
+    document = _hoist_defs(answer, "answer-", defs)
+    try:
+        grammar = schema_grammar({"anyOf": [{"anyOf": alternatives}, document],
+                                  "$defs": defs})
+    except ConstraintError as exc:  # each part converted alone: their sum is too large
+        raise ConstraintError(f"tools: with the answer schema, {exc}") from None
+    lines = grammar.splitlines()
+    roots = [i for i, line in enumerate(lines) if line.startswith("root ::= ")]
+    branches = re.fullmatch(r"root ::= (\S+) \| (\S+)", lines[roots[0]]) if roots else None
+    if len(roots) != 1 or branches is None:  # not the converter this was written against
+        raise ConstraintError("tools: the answer schema could not be combined with the calls")
+    del lines[roots[0]]
+    call_rule, document_rule = branches.groups()
+    return "\n".join([f'root ::= "{TOOL_OPEN}" calls | {document_rule}', calls,
+                      f"tool-call ::= {call_rule}", *lines])
 
 
 def check_functions(functions: Sequence[Function]) -> None:
@@ -194,16 +238,20 @@ class ToolCallParser:
     (finish): a call whose name was written stays a call, its arguments as far as they got
     when the answer was cut; a call's head before its name is complete is markup, dropped;
     and an answer cut by max_tokens shows nothing the stream held back (most likely the
-    beginning of a call: the content is what had been sent)."""
+    beginning of a call: the content is what had been sent).
 
-    def __init__(self) -> None:
+    `json_answer`: the grammar allowed calls or a JSON document (tools_grammar with an
+    answer schema), told apart by the first character; a document is content as it comes,
+    nothing held back (a marker in one of its strings is text), cut or not."""
+
+    def __init__(self, json_answer: bool = False) -> None:
         self.calls: list[ToolCall] = []
         self._buf = ""
         self._fed = 0  # characters fed so far
         self._lead = ""  # whitespace before anything shown or called, held back
         self._lead_start = 0
         self._shown = False  # whether any text was passed on
-        self._state = "text"
+        self._state = "start" if json_answer else "text"
         self._depth = 0
         self._in_string = False
         self._escaped = False
@@ -240,6 +288,17 @@ class ToolCallParser:
         # model most likely began one (cut), whitespace before it.
         self._buf, self._lead = "", ""
         return out
+
+    def _start(self, out: list[Delta]) -> bool:
+        """A JSON answer's first character: the marker's begins calls, any other a document."""
+        self._state = "text" if self._buf[0] == TOOL_OPEN[0] else "document"
+        return True
+
+    def _document(self, out: list[Delta]) -> bool:
+        out.append(TextDelta(self._buf, self._fed - len(self._buf)))
+        self._shown = True
+        self._buf = ""
+        return False
 
     def _text(self, out: list[Delta]) -> bool:
         start = self._fed - len(self._buf)
@@ -349,11 +408,11 @@ class ParsedAnswer:
     shown: list[tuple[int, int]] = field(default_factory=list)
 
 
-def parse_answer(text: str, cut: bool = False) -> ParsedAnswer:
+def parse_answer(text: str, cut: bool = False, json_answer: bool = False) -> ParsedAnswer:
     """A finished answer's text and calls (`cut`: by max_tokens), as its stream shows them
-    (ToolCallParser): a call cut short in its arguments is a call with arguments as far as
-    they got."""
-    parser = ToolCallParser()
+    (ToolCallParser, `json_answer` as there): a call cut short in its arguments is a call
+    with arguments as far as they got."""
+    parser = ToolCallParser(json_answer)
     deltas = parser.feed(text) + parser.finish(cut)
     texts = [d for d in deltas if isinstance(d, TextDelta)]
     content = "".join(d.text for d in texts)
