@@ -126,7 +126,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         messages = tool_history(body.messages, plan)
         # Errors name the client's own messages, not a tool prompt's system turn put first.
         names = ["tools"] * (len(messages) - len(body.messages)) + [
-            f"messages.{i}" for i in range(len(body.messages))]
+            f"messages.{i}.content" for i in range(len(body.messages))]
         choices = await start_choices(state, generation, messages, n, client=client,
                                       plan=plan, constraint=constraint, names=names,
                                       reasoning=reasoning)

@@ -14,6 +14,7 @@ from server.api.internal import batch_image
 from server.api.protocol import ChatMessageIn, FilePart, ImagePart, TextPart
 from server.api.remote_images import fetch_image_bytes
 from server.api.state import AppState
+from server.api.tool_calls import result_parts
 from server.engine import ImageInput
 from server.engine.types import ChatMessage
 from server.images import (
@@ -33,33 +34,35 @@ async def to_engine_messages(
     names: Sequence[str] | None = None,
 ) -> list[ChatMessage]:
     """`client` (server.api.auth.client_identity) may reference its own uploads only;
-    `names` says where each message came from, for errors (default `messages.<i>`)."""
+    `names` says where each message's content came from, for errors (default
+    `messages.<i>.content`; a Responses function output's is `input.<i>.output`). A tool
+    result here holds images (server.api.tool_calls.calls_as_text): it becomes its user
+    turn."""
     settings = state.settings
     out: list[ChatMessage] = []
     n_images = 0
     for m_index, message in enumerate(messages):
-        name = names[m_index] if names is not None else f"messages.{m_index}"
+        name = names[m_index] if names is not None else f"messages.{m_index}.content"
         role = "system" if message.role == "developer" else message.role
         if message.content is None:
             out.append(ChatMessage(role, ("",)))
             continue
         if isinstance(message.content, str):
-            out.append(ChatMessage(role, (checked_text(message.content,
-                                                f"{name}.content"),)))
+            out.append(ChatMessage(role, (checked_text(message.content, name),)))
             continue
         parts: list[str | ImageInput] = []
         for p_index, part in enumerate(message.content):
             if isinstance(part, TextPart):
-                parts.append(checked_text(part.text, f"{name}.content.{p_index}.text"))
+                parts.append(checked_text(part.text, f"{name}.{p_index}.text"))
                 continue
-            where = f"{name}.content.{p_index}"
+            where = f"{name}.{p_index}"
             if settings.mmproj is None:  # checked before any decoding: nothing to spend
                 raise APIError(400, f"{where}: this model has no vision projector; it reads "
                                "text only (send the text alone, or serve a model with an "
                                "mmproj)", param=where, code="images_not_supported")
-            if role != "user":
-                raise APIError(400, f"{where}: images are only accepted in user messages",
-                               param=where)
+            if role not in ("user", "tool"):
+                raise APIError(400, f"{where}: images are only accepted in user messages and "
+                               "tool results", param=where)
             n_images += 1
             if n_images > settings.max_images_per_request:
                 raise APIError(400, f"too many images (limit {settings.max_images_per_request})",
@@ -71,7 +74,10 @@ async def to_engine_messages(
             else:
                 stored = await _uploaded(part, state.uploads, client, f"{where}.file.file_id")
                 parts.append(await upload_at(stored, state, part.file.detail, timer))
-        out.append(ChatMessage(role, tuple(parts)))
+        if role == "tool":
+            out.append(ChatMessage("user", result_parts(tuple(parts))))
+        else:
+            out.append(ChatMessage(role, tuple(parts)))
     return out
 
 

@@ -80,7 +80,9 @@ class FilePart(_Lenient):
 ContentPart = Annotated[TextPart | ImagePart | FilePart, Field(discriminator="type")]
 
 
-# Images and files only in user messages (checked by the route, which says so; declared here).
+# Images and files only in user messages and tool results (a tool that returns a screenshot;
+# shown as the user turn tool results are, server/api/tool_calls.py): checked by the route,
+# which says so; declared here.
 _TEXT_PART = {"type": "object", "required": ["type", "text"],
               "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 _TEXT_ONLY = {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART},
@@ -109,7 +111,7 @@ class ToolCallIn(_Lenient):
 
 class ChatMessageIn(_Lenient):
     model_config = ConfigDict(**_REQUEST_CONFIG, json_schema_extra={
-        "if": {"properties": {"role": {"not": {"const": "user"}}}},
+        "if": {"properties": {"role": {"not": {"enum": ["user", "tool", "function"]}}}},
         "then": {"properties": {"content": _TEXT_ONLY}},
     })
     # "function": a deprecated function's result (read as a tool turn).
@@ -278,12 +280,12 @@ class ChatCompletionRequest(GenerationFields):
 
 
 def few_enough_parts(data: Any, field: str) -> Any:
-    """At most MAX_CONTENT_PARTS list-content parts over the messages (or items) in
-    `data[field]`, counted on the raw JSON."""
+    """At most MAX_CONTENT_PARTS list-content parts over the messages (or items: a
+    function_call_output's `output` parts too) in `data[field]`, counted on the raw JSON."""
     messages = data.get(field) if isinstance(data, dict) else None
     if isinstance(messages, list) and len(messages) <= MAX_MESSAGES:
-        parts = sum(len(m["content"]) for m in messages
-                    if isinstance(m, dict) and isinstance(m.get("content"), list))
+        parts = sum(len(m[key]) for m in messages if isinstance(m, dict)
+                    for key in ("content", "output") if isinstance(m.get(key), list))
         if parts > MAX_CONTENT_PARTS:
             raise PydanticCustomError(
                 "too_long", "{field}: at most {limit} content parts in all, not {n}",

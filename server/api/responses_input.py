@@ -5,6 +5,7 @@ server.api.tool_calls); and items as they are stored and listed."""
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -24,6 +25,7 @@ from server.api.protocol import (
 from server.api.responses_protocol import (
     FunctionCallItem,
     FunctionCallOutputItem,
+    InputFile,
     InputImage,
     InputItem,
     InputText,
@@ -52,8 +54,9 @@ def items_from_store(stored: list[dict[str, Any]]) -> list[InputItem]:
 
 def to_chat_messages(items: list[InputItem], names: list[str]
                      ) -> tuple[list[ChatMessageIn], list[str]]:
-    """Chat messages for `items`, each with the name of the item it came from (for errors):
-    function calls join the assistant turn before them, call outputs become tool turns."""
+    """Chat messages for `items`, each with the name of the item field its content came
+    from (for errors: `input.0.content`, `input.2.output`): function calls join the
+    assistant turn before them, call outputs become tool turns."""
     messages: list[ChatMessageIn] = []
     where: list[str] = []
     for item, name in zip(items, names, strict=True):
@@ -61,8 +64,10 @@ def to_chat_messages(items: list[InputItem], names: list[str]
             continue  # not shown again: templates drop earlier reasoning as well
         if isinstance(item, FunctionCallOutputItem):
             messages.append(ChatMessageIn(role="tool", tool_call_id=item.call_id,
-                                          content=item.output))
-        elif isinstance(item, FunctionCallItem):
+                                          content=_output(item, name)))
+            where.append(f"{name}.output")
+            continue
+        if isinstance(item, FunctionCallItem):
             call = ToolCallIn(id=item.call_id, type="function",
                               function=FunctionCallIn(name=item.name, arguments=item.arguments))
             last = messages[-1] if messages else None
@@ -71,9 +76,10 @@ def to_chat_messages(items: list[InputItem], names: list[str]
                                                                        call]})
                 continue
             messages.append(ChatMessageIn(role="assistant", tool_calls=[call]))
+            where.append(f"{name}.arguments")  # shown as call markup, the turn's content
         else:
             messages.append(ChatMessageIn(role=item.role, content=_content(item, name)))
-        where.append(name)
+            where.append(f"{name}.content")
     return messages, where
 
 
@@ -92,6 +98,25 @@ def _content(item: MessageItem, name: str) -> str | list[ContentPart]:
     return parts
 
 
+def _output(item: FunctionCallOutputItem, name: str) -> str | list[ContentPart]:
+    """A call's output as its tool turn's content: text parts and images, as a user
+    message's (server.api.tool_calls shows it as a user turn)."""
+    if isinstance(item.output, str):
+        return item.output
+    parts: list[ContentPart] = []
+    for index, part in enumerate(item.output):
+        param = f"{name}.output.{index}"
+        if isinstance(part, InputText):
+            parts.append(TextPart(type="text", text=part.text))
+        elif isinstance(part, InputImage):
+            parts.append(_image(part, param))
+        else:
+            raise APIError(400, f"{param}: input_file parts are not supported (this server "
+                           "reads text and images); send the file's text as input_text",
+                           param=param, code="unsupported_content")
+    return parts
+
+
 def _image(part: InputImage, param: str) -> ImagePart | FilePart:
     if (part.image_url is None) == (part.file_id is None):
         raise APIError(400, f"{param}: an input_image needs exactly one of image_url and "
@@ -105,18 +130,16 @@ def _image(part: InputImage, param: str) -> ImagePart | FilePart:
 
 def item_dicts(items: list[InputItem]) -> list[dict[str, Any]]:
     """Items as GET /responses/{id}/input_items lists them: each with an id and a status,
-    message content always a list of parts."""
+    message content always a list of parts, a call's output as it was sent."""
     out: list[dict[str, Any]] = []
     for item in items:
         if isinstance(item, MessageItem):
             kind = "output_text" if item.role == "assistant" else "input_text"
             content = [{"type": kind, "text": item.content}] if isinstance(item.content, str) \
-                else [p.model_dump(exclude_none=True) for p in item.content]
-            for part in content:  # fields OpenAI's item types require
-                if item.role == "assistant":
+                else _listed(item.content)
+            if item.role == "assistant":  # a field OpenAI's item type requires
+                for part in content:
                     part.setdefault("annotations", [])
-                if part["type"] == "input_image":
-                    part.setdefault("detail", "auto")
             out.append({"id": new_id("msg"), "type": "message", "role": item.role,
                         "status": "completed", "content": content})
         elif isinstance(item, FunctionCallItem):
@@ -128,10 +151,20 @@ def item_dicts(items: list[InputItem]) -> list[dict[str, Any]]:
                         "summary": item.summary, "status": "completed",
                         "content": [p.model_dump() for p in item.content or []]})
         else:
+            output = item.output if isinstance(item.output, str) else _listed(item.output)
             out.append({"id": item.id or new_id("fco"), "type": "function_call_output",
-                        "call_id": item.call_id, "output": item.output,
-                        "status": "completed"})
+                        "call_id": item.call_id, "output": output, "status": "completed"})
     return out
+
+
+def _listed(parts: Sequence[InputText | OutputText | InputImage | InputFile]
+            ) -> list[dict[str, Any]]:
+    """Parts as sent, with the `detail` OpenAI's listed input_image requires."""
+    listed = [p.model_dump(exclude_none=True) for p in parts]
+    for part in listed:
+        if part["type"] == "input_image":
+            part.setdefault("detail", "auto")
+    return listed
 
 
 def new_id(prefix: str) -> str:

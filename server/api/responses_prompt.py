@@ -48,7 +48,9 @@ class OutputPlan:
 @dataclass(frozen=True)
 class ResponsePrompt:
     messages: list[ChatMessageIn]  # with the tool prompt
-    where: list[str]  # each message's origin, for errors ("input.2", "conversation.0")
+    # Where each message's content came from, for errors ("input.2.content",
+    # "conversation.0.output", "instructions", "tools").
+    where: list[str]
     user_turns: list[bool]  # a user's own turn: where truncation may cut
     template_kwargs: dict[str, Any] | None
     n_earlier: int  # items from the earlier turns, before the input's
@@ -63,7 +65,7 @@ class ResponsePrompt:
     def item_index(self, message: int) -> int:
         """The conversation index (earlier items, then the input's) of the item message
         `message` came from."""
-        origin, _, index = self.where[message].partition(".")
+        origin, index = self.where[message].split(".")[:2]
         return int(index) + (self.n_earlier if origin == "input" else 0)
 
 

@@ -53,6 +53,18 @@ class InputImage(_Lenient):
 InputContent = Annotated[InputText | OutputText | InputImage, Field(discriminator="type")]
 
 
+class InputFile(_Lenient):
+    """OpenAI's file part, read only to be refused by name (server.api.responses_input):
+    this server reads text and images."""
+
+    type: Literal["input_file"]
+
+
+# A function's output as parts: a tool that returns an image (a screenshot) for the model
+# to look at, as OpenAI's ResponseFunctionCallOutputItemList.
+OutputContent = Annotated[InputText | InputImage | InputFile, Field(discriminator="type")]
+
+
 class MessageItem(_Lenient):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
@@ -73,7 +85,7 @@ class FunctionCallItem(_Lenient):
 class FunctionCallOutputItem(_Lenient):
     type: Literal["function_call_output"]
     call_id: str = Field(max_length=128)
-    output: str
+    output: str | Annotated[list[OutputContent], Field(max_length=MAX_CONTENT_PARTS)]
     id: str | None = None
 
 

@@ -55,7 +55,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> object:
         # Only the prompt counts: the tools it shows, not the grammar an answer would need.
         messages = tool_history(body.messages, shown_tools(tools, tool_choice))
         names = ["tools"] * (len(messages) - len(body.messages)) + [
-            f"messages.{i}" for i in range(len(body.messages))]
+            f"messages.{i}.content" for i in range(len(body.messages))]
         generation.messages = await to_engine_messages(messages, state, timer, client, names)
     elif body.tools or body.functions or body.chat_template_kwargs or body.reasoning_effort:
         param = next(name for name in ("tools", "functions", "chat_template_kwargs",

@@ -14,6 +14,8 @@ from server.api.errors import APIError
 from server.api.protocol import (
     ChatCompletionRequest,
     ChatMessageIn,
+    FilePart,
+    ImagePart,
     NamedToolChoice,
     ToolCallIn,
     ToolDef,
@@ -21,9 +23,11 @@ from server.api.protocol import (
 from server.api.reasoning import ReasoningEvent
 from server.api.response_format import answer_schema
 from server.api.shown_logprobs import Span, StreamedLogprobs, shown_logprobs
-from server.engine import DoneEvent, EngineEvent, TokenEvent
+from server.engine import DoneEvent, EngineEvent, ImageInput, TokenEvent
 from server.engine.constraints import ConstraintError
 from server.engine.tools import (
+    RESULT_CLOSE,
+    RESULT_OPEN,
     ArgumentsDelta,
     CallStart,
     Delta,
@@ -146,12 +150,19 @@ def _schema_errors() -> Iterator[None]:
 
 def tool_history(messages: list[ChatMessageIn], plan: ToolSet | None) -> list[ChatMessageIn]:
     """The conversation as the chat template can show it: earlier calls as call markup in
-    their assistant turn, tool results as user turns, the tool prompt in the system turn."""
+    their assistant turn, tool results as user turns, the tool prompt in the system turn.
+
+    Tool results are user turns (as Qwen2.5's template shows them) because no template
+    here has a tool turn every model reads (vicuna drops a `tool` message; gemma's and
+    chatml's would show a role the model may never have seen), and a user turn is where
+    every template places images."""
     return with_tool_prompt(calls_as_text(messages), plan)
 
 
 def calls_as_text(messages: list[ChatMessageIn]) -> list[ChatMessageIn]:
-    """tool_history without the tool prompt: one message out for each message in."""
+    """tool_history without the tool prompt: one message out for each message in. A tool
+    result with images stays a `tool` message until they are decoded: server.api.messages
+    then makes it the user turn (result_parts)."""
     out: list[ChatMessageIn] = []
     for i, message in enumerate(messages):
         if message.role == "function":  # the deprecated form: named by the function
@@ -167,9 +178,12 @@ def calls_as_text(messages: list[ChatMessageIn]) -> list[ChatMessageIn]:
             if message.tool_call_id is None:
                 raise APIError(400, f"messages.{i}.tool_call_id: a tool message must name the "
                                "call it answers", param=f"messages.{i}.tool_call_id")
+            if _has_images(message):  # made a user turn once decoded: result_parts
+                out.append(message)
+                continue
             text = _text_of(message)
-            out.append(ChatMessageIn(role="user", content=f"<tool_response>\n{text}\n"
-                                     "</tool_response>"))
+            out.append(ChatMessageIn(role="user", content=f"{RESULT_OPEN}\n{text}\n"
+                                     f"{RESULT_CLOSE}"))
         elif message.tool_calls:
             if message.role != "assistant":
                 raise APIError(400, f"messages.{i}.tool_calls: only assistant messages make "
@@ -182,6 +196,18 @@ def calls_as_text(messages: list[ChatMessageIn]) -> list[ChatMessageIn]:
         else:
             out.append(message)
     return out
+
+
+def result_parts(parts: tuple[str | ImageInput, ...]) -> tuple[str | ImageInput, ...]:
+    """A tool result that holds images (a screenshot), decoded, as its user turn's parts:
+    the text and the images in the markers a text result has, joined as a user message's
+    parts are, each image where the template puts a user's."""
+    return (RESULT_OPEN, *parts, RESULT_CLOSE)
+
+
+def _has_images(message: ChatMessageIn) -> bool:
+    return isinstance(message.content, list) and any(
+        isinstance(part, ImagePart | FilePart) for part in message.content)
 
 
 def with_tool_prompt(messages: list[ChatMessageIn], plan: ToolSet | None

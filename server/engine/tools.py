@@ -31,6 +31,9 @@ from server.engine.constraints import ConstraintError, check_schema, schema_gram
 
 TOOL_OPEN = "<tool_call>"
 TOOL_CLOSE = "</tool_call>"
+# A tool's result, as the conversation shows it (in a user turn: server/api/tool_calls.py).
+RESULT_OPEN = "<tool_response>"
+RESULT_CLOSE = "</tool_response>"
 # The free-text automaton below restarts a match only on the marker's first character.
 assert TOOL_OPEN.count(TOOL_OPEN[0]) == 1
 # A JSON document never begins with the marker's first character: the parser tells a JSON
