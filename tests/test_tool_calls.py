@@ -142,6 +142,12 @@ def test_history_with_calls_and_results_is_served(client: openai.OpenAI) -> None
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]},
      "tools.0.function.name", ""),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.tool_call_id", "call"),
+    # An image in an assistant turn that made calls was dropped without a word.
+    ({"messages": [*ASK, {"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,"}}], "tool_calls": [{
+            "id": "c1", "type": "function", "function": {"name": TOOLS[0]["function"]["name"],
+                                                         "arguments": "{}"}}]}]},
+     "messages.1.content", "only accepted in user messages and tool results"),
 ])
 def test_bad_tool_requests_are_400s(constrained_server: RunningServer, extra: dict, param: str,
                                     says: str) -> None:

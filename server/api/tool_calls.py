@@ -188,6 +188,9 @@ def calls_as_text(messages: list[ChatMessageIn]) -> list[ChatMessageIn]:
             if message.role != "assistant":
                 raise APIError(400, f"messages.{i}.tool_calls: only assistant messages make "
                                "calls", param=f"messages.{i}.tool_calls")
+            if _has_images(message):  # as anywhere but user turns and tool results
+                raise APIError(400, f"messages.{i}.content: images are only accepted in user "
+                               "messages and tool results", param=f"messages.{i}.content")
             calls = "\n".join(call_markup(c.function.name, c.function.arguments)
                               for c in message.tool_calls)
             text = _text_of(message)
