@@ -5,6 +5,7 @@ the demo vision model, images count as the positions they take."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -78,6 +79,19 @@ def test_a_chat_counts_as_the_chat_completion_does(gemma: RunningServer,  # noqa
     assert "What is the capital of France?" in text and "get_weather" in text
     assert text.startswith("<bos>") and text.endswith("ASSISTANT:")  # the preset's template
     assert counted["count"] > tokenize(gemma, messages=FRANCE)["count"]  # the tool prompt
+    # Beside tools, a JSON format's schema is shown in the tool prompt: counted alike.
+    schema = {"type": "object", "properties": {"capital": {"type": "string"}},
+              "required": ["capital"], "additionalProperties": False}
+    shaped = {"tools": WEATHER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "answer", "schema": schema, "strict": True}}}
+    counted = tokenize(gemma, messages=FRANCE, **shaped)
+    chat = client.chat.completions.create(model="gemma-3-270m", messages=FRANCE,
+                                          max_tokens=1, **shaped)  # type: ignore[arg-type]
+    assert chat.usage is not None and counted["count"] == chat.usage.prompt_tokens
+    text = httpx.post(f"{gemma.api}/detokenize", json={"tokens": counted["tokens"]},
+                      timeout=30).json()["prompt"]
+    assert json.dumps(schema) in text and "answer in text" not in text
+    assert counted["count"] > tokenize(gemma, messages=FRANCE, tools=WEATHER)["count"]
 
 
 def test_the_root_paths_answer_as_vllm_serves_them(gemma: RunningServer) -> None:  # noqa: F811

@@ -105,9 +105,13 @@ def test_required_and_named_choices_are_calls_only(client: openai.OpenAI) -> Non
 def test_json_object_format_beside_tools(client: openai.OpenAI) -> None:
     for seed in SEEDS[:3]:
         choice = ask(client, seed, response_format={"type": "json_object"}).choices[0]
-        if not choice.message.tool_calls:
-            assert choice.finish_reason == "stop", choice
-            assert isinstance(json.loads(choice.message.content or ""), dict)
+        if choice.message.tool_calls:
+            continue
+        content = choice.message.content or ""
+        if choice.finish_reason == "length":  # random weights may write a long object
+            assert content.startswith("{"), choice
+        else:
+            assert isinstance(json.loads(content), dict), choice
 
 
 class Forecast(BaseModel):

@@ -18,6 +18,7 @@ from server.api.legacy_functions import legacy_tools
 from server.api.messages import checked_text, to_engine_messages
 from server.api.offloop_json import OffLoopJSONRoute
 from server.api.openapi import responses
+from server.api.response_format import answer_schema
 from server.api.state import AppState
 from server.api.template_kwargs import template_kwargs, with_reasoning_effort
 from server.api.tokenize_protocol import (
@@ -53,7 +54,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> object:
         tools, tool_choice = legacy_tools(body.functions, body.function_call, body.tools,
                                           body.tool_choice)
         # Only the prompt counts: the tools it shows, not the grammar an answer would need.
-        messages = tool_history(body.messages, shown_tools(tools, tool_choice))
+        messages = tool_history(body.messages, shown_tools(
+            tools, tool_choice, answer_schema(body.response_format)))
         names = ["tools"] * (len(messages) - len(body.messages)) + [
             f"messages.{i}.content" for i in range(len(body.messages))]
         generation.messages = await to_engine_messages(messages, state, timer, client, names)

@@ -14,6 +14,7 @@ from server.api.protocol import (
     FunctionName,
     NamedToolChoice,
     ReasoningEffort,
+    ResponseFormat,
     ToolDef,
     few_enough_parts,
 )
@@ -40,6 +41,8 @@ class TokenizeRequest(BaseModel):
     function_call: Literal["none", "auto"] | FunctionName | None = None  # as chat's
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: ReasoningEffort | None = None  # as chat's: it may change the prompt
+    # As chat's: beside tools, a JSON format's schema is shown in the tool prompt.
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="before")
     @classmethod

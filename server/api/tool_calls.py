@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from server.api.errors import APIError
@@ -49,6 +49,9 @@ class ToolSet:
 
     functions: list[Function]
     required: bool
+    # The schema a final answer takes, shown in the tool prompt (a JSON response format
+    # beside tools `auto`; None with calls required, which leave no answer to shape).
+    answer: Mapping[str, Any] | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -89,13 +92,14 @@ async def plan_functions(tools: list[ToolDef] | None,
         grammar = await asyncio.to_thread(tools_grammar, offered.functions, parallel=parallel,
                                           required=offered.required, answer=answer,
                                           answer_param=answer_param)
-    return ToolPlan(offered.functions, offered.required, grammar,
-                    json_answer=answer is not None and not offered.required)
+    shown = None if offered.required else answer
+    return ToolPlan(offered.functions, offered.required, grammar, answer=shown,
+                    json_answer=shown is not None)
 
 
 def shown_tools(tools: list[ToolDef] | None,
-                choice: Literal["none", "auto", "required"] | NamedToolChoice | None
-                ) -> ToolSet | None:
+                choice: Literal["none", "auto", "required"] | NamedToolChoice | None,
+                answer: Mapping[str, Any] | None = None) -> ToolSet | None:
     """The tools as a prompt shows them, for a route that only renders it (/tokenize): the
     requests plan_functions refuses are refused alike, but no grammar is built (tens of
     milliseconds for a few large schemas, thrown away). Only what the built grammar alone
@@ -104,6 +108,8 @@ def shown_tools(tools: list[ToolDef] | None,
     if offered is not None:
         with _schema_errors():
             check_functions(offered.functions)
+        if answer is not None and not offered.required:
+            offered = replace(offered, answer=answer)
     return offered
 
 
@@ -219,7 +225,7 @@ def with_tool_prompt(messages: list[ChatMessageIn], plan: ToolSet | None
     if plan is None:
         return messages
     out = list(messages)
-    prompt = tool_prompt(plan.functions, plan.required)
+    prompt = tool_prompt(plan.functions, plan.required, plan.answer)
     if out and out[0].role in ("system", "developer") and isinstance(out[0].content, str):
         out[0] = ChatMessageIn(role=out[0].role, content=f"{out[0].content}\n\n{prompt}")
     else:

@@ -48,13 +48,21 @@ class Function:
     parameters: Mapping[str, Any]
 
 
-def tool_prompt(functions: Sequence[Function], required: bool) -> str:
-    """The system-prompt text that shows the functions and the call format."""
+def tool_prompt(functions: Sequence[Function], required: bool,
+                answer: Mapping[str, Any] | None = None) -> str:
+    """The system-prompt text that shows the functions and the call format, and (`answer`:
+    a JSON response format beside tools `auto`) the schema a final answer takes: the
+    grammar holds the answer to it, but a model that was never told would rather call."""
     listed = "\n".join(json.dumps({"name": f.name, "description": f.description,
                                    "parameters": f.parameters}, ensure_ascii=False)
                        for f in functions)
-    must = ("You must call one of them." if required else
-            "Call one when it helps to answer; otherwise answer in text.")
+    if required:
+        must = "You must call one of them."
+    elif answer is not None:
+        must = ("Call one when it helps to answer; otherwise answer with only a JSON document "
+                f"valid against this schema: {json.dumps(answer, ensure_ascii=False)}")
+    else:
+        must = "Call one when it helps to answer; otherwise answer in text."
     return (f"You can call these functions:\n{listed}\n{must} To call a function, write "
             f'{TOOL_OPEN}\n{{"name": <function name>, "arguments": <arguments object>}}\n'
             f"{TOOL_CLOSE}")
