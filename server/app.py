@@ -124,7 +124,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.add_middleware(RequestObserver, metrics=metrics, model=settings.model_name,
                        paths=generation_paths, write_timeout=settings.write_timeout)
     app.add_middleware(ApiCallObserver, metrics=metrics, prefixes=API_PREFIXES,
-                       generation_paths=generation_paths)
+                       generation_paths=generation_paths, routes=app.routes)
     app.add_middleware(APIKeyMiddleware, keys=keyring, metrics_open=settings.metrics_open,
                        on_reject=metrics.observe_auth_rejection)
     install_openapi(app, lambda path: is_protected(path, metrics_open=settings.metrics_open),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -429,9 +430,9 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
             raise ConfigError(f"config file not found: {config_path}")
         preset = _check_yaml(config_path)
     cli = {k: v for k, v in overrides.items() if v is not None}
+    _check_env_names(os.environ)
     _yaml_path_for_load = config_path
     _yaml_keys_left_out = _keys_of_another_model(preset, cli, os.environ)
-    _check_env_names(os.environ)
     try:
         return Settings(**cli)
     except ValidationError as exc:
@@ -444,6 +445,11 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
 # VLSERVE_* names that are not settings: the config file, the model registry, the bench's
 # llama-server, and the test suite's own (VLSERVE_TEST_*).
 _NOT_SETTINGS = ("VLSERVE_CONFIG", "VLSERVE_REGISTRY", "VLSERVE_LLAMA_BIN")
+# What Kubernetes puts in every pod for each Service (a Service named vlserve or
+# vlserve-redis gives VLSERVE_SERVICE_HOST, VLSERVE_REDIS_PORT_6379_TCP_ADDR, ...) unless
+# the pod spec says enableServiceLinks: false.
+_SERVICE_LINK = re.compile(r"VLSERVE(_[A-Z0-9_]+?)?_(SERVICE_(HOST|PORT(_[A-Z0-9_]+)?)"
+                           r"|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)")
 
 
 def _check_env_names(env: Mapping[str, str]) -> None:
@@ -453,7 +459,7 @@ def _check_env_names(env: Mapping[str, str]) -> None:
     for name in sorted(env):
         upper = name.upper()
         if upper.startswith("VLSERVE_") and upper not in known and not upper.startswith(
-                "VLSERVE_TEST_"):
+                "VLSERVE_TEST_") and not _SERVICE_LINK.fullmatch(upper):
             close = difflib.get_close_matches(upper, known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"unknown environment variable {name}{hint}: every VLSERVE_* "

@@ -161,7 +161,8 @@ class Metrics:
             # Image stages of a text-only request are not zero-cost samples, they are absent.
             if timer.images or not stage.startswith("image_"):
                 self.stage_seconds.labels(stage, has_images).observe(stages[stage] / 1000.0)
-        self.first_token_seconds.labels(has_images).observe(stages["first_token"] / 1000.0)
+        if timer.completion_tokens:  # a prompt scored only (max_tokens 0) has no first token
+            self.first_token_seconds.labels(has_images).observe(stages["first_token"] / 1000.0)
         self.request_seconds.labels(has_images).observe(stages["total"] / 1000.0)
         self.prompt_tokens.inc(timer.prompt_tokens)
         self.image_tokens.inc(timer.image_tokens)

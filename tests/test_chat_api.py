@@ -317,9 +317,14 @@ def test_a_bad_field_under_a_union_is_named_in_the_error(server: RunningServer) 
             "type": "image_url", "image_url": {"url": "data:,", "detail": "huge"}}]}]})
     assert resp.status_code == 400
     error = resp.json()["error"]
-    assert error["param"].startswith("messages.0.content.1.") and error["param"].endswith(
-        ".detail"), error
+    # As the request spells it: no union labels, no discriminator tags.
+    assert error["param"] == "messages.0.content.1.image_url.detail", error
     assert "'original'" in error["message"] and "valid string" not in error["message"]
+    # At equal depth, the real problem rather than a branch's type mismatch.
+    long = httpx.post(f"{server.api}/responses", timeout=30, json={"input": ["x"] * 3000})
+    assert long.status_code == 400
+    assert long.json()["error"]["param"] == "input"
+    assert "at most 2048 items" in long.json()["error"]["message"]
 
 
 def test_concurrent_requests_all_complete(server: RunningServer) -> None:

@@ -78,6 +78,11 @@ def test_a_misspelt_environment_variable_is_an_error(monkeypatch: pytest.MonkeyP
     # bench's llama-server, the test suite's own.
     for name in ("VLSERVE_REGISTRY", "VLSERVE_LLAMA_BIN", "VLSERVE_TEST_ANYTHING"):
         monkeypatch.setenv(name, "x")
+    # What Kubernetes puts in a pod for Services named vlserve and vlserve-redis.
+    for name in ("VLSERVE_SERVICE_HOST", "VLSERVE_SERVICE_PORT_HTTP",
+                 "VLSERVE_PORT_7860_TCP_ADDR", "VLSERVE_REDIS_PORT",
+                 "VLSERVE_REDIS_PORT_6379_TCP_PROTO"):
+        monkeypatch.setenv(name, "10.0.0.1")
     assert load_settings(None).api_keys == []
 
 

@@ -66,8 +66,9 @@ def test_replica_probes_and_resources(demo_model: DemoModelPaths) -> None:
     assert vlserve["readinessProbe"]["httpGet"]["path"] == "/health"
     assert vlserve["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert vlserve["resources"]["limits"]["nvidia.com/gpu"] == 1
-    grace = find("Deployment", "vlserve")["spec"]["template"]["spec"][
-        "terminationGracePeriodSeconds"]
+    pod = find("Deployment", "vlserve")["spec"]["template"]["spec"]
+    assert pod["enableServiceLinks"] is False  # VLSERVE_SERVICE_HOST & co. are no settings
+    grace = pod["terminationGracePeriodSeconds"]
     assert grace >= float(env["VLSERVE_DRAIN_TIMEOUT"]) + 5
     # The probes answer as the manifests expect, without a key, keys on or not.
     app = make_app(demo_model, api_keys=["sk-k8s-test"])

@@ -216,6 +216,12 @@ def test_the_apis_other_calls_are_counted_by_route_and_mutations_logged(
     assert httpx.get(f"{server.api}/files/file-nope", timeout=30).status_code == 404
     assert httpx.get(f"{server.api}/no/such/route", timeout=30).status_code == 404
     assert httpx.delete(f"{server.api}/files/{file_id}", timeout=30).status_code == 200
+    # Answered before routing (JSON nested too deep): still named by the route it aimed at.
+    deep = httpx.post(f"{server.api}/batches", content=b"[" * 300 + b"]" * 300, timeout=30,
+                      headers={"content-type": "application/json"})
+    assert deep.status_code == 400, deep.text
+    # A generation path's other methods are chat requests (RequestObserver's), not these.
+    assert httpx.options(f"{server.api}/chat/completions", timeout=30).status_code == 405
     after = scrape(server)
 
     def counted(route: str, method: str, status: str) -> float:
@@ -228,6 +234,7 @@ def test_the_apis_other_calls_are_counted_by_route_and_mutations_logged(
     assert counted("/files/{file_id}", "GET", "404") == 1
     assert counted("/files/{file_id}", "DELETE", "200") == 1
     assert counted("unmatched", "GET", "404") == 1
+    assert counted("/batches", "POST", "400") == 1
     assert not any(name == "vlserve_api_calls_total" and file_id in str(labels)
                    for name, labels in after)
     # Chat requests are not counted twice: they have their own metric.

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.auth import client_identity
 from server.api.paths import route_spelling
+from server.api.routes import RouteInfo, route_table
 from server.logs import REQUEST_LOGGER
 from server.metrics import Metrics
 
@@ -31,16 +34,20 @@ class ApiCallObserver:
     """Pure ASGI, beside RequestObserver: the calls under `prefixes` it does not take."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, prefixes: tuple[str, ...],
-                 generation_paths: frozenset[str]) -> None:
+                 generation_paths: frozenset[str], routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes  # the app's, to name what routing never reached
+        self._table: list[RouteInfo] = []
         self.prefixes = prefixes
         self.generation_paths = generation_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
+        # What RequestObserver takes (any method on a generation path but GET and HEAD,
+        # which list stored completions) is its to count.
         if scope["type"] != "http" or not path.startswith(self.prefixes) or (
-                scope["method"] not in _READS
+                scope["method"] not in ("GET", "HEAD")
                 and route_spelling(path) in self.generation_paths):
             await self.app(scope, receive, send)
             return
@@ -59,7 +66,13 @@ class ApiCallObserver:
             self._observe(scope, status, time.perf_counter() - started)
 
     def _observe(self, scope: Scope, status: int, seconds: float) -> None:
-        route = getattr(scope.get("route"), "path", None) or UNMATCHED
+        # Routing sets scope["route"]; a request answered before it (a body over
+        # max_request_bytes, JSON nested too deep) is matched here, for its label.
+        route = getattr(scope.get("route"), "path", None)
+        if route is None:
+            self._table = self._table or route_table(self.routes)  # every route exists now
+            route = template(self._table, scope["path"], scope["method"], self.prefixes)
+        route = route or UNMATCHED
         method = scope["method"]
         self.metrics.observe_api_call(route, method, status, seconds)
         if method in _READS and status < 400:
@@ -71,3 +84,15 @@ class ApiCallObserver:
             "key": client_identity(scope)[:12] or None}
         request_log.info("api_call %s %s %d", method, route, status,
                          extra={"json_fields": fields})
+
+
+def template(table: list[RouteInfo], path: str, method: str, prefixes: tuple[str, ...]
+             ) -> str | None:
+    """The template of the route `path` would reach (one serving `method` first), without
+    its API prefix, as routing names it; None when no route serves the path."""
+    matched = [info for info in table if info.regex.match(path)]
+    best = next((i for i in matched if method in i.methods), matched[0] if matched else None)
+    if best is None:
+        return None
+    prefix = next((p for p in prefixes if best.path.startswith(p + "/")), "")
+    return best.path[len(prefix):]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -68,21 +69,23 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        # The deepest error is the one that names the field: a value under a union gets
-        # one error per branch, and the first is often the shallow one ("content: Input
-        # should be a valid string" for a bad image part).
-        first = max(errors, key=lambda e: len(e.get("loc", ())), default={
-            "loc": (), "msg": "invalid request"})
-        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _branch(p)]
+        errors = [(_field_path(e.get("loc", ()), exc.body), e) for e in exc.errors()]
+        # The deepest error names the field: a value under a union gets one error per
+        # branch, and the first is often the shallow one ("content: Input should be a valid
+        # string" for a bad image part); at equal depth, one that is not a branch's type
+        # mismatch ("input: at most 2048 items", not "input: a valid string").
+        loc, first = max(errors, key=lambda pair: (
+            len(pair[0]), not str(pair[1].get("type", "")).endswith("_type")), default=(
+            [], {"msg": "invalid request"}))
         param = ".".join(loc) or None
         message = str(first.get("msg", "invalid request"))
         if param:
             message = f"{param}: {message}"
         elif first.get("type") == "missing":
             message = "the request body is missing or empty"
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem(s))"
+        others = {".".join(path) for path, _ in errors} - {param or ""}
+        if others:
+            message += f" (and {len(others)} more problem(s))"
         return error_response(400, message, param=param, code="invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
@@ -130,3 +133,24 @@ _BRANCH_NAMES = frozenset({"str", "int", "float", "bool", "none", "dict", "list"
 
 def _branch(part: object) -> bool:
     return isinstance(part, str) and (part in _BRANCH_NAMES or "[" in part)
+
+
+def _field_path(loc: Sequence[object], body: object) -> list[str]:
+    """An error's location as the request spells it: the keys and indexes found in the
+    body, without pydantic's union labels and discriminator tags (`image_url` in
+    `content.1.image_url.image_url.detail`); a last part not in the body (a missing
+    field) stays, unless it is a branch label."""
+    if not loc or loc[0] != "body":  # a query or path parameter: named as it is
+        return [str(part) for part in loc if not _branch(part)]
+    parts = list(loc[1:])
+    out: list[str] = []
+    node = body
+    for i, part in enumerate(parts):
+        if isinstance(node, dict) and isinstance(part, str) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif i < len(parts) - 1 or _branch(part):
+            continue  # a union's label or a tag: not in the body, not the request's
+        out.append(str(part))
+    return out

@@ -37,8 +37,11 @@ _WHOLE = BeforeValidator(_whole_number)
 
 
 # OpenAI's nullable booleans (the SDK sends `stream=None` as null): null is the default.
-NullIsFalse = Annotated[bool, BeforeValidator(lambda v: False if v is None else v)]
-NullIsTrue = Annotated[bool, BeforeValidator(lambda v: True if v is None else v)]
+_NULLABLE_BOOL = WithJsonSchema({"anyOf": [{"type": "boolean"}, {"type": "null"}]})
+NullIsFalse = Annotated[bool, BeforeValidator(lambda v: False if v is None else v),
+                        _NULLABLE_BOOL]
+NullIsTrue = Annotated[bool, BeforeValidator(lambda v: True if v is None else v),
+                       _NULLABLE_BOOL]
 
 # An image's `detail`: OpenAI's "original" (no downscaling) is served as "high", the
 # largest this model takes.
