@@ -276,3 +276,21 @@ def test_the_grammar_is_calls_or_the_document_from_the_first_token() -> None:
     assert "answer-City ::=" in grammar and "free-0" not in grammar
     required = tools_grammar(functions, parallel=False, required=True, answer=pydantic_like)
     assert required == tools_grammar(functions, parallel=False, required=True)
+
+
+def test_an_answer_schema_referring_into_itself_is_enforced_beside_tools(
+        client: openai.OpenAI) -> None:
+    """A reference outside $defs (`#/properties/a`, what some generators write) pointed at
+    nothing once the schema shared a root with the calls: the combination was a 400 though
+    the schema alone was accepted. Its target now goes along, and the answer keeps to it."""
+    paired = {"type": "object", "properties": {"a": {"enum": ["x", "y"]},
+                                               "b": {"$ref": "#/properties/a"}},
+              "required": ["a", "b"], "additionalProperties": False}
+    shaped = {"type": "json_schema", "json_schema": {"name": "pair", "schema": paired,
+                                                     "strict": True}}
+    for seed in BOTH_WAYS:
+        choice = ask(client, seed, response_format=shaped).choices[0]
+        if not choice.message.tool_calls:
+            jsonschema.validate(json.loads(choice.message.content or ""), paired)
+            return
+    pytest.fail("no seed answered with a document")

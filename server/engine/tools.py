@@ -183,17 +183,32 @@ def _cls(char: str) -> str:
 def _hoist_defs(schema: Mapping[str, Any], prefix: str, defs: dict[str, Any]
                 ) -> dict[str, Any]:
     """The schema with its own $defs/definitions moved into `defs` under prefixed names and
-    its local references rewritten, so several functions' schemas can share one root."""
+    its local references rewritten, so several functions' schemas can share one root. A
+    reference elsewhere in the schema (`#/properties/a`, `#` itself) gets the part it
+    points at as a def of its own: under a shared root it would point at nothing."""
     own = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+    hoisted: dict[str, str] = {}  # JSON pointer -> def name
+
+    def hoist(pointer: str) -> str | None:
+        if pointer not in hoisted:
+            target = _pointed(schema, pointer)
+            if target is None:
+                return None  # left as it is: the schema check says it points at nothing
+            hoisted[pointer] = f"{prefix}at-{len(hoisted)}"  # named first: it may recur
+            defs[hoisted[pointer]] = rewrite(target)
+        return hoisted[pointer]
 
     def rewrite(node: object) -> object:
         if isinstance(node, Mapping):
             out = {k: rewrite(v) for k, v in node.items() if k not in ("$defs", "definitions")}
             ref = node.get("$ref")
             if isinstance(ref, str):
-                for base in ("#/$defs/", "#/definitions/"):
-                    if ref.startswith(base):
-                        out["$ref"] = f"#/$defs/{prefix}{ref[len(base):]}"
+                base = next((b for b in ("#/$defs/", "#/definitions/") if ref.startswith(b)),
+                            None)
+                if base is not None:
+                    out["$ref"] = f"#/$defs/{prefix}{ref[len(base):]}"
+                elif (ref == "#" or ref.startswith("#/")) and (name := hoist(ref)):
+                    out["$ref"] = f"#/$defs/{name}"
             return out
         if isinstance(node, list):
             return [rewrite(v) for v in node]
@@ -204,6 +219,20 @@ def _hoist_defs(schema: Mapping[str, Any], prefix: str, defs: dict[str, Any]
     parameters = rewrite(schema)
     assert isinstance(parameters, dict)
     return parameters
+
+
+def _pointed(schema: Mapping[str, Any], pointer: str) -> Any:
+    """What a local JSON pointer (`#/properties/a`, `#`) names in `schema`, or None."""
+    node: Any = schema
+    for raw in pointer[2:].split("/") if pointer != "#" else []:
+        part = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
 
 
 @dataclass
