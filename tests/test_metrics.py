@@ -220,6 +220,8 @@ def test_the_apis_other_calls_are_counted_by_route_and_mutations_logged(
     deep = httpx.post(f"{server.api}/batches", content=b"[" * 300 + b"]" * 300, timeout=30,
                       headers={"content-type": "application/json"})
     assert deep.status_code == 400, deep.text
+    for method in ("FOO", "BAR"):  # made-up methods: one label, not one each
+        assert httpx.request(method, f"{server.api}/files", timeout=30).status_code == 405
     # A generation path's other methods are chat requests (RequestObserver's), not these.
     assert httpx.options(f"{server.api}/chat/completions", timeout=30).status_code == 405
     after = scrape(server)
@@ -235,6 +237,7 @@ def test_the_apis_other_calls_are_counted_by_route_and_mutations_logged(
     assert counted("/files/{file_id}", "DELETE", "200") == 1
     assert counted("unmatched", "GET", "404") == 1
     assert counted("/batches", "POST", "400") == 1
+    assert counted("/files", "other", "405") == 2
     assert not any(name == "vlserve_api_calls_total" and file_id in str(labels)
                    for name, labels in after)
     # Chat requests are not counted twice: they have their own metric.

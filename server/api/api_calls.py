@@ -28,6 +28,7 @@ request_log = logging.getLogger(REQUEST_LOGGER)
 UNMATCHED = "unmatched"  # a path no route serves (a 404): one label for all of them
 # Reads that only look: logged when they fail, counted always (a poll loop is no news).
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
+_METHODS = _READS | {"POST", "PUT", "PATCH", "DELETE"}
 
 
 class ApiCallObserver:
@@ -73,7 +74,9 @@ class ApiCallObserver:
             self._table = self._table or route_table(self.routes)  # every route exists now
             route = template(self._table, scope["path"], scope["method"], self.prefixes)
         route = route or UNMATCHED
-        method = scope["method"]
+        # Any token is a method to the HTTP parser: one label for the unknown ones, or a
+        # client could grow the metric without bound.
+        method = scope["method"] if scope["method"] in _METHODS else "other"
         self.metrics.observe_api_call(route, method, status, seconds)
         if method in _READS and status < 400:
             return
