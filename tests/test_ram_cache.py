@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
+import llama_cpp
 import pytest
 from conftest import RunningServer, start_server, stop_server
 from helpers import metric_value
@@ -44,6 +46,83 @@ def test_a_conversation_comes_back_from_ram_after_its_slot_was_taken(
         {"role": "assistant", "content": first["choices"][0]["message"]["content"]}])
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached >= first["usage"]["prompt_tokens"], (cached, first["usage"])
+
+
+def slot_cells(server: RunningServer) -> list[int]:
+    return [s["n_past"] for s in httpx.get(f"{server.api}/slots", timeout=10).json()["slots"]]
+
+
+def wait_for_idle_copies(server: RunningServer, timeout: float = 10.0) -> None:
+    """Until the RAM cache has stopped growing for half a second: an idle engine copies its
+    idle slots one per quiet 50 ms."""
+    deadline = time.monotonic() + timeout
+    now = ram_bytes(server)
+    while True:
+        time.sleep(0.5)
+        if (later := ram_bytes(server)) == now:
+            return
+        assert time.monotonic() < deadline, "the RAM cache kept growing"
+        now = later
+
+
+def test_an_idle_engine_copies_conversations_to_ram_and_the_next_request_starts_clear(
+        server: RunningServer) -> None:
+    """With nothing to do, the engine copies idle slots' sequences to RAM; the next request,
+    however short, then starts with them out of the KV cache (its prompt's cells come first,
+    every step attends over its own cells only), and the conversation continues from RAM."""
+    a = "Describe a harbour at dawn, the boats, the gulls and the people on the quay."
+    first = chat(server, a, 6)
+    wait_for_idle_copies(server)  # no request in between: the engine copies while idle
+    assert sum(1 for n in slot_cells(server) if n) >= 1
+    chat(server, "Name a fruit that is yellow.", 2)  # far below SPILL_AFTER_TOKENS
+    held = sorted(slot_cells(server))
+    # The short request's slot alone holds a conversation (copies need MIN_ENTRIES).
+    assert held[-1] > 0 and all(n < MIN_ENTRIES for n in held[:-1]), held
+    second = chat(server, "And the light?", 2, history=[
+        {"role": "user", "content": a},
+        {"role": "assistant", "content": first["choices"][0]["message"]["content"]}])
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= first["usage"]["prompt_tokens"], (cached, first["usage"])
+
+
+def fake_state_copies(monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    monkeypatch.setattr(llama_cpp, "llama_state_seq_get_size", lambda ctx, seq: size)
+    monkeypatch.setattr(llama_cpp, "llama_state_seq_get_data",
+                        lambda ctx, data, size, seq: size)
+
+
+def test_a_copy_made_ahead_pushes_out_only_conversations_used_before_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copies made while idle take room only from copies used before the slot's own
+    conversation was: one copied out for want of cells after that must not be lost to a
+    copy of one still in the KV cache. A copy needed now (the cells are wanted) takes the
+    least recently used, whatever its age."""
+    fake_state_copies(monkeypatch, 600)
+    ram = RamPrefixCache(None, budget_bytes=1000)
+    older = Slot(0, cached=list(range(MIN_ENTRIES)), idle_since=time.monotonic())
+    assert ram.save_ahead(older) and ram.holds(older)
+    ram.save(newer := Slot(1, cached=list(range(100, 100 + MIN_ENTRIES))))  # spilled now
+    assert ram.holds(newer) and not ram.holds(older) and ram.bytes == 600
+    assert not ram.save_ahead(older)  # it went idle before `newer` was copied out
+    assert ram.holds(newer)
+    later = Slot(2, cached=list(range(200, 200 + MIN_ENTRIES)), idle_since=time.monotonic())
+    assert ram.save_ahead(later)  # used after `newer`'s copy: that one goes
+    assert ram.holds(later) and not ram.holds(newer) and ram.bytes == 600
+
+
+def test_a_longer_copy_of_a_conversation_replaces_its_shorter_ones(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turn after turn a conversation is copied again, longer: its earlier copies are a
+    prefix of the new one, which every request they would match matches as far."""
+    fake_state_copies(monkeypatch, 100)
+    ram = RamPrefixCache(None, budget_bytes=10_000)
+    turn1 = list(range(MIN_ENTRIES))
+    ram.save(Slot(0, cached=turn1))
+    ram.save(Slot(1, cached=[*turn1, 1, 2, 3], tenant="other key"))  # not the same client
+    ram.save(Slot(0, cached=[*turn1, 7, 8]))
+    assert not ram.holds(Slot(0, cached=turn1)) and len(ram) == 2 and ram.bytes == 200
+    saved, matched = ram.best([*turn1, 7, 9], "")
+    assert saved is not None and matched == MIN_ENTRIES + 1
 
 
 def test_a_regenerated_answer_does_not_copy_its_conversation_out() -> None:

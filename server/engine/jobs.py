@@ -103,6 +103,9 @@ class Slot:
     # start of its conversation's next turn (server/engine/next_turn.py). Any change to
     # the slot's KV drops them.
     next_turn: NextTurn | None = None
+    # When its last job ended (time.monotonic()): how recently its conversation was used,
+    # against the copies in the RAM cache (RamPrefixCache.save_ahead).
+    idle_since: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.cached, KvEntries):
@@ -166,6 +169,7 @@ def end_job(slot: Slot, event: EngineEvent) -> None:
     job.sampler.free()
     job.prompt.close()
     slot.job = None
+    slot.idle_since = time.monotonic()
     job.sink.put(event)
 
 

@@ -1,9 +1,10 @@
 """Idle slots' KV in host RAM instead of the unified KV cache (llama-server's --cache-ram
 and --cache-idle-slots do the same). Every cell any sequence holds widens the span each
 decode step attends over (masked or not): four idle 900-token conversations slowed a single
-stream from about 130 to 100 tok/s on the bench model. So once a request runs long
-(Starter.spill_idle), the idle slots' sequences are saved here (llama_state_seq_get_data)
-and removed from the KV cache; a later request that continues one of them gets it back
+stream from about 130 to 100 tok/s on the bench model. So an idle engine copies idle slots'
+sequences here (llama_state_seq_get_data) ahead of need, and a new request starts with
+those out of the KV cache (Starter.place); idle slots not copied yet go once a request
+runs long (Starter.spill_idle). A later request that continues one of them gets it back
 (llama_state_seq_set_data) instead of evaluating its prefix, images included, again.
 Engine thread only."""
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -25,12 +27,13 @@ logger = logging.getLogger("vlserve.engine")
 MIN_ENTRIES = 16
 
 
-@dataclass(frozen=True)
+@dataclass
 class SavedSequence:
     tenant: str
     keys: tuple[KvKey, ...]
     n_past: int
     data: ctypes.Array[ctypes.c_ubyte]
+    used_at: float  # saved or restored last (time.monotonic())
 
 
 class RamPrefixCache:
@@ -56,14 +59,42 @@ class RamPrefixCache:
         lost = len(slot.cached) - keep
         return lost >= MIN_ENTRIES and lost * 4 >= len(slot.cached)
 
+    def holds(self, slot: Slot) -> bool:
+        """Whether a copy of exactly what `slot` holds is here (its cells may go for free)."""
+        return (slot.tenant, tuple(slot.cached)) in self._entries
+
+    def save_ahead(self, slot: Slot) -> bool:
+        """Copy `slot` while the engine idles, so its cells may go for free later. Room is
+        made only from copies used before the slot's conversation was (LRU, with the slot
+        as used when its last job ended): a copy made ahead of need never pushes out a
+        conversation used more recently. Whether the slot is held now."""
+        if len(slot.cached) < MIN_ENTRIES or self.holds(slot):
+            return self.holds(slot)
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq_id)
+        if not size or size > self.budget:
+            return False
+        room = self.budget - self.bytes
+        for saved in self._entries.values():  # least recently used first
+            if room >= size:
+                break
+            if saved.used_at >= slot.idle_since:
+                return False
+            room += len(saved.data)
+        if room < size:
+            return False
+        self.save(slot)
+        return self.holds(slot)
+
     def save(self, slot: Slot) -> None:
         """Keep a copy of what `slot` holds (once per content), evicting the least recently
-        used copies past the budget."""
+        used copies past the budget. The tenant's copies of a prefix of it go: whatever
+        request matched them matches this one as far."""
         if len(slot.cached) < MIN_ENTRIES:
             return
         key = (slot.tenant, tuple(slot.cached))
         if key in self._entries:
             self._entries.move_to_end(key)
+            self._entries[key].used_at = time.monotonic()
             return
         size = llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq_id)
         if not size or size > self.budget:
@@ -72,7 +103,13 @@ class RamPrefixCache:
         if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, slot.seq_id) != size:
             logger.warning("saving slot %d's KV to RAM failed", slot.seq_id)
             return
-        self._entries[key] = SavedSequence(slot.tenant, key[1], slot.n_past, data)
+        keys = key[1]
+        for old in [k for k in self._entries
+                    if k[0] == slot.tenant and len(k[1]) < len(keys)
+                    and keys[:len(k[1])] == k[1]]:
+            self.bytes -= len(self._entries.pop(old).data)
+        self._entries[key] = SavedSequence(slot.tenant, keys, slot.n_past, data,
+                                           time.monotonic())
         self.bytes += size
         self.saves += 1
         while self.bytes > self.budget:
@@ -95,6 +132,7 @@ class RamPrefixCache:
             slot.n_past = 0
             return False
         self._entries.move_to_end((saved.tenant, saved.keys))
+        saved.used_at = time.monotonic()
         slot.cached = KvEntries(saved.keys)
         slot.n_past = saved.n_past
         slot.tenant = saved.tenant

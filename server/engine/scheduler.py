@@ -55,6 +55,11 @@ PREENCODE_BACKLOG = 16  # uploaded images waiting for an idle engine to encode t
 # A request this far into an answer that may run as long again moves the idle slots' KV to
 # RAM (Starter.spill_idle): long answers get narrow attention, short ones no copy.
 SPILL_AFTER_TOKENS = 64
+# How long an idle engine waits for a request before copying an idle slot to RAM (one per
+# wait: a request that comes meanwhile waits for one copy at most). A script's next turn,
+# sent the moment an answer ends, comes sooner.
+SAVE_AHEAD_QUIET_S = 0.05
+IDLE_WAIT_S = 0.2  # the idle engine's longest wait: stop and cancellations are seen then
 
 
 class Scheduler:
@@ -71,6 +76,8 @@ class Scheduler:
         # Bounded: the engine encodes ahead only when idle, so under steady load this would
         # grow by one decoded image per upload, for as long as the load lasts.
         self._preencode: deque[tuple[ImageInput, str]] = deque(maxlen=PREENCODE_BACKLOG)
+        # Set by any step: once idle, idle slots are copied to RAM ahead of need.
+        self._save_ahead = False
         self._batch = TokenBatch(max(model.n_batch, settings.n_parallel))
         self.kv = KvBudget(model.n_ctx)
         self._starter = Starter(model, settings, self.kv)
@@ -143,13 +150,17 @@ class Scheduler:
             for pending in self._inbox.take_cancelled():
                 pending.drop_cancelled()
             next_turns = any(s.next_turn is not None for s in self.slots)
-            self._admit(block=not self.busy_slots and not self._preencode and not next_turns)
+            self._admit(block=not self.busy_slots and not self._preencode and not next_turns,
+                        wait=SAVE_AHEAD_QUIET_S if self._save_ahead else IDLE_WAIT_S)
             if self.busy_slots:
+                self._save_ahead = True  # the slots it leaves idle are worth a copy
                 self._step()
             elif next_turns:  # idle work, like encoding ahead: requests always go first
                 self._prefill_next_turns()
             elif self._preencode:
                 self.encoder.encode_ahead(*self._preencode.popleft())
+            elif self._save_ahead:  # quiet for SAVE_AHEAD_QUIET_S: one slot at a time
+                self._save_ahead = self._starter.save_idle_ahead(self.slots)
         self.refuse_all(ErrorEvent(503, "the server is shutting down",
                                    code="server_shutting_down"))
 
@@ -216,7 +227,8 @@ class Scheduler:
             if slot is not origin and slot.job is None:
                 self._starter.copy_sequence(origin, slot)
 
-    def _admit(self, block: bool) -> None:
+    def _admit(self, block: bool, wait: float = IDLE_WAIT_S) -> None:
+        """Start what waits and fits; with `block`, wait up to `wait` s for a request."""
         if not block and not len(self._inbox):
             return  # the usual step: nothing waits (a request put meanwhile waits one step)
         # A waiting request that outranks running work (a chat while batch lines hold the
@@ -224,7 +236,7 @@ class Scheduler:
         while (slot := outranked(self.slots, self._inbox.head(), self._fits)) is not None:
             self._preempt(slot, "a higher-priority request is waiting")
         while any(s.job is None for s in self.slots):
-            pending = self._inbox.get(timeout=0.2 if block else 0, accept=self._fits)
+            pending = self._inbox.get(timeout=wait if block else 0, accept=self._fits)
             if pending is None:
                 return
             block = False

@@ -112,6 +112,7 @@ class Starter:
             self.ram.save(slot)  # what this request is about to replace
         keep = self._borrow_prefix(slot, slots, reusable, request.tenant, keep)
         keep = self._restore_prefix(slot, reusable, request.tenant, keep)
+        self._drop_copied_idle(slots, but=slot)
         kept = keys[:keep]
         slot.n_past = n_positions(kept)
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.n_past, -1)
@@ -178,13 +179,39 @@ class Starter:
         logger.debug("slot %d: %d KV entries restored from RAM", slot.seq_id, longest)
         return longest
 
+    def save_idle_ahead(self, slots: list[Slot]) -> bool:
+        """Copy one idle slot's sequence to RAM while the engine idles, so that the next
+        request can start with it out of the KV cache at no cost (see place). Whether one
+        was copied (there may be more)."""
+        if self.ram is None:
+            return False
+        for other in slots:
+            if other.job is None and other.next_turn is None and other.cached \
+                    and not self.ram.holds(other) and self.ram.save_ahead(other):
+                return True
+        return False
+
+    def _drop_copied_idle(self, slots: list[Slot], but: Slot) -> None:
+        """Idle slots whose sequence RAM holds leave the KV cache before a new prompt is
+        evaluated (llama-server clears idle slots at every request too): the prompt's cells
+        then come first in the cache and every step attends over the running sequences'
+        cells only, from the first token; copying them out later (spill_idle) would stall
+        every stream. A conversation that comes back is copied in again (~0.03 ms a
+        token on the bench model) instead of found in place."""
+        if self.ram is None:
+            return
+        for other in slots:
+            if other.job is None and other is not but and other.cached \
+                    and self.ram.holds(other):
+                self.forget(other)
+
     def spill_idle(self, slots: list[Slot]) -> None:
         """The idle slots' sequences go to RAM and out of the KV cache: the running
-        requests then attend over their own cells only. Called once a request has shown it
-        is long (SPILL_AFTER_TOKENS), not when it starts: the copy stalls every stream for
-        ~0.1 ms per idle token (bench model), which a short answer never earns back (an idle
-        cell costs a step ~0.6 µs), and a request arriving meanwhile finds its
-        conversation still in place instead of copying it back."""
+        requests then attend over their own cells only. For idle slots the engine had no
+        quiet moment to copy ahead (save_idle_ahead; a busy server): called once a request
+        has shown it is long (SPILL_AFTER_TOKENS), not when it starts, as the copy stalls
+        every stream for ~0.03 ms per idle token (bench model), which a short answer never
+        earns back."""
         if self.ram is not None:
             self.drop_idle(slots)
 
