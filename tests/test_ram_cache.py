@@ -54,7 +54,7 @@ def slot_cells(server: RunningServer) -> list[int]:
 
 def wait_for_idle_copies(server: RunningServer, timeout: float = 10.0) -> None:
     """Until the RAM cache has stopped growing for half a second: an idle engine copies its
-    idle slots one per quiet 50 ms."""
+    idle slots after 50 ms without a request."""
     deadline = time.monotonic() + timeout
     now = ram_bytes(server)
     while True:

@@ -55,9 +55,9 @@ PREENCODE_BACKLOG = 16  # uploaded images waiting for an idle engine to encode t
 # A request this far into an answer that may run as long again moves the idle slots' KV to
 # RAM (Starter.spill_idle): long answers get narrow attention, short ones no copy.
 SPILL_AFTER_TOKENS = 64
-# How long an idle engine waits for a request before copying an idle slot to RAM (one per
-# wait: a request that comes meanwhile waits for one copy at most). A script's next turn,
-# sent the moment an answer ends, comes sooner.
+# How long an idle engine waits for a request before copying idle slots to RAM (a request
+# that comes meanwhile waits for one copy at most). A script's next turn, sent the moment
+# an answer ends, comes sooner.
 SAVE_AHEAD_QUIET_S = 0.05
 IDLE_WAIT_S = 0.2  # the idle engine's longest wait: stop and cancellations are seen then
 
@@ -159,8 +159,8 @@ class Scheduler:
                 self._prefill_next_turns()
             elif self._preencode:
                 self.encoder.encode_ahead(*self._preencode.popleft())
-            elif self._save_ahead:  # quiet for SAVE_AHEAD_QUIET_S: one slot at a time
-                self._save_ahead = self._starter.save_idle_ahead(self.slots)
+            elif self._save_ahead:  # quiet for SAVE_AHEAD_QUIET_S
+                self._save_idle_ahead()
         self.refuse_all(ErrorEvent(503, "the server is shutting down",
                                    code="server_shutting_down"))
 
@@ -459,6 +459,16 @@ class Scheduler:
                 sibling.sampler.free()
                 sibling.prompt.close()
                 sibling.sink.put(event)
+
+    def _save_idle_ahead(self) -> None:
+        """Copy the idle slots to RAM one after another; a request that comes meanwhile
+        goes first (it waits for one copy at most), and the rest wait for the next quiet
+        moment. All at once, not one per quiet moment: a client's next request often comes
+        within a few of them, and every slot not copied by then stays in its way."""
+        while self._starter.save_idle_ahead(self.slots):
+            if len(self._inbox):
+                return
+        self._save_ahead = False
 
     def _prefill_next_turns(self) -> None:
         with self.watchdog.watch("a decode step"):
