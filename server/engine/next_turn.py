@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 
 import llama_cpp
 
+from server.engine import llama_log
 from server.engine.batch import TokenBatch
 from server.engine.jobs import NextTurn, Slot
 from server.engine.prefix import n_positions
@@ -44,6 +45,7 @@ _MAX_TOKENS = 64  # markup longer than this is a template oddity, not worth gues
 # Slots holding more entries keep the plain guess: the conversation is rendered and its
 # text tokenized on the engine thread (idle, but not interruptible there).
 _MAX_TAIL = 8192
+ABORTED = 2  # llama_decode: the abort callback stopped it
 
 
 def turn_markup(template: ChatTemplate, splitter: MarkupSplitter,
@@ -173,12 +175,16 @@ def prefill(slots: list[Slot], batch: TokenBatch, ctx: llama_cpp.llama_context_p
     # node, so it is set for these decodes only.
     callback = llama_cpp.ggml_abort_callback(lambda _data: bool(interrupted()))
     llama_cpp.llama_set_abort_callback(ctx, callback, None)
-    try:
-        ret = batch.decode(ctx)
-    finally:
-        llama_cpp.llama_set_abort_callback(ctx, llama_cpp.ggml_abort_callback(), None)
+    with llama_log.held() as lines:
+        try:
+            ret = batch.decode(ctx)
+        finally:
+            llama_cpp.llama_set_abort_callback(ctx, llama_cpp.ggml_abort_callback(), None)
+    # An interrupted guess makes llama.cpp log "failed to compute graph" and the like as
+    # errors: asked for, so debug lines, not an operator's alarm at every quick next turn.
+    llama_log.release(lines, expected=ret == ABORTED)
     batch.clear()
-    if ret != 0:  # 2: interrupted; a guess is never retried, and nothing of it is kept
+    if ret != 0:  # a guess is never retried (interrupted or not), and nothing of it is kept
         logger.debug("next-turn prefill stopped (llama_decode %d)", ret)
         for slot, _ in taken:
             llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, slot.n_past, -1)
