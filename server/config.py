@@ -175,6 +175,9 @@ class Settings(BaseSettings):
     # Idle slots' KV moved to host RAM (and back when their conversation continues), so the
     # running requests attend over their own cells only; 0 keeps idle caches in the KV cache.
     prompt_cache_ram_mb: int = Field(1024, ge=0)
+    # An idle engine copies idle slots there ahead of need, so the next request starts with
+    # them out of the KV cache; false: they move only once a request runs long (a stall).
+    prompt_cache_copy_ahead: bool = True
     # After an answer, an idle engine evaluates what the conversation's next turn starts
     # with (the answer's end-of-turn and next-user markup), so that turn evaluates only
     # its new text (server/engine/next_turn.py).

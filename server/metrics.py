@@ -268,6 +268,17 @@ class _EngineCounters(Collector):
         yield CounterMetricFamily(
             "vlserve_next_turn_tokens", "Tokens an idle engine evaluated ahead of a "
             "conversation's next turn (its end-of-turn markup)", self._engine.next_turn_tokens)
+        ahead, needed, restores = self._engine.prompt_cache_ram_counts()
+        copies = CounterMetricFamily(
+            "vlserve_prompt_cache_ram_copies", "Idle sequences copied to the RAM prompt cache: "
+            "ahead (while the engine idled) or needed (while requests ran: every stream "
+            "waited)", labels=["when"])
+        copies.add_metric(["ahead"], ahead)
+        copies.add_metric(["needed"], needed)
+        yield copies
+        yield CounterMetricFamily(
+            "vlserve_prompt_cache_ram_restores", "Conversations whose KV came back from the "
+            "RAM prompt cache instead of being evaluated again", restores)
 
 
 class _PixelCacheCollector(Collector):

@@ -52,17 +52,18 @@ def slot_cells(server: RunningServer) -> list[int]:
     return [s["n_past"] for s in httpx.get(f"{server.api}/slots", timeout=10).json()["slots"]]
 
 
-def wait_for_idle_copies(server: RunningServer, timeout: float = 10.0) -> None:
-    """Until the RAM cache has stopped growing for half a second: an idle engine copies its
-    idle slots after 50 ms without a request."""
+def copies(server: RunningServer, when: str) -> float:
+    return metric_value(server.url, "vlserve_prompt_cache_ram_copies_total", f'when="{when}"')
+
+
+def wait_for_copies_ahead(server: RunningServer, before: float, timeout: float = 10.0) -> None:
+    """Until the idle engine has copied (all its idle slots go in one run, 50 ms after the
+    last request)."""
     deadline = time.monotonic() + timeout
-    now = ram_bytes(server)
-    while True:
-        time.sleep(0.5)
-        if (later := ram_bytes(server)) == now:
-            return
-        assert time.monotonic() < deadline, "the RAM cache kept growing"
-        now = later
+    while copies(server, "ahead") <= before:
+        assert time.monotonic() < deadline, "an idle engine copied nothing to RAM"
+        time.sleep(0.05)
+    time.sleep(0.2)  # the run's last copies
 
 
 def test_an_idle_engine_copies_conversations_to_ram_and_the_next_request_starts_clear(
@@ -71,8 +72,11 @@ def test_an_idle_engine_copies_conversations_to_ram_and_the_next_request_starts_
     however short, then starts with them out of the KV cache (its prompt's cells come first,
     every step attends over its own cells only), and the conversation continues from RAM."""
     a = "Describe a harbour at dawn, the boats, the gulls and the people on the quay."
+    ahead = copies(server, "ahead")
     first = chat(server, a, 6)
-    wait_for_idle_copies(server)  # no request in between: the engine copies while idle
+    needed = copies(server, "needed")
+    wait_for_copies_ahead(server, ahead)  # no request in between: the engine did it idle
+    assert copies(server, "needed") == needed
     assert sum(1 for n in slot_cells(server) if n) >= 1
     chat(server, "Name a fruit that is yellow.", 2)  # far below SPILL_AFTER_TOKENS
     held = sorted(slot_cells(server))
@@ -120,9 +124,27 @@ def test_a_longer_copy_of_a_conversation_replaces_its_shorter_ones(
     ram.save(Slot(0, cached=turn1))
     ram.save(Slot(1, cached=[*turn1, 1, 2, 3], tenant="other key"))  # not the same client
     ram.save(Slot(0, cached=[*turn1, 7, 8]))
-    assert not ram.holds(Slot(0, cached=turn1)) and len(ram) == 2 and ram.bytes == 200
+    assert len(ram) == 2 and ram.bytes == 200  # the turn-1 copy went
+    assert ram.holds(Slot(0, cached=turn1))  # in the longer one
     saved, matched = ram.best([*turn1, 7, 9], "")
     assert saved is not None and matched == MIN_ENTRIES + 1
+
+
+def test_a_copy_of_more_holds_a_slot_and_is_not_copied_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slot whose content starts a longer copy (an earlier turn of a conversation copied
+    later) may go for free: a restore of the longer copy keeps what a request matches. So
+    it is not copied again, which would also bring back the shorter copy the longer one
+    replaced."""
+    fake_state_copies(monkeypatch, 100)
+    ram = RamPrefixCache(None, budget_bytes=10_000)
+    turn1 = list(range(MIN_ENTRIES))
+    ram.save(Slot(0, cached=[*turn1, 5, 6]))
+    earlier = Slot(1, cached=turn1, idle_since=time.monotonic())
+    assert ram.holds(earlier)
+    assert ram.save_ahead(earlier) and len(ram) == 1 and ram.copies_ahead == 0
+    assert not ram.holds(Slot(1, cached=turn1, tenant="other key"))  # never across keys
+    assert not ram.holds(Slot(1, cached=[*turn1[:-1], 99]))  # not a prefix
 
 
 def test_a_regenerated_answer_does_not_copy_its_conversation_out() -> None:

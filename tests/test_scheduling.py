@@ -27,7 +27,11 @@ def busy_server(demo_model: DemoModelPaths, tmp_path_factory: pytest.TempPathFac
         demo_model, tmp_path_factory.mktemp("busy") / "server.log",
         "--n-parallel", "2", "--n-ctx", "4096",
         env={"VLSERVE_MAX_QUEUE": "1", "VLSERVE_MAX_TOKENS_CAP": str(LONG),
-             "VLSERVE_DEFAULT_MAX_TOKENS": str(LONG)},
+             "VLSERVE_DEFAULT_MAX_TOKENS": str(LONG),
+             # Idle slots move only when a request runs long: the spill is what
+             # test_idle_conversations_wait_in_ram_and_come_back checks, and no quiet
+             # moment of the test client's may copy them ahead of it.
+             "VLSERVE_PROMPT_CACHE_COPY_AHEAD": "false"},
     )
     yield running
     stop_server(running)
@@ -276,7 +280,8 @@ def test_a_second_question_about_a_running_requests_image_copies_its_kv(
 
 
 def test_idle_conversations_wait_in_ram_and_come_back(busy_server: RunningServer) -> None:
-    """Once a request has run SPILL_AFTER_TOKENS into an answer that may run as long again,
+    """Idle slots not copied ahead (here: prompt_cache_copy_ahead off; else a busy engine's)
+    move once a request has run SPILL_AFTER_TOKENS into an answer that may run as long again:
     the idle slots' KV goes to host RAM and out of the KV cache (the rest of the answer
     attends over its own cells only); a short answer leaves them in place (the copy stalls
     every stream). The conversation that continues later gets its prefix back from RAM,

@@ -148,6 +148,14 @@ class Engine:
         ram = self._scheduler.ram_cache if self._scheduler else None
         return ram.bytes if ram is not None else 0
 
+    def prompt_cache_ram_counts(self) -> tuple[int, int, int]:
+        """Copies to RAM made ahead (engine idle), made when needed, and restores (ints the
+        engine thread updates)."""
+        ram = self._scheduler.ram_cache if self._scheduler else None
+        if ram is None:
+            return 0, 0, 0
+        return ram.copies_ahead, ram.copies_needed, ram.restores
+
     @property
     def kv_cells_running(self) -> int:
         return self._scheduler.kv_cells_running if self._scheduler else 0

@@ -24,7 +24,7 @@ _LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WA
            4: logging.ERROR}
 _state = {"level": logging.INFO, "buffer": ""}
 _recorders: list[list[str]] = []
-_holders: dict[int, list[tuple[int, str]]] = {}  # by thread: only the holder's own lines
+_hushed: set[int] = set()  # threads whose llama.cpp lines are expected (see hush)
 
 
 @llama_cpp.llama_log_callback
@@ -37,10 +37,8 @@ def _on_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     *lines, _state["buffer"] = buffered.split("\n")
     for recorder in _recorders:
         recorder.extend(line for line in lines if line.strip())
-    held_here = _holders.get(threading.get_ident()) if _holders else None
-    if held_here is not None:
-        held_here.extend((py_level, line) for line in lines if line.strip())
-        return
+    if _hushed and threading.get_ident() in _hushed:
+        py_level = logging.DEBUG
     if logger.isEnabledFor(py_level):
         for line in lines:
             if line.strip():
@@ -70,21 +68,13 @@ def record() -> Iterator[list[str]]:
         _recorders.remove(lines)
 
 
-@contextmanager
-def held() -> Iterator[list[tuple[int, str]]]:
-    """Keep the lines llama.cpp logs inside the block, with their levels, instead of
-    logging them: the caller logs them with `release` once it knows what they mean (the
-    errors llama.cpp logs for a decode the caller aborted on purpose are no errors).
-    Lines other threads log meanwhile are logged as usual."""
-    lines: list[tuple[int, str]] = []
-    _holders[threading.get_ident()] = lines
-    try:
-        yield lines
-    finally:
-        del _holders[threading.get_ident()]
+
+def hush(thread: int) -> None:
+    """What llama.cpp logs from `thread` from now on reports what the caller asked for (an
+    abort): debug lines, whatever their level, until `unhush`. Logged at once, not held:
+    a process that dies meanwhile still leaves them."""
+    _hushed.add(thread)
 
 
-def release(lines: list[tuple[int, str]], *, expected: bool) -> None:
-    """Log held lines, at debug level when what they report was `expected`."""
-    for level, line in lines:
-        logger.log(logging.DEBUG if expected else level, "%s", line)
+def unhush(thread: int) -> None:
+    _hushed.discard(thread)

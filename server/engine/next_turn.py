@@ -22,7 +22,9 @@ cold), and the next turn reuses all of it.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import threading
 from collections.abc import Callable, Sequence
 
 import llama_cpp
@@ -45,7 +47,6 @@ _MAX_TOKENS = 64  # markup longer than this is a template oddity, not worth gues
 # Slots holding more entries keep the plain guess: the conversation is rendered and its
 # text tokenized on the engine thread (idle, but not interruptible there).
 _MAX_TAIL = 8192
-ABORTED = 2  # llama_decode: the abort callback stopped it
 
 
 def turn_markup(template: ChatTemplate, splitter: MarkupSplitter,
@@ -173,16 +174,23 @@ def prefill(slots: list[Slot], batch: TokenBatch, ctx: llama_cpp.llama_context_p
         return 0
     # llama.cpp asks between graph nodes; a Python callback costs about a microsecond a
     # node, so it is set for these decodes only.
-    callback = llama_cpp.ggml_abort_callback(lambda _data: bool(interrupted()))
+    engine_thread = threading.get_ident()
+
+    def abort(_data: ctypes.c_void_p) -> bool:
+        if not interrupted():
+            return False
+        # llama.cpp logs "failed to compute graph" and the like as errors for the abort:
+        # asked for, so debug lines, not an operator's alarm at every quick next turn.
+        llama_log.hush(engine_thread)
+        return True
+
+    callback = llama_cpp.ggml_abort_callback(abort)
     llama_cpp.llama_set_abort_callback(ctx, callback, None)
-    with llama_log.held() as lines:
-        try:
-            ret = batch.decode(ctx)
-        finally:
-            llama_cpp.llama_set_abort_callback(ctx, llama_cpp.ggml_abort_callback(), None)
-    # An interrupted guess makes llama.cpp log "failed to compute graph" and the like as
-    # errors: asked for, so debug lines, not an operator's alarm at every quick next turn.
-    llama_log.release(lines, expected=ret == ABORTED)
+    try:
+        ret = batch.decode(ctx)
+    finally:
+        llama_cpp.llama_set_abort_callback(ctx, llama_cpp.ggml_abort_callback(), None)
+        llama_log.unhush(engine_thread)
     batch.clear()
     if ret != 0:  # a guess is never retried (interrupted or not), and nothing of it is kept
         logger.debug("next-turn prefill stopped (llama_decode %d)", ret)

@@ -43,7 +43,9 @@ class RamPrefixCache:
         self._entries: OrderedDict[tuple[str, tuple[KvKey, ...]], SavedSequence] = \
             OrderedDict()
         self.bytes = 0
-        self.saves = 0
+        # Read by /metrics from another thread (ints: no lock).
+        self.copies_ahead = 0  # made while the engine idled
+        self.copies_needed = 0  # made while requests ran (every stream waited)
         self.restores = 0
 
     def __len__(self) -> int:
@@ -60,8 +62,21 @@ class RamPrefixCache:
         return lost >= MIN_ENTRIES and lost * 4 >= len(slot.cached)
 
     def holds(self, slot: Slot) -> bool:
-        """Whether a copy of exactly what `slot` holds is here (its cells may go for free)."""
-        return (slot.tenant, tuple(slot.cached)) in self._entries
+        """Whether a copy of what `slot` holds is here, maybe longer (its cells may go for
+        free: a restore of the longer copy keeps as much as a request matches)."""
+        return self._holder(slot.tenant, tuple(slot.cached)) is not None
+
+    def _holder(self, tenant: str, keys: tuple[KvKey, ...]
+                ) -> tuple[str, tuple[KvKey, ...]] | None:
+        if (tenant, keys) in self._entries:
+            return tenant, keys
+        n = len(keys)
+        if not n:
+            return None
+        # The last key first: it tells most copies apart without slicing (this runs for
+        # every idle slot as a request starts, over every copy).
+        return next((k for k in self._entries if k[0] == tenant and len(k[1]) > n
+                     and k[1][n - 1] == keys[n - 1] and k[1][:n] == keys), None)
 
     def save_ahead(self, slot: Slot) -> bool:
         """Copy `slot` while the engine idles, so its cells may go for free later. Room is
@@ -82,39 +97,46 @@ class RamPrefixCache:
             room += len(saved.data)
         if room < size:
             return False
-        self.save(slot)
+        if self._copy(slot):
+            self.copies_ahead += 1
         return self.holds(slot)
 
     def save(self, slot: Slot) -> None:
-        """Keep a copy of what `slot` holds (once per content), evicting the least recently
-        used copies past the budget. The tenant's copies of a prefix of it go: whatever
-        request matched them matches this one as far."""
+        """Keep a copy of what `slot` holds (once: a copy of it or of more is touched
+        instead), evicting the least recently used copies past the budget. The tenant's
+        copies of a prefix of it go: whatever request matched them matches this as far."""
+        if self._copy(slot):
+            self.copies_needed += 1
+
+    def _copy(self, slot: Slot) -> bool:
+        """save(); whether a copy was made."""
         if len(slot.cached) < MIN_ENTRIES:
-            return
+            return False
         key = (slot.tenant, tuple(slot.cached))
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            self._entries[key].used_at = time.monotonic()
-            return
+        held = self._holder(*key)
+        if held is not None:
+            self._entries.move_to_end(held)
+            self._entries[held].used_at = time.monotonic()
+            return False
         size = llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq_id)
         if not size or size > self.budget:
-            return
+            return False
         data = (ctypes.c_ubyte * size)()
         if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, slot.seq_id) != size:
             logger.warning("saving slot %d's KV to RAM failed", slot.seq_id)
-            return
+            return False
         keys = key[1]
         for old in [k for k in self._entries
                     if k[0] == slot.tenant and len(k[1]) < len(keys)
-                    and keys[:len(k[1])] == k[1]]:
+                    and keys[len(k[1]) - 1] == k[1][-1] and keys[:len(k[1])] == k[1]]:
             self.bytes -= len(self._entries.pop(old).data)
         self._entries[key] = SavedSequence(slot.tenant, keys, slot.n_past, data,
                                            time.monotonic())
         self.bytes += size
-        self.saves += 1
         while self.bytes > self.budget:
             _, dropped = self._entries.popitem(last=False)
             self.bytes -= len(dropped.data)
+        return True
 
     def best(self, keys: list[KvKey], tenant: str) -> tuple[SavedSequence | None, int]:
         """The saved sequence of `tenant` sharing the longest prefix with `keys`."""

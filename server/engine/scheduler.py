@@ -78,6 +78,7 @@ class Scheduler:
         self._preencode: deque[tuple[ImageInput, str]] = deque(maxlen=PREENCODE_BACKLOG)
         # Set by any step: once idle, idle slots are copied to RAM ahead of need.
         self._save_ahead = False
+        self._copy_ahead = settings.prompt_cache_copy_ahead and settings.prompt_cache_ram_mb > 0
         self._batch = TokenBatch(max(model.n_batch, settings.n_parallel))
         self.kv = KvBudget(model.n_ctx)
         self._starter = Starter(model, settings, self.kv)
@@ -153,7 +154,8 @@ class Scheduler:
             self._admit(block=not self.busy_slots and not self._preencode and not next_turns,
                         wait=SAVE_AHEAD_QUIET_S if self._save_ahead else IDLE_WAIT_S)
             if self.busy_slots:
-                self._save_ahead = True  # the slots it leaves idle are worth a copy
+                # The slots it leaves idle are worth a copy.
+                self._save_ahead = self._copy_ahead
                 self._step()
             elif next_turns:  # idle work, like encoding ahead: requests always go first
                 self._prefill_next_turns()
@@ -465,7 +467,11 @@ class Scheduler:
         goes first (it waits for one copy at most), and the rest wait for the next quiet
         moment. All at once, not one per quiet moment: a client's next request often comes
         within a few of them, and every slot not copied by then stays in its way."""
-        while self._starter.save_idle_ahead(self.slots):
+        while True:
+            with self.watchdog.watch("a copy to RAM"):
+                copied = self._starter.save_idle_ahead(self.slots)
+            if not copied:
+                break
             if len(self._inbox):
                 return
         self._save_ahead = False

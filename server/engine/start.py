@@ -111,8 +111,10 @@ class Starter:
         if self.ram is not None and self.ram.worth_saving(slot, keep):
             self.ram.save(slot)  # what this request is about to replace
         keep = self._borrow_prefix(slot, slots, reusable, request.tenant, keep)
-        keep = self._restore_prefix(slot, reusable, request.tenant, keep)
+        # Before a restore, which then finds the cells they held free (a borrowed prefix
+        # shares its donor's cells, so the donor may go).
         self._drop_copied_idle(slots, but=slot)
+        keep = self._restore_prefix(slot, reusable, request.tenant, keep)
         kept = keys[:keep]
         slot.n_past = n_positions(kept)
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, slot.n_past, -1)
@@ -185,9 +187,10 @@ class Starter:
         was copied (there may be more)."""
         if self.ram is None:
             return False
-        for other in slots:
-            if other.job is None and other.next_turn is None and other.cached \
-                    and not self.ram.holds(other) and self.ram.save_ahead(other):
+        idle = [s for s in slots if s.job is None and s.next_turn is None and s.cached]
+        # The most recently used first: with the budget short, it is the one to keep.
+        for other in sorted(idle, key=lambda s: s.idle_since, reverse=True):
+            if not self.ram.holds(other) and self.ram.save_ahead(other):
                 return True
         return False
 
