@@ -83,8 +83,10 @@ class RamPrefixCache:
         made only from copies used before the slot's conversation was (LRU, with the slot
         as used when its last job ended): a copy made ahead of need never pushes out a
         conversation used more recently. Whether the slot is held now."""
-        if len(slot.cached) < MIN_ENTRIES or self.holds(slot):
-            return self.holds(slot)
+        if len(slot.cached) < MIN_ENTRIES:
+            return False
+        if self.holds(slot):
+            return True
         size = llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq_id)
         if not size or size > self.budget:
             return False
@@ -97,9 +99,10 @@ class RamPrefixCache:
             room += len(saved.data)
         if room < size:
             return False
-        if self._copy(slot):
-            self.copies_ahead += 1
-        return self.holds(slot)
+        if not self._copy(slot):
+            return False
+        self.copies_ahead += 1
+        return True
 
     def save(self, slot: Slot) -> None:
         """Keep a copy of what `slot` holds (once: a copy of it or of more is touched
