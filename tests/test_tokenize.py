@@ -65,17 +65,24 @@ def test_a_prompt_counts_as_its_completion_does(gemma: RunningServer,  # noqa: F
 
 def test_a_chat_counts_as_the_chat_completion_does(gemma: RunningServer,  # noqa: F811
                                                    client: openai.OpenAI) -> None:  # noqa: F811
-    legacy = {"functions": [tool["function"] for tool in WEATHER]}
-    for extra in ({}, {"tools": WEATHER}, legacy, {"tools": WEATHER, "tool_choice": "required"},
-                  {"tools": WEATHER, "tool_choice": {"type": "function",
-                                                     "function": {"name": "get_weather"}}}):
+    def counted_as_chat(**extra: object) -> dict:
         counted = tokenize(gemma, messages=FRANCE, **extra)
         chat = client.chat.completions.create(model="gemma-3-270m", messages=FRANCE,
                                               max_tokens=1, **extra)  # type: ignore[arg-type]
         assert chat.usage is not None and counted["count"] == chat.usage.prompt_tokens
+        return counted
+
+    def as_read(counted: dict) -> str:
+        return httpx.post(f"{gemma.api}/detokenize", json={"tokens": counted["tokens"]},
+                          timeout=30).json()["prompt"]
+
+    legacy = {"functions": [tool["function"] for tool in WEATHER]}
+    for extra in ({}, {"tools": WEATHER}, legacy, {"tools": WEATHER, "tool_choice": "required"},
+                  {"tools": WEATHER, "tool_choice": {"type": "function",
+                                                     "function": {"name": "get_weather"}}}):
+        counted = counted_as_chat(**extra)
     # The template's markup, the question and the generation prompt, as the model reads it.
-    text = httpx.post(f"{gemma.api}/detokenize", json={"tokens": counted["tokens"]},
-                      timeout=30).json()["prompt"]
+    text = as_read(counted)
     assert "What is the capital of France?" in text and "get_weather" in text
     assert text.startswith("<bos>") and text.endswith("ASSISTANT:")  # the preset's template
     assert counted["count"] > tokenize(gemma, messages=FRANCE)["count"]  # the tool prompt
@@ -84,12 +91,8 @@ def test_a_chat_counts_as_the_chat_completion_does(gemma: RunningServer,  # noqa
               "required": ["capital"], "additionalProperties": False}
     shaped = {"tools": WEATHER, "response_format": {"type": "json_schema", "json_schema": {
         "name": "answer", "schema": schema, "strict": True}}}
-    counted = tokenize(gemma, messages=FRANCE, **shaped)
-    chat = client.chat.completions.create(model="gemma-3-270m", messages=FRANCE,
-                                          max_tokens=1, **shaped)  # type: ignore[arg-type]
-    assert chat.usage is not None and counted["count"] == chat.usage.prompt_tokens
-    text = httpx.post(f"{gemma.api}/detokenize", json={"tokens": counted["tokens"]},
-                      timeout=30).json()["prompt"]
+    counted = counted_as_chat(**shaped)
+    text = as_read(counted)
     assert json.dumps(schema) in text and "answer in text" not in text
     assert counted["count"] > tokenize(gemma, messages=FRANCE, tools=WEATHER)["count"]
 
