@@ -1,7 +1,7 @@
 """vlserve vs llama.cpp's own C++ llama-server, side by side on the same models and threads.
 
     python -m bench.peers [--threads 2] [--reps 3] [--cases gemma,bench,tiny]
-                          [--llama-bin DIR]
+                          [--metrics NAME,...] [--baseline-ref GIT-REF] [--llama-bin DIR]
 
 llama-server comes from the exact llama.cpp that llama-cpp-python 0.3.36 vendors
 (`../shared/tools/build-llama-server.sh` builds it, about 10 minutes once; or give --llama-bin
@@ -13,17 +13,23 @@ gemma-3-270m Q4_K_M (262k vocabulary), the bench-size demo model (with its proje
 turn-2 image TTFT) and the tiny demo model, where the model costs almost nothing and the
 servers' own per-token work shows. Prints medians and vlserve/llama-server ratios against
 the goals of issue 17.
+
+--baseline-ref runs a third server, vlserve as of that git commit (from a temporary
+worktree), in the same rotation: an A/B of a change measured against the same llama-server
+in the same minutes, which the noise of a small box between separate runs cannot give.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,11 +70,16 @@ class Goal:
 
 GOALS = {
     "decode_tps": Goal("single-stream decode, tok/s", True, 1.0),
+    # Decode alone as a streaming client sees it: what happens before the first token (the
+    # prompt, admission, a server's own bookkeeping at a request's start) stays out.
+    "decode_tps_stream": Goal("single-stream decode, streamed, tok/s", True, 1.0),
     "aggregate_tps_4": Goal("aggregate, 4 clients, tok/s", True, 1.05),
     "ms_per_token": Goal("server time per generated token, ms", False, 0.6),
     # Each server's own account of a 256-token answer: decode speed without the request
     # overhead, prompt evaluation or one-off work (a RAM spill) the client-side rate holds.
     "decode_ms_server": Goal("server time per generated token, ms", False, 1.0, info=True),
+    "stream_ms_server": Goal("server time per generated token, streamed, ms", False, 1.0,
+                             info=True),
     "turn2_ttft_s": Goal("2-turn image chat, turn-2 TTFT (0.5 s later), s", False, 0.5),
     "turn2_at_once_ttft_s": Goal("2-turn image chat, turn-2 TTFT (at once), s", False, 0.5),
 }
@@ -79,32 +90,87 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--cases", default="gemma,bench,tiny")
+    parser.add_argument("--metrics", default="",
+                        help=f"only these of each case's metrics ({', '.join(METRICS)})")
+    parser.add_argument("--baseline-ref", default="",
+                        help="also run vlserve as of this git commit, in the same rotation")
     parser.add_argument("--llama-bin", type=Path, default=os.environ.get("VLSERVE_LLAMA_BIN"))
     parser.add_argument("--dir", type=Path, default=ROOT / "models" / "bench")
     args = parser.parse_args(argv)
+    only = [m for m in args.metrics.split(",") if m]
+    if unknown := sorted(set(only) - set(METRICS)):
+        raise SystemExit(f"unknown metrics {unknown} (known: {', '.join(METRICS)})")
     llama_bin = args.llama_bin or build_llama_server()
     log_dir = Path(tempfile.mkdtemp(prefix="vlserve-peers-"))
-    rows: list[tuple[str, str, float, float]] = []
-    for case in cases(args.cases.split(","), args.dir):
-        print(f"{case.name}: starting both servers ({args.threads} threads each)", flush=True)
-        ours = start_vlserve(case.model, case.mmproj, log_dir, threads=args.threads,
-                             n_parallel=N_PARALLEL, config=case.config, n_ctx=N_CTX)
-        try:
-            theirs = start_llama_server(llama_bin, case, log_dir, args.threads)
-        except BaseException:
-            ours.stop()
-            raise
-        try:
-            results = measure_alternating(case, [ours, theirs], args.reps)
-        finally:
-            ours.stop()
-            theirs.stop()
-        for metric in case.metrics:
-            rows.append((case.name, metric, results[ours.name][metric],
-                         results[theirs.name][metric]))
-    print_table(rows)
+    rows: list[Row] = []
+    with contextlib.ExitStack() as stack:
+        baseline = stack.enter_context(worktree(args.baseline_ref)) if args.baseline_ref \
+            else None
+        for case in cases(args.cases.split(","), args.dir):
+            metrics = tuple(m for m in case.metrics if not only or m in only)
+            if metrics:
+                rows += measure_case(case, metrics, args, llama_bin, log_dir, baseline)
+    print_table(rows, baseline_name(args.baseline_ref) if args.baseline_ref else None)
     print(f"\nserver logs: {log_dir}")
     return 0
+
+
+THEIRS = "llama-server"
+
+
+@dataclass(frozen=True)
+class Row:
+    case: str
+    metric: str
+    samples: dict[str, list[float]]  # server name → one value per repetition
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.samples[name])
+
+    def ratios(self, name: str) -> list[float]:
+        """`name`'s value over llama-server's, per repetition: the two were measured
+        seconds apart, so the box's drift between repetitions largely cancels."""
+        return [ours / theirs if theirs else float("nan")
+                for ours, theirs in zip(self.samples[name], self.samples[THEIRS], strict=True)]
+
+
+def baseline_name(ref: str) -> str:
+    return f"vlserve@{ref}"
+
+
+@contextlib.contextmanager
+def worktree(ref: str) -> Iterator[Path]:
+    """A detached checkout of `ref` in a temporary folder, removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="vlserve-baseline-")) / "src"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(folder), ref],
+                   check=True, capture_output=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(folder)],
+                       check=False, capture_output=True)
+
+
+def measure_case(case: Case, metrics: tuple[str, ...], args: argparse.Namespace,
+                 llama_bin: Path, log_dir: Path, baseline: Path | None) -> list[Row]:
+    print(f"{case.name}: starting the servers ({args.threads} threads each)", flush=True)
+    servers: list[Server] = []
+    try:
+        servers.append(start_vlserve(case.model, case.mmproj, log_dir, threads=args.threads,
+                                     n_parallel=N_PARALLEL, config=case.config, n_ctx=N_CTX))
+        if baseline is not None:
+            config = baseline / case.config.relative_to(ROOT) if case.config else None
+            servers.append(start_vlserve(
+                case.model, case.mmproj, log_dir, threads=args.threads, n_parallel=N_PARALLEL,
+                config=config, n_ctx=N_CTX, name=baseline_name(args.baseline_ref),
+                source=baseline))
+        servers.append(start_llama_server(llama_bin, case, log_dir, args.threads))
+        samples = measure_rotating(metrics, servers, args.reps)
+    finally:
+        for server in servers:
+            server.stop()
+    return [Row(case.name, m, {name: per[m] for name, per in samples.items()})
+            for m in metrics]
 
 
 def build_llama_server() -> Path:
@@ -125,14 +191,16 @@ def cases(names: list[str], bench_dir: Path) -> list[Case]:
                 raise SystemExit(f"{GEMMA} is missing: `vlserve download gemma3-270m` (or "
                                  "`make test`, which assembles it) writes it")
             out.append(Case("gemma-3-270m", GEMMA, None, ROOT / "configs" / "gemma3-270m.yaml",
-                            ("decode_tps", "decode_ms_server", "aggregate_tps_4")))
+                            ("decode_tps", "decode_tps_stream", "decode_ms_server",
+                             "stream_ms_server", "aggregate_tps_4")))
         elif name in ("bench", "tiny"):
             folder = bench_dir if name == "bench" else bench_dir.parent / "tiny"
             size = "bench" if name == "bench" else "tiny"
             paths = demo_model_paths(folder, size, "llava")
             if not (paths.text.is_file() and paths.mmproj.is_file()):
                 paths = make_demo_model(folder, size=size)
-            metrics = ("decode_tps", "decode_ms_server", "aggregate_tps_4", "turn2_ttft_s",
+            metrics = ("decode_tps", "decode_tps_stream", "decode_ms_server",
+                       "stream_ms_server", "aggregate_tps_4", "turn2_ttft_s",
                        "turn2_at_once_ttft_s") if name == "bench" \
                 else ("ms_per_token",)
             out.append(Case(f"{name} demo", paths.text, paths.mmproj, None, metrics))
@@ -148,24 +216,27 @@ def start_llama_server(bin_dir: Path, case: Case, log_dir: Path, threads: int) -
             "-c", str(N_CTX), "-np", str(N_PARALLEL), "--kv-unified", "--no-webui"]
     if case.mmproj is not None:
         args += ["--mmproj", str(case.mmproj)]
-    return start("llama-server", args, "/health", log_dir, port, python=False)
+    return start(THEIRS, args, "/health", log_dir, port, python=False)
 
 
-def measure_alternating(case: Case, servers: list[Server], reps: int
-                        ) -> dict[str, dict[str, float]]:
-    samples: dict[str, dict[str, list[float]]] = {s.name: {} for s in servers}
+def measure_rotating(metrics: tuple[str, ...], servers: list[Server], reps: int
+                     ) -> dict[str, dict[str, list[float]]]:
+    """Each server's value of each metric, per repetition. The servers measure one metric
+    right after each other, and who goes first rotates, so the drift of a shared box (its
+    speed changes by several percent within minutes) hits all alike."""
+    samples: dict[str, dict[str, list[float]]] = {s.name: {m: [] for m in metrics}
+                                                  for s in servers}
     with httpx.Client(limits=httpx.Limits(max_connections=16), timeout=600) as client:
         for server in servers:  # one untimed round: first-call allocations, caches
-            for metric in case.metrics:
+            for metric in metrics:
                 METRICS[metric](client, server, -1)
         for rep in range(reps):
-            for server in servers if rep % 2 == 0 else servers[::-1]:
-                for metric in case.metrics:
+            for i, metric in enumerate(metrics):
+                first = (rep + i) % len(servers)
+                for server in servers[first:] + servers[:first]:
                     wait_quiet(servers)
-                    value = METRICS[metric](client, server, rep)
-                    samples[server.name].setdefault(metric, []).append(value)
-    return {name: {m: statistics.median(v) for m, v in per.items()}
-            for name, per in samples.items()}
+                    samples[server.name][metric].append(METRICS[metric](client, server, rep))
+    return samples
 
 
 def complete(client: httpx.Client, server: Server, messages: list[dict], max_tokens: int
@@ -192,6 +263,55 @@ def decode_tps(client: httpx.Client, server: Server, rep: int) -> float:
     return tokens / max(long_s - short_s, 1e-9)
 
 
+@dataclass(frozen=True)
+class Streamed:
+    arrivals: list[float]  # perf_counter() at each chunk that carried answer text
+    tokens: int  # usage.completion_tokens
+    timings: dict  # the server's own, from the chunk that carried them
+
+
+def stream(client: httpx.Client, server: Server, messages: list[dict], max_tokens: int
+           ) -> Streamed:
+    """One greedy streamed request that runs to max_tokens."""
+    body = {"model": "bench", "messages": messages, "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    arrivals: list[float] = []
+    tokens = 0
+    timings: dict = {}
+    # A fresh connection each: llama-server can close a connection just after a stream, and
+    # a request sent on it then meets "Server disconnected without sending a response".
+    with client.stream("POST", f"{server.url}/chat/completions", json=body,
+                       headers={"Connection": "close"}) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                arrivals.append(time.perf_counter())
+            tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+            timings = chunk.get("timings") or timings
+    if len(arrivals) < 2 or tokens < 2 or not timings:
+        raise RuntimeError(f"{server.name} streamed {len(arrivals)} chunks, {tokens} tokens, "
+                           f"timings {timings}")
+    return Streamed(arrivals, tokens, timings)
+
+
+def decode_tps_stream(client: httpx.Client, server: Server, rep: int) -> float:
+    """Tokens per second from the first streamed token to the last of a 264-token answer."""
+    answer = stream(client, server, story(f"v{rep}"), 264)
+    # Tokens after the first one's chunk; a server that sent one chunk per token (both do
+    # here) makes this the chunk count minus one.
+    return (answer.tokens - 1) / (answer.arrivals[-1] - answer.arrivals[0])
+
+
+def stream_ms_server(client: httpx.Client, server: Server, rep: int) -> float:
+    """ms_per_token of a streamed answer: what sending each token costs the server."""
+    answer = stream(client, server, story(f"u{rep}"), 256)
+    return per_token_ms(answer.timings, answer.tokens)
+
+
 def aggregate_tps_4(client: httpx.Client, server: Server, rep: int) -> float:
     def one(i: int) -> int:
         _, reply = complete(client, server, story(f"c{i}r{rep}"), 128)
@@ -207,10 +327,13 @@ def ms_per_token(client: httpx.Client, server: Server, rep: int) -> float:
     """The server's own account of its time per generated token (vlserve: generation /
     completion_tokens; llama-server: predicted_per_token_ms)."""
     _, reply = complete(client, server, story(f"t{rep}"), 256)
-    timings = reply["timings"]
+    return per_token_ms(reply["timings"], reply["usage"]["completion_tokens"])
+
+
+def per_token_ms(timings: dict, tokens: int) -> float:
     if "predicted_per_token_ms" in timings:
         return float(timings["predicted_per_token_ms"])
-    return timings["generation"] / reply["usage"]["completion_tokens"]
+    return float(timings["generation"]) / tokens
 
 
 def turn2_ttft_s(client: httpx.Client, server: Server, rep: int, think_s: float = 0.5
@@ -233,22 +356,36 @@ def turn2_at_once_ttft_s(client: httpx.Client, server: Server, rep: int) -> floa
 
 
 METRICS: dict[str, Callable[[httpx.Client, Server, int], float]] = {
-    "decode_tps": decode_tps, "aggregate_tps_4": aggregate_tps_4,
-    "ms_per_token": ms_per_token, "decode_ms_server": ms_per_token, "turn2_ttft_s": turn2_ttft_s,
+    "decode_tps": decode_tps, "decode_tps_stream": decode_tps_stream,
+    "aggregate_tps_4": aggregate_tps_4,
+    "ms_per_token": ms_per_token, "decode_ms_server": ms_per_token,
+    "stream_ms_server": stream_ms_server, "turn2_ttft_s": turn2_ttft_s,
     "turn2_at_once_ttft_s": turn2_at_once_ttft_s}
 
 
-def print_table(rows: list[tuple[str, str, float, float]]) -> None:
-    lines = [(f"{case}: {GOALS[m].label}", ours, theirs, ours / theirs if theirs else
-              float("nan"), GOALS[m]) for case, m, ours, theirs in rows]
-    width = max(len(line[0]) for line in lines)
-    print(f"\n{'metric':<{width}}  {'vlserve':>9}  {'llama-srv':>9}  {'ratio':>6}  goal")
-    for name, ours, theirs, ratio, goal in lines:
+def print_table(rows: list[Row], baseline: str | None) -> None:
+    """Medians, and the median of the per-repetition ratios to llama-server with their
+    range (the noise); with a baseline, its column and ratio too."""
+    names = ["vlserve", *([baseline] if baseline else []), THEIRS]
+    labels = [f"{row.case}: {GOALS[row.metric].label}" for row in rows]
+    width = max(len(label) for label in labels)
+    header = [f"{name[:16]:>16}" for name in names] + [f"{'ratio':>6}", f"{'range':>11}"]
+    if baseline:
+        header.append(f"{'base ratio':>10}")
+    print(f"\n{'metric':<{width}}  {'  '.join(header)}  goal")
+    for label, row in zip(labels, rows, strict=True):
+        goal = GOALS[row.metric]
+        ours = row.ratios("vlserve")
+        ratio = statistics.median(ours)
+        cells = [f"{row.median(name):16.3f}" for name in names]
+        cells += [f"{ratio:6.2f}", f"{min(ours):5.2f}-{max(ours):<5.2f}"]
+        if baseline:
+            cells.append(f"{statistics.median(row.ratios(baseline)):10.2f}")
         sign = "≥" if goal.higher_is_better else "≤"
         verdict = "met" if goal.met(ratio) else "NOT met"
         target = "(for reading the rows above)" if goal.info \
             else f"{sign} {goal.bound:g} ({verdict})"
-        print(f"{name:<{width}}  {ours:9.3f}  {theirs:9.3f}  {ratio:6.2f}  {target}")
+        print(f"{label:<{width}}  {'  '.join(cells)}  {target}")
 
 
 if __name__ == "__main__":

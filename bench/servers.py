@@ -65,11 +65,11 @@ def free_port() -> int:
 
 
 def start(name: str, args: list[str], ready_path: str, log_dir: Path, port: int, *,
-          python: bool = True) -> Server:
+          python: bool = True, cwd: Path | None = None) -> Server:
     """Run `args` (a Python module's, unless `python` is False) until `ready_path` answers."""
-    log = log_dir / f"{name}.log"
+    log = log_dir / f"{name.replace('/', '_')}.log"
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, *args] if python else args,
+    process = subprocess.Popen([sys.executable, *args] if python else args, cwd=cwd,
                                stdout=log.open("wb"), stderr=subprocess.STDOUT)
     server = Server(name, f"http://127.0.0.1:{port}/v1", process, log)
     deadline = time.monotonic() + 300
@@ -88,7 +88,10 @@ def start(name: str, args: list[str], ready_path: str, log_dir: Path, port: int,
 
 
 def start_vlserve(model: Path, mmproj: Path | None, log_dir: Path, *, threads: int,
-                  n_parallel: int, config: Path | None = None, n_ctx: int = 4096) -> Server:
+                  n_parallel: int, config: Path | None = None, n_ctx: int = 4096,
+                  name: str = "vlserve", source: Path | None = None) -> Server:
+    """vlserve on loopback; `source`: a checkout whose `server` package runs instead of this
+    one (`python -m` puts the working directory first on the import path)."""
     port = free_port()
     args = ["-m", "server.cli", "serve", "--model", str(model), "--port", str(port),
             "--n-ctx", str(n_ctx), "--n-parallel", str(n_parallel), "--log-level", "warning"]
@@ -98,7 +101,7 @@ def start_vlserve(model: Path, mmproj: Path | None, log_dir: Path, *, threads: i
         args += ["--config", str(config)]
     os.environ["VLSERVE_N_THREADS"] = str(threads)
     os.environ["VLSERVE_MAX_TOKENS_CAP"] = "4096"
-    return start("vlserve", args, "/health", log_dir, port)
+    return start(name, args, "/health", log_dir, port, cwd=source)
 
 
 def start_llama_cpp_server(model: Path, mmproj: Path, log_dir: Path, *, threads: int) -> Server:
