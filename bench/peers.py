@@ -7,11 +7,12 @@ llama-server comes from the exact llama.cpp that llama-cpp-python 0.3.36 vendors
 (`../shared/tools/build-llama-server.sh` builds it, about 10 minutes once; or give --llama-bin
 / VLSERVE_LLAMA_BIN). Both servers run at once with 4 slots and one shared 4096-cell KV
 cache. Each measurement starts once neither works in the background (vlserve evaluates a
-next turn ahead after answering: on shared cores that would slow whichever comes next), and
-the order alternates every repetition so background load hits both alike. Cases: the real
-gemma-3-270m Q4_K_M (262k vocabulary), the bench-size demo model (with its projector:
-turn-2 image TTFT) and the tiny demo model, where the model costs almost nothing and the
-servers' own per-token work shows. Prints medians and vlserve/llama-server ratios against
+next turn ahead after answering: on shared cores that would slow whichever comes next).
+The servers measure each metric right after each other, who goes first rotating, so the
+box's drift hits all alike. Cases: the real gemma-3-270m Q4_K_M (262k vocabulary), the
+bench-size demo model (with its projector: turn-2 image TTFT) and the tiny demo model,
+where the model costs almost nothing and the servers' own per-token work shows. Prints
+medians, and vlserve/llama-server ratios paired per repetition (median and range) against
 the goals of issue 17.
 
 --baseline-ref runs a third server, vlserve as of that git commit (from a temporary
