@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -143,13 +144,17 @@ def baseline_name(ref: str) -> str:
 def worktree(ref: str) -> Iterator[Path]:
     """A detached checkout of `ref` in a temporary folder, removed afterwards."""
     folder = Path(tempfile.mkdtemp(prefix="vlserve-baseline-")) / "src"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(folder), ref],
-                   check=True, capture_output=True)
+    added = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(folder),
+                            ref], capture_output=True, text=True)
+    if added.returncode != 0:
+        shutil.rmtree(folder.parent, ignore_errors=True)
+        raise SystemExit(f"--baseline-ref {ref}: {added.stderr.strip()}")
     try:
         yield folder
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(folder)],
                        check=False, capture_output=True)
+        shutil.rmtree(folder.parent, ignore_errors=True)
 
 
 def measure_case(case: Case, metrics: tuple[str, ...], args: argparse.Namespace,

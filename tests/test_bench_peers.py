@@ -66,7 +66,13 @@ def test_a_baseline_runs_from_its_own_checkout_removed_afterwards() -> None:
         checked_out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"],
                                      check=True, capture_output=True, text=True).stdout.strip()
         assert checked_out == head
-    assert not folder.exists()
+    assert not folder.parent.exists()
     listed = subprocess.run(["git", "-C", str(peers.ROOT), "worktree", "list"], check=True,
                             capture_output=True, text=True).stdout
     assert str(folder) not in listed
+
+
+def test_a_baseline_that_is_no_commit_says_so() -> None:
+    with pytest.raises(SystemExit, match="--baseline-ref no-such-ref"), \
+            peers.worktree("no-such-ref"):
+        pass
