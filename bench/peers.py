@@ -41,6 +41,7 @@ import httpx
 from bench.client import image_turn, photo_data_url
 from bench.servers import Server, free_port, start, start_vlserve, wait_quiet
 from server.demo_model import demo_model_paths, make_demo_model
+from server.engine.templates import VICUNA
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = ROOT.parent / "shared" / "tools" / "build-llama-server.sh"
@@ -57,6 +58,10 @@ class Case:
     mmproj: Path | None
     config: Path | None  # vlserve's preset (chat template, names); None: the default
     metrics: tuple[str, ...]
+    # For a GGUF without a chat template: the Jinja template vlserve's preset names, given
+    # to llama-server too, so both read prompts of the same tokens (its own default is
+    # chatml, whose markup such a model's vocabulary spells out in plain-text pieces).
+    llama_template: str | None = None
 
 
 @dataclass(frozen=True)
@@ -202,7 +207,7 @@ def cases(names: list[str], bench_dir: Path) -> list[Case]:
             out.append(Case("gemma-3-270m", GEMMA, None, ROOT / "configs" / "gemma3-270m.yaml",
                             ("decode_tps", "decode_tps_stream", "decode_ms_server",
                              "stream_ms_server", "aggregate_tps_4", "text_turn2_ttft_s",
-                             "text_turn2_at_once_ttft_s")))
+                             "text_turn2_at_once_ttft_s"), llama_template=VICUNA))
         elif name in ("bench", "tiny"):
             folder = bench_dir if name == "bench" else bench_dir.parent / "tiny"
             size = "bench" if name == "bench" else "tiny"
@@ -226,6 +231,10 @@ def start_llama_server(bin_dir: Path, case: Case, log_dir: Path, threads: int) -
             "-c", str(N_CTX), "-np", str(N_PARALLEL), "--kv-unified", "--no-webui"]
     if case.mmproj is not None:
         args += ["--mmproj", str(case.mmproj)]
+    if case.llama_template is not None:
+        template = log_dir / "chat-template.jinja"
+        template.write_text(case.llama_template)
+        args += ["--chat-template-file", str(template)]
     return start(THEIRS, args, "/health", log_dir, port, python=False)
 
 
