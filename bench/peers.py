@@ -261,12 +261,16 @@ def measure_rotating(metrics: tuple[str, ...], servers: list[Server], reps: int
 def complete(client: httpx.Client, server: Server, messages: list[dict], max_tokens: int
              ) -> tuple[float, dict]:
     """One greedy non-streaming request that runs to max_tokens: (seconds, reply)."""
-    body = {"model": "bench", "messages": messages, "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True}
     started = time.perf_counter()
-    resp = client.post(f"{server.url}/chat/completions", json=body)
+    resp = client.post(f"{server.url}/chat/completions", json=greedy(messages, max_tokens))
     resp.raise_for_status()
     return time.perf_counter() - started, resp.json()
+
+
+def greedy(messages: list[dict], max_tokens: int) -> dict:
+    """The body of a greedy request that runs to max_tokens (end of text ignored)."""
+    return {"model": "bench", "messages": messages, "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True}
 
 
 def story(tag: object) -> list[dict]:
@@ -292,8 +296,7 @@ class Streamed:
 def stream(client: httpx.Client, server: Server, messages: list[dict], max_tokens: int
            ) -> Streamed:
     """One greedy streamed request that runs to max_tokens."""
-    body = {"model": "bench", "messages": messages, "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True,
+    body = {**greedy(messages, max_tokens), "stream": True,
             "stream_options": {"include_usage": True}}
     arrivals: list[float] = []
     tokens = 0

@@ -68,7 +68,6 @@ def record() -> Iterator[list[str]]:
         _recorders.remove(lines)
 
 
-
 def hush(thread: int) -> None:
     """What llama.cpp logs from `thread` from now on reports what the caller asked for (an
     abort): debug lines, whatever their level, until `unhush`. Logged at once, not held:
