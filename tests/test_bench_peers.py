@@ -76,3 +76,13 @@ def test_a_baseline_that_is_no_commit_says_so() -> None:
     with pytest.raises(SystemExit, match="--baseline-ref no-such-ref"), \
             peers.worktree("no-such-ref"):
         pass
+
+
+def test_llama_server_keeps_a_full_sliding_window_cache_as_vlserve_does(tmp_path: Path) -> None:
+    case = peers.Case("gemma", tmp_path / "m.gguf", None, None, ("decode_tps",))
+    template = tmp_path / "t.jinja"
+    args = peers.llama_server_args(tmp_path, case, 9999, 2, template)
+    assert "--swa-full" in args
+    assert args[args.index("--chat-template-file") + 1] == str(template)
+    assert args[args.index("-t") + 1] == args[args.index("-tb") + 1] == "2"
+    assert "--mmproj" not in args

@@ -147,6 +147,9 @@ def _load(settings: Settings) -> LoadedModel:
     ctx_params.flash_attn_type = _FLASH_ATTN[settings.flash_attn]
     # One KV pool shared by all slots, so any one conversation may use the whole n_ctx.
     ctx_params.kv_unified = True
+    # Full-size sliding-window caches (the library's default, set so it stays): prefix
+    # reuse cuts a slot back to any position, which a window-sized cache cannot do.
+    ctx_params.swa_full = True
     ctx = llama_cpp.llama_init_from_model(model, ctx_params)
     if not ctx:
         llama_cpp.llama_model_free(model)
