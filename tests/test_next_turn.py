@@ -4,6 +4,7 @@ path (mtmd for the vision models), so a guess is a prefix of every next turn's p
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -13,10 +14,20 @@ from conftest import FAMILIES, MODEL_FIXTURES, RunningServer
 from helpers import metric_value, photo_bytes
 
 from server.config import load_settings
+from server.demo_model import DemoModelPaths
 from server.engine.model import LoadedModel, load_model
 from server.engine.prepare import Preparer
+from server.engine.scheduler import NEXT_TURN_HOLD_S, Scheduler
 from server.engine.tokens import token_piece
-from server.engine.types import ChatMessage, GenerationRequest, ImageInput
+from server.engine.types import (
+    ChatMessage,
+    DoneEvent,
+    EngineEvent,
+    GenerationRequest,
+    ImageInput,
+    SamplingParams,
+)
+from server.engine.watchdog import Watchdog
 from server.images.decode import decode_image
 
 # What follows an answer in each demo family's template, up to the next user's text.
@@ -125,3 +136,48 @@ def test_turn_two_evaluates_only_its_new_text(server: RunningServer) -> None:
         uncached[topic] = second.usage.prompt_tokens - cached
     # "Go on." and the generation prompt: the same few tokens after every answer.
     assert len(set(uncached.values())) == 1 and next(iter(uncached.values())) < 16, uncached
+
+
+def test_a_guess_waits_until_its_answer_is_on_its_way(demo_model: DemoModelPaths,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer's response is built and written by the event loop after the engine hands
+    it over; a guess decoding meanwhile would take the cores from it (on 2 cores each
+    response left ~3 ms later). So the engine holds the guess NEXT_TURN_HOLD_S."""
+    settings = load_settings(None, model=demo_model.text, mmproj=demo_model.mmproj,
+                             n_ctx=1024, n_parallel=1)
+    model = load_model(settings)
+    scheduler = Scheduler(model, settings, Watchdog(0, lambda what, s: None))
+    answered: list[float] = []
+    guessed: list[float] = []
+    prefill = scheduler._prefill_next_turns
+
+    def timed_prefill() -> None:
+        guessed.append(time.monotonic())
+        prefill()
+
+    class Sink:
+        def put(self, event: EngineEvent) -> None:
+            if isinstance(event, DoneEvent):
+                answered.append(time.monotonic())
+
+    monkeypatch.setattr(scheduler, "_prefill_next_turns", timed_prefill)
+    stop = threading.Event()
+    engine = threading.Thread(target=scheduler.run, args=(stop,), daemon=True)
+    engine.start()
+    try:
+        request = GenerationRequest([ChatMessage("user", ("Tell me about the sea.",))],
+                                    max_tokens=4, sampling=SamplingParams(temperature=0.0,
+                                                                          ignore_eos=True))
+        scheduler.submit(request, Preparer(model, None).prepare(request), Sink())
+        deadline = time.monotonic() + 30
+        while not guessed:
+            assert time.monotonic() < deadline, "no next turn was guessed"
+            time.sleep(0.005)
+    finally:
+        stop.set()
+        engine.join(10)
+        scheduler.close()
+        model.close()
+    assert len(answered) == 1
+    # The hold runs from the slot's end, a moment before the answer is handed over.
+    assert guessed[0] - answered[0] >= NEXT_TURN_HOLD_S - 0.002, (guessed[0] - answered[0])

@@ -60,6 +60,11 @@ SPILL_AFTER_TOKENS = 64
 # an answer ends, comes sooner.
 SAVE_AHEAD_QUIET_S = 0.05
 IDLE_WAIT_S = 0.2  # the idle engine's longest wait: stop and cancellations are seen then
+# How long a next-turn guess waits after its answer ends. The answer still has to reach its
+# client (the event loop wakes, builds and writes the response), and a guess started at
+# once takes every core for its decode: each response then left ~3 ms later on 2 cores. A
+# next turn sent within this time finds no guess to stop, as it would have stopped one.
+NEXT_TURN_HOLD_S = 0.02
 
 
 class Scheduler:
@@ -150,13 +155,17 @@ class Scheduler:
         while not stop.is_set():
             for pending in self._inbox.take_cancelled():
                 pending.drop_cancelled()
-            next_turns = any(s.next_turn is not None for s in self.slots)
-            self._admit(block=not self.busy_slots and not self._preencode and not next_turns,
-                        wait=SAVE_AHEAD_QUIET_S if self._save_ahead else IDLE_WAIT_S)
+            hold = self._next_turn_hold()
+            next_turns = hold == 0.0
+            wait = hold or (SAVE_AHEAD_QUIET_S if self._save_ahead else IDLE_WAIT_S)
+            self._admit(block=not self.busy_slots and not next_turns
+                        and not (self._preencode and hold is None), wait=wait)
             if self.busy_slots:
                 # The slots it leaves idle are worth a copy.
                 self._save_ahead = self._copy_ahead
                 self._step()
+            elif hold:  # an answer is on its way out: nothing else takes the cores yet
+                continue
             elif next_turns:  # idle work, like encoding ahead: requests always go first
                 self._prefill_next_turns()
             elif self._preencode:
@@ -475,6 +484,14 @@ class Scheduler:
             if len(self._inbox):
                 return
         self._save_ahead = False
+
+    def _next_turn_hold(self) -> float | None:
+        """Seconds until the idle slots' next-turn guesses may start (0: now); None: no
+        guess waits."""
+        ended = [s.idle_since for s in self.slots if s.next_turn is not None]
+        if not ended:
+            return None
+        return max(0.0, max(ended) + NEXT_TURN_HOLD_S - time.monotonic())
 
     def _prefill_next_turns(self) -> None:
         with self.watchdog.watch("a decode step"):
