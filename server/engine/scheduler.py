@@ -63,7 +63,7 @@ IDLE_WAIT_S = 0.2  # the idle engine's longest wait: stop and cancellations are 
 # How long a next-turn guess waits after its answer ends. The answer still has to reach its
 # client (the event loop wakes, builds and writes the response), and a guess started at
 # once takes every core for its decode: each response then left ~3 ms later on 2 cores. A
-# next turn sent within this time finds no guess to stop, as it would have stopped one.
+# next turn sent within the hold loses nothing: it would have stopped the guess anyway.
 NEXT_TURN_HOLD_S = 0.02
 
 
