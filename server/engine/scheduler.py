@@ -155,18 +155,19 @@ class Scheduler:
         while not stop.is_set():
             for pending in self._inbox.take_cancelled():
                 pending.drop_cancelled()
-            hold = self._next_turn_hold()
-            next_turns = hold == 0.0
+            hold = self._next_turn_hold()  # > 0: an answer is still on its way out
+            guess_now = hold == 0.0
+            # Idle work waits out a hold too; meanwhile the engine only admits requests.
+            idle_work = guess_now or (hold is None and bool(self._preencode))
             wait = hold or (SAVE_AHEAD_QUIET_S if self._save_ahead else IDLE_WAIT_S)
-            self._admit(block=not self.busy_slots and not next_turns
-                        and not (self._preencode and hold is None), wait=wait)
+            self._admit(block=not self.busy_slots and not idle_work, wait=wait)
             if self.busy_slots:
                 # The slots it leaves idle are worth a copy.
                 self._save_ahead = self._copy_ahead
                 self._step()
-            elif hold:  # an answer is on its way out: nothing else takes the cores yet
+            elif hold:  # nothing else takes the cores yet
                 continue
-            elif next_turns:  # idle work, like encoding ahead: requests always go first
+            elif guess_now:  # idle work, like encoding ahead: requests always go first
                 self._prefill_next_turns()
             elif self._preencode:
                 self.encoder.encode_ahead(*self._preencode.popleft())
