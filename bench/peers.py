@@ -2,6 +2,7 @@
 
     python -m bench.peers [--threads 2] [--reps 3] [--cases gemma,bench,tiny]
                           [--metrics NAME,...] [--baseline-ref GIT-REF] [--llama-bin DIR]
+                          [--ngram]
 
 llama-server comes from the exact llama.cpp that llama-cpp-python 0.3.36 vendors
 (`../shared/tools/build-llama-server.sh` builds it, about 10 minutes once; or give --llama-bin
@@ -18,6 +19,11 @@ the goals of issue 17.
 --baseline-ref runs a third server, vlserve as of that git commit (from a temporary
 worktree), in the same rotation: an A/B of a change measured against the same llama-server
 in the same minutes, which the noise of a small box between separate runs cannot give.
+
+Both servers draft nothing by default (the goals are about the same work done faster).
+--ngram turns self-speculative n-gram drafts on in both: vlserve's `prompt_lookup`, and
+llama-server's `--spec-type ngram-simple` (the best of its n-gram kinds here). The
+greedy answers measured here loop (a base model; random weights), which drafts serve well.
 """
 
 from __future__ import annotations
@@ -106,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run vlserve as of this git commit, in the same rotation")
     parser.add_argument("--llama-bin", type=Path, default=os.environ.get("VLSERVE_LLAMA_BIN"))
     parser.add_argument("--dir", type=Path, default=ROOT / "models" / "bench")
+    parser.add_argument("--ngram", action="store_true",
+                        help="both servers draft from the context (n-gram speculation)")
     args = parser.parse_args(argv)
     only = [m for m in args.metrics.split(",") if m]
     if unknown := sorted(set(only) - set(METRICS)):
@@ -120,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = tuple(m for m in case.metrics if not only or m in only)
             if metrics:
                 rows += measure_case(case, metrics, args, llama_bin, log_dir, baseline)
-    print_table(rows, baseline_name(args.baseline_ref) if args.baseline_ref else None)
+    print_table(rows, baseline_name(args.baseline_ref) if args.baseline_ref else None,
+                args.ngram)
     print(f"\nserver logs: {log_dir}")
     return 0
 
@@ -171,14 +180,15 @@ def measure_case(case: Case, metrics: tuple[str, ...], args: argparse.Namespace,
     servers: list[Server] = []
     try:
         servers.append(start_vlserve(case.model, case.mmproj, log_dir, threads=args.threads,
-                                     n_parallel=N_PARALLEL, config=case.config, n_ctx=N_CTX))
+                                     n_parallel=N_PARALLEL, config=case.config, n_ctx=N_CTX,
+                                     prompt_lookup=args.ngram))
         if baseline is not None:
             config = baseline / case.config.relative_to(ROOT) if case.config else None
             servers.append(start_vlserve(
                 case.model, case.mmproj, log_dir, threads=args.threads, n_parallel=N_PARALLEL,
                 config=config, n_ctx=N_CTX, name=baseline_name(args.baseline_ref),
-                source=baseline))
-        servers.append(start_llama_server(llama_bin, case, log_dir, args.threads))
+                source=baseline, prompt_lookup=args.ngram))
+        servers.append(start_llama_server(llama_bin, case, log_dir, args.threads, args.ngram))
         samples = measure_rotating(metrics, servers, args.reps)
     finally:
         for server in servers:
@@ -224,18 +234,19 @@ def cases(names: list[str], bench_dir: Path) -> list[Case]:
     return out
 
 
-def start_llama_server(bin_dir: Path, case: Case, log_dir: Path, threads: int) -> Server:
+def start_llama_server(bin_dir: Path, case: Case, log_dir: Path, threads: int, ngram: bool
+                       ) -> Server:
     port = free_port()
     template = None
     if case.llama_template is not None:
         template = log_dir / "chat-template.jinja"
         template.write_text(case.llama_template)
-    args = llama_server_args(bin_dir, case, port, threads, template)
+    args = llama_server_args(bin_dir, case, port, threads, template, ngram)
     return start(THEIRS, args, "/health", log_dir, port, python=False)
 
 
 def llama_server_args(bin_dir: Path, case: Case, port: int, threads: int,
-                      template: Path | None) -> list[str]:
+                      template: Path | None, ngram: bool = False) -> list[str]:
     """llama-server's command line, set up as vlserve runs: 4 slots on one unified cache,
     the same threads for prompts and decoding, and a full-size sliding-window cache.
     vlserve's context keeps the library's default (swa_full on). Without it, llama-server
@@ -250,6 +261,8 @@ def llama_server_args(bin_dir: Path, case: Case, port: int, threads: int,
         args += ["--mmproj", str(case.mmproj)]
     if template is not None:
         args += ["--chat-template-file", str(template)]
+    if ngram:  # drafts from the context, as vlserve's prompt_lookup
+        args += ["--spec-type", "ngram-simple"]
     return args
 
 
@@ -420,9 +433,10 @@ METRICS: dict[str, Callable[[httpx.Client, Server, int], float]] = {
     "text_turn2_at_once_ttft_s": text_turn2_at_once_ttft_s}
 
 
-def print_table(rows: list[Row], baseline: str | None) -> None:
+def print_table(rows: list[Row], baseline: str | None, ngram: bool = False) -> None:
     """Medians, and the median of the per-repetition ratios to llama-server with their
-    range (the noise); with a baseline, its column and ratio too."""
+    range (the noise); with a baseline, its column and ratio too. With `ngram` (both
+    servers drafting) the goals are not judged: they are about the same work."""
     names = ["vlserve", *([baseline] if baseline else []), THEIRS]
     labels = [f"{row.case}: {GOALS[row.metric].label}" for row in rows]
     width = max(len(label) for label in labels)
@@ -441,7 +455,7 @@ def print_table(rows: list[Row], baseline: str | None) -> None:
         sign = "≥" if goal.higher_is_better else "≤"
         verdict = "met" if goal.met(ratio) else "NOT met"
         target = "(for reading the rows above)" if goal.info \
-            else f"{sign} {goal.bound:g} ({verdict})"
+            else "(n-gram drafts in both)" if ngram else f"{sign} {goal.bound:g} ({verdict})"
         print(f"{label:<{width}}  {'  '.join(cells)}  {target}")
 
 

@@ -89,9 +89,12 @@ def start(name: str, args: list[str], ready_path: str, log_dir: Path, port: int,
 
 def start_vlserve(model: Path, mmproj: Path | None, log_dir: Path, *, threads: int,
                   n_parallel: int, config: Path | None = None, n_ctx: int = 4096,
-                  name: str = "vlserve", source: Path | None = None) -> Server:
+                  name: str = "vlserve", source: Path | None = None,
+                  prompt_lookup: bool = False) -> Server:
     """vlserve on loopback; `source`: a checkout whose `server` package runs instead of this
-    one (`python -m` puts the working directory first on the import path)."""
+    one (`python -m` puts the working directory first on the import path); `prompt_lookup`:
+    drafts from the request's own text (unset otherwise: a version before the setting
+    refuses a variable it does not know)."""
     port = free_port()
     args = ["-m", "server.cli", "serve", "--model", str(model), "--port", str(port),
             "--n-ctx", str(n_ctx), "--n-parallel", str(n_parallel), "--log-level", "warning"]
@@ -101,6 +104,10 @@ def start_vlserve(model: Path, mmproj: Path | None, log_dir: Path, *, threads: i
         args += ["--config", str(config)]
     os.environ["VLSERVE_N_THREADS"] = str(threads)
     os.environ["VLSERVE_MAX_TOKENS_CAP"] = "4096"
+    if prompt_lookup:
+        os.environ["VLSERVE_PROMPT_LOOKUP"] = "true"
+    else:
+        os.environ.pop("VLSERVE_PROMPT_LOOKUP", None)
     return start(name, args, "/health", log_dir, port, cwd=source)
 
 

@@ -135,6 +135,13 @@ class Settings(BaseSettings):
     # times as long as without them: that stream's inter-token time is what they cost it.
     # 1.0: no drafts beside other requests' streams unless they are free.
     prediction_max_slowdown: float = Field(1.5, ge=1.0, le=100)
+    # Without a prediction, draft from the request's own text: the tokens that followed the
+    # answer's last few where they occurred before (server/engine/lookup.py), paced and
+    # bounded as predictions are. Off by default, as llama-server's n-gram drafts are: it
+    # pays where answers repeat their context (quotes, edits, loops), costs a little
+    # elsewhere, and batched steps round logits differently from single ones, so a
+    # near-tie may go the other way than with it off.
+    prompt_lookup: bool = False
     # Generation requests one API key may have in flight at once (then 429), so one tenant
     # cannot take every slot and the queue. None: no limit per key (server.api.key_limits).
     max_requests_per_key: int | None = Field(None, ge=1)

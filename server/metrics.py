@@ -76,6 +76,13 @@ class Metrics:
             "vlserve_prediction_tokens_total", "Predicted Outputs: draft tokens of requests' "
             "`prediction` the answer kept (accepted) or not (rejected, evaluated in vain)",
             ["result"], registry=registry)
+        self.lookup_tokens = Counter(
+            "vlserve_lookup_tokens_total", "Prompt lookup: draft tokens from requests' own "
+            "text the answer kept (accepted) or not (rejected, evaluated in vain)",
+            ["result"], registry=registry)
+        for result in ("accepted", "rejected"):  # shown at 0 from the start
+            self.prediction_tokens.labels(result)
+            self.lookup_tokens.labels(result)
         self.uploads = Counter(
             "vlserve_uploads_total", "Files accepted by the upload endpoint", registry=registry)
         # The API's other calls (server.api.api_calls), by route template and method.
@@ -172,6 +179,8 @@ class Metrics:
         self.grammar_resamples.inc(timer.grammar_resamples)
         self.prediction_tokens.labels("accepted").inc(timer.accepted_prediction_tokens)
         self.prediction_tokens.labels("rejected").inc(timer.rejected_prediction_tokens)
+        self.lookup_tokens.labels("accepted").inc(timer.accepted_lookup_tokens)
+        self.lookup_tokens.labels("rejected").inc(timer.rejected_lookup_tokens)
         self.image_cache_misses.inc(max(0, timer.images - timer.image_cache_hits))
 
     def watch_pixel_cache(self, cache: PixelCache) -> None:

@@ -39,6 +39,10 @@ class StageTimer:
     # those it did not (each was still evaluated).
     accepted_prediction_tokens: int = 0
     rejected_prediction_tokens: int = 0
+    # The same for drafts from the request's own text (server/engine/lookup.py): not the
+    # client's prediction, so not in usage.
+    accepted_lookup_tokens: int = 0
+    rejected_lookup_tokens: int = 0
 
     def add(self, stage: str, seconds: float) -> None:
         self.stages_ms[stage] += seconds * 1000.0
@@ -67,6 +71,8 @@ class StageTimer:
             reasoning_tokens=self.reasoning_tokens,
             accepted_prediction_tokens=self.accepted_prediction_tokens,
             rejected_prediction_tokens=self.rejected_prediction_tokens,
+            accepted_lookup_tokens=self.accepted_lookup_tokens,
+            rejected_lookup_tokens=self.rejected_lookup_tokens,
             tokens_per_second=round(self.tokens_per_second, 2),
         )
         return out

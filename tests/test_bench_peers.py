@@ -86,3 +86,10 @@ def test_llama_server_keeps_a_full_sliding_window_cache_as_vlserve_does(tmp_path
     assert args[args.index("--chat-template-file") + 1] == str(template)
     assert args[args.index("-t") + 1] == args[args.index("-tb") + 1] == "2"
     assert "--mmproj" not in args
+    assert "--spec-type" not in args  # no drafts unless both draft
+
+
+def test_with_ngram_both_servers_draft_from_the_context(tmp_path: Path) -> None:
+    case = peers.Case("gemma", tmp_path / "m.gguf", None, None, ("decode_tps",))
+    args = peers.llama_server_args(tmp_path, case, 9999, 2, None, ngram=True)
+    assert args[args.index("--spec-type") + 1] == "ngram-simple"

@@ -10,6 +10,7 @@ import llama_cpp
 
 from server.engine.batch import TokenBatch
 from server.engine.jobs import Job, Slot
+from server.engine.prediction import DraftPace
 from server.engine.step_costs import StepCosts
 from server.engine.types import BATCH_PRIORITY
 
@@ -29,12 +30,14 @@ def add_drafts(batch: TokenBatch, generating: list[Slot], budget: int,
         job = slot.job
         assert job is not None
         job.draft = ()
-        predicted, pace = job.request.predicted, job.pace
-        if pace is None or predicted is None:
+        source, pace = job.drafts_from, job.pace
+        if pace is None or source is None:
             continue
+        if pace.watching:
+            _check_guess(job, pace)
         # Never past the answer's max_tokens: a draft there could never be kept.
         room = min(budget - used, pace.most - used, job.max_new - job.n_generated - 1)
-        at, offered = predicted.draft(job.tokens, job.draft_cursor, room, pace.least_match)
+        at, offered = source.draft(job.tokens, job.draft_cursor, room, pace.least_match)
         if offered:
             # Priced only for an offer: most steps of a prediction offer none.
             others = watched - {id(job.request.cancelled)}
@@ -46,8 +49,18 @@ def add_drafts(batch: TokenBatch, generating: list[Slot], budget: int,
             for j, token in enumerate(job.draft):
                 batch.add(token, slot.n_past + 1 + j, slot.seq_id, True)
             used += len(job.draft)
+        if pace.watching and offered and not job.draft:
+            job.guess, job.guess_after = offered[0], len(job.tokens)
         pace.step()
     return used
+
+
+def _check_guess(job: Job, pace: DraftPace) -> None:
+    """Score the guess of the token written since the last step, if one was left undrafted
+    (a drafted one is scored by take_draft)."""
+    if job.guess >= 0 and len(job.tokens) == job.guess_after + 1:
+        pace.observed(job.tokens[-1] == job.guess)
+    job.guess = -1
 
 
 def room_beside_others(costs: StepCosts, plain: int, drafted: int, max_slowdown: float,
@@ -67,7 +80,19 @@ def room_beside_others(costs: StepCosts, plain: int, drafted: int, max_slowdown:
 def count_drafted(job: Job) -> None:
     """Before the step's first sample of `job`, which may end it (its usage is then sent):
     the whole draft as taken back, until take_draft keeps some of it."""
-    job.request.timer.rejected_prediction_tokens += len(job.draft)
+    _tally(job, 0, len(job.draft))
+
+
+def _tally(job: Job, kept: int, refused: int) -> None:
+    """Count drafted tokens as the client's prediction's (usage reports them) or as prompt
+    lookup's (the server's own business: timings and metrics only)."""
+    timer = job.request.timer
+    if job.request.predicted is not None:
+        timer.accepted_prediction_tokens += kept
+        timer.rejected_prediction_tokens += refused
+    else:
+        timer.accepted_lookup_tokens += kept
+        timer.rejected_lookup_tokens += refused
 
 
 def take_draft(slot: Slot, job: Job, sample: Callable[[int], None],
@@ -77,15 +102,13 @@ def take_draft(slot: Slot, job: Job, sample: Callable[[int], None],
     already, and the logits after it are the next position's. Take the rest back out."""
     draft, kept = job.draft, 0
     job.draft = ()
-    timer = job.request.timer
     for j, token in enumerate(draft):
         if slot.job is not job or job.next_token != token:
             break  # the job ended, or the model wrote something else here
         slot.cached.append(token)
         slot.n_past += 1
         kept += 1
-        timer.rejected_prediction_tokens -= 1  # before the sample that may end the job
-        timer.accepted_prediction_tokens += 1
+        _tally(job, 1, -1)  # before the sample that may end the job
         sample(job.draft_index + j)
     job.draft_cursor = job.draft_from + kept
     if job.pace is not None:

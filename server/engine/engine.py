@@ -261,7 +261,8 @@ class Engine:
             self._model = load_model(self.settings)
             self.info = dict(self._model.info, load_seconds=round(time.perf_counter() - started, 3))
             self._scheduler = Scheduler(self._model, self.settings, self.watchdog)
-            self._preparer = Preparer(self._model, self.settings.system_prompt)
+            self._preparer = Preparer(self._model, self.settings.system_prompt,
+                                      self.settings.prompt_lookup)
             self._log_startup()
             if self.settings.warmup:
                 self.state = EngineState.WARMING

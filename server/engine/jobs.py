@@ -12,7 +12,8 @@ from server.engine.admission import Sink
 from server.engine.detokenize import TextStream
 from server.engine.embed_cache import EmbedKey
 from server.engine.logprobs import PromptLogprobs
-from server.engine.prediction import DraftPace
+from server.engine.lookup import ContextLookup
+from server.engine.prediction import DraftPace, Prediction
 from server.engine.prefix import KvEntries, KvKey
 from server.engine.sampling import TokenSampler
 from server.engine.types import (
@@ -22,6 +23,9 @@ from server.engine.types import (
     GenerationRequest,
     TokenEvent,
 )
+
+# What a job drafts from: a client's prediction, shared by its choices, or its own lookup.
+DraftSource = Prediction | ContextLookup
 
 
 @dataclass
@@ -68,7 +72,13 @@ class Job:
     draft_from: int = 0
     # Where the answer last followed the prediction (its next token's position there).
     draft_cursor: int = 0
-    pace: DraftPace | None = None  # None: no prediction, or predictions are turned off
+    # The client's prediction, or the request's own text (prompt lookup); None: no drafts.
+    drafts_from: DraftSource | None = None
+    pace: DraftPace | None = None  # None: no drafts
+    # A lookup's guess of `tokens[guess_after]` that was not drafted, checked once that
+    # token is written (DraftPace.observed); -1: none.
+    guess: int = -1
+    guess_after: int = 0
 
     def keys(self) -> list[KvKey]:
         """What this job's sequence holds once its prompt and its tokens are evaluated."""

@@ -45,10 +45,11 @@ class Prediction:
     _follows: dict[tuple[int, ...], list[int]] = field(repr=False, compare=False)
 
     @classmethod
-    def of(cls, tokens: Sequence[int]) -> Prediction:
+    def of(cls, tokens: Sequence[int], shortest: int = 1) -> Prediction:
+        """`shortest`: the shortest runs indexed (a lookup never asks for shorter ones)."""
         kept = tuple(tokens)
         follows: dict[tuple[int, ...], list[int]] = {}
-        for n in range(1, NGRAM + 1):
+        for n in range(shortest, NGRAM + 1):
             for end in range(n, len(kept)):
                 follows.setdefault(kept[end - n:end], []).append(end)
         return cls(kept, follows)
@@ -109,8 +110,16 @@ class DraftPace:
     seen_weight: float = PRIOR_WEIGHT
     rest: int = 0
     misses: int = 0
+    # A lookup's pace (server/engine/lookup.py): every step's guess is checked, drafted or
+    # not (`observed`), so its record is never stale and it needs no rests or probes.
+    watching: bool = False
     _probe: bool = False
     _base: int = 1  # positions beside the last draft: what `checked` judges it against
+
+    @classmethod
+    def watched(cls, most: int, costs: StepCosts, prior: float) -> DraftPace:
+        """The pace of guesses checked at every step, trusted at first as far as `prior`."""
+        return cls(most, costs, prior * PRIOR_WEIGHT, PRIOR_WEIGHT, watching=True)
 
     @property
     def kept_share(self) -> float:
@@ -145,7 +154,7 @@ class DraftPace:
             return 0  # a longer draft would pay: held back, the pace as it was
         self._probe = False
         self._base = base
-        if not length:
+        if not length and not self.watching:
             self._rested()
             self.rest += 1  # this step's own step() is still to come
         return length
@@ -158,8 +167,14 @@ class DraftPace:
         self.seen_weight = self.seen_weight * FORGET + kept + (kept < proposed)
         if kept and best_length(self.kept_share, self.costs, self._base, self.most):
             self.misses = 0
-        else:  # nothing kept (a stray match), or too little (dense edits): rest, longer
-            self._rested()  # each time
+        elif not self.watching:  # nothing kept (a stray match), or too little (dense
+            self._rested()  # edits): rest, longer each time
+
+    def observed(self, right: bool) -> None:
+        """A watched guess that was not drafted was (`right`) or was not the token the
+        answer then got: evidence as a one-token draft's, and free."""
+        self.kept_weight = self.kept_weight * FORGET + right
+        self.seen_weight = self.seen_weight * FORGET + 1
 
     def _rested(self) -> None:
         self.misses += 1

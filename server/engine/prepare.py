@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import llama_cpp
 
 from server.engine import mtmd
+from server.engine.lookup import prompt_index
 from server.engine.model import LoadedModel
 from server.engine.mtmd import PromptChunk, TokenizedPrompt
 from server.engine.prediction import Prediction
@@ -58,7 +59,8 @@ class ModelGate:
 
 
 class Preparer:
-    def __init__(self, model: LoadedModel, system_prompt: str | None) -> None:
+    def __init__(self, model: LoadedModel, system_prompt: str | None,
+                 prompt_lookup: bool = False) -> None:
         self.model = model
         self._system_prompt = system_prompt
         self.gate = ModelGate()
@@ -66,6 +68,7 @@ class Preparer:
         # state cannot be rolled back a few tokens, so it gets no drafts.
         self._drafts = not (llama_cpp.llama_model_is_recurrent(model.model)
                             or llama_cpp.llama_model_is_hybrid(model.model))
+        self._lookup = prompt_lookup and self._drafts
 
     def count(self, request: GenerationRequest, *, add_special: bool, pieces: bool
               ) -> PromptTokens:
@@ -108,9 +111,12 @@ class Preparer:
         model = self.model
         timer = request.timer
         if request.prompt_tokens is not None:
-            return self._checked(request, TokenizedPrompt(None, [PromptChunk(
+            prompt = self._checked(request, TokenizedPrompt(None, [PromptChunk(
                 tokens=request.prompt_tokens, image=None,
                 n_tokens=len(request.prompt_tokens), handle=0)]), fit)
+            if fit:
+                self._index_for_lookup(request, prompt)
+            return prompt
         self._check_client_size(request)
         try:
             rendered = RenderedPrompt((Segment(request.prompt, user=False),), ()) \
@@ -136,7 +142,16 @@ class Preparer:
         prompt = self._checked(request, prompt, fit)
         if request.prediction and self._drafts:
             request.predicted = self._predicted(request.prediction)
+        elif fit:
+            self._index_for_lookup(request, prompt)
         return prompt
+
+    def _index_for_lookup(self, request: GenerationRequest, prompt: mtmd.TokenizedPrompt
+                          ) -> None:
+        """The prompt indexed for prompt lookup, where its answer may draft: lookup on, and
+        room for 2 tokens at least (a draft follows the next token)."""
+        if self._lookup and request.max_tokens > 1:
+            request.looked_up = prompt_index(prompt.chunks)
 
     def _predicted(self, text: str) -> Prediction:
         """The prediction's tokens as the model would write the text: no BOS, control-token

@@ -10,11 +10,12 @@ import time
 import llama_cpp
 
 from server.config import Settings
-from server.engine import mtmd, step_costs
+from server.engine import lookup, mtmd, step_costs
 from server.engine.admission import Pending, Sink
 from server.engine.detokenize import TextStream
-from server.engine.jobs import Job, Slot, remaining_work, resume_chunks
+from server.engine.jobs import DraftSource, Job, Slot, remaining_work, resume_chunks
 from server.engine.kv import KvBudget
+from server.engine.lookup import ContextLookup
 from server.engine.model import LoadedModel
 from server.engine.prediction import DraftPace
 from server.engine.prefix import (
@@ -72,6 +73,7 @@ class Starter:
         model = self.model
         sampler = build_sampler(request.sampling, model.vocab, model.utf8, model.eog_tokens,
                                 request.timer)
+        drafts_from, pace = self._drafts(request)
         max_new = self.kv.clip(request.max_tokens, prompt.n_tokens)
         if max_new < request.max_tokens:
             logger.info("request %s: max_tokens %d clipped to %d, all the context leaves "
@@ -93,9 +95,20 @@ class Starter:
             order=next(self._order),
             held_text=None if request.stream or request.top_logprobs is not None else [],
             prompt_logprobs=new_scores(request, prompt, model),
-            pace=DraftPace(self.settings.prediction_max_draft, self.step_costs)
-            if request.predicted is not None and self.settings.prediction_max_draft else None,
+            drafts_from=drafts_from,
+            pace=pace,
         )
+
+    def _drafts(self, request: GenerationRequest) -> tuple[DraftSource | None, DraftPace | None]:
+        """Where a job's drafts come from, and their pace: the client's prediction, else
+        the request's own text (prompt lookup); none where drafting is off."""
+        most = self.settings.prediction_max_draft
+        if most and request.predicted is not None:
+            return request.predicted, DraftPace(most, self.step_costs)
+        if most and request.looked_up is not None:
+            return ContextLookup(request.looked_up), DraftPace.watched(
+                most, self.step_costs, lookup.PRIOR_KEPT)
+        return None, None
 
     def place(self, job: Job, slots: list[Slot]) -> None:
         """Seat `job` in the free slot that already holds most of what it needs; the rest

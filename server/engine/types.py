@@ -92,6 +92,9 @@ class GenerationRequest:
     # prepared (None where the model's memory cannot take back rejected drafts).
     prediction: str | None = None
     predicted: Prediction | None = None
+    # Without a prediction: the prompt's text indexed for prompt lookup, drafts taken from
+    # the request's own text (server/engine/lookup.py); None where lookup is off.
+    looked_up: Prediction | None = None
 
     @property
     def raw(self) -> bool:
