@@ -10,6 +10,7 @@ random-weight demo model with an image, through the real server and the `openai`
 from __future__ import annotations
 
 import threading
+from collections import deque
 from pathlib import Path
 
 import httpx
@@ -21,7 +22,9 @@ from helpers import data_url, image_message, metric_value, photo_bytes
 # Gemma's verified GGUF (session), a server on it for this module, its openai client.
 from test_real_model import client, gemma, gemma_gguf  # noqa: F401
 
-from server.engine.drafts import room_beside_others
+from server.engine.batch import TokenBatch
+from server.engine.drafts import add_drafts, room_beside_others
+from server.engine.jobs import Job, Slot
 from server.engine.prediction import (
     MAX_REST,
     NEAR,
@@ -32,6 +35,7 @@ from server.engine.prediction import (
     best_length,
 )
 from server.engine.step_costs import StepCosts, linear, steady
+from server.engine.types import GenerationRequest
 
 pytestmark = pytest.mark.slow
 
@@ -117,6 +121,41 @@ def test_beside_other_streams_drafts_slow_the_step_a_bounded_share() -> None:
     assert room_beside_others(GPU, 2, 0, 1.5, 64) == 25
     assert room_beside_others(GPU, 2, 0, 1.0, 64) == 0
     assert room_beside_others(GPU, 2, 0, 1.5, 16) == 16  # counted no further than needed
+
+
+def _stream(seq_id: int, drafts: bool) -> Slot:
+    """A generating slot whose answer so far follows a prediction it trusts (`drafts`), or
+    a plain one."""
+    predicted = tuple(range(100, 140))
+    job = Job(request=GenerationRequest(messages=[], max_tokens=200), sink=None,  # type: ignore[arg-type]
+              sampler=None, text=None, max_new=200, prompt=None, work=deque(),  # type: ignore[arg-type]
+              deadline=0.0, order=seq_id, tokens=list(predicted[:3]),
+              next_token=predicted[2])
+    if drafts:
+        job.drafts_from = Prediction.of(predicted)
+        job.pace = DraftPace(16, CPU, kept_weight=4.9, seen_weight=5.0)
+    return Slot(seq_id=seq_id, n_past=10, job=job)
+
+
+def _drafted(slots: list[Slot]) -> list[int]:
+    batch = TokenBatch(64)
+    try:
+        for slot in slots:
+            assert slot.job is not None
+            batch.add(slot.job.next_token, slot.n_past, slot.seq_id, True)
+        add_drafts(batch, slots, 60, 1.5)
+        return [len(slot.job.draft) for slot in slots]  # type: ignore[union-attr]
+    finally:
+        batch.close()
+
+
+def test_beside_a_stream_that_drafts_too_the_bound_gives_more_room() -> None:
+    """The bound is on another stream's time per token: a plain one gets one token a step
+    (on that CPU, beside it no draft fits at 1.5), one that drafts itself expects several,
+    so both draft; they share the most drafts a step takes (16) evenly."""
+    assert _drafted([_stream(0, True)]) == [16]
+    assert _drafted([_stream(0, True), _stream(1, False)]) == [0, 0]
+    assert _drafted([_stream(0, True), _stream(1, True)]) == [8, 8]
 
 
 def test_a_draft_the_bound_holds_back_is_no_miss() -> None:

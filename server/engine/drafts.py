@@ -19,13 +19,65 @@ def add_drafts(batch: TokenBatch, generating: list[Slot], budget: int,
                max_slowdown: float) -> int:
     """Put the predicted tokens that follow each generating slot's next token into the
     batch, within `budget` cells and at most a request's most drafts in all (the step sizes
-    measured at warm-up go that far); how many were put. Beside another request's stream,
-    the drafts may make the step at most `max_slowdown` times as long as without them."""
+    measured at warm-up go that far), shared evenly by the streams whose drafts would pay;
+    how many were put. Another request's stream may wait
+    at most `max_slowdown` times as long per token as in a step without drafts: a plain
+    stream gets one token a step, so the step may last that much longer; one that drafts
+    itself expects more tokens from the step, so it may last longer still."""
     used, plain = 0, batch.n
+    offers = _offers(generating, budget)
     # Whose wait is bounded: interactive requests' streams (a batch line has no one
-    # watching it); the `n` choices of one request share its cancellation event.
-    watched = {id(slot.job.request.cancelled) for slot in generating
-               if slot.job is not None and slot.job.request.priority > BATCH_PRIORITY}
+    # watching it), with the tokens each expects from the step; the `n` choices of one
+    # request share its cancellation event, and count as the least of theirs.
+    gains: dict[int, float] = {}
+    wanting: set[int] = set()  # slots whose drafts would pay
+    for slot in generating:
+        job = slot.job
+        assert job is not None
+        offer = offers.get(slot.seq_id)
+        gain = job.pace.expected(plain, len(offer[1])) \
+            if offer and job.pace is not None else 1.0
+        if gain > 1.0:
+            wanting.add(slot.seq_id)
+        if job.request.priority > BATCH_PRIORITY:
+            key = id(job.request.cancelled)
+            gains[key] = min(gains.get(key, gain), gain)
+    left = len(wanting)
+    for slot in generating:
+        job = slot.job
+        assert job is not None
+        source, pace = job.drafts_from, job.pace
+        if pace is None or source is None:
+            continue
+        at, offer = offers.get(slot.seq_id, (-1, ()))
+        room = min(budget, pace.most) - used
+        if slot.seq_id in wanting:
+            room //= left  # the first stream must not take it all
+            left -= 1
+        offered = offer[:max(0, room)]
+        if offered:
+            # Priced only for an offer: most steps of a prediction offer none.
+            own = id(job.request.cancelled)
+            others = [gain for key, gain in gains.items() if key != own]
+            cap = room_beside_others(pace.costs, plain, used, max_slowdown * min(others),
+                                     len(offered)) if others else None
+            length = pace.allowed(batch.n, len(offered), cap)
+            job.draft_from, job.draft = at, offered[:length]
+            job.draft_index = batch.n
+            for j, token in enumerate(job.draft):
+                batch.add(token, slot.n_past + 1 + j, slot.seq_id, True)
+            used += len(job.draft)
+        if pace.watching and offer and not job.draft:
+            job.guess, job.guess_after = offer[0], len(job.tokens)
+        pace.step()
+    return used
+
+
+def _offers(generating: list[Slot], budget: int) -> dict[int, tuple[int, tuple[int, ...]]]:
+    """What each drafting slot's source offers to follow its next token, by seq_id: at most
+    `budget` tokens, and never past the answer's max_tokens (a draft there could never be
+    kept). A lookup's last guess is scored first."""
+    offers: dict[int, tuple[int, tuple[int, ...]]] = {}
     for slot in generating:
         job = slot.job
         assert job is not None
@@ -35,24 +87,10 @@ def add_drafts(batch: TokenBatch, generating: list[Slot], budget: int,
             continue
         if pace.watching:
             _check_guess(job, pace)
-        # Never past the answer's max_tokens: a draft there could never be kept.
-        room = min(budget - used, pace.most - used, job.max_new - job.n_generated - 1)
-        at, offered = source.draft(job.tokens, job.draft_cursor, room, pace.least_match)
-        if offered:
-            # Priced only for an offer: most steps of a prediction offer none.
-            others = watched - {id(job.request.cancelled)}
-            cap = room_beside_others(pace.costs, plain, used, max_slowdown, len(offered)) \
-                if others else None
-            length = pace.allowed(batch.n, len(offered), cap)
-            job.draft_from, job.draft = at, offered[:length]
-            job.draft_index = batch.n
-            for j, token in enumerate(job.draft):
-                batch.add(token, slot.n_past + 1 + j, slot.seq_id, True)
-            used += len(job.draft)
-        if pace.watching and offered and not job.draft:
-            job.guess, job.guess_after = offered[0], len(job.tokens)
-        pace.step()
-    return used
+        room = min(budget, pace.most, job.max_new - job.n_generated - 1)
+        offers[slot.seq_id] = source.draft(job.tokens, job.draft_cursor, room,
+                                           pace.least_match)
+    return offers
 
 
 def _check_guess(job: Job, pace: DraftPace) -> None:

@@ -145,7 +145,7 @@ class DraftPace:
         streams' wait: a draft it holds back is no miss, and starts no rest)."""
         if self.rest:
             return 0
-        kept = max(self.kept_share, PRIOR_KEPT) if self._probe else self.kept_share
+        kept = self._trust
         longest = min(self.most, offered)
         length = best_length(kept, self.costs, base, longest if cap is None
                              else min(longest, cap))
@@ -158,6 +158,20 @@ class DraftPace:
             self._rested()
             self.rest += 1  # this step's own step() is still to come
         return length
+
+    @property
+    def _trust(self) -> float:
+        """The share of drafted tokens expected kept: a probe trusts as at the start."""
+        return max(self.kept_share, PRIOR_KEPT) if self._probe else self.kept_share
+
+    def expected(self, base: int, offered: int) -> float:
+        """The tokens this stream expects from the step, with the draft `allowed` would take
+        of `offered` (unbounded) beside `base` positions: 1 when it would take none."""
+        if self.rest:
+            return 1.0
+        kept = self._trust
+        length = best_length(kept, self.costs, base, min(self.most, offered))
+        return sum(kept ** i for i in range(length + 1))
 
     def checked(self, proposed: int, kept: int) -> None:
         """`kept` of the `proposed` drafted tokens were the answer's."""
