@@ -19,6 +19,7 @@ from helpers import metric_value
 # Gemma's verified GGUF (session), a server on it for this module (lookup off: the default).
 from test_real_model import client, gemma, gemma_gguf  # noqa: F401
 
+from server.engine import lookup
 from server.engine.lookup import ContextLookup, prompt_index
 from server.engine.mtmd import PromptChunk
 from server.engine.prediction import DraftPace
@@ -62,6 +63,12 @@ def test_no_draft_runs_across_an_image() -> None:
     assert lookup.draft([10, 11, 12], 0, 4) == (-1, ())
 
 
+def test_only_the_prompts_last_window_is_indexed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lookup, "PROMPT_WINDOW", 4)
+    assert _lookup((10, 11, 12, 1, 2, 3, 4)).draft([10, 11], 0, 4) == (-1, ())
+    assert _lookup((10, 11, 12, 1, 2, 3, 4)).draft([2, 3], 0, 4)[1] == (4,)
+
+
 def test_one_matching_token_is_no_match() -> None:
     lookup = _lookup((5, 6, 7))
     assert lookup.draft([5], 0, 4) == (-1, ())
@@ -70,7 +77,7 @@ def test_one_matching_token_is_no_match() -> None:
 
 # --- its pace --------------------------------------------------------------------------
 def test_on_a_cpu_a_watched_pace_drafts_only_after_its_guesses_were_right() -> None:
-    pace = DraftPace.watched(16, CPU, 0.3)
+    pace = DraftPace.watched(16, CPU, 0.3, 1.1)
     assert pace.allowed(1, 16) == 0
     assert pace.rest == 0 and pace.least_match == 1  # no rest: the next guess is checked
     for _ in range(12):  # a loop: each undrafted guess was the token written
@@ -83,7 +90,7 @@ def test_on_a_cpu_a_watched_pace_drafts_only_after_its_guesses_were_right() -> N
 
 
 def test_a_refused_draft_lowers_the_trust_without_resting() -> None:
-    pace = DraftPace.watched(16, CPU, 0.95)
+    pace = DraftPace.watched(16, CPU, 0.95, 1.1)
     assert pace.allowed(1, 16) > 0
     pace.checked(16, 0)
     assert pace.kept_share < 0.95 and pace.rest == 0

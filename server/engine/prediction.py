@@ -113,13 +113,17 @@ class DraftPace:
     # A lookup's pace (server/engine/lookup.py): every step's guess is checked, drafted or
     # not (`observed`), so its record is never stale and it needs no rests or probes.
     watching: bool = False
+    # How many times no draft's rate a draft must give (best_length).
+    margin: float = 1.0
     _probe: bool = False
     _base: int = 1  # positions beside the last draft: what `checked` judges it against
 
     @classmethod
-    def watched(cls, most: int, costs: StepCosts, prior: float) -> DraftPace:
+    def watched(cls, most: int, costs: StepCosts, prior: float, margin: float
+                ) -> DraftPace:
         """The pace of guesses checked at every step, trusted at first as far as `prior`."""
-        return cls(most, costs, prior * PRIOR_WEIGHT, PRIOR_WEIGHT, watching=True)
+        return cls(most, costs, prior * PRIOR_WEIGHT, PRIOR_WEIGHT, watching=True,
+                   margin=margin)
 
     @property
     def kept_share(self) -> float:
@@ -147,10 +151,9 @@ class DraftPace:
             return 0
         kept = self._trust
         longest = min(self.most, offered)
-        length = best_length(kept, self.costs, base, longest if cap is None
-                             else min(longest, cap))
+        length = self._best(kept, base, longest if cap is None else min(longest, cap))
         if not length and cap is not None and cap < longest \
-                and best_length(kept, self.costs, base, longest):
+                and self._best(kept, base, longest):
             return 0  # a longer draft would pay: held back, the pace as it was
         self._probe = False
         self._base = base
@@ -158,6 +161,9 @@ class DraftPace:
             self._rested()
             self.rest += 1  # this step's own step() is still to come
         return length
+
+    def _best(self, kept: float, base: int, most: int) -> int:
+        return best_length(kept, self.costs, base, most, self.margin)
 
     @property
     def _trust(self) -> float:
@@ -170,7 +176,7 @@ class DraftPace:
         if self.rest:
             return 1.0
         kept = self._trust
-        length = best_length(kept, self.costs, base, min(self.most, offered))
+        length = self._best(kept, base, min(self.most, offered))
         return sum(kept ** i for i in range(length + 1))
 
     def checked(self, proposed: int, kept: int) -> None:
@@ -179,7 +185,7 @@ class DraftPace:
         # kept whole says nothing about the token after it.
         self.kept_weight = self.kept_weight * FORGET + kept
         self.seen_weight = self.seen_weight * FORGET + kept + (kept < proposed)
-        if kept and best_length(self.kept_share, self.costs, self._base, self.most):
+        if kept and self._best(self.kept_share, self._base, self.most):
             self.misses = 0
         elif not self.watching:  # nothing kept (a stray match), or too little (dense
             self._rested()  # edits): rest, longer each time
@@ -195,13 +201,15 @@ class DraftPace:
         self.rest = min(MAX_REST, 2 ** (self.misses - 1))
 
 
-def best_length(kept: float, costs: StepCosts, base: int, most: int) -> int:
+def best_length(kept: float, costs: StepCosts, base: int, most: int, margin: float = 1.0
+                ) -> int:
     """The draft length (0 to `most`) that gives a step the most tokens per unit of time,
     when each drafted token is kept with chance `kept` if the ones before it were. The
     step's `base` positions give a token each (the other streams' too: a draft must pay
     for the time it adds to theirs); `length` more give 1 + kept + kept² + ... in place of
-    this stream's one, for what they add to the step's time."""
-    best, best_rate = 0, float(base)
+    this stream's one, for what they add to the step's time. A draft must beat no draft by
+    `margin` times."""
+    best, best_rate = 0, float(base) * margin
     expected, term = 1.0, 1.0
     for length in range(1, most + 1):
         term *= kept

@@ -107,7 +107,7 @@ class Starter:
             return request.predicted, DraftPace(most, self.step_costs)
         if most and request.looked_up is not None:
             return ContextLookup(request.looked_up), DraftPace.watched(
-                most, self.step_costs, lookup.PRIOR_KEPT)
+                most, self.step_costs, lookup.PRIOR_KEPT, lookup.MARGIN)
         return None, None
 
     def place(self, job: Job, slots: list[Slot]) -> None:
