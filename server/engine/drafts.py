@@ -20,10 +20,10 @@ def add_drafts(batch: TokenBatch, generating: list[Slot], budget: int,
     """Put the predicted tokens that follow each generating slot's next token into the
     batch, within `budget` cells and at most a request's most drafts in all (the step sizes
     measured at warm-up go that far), shared evenly by the streams whose drafts would pay;
-    how many were put. Another request's stream may wait
-    at most `max_slowdown` times as long per token as in a step without drafts: a plain
-    stream gets one token a step, so the step may last that much longer; one that drafts
-    itself expects more tokens from the step, so it may last longer still."""
+    how many were put. Another request's stream may wait at most `max_slowdown` times as
+    long per token as in a step without drafts: a plain stream gets one token a step, so
+    the step may last that much longer; one that drafts itself expects more tokens from
+    the step, so it may last longer still."""
     used, plain = 0, batch.n
     offers = _offers(generating, budget)
     # Whose wait is bounded: interactive requests' streams (a batch line has no one
