@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from server.batches.job import order_key
+from server.batches.job import TERMINAL, order_key
 from server.batches.redis_store import RedisBatchStore
 from server.batches.runner import BatchRunner
 
@@ -48,6 +48,9 @@ async def open_count(runner: BatchRunner, owner: str) -> int:
     """How many of the owner's batches have not ended yet, on any replica."""
     store = runner.store
     if not isinstance(store, RedisBatchStore):  # the runner holds every unfinished batch
-        return sum(1 for job in runner.jobs.values() if job.owner == owner)
+        # By status, as the client sees it: a job stays in the runner a moment after its
+        # batch ended (writing its files), and a client told "cancelled" may create the next.
+        return sum(1 for job in runner.jobs.values()
+                   if job.owner == owner and job.batch["status"] not in TERMINAL)
     return await asyncio.to_thread(store.open_count, owner)
 
