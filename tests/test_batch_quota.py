@@ -5,11 +5,13 @@ on both stores (a directory, a real Redis shared by two replicas)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -20,6 +22,8 @@ from openai.types import Batch
 from redis_server import RedisServer
 from test_batches import jsonl, read_lines, request_line, upload_batch
 
+from server.batches import views
+from server.batches.job import BatchJob, new_batch, set_status
 from server.batches.quota import FileQuota, QuotaExceeded, Usage, batch_file_quota
 from server.batches.redis_store import RedisBatchStore
 from server.batches.store import BatchStore
@@ -329,3 +333,16 @@ def test_a_key_with_as_many_open_batches_as_allowed_gets_429_until_one_ends(
         assert wait_ended(a, later.id).status == "completed"
     finally:
         stop_server(server)
+
+
+def test_a_batch_that_ended_is_not_open_while_its_job_tidies_up() -> None:
+    """The runner keeps a job a moment after setting its batch's final status (it saves
+    the record, then forgets the job): a key told "cancelled" must be able to create the
+    next batch at once."""
+    ended = new_batch("key-a", "file-1", "/v1/chat/completions", "24h", None)
+    set_status(ended, "cancelled")
+    running = new_batch("key-a", "file-2", "/v1/chat/completions", "24h", None)
+    runner = SimpleNamespace(store=object(), jobs={b["id"]: BatchJob(b)
+                                                   for b in (ended, running)})
+    assert asyncio.run(views.open_count(runner, "key-a")) == 1  # type: ignore[arg-type]
+    assert asyncio.run(views.open_count(runner, "key-b")) == 0  # type: ignore[arg-type]
