@@ -206,7 +206,8 @@ def test_a_background_run_is_counted_and_logged_when_it_ends(server: RunningServ
             return 0.0
 
     before = (tokens(), finished("length"), finished("none"))
-    queued = post(server, input="Say something.", max_output_tokens=5, background=True)
+    queued = post(server, input="Say something.", max_output_tokens=5, temperature=0,
+                  background=True)
     done = until_done(server, queued.id)
     lines = request_lines(server, queued.id)
     deadline = time.monotonic() + 10
