@@ -2,7 +2,7 @@
 
     python -m bench.peers [--threads 2] [--reps 3] [--cases gemma,bench,tiny]
                           [--metrics NAME,...] [--baseline-ref GIT-REF] [--llama-bin DIR]
-                          [--ngram]
+                          [--ngram] [--floors]
 
 llama-server comes from the exact llama.cpp that llama-cpp-python 0.3.36 vendors
 (`../shared/tools/build-llama-server.sh` builds it, about 10 minutes once; or give --llama-bin
@@ -21,6 +21,11 @@ worktree), in the same rotation: an A/B of a change measured against the same ll
 in the same minutes, which the noise of a small box between separate runs cannot give.
 
 Both servers draft nothing by default (the goals are about the same work done faster).
+--floors also runs llama-bench (same build, model and threads) for what llama.cpp itself
+takes for each metric's work: decoding the answer after its prompt, and a turn 2's prompt
+tokens (those vlserve evaluates when it arrives, after the ones before them). It prints
+the best ratio to llama-server that leaves, and whether each goal lies within it.
+
 --ngram turns self-speculative n-gram drafts on in both: vlserve's `prompt_lookup`, and
 llama-server's `--spec-type ngram-simple` (the best of its n-gram kinds here). The
 greedy answers measured here loop (a base model; random weights), which drafts serve well.
@@ -114,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=ROOT / "models" / "bench")
     parser.add_argument("--ngram", action="store_true",
                         help="both servers draft from the context (n-gram speculation)")
+    parser.add_argument("--floors", action="store_true",
+                        help="also run llama-bench: what llama.cpp itself takes for each "
+                             "metric's work, and the best ratio it leaves")
     args = parser.parse_args(argv)
     only = [m for m in args.metrics.split(",") if m]
     if unknown := sorted(set(only) - set(METRICS)):
@@ -130,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += measure_case(case, metrics, args, llama_bin, log_dir, baseline)
     print_table(rows, baseline_name(args.baseline_ref) if args.baseline_ref else None,
                 args.ngram)
+    if args.floors:
+        print_floors(rows)
     print(f"\nserver logs: {log_dir}")
     return 0
 
@@ -138,10 +148,19 @@ THEIRS = "llama-server"
 
 
 @dataclass(frozen=True)
+class Floor:
+    """What llama.cpp itself takes for a metric's work, in the metric's unit."""
+
+    value: float
+    source: str  # the llama-bench test it comes from ("tg128", "pp15 at depth 43")
+
+
+@dataclass(frozen=True)
 class Row:
     case: str
     metric: str
     samples: dict[str, list[float]]  # server name → one value per repetition
+    floor: Floor | None = None
 
     def median(self, name: str) -> float:
         return statistics.median(self.samples[name])
@@ -190,11 +209,82 @@ def measure_case(case: Case, metrics: tuple[str, ...], args: argparse.Namespace,
                 source=baseline, prompt_lookup=args.ngram))
         servers.append(start_llama_server(llama_bin, case, log_dir, args.threads, args.ngram))
         samples = measure_rotating(metrics, servers, args.reps)
+        tests = floor_tests(metrics, servers) if args.floors else {}
     finally:
         for server in servers:
             server.stop()
-    return [Row(case.name, m, {name: per[m] for name, per in samples.items()})
+    floors = case_floors(case.model, llama_bin, args.threads, tests) if args.floors else {}
+    return [Row(case.name, m, {name: per[m] for name, per in samples.items()}, floors.get(m))
             for m in metrics]
+
+
+def floor_tests(metrics: tuple[str, ...], servers: list[Server]) -> dict[str, tuple[int, int, int]]:
+    """For each metric with a floor, the llama-bench test that does its work, as (prompt
+    tokens, generated tokens, depth): the metric's answer decoded after its prompt, or the
+    prompt tokens vlserve evaluates when a turn 2 arrives (what its guess of the next turn
+    had not), after the ones it had; read from vlserve's own account of one more request."""
+    tests: dict[str, tuple[int, int, int]] = {}
+    with httpx.Client(timeout=600) as client:
+        decoding = [m for m in metrics if m in RATE_METRICS | PER_TOKEN_METRICS]
+        if decoding:
+            _, reply = complete(client, servers[0], story("floor"), 1)
+            depth = int(reply["usage"]["prompt_tokens"])
+            tests.update({m: (0, FLOOR_TG, depth) for m in decoding})
+        for metric in metrics:
+            measure = METRICS[metric]
+            if isinstance(measure, SecondTurn):
+                wait_quiet(servers)
+                _, reply = measure.run(client, servers[0], -2)
+                usage = reply["usage"]
+                cached = int(usage["prompt_tokens_details"]["cached_tokens"])
+                tests[metric] = (int(usage["prompt_tokens"]) - cached, 0, cached)
+    return tests
+
+
+# --floors: llama-bench from the same build, on the same model and threads, with flash
+# attention on (what both servers' "auto" picks on a CPU). What it takes for a metric's work
+# no server takes less for, so a goal whose bound lies past it cannot be met on this box.
+FLOOR_REPS = 5
+FLOOR_TG = 256  # the answers' length in the decoding metrics
+RATE_METRICS = frozenset({"decode_tps", "decode_tps_stream"})
+PER_TOKEN_METRICS = frozenset({"ms_per_token", "decode_ms_server", "stream_ms_server"})
+
+
+def case_floors(model: Path, bin_dir: Path, threads: int,
+                tests: dict[str, tuple[int, int, int]]) -> dict[str, Floor]:
+    """Each metric's floor from its llama-bench test: decoding's rate or time per token
+    (tg), a turn 2's time to its first token (pp: the prompt's last token's logits are the
+    first token's). The aggregate has none: llama-bench decodes one stream."""
+    results = {test: llama_bench(bin_dir, model, threads, test) for test in set(tests.values())}
+    floors: dict[str, Floor] = {}
+    for metric, (prompt, generated, depth) in tests.items():
+        result = results[(prompt, generated, depth)]
+        if generated:
+            tps = float(result["avg_ts"])
+            source = f"tg{generated} at depth {depth}"
+            floors[metric] = Floor(tps, source) if metric in RATE_METRICS \
+                else Floor(1000.0 / tps, source)
+        else:
+            floors[metric] = Floor(int(result["avg_ns"]) / 1e9, f"pp{prompt} at depth {depth}")
+    return floors
+
+
+def llama_bench(bin_dir: Path, model: Path, threads: int, test: tuple[int, int, int]
+                ) -> dict:
+    """llama-bench's one result for `test` (prompt tokens, generated tokens, depth), the
+    mean of FLOOR_REPS runs."""
+    args = llama_bench_args(bin_dir, model, threads, test)
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    (result,) = json.loads(out)
+    return dict(result)
+
+
+def llama_bench_args(bin_dir: Path, model: Path, threads: int, test: tuple[int, int, int]
+                     ) -> list[str]:
+    prompt, generated, depth = test
+    return [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(threads), "-fa", "1",
+            "-r", str(FLOOR_REPS), "-o", "json", "-p", str(prompt), "-n", str(generated),
+            "-d", str(depth)]
 
 
 def build_llama_server() -> Path:
@@ -386,51 +476,49 @@ def per_token_ms(timings: dict, tokens: int) -> float:
     return float(timings["generation"]) / tokens
 
 
-def turn2_ttft_s(client: httpx.Client, server: Server, rep: int, think_s: float = 0.5
-                 ) -> float:
-    """Turn 2 of an image chat, sent `think_s` after turn 1's answer (someone reading it;
-    an app takes a network round trip at least)."""
-    image = photo_data_url(1024, 768, seed=500 + rep)
-    return second_turn_s(client, server, [image_turn("What is in this picture?", image)],
-                         "What colour dominates?", think_s)
+@dataclass(frozen=True)
+class SecondTurn:
+    """Seconds to the first token of a chat's turn 2, sent `think_s` after turn 1's
+    16-token answer: an image chat ("0.5 s later": someone reading it; an app takes a
+    network round trip at least; "at once": a script), or a text chat with a real model,
+    whose answer the next prompt tokenizes as it was written (random weights write splits
+    the tokenizer does not make)."""
 
+    think_s: float
+    image: bool
+    tag_offset: int = 0  # keeps each kind's conversations apart (no prompt seen before)
 
-def turn2_at_once_ttft_s(client: httpx.Client, server: Server, rep: int) -> float:
-    """The same, turn 2 sent the moment turn 1's answer arrives (a script)."""
-    return turn2_ttft_s(client, server, rep + 1000, think_s=0.0)
+    def __call__(self, client: httpx.Client, server: Server, rep: int) -> float:
+        return self.run(client, server, rep)[0]
 
-
-def text_turn2_ttft_s(client: httpx.Client, server: Server, rep: int, think_s: float = 0.5
-                      ) -> float:
-    """Turn 2 of a text chat with a real model, whose answer the next prompt tokenizes
-    as it was written (random weights write splits the tokenizer does not make)."""
-    question = f"Write one sentence about the sea, number {rep}."
-    return second_turn_s(client, server, [{"role": "user", "content": question}],
-                         "Now one about mountains.", think_s)
-
-
-def text_turn2_at_once_ttft_s(client: httpx.Client, server: Server, rep: int) -> float:
-    return text_turn2_ttft_s(client, server, rep + 1000, think_s=0.0)
-
-
-def second_turn_s(client: httpx.Client, server: Server, turn1: list[dict], question: str,
-                  think_s: float) -> float:
-    """Seconds to the first token of turn 2, sent `think_s` after turn 1's 16-token answer."""
-    _, answer = complete(client, server, turn1, 16)
-    turn2 = [*turn1, {"role": "assistant", "content": answer["choices"][0]["message"]["content"]},
-             {"role": "user", "content": question}]
-    time.sleep(think_s)
-    seconds, _ = complete(client, server, turn2, 1)
-    return seconds
+    def run(self, client: httpx.Client, server: Server, rep: int) -> tuple[float, dict]:
+        """(seconds, turn 2's reply)."""
+        tag = rep + self.tag_offset
+        if self.image:
+            image = photo_data_url(1024, 768, seed=500 + tag)
+            turn1, question = [image_turn("What is in this picture?", image)], \
+                "What colour dominates?"
+        else:
+            turn1 = [{"role": "user",
+                      "content": f"Write one sentence about the sea, number {tag}."}]
+            question = "Now one about mountains."
+        _, answer = complete(client, server, turn1, 16)
+        turn2 = [*turn1,
+                 {"role": "assistant", "content": answer["choices"][0]["message"]["content"]},
+                 {"role": "user", "content": question}]
+        time.sleep(self.think_s)
+        return complete(client, server, turn2, 1)
 
 
 METRICS: dict[str, Callable[[httpx.Client, Server, int], float]] = {
     "decode_tps": decode_tps, "decode_tps_stream": decode_tps_stream,
     "aggregate_tps_4": aggregate_tps_4,
     "ms_per_token": ms_per_token, "decode_ms_server": ms_per_token,
-    "stream_ms_server": stream_ms_server, "turn2_ttft_s": turn2_ttft_s,
-    "turn2_at_once_ttft_s": turn2_at_once_ttft_s, "text_turn2_ttft_s": text_turn2_ttft_s,
-    "text_turn2_at_once_ttft_s": text_turn2_at_once_ttft_s}
+    "stream_ms_server": stream_ms_server,
+    "turn2_ttft_s": SecondTurn(0.5, image=True),
+    "turn2_at_once_ttft_s": SecondTurn(0.0, image=True, tag_offset=1000),
+    "text_turn2_ttft_s": SecondTurn(0.5, image=False),
+    "text_turn2_at_once_ttft_s": SecondTurn(0.0, image=False, tag_offset=1000)}
 
 
 def print_table(rows: list[Row], baseline: str | None, ngram: bool = False) -> None:
@@ -457,6 +545,28 @@ def print_table(rows: list[Row], baseline: str | None, ngram: bool = False) -> N
         target = "(for reading the rows above)" if goal.info \
             else "(n-gram drafts in both)" if ngram else f"{sign} {goal.bound:g} ({verdict})"
         print(f"{label:<{width}}  {'  '.join(cells)}  {target}")
+
+
+
+def print_floors(rows: list[Row]) -> None:
+    """Each metric beside llama.cpp's floor for its work: the best ratio to llama-server
+    that any server could read here, and whether the goal's bound lies within it."""
+    kept = [row for row in rows if row.floor is not None]
+    if not kept:
+        return
+    labels = [f"{row.case}: {GOALS[row.metric].label}" for row in kept]
+    width = max(len(label) for label in labels)
+    print(f"\n{'metric':<{width}}  {THEIRS:>12}  {'floor':>9}  {'from llama-bench':<22}  "
+          f"{'best ratio':>10}  goal")
+    for label, row in zip(labels, kept, strict=True):
+        assert row.floor is not None
+        goal = GOALS[row.metric]
+        best = row.floor.value / row.median(THEIRS)
+        sign = "≥" if goal.higher_is_better else "≤"
+        verdict = "(for reading the rows above)" if goal.info else \
+            f"{sign} {goal.bound:g} ({'within the floor' if goal.met(best) else 'past the floor'})"
+        print(f"{label:<{width}}  {row.median(THEIRS):12.3f}  {row.floor.value:9.3f}  "
+              f"{row.floor.source:<22}  {best:10.2f}  {verdict}")
 
 
 if __name__ == "__main__":

@@ -93,3 +93,75 @@ def test_with_ngram_both_servers_draft_from_the_context(tmp_path: Path) -> None:
     case = peers.Case("gemma", tmp_path / "m.gguf", None, None, ("decode_tps",))
     args = peers.llama_server_args(tmp_path, case, 9999, 2, None, ngram=True)
     assert args[args.index("--spec-type") + 1] == "ngram-simple"
+
+
+def test_floor_tests_do_each_metrics_work_as_vlserve_reports_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding's test is the answer's length after the story prompt; a turn 2's is the
+    prompt tokens vlserve evaluated when it came, after those it had cached (its guess)."""
+    asked: list[tuple[str, int]] = []
+
+    def complete(_client: object, server: Server, messages: list[dict], max_tokens: int
+                 ) -> tuple[float, dict]:
+        asked.append((server.name, max_tokens))
+        turn2 = len(messages) > 1
+        usage = {"prompt_tokens": 60 if turn2 else 31,
+                 "prompt_tokens_details": {"cached_tokens": 50 if turn2 else 0}}
+        return 0.01, {"usage": usage, "choices": [{"message": {"content": "An answer."}}]}
+
+    monkeypatch.setattr(peers, "complete", complete)
+    monkeypatch.setattr(peers, "wait_quiet", lambda servers: None)
+    monkeypatch.setattr(peers.time, "sleep", lambda seconds: None)
+    servers = [fake_server("vlserve"), fake_server(peers.THEIRS)]
+    tests = peers.floor_tests(("decode_tps", "ms_per_token", "aggregate_tps_4",
+                               "text_turn2_ttft_s"), servers)
+    assert tests == {"decode_tps": (0, peers.FLOOR_TG, 31), "ms_per_token": (0, 256, 31),
+                     "text_turn2_ttft_s": (10, 0, 50)}
+    assert {name for name, _ in asked} == {"vlserve"}  # llama-server is not asked
+
+
+def test_floors_come_from_one_llama_bench_run_per_test(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    runs: list[tuple[int, int, int]] = []
+
+    def llama_bench(_bin: Path, _model: Path, _threads: int, test: tuple[int, int, int]
+                    ) -> dict:
+        runs.append(test)
+        return {"avg_ts": 80.0, "avg_ns": 1_000_000_000 * 80 // 256} if test[1] \
+            else {"avg_ts": 400.0, "avg_ns": 35_000_000}
+
+    monkeypatch.setattr(peers, "llama_bench", llama_bench)
+    floors = peers.case_floors(tmp_path / "m.gguf", tmp_path, 2, {
+        "decode_tps": (0, 256, 31), "decode_ms_server": (0, 256, 31),
+        "text_turn2_at_once_ttft_s": (15, 0, 45)})
+    assert sorted(runs) == [(0, 256, 31), (15, 0, 45)]
+    assert floors["decode_tps"] == peers.Floor(80.0, "tg256 at depth 31")
+    assert floors["decode_ms_server"] == peers.Floor(12.5, "tg256 at depth 31")
+    assert floors["text_turn2_at_once_ttft_s"] == peers.Floor(0.035, "pp15 at depth 45")
+
+
+def test_llama_bench_runs_as_the_servers_do(tmp_path: Path) -> None:
+    args = peers.llama_bench_args(tmp_path, tmp_path / "m.gguf", 2, (15, 0, 45))
+    assert args[0] == str(tmp_path / "llama-bench")
+    assert args[args.index("-t") + 1] == "2"
+    assert args[args.index("-fa") + 1] == "1"  # what "auto" picks on a CPU, in both servers
+    assert args[args.index("-o") + 1] == "json"
+    assert [args[args.index(flag) + 1] for flag in ("-p", "-n", "-d")] == ["15", "0", "45"]
+
+
+def test_the_floor_table_says_whether_each_goal_lies_within_the_floor(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [
+        peers.Row("gemma", "decode_tps", {"vlserve": [70.0], peers.THEIRS: [73.0]},
+                  peers.Floor(80.0, "tg256 at depth 31")),
+        peers.Row("gemma", "text_turn2_at_once_ttft_s",
+                  {"vlserve": [0.045], peers.THEIRS: [0.06]}, peers.Floor(0.035, "pp15")),
+        peers.Row("gemma", "aggregate_tps_4", {"vlserve": [110.0], peers.THEIRS: [100.0]}),
+    ]
+    peers.print_floors(rows)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3  # the header; the aggregate has no floor
+    assert "tg256 at depth 31" in lines[1] and " 1.10 " in lines[1]
+    assert lines[1].endswith("≥ 1 (within the floor)")
+    # 35 ms of evaluation alone is 0.58 of llama-server's 60 ms: 0.5 is out of reach.
+    assert " 0.58 " in lines[2] and lines[2].endswith("≤ 0.5 (past the floor)")
