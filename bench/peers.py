@@ -23,8 +23,9 @@ in the same minutes, which the noise of a small box between separate runs cannot
 Both servers draft nothing by default (the goals are about the same work done faster).
 --floors also runs llama-bench (same build, model and threads) for what llama.cpp itself
 takes for each metric's work: decoding the answer after its prompt, and a turn 2's prompt
-tokens (those vlserve evaluates when it arrives, after the ones before them). It prints
-the best ratio to llama-server that leaves, and whether each goal lies within it.
+tokens (those vlserve evaluates when it arrives, after the ones before them), in each
+repetition right after the servers. It prints the best ratio to llama-server that leaves
+(paired per repetition too), and whether each goal lies within it.
 
 --ngram turns self-speculative n-gram drafts on in both: vlserve's `prompt_lookup`, and
 llama-server's `--spec-type ngram-simple` (the best of its n-gram kinds here). The
@@ -44,7 +45,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -147,20 +148,15 @@ def main(argv: list[str] | None = None) -> int:
 THEIRS = "llama-server"
 
 
-@dataclass(frozen=True)
-class Floor:
-    """What llama.cpp itself takes for a metric's work, in the metric's unit."""
-
-    value: float
-    source: str  # the llama-bench test it comes from ("tg128", "pp15 at depth 43")
+FLOOR = "llama.cpp floor"  # the samples of llama-bench doing a metric's work (--floors)
 
 
 @dataclass(frozen=True)
 class Row:
     case: str
     metric: str
-    samples: dict[str, list[float]]  # server name → one value per repetition
-    floor: Floor | None = None
+    samples: dict[str, list[float]]  # server name (or FLOOR) → one value per repetition
+    floor_source: str = ""  # the llama-bench test of the FLOOR samples
 
     def median(self, name: str) -> float:
         return statistics.median(self.samples[name])
@@ -208,13 +204,14 @@ def measure_case(case: Case, metrics: tuple[str, ...], args: argparse.Namespace,
                 config=config, n_ctx=N_CTX, name=baseline_name(args.baseline_ref),
                 source=baseline, prompt_lookup=args.ngram))
         servers.append(start_llama_server(llama_bin, case, log_dir, args.threads, args.ngram))
-        samples = measure_rotating(metrics, servers, args.reps)
-        tests = floor_tests(metrics, servers) if args.floors else {}
+        floors = FloorProbe(llama_bin, case.model, args.threads,
+                            floor_tests(metrics, servers)) if args.floors else None
+        samples = measure_rotating(metrics, servers, args.reps, floors)
     finally:
         for server in servers:
             server.stop()
-    floors = case_floors(case.model, llama_bin, args.threads, tests) if args.floors else {}
-    return [Row(case.name, m, {name: per[m] for name, per in samples.items()}, floors.get(m))
+    return [Row(case.name, m, {name: per[m] for name, per in samples.items() if per[m]},
+                floors.source(m) if floors else "")
             for m in metrics]
 
 
@@ -244,29 +241,46 @@ def floor_tests(metrics: tuple[str, ...], servers: list[Server]) -> dict[str, tu
 # --floors: llama-bench from the same build, on the same model and threads, with flash
 # attention on (what both servers' "auto" picks on a CPU). What it takes for a metric's work
 # no server takes less for, so a goal whose bound lies past it cannot be met on this box.
-FLOOR_REPS = 5
+FLOOR_REPS = 1  # runs per repetition (after llama-bench's own warm-up run)
 FLOOR_TG = 256  # the answers' length in the decoding metrics
 RATE_METRICS = frozenset({"decode_tps", "decode_tps_stream"})
 PER_TOKEN_METRICS = frozenset({"ms_per_token", "decode_ms_server", "stream_ms_server"})
 
 
-def case_floors(model: Path, bin_dir: Path, threads: int,
-                tests: dict[str, tuple[int, int, int]]) -> dict[str, Floor]:
-    """Each metric's floor from its llama-bench test: decoding's rate or time per token
-    (tg), a turn 2's time to its first token (pp: the prompt's last token's logits are the
-    first token's). The aggregate has none: llama-bench decodes one stream."""
-    results = {test: llama_bench(bin_dir, model, threads, test) for test in set(tests.values())}
-    floors: dict[str, Floor] = {}
-    for metric, (prompt, generated, depth) in tests.items():
-        result = results[(prompt, generated, depth)]
-        if generated:
+@dataclass
+class FloorProbe:
+    """llama-bench doing each metric's work (`tests`: metric → (prompt tokens, generated
+    tokens, depth)), once per repetition beside the servers' turns: this box's speed swings
+    by up to 2x within minutes (the tiny model's tg256 read 0.086 and 0.153 ms a token ten
+    minutes apart), so a floor measured apart from the servers would be no floor."""
+
+    bin_dir: Path
+    model: Path
+    threads: int
+    tests: dict[str, tuple[int, int, int]]
+    _results: dict[tuple[int, tuple[int, int, int]], dict] = field(default_factory=dict)
+
+    def source(self, metric: str) -> str:
+        if metric not in self.tests:
+            return ""
+        prompt, generated, depth = self.tests[metric]
+        return f"tg{generated} at depth {depth}" if generated else f"pp{prompt} at depth {depth}"
+
+    def value(self, metric: str, rep: int) -> float | None:
+        """The floor of `metric` in its unit (decoding's rate or time per token, a turn 2's
+        seconds to its first token: the prompt's last token's logits are the first token's),
+        from this repetition's run of its test (metrics sharing a test share the run); None
+        for a metric without one (the aggregate: llama-bench decodes one stream)."""
+        test = self.tests.get(metric)
+        if test is None:
+            return None
+        if (rep, test) not in self._results:
+            self._results[(rep, test)] = llama_bench(self.bin_dir, self.model, self.threads, test)
+        result = self._results[(rep, test)]
+        if test[1]:
             tps = float(result["avg_ts"])
-            source = f"tg{generated} at depth {depth}"
-            floors[metric] = Floor(tps, source) if metric in RATE_METRICS \
-                else Floor(1000.0 / tps, source)
-        else:
-            floors[metric] = Floor(int(result["avg_ns"]) / 1e9, f"pp{prompt} at depth {depth}")
-    return floors
+            return tps if metric in RATE_METRICS else 1000.0 / tps
+        return int(result["avg_ns"]) / 1e9
 
 
 def llama_bench(bin_dir: Path, model: Path, threads: int, test: tuple[int, int, int]
@@ -356,13 +370,15 @@ def llama_server_args(bin_dir: Path, case: Case, port: int, threads: int,
     return args
 
 
-def measure_rotating(metrics: tuple[str, ...], servers: list[Server], reps: int
-                     ) -> dict[str, dict[str, list[float]]]:
+def measure_rotating(metrics: tuple[str, ...], servers: list[Server], reps: int,
+                     floors: FloorProbe | None = None) -> dict[str, dict[str, list[float]]]:
     """Each server's value of each metric, per repetition. The servers measure one metric
     right after each other, and who goes first rotates, so the drift of a shared box (its
-    speed changes by several percent within minutes) hits all alike."""
+    speed changes by several percent within minutes) hits all alike; with `floors`,
+    llama-bench does the metric's work right after them (under FLOOR)."""
     samples: dict[str, dict[str, list[float]]] = {s.name: {m: [] for m in metrics}
                                                   for s in servers}
+    samples[FLOOR] = {m: [] for m in metrics}
     with httpx.Client(limits=httpx.Limits(max_connections=16), timeout=600) as client:
         for server in servers:  # one untimed round: first-call allocations, caches
             for metric in metrics:
@@ -373,6 +389,10 @@ def measure_rotating(metrics: tuple[str, ...], servers: list[Server], reps: int
                 for server in servers[first:] + servers[:first]:
                     wait_quiet(servers)
                     samples[server.name][metric].append(METRICS[metric](client, server, rep))
+                if floors is not None:
+                    wait_quiet(servers)
+                    if (floor := floors.value(metric, rep)) is not None:
+                        samples[FLOOR][metric].append(floor)
     return samples
 
 
@@ -551,22 +571,23 @@ def print_table(rows: list[Row], baseline: str | None, ngram: bool = False) -> N
 def print_floors(rows: list[Row]) -> None:
     """Each metric beside llama.cpp's floor for its work: the best ratio to llama-server
     that any server could read here, and whether the goal's bound lies within it."""
-    kept = [row for row in rows if row.floor is not None]
+    kept = [row for row in rows if FLOOR in row.samples]
     if not kept:
         return
     labels = [f"{row.case}: {GOALS[row.metric].label}" for row in kept]
     width = max(len(label) for label in labels)
     print(f"\n{'metric':<{width}}  {THEIRS:>12}  {'floor':>9}  {'from llama-bench':<22}  "
-          f"{'best ratio':>10}  goal")
+          f"{'best ratio':>10}  {'range':>11}  goal")
     for label, row in zip(labels, kept, strict=True):
-        assert row.floor is not None
         goal = GOALS[row.metric]
-        best = row.floor.value / row.median(THEIRS)
+        ratios = row.ratios(FLOOR)  # paired per repetition, as the servers' ratios
+        best = statistics.median(ratios)
         sign = "≥" if goal.higher_is_better else "≤"
         verdict = "(for reading the rows above)" if goal.info else \
             f"{sign} {goal.bound:g} ({'within the floor' if goal.met(best) else 'past the floor'})"
-        print(f"{label:<{width}}  {row.median(THEIRS):12.3f}  {row.floor.value:9.3f}  "
-              f"{row.floor.source:<22}  {best:10.2f}  {verdict}")
+        print(f"{label:<{width}}  {row.median(THEIRS):12.3f}  {row.median(FLOOR):9.3f}  "
+              f"{row.floor_source:<22}  {best:10.2f}  {min(ratios):5.2f}-{max(ratios):<5.2f}  "
+              f"{verdict}")
 
 
 if __name__ == "__main__":

@@ -120,8 +120,8 @@ def test_floor_tests_do_each_metrics_work_as_vlserve_reports_it(
     assert {name for name, _ in asked} == {"vlserve"}  # llama-server is not asked
 
 
-def test_floors_come_from_one_llama_bench_run_per_test(monkeypatch: pytest.MonkeyPatch,
-                                                       tmp_path: Path) -> None:
+def test_floors_come_from_one_llama_bench_run_per_test_and_repetition(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     runs: list[tuple[int, int, int]] = []
 
     def llama_bench(_bin: Path, _model: Path, _threads: int, test: tuple[int, int, int]
@@ -131,13 +131,40 @@ def test_floors_come_from_one_llama_bench_run_per_test(monkeypatch: pytest.Monke
             else {"avg_ts": 400.0, "avg_ns": 35_000_000}
 
     monkeypatch.setattr(peers, "llama_bench", llama_bench)
-    floors = peers.case_floors(tmp_path / "m.gguf", tmp_path, 2, {
+    probe = peers.FloorProbe(tmp_path, tmp_path / "m.gguf", 2, {
         "decode_tps": (0, 256, 31), "decode_ms_server": (0, 256, 31),
         "text_turn2_at_once_ttft_s": (15, 0, 45)})
-    assert sorted(runs) == [(0, 256, 31), (15, 0, 45)]
-    assert floors["decode_tps"] == peers.Floor(80.0, "tg256 at depth 31")
-    assert floors["decode_ms_server"] == peers.Floor(12.5, "tg256 at depth 31")
-    assert floors["text_turn2_at_once_ttft_s"] == peers.Floor(0.035, "pp15 at depth 45")
+    assert probe.value("decode_tps", 0) == 80.0
+    assert probe.value("decode_ms_server", 0) == 12.5  # the same run, as ms a token
+    assert probe.value("text_turn2_at_once_ttft_s", 0) == 0.035
+    assert probe.value("aggregate_tps_4", 0) is None
+    assert runs == [(0, 256, 31), (15, 0, 45)]
+    probe.value("decode_tps", 1)  # the next repetition runs it again
+    assert runs[-1] == (0, 256, 31) and len(runs) == 3
+    assert probe.source("decode_tps") == "tg256 at depth 31"
+    assert probe.source("text_turn2_at_once_ttft_s") == "pp15 at depth 45"
+
+
+def test_the_floor_is_measured_in_each_repetition_right_after_the_servers(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[tuple[str, int]] = []
+
+    def measure(_client: object, server: Server, rep: int) -> float:
+        calls.append((server.name, rep))
+        return 1.0
+
+    class Probe(peers.FloorProbe):
+        def value(self, metric: str, rep: int) -> float | None:
+            calls.append((peers.FLOOR, rep))
+            return 0.5
+
+    monkeypatch.setattr(peers, "wait_quiet", lambda servers: None)
+    monkeypatch.setitem(peers.METRICS, "m1", measure)
+    samples = peers.measure_rotating(("m1",), [fake_server("a"), fake_server("b")], reps=2,
+                                     floors=Probe(tmp_path, tmp_path, 2, {}))
+    assert [c for c in calls if c[1] >= 0] == [("a", 0), ("b", 0), (peers.FLOOR, 0),
+                                               ("b", 1), ("a", 1), (peers.FLOOR, 1)]
+    assert samples[peers.FLOOR]["m1"] == [0.5, 0.5]
 
 
 def test_llama_bench_runs_as_the_servers_do(tmp_path: Path) -> None:
@@ -152,16 +179,17 @@ def test_llama_bench_runs_as_the_servers_do(tmp_path: Path) -> None:
 def test_the_floor_table_says_whether_each_goal_lies_within_the_floor(
         capsys: pytest.CaptureFixture[str]) -> None:
     rows = [
-        peers.Row("gemma", "decode_tps", {"vlserve": [70.0], peers.THEIRS: [73.0]},
-                  peers.Floor(80.0, "tg256 at depth 31")),
+        peers.Row("gemma", "decode_tps", {"vlserve": [70.0, 70.0], peers.THEIRS: [73.0, 80.0],
+                                          peers.FLOOR: [80.3, 80.0]}, "tg256 at depth 31"),
         peers.Row("gemma", "text_turn2_at_once_ttft_s",
-                  {"vlserve": [0.045], peers.THEIRS: [0.06]}, peers.Floor(0.035, "pp15")),
+                  {"vlserve": [0.045], peers.THEIRS: [0.06], peers.FLOOR: [0.035]}, "pp15"),
         peers.Row("gemma", "aggregate_tps_4", {"vlserve": [110.0], peers.THEIRS: [100.0]}),
     ]
     peers.print_floors(rows)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3  # the header; the aggregate has no floor
-    assert "tg256 at depth 31" in lines[1] and " 1.10 " in lines[1]
+    # Ratios paired per repetition (1.10 and 1.00): their median and range.
+    assert "tg256 at depth 31" in lines[1] and " 1.05 " in lines[1] and "1.00-1.10" in lines[1]
     assert lines[1].endswith("≥ 1 (within the floor)")
     # 35 ms of evaluation alone is 0.58 of llama-server's 60 ms: 0.5 is out of reach.
     assert " 0.58 " in lines[2] and lines[2].endswith("≤ 0.5 (past the floor)")
