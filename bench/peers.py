@@ -86,6 +86,10 @@ class Goal:
     def met(self, ratio: float) -> bool:
         return ratio >= self.bound if self.higher_is_better else ratio <= self.bound
 
+    @property
+    def target(self) -> str:
+        return f"{'≥' if self.higher_is_better else '≤'} {self.bound:g}"
+
 
 GOALS = {
     "decode_tps": Goal("single-stream decode, tok/s", True, 1.0),
@@ -157,6 +161,10 @@ class Row:
     metric: str
     samples: dict[str, list[float]]  # server name (or FLOOR) → one value per repetition
     floor_source: str = ""  # the llama-bench test of the FLOOR samples
+
+    @property
+    def label(self) -> str:
+        return f"{self.case}: {GOALS[self.metric].label}"
 
     def median(self, name: str) -> float:
         return statistics.median(self.samples[name])
@@ -546,26 +554,27 @@ def print_table(rows: list[Row], baseline: str | None, ngram: bool = False) -> N
     range (the noise); with a baseline, its column and ratio too. With `ngram` (both
     servers drafting) the goals are not judged: they are about the same work."""
     names = ["vlserve", *([baseline] if baseline else []), THEIRS]
-    labels = [f"{row.case}: {GOALS[row.metric].label}" for row in rows]
-    width = max(len(label) for label in labels)
+    width = max(len(row.label) for row in rows)
     header = [f"{name[:16]:>16}" for name in names] + [f"{'ratio':>6}", f"{'range':>11}"]
     if baseline:
         header.append(f"{'base ratio':>10}")
     print(f"\n{'metric':<{width}}  {'  '.join(header)}  goal")
-    for label, row in zip(labels, rows, strict=True):
+    for row in rows:
         goal = GOALS[row.metric]
         ours = row.ratios("vlserve")
         ratio = statistics.median(ours)
         cells = [f"{row.median(name):16.3f}" for name in names]
-        cells += [f"{ratio:6.2f}", f"{min(ours):5.2f}-{max(ours):<5.2f}"]
+        cells += [f"{ratio:6.2f}", spread(ours)]
         if baseline:
             cells.append(f"{statistics.median(row.ratios(baseline)):10.2f}")
-        sign = "≥" if goal.higher_is_better else "≤"
         verdict = "met" if goal.met(ratio) else "NOT met"
         target = "(for reading the rows above)" if goal.info \
-            else "(n-gram drafts in both)" if ngram else f"{sign} {goal.bound:g} ({verdict})"
-        print(f"{label:<{width}}  {'  '.join(cells)}  {target}")
+            else "(n-gram drafts in both)" if ngram else f"{goal.target} ({verdict})"
+        print(f"{row.label:<{width}}  {'  '.join(cells)}  {target}")
 
+
+def spread(ratios: list[float]) -> str:
+    return f"{min(ratios):5.2f}-{max(ratios):<5.2f}"
 
 
 def print_floors(rows: list[Row]) -> None:
@@ -574,20 +583,17 @@ def print_floors(rows: list[Row]) -> None:
     kept = [row for row in rows if FLOOR in row.samples]
     if not kept:
         return
-    labels = [f"{row.case}: {GOALS[row.metric].label}" for row in kept]
-    width = max(len(label) for label in labels)
+    width = max(len(row.label) for row in kept)
     print(f"\n{'metric':<{width}}  {THEIRS:>12}  {'floor':>9}  {'from llama-bench':<22}  "
           f"{'best ratio':>10}  {'range':>11}  goal")
-    for label, row in zip(labels, kept, strict=True):
+    for row in kept:
         goal = GOALS[row.metric]
         ratios = row.ratios(FLOOR)  # paired per repetition, as the servers' ratios
         best = statistics.median(ratios)
-        sign = "≥" if goal.higher_is_better else "≤"
         verdict = "(for reading the rows above)" if goal.info else \
-            f"{sign} {goal.bound:g} ({'within the floor' if goal.met(best) else 'past the floor'})"
-        print(f"{label:<{width}}  {row.median(THEIRS):12.3f}  {row.median(FLOOR):9.3f}  "
-              f"{row.floor_source:<22}  {best:10.2f}  {min(ratios):5.2f}-{max(ratios):<5.2f}  "
-              f"{verdict}")
+            f"{goal.target} ({'within the floor' if goal.met(best) else 'past the floor'})"
+        print(f"{row.label:<{width}}  {row.median(THEIRS):12.3f}  {row.median(FLOOR):9.3f}  "
+              f"{row.floor_source:<22}  {best:10.2f}  {spread(ratios)}  {verdict}")
 
 
 if __name__ == "__main__":
