@@ -55,7 +55,12 @@ class RunningServer:
         return f"{self.url}/api/v1"
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        """The server's output so far, up to its last whole line while it runs: a line
+        being written when the file is read would otherwise end cut (and not parse)."""
+        text = self.log_path.read_text(errors="replace")
+        if self.process.poll() is not None:
+            return text
+        return text[: text.rfind("\n") + 1]
 
 
 @pytest.fixture(scope="session")
