@@ -22,10 +22,12 @@ in the same minutes, which the noise of a small box between separate runs cannot
 
 Both servers draft nothing by default (the goals are about the same work done faster).
 --floors also runs llama-bench (same build, model and threads) for what llama.cpp itself
-takes for each metric's work: decoding the answer after its prompt, and a turn 2's prompt
-tokens (those vlserve evaluates when it arrives, after the ones before them), in each
-repetition right after the servers. It prints the best ratio to llama-server that leaves
-(paired per repetition too), and whether each goal lies within it.
+takes for each metric's work: decoding the answer after its prompt, a turn 2's prompt
+tokens (those vlserve evaluates when it arrives, after the ones before them), and, with
+llama-batched-bench (built beside llama-server when missing), the aggregate's four prompts
+and answers decoded together; in each repetition right after the servers. It prints the
+best ratio to llama-server that leaves (paired per repetition too), and whether each goal
+lies within it.
 
 --ngram turns self-speculative n-gram drafts on in both: vlserve's `prompt_lookup`, and
 llama-server's `--spec-type ngram-simple` (the best of its n-gram kinds here). The
@@ -125,13 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ngram", action="store_true",
                         help="both servers draft from the context (n-gram speculation)")
     parser.add_argument("--floors", action="store_true",
-                        help="also run llama-bench: what llama.cpp itself takes for each "
+                        help="also run llama.cpp's bench tools: what it takes for each "
                              "metric's work, and the best ratio it leaves")
     args = parser.parse_args(argv)
     only = [m for m in args.metrics.split(",") if m]
     if unknown := sorted(set(only) - set(METRICS)):
         raise SystemExit(f"unknown metrics {unknown} (known: {', '.join(METRICS)})")
     llama_bin = args.llama_bin or build_llama_server()
+    if args.floors:
+        build_batched_bench(llama_bin)
     log_dir = Path(tempfile.mkdtemp(prefix="vlserve-peers-"))
     rows: list[Row] = []
     with contextlib.ExitStack() as stack:
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 THEIRS = "llama-server"
 
 
-FLOOR = "llama.cpp floor"  # the samples of llama-bench doing a metric's work (--floors)
+FLOOR = "llama.cpp floor"  # the samples of llama.cpp's bench tools doing a metric's work
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,7 @@ class Row:
     case: str
     metric: str
     samples: dict[str, list[float]]  # server name (or FLOOR) → one value per repetition
-    floor_source: str = ""  # the llama-bench test of the FLOOR samples
+    floor_source: str = ""  # the test of the FLOOR samples
 
     @property
     def label(self) -> str:
@@ -223,32 +227,56 @@ def measure_case(case: Case, metrics: tuple[str, ...], args: argparse.Namespace,
             for m in metrics]
 
 
-def floor_tests(metrics: tuple[str, ...], servers: list[Server]) -> dict[str, tuple[int, int, int]]:
-    """For each metric with a floor, the llama-bench test that does its work, as (prompt
-    tokens, generated tokens, depth): the metric's answer decoded after its prompt, or the
-    prompt tokens vlserve evaluates when a turn 2 arrives (what its guess of the next turn
-    had not), after the ones it had; read from vlserve's own account of one more request."""
-    tests: dict[str, tuple[int, int, int]] = {}
+@dataclass(frozen=True)
+class FloorTest:
+    """The work a metric's floor does in llama.cpp's own bench tools: `prompt` tokens
+    evaluated, then `generated` decoded, after `depth` tokens already in the cache; with
+    `streams` > 1, that many sequences at once, as the aggregate's clients (each its own
+    prompt, evaluated together, then one batch of a token each a step)."""
+
+    prompt: int
+    generated: int
+    depth: int = 0
+    streams: int = 1
+
+    @property
+    def source(self) -> str:
+        if self.streams > 1:
+            return f"{self.streams} x pp{self.prompt}+tg{self.generated}"
+        return f"tg{self.generated} at depth {self.depth}" if self.generated \
+            else f"pp{self.prompt} at depth {self.depth}"
+
+
+def floor_tests(metrics: tuple[str, ...], servers: list[Server]) -> dict[str, FloorTest]:
+    """For each metric, the test that does its work: the metric's answer decoded after its
+    prompt (the aggregate's four at once, prompts included), or the prompt tokens vlserve
+    evaluates when a turn 2 arrives (what its guess of the next turn had not), after the
+    ones it had; read from vlserve's own account of one more request."""
+    tests: dict[str, FloorTest] = {}
     with httpx.Client(timeout=600) as client:
-        decoding = [m for m in metrics if m in RATE_METRICS | PER_TOKEN_METRICS]
-        if decoding:
+        if any(m in RATE_METRICS | PER_TOKEN_METRICS | {AGGREGATE} for m in metrics):
             _, reply = complete(client, servers[0], story("floor"), 1)
-            depth = int(reply["usage"]["prompt_tokens"])
-            tests.update({m: (0, FLOOR_TG, depth) for m in decoding})
+            story_tokens = int(reply["usage"]["prompt_tokens"])
         for metric in metrics:
             measure = METRICS[metric]
-            if isinstance(measure, SecondTurn):
+            if metric in RATE_METRICS | PER_TOKEN_METRICS:
+                tests[metric] = FloorTest(0, FLOOR_TG, story_tokens)
+            elif metric == AGGREGATE:
+                tests[metric] = FloorTest(story_tokens, AGGREGATE_TOKENS,
+                                          streams=AGGREGATE_CLIENTS)
+            elif isinstance(measure, SecondTurn):
                 wait_quiet(servers)
                 _, reply = measure.run(client, servers[0], -2)
                 usage = reply["usage"]
                 cached = int(usage["prompt_tokens_details"]["cached_tokens"])
-                tests[metric] = (int(usage["prompt_tokens"]) - cached, 0, cached)
+                tests[metric] = FloorTest(int(usage["prompt_tokens"]) - cached, 0, cached)
     return tests
 
 
-# --floors: llama-bench from the same build, on the same model and threads, with flash
-# attention on (what both servers' "auto" picks on a CPU). What it takes for a metric's work
-# no server takes less for, so a goal whose bound lies past it cannot be met on this box.
+# --floors: llama-bench (llama-batched-bench for the aggregate) from the same build, on the
+# same model and threads, with flash attention on (what both servers' "auto" picks on a
+# CPU). What it takes for a metric's work no server takes less for, so a goal whose bound
+# lies past it cannot be met on this box.
 FLOOR_REPS = 1  # runs per repetition (after llama-bench's own warm-up run)
 FLOOR_TG = 256  # the answers' length in the decoding metrics
 RATE_METRICS = frozenset({"decode_tps", "decode_tps_stream"})
@@ -257,56 +285,89 @@ PER_TOKEN_METRICS = frozenset({"ms_per_token", "decode_ms_server", "stream_ms_se
 
 @dataclass
 class FloorProbe:
-    """llama-bench doing each metric's work (`tests`: metric → (prompt tokens, generated
-    tokens, depth)), once per repetition beside the servers' turns: this box's speed swings
-    by up to 2x within minutes (the tiny model's tg256 read 0.086 and 0.153 ms a token ten
-    minutes apart), so a floor measured apart from the servers would be no floor."""
+    """llama.cpp's bench tools doing each metric's work (`tests`), once per repetition
+    beside the servers' turns: this box's speed swings by up to 2x within minutes (the tiny
+    model's tg256 read 0.086 and 0.153 ms a token ten minutes apart), so a floor measured
+    apart from the servers would be no floor."""
 
     bin_dir: Path
     model: Path
     threads: int
-    tests: dict[str, tuple[int, int, int]]
-    _results: dict[tuple[int, tuple[int, int, int]], dict] = field(default_factory=dict)
+    tests: dict[str, FloorTest]
+    _results: dict[tuple[int, FloorTest], dict] = field(default_factory=dict)
 
     def source(self, metric: str) -> str:
-        if metric not in self.tests:
-            return ""
-        prompt, generated, depth = self.tests[metric]
-        return f"tg{generated} at depth {depth}" if generated else f"pp{prompt} at depth {depth}"
+        return self.tests[metric].source if metric in self.tests else ""
 
     def value(self, metric: str, rep: int) -> float | None:
-        """The floor of `metric` in its unit (decoding's rate or time per token, a turn 2's
-        seconds to its first token: the prompt's last token's logits are the first token's),
-        from this repetition's run of its test (metrics sharing a test share the run); None
-        for a metric without one (the aggregate: llama-bench decodes one stream)."""
+        """The floor of `metric` in its unit (decoding's rate or time per token, the
+        aggregate's tokens a second, a turn 2's seconds to its first token: the prompt's
+        last token's logits are the first token's), from this repetition's run of its test
+        (metrics sharing a test share the run); None for a metric without a test."""
         test = self.tests.get(metric)
         if test is None:
             return None
         if (rep, test) not in self._results:
-            self._results[(rep, test)] = llama_bench(self.bin_dir, self.model, self.threads, test)
+            run = llama_batched_bench if test.streams > 1 else llama_bench
+            self._results[(rep, test)] = run(self.bin_dir, self.model, self.threads, test)
         result = self._results[(rep, test)]
-        if test[1]:
+        if test.streams > 1:  # the answers' tokens over the whole time, prompts included
+            return test.streams * test.generated / float(result["t"])
+        if test.generated:
             tps = float(result["avg_ts"])
             return tps if metric in RATE_METRICS else 1000.0 / tps
         return int(result["avg_ns"]) / 1e9
 
 
-def llama_bench(bin_dir: Path, model: Path, threads: int, test: tuple[int, int, int]
-                ) -> dict:
-    """llama-bench's one result for `test` (prompt tokens, generated tokens, depth), the
-    mean of FLOOR_REPS runs."""
+def llama_bench(bin_dir: Path, model: Path, threads: int, test: FloorTest) -> dict:
+    """llama-bench's one result for a one-stream `test`, the mean of FLOOR_REPS runs."""
     args = llama_bench_args(bin_dir, model, threads, test)
     out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
     (result,) = json.loads(out)
     return dict(result)
 
 
-def llama_bench_args(bin_dir: Path, model: Path, threads: int, test: tuple[int, int, int]
-                     ) -> list[str]:
-    prompt, generated, depth = test
+def llama_bench_args(bin_dir: Path, model: Path, threads: int, test: FloorTest) -> list[str]:
     return [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(threads), "-fa", "1",
-            "-r", str(FLOOR_REPS), "-o", "json", "-p", str(prompt), "-n", str(generated),
-            "-d", str(depth)]
+            "-r", str(FLOOR_REPS), "-o", "json", "-p", str(test.prompt),
+            "-n", str(test.generated), "-d", str(test.depth)]
+
+
+def llama_batched_bench(bin_dir: Path, model: Path, threads: int, test: FloorTest) -> dict:
+    """llama-batched-bench's result for a several-stream `test` (one run, after its own
+    warm-up decode)."""
+    args = llama_batched_bench_args(bin_dir, model, threads, test)
+    done = subprocess.run(args, check=True, capture_output=True, text=True)
+    (line,) = [line for line in (done.stdout + done.stderr).splitlines()
+               if line.startswith("{")]
+    return dict(json.loads(line))
+
+
+def llama_batched_bench_args(bin_dir: Path, model: Path, threads: int, test: FloorTest
+                             ) -> list[str]:
+    """Set up as llama-server runs in this bench: one unified cache of N_CTX cells, the
+    same threads for prompts and decoding, a full-size sliding-window cache."""
+    return [str(bin_dir / BATCHED_BENCH), "-m", str(model), "-t", str(threads),
+            "-tb", str(threads), "-fa", "on", "-c", str(N_CTX), "--kv-unified", "--swa-full",
+            "-npp", str(test.prompt), "-ntg", str(test.generated), "-npl", str(test.streams),
+            "--output-format", "jsonl"]
+
+
+BATCHED_BENCH = "llama-batched-bench"
+
+
+def build_batched_bench(bin_dir: Path) -> None:
+    """llama-batched-bench beside llama-server: the shared script builds only llama-server
+    and llama-bench, so it is built here, in the same build folder (a minute, once)."""
+    if (bin_dir / BATCHED_BENCH).is_file():
+        return
+    build = bin_dir.parent
+    if not (build / "CMakeCache.txt").is_file():
+        raise SystemExit(f"--floors needs {bin_dir / BATCHED_BENCH}, and {build} is no "
+                         "llama.cpp build folder to build it in")
+    print(f"building {BATCHED_BENCH} (once)...", flush=True)
+    subprocess.run(["cmake", "--build", str(build), "--target", BATCHED_BENCH,
+                    "-j", str(os.cpu_count() or 1)], check=True, capture_output=True)
 
 
 def build_llama_server() -> Path:
@@ -480,14 +541,19 @@ def stream_ms_server(client: httpx.Client, server: Server, rep: int) -> float:
     return per_token_ms(answer.timings, answer.tokens)
 
 
+AGGREGATE = "aggregate_tps_4"
+AGGREGATE_CLIENTS = 4
+AGGREGATE_TOKENS = 128  # each client's answer
+
+
 def aggregate_tps_4(client: httpx.Client, server: Server, rep: int) -> float:
     def one(i: int) -> int:
-        _, reply = complete(client, server, story(f"c{i}r{rep}"), 128)
+        _, reply = complete(client, server, story(f"c{i}r{rep}"), AGGREGATE_TOKENS)
         return int(reply["usage"]["completion_tokens"])
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(4) as pool:
-        tokens = sum(pool.map(one, range(4)))
+    with ThreadPoolExecutor(AGGREGATE_CLIENTS) as pool:
+        tokens = sum(pool.map(one, range(AGGREGATE_CLIENTS)))
     return tokens / (time.perf_counter() - started)
 
 
@@ -584,7 +650,7 @@ def print_floors(rows: list[Row]) -> None:
     if not kept:
         return
     width = max(len(row.label) for row in kept)
-    print(f"\n{'metric':<{width}}  {THEIRS:>12}  {'floor':>9}  {'from llama-bench':<22}  "
+    print(f"\n{'metric':<{width}}  {THEIRS:>12}  {'floor':>9}  {'from llama.cpp bench':<22}  "
           f"{'best ratio':>10}  {'range':>11}  goal")
     for row in kept:
         goal = GOALS[row.metric]

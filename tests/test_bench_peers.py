@@ -97,8 +97,9 @@ def test_with_ngram_both_servers_draft_from_the_context(tmp_path: Path) -> None:
 
 def test_floor_tests_do_each_metrics_work_as_vlserve_reports_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decoding's test is the answer's length after the story prompt; a turn 2's is the
-    prompt tokens vlserve evaluated when it came, after those it had cached (its guess)."""
+    """Decoding's test is the answer's length after the story prompt; the aggregate's is
+    four such prompts and answers at once; a turn 2's is the prompt tokens vlserve
+    evaluated when it came, after those it had cached (its guess)."""
     asked: list[tuple[str, int]] = []
 
     def complete(_client: object, server: Server, messages: list[dict], max_tokens: int
@@ -115,34 +116,46 @@ def test_floor_tests_do_each_metrics_work_as_vlserve_reports_it(
     servers = [fake_server("vlserve"), fake_server(peers.THEIRS)]
     tests = peers.floor_tests(("decode_tps", "ms_per_token", "aggregate_tps_4",
                                "text_turn2_ttft_s"), servers)
-    assert tests == {"decode_tps": (0, peers.FLOOR_TG, 31), "ms_per_token": (0, 256, 31),
-                     "text_turn2_ttft_s": (10, 0, 50)}
+    assert tests == {"decode_tps": peers.FloorTest(0, peers.FLOOR_TG, 31),
+                     "ms_per_token": peers.FloorTest(0, 256, 31),
+                     "aggregate_tps_4": peers.FloorTest(31, 128, 0, streams=4),
+                     "text_turn2_ttft_s": peers.FloorTest(10, 0, 50)}
     assert {name for name, _ in asked} == {"vlserve"}  # llama-server is not asked
 
 
 def test_floors_come_from_one_llama_bench_run_per_test_and_repetition(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    runs: list[tuple[int, int, int]] = []
+    runs: list[tuple[str, peers.FloorTest]] = []
+    decode, turn2 = peers.FloorTest(0, 256, 31), peers.FloorTest(15, 0, 45)
+    four = peers.FloorTest(31, 128, streams=4)
 
-    def llama_bench(_bin: Path, _model: Path, _threads: int, test: tuple[int, int, int]
-                    ) -> dict:
-        runs.append(test)
-        return {"avg_ts": 80.0, "avg_ns": 1_000_000_000 * 80 // 256} if test[1] \
+    def llama_bench(_bin: Path, _model: Path, _threads: int, test: peers.FloorTest) -> dict:
+        runs.append(("llama-bench", test))
+        return {"avg_ts": 80.0, "avg_ns": 1_000_000_000 * 80 // 256} if test.generated \
             else {"avg_ts": 400.0, "avg_ns": 35_000_000}
 
+    def llama_batched_bench(_bin: Path, _model: Path, _threads: int, test: peers.FloorTest
+                            ) -> dict:
+        runs.append(("batched", test))
+        return {"t_pp": 0.5, "t_tg": 4.62, "t": 5.12, "speed_tg": 110.8}
+
     monkeypatch.setattr(peers, "llama_bench", llama_bench)
+    monkeypatch.setattr(peers, "llama_batched_bench", llama_batched_bench)
     probe = peers.FloorProbe(tmp_path, tmp_path / "m.gguf", 2, {
-        "decode_tps": (0, 256, 31), "decode_ms_server": (0, 256, 31),
-        "text_turn2_at_once_ttft_s": (15, 0, 45)})
+        "decode_tps": decode, "decode_ms_server": decode, "text_turn2_at_once_ttft_s": turn2,
+        "aggregate_tps_4": four})
     assert probe.value("decode_tps", 0) == 80.0
     assert probe.value("decode_ms_server", 0) == 12.5  # the same run, as ms a token
     assert probe.value("text_turn2_at_once_ttft_s", 0) == 0.035
-    assert probe.value("aggregate_tps_4", 0) is None
-    assert runs == [(0, 256, 31), (15, 0, 45)]
+    # The clients' 512 tokens over the whole time, their prompts' evaluation included.
+    assert probe.value("aggregate_tps_4", 0) == 100.0
+    assert probe.value("decode_tps_stream", 0) is None  # a metric without a test
+    assert runs == [("llama-bench", decode), ("llama-bench", turn2), ("batched", four)]
     probe.value("decode_tps", 1)  # the next repetition runs it again
-    assert runs[-1] == (0, 256, 31) and len(runs) == 3
+    assert runs[-1] == ("llama-bench", decode) and len(runs) == 4
     assert probe.source("decode_tps") == "tg256 at depth 31"
     assert probe.source("text_turn2_at_once_ttft_s") == "pp15 at depth 45"
+    assert probe.source("aggregate_tps_4") == "4 x pp31+tg128"
 
 
 def test_the_floor_is_measured_in_each_repetition_right_after_the_servers(
@@ -168,12 +181,20 @@ def test_the_floor_is_measured_in_each_repetition_right_after_the_servers(
 
 
 def test_llama_bench_runs_as_the_servers_do(tmp_path: Path) -> None:
-    args = peers.llama_bench_args(tmp_path, tmp_path / "m.gguf", 2, (15, 0, 45))
+    args = peers.llama_bench_args(tmp_path, tmp_path / "m.gguf", 2, peers.FloorTest(15, 0, 45))
     assert args[0] == str(tmp_path / "llama-bench")
     assert args[args.index("-t") + 1] == "2"
     assert args[args.index("-fa") + 1] == "1"  # what "auto" picks on a CPU, in both servers
     assert args[args.index("-o") + 1] == "json"
     assert [args[args.index(flag) + 1] for flag in ("-p", "-n", "-d")] == ["15", "0", "45"]
+    batched = peers.llama_batched_bench_args(tmp_path, tmp_path / "m.gguf", 2,
+                                             peers.FloorTest(31, 128, streams=4))
+    assert batched[0] == str(tmp_path / "llama-batched-bench")
+    assert [batched[batched.index(flag) + 1] for flag in ("-t", "-tb", "-fa", "-c")] \
+        == ["2", "2", "on", str(peers.N_CTX)]
+    assert "--kv-unified" in batched and "--swa-full" in batched  # as llama-server runs
+    assert [batched[batched.index(flag) + 1] for flag in ("-npp", "-ntg", "-npl")] \
+        == ["31", "128", "4"]
 
 
 def test_the_floor_table_says_whether_each_goal_lies_within_the_floor(
@@ -183,13 +204,30 @@ def test_the_floor_table_says_whether_each_goal_lies_within_the_floor(
                                           peers.FLOOR: [80.3, 80.0]}, "tg256 at depth 31"),
         peers.Row("gemma", "text_turn2_at_once_ttft_s",
                   {"vlserve": [0.045], peers.THEIRS: [0.06], peers.FLOOR: [0.035]}, "pp15"),
-        peers.Row("gemma", "aggregate_tps_4", {"vlserve": [110.0], peers.THEIRS: [100.0]}),
+        peers.Row("gemma", "decode_tps_stream", {"vlserve": [110.0], peers.THEIRS: [100.0]}),
     ]
     peers.print_floors(rows)
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 3  # the header; the aggregate has no floor
+    assert len(lines) == 3  # the header; the streamed rate had no floor measured
     # Ratios paired per repetition (1.10 and 1.00): their median and range.
     assert "tg256 at depth 31" in lines[1] and " 1.05 " in lines[1] and "1.00-1.10" in lines[1]
     assert lines[1].endswith("≥ 1 (within the floor)")
     # 35 ms of evaluation alone is 0.58 of llama-server's 60 ms: 0.5 is out of reach.
     assert " 0.58 " in lines[2] and lines[2].endswith("≤ 0.5 (past the floor)")
+
+
+def test_llama_batched_bench_is_built_beside_llama_server_when_missing(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    built: list[list[str]] = []
+    monkeypatch.setattr(peers.subprocess, "run", lambda args, **_: built.append(args))
+    bin_dir = tmp_path / "build" / "bin"
+    bin_dir.mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"no llama\.cpp build folder"):
+        peers.build_batched_bench(bin_dir)
+    (tmp_path / "build" / "CMakeCache.txt").write_text("")
+    peers.build_batched_bench(bin_dir)
+    assert built and built[0][:5] == ["cmake", "--build", str(tmp_path / "build"), "--target",
+                                      "llama-batched-bench"]
+    (bin_dir / "llama-batched-bench").write_text("")
+    peers.build_batched_bench(bin_dir)
+    assert len(built) == 1  # there already: not built again
