@@ -24,8 +24,9 @@ Both servers draft nothing by default (the goals are about the same work done fa
 --floors also runs llama-bench (same build, model and threads) for what llama.cpp itself
 takes for each metric's work: decoding the answer after its prompt, a turn 2's prompt
 tokens (those vlserve evaluates when it arrives, after the ones before them), and, with
-llama-batched-bench (built beside llama-server when missing), the aggregate's four prompts
-and answers decoded together; in each repetition right after the servers. It prints the
+llama-batched-bench (built beside llama-server when missing), the aggregate's four answers
+decoded together (their prompts left out: what they cost depends on what a server's cache
+holds of earlier ones); in each repetition right after the servers. It prints the
 best ratio to llama-server that leaves (paired per repetition too), and whether each goal
 lies within it.
 
@@ -231,8 +232,8 @@ def measure_case(case: Case, metrics: tuple[str, ...], args: argparse.Namespace,
 class FloorTest:
     """The work a metric's floor does in llama.cpp's own bench tools: `prompt` tokens
     evaluated, then `generated` decoded, after `depth` tokens already in the cache; with
-    `streams` > 1, that many sequences at once, as the aggregate's clients (each its own
-    prompt, evaluated together, then one batch of a token each a step)."""
+    `streams` > 1, that many sequences decoding at once, a batch of a token each a step
+    (as the aggregate's clients), after a prompt of `depth` tokens each."""
 
     prompt: int
     generated: int
@@ -242,14 +243,14 @@ class FloorTest:
     @property
     def source(self) -> str:
         if self.streams > 1:
-            return f"{self.streams} x pp{self.prompt}+tg{self.generated}"
+            return f"{self.streams} x tg{self.generated} at depth {self.depth}"
         return f"tg{self.generated} at depth {self.depth}" if self.generated \
             else f"pp{self.prompt} at depth {self.depth}"
 
 
 def floor_tests(metrics: tuple[str, ...], servers: list[Server]) -> dict[str, FloorTest]:
     """For each metric, the test that does its work: the metric's answer decoded after its
-    prompt (the aggregate's four at once, prompts included), or the prompt tokens vlserve
+    prompt (the aggregate's four at once), or the prompt tokens vlserve
     evaluates when a turn 2 arrives (what its guess of the next turn had not), after the
     ones it had; read from vlserve's own account of one more request."""
     tests: dict[str, FloorTest] = {}
@@ -262,7 +263,7 @@ def floor_tests(metrics: tuple[str, ...], servers: list[Server]) -> dict[str, Fl
             if metric in RATE_METRICS | PER_TOKEN_METRICS:
                 tests[metric] = FloorTest(0, FLOOR_TG, story_tokens)
             elif metric == AGGREGATE:
-                tests[metric] = FloorTest(story_tokens, AGGREGATE_TOKENS,
+                tests[metric] = FloorTest(0, AGGREGATE_TOKENS, story_tokens,
                                           streams=AGGREGATE_CLIENTS)
             elif isinstance(measure, SecondTurn):
                 wait_quiet(servers)
@@ -311,8 +312,11 @@ class FloorProbe:
             run = llama_batched_bench if test.streams > 1 else llama_bench
             self._results[(rep, test)] = run(self.bin_dir, self.model, self.threads, test)
         result = self._results[(rep, test)]
-        if test.streams > 1:  # the answers' tokens over the whole time, prompts included
-            return test.streams * test.generated / float(result["t"])
+        if test.streams > 1:
+            # Decoding alone: the prompts' cost depends on what a server's cache holds of
+            # earlier stories (vlserve held 0-22 of a prompt's tokens, by slot and model),
+            # and a floor must be one for any server.
+            return test.streams * test.generated / float(result["t_tg"])
         if test.generated:
             tps = float(result["avg_ts"])
             return tps if metric in RATE_METRICS else 1000.0 / tps
@@ -349,7 +353,7 @@ def llama_batched_bench_args(bin_dir: Path, model: Path, threads: int, test: Flo
     same threads for prompts and decoding, a full-size sliding-window cache."""
     return [str(bin_dir / BATCHED_BENCH), "-m", str(model), "-t", str(threads),
             "-tb", str(threads), "-fa", "on", "-c", str(N_CTX), "--kv-unified", "--swa-full",
-            "-npp", str(test.prompt), "-ntg", str(test.generated), "-npl", str(test.streams),
+            "-npp", str(test.depth), "-ntg", str(test.generated), "-npl", str(test.streams),
             "--output-format", "jsonl"]
 
 
