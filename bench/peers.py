@@ -250,9 +250,9 @@ class FloorTest:
 
 def floor_tests(metrics: tuple[str, ...], servers: list[Server]) -> dict[str, FloorTest]:
     """For each metric, the test that does its work: the metric's answer decoded after its
-    prompt (the aggregate's four at once), or the prompt tokens vlserve
-    evaluates when a turn 2 arrives (what its guess of the next turn had not), after the
-    ones it had; read from vlserve's own account of one more request."""
+    prompt (the aggregate's four at once), or the prompt tokens vlserve evaluates when a
+    turn 2 arrives (what its guess of the next turn had not), after the ones it had; read
+    from vlserve's own account of one more request."""
     tests: dict[str, FloorTest] = {}
     with httpx.Client(timeout=600) as client:
         if any(m in RATE_METRICS | PER_TOKEN_METRICS | {AGGREGATE} for m in metrics):
@@ -314,8 +314,9 @@ class FloorProbe:
         result = self._results[(rep, test)]
         if test.streams > 1:
             # Decoding alone: the prompts' cost depends on what a server's cache holds of
-            # earlier stories (vlserve held 0-22 of a prompt's tokens, by slot and model),
-            # and a floor must be one for any server.
+            # earlier stories (vlserve: 3 of the bench prompt's 38 tokens on a fresh
+            # server, 25 later, 37 for a story asked again), and a floor must be one for
+            # any server.
             return test.streams * test.generated / float(result["t_tg"])
         if test.generated:
             tps = float(result["avg_ts"])
