@@ -41,6 +41,7 @@ pytestmark = pytest.mark.slow
 
 STORY = [{"role": "user", "content": "Write a long story about a fox and a crow."}]
 LONG = {"ignore_eos": True}  # the base model's answer runs to max_tokens, 40 here
+SAMPLED_OPENING = 40  # characters of a sampled answer that drafts must leave as they were
 
 
 # --- the lookup ------------------------------------------------------------------------
@@ -304,13 +305,20 @@ def test_streamed_with_usage_and_as_content_parts(client: openai.OpenAI) -> None
 
 def test_sampled_answers_are_drawn_the_same_way(client: openai.OpenAI) -> None:  # noqa: F811
     """With temperature, each kept draft token is the one the sampler drew at its place:
-    the same seed writes the same answer with or without a prediction."""
+    the same seed opens the answer the same way with or without a prediction. Only its
+    opening: drafts are checked in one batch of several tokens, and on some CPUs llama.cpp
+    computes such a batch's logits with other kernels than a one-token step (on an AVX-512
+    machine greedy logprobs differed by up to 0.07 between the two), so a later draw near a
+    boundary may fall the other way; a draw taken out of turn would part them at once."""
     sampled = {"temperature": 0.9, "seed": 7}
     plain = _ask(client, **sampled)
     text = plain.choices[0].message.content
-    assert text
+    assert text and len(text) > SAMPLED_OPENING
+    greedy = _ask(client).choices[0].message.content
+    assert greedy and greedy[:SAMPLED_OPENING] != text[:SAMPLED_OPENING]  # it was sampled
     guessed = _ask(client, text, **sampled)
-    assert guessed.choices[0].message.content == text
+    answer = guessed.choices[0].message.content
+    assert answer and answer[:SAMPLED_OPENING] == text[:SAMPLED_OPENING]
     assert _details(guessed)[0] > 0
 
 
