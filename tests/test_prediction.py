@@ -307,9 +307,9 @@ def test_sampled_answers_are_drawn_the_same_way(client: openai.OpenAI) -> None: 
     """With temperature, each kept draft token is the one the sampler drew at its place:
     the same seed opens the answer the same way with or without a prediction. Only its
     opening: drafts are checked in one batch of several tokens, and on some CPUs llama.cpp
-    computes such a batch's logits with other kernels than a one-token step (on an AVX-512
-    machine greedy logprobs differed by up to 0.07 between the two), so a later draw near a
-    boundary may fall the other way; a draw taken out of turn would part them at once."""
+    rounds such a batch's logits otherwise than a one-token step's (on a 2-core AMD EPYC
+    greedy logprobs differed by up to 0.07 between the two), so a later draw near a
+    boundary may fall the other way; a draw taken out of turn would part them early."""
     sampled = {"temperature": 0.9, "seed": 7}
     plain = _ask(client, **sampled)
     text = plain.choices[0].message.content
