@@ -97,7 +97,10 @@ def test_a_refused_draft_lowers_the_trust_without_resting() -> None:
 
 
 # --- the server on Gemma 3 270M -------------------------------------------------------------
-STORY = [{"role": "user", "content": "Tell a long story about a lighthouse keeper, number l0."}]
+# Greedy answers with and without drafts agree only where no two tokens nearly tie: a drafted
+# step rounds logits otherwise (up to 0.07 apart, measured). This answer's closest pair is
+# 0.15 apart; "..., number l0." had pairs 0.001 apart and came back as "l1" once drafted.
+STORY = [{"role": "user", "content": "Tell a long story about a lighthouse keeper."}]
 
 
 @pytest.fixture(scope="module")
